@@ -1,0 +1,119 @@
+"""Typed messages between the LLM engine and whatever drives it (the OpenAI server, the CLI, benchmarks).
+
+The HTTP layer depends only on these and on `EngineClient`; it never reaches into the engine's scheduler or cache.
+No web framework may be imported here or anywhere under `inferforge.llm`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request samples; validated at construction so bad values never reach the engine loop."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None  # number of top alternatives to return per token; None means no logprobs
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.repetition_penalty <= 10.0:
+            raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One prompt, already tokenized, and how to sample it."""
+
+    request_id: str
+    prompt_ids: tuple[int, ...]
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) of the most likely alternatives
+
+
+@dataclass(frozen=True)
+class RequestTiming:
+    """Seconds on the engine's monotonic clock; the server turns them into histograms and response headers."""
+
+    arrival: float
+    scheduled: float | None = None  # left the waiting queue
+    first_token: float | None = None
+    finished: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineOutput:
+    """A delta for one of a request's `n` sequences: the tokens and text produced since the last output."""
+
+    request_id: str
+    index: int  # which of the n sequences
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    logprobs: tuple[TokenLogprob, ...] | None
+    finished: bool
+    finish_reason: FinishReason | None
+    prompt_tokens: int
+    completion_tokens: int  # total so far for this sequence
+    timing: RequestTiming
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    generated_tokens_total: int
+
+
+class EngineClient(Protocol):
+    """What a server may use of an engine. Cancelling the iterator (client gone) aborts the request and frees it."""
+
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+
+    def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, token_ids: list[int]) -> str: ...
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]: ...
+
+    async def shutdown(self, grace_s: float) -> None: ...
