@@ -25,7 +25,7 @@ def _register_stages() -> None:
     from inferforge.tune import cli as tune_cli
 
     tune_cli.register(app)
-    for module_name in ("inferforge.serve.cli", "inferforge.llm.cli"):
+    for module_name in ("inferforge.serve.cli", "inferforge.serve.openai.cli", "inferforge.llm.cli"):
         try:
             module = __import__(module_name, fromlist=["register"])
         except ModuleNotFoundError as exc:
