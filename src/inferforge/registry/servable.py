@@ -11,44 +11,9 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-# KServe V2 / Triton datatype names and the numpy dtypes they travel as.
-V2_TO_NUMPY: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype(np.uint8),
-    "INT8": np.dtype(np.int8),
-    "INT16": np.dtype(np.int16),
-    "INT32": np.dtype(np.int32),
-    "INT64": np.dtype(np.int64),
-    "FP16": np.dtype(np.float16),
-    "FP32": np.dtype(np.float32),
-    "FP64": np.dtype(np.float64),
-}
-NUMPY_TO_V2: dict[np.dtype, str] = {v: k for k, v in V2_TO_NUMPY.items()}
+from inferforge.signature import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
 
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One named tensor of a model's signature."""
-
-    name: str
-    datatype: str  # a V2 datatype name: "FP32", "INT64", ...
-    shape: tuple[int, ...]  # batch dimension first; -1 where a dimension varies
-
-    def __post_init__(self) -> None:
-        if self.datatype not in V2_TO_NUMPY:
-            raise ValueError(f"TensorSpec {self.name!r}: unknown datatype {self.datatype!r}")
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return V2_TO_NUMPY[self.datatype]
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> TensorSpec:
-        return cls(name=data["name"], datatype=data["datatype"], shape=tuple(int(d) for d in data["shape"]))
-
+__all__ = ["NUMPY_TO_V2", "V2_TO_NUMPY", "BatchingHints", "Servable", "TensorSpec"]
 
 @dataclass(frozen=True)
 class BatchingHints:
