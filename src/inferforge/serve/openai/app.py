@@ -1,0 +1,277 @@
+"""The OpenAI-compatible FastAPI app: HTTP and JSON here, everything about tokens through `EngineClient`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, TypeVar
+
+import anyio
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from inferforge.errors import InferforgeError
+from inferforge.llm.protocol import EngineClient, EngineOutput
+from inferforge.serve.openai.convert import Plan, plan_chat, plan_completion
+from inferforge.serve.openai.engine_io import Tracker, run_requests
+from inferforge.serve.openai.errors import APIError, error_body
+from inferforge.serve.openai.guard import Guard
+from inferforge.serve.openai.limits import ServerLimits
+from inferforge.serve.openai.metrics import ITLClock, ServerMetrics
+from inferforge.serve.openai.render import Accumulator, TokenText, envelope
+from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest
+from inferforge.serve.openai.stream import StreamCtx, chat_stream, completion_stream, finish_metrics
+
+T = TypeVar("T")
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class ClientGone(Exception):
+    """The client disconnected before the answer was ready."""
+
+
+def engine_error(exc: BaseException) -> APIError | None:
+    """Map an engine refusal to a status: a full queue is 429 (retry later), a bad value 400."""
+    if isinstance(exc, APIError):
+        return exc
+    name = type(exc).__name__.lower()
+    if isinstance(exc, InferforgeError | ValueError) and any(
+        w in name for w in ("full", "overload", "capacity")
+    ):
+        return APIError(429, f"The server is at capacity: {exc}. Retry later.", code="queue_full")
+    if isinstance(exc, InferforgeError | ValueError):
+        return APIError(400, str(exc), code="invalid_value")
+    return None
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        msg = await request.receive()
+        if msg["type"] == "http.disconnect":
+            return
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work` unless the client leaves first; then cancel it (its cleanup aborts the engine request)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with anyio.CancelScope(shield=True):
+                await asyncio.gather(task, return_exceptions=True)
+
+
+def timing_headers(tracker: Tracker) -> dict[str, str]:
+    spans: dict[str, list[float]] = {"queue": [], "prefill": [], "ttft": [], "decode": [], "e2e": []}
+    for t in tracker.timings.values():
+        if t.scheduled is not None:
+            spans["queue"].append(t.scheduled - t.arrival)
+        if t.first_token is not None:
+            spans["ttft"].append(t.first_token - t.arrival)
+            if t.scheduled is not None:
+                spans["prefill"].append(t.first_token - t.scheduled)
+        if t.finished is not None:
+            spans["e2e"].append(t.finished - t.arrival)
+            if t.first_token is not None:
+                spans["decode"].append(t.finished - t.first_token)
+    return {f"x-inferforge-{k}-ms": f"{max(v) * 1e3:.3f}" for k, v in spans.items() if v}
+
+
+class OpenAIServer:
+    """State shared by the routes of one app: the engine, its served name, limits and metrics."""
+
+    def __init__(self, engine: EngineClient, model_name: str, limits: ServerLimits) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.limits = limits
+        self.metrics = ServerMetrics(engine)
+        self.text_of = TokenText(engine)
+        self.draining = False
+        self.created = int(time.time())
+
+    async def _collect(self, plan: Plan, tracker: Tracker) -> Accumulator:
+        acc = Accumulator(len(plan.requests), plan.n)
+        itl = ITLClock(self.metrics.itl)
+        gen = run_requests(self.engine, plan.requests, tracker)
+        try:
+            async for idx, out in gen:
+                itl.tick((idx, out.index), len(out.new_token_ids))
+                acc.add(idx, out)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await gen.aclose()
+        return acc
+
+    async def _prime(
+        self, request: Request, plan: Plan, tracker: Tracker
+    ) -> tuple[tuple[int, EngineOutput] | None, AsyncIterator[tuple[int, EngineOutput]]]:
+        gen = run_requests(self.engine, plan.requests, tracker)
+        try:
+            first = await until_disconnect(request, gen.__anext__())
+        except StopAsyncIteration:
+            first = None
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await gen.aclose()
+            raise
+        return first, gen
+
+    async def handle(
+        self, request: Request, plan: Plan, include_usage: bool, stream: bool, chat: bool
+    ) -> Response:
+        tracker = Tracker(plan.n)
+        route = "chat" if chat else "completions"
+        try:
+            if stream:
+                first, rest = await self._prime(request, plan, tracker)
+                ctx = StreamCtx(
+                    plan,
+                    self.model_name,
+                    int(time.time()),
+                    tracker,
+                    self.metrics,
+                    self.text_of,
+                    include_usage,
+                    first,
+                    rest,
+                )
+                body = chat_stream(ctx) if chat else completion_stream(ctx)
+                self.metrics.requests.labels(route, "200").inc()
+                headers = {**SSE_HEADERS, **timing_headers(tracker)}
+                return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+            acc = await until_disconnect(request, self._collect(plan, tracker))
+        except ClientGone:
+            finish_metrics(self.metrics, tracker, plan)
+            self.metrics.requests.labels(route, "499").inc()
+            return Response(status_code=499)
+        except Exception as exc:
+            err = engine_error(exc)
+            if err is None:
+                raise
+            finish_metrics(self.metrics, tracker, plan)
+            raise err from exc
+        finish_metrics(self.metrics, tracker, plan)
+        if chat:
+            choices, obj = acc.chat(self.text_of, plan.logprobs is not None), "chat.completion"
+        else:
+            choices, obj = (
+                acc.completion(self.text_of, plan.prompt_texts, plan.logprobs is not None),
+                "text_completion",
+            )
+        body = envelope(plan.response_id, obj, int(time.time()), self.model_name, choices, tracker.usage())
+        self.metrics.requests.labels(route, "200").inc()
+        return JSONResponse(body, headers=timing_headers(tracker))
+
+
+def _install_errors(app: FastAPI, state: OpenAIServer) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        state.metrics.requests.labels(request.url.path, str(exc.status)).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = loc[0] if loc else None
+        where = ".".join(loc) or "body"
+        msg = f"Invalid value for '{where}': {first.get('msg', 'invalid')}."
+        if first.get("type") == "json_invalid":
+            msg, param = "The request body is not valid JSON.", None
+        state.metrics.requests.labels(request.url.path, "400").inc()
+        return JSONResponse(error_body(400, msg, param=param, code="invalid_value"), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(exc.status_code, str(exc.detail)), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(500, f"internal error: {type(exc).__name__}"), status_code=500)
+
+
+def create_app(
+    engine: EngineClient,
+    *,
+    model_name: str | None = None,
+    limits: ServerLimits | None = None,
+    api_keys: set[str] | None = None,
+    shutdown_grace_s: float = 0.0,
+) -> FastAPI:
+    """Build the app; the lifespan's end shuts the engine down (after uvicorn has drained the connections)."""
+    state = OpenAIServer(engine, model_name or engine.model_name, limits or ServerLimits())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        state.draining = True
+        await engine.shutdown(shutdown_grace_s)
+
+    app = FastAPI(
+        title="inferforge OpenAI-compatible server", lifespan=lifespan, docs_url=None, redoc_url=None
+    )
+    app.state.openai = state
+    _install_errors(app, state)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if state.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/stats")
+    async def stats() -> dict[str, Any]:
+        s = engine.stats()
+        return {
+            "running": s.running,
+            "waiting": s.waiting,
+            "kv_blocks_total": s.kv_blocks_total,
+            "kv_blocks_used": s.kv_blocks_used,
+            "generated_tokens_total": s.generated_tokens_total,
+        }
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": state.model_name,
+            "object": "model",
+            "created": state.created,
+            "owned_by": "inferforge",
+            "max_model_len": engine.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request) -> Response:
+        plan = plan_completion(req, engine, state.limits, state.model_name)
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await state.handle(request, plan, usage, req.stream, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatCompletionRequest, request: Request) -> Response:
+        plan = plan_chat(req, engine, state.limits, state.model_name)
+        usage = bool(req.stream_options and req.stream_options.include_usage)
+        return await state.handle(request, plan, usage, req.stream, chat=True)
+
+    app.add_middleware(
+        Guard,
+        api_keys=api_keys,
+        max_body_bytes=state.limits.max_body_bytes,
+        is_draining=lambda: state.draining,
+    )
+    return app

@@ -1,0 +1,148 @@
+"""`inferforge serve-llm` and `inferforge loadtest-llm`. Heavy imports happen inside the commands."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import typer
+
+from inferforge.errors import InferforgeError
+
+
+def read_api_keys(path: Path | None) -> set[str] | None:
+    """One key per line; blank lines and lines starting with '#' are skipped."""
+    if path is None:
+        return None
+    if not path.is_file():
+        raise InferforgeError(f"--api-key-file {path}: no such file; write one API key per line")
+    keys = {ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()}
+    keys = {k for k in keys if k and not k.startswith("#")}
+    if not keys:
+        raise InferforgeError(f"--api-key-file {path}: the file holds no keys; write one API key per line")
+    return keys
+
+
+def _limits(**kwargs: object):  # -> ServerLimits
+    from inferforge.serve.openai.limits import ServerLimits
+
+    try:
+        return ServerLimits(**kwargs)  # type: ignore[arg-type]
+    except ValueError as exc:
+        flag = str(exc).split(" ")[0].removeprefix("ServerLimits.").replace("_", "-")
+        raise InferforgeError(f"--{flag}: {exc}") from exc
+
+
+def serve_llm(
+    model_dir: Path = typer.Argument(
+        ..., help="Hugging Face model folder (config.json, safetensors, tokenizer)."
+    ),
+    host: str = typer.Option("127.0.0.1", help="Address to bind."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to bind."),
+    device: str = typer.Option("cuda", help="cuda, cuda:N or cpu."),
+    quant: str = typer.Option("none", help="Weight quantization: none, int8, int4 (as the engine offers)."),
+    api_key_file: Path | None = typer.Option(None, help="File with one API key per line; none means open."),
+    served_model_name: str | None = typer.Option(
+        None, help="Model name clients send; default: the engine's."
+    ),
+    max_num_seqs: int = typer.Option(64, min=1, help="Most sequences in the running batch."),
+    max_model_len: int | None = typer.Option(None, min=2, help="Context length; default: the model's."),
+    max_waiting: int = typer.Option(1024, min=1, help="Waiting-queue bound; beyond it requests get 429."),
+    max_tokens_cap: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
+    max_n: int = typer.Option(8, min=1, help="Largest n per request."),
+    max_logprobs: int = typer.Option(20, min=0, max=20, help="Largest logprobs / top_logprobs."),
+    max_prompt_tokens: int | None = typer.Option(None, min=1, help="Longest prompt; default: the context."),
+    max_body_bytes: int = typer.Option(4 * 1024 * 1024, min=1024, help="Largest request body (413 beyond)."),
+    drain_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
+    log_level: str = typer.Option("info", help="uvicorn log level."),
+) -> None:
+    """Serve an LLM with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
+    keys = read_api_keys(api_key_file)
+    limits = _limits(
+        max_tokens_cap=max_tokens_cap,
+        default_completion_max_tokens=min(16, max_tokens_cap),
+        max_n=max_n,
+        max_logprobs=max_logprobs,
+        max_prompt_tokens=max_prompt_tokens,
+        max_body_bytes=max_body_bytes,
+    )
+    if not model_dir.is_dir():
+        raise InferforgeError(f"MODEL_DIR {model_dir}: not a folder; give a Hugging Face model folder")
+    from inferforge.llm.async_engine import AsyncLLMEngine
+    from inferforge.serve.openai.server import serve
+
+    engine = AsyncLLMEngine.from_pretrained(
+        str(model_dir),
+        device=device,
+        quant=None if quant == "none" else quant,
+        max_num_seqs=max_num_seqs,
+        max_model_len=max_model_len,
+        max_waiting=max_waiting,
+    )
+    serve(
+        engine,
+        host=host,
+        port=port,
+        model_name=served_model_name,
+        limits=limits,
+        api_keys=keys,
+        drain_timeout=drain_timeout,
+        log_level=log_level,
+    )
+
+
+def loadtest_llm(
+    url: str = typer.Argument(..., help="Server base URL, e.g. http://127.0.0.1:8000"),
+    concurrency: int = typer.Option(8, min=1, max=4096, help="Simultaneous streams (closed loop)."),
+    prompts: Path | None = typer.Option(None, help="JSONL prompts; default: synthetic token-id prompts."),
+    prompt_len: int = typer.Option(
+        128, min=1, help="Length of synthetic prompts in tokens (without --prompts)."
+    ),
+    max_tokens: int = typer.Option(128, min=1, help="max_tokens per request."),
+    requests: int = typer.Option(256, min=1, help="Stop after this many requests."),
+    duration: float = typer.Option(60.0, min=0.1, help="Stop starting requests after this many seconds."),
+    ignore_eos: bool = typer.Option(False, help="Generate exactly max_tokens per request."),
+    api_key_file: Path | None = typer.Option(None, help="File whose first key is sent as the bearer token."),
+    model: str | None = typer.Option(None, help="Model name; default: the first from /v1/models."),
+    json_out: Path | None = typer.Option(None, help="Write the full report as JSON here."),
+) -> None:
+    """Load-test an OpenAI-compatible server and print requests/s, tokens/s, TTFT and inter-token latency."""
+    from inferforge.serve.openai.loadtest import LoadTestConfig, read_prompts, run
+
+    keys = read_api_keys(api_key_file)
+    cfg = LoadTestConfig(
+        url=url,
+        concurrency=concurrency,
+        max_tokens=max_tokens,
+        requests=requests,
+        duration_s=duration,
+        model=model,
+        api_key=sorted(keys)[0] if keys else None,
+        ignore_eos=ignore_eos,
+    )
+    rows = read_prompts(prompts) if prompts else synthetic_prompts(prompt_len, 64)
+    report = asyncio.run(run(cfg, rows))
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=2))
+    t, i = report["ttft_ms"], report["itl_ms"]
+    typer.echo(
+        f"requests {report['ok']}/{report['requests']} ok, errors {report['errors']}, "
+        f"{report['requests_per_s']:.2f} req/s, {report['generated_tokens_per_s']:.1f} generated tok/s\n"
+        f"TTFT ms p50 {t['p50']:.1f} p90 {t['p90']:.1f} p99 {t['p99']:.1f}; "
+        f"ITL ms p50 {i['p50']:.2f} p90 {i['p90']:.2f} p99 {i['p99']:.2f}"
+    )
+    for e in report["error_examples"]:
+        typer.echo(f"error: {e}", err=True)
+    if report["ok"] == 0:
+        raise typer.Exit(1)
+
+
+def synthetic_prompts(length: int, count: int) -> list[dict]:
+    """Token-id prompts of exact length (ids in 10..265, distinct per prompt): no tokenizer needed."""
+    return [{"prompt": [10 + (7 * k + j) % 256 for j in range(length)]} for k in range(count)]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve-llm")(serve_llm)
+    app.command("loadtest-llm")(loadtest_llm)

@@ -1,0 +1,230 @@
+"""Turn a validated OpenAI request into engine requests, checking what only the server can check.
+
+Pydantic has already enforced the static bounds; here come the operator's caps (`ServerLimits`), the model's
+context length and vocabulary, and the features this engine lacks (answered 400, never silently ignored).
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from inferforge.llm.protocol import EngineClient, EngineRequest, SamplingParams
+from inferforge.serve.openai.errors import APIError, bad_param
+from inferforge.serve.openai.limits import ServerLimits
+from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a route sends to the engine: one request per prompt, plus what the response needs to echo."""
+
+    response_id: str
+    requests: tuple[EngineRequest, ...]
+    prompt_texts: tuple[str, ...]  # for `echo`; empty strings otherwise
+    n: int
+    logprobs: int | None
+
+
+def check_model(requested: str, served: str) -> None:
+    if requested != served:
+        raise APIError(
+            404,
+            f"The model '{requested}' does not exist; this server serves '{served}' (see GET /v1/models).",
+            param="model",
+            code="model_not_found",
+        )
+
+
+def _check_unsupported(req: CompletionRequest | ChatCompletionRequest, limits: ServerLimits) -> None:
+    if req.n > limits.max_n:
+        raise bad_param(
+            "n", f"n={req.n} exceeds this server's cap of {limits.max_n}; ask for fewer sequences."
+        )
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name) != 0.0:
+            raise bad_param(name, f"{name} is not supported by this engine; use repetition_penalty instead.")
+    if req.logit_bias:
+        raise bad_param("logit_bias", "logit_bias is not supported by this engine; remove it.")
+    if req.stream_options is not None and not req.stream:
+        raise bad_param("stream_options", "stream_options is only allowed when stream is true.")
+
+
+def _stops(stop: str | list[str] | None, limits: ServerLimits) -> tuple[str, ...]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > limits.max_stop:
+        raise bad_param("stop", f"{len(stops)} stop sequences given; at most {limits.max_stop} are allowed.")
+    if any(s == "" for s in stops):
+        raise bad_param("stop", "stop sequences must not be empty strings.")
+    return tuple(stops)
+
+
+def _check_prompt(ids: list[int], engine: EngineClient, limits: ServerLimits, param: str) -> None:
+    if not ids:
+        raise bad_param(param, "The prompt is empty; send at least one token.")
+    bad = next((t for t in ids if not 0 <= t < engine.vocab_size), None)
+    if bad is not None:
+        raise bad_param(
+            param,
+            f"Token id {bad} is outside the vocabulary (valid ids are 0..{engine.vocab_size - 1}).",
+            code="invalid_token_id",
+        )
+    cap = min(limits.max_prompt_tokens or engine.max_model_len, engine.max_model_len - 1)
+    if len(ids) > cap:
+        raise bad_param(
+            param,
+            f"The prompt has {len(ids)} tokens; this server accepts at most {cap} "
+            f"(context length {engine.max_model_len}). Shorten the prompt.",
+            code="context_length_exceeded",
+        )
+
+
+def _max_tokens(
+    requested: int | None,
+    default: int,
+    prompt_len: int,
+    engine: EngineClient,
+    limits: ServerLimits,
+    param: str,
+) -> int:
+    room = engine.max_model_len - prompt_len
+    if requested is None:
+        return max(1, min(default, limits.max_tokens_cap, room))
+    if requested > limits.max_tokens_cap:
+        raise bad_param(
+            param,
+            f"{param}={requested} exceeds this server's cap of {limits.max_tokens_cap}; ask for fewer.",
+        )
+    if requested > room:
+        raise bad_param(
+            param,
+            f"This model's maximum context length is {engine.max_model_len} tokens; the prompt has "
+            f"{prompt_len} and {param} asks for {requested} more. Lower {param} or shorten the prompt.",
+            code="context_length_exceeded",
+        )
+    return requested
+
+
+def _params(
+    req: CompletionRequest | ChatCompletionRequest,
+    max_tokens: int,
+    logprobs: int | None,
+    stop: tuple[str, ...],
+) -> SamplingParams:
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if req.temperature is None else req.temperature,
+        top_p=1.0 if req.top_p is None else req.top_p,
+        top_k=max(req.top_k, 0),
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed,
+        stop=stop,
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        n=req.n,
+        logprobs=logprobs,
+    )
+
+
+def _prompt_ids(req: CompletionRequest, engine: EngineClient) -> tuple[list[list[int]], list[str]]:
+    p = req.prompt
+    if isinstance(p, str):
+        return [engine.encode(p)], [p]
+    if not p:
+        raise bad_param("prompt", "The prompt list is empty; send a string, a list of strings or token ids.")
+    if all(isinstance(x, str) for x in p):
+        return [engine.encode(s) for s in p], list(p)  # type: ignore[arg-type]
+    if all(isinstance(x, int) for x in p):
+        ids = list(p)  # type: ignore[arg-type]
+        return [ids], [""]
+    return [list(x) for x in p], [""] * len(p)  # type: ignore[union-attr]
+
+
+def plan_completion(req: CompletionRequest, engine: EngineClient, limits: ServerLimits, served: str) -> Plan:
+    check_model(req.model, served)
+    _check_unsupported(req, limits)
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_param("best_of", "best_of other than n is not supported; leave it unset.")
+    if req.suffix:
+        raise bad_param("suffix", "suffix (insertion) is not supported by this engine; remove it.")
+    if req.logprobs is not None and req.logprobs > limits.max_logprobs:
+        raise bad_param(
+            "logprobs", f"logprobs={req.logprobs} exceeds this server's cap of {limits.max_logprobs}."
+        )
+    if req.echo and req.logprobs is not None:
+        raise bad_param("echo", "echo together with logprobs (prompt logprobs) is not supported; drop one.")
+    stop = _stops(req.stop, limits)
+    prompts, texts = _prompt_ids(req, engine)
+    if len(prompts) > limits.max_prompts:
+        raise bad_param(
+            "prompt", f"{len(prompts)} prompts in one request; at most {limits.max_prompts} allowed."
+        )
+    rid = f"cmpl-{uuid.uuid4().hex}"
+    reqs = []
+    for i, ids in enumerate(prompts):
+        _check_prompt(ids, engine, limits, "prompt")
+        mt = _max_tokens(
+            req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
+        )
+        reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), _params(req, mt, req.logprobs, stop)))
+    echo = tuple(t if req.echo else "" for t in texts)
+    if req.echo and any(not t for t in texts):
+        echo = tuple(engine.decode(list(r.prompt_ids)) for r in reqs)
+    return Plan(rid, tuple(reqs), echo, req.n, req.logprobs)
+
+
+def _messages(req: ChatCompletionRequest) -> list[dict]:
+    out = []
+    for i, m in enumerate(req.messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise bad_param(
+                        f"messages[{i}].content",
+                        f"content part of type '{part.type}' is not supported; send text.",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        role = "system" if m.role == "developer" else m.role
+        out.append({"role": role, "content": content or ""})
+    return out
+
+
+def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLimits, served: str) -> Plan:
+    check_model(req.model, served)
+    _check_unsupported(req, limits)
+    if req.tools:
+        raise bad_param("tools", "tool calling is not supported by this server; remove tools.")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise bad_param("response_format", "only response_format type 'text' is supported.")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_param("top_logprobs", "top_logprobs needs logprobs set to true.")
+    if req.top_logprobs is not None and req.top_logprobs > limits.max_logprobs:
+        raise bad_param(
+            "top_logprobs",
+            f"top_logprobs={req.top_logprobs} exceeds this server's cap of {limits.max_logprobs}.",
+        )
+    if req.max_tokens is not None and req.max_completion_tokens is not None:
+        raise bad_param("max_tokens", "give max_completion_tokens or max_tokens, not both.")
+    stop = _stops(req.stop, limits)
+    try:
+        ids = list(engine.apply_chat_template(_messages(req)))
+    except APIError:
+        raise
+    except Exception as exc:  # the template is user-facing code (jinja); its errors are the request's fault
+        raise bad_param("messages", f"the chat template rejected these messages: {exc}") from exc
+    _check_prompt(ids, engine, limits, "messages")
+    param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
+    requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
+    mt = _max_tokens(requested, limits.max_tokens_cap, len(ids), engine, limits, param)
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    rid = f"chatcmpl-{uuid.uuid4().hex}"
+    return Plan(
+        rid,
+        (EngineRequest(f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop)),),
+        ("",),
+        req.n,
+        logprobs,
+    )

@@ -1,0 +1,104 @@
+"""Engine outputs into OpenAI response bodies: whole responses, stream chunks, and both logprobs shapes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from inferforge.llm.protocol import EngineClient, EngineOutput, TokenLogprob
+
+
+class TokenText:
+    """Token id to its text, cached: logprobs name every token and its alternatives."""
+
+    def __init__(self, engine: EngineClient) -> None:
+        self.engine = engine
+        self.cache: dict[int, str] = {}
+
+    def __call__(self, token_id: int) -> str:
+        s = self.cache.get(token_id)
+        if s is None:
+            s = self.cache[token_id] = self.engine.decode([token_id])
+        return s
+
+
+def completion_logprobs(text_of: TokenText, lps: tuple[TokenLogprob, ...], offset: int) -> tuple[dict, int]:
+    """Legacy completions shape; `text_offset` counts characters from the start of the choice's text."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        tok = text_of(lp.token_id)
+        tokens.append(tok)
+        token_lps.append(lp.logprob)
+        tops.append({text_of(t): v for t, v in lp.top})
+        offsets.append(offset)
+        offset += len(tok)
+    return {
+        "tokens": tokens,
+        "token_logprobs": token_lps,
+        "top_logprobs": tops,
+        "text_offset": offsets,
+    }, offset
+
+
+def _entry(tok: str, logprob: float) -> dict[str, Any]:
+    return {"token": tok, "logprob": logprob, "bytes": list(tok.encode("utf-8"))}
+
+
+def chat_logprobs(text_of: TokenText, lps: tuple[TokenLogprob, ...]) -> list[dict[str, Any]]:
+    out = []
+    for lp in lps:
+        e = _entry(text_of(lp.token_id), lp.logprob)
+        e["top_logprobs"] = [_entry(text_of(t), v) for t, v in lp.top]
+        out.append(e)
+    return out
+
+
+@dataclass
+class ChoiceState:
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Accumulator:
+    """Collects the deltas of every choice of a non-streaming request; choice index = prompt * n + seq."""
+
+    def __init__(self, n_prompts: int, n: int) -> None:
+        self.n = n
+        self.choices = [ChoiceState() for _ in range(n_prompts * n)]
+
+    def add(self, prompt_idx: int, out: EngineOutput) -> None:
+        c = self.choices[prompt_idx * self.n + out.index]
+        c.text.append(out.new_text)
+        if out.logprobs:
+            c.logprobs.extend(out.logprobs)
+        if out.finished:
+            c.finish_reason = out.finish_reason
+
+    def completion(self, text_of: TokenText, echo: tuple[str, ...], want_logprobs: bool) -> list[dict]:
+        out = []
+        for i, c in enumerate(self.choices):
+            prefix = echo[i // self.n]
+            lp = completion_logprobs(text_of, tuple(c.logprobs), len(prefix))[0] if want_logprobs else None
+            text = prefix + "".join(c.text)
+            out.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+        return out
+
+    def chat(self, text_of: TokenText, want_logprobs: bool) -> list[dict]:
+        out = []
+        for i, c in enumerate(self.choices):
+            lp = (
+                {"content": chat_logprobs(text_of, tuple(c.logprobs)), "refusal": None}
+                if want_logprobs
+                else None
+            )
+            msg = {"role": "assistant", "content": "".join(c.text), "refusal": None}
+            out.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason})
+        return out
+
+
+def envelope(rid: str, obj: str, created: int, model: str, choices: list[dict], usage: Any) -> dict:
+    body = {"id": rid, "object": obj, "created": created, "model": model, "choices": choices}
+    if usage is not False:
+        body["usage"] = usage
+    return body

@@ -1,0 +1,81 @@
+"""Run the app under uvicorn with a graceful drain.
+
+On SIGTERM (or the first SIGINT) the server stops accepting connections, answers 503 to new requests on open
+ones, lets in-flight requests finish for `drain_timeout` seconds, then cancels the rest (which aborts their
+engine requests), shuts the engine down and returns, so the process exits 0. A second SIGINT forces the exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Callable, Generator
+from types import FrameType
+
+import uvicorn
+
+from inferforge.llm.protocol import EngineClient
+from inferforge.serve.openai.app import create_app
+from inferforge.serve.openai.limits import ServerLimits
+
+_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, except that a signal marks the app as draining and is not re-raised at the end."""
+
+    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_drain = on_drain
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in _SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+            return
+        self.on_drain()
+        self.should_exit = True
+
+
+def serve(
+    engine: EngineClient,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    limits: ServerLimits | None = None,
+    api_keys: set[str] | None = None,
+    drain_timeout: float = 30.0,
+    log_level: str = "info",
+) -> None:
+    """Serve until a signal, then drain; returns normally so the caller exits 0."""
+    if drain_timeout < 0:
+        raise ValueError(f"drain_timeout must be >= 0 seconds, got {drain_timeout}")
+    app = create_app(engine, model_name=model_name, limits=limits, api_keys=api_keys)
+    state = app.state.openai
+
+    def on_drain() -> None:
+        state.draining = True
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]
+        access_log=False,
+        lifespan="on",
+    )
+    DrainingServer(config, on_drain).run()
