@@ -1,0 +1,98 @@
+"""Request checks that need no engine run: caps, context length, vocabulary, unsupported features."""
+
+from __future__ import annotations
+
+import pytest
+
+from inferforge.serve.openai.convert import plan_chat, plan_completion
+from inferforge.serve.openai.errors import APIError
+from inferforge.serve.openai.limits import ServerLimits
+from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest
+
+from .fake_engine import FakeEngine
+
+LIMITS = ServerLimits(max_tokens_cap=32, max_n=3, max_logprobs=4, max_prompts=2)
+
+
+def completion(**kw: object) -> CompletionRequest:
+    return CompletionRequest.model_validate({"model": "fake", "prompt": "hi", **kw})
+
+
+def chat(**kw: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest.model_validate(
+        {"model": "fake", "messages": [{"role": "user", "content": "hi"}], **kw}
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "status", "param"),
+    [
+        ({"model": "other"}, 404, "model"),
+        ({"max_tokens": 33}, 400, "max_tokens"),
+        ({"n": 4}, 400, "n"),
+        ({"logprobs": 5}, 400, "logprobs"),
+        ({"prompt": "x" * 64}, 400, "prompt"),
+        ({"prompt": [1, 2, 257]}, 400, "prompt"),
+        ({"prompt": ["a", "b", "c"]}, 400, "prompt"),
+        ({"prompt": []}, 400, "prompt"),
+        ({"prompt": "x" * 40, "max_tokens": 30}, 400, "max_tokens"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+        ({"presence_penalty": 0.5}, 400, "presence_penalty"),
+        ({"logit_bias": {"5": 1.0}}, 400, "logit_bias"),
+        ({"echo": True, "logprobs": 1}, 400, "echo"),
+    ],
+)
+def test_bad_completion_requests_name_their_param(kw: dict, status: int, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        plan_completion(completion(**kw), FakeEngine(), LIMITS, "fake")
+    assert info.value.status == status
+    assert info.value.param == param
+    assert info.value.body()["error"]["param"] == param
+
+
+@pytest.mark.parametrize(
+    ("kw", "param"),
+    [
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 5}, "top_logprobs"),
+        ({"max_completion_tokens": 40}, "max_completion_tokens"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
+        ({"tools": [{"type": "function"}]}, "tools"),
+    ],
+)
+def test_bad_chat_requests_name_their_param(kw: dict, param: str) -> None:
+    with pytest.raises(APIError) as info:
+        plan_chat(chat(**kw), FakeEngine(), LIMITS, "fake")
+    assert (info.value.status, info.value.param) == (400, param)
+
+
+def test_prompt_forms_become_one_engine_request_each() -> None:
+    eng = FakeEngine()
+    assert [r.prompt_ids for r in plan_completion(completion(prompt="ab"), eng, LIMITS, "fake").requests] == [
+        tuple(eng.encode("ab"))
+    ]
+    plan = plan_completion(completion(prompt=[[5, 6], [7]], n=2, max_tokens=3), eng, LIMITS, "fake")
+    assert [r.prompt_ids for r in plan.requests] == [(5, 6), (7,)]
+    assert {r.params.n for r in plan.requests} == {2}
+    assert len({r.request_id for r in plan.requests}) == 2
+
+
+def test_defaults_fit_the_context() -> None:
+    eng = FakeEngine()
+    plan = plan_chat(chat(), eng, LIMITS, "fake")
+    prompt_len = len(plan.requests[0].prompt_ids)
+    assert plan.requests[0].params.max_tokens == min(LIMITS.max_tokens_cap, eng.max_model_len - prompt_len)
+    assert plan_completion(completion(), eng, LIMITS, "fake").requests[0].params.max_tokens == 16
+
+
+def test_unknown_fields_are_kept_not_rejected() -> None:
+    req = completion(some_future_field={"x": 1}, top_k=-1)
+    plan = plan_completion(req, FakeEngine(), LIMITS, "fake")
+    assert plan.requests[0].params.top_k == 0
+
+
+def test_limits_validate_themselves() -> None:
+    with pytest.raises(ValueError, match="max_n"):
+        ServerLimits(max_n=0)
+    with pytest.raises(ValueError, match="max_logprobs"):
+        ServerLimits(max_logprobs=21)
