@@ -45,6 +45,8 @@ class FakeEngine:
         try:
             for step in range(p.max_tokens):
                 await asyncio.sleep(self.delay_s)
+                if request.request_id in self.aborted:
+                    return
                 for seq in range(p.n):
                     tok = self.next_token(step, seq)
                     lps = None

@@ -24,7 +24,7 @@ from inferforge.serve.openai.limits import ServerLimits
 from inferforge.serve.openai.metrics import ITLClock, ServerMetrics
 from inferforge.serve.openai.render import Accumulator, TokenText, envelope
 from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest
-from inferforge.serve.openai.stream import StreamCtx, chat_stream, completion_stream, finish_metrics
+from inferforge.serve.openai.stream import StreamCtx, chat_stream, completion_stream
 
 T = TypeVar("T")
 SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
@@ -99,6 +99,25 @@ class OpenAIServer:
         self.text_of = TokenText(engine)
         self.draining = False
         self.created = int(time.time())
+        self.inflight: set[str] = set()  # engine request ids of unfinished HTTP requests
+
+    async def abort_inflight(self) -> None:
+        """End of the drain period: abort what is still running so its responses end cleanly."""
+        for rid in list(self.inflight):
+            with contextlib.suppress(Exception):
+                await self.engine.abort(rid)
+
+    def finish(self, tracker: Tracker, plan: Plan) -> None:
+        self.inflight.difference_update(r.request_id for r in plan.requests)
+        m = self.metrics
+        for idx, timing in tracker.timings.items():
+            tokens = sum(v for (p, _), v in tracker.completion_tokens.items() if p == idx)
+            if tracker.prompt_done(idx):
+                m.observe_timing(timing, tokens)
+            else:
+                m.aborted.inc()
+            m.generation_tokens.inc(tokens)
+        m.prompt_tokens.inc(sum(tracker.prompt_tokens.values()))
 
     async def _collect(self, plan: Plan, tracker: Tracker) -> Accumulator:
         acc = Accumulator(len(plan.requests), plan.n)
@@ -132,6 +151,7 @@ class OpenAIServer:
     ) -> Response:
         tracker = Tracker(plan.n)
         route = "chat" if chat else "completions"
+        self.inflight.update(r.request_id for r in plan.requests)
         try:
             if stream:
                 first, rest = await self._prime(request, plan, tracker)
@@ -145,6 +165,7 @@ class OpenAIServer:
                     include_usage,
                     first,
                     rest,
+                    lambda: self.finish(tracker, plan),
                 )
                 body = chat_stream(ctx) if chat else completion_stream(ctx)
                 self.metrics.requests.labels(route, "200").inc()
@@ -152,16 +173,16 @@ class OpenAIServer:
                 return StreamingResponse(body, media_type="text/event-stream", headers=headers)
             acc = await until_disconnect(request, self._collect(plan, tracker))
         except ClientGone:
-            finish_metrics(self.metrics, tracker, plan)
+            self.finish(tracker, plan)
             self.metrics.requests.labels(route, "499").inc()
             return Response(status_code=499)
         except Exception as exc:
             err = engine_error(exc)
             if err is None:
                 raise
-            finish_metrics(self.metrics, tracker, plan)
+            self.finish(tracker, plan)
             raise err from exc
-        finish_metrics(self.metrics, tracker, plan)
+        self.finish(tracker, plan)
         if chat:
             choices, obj = acc.chat(self.text_of, plan.logprobs is not None), "chat.completion"
         else:

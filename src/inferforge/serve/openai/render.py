@@ -81,7 +81,9 @@ class Accumulator:
             prefix = echo[i // self.n]
             lp = completion_logprobs(text_of, tuple(c.logprobs), len(prefix))[0] if want_logprobs else None
             text = prefix + "".join(c.text)
-            out.append({"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
+            out.append(
+                {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason or "abort"}
+            )
         return out
 
     def chat(self, text_of: TokenText, want_logprobs: bool) -> list[dict]:
@@ -93,7 +95,9 @@ class Accumulator:
                 else None
             )
             msg = {"role": "assistant", "content": "".join(c.text), "refusal": None}
-            out.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason})
+            out.append(
+                {"index": i, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason or "abort"}
+            )
         return out
 
 

@@ -7,10 +7,12 @@ engine requests), shuts the engine down and returns, so the process exits 0. A s
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
+import socket
 import threading
-from collections.abc import Callable, Generator
+from collections.abc import Awaitable, Callable, Generator
 from types import FrameType
 
 import uvicorn
@@ -20,14 +22,34 @@ from inferforge.serve.openai.app import create_app
 from inferforge.serve.openai.limits import ServerLimits
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_CANCEL_AFTER_ABORT_S = 2.0  # aborted requests get this long to send their last chunk before being cancelled
 
 
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, except that a signal marks the app as draining and is not re-raised at the end."""
 
-    def __init__(self, config: uvicorn.Config, on_drain: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_drain: Callable[[], None],
+        abort_inflight: Callable[[], Awaitable[None]],
+        drain_timeout: float,
+    ) -> None:
         super().__init__(config)
         self.on_drain = on_drain
+        self.abort_inflight = abort_inflight
+        self.drain_timeout = drain_timeout
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """At the drain deadline abort what still runs, so those responses end cleanly (finish_reason "abort")
+        before uvicorn's own, later, deadline cancels whatever is stuck."""
+        self.on_drain()
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.drain_timeout, lambda: loop.create_task(self.abort_inflight()))
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -74,8 +96,8 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=drain_timeout,  # type: ignore[arg-type]
+        timeout_graceful_shutdown=drain_timeout + _CANCEL_AFTER_ABORT_S,  # type: ignore[arg-type]
         access_log=False,
         lifespan="on",
     )
-    DrainingServer(config, on_drain).run()
+    DrainingServer(config, on_drain, state.abort_inflight, drain_timeout).run()

@@ -8,7 +8,7 @@ unfinished.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -38,6 +38,14 @@ class StreamCtx:
     include_usage: bool
     first: tuple[int, EngineOutput] | None
     rest: AsyncIterator[tuple[int, EngineOutput]]
+    on_finish: Callable[[], None]
+
+    def unfinished(self) -> list[tuple[int, int]]:
+        """(prompt, sequence) pairs the engine ended without a finish reason (aborted, e.g. at drain end)."""
+        done = self.tracker.finished
+        return [
+            (p, s) for p in range(len(self.plan.requests)) for s in range(self.plan.n) if (p, s) not in done
+        ]
 
 
 async def _outputs(ctx: StreamCtx) -> AsyncIterator[tuple[int, EngineOutput]]:
@@ -66,22 +74,11 @@ async def _guarded(ctx: StreamCtx, body: AsyncIterator[bytes]) -> AsyncIterator[
     finally:
         with anyio.CancelScope(shield=True):
             await ctx.rest.aclose()  # type: ignore[attr-defined]
-        finish_metrics(ctx.metrics, ctx.tracker, ctx.plan)
+        ctx.on_finish()
 
 
 def _obj(ctx: StreamCtx) -> str:
     return "chat.completion.chunk" if ctx.plan.response_id.startswith("chatcmpl") else "text_completion"
-
-
-def finish_metrics(metrics: ServerMetrics, tracker: Tracker, plan: Plan) -> None:
-    for idx, timing in tracker.timings.items():
-        tokens = sum(v for (p, _), v in tracker.completion_tokens.items() if p == idx)
-        if tracker.prompt_done(idx):
-            metrics.observe_timing(timing, tokens)
-        else:
-            metrics.aborted.inc()
-        metrics.generation_tokens.inc(tokens)
-    metrics.prompt_tokens.inc(sum(tracker.prompt_tokens.values()))
 
 
 def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
@@ -126,6 +123,9 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
                 lp = {"content": chat_logprobs(ctx.text_of, out.logprobs), "refusal": None}
             delta = {"content": out.new_text} if out.new_text or not out.finished else {}
             choice = {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+            yield sse(envelope(rid, "chat.completion.chunk", created, model, [choice], usage))
+        for _, s in ctx.unfinished():
+            choice = {"index": s, "delta": {}, "logprobs": None, "finish_reason": "abort"}
             yield sse(envelope(rid, "chat.completion.chunk", created, model, [choice], usage))
 
     return _guarded(ctx, body())
