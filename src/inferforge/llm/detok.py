@@ -1,0 +1,89 @@
+"""Tokenizer access and incremental detokenization with stop strings.
+
+Streaming must never emit text it may later take back: a partial UTF-8 character (decoded as U+FFFD) waits for its
+next byte, and a tail that could be the start of a stop string waits until it is ruled in or out. Stop strings are
+cut out of the text, as OpenAI's API does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from inferforge.errors import ModelSourceError
+
+
+class Tokenizer:
+    """The folder's fast tokenizer: the Rust backend for the hot path, transformers for chat templates."""
+
+    def __init__(self, folder: str | Path) -> None:
+        from transformers import AutoTokenizer
+
+        if not (Path(folder) / "tokenizer.json").exists() and not (Path(folder) / "tokenizer.model").exists():
+            raise ModelSourceError(f"{folder} has no tokenizer.json; the engine needs the model's tokenizer")
+        self.hf: Any = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+        self.backend = self.hf.backend_tokenizer
+        self.eos_token_id: int | None = self.hf.eos_token_id
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf.encode(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.backend.decode(ids, skip_special_tokens=True)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Rendered by transformers in its sandboxed Jinja environment; the template brings its own BOS."""
+        if not getattr(self.hf, "chat_template", None):
+            raise ModelSourceError("this model's tokenizer has no chat template; send a plain prompt instead")
+        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(self.hf.encode(text, add_special_tokens=False))
+
+
+class IncrementalDetokenizer:
+    """Output text of one sequence, grown a token at a time, with `pop()` giving only text safe to emit."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self._prefix_offset = 0
+        self._read_offset = 0
+        self._max_stop = max((len(s) for s in stop), default=0)
+
+    def add(self, token_id: int) -> bool:
+        """Append a token; returns True when a stop string appeared (the text is then cut before it)."""
+        self.ids.append(token_id)
+        prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self.tokenizer.decode(self.ids[self._prefix_offset :])
+        if len(full) <= len(prefix) or full.endswith("\ufffd"):
+            return False  # an incomplete character; wait for the next byte
+        start = len(self.text)
+        self.text += full[len(prefix) :]
+        self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        return self._cut_at_stop(start)
+
+    def _cut_at_stop(self, start: int) -> bool:
+        if not self.stop:
+            return False
+        lo = max(0, start - self._max_stop + 1)
+        hits = [i for i in (self.text.find(s, lo) for s in self.stop) if i >= 0]
+        if not hits:
+            return False
+        self.text = self.text[: min(hits)]
+        return True
+
+    def _held_back(self) -> int:
+        for k in range(min(self._max_stop - 1, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+    def pop(self, final: bool) -> str:
+        """Text not yet emitted, minus a tail that may still become a stop string (unless final)."""
+        end = len(self.text) if final else len(self.text) - self._held_back()
+        end = max(end, self.emitted)
+        out = self.text[self.emitted : end]
+        self.emitted = end
+        return out

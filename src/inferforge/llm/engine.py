@@ -1,0 +1,241 @@
+"""`LLMEngine`: the synchronous core. `step()` is schedule, execute, update; nothing here knows about HTTP.
+
+Typical use (the async wrapper in `async_engine.py` does this on a background thread):
+
+    engine = LLMEngine.from_pretrained("path/to/model", EngineConfig(device="cuda"))
+    engine.add_request(EngineRequest("r1", tuple(engine.tokenizer.encode("Hello")), SamplingParams(max_tokens=20)))
+    while engine.has_unfinished():
+        for out in engine.step(): ...
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from inferforge.errors import InferforgeError
+from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
+from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed, copy_blocks, plan_cache
+from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
+from inferforge.llm.runner import ModelRunner
+from inferforge.llm.sampler import SampleResult, SamplingBatch, sample
+from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence
+from inferforge.llm.weights import load_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything that shapes one engine; the CLI and the server fill it from their flags."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
+    quant: Literal["int8", "fp8", "int4"] | None = None  # weight-only quantization of the linear layers (CUDA)
+    max_num_seqs: int = 64  # sequences decoding together
+    max_model_len: int | None = None  # None: the model's own limit, capped at 4096
+    max_waiting: int = 256  # queued requests before new ones are refused
+    max_num_batched_tokens: int = 2048  # tokens per step (decodes + prefill chunks)
+    kv_cache_tokens: int | None = None  # KV cache size in tokens; None: from free device memory
+    kv_cache_memory_fraction: float = 0.9  # share of free device memory given to the KV cache
+    cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
+
+    def __post_init__(self) -> None:
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise InferforgeError(f"device must be cpu or cuda, got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise InferforgeError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quant not in (None, "int8", "fp8", "int4"):
+            raise InferforgeError(f"quant must be int8, fp8, int4 or None, got {self.quant!r}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise InferforgeError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+        if self.device == "cpu" and self.kv_cache_tokens is None:
+            object.__setattr__(self, "kv_cache_tokens", 8192)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return DTYPES[self.dtype]
+
+
+class LLMEngine:
+    def __init__(self, folder: str | Path, config: EngineConfig | None = None) -> None:
+        self.config = config = config or EngineConfig()
+        self.folder = Path(folder)
+        self.device = torch.device(config.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise InferforgeError("device cuda was asked for but no CUDA device is available; use --device cpu")
+        transform = None
+        if config.quant is not None:
+            from inferforge.llm.quant import quantize_model
+
+            def transform(m):
+                quantize_model(m, config.quant)
+
+        self.model = load_model(
+            self.folder, device=self.device, dtype=config.torch_dtype, max_model_len=config.max_model_len,
+            transform=transform,
+        )
+        self.max_model_len = self.model.max_model_len
+        self.tokenizer = Tokenizer(self.folder)
+        spec = plan_cache(self.model, config.torch_dtype, tokens=config.kv_cache_tokens,
+                          memory_fraction=config.kv_cache_memory_fraction, device=self.device)
+        attach_cache(self.model, spec, self.device)
+        self.allocator = BlockAllocator(spec.num_blocks)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
+                            config.max_waiting, self.max_model_len),
+            self.allocator,
+        )
+        self.runner = ModelRunner(self.model, self.device, max_num_seqs=config.max_num_seqs,
+                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
+        self.eos_ids = set(self.model.cfg.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self.generated_total = 0
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
+        return cls(folder, config)
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request; raises QueueFullError or RequestTooLargeError (both InferforgeError) at once."""
+        max_tokens = self.scheduler.check(request)
+        if any(not 0 <= t < self.model.cfg.vocab_size for t in request.prompt_ids):
+            raise InferforgeError(f"request {request.request_id}: prompt holds token ids outside the vocabulary")
+        state = RequestState(request, time.monotonic(), max_tokens=max_tokens)
+        p = request.params
+        for i in range(p.n):
+            gen = None
+            if p.seed is not None:
+                gen = torch.Generator(device=self.device)
+                gen.manual_seed(p.seed + i)
+            detok = IncrementalDetokenizer(self.tokenizer, p.stop)
+            state.seqs.append(Sequence(state, i, list(request.prompt_ids), detok, gen))
+        self.scheduler.add(state)
+
+    def abort(self, request_id: str) -> list[EngineOutput]:
+        """Drop a queued or running request and free its blocks; returns its final 'abort' outputs."""
+        state = self.scheduler.abort(request_id)
+        if state is None:
+            return []
+        state.finished_at = time.monotonic()
+        outs = []
+        for s in state.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+                outs.append(self._output(s))
+        return outs
+
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.waiting or self.scheduler.running)
+
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.allocator.num_blocks - 1, kv_blocks_used=self.allocator.num_used,
+            generated_tokens_total=self.generated_total,
+        )
+
+    # ---- the loop -------------------------------------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        parts: list[torch.Tensor] = []
+        rows: list[Sequence] = []
+        if plan.decode:
+            parts.append(self.runner.decode(plan.decode))
+            rows.extend(plan.decode)
+        if plan.prefill:
+            logits, done = self.runner.prefill(plan.prefill)
+            for seq, n in plan.prefill:
+                seq.num_computed += n
+            index = []
+            for j, seq in enumerate(done):
+                self._fork(seq)
+                for s in seq.group.seqs:
+                    index.append(j)
+                    rows.append(s)
+            if index:
+                parts.append(logits[torch.tensor(index, device=logits.device)])
+        outputs: list[EngineOutput] = []
+        if rows:
+            result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], self._sampling_batch(rows))
+            outputs = self._update(rows, result, n_decode=len(plan.decode))
+        self.scheduler.free_finished()
+        return outputs
+
+    def _fork(self, parent: Sequence) -> None:
+        """After the prompt of sequence 0 is cached, copy its blocks to the request's other sequences."""
+        group = parent.group
+        n_blocks = blocks_needed(group.prompt_len)
+        for child in group.seqs[1:]:
+            copy_blocks(self.model, parent.blocks[:n_blocks], child.blocks[:n_blocks])
+            child.num_computed = parent.num_computed
+
+    def _sampling_batch(self, rows: list[Sequence]) -> SamplingBatch:
+        params = [s.group.request.params for s in rows]
+        seen = [s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(rows, params, strict=True)]
+        return SamplingBatch(params, [s.generator for s in rows], seen)
+
+    def _update(self, rows: list[Sequence], result: SampleResult, n_decode: int) -> list[EngineOutput]:
+        ids = result.token_ids.tolist()  # the step's one device-to-host read
+        lps = result.logprobs.tolist() if result.logprobs is not None else None
+        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
+        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+        now = time.monotonic()
+        outputs = []
+        for i, (seq, tok) in enumerate(zip(rows, ids, strict=True)):
+            if i < n_decode:
+                seq.num_computed += 1
+            params = seq.group.request.params
+            seq.token_ids.append(tok)
+            seq.pending_ids.append(tok)
+            self.generated_total += 1
+            if seq.group.first_token is None:
+                seq.group.first_token = now
+            if lps is not None and params.logprobs is not None:
+                k = params.logprobs
+                top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if top_ids and top_lp else ()
+                seq.pending_logprobs.append(TokenLogprob(tok, lps[i], top))
+            hit_stop = seq.detok.add(tok)
+            if hit_stop or tok in params.stop_token_ids or (tok in self.eos_ids and not params.ignore_eos):
+                seq.finish_reason = "stop"
+            elif seq.num_output >= seq.group.max_tokens:
+                seq.finish_reason = "length"
+            if seq.group.finished:
+                seq.group.finished_at = now
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _output(self, seq: Sequence) -> EngineOutput:
+        group, params = seq.group, seq.group.request.params
+        out = EngineOutput(
+            request_id=group.request.request_id, index=seq.index, new_token_ids=tuple(seq.pending_ids),
+            new_text=seq.detok.pop(final=seq.finished),
+            logprobs=tuple(seq.pending_logprobs) if params.logprobs is not None else None,
+            finished=seq.finished, finish_reason=seq.finish_reason, prompt_tokens=group.prompt_len,
+            completion_tokens=seq.num_output,
+            timing=RequestTiming(group.arrival, group.scheduled, group.first_token, group.finished_at),
+        )
+        seq.pending_ids, seq.pending_logprobs = [], []
+        return out
+
+    # ---- convenience ----------------------------------------------------------------------------------------
+    def generate(self, requests: list[EngineRequest]) -> dict[str, list[list[EngineOutput]]]:
+        """Run requests to completion; returns, per request id, the outputs of each of its sequences."""
+        results: dict[str, list[list[EngineOutput]]] = {}
+        for r in requests:
+            self.add_request(r)
+            results[r.request_id] = [[] for _ in range(r.params.n)]
+        while self.has_unfinished():
+            for out in self.step():
+                results[out.request_id][out.index].append(out)
+        return results

@@ -1,0 +1,130 @@
+"""The decoder in plain torch: Llama, Mistral, Qwen2 (bias on q/k/v) and GPT-2, reading a paged KV cache.
+
+A step is a flat batch of tokens (no padding): `forward(ids, positions, meta)` returns their final hidden states
+and `logits(hidden)` projects only the rows that need a next token. q/k/v and gate/up are fused into one GEMM each
+so a batch-1 decode launches fewer, larger kernels. The KV cache lives on each attention module as buffers, so a
+captured CUDA graph reads it in place.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inferforge.llm.attention import AttnMeta, decode_attention, prefill_attention, write_cache
+from inferforge.llm.config import ModelConfig
+
+
+def _norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.norm_eps)
+    return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.scale = cfg.head_dim**-0.5
+        self.rope = cfg.positions == "rope"
+        self.register_buffer("k_cache", torch.empty(0), persistent=False)
+        self.register_buffer("v_cache", torch.empty(0), persistent=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.rope:
+            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+            q = q * c + _rotate_half(q) * s
+            k = k * c + _rotate_half(k) * s
+        write_cache(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        if meta.prefill is not None:
+            o = prefill_attention(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+        else:
+            assert meta.block_tables is not None and meta.context_lens is not None
+            o = decode_attention(
+                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+            )
+        return self.o(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gated = cfg.mlp == "gated_silu"
+        width = 2 * cfg.intermediate_size if self.gated else cfg.intermediate_size
+        self.up = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)  # gate and up fused when gated
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            return self.down(F.silu(gate) * up)
+        return self.down(F.gelu(h, approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.norm1, self.attn, self.norm2, self.mlp = _norm(cfg), Attention(cfg), _norm(cfg), MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cos, sin, meta)
+        return x + self.mlp(self.norm2(x))
+
+
+class DecoderLM(nn.Module):
+    """Build it on the `meta` device, then `weights.load_weights` assigns the checkpoint's tensors."""
+
+    def __init__(self, cfg: ModelConfig, max_model_len: int) -> None:
+        super().__init__()
+        self.cfg, self.max_model_len = cfg, max_model_len
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.pos_embed = (
+            nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size) if cfg.positions == "learned" else None
+        )
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+
+    def init_rope(self, device: torch.device, dtype: torch.dtype) -> None:
+        """cos/sin tables for every position, computed in fp32 like transformers, stored in the model dtype."""
+        if self.cfg.positions != "rope":
+            self.rope_cos = torch.zeros(1, device=device, dtype=dtype)
+            self.rope_sin = torch.zeros(1, device=device, dtype=dtype)
+            return
+        inv = torch.tensor(self.cfg.rope_inv_freq(self.max_model_len), dtype=torch.float32)
+        freqs = torch.outer(torch.arange(self.max_model_len, dtype=torch.float32), inv)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos = emb.cos().to(device=device, dtype=dtype)
+        self.rope_sin = emb.sin().to(device=device, dtype=dtype)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        x = self.embed(input_ids)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+            cos = sin = self.rope_cos
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        for layer in self.layers:
+            x = layer(x, cos, sin, meta)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

@@ -1,0 +1,133 @@
+"""Runs a scheduled step on the model: flat prefill chunks eagerly, decodes through CUDA graphs on a GPU.
+
+Decode graphs are captured once per batch bucket (1, 2, 4, ... max_num_seqs) over static input buffers; a step
+copies its inputs from one pinned host buffer in a single transfer, pads to the bucket (padded rows write into the
+reserved block 0) and replays. Weights and the KV cache are module state, so a replay copies nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from inferforge.llm.attention import AttnMeta, PrefillSeq
+from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
+from inferforge.llm.model import DecoderLM
+from inferforge.llm.scheduler import Sequence
+
+
+def buckets_up_to(n: int) -> list[int]:
+    out = [1]
+    while out[-1] < n:
+        out.append(min(out[-1] * 2, n))
+    return out
+
+
+def _slot(seq: Sequence, pos: int) -> int:
+    return seq.blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+
+
+class ModelRunner:
+    def __init__(
+        self, model: DecoderLM, device: torch.device, *, max_num_seqs: int, max_model_len: int, cuda_graphs: bool
+    ) -> None:
+        self.model, self.device = model, device
+        self.max_blocks = blocks_needed(max_model_len)
+        self.buckets = buckets_up_to(max_num_seqs)
+        b = self.buckets[-1]
+        self._width = 4 * b + b * self.max_blocks
+        on_gpu = device.type == "cuda"
+        self._host = torch.zeros(self._width, dtype=torch.long, pin_memory=on_gpu)
+        self._host_np = self._host.numpy()
+        self._dev = torch.zeros(self._width, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if cuda_graphs and on_gpu:
+            self.capture()
+
+    def _views(self, b: int) -> tuple[torch.Tensor, ...]:
+        """ids, positions, slots, context_lens, block_tables for the first b rows of the static buffer."""
+        n = self.buckets[-1]
+        d = self._dev
+        bt = d[4 * n :].view(n, self.max_blocks)[:b]
+        return d[:b], d[n : n + b], d[2 * n : 2 * n + b], d[3 * n : 3 * n + b], bt
+
+    def _decode_forward(self, b: int) -> torch.Tensor:
+        ids, pos, slots, ctx, bt = self._views(b)
+        meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx)
+        return self.model.logits(self.model(ids, pos, meta))
+
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """One graph per bucket, largest first, sharing one memory pool."""
+        self._fill([], self.buckets[-1])
+        torch.cuda.synchronize()
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for b in reversed(self.buckets):
+                for _ in range(2):
+                    self._decode_forward(b)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = self._decode_forward(b)
+                pool = graph.pool()
+                self.graphs[b] = (graph, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def _fill(self, seqs: list[Sequence], b: int) -> None:
+        """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one copy."""
+        n, h = self.buckets[-1], self._host_np
+        h[: 4 * n] = 0
+        h[3 * n : 4 * n] = 1  # padded rows attend to one (scratch) slot
+        bt = h[4 * n :].reshape(n, self.max_blocks)
+        bt[:b] = 0
+        for i, s in enumerate(seqs):
+            pos = len(s.token_ids) - 1
+            h[i], h[n + i], h[2 * n + i], h[3 * n + i] = s.token_ids[-1], pos, _slot(s, pos), pos + 1
+            bt[i, : len(s.blocks)] = s.blocks
+        self._dev.copy_(self._host, non_blocking=True)
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
+        """Logits [len(seqs), vocab] for the next token of each decoding sequence."""
+        b = next((x for x in self.buckets if x >= len(seqs)), None)
+        if b is None:
+            raise RuntimeError(f"{len(seqs)} decoding sequences exceed the largest bucket {self.buckets[-1]}")
+        if b in self.graphs:
+            self._fill(seqs, b)
+            graph, out = self.graphs[b]
+            graph.replay()
+            return out[: len(seqs)]
+        self._fill(seqs, len(seqs))
+        return self._decode_forward(len(seqs))
+
+    @torch.inference_mode()
+    def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
+        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete."""
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        metas: list[PrefillSeq] = []
+        rows: list[int] = []
+        done: list[Sequence] = []
+        for seq, n in chunks:
+            start, end = seq.num_computed, seq.num_computed + n
+            q_start = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(_slot(seq, p) for p in range(start, end))
+            block_ids = torch.tensor(seq.blocks[: blocks_needed(end)], device=self.device)
+            metas.append(PrefillSeq(q_start, n, end, block_ids))
+            if end >= len(seq.token_ids):
+                rows.append(len(ids) - 1)
+                done.append(seq)
+        host = torch.tensor([ids, pos, slots], dtype=torch.long)
+        dev = host.to(self.device, non_blocking=True)
+        meta = AttnMeta(slot_mapping=dev[2], prefill=metas)
+        hidden = self.model(dev[0], dev[1], meta)
+        if not rows:
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
+        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), done
+
+

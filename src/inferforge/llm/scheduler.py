@@ -1,0 +1,194 @@
+"""Which sequences run in the next step: continuous batching with chunked prefill and a bounded waiting queue.
+
+Each step every decoding sequence gets one token, then prompts fill the remaining token budget in arrival order,
+a long prompt split into chunks across steps so it never stalls the decoders for long. A request is admitted only
+when the KV blocks for its whole budget (prompt + max_tokens, for each of its `n` sequences) are free, so a running
+sequence never has to be preempted; finished and aborted requests return their blocks at once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from inferforge.errors import InferforgeError
+from inferforge.llm.detok import IncrementalDetokenizer
+from inferforge.llm.kv_cache import BlockAllocator, blocks_needed
+from inferforge.llm.protocol import EngineRequest, FinishReason, TokenLogprob
+
+
+class QueueFullError(InferforgeError):
+    """The waiting queue is at `max_waiting`; retry later (HTTP servers answer 429/503)."""
+
+
+class RequestTooLargeError(InferforgeError):
+    """A prompt plus its max_tokens cannot fit the model length or the KV cache."""
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one engine; validated here so a bad flag fails at start, not mid-run."""
+
+    max_num_seqs: int = 64  # sequences decoding together (the largest decode batch)
+    max_num_batched_tokens: int = 512  # tokens per step: decodes plus prefill chunks
+    max_waiting: int = 256  # queued requests before add_request refuses
+    max_model_len: int = 2048  # prompt + generated tokens of one sequence
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise InferforgeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise InferforgeError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so every running sequence can decode each step"
+            )
+
+
+@dataclass
+class Sequence:
+    """One of a request's `n` outputs: its tokens, blocks, sampling state and text."""
+
+    group: RequestState
+    index: int
+    token_ids: list[int]
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    blocks: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose keys and values are in the cache
+    finish_reason: FinishReason | None = None
+    pending_ids: list[int] = field(default_factory=list)  # produced since the last output
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.group.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestState:
+    request: EngineRequest
+    arrival: float
+    seqs: list[Sequence] = field(default_factory=list)
+    scheduled: float | None = None
+    first_token: float | None = None
+    finished_at: float | None = None
+    max_tokens: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def prefilled(self) -> bool:
+        return self.seqs[0].num_computed >= self.prompt_len
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+@dataclass
+class StepPlan:
+    decode: list[Sequence]
+    prefill: list[tuple[Sequence, int]]  # (sequence, tokens of its prompt to compute this step)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, allocator: BlockAllocator) -> None:
+        self.config, self.allocator = config, allocator
+        self.waiting: deque[RequestState] = deque()
+        self.running: list[RequestState] = []
+
+    def check(self, request: EngineRequest) -> int:
+        """Refuse what can never run; returns the effective max_tokens."""
+        n_prompt, cfg = len(request.prompt_ids), self.config
+        if n_prompt == 0:
+            raise RequestTooLargeError(f"request {request.request_id}: the prompt is empty")
+        if n_prompt >= cfg.max_model_len:
+            raise RequestTooLargeError(
+                f"request {request.request_id}: prompt of {n_prompt} tokens leaves no room to generate within "
+                f"max_model_len={cfg.max_model_len}; shorten the prompt"
+            )
+        max_tokens = min(request.params.max_tokens, cfg.max_model_len - n_prompt)
+        need = request.params.n * blocks_needed(n_prompt + max_tokens)
+        if need > self.allocator.num_blocks - 1:
+            raise RequestTooLargeError(
+                f"request {request.request_id} needs {need} KV blocks but the cache has "
+                f"{self.allocator.num_blocks - 1}; lower max_tokens or n, or give the cache more memory"
+            )
+        if request.params.n > cfg.max_num_seqs:
+            raise RequestTooLargeError(f"n={request.params.n} exceeds max_num_seqs={cfg.max_num_seqs}")
+        return max_tokens
+
+    def add(self, state: RequestState) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFullError(
+                f"the waiting queue is full ({self.config.max_waiting} requests); retry later or raise max_waiting"
+            )
+        self.waiting.append(state)
+
+    def num_running_seqs(self) -> int:
+        return sum(len([s for s in r.seqs if not s.finished]) for r in self.running)
+
+    def schedule(self) -> StepPlan:
+        budget = self.config.max_num_batched_tokens
+        decode = [s for r in self.running if r.prefilled for s in r.seqs if not s.finished]
+        budget -= len(decode)
+        prefill: list[tuple[Sequence, int]] = []
+        for r in self.running:
+            if not r.prefilled and budget > 0:
+                seq = r.seqs[0]
+                chunk = min(r.prompt_len - seq.num_computed, budget)
+                prefill.append((seq, chunk))
+                budget -= chunk
+        while self.waiting and budget > 0:
+            r = self.waiting[0]
+            if self.num_running_seqs() + len(r.seqs) > self.config.max_num_seqs:
+                break
+            need = blocks_needed(r.prompt_len + r.max_tokens)
+            if not self.allocator.can_allocate(need * len(r.seqs)):
+                break
+            self.waiting.popleft()
+            for s in r.seqs:
+                s.blocks = self.allocator.allocate(need)
+            r.scheduled = time.monotonic()
+            self.running.append(r)
+            chunk = min(r.prompt_len, budget)
+            prefill.append((r.seqs[0], chunk))
+            budget -= chunk
+        return StepPlan(decode, prefill)
+
+    def free_finished(self) -> list[RequestState]:
+        done = [r for r in self.running if r.finished]
+        for r in done:
+            self.running.remove(r)
+            for s in r.seqs:
+                self.allocator.free(s.blocks)
+        return done
+
+    def abort(self, request_id: str) -> RequestState | None:
+        for r in list(self.waiting):
+            if r.request.request_id == request_id:
+                self.waiting.remove(r)
+                return r
+        for r in self.running:
+            if r.request.request_id == request_id:
+                self.running.remove(r)
+                for s in r.seqs:
+                    self.allocator.free(s.blocks)
+                return r
+        return None
+
+
