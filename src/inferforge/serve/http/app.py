@@ -1,0 +1,322 @@
+"""The KServe V2 / Open Inference Protocol over HTTP, plus Triton's repository extension and `/metrics`.
+
+This module only adapts: it reads and checks bodies, asks the repository for state, hands requests to the
+engine and turns its answers and errors into V2 responses. It never runs a model on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import threading
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+import inferforge
+from inferforge.serve.engine import (
+    Engine,
+    InferRequest,
+    InvalidRequest,
+    ModelNotReady,
+    ServeError,
+    ShuttingDown,
+)
+from inferforge.serve.http import errors
+from inferforge.serve.http.codec import HEADER_LENGTH, decode_request, encode_response
+from inferforge.serve.metrics import ServeMetrics
+from inferforge.serve.repository import ModelRepository, ModelState
+
+
+@dataclass(frozen=True)
+class HttpOptions:
+    """What the HTTP layer enforces on its own."""
+
+    api_keys: frozenset[str] = frozenset()
+    """Bearer tokens accepted for inference and management; empty: inference is open."""
+    model_control: bool = False
+    """Whether the repository's load and unload endpoints are on (they always need an API key)."""
+    max_body_bytes: int = 64 * 1024 * 1024
+    """Largest request body accepted; larger ones get 413 before they are read."""
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 1024:
+            raise ValueError(f"max_body_bytes must be at least 1024, got {self.max_body_bytes}")
+        if self.model_control and not self.api_keys:
+            raise ValueError("model control (load/unload) needs API keys: pass --api-key-file")
+
+
+class ServerState:
+    """Shared by the routes: the engine, the repository, the metrics, and whether the server is draining."""
+
+    def __init__(
+        self, engine: Engine, repository: ModelRepository, metrics: ServeMetrics, options: HttpOptions
+    ) -> None:
+        self.engine, self.repository, self.metrics, self.options = engine, repository, metrics, options
+        self.draining = False
+
+
+def create_app(
+    engine: Engine, repository: ModelRepository, metrics: ServeMetrics, options: HttpOptions | None = None
+) -> FastAPI:
+    """Build the app. Models load in a background thread at startup, so liveness answers while they do."""
+    state = ServerState(engine, repository, metrics, options or HttpOptions())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        loader = threading.Thread(target=repository.load_all, name="serve-startup-load", daemon=True)
+        loader.start()
+        yield
+        state.draining = True
+        await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(
+        title="inferforge V2 server",
+        version=inferforge.__version__,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.serve = state
+    app.add_exception_handler(ServeError, errors.serve_error_handler)
+    app.add_exception_handler(StarletteHTTPException, errors.http_error_handler)
+    app.add_exception_handler(RequestValidationError, errors.validation_error_handler)
+    app.add_exception_handler(Exception, errors.internal_error_handler)
+    _add_health_routes(app, state)
+    _add_model_routes(app, state)
+    _add_repository_routes(app, state)
+    return app
+
+
+def _authorize(state: ServerState, request: Request, *, always: bool = False) -> None:
+    keys = state.options.api_keys
+    if not keys and not always:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token or not any(hmac.compare_digest(token, k) for k in keys):
+        raise errors.Unauthorized("missing or unknown API key: send 'Authorization: Bearer <key>'")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise errors.PayloadTooLarge(
+            f"request body of {declared} bytes is over the server's limit of {limit} bytes"
+        )
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise errors.PayloadTooLarge(f"request body is over the server's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _add_health_routes(app: FastAPI, state: ServerState) -> None:
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return Response(status_code=200)
+
+    @app.get("/v2/health/ready")
+    async def ready() -> Response:
+        if state.draining:
+            return errors.error_response(ShuttingDown("the server is shutting down"))
+        if not state.repository.ready():
+            return errors.error_response(
+                ModelNotReady("models are still loading or failed to load; see the index")
+            )
+        return Response(status_code=200)
+
+    @app.get("/v2")
+    async def server_metadata() -> dict:
+        return {
+            "name": "inferforge",
+            "version": inferforge.__version__,
+            "extensions": ["binary_tensor_data", "model_repository"],
+        }
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def _add_model_routes(app: FastAPI, state: ServerState) -> None:
+    def runner_for(request: Request, name: str, version: str | None):  # type: ignore[no-untyped-def]
+        _authorize(state, request)
+        status = state.repository.status(name, version)
+        if status.state is not ModelState.READY:
+            detail = f": {status.reason}" if status.reason else ""
+            raise ModelNotReady(
+                f"model {name!r} version {status.version or '-'} is {status.state.value}{detail}"
+            )
+        return state.engine.runner(name, status.version)
+
+    @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def model_metadata(request: Request, name: str, version: str | None = None) -> dict:
+        servable = runner_for(request, name, version).servable
+        versions = [v for (n, v) in state.engine.served() if n == name]
+        return {
+            "name": name,
+            "versions": versions,
+            "platform": servable.platform,
+            "inputs": [s.to_json() for s in servable.inputs],
+            "outputs": [s.to_json() for s in servable.outputs],
+        }
+
+    @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+        runner_for(request, name, version)
+        return Response(status_code=200)
+
+    @app.get("/v2/models/{name}/config")
+    @app.get("/v2/models/{name}/versions/{version}/config")
+    async def model_config(request: Request, name: str, version: str | None = None) -> dict:
+        runner = runner_for(request, name, version)
+        s, cfg = runner.servable, runner.config
+
+        def dims(spec) -> dict:  # type: ignore[no-untyped-def]
+            return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": list(spec.shape[1:])}
+
+        return {
+            "name": name,
+            "platform": s.platform,
+            "backend": s.platform,
+            "max_batch_size": cfg.max_batch_size,
+            "input": [dims(x) for x in s.inputs],
+            "output": [dims(x) for x in s.outputs],
+            "dynamic_batching": {
+                "preferred_batch_size": list(cfg.preferred_batch_sizes),
+                "max_queue_delay_microseconds": cfg.max_queue_delay_us,
+                "default_queue_policy": {
+                    "max_queue_size": cfg.max_queue_size,
+                    "default_timeout_microseconds": int(cfg.timeout_s * 1e6),
+                },
+            },
+            "instance_group": [
+                {"count": cfg.instances, "kind": "KIND_GPU" if "cuda" in s.device else "KIND_CPU"}
+            ],
+        }
+
+    @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
+    async def infer(request: Request, name: str, version: str | None = None) -> Response:
+        return await _infer(state, request, name, version, runner_for)
+
+
+async def _infer(
+    state: ServerState, request: Request, name: str, version: str | None, runner_for
+) -> Response:  # type: ignore[no-untyped-def]
+    start = time.monotonic()
+    metrics = state.metrics
+    labels = ("_unknown", "")
+    inflight = None
+    try:
+        if state.draining:
+            raise ShuttingDown(
+                "the server is shutting down and takes no new requests; retry on another replica"
+            )
+        runner = runner_for(request, name, version)
+        labels = (name, runner.version)
+        inflight = metrics.inflight.labels(name)
+        inflight.inc()
+        payload, header_len = await _run_infer(state, request, runner, start)
+    except ServeError as exc:
+        metrics.requests.labels(*labels, errors.classify(exc)[1]).inc()
+        return errors.error_response(exc)
+    finally:
+        if inflight is not None:
+            inflight.dec()
+    metrics.requests.labels(*labels, "success").inc()
+    metrics.latency.labels(*labels).observe(time.monotonic() - start)
+    if header_len is None:
+        return Response(payload, media_type="application/json")
+    return Response(
+        payload,
+        media_type="application/octet-stream",
+        headers={"Inference-Header-Content-Length": str(header_len)},
+    )
+
+
+async def _run_infer(state: ServerState, request: Request, runner, start: float) -> tuple[bytes, int | None]:  # type: ignore[no-untyped-def]
+    body = await _read_body(request, state.options.max_body_bytes)
+    specs = {s.name: s for s in runner.servable.inputs}
+    decoded = decode_request(body, request.headers.get(HEADER_LENGTH), specs)
+    deadline = start + runner.config.timeout_s
+    if decoded.timeout_us is not None:
+        deadline = min(deadline, start + decoded.timeout_us / 1e6)
+    wanted = None if decoded.outputs is None else tuple(o.name for o in decoded.outputs)
+    req = InferRequest(
+        id=decoded.id or uuid.uuid4().hex,
+        inputs=decoded.inputs,
+        outputs=wanted,
+        deadline=deadline,
+        arrival=start,
+    )
+    result = await state.engine.infer(runner.name, runner.version, req)
+    if decoded.outputs is None:
+        binary = dict.fromkeys(result.outputs, decoded.binary_default)
+    else:
+        binary = {o.name: o.binary for o in decoded.outputs}
+    return encode_response(runner.name, result.model_version, decoded.id, result.outputs, binary)
+
+
+def _add_repository_routes(app: FastAPI, state: ServerState) -> None:
+    @app.post("/v2/repository/index")
+    async def index(request: Request) -> list[dict]:
+        _authorize(state, request)
+        body = await _read_body(request, 64 * 1024)
+        only_ready = False
+        if body.strip():
+            import json
+
+            try:
+                only_ready = bool(json.loads(body).get("ready", False))
+            except (ValueError, AttributeError):
+                raise InvalidRequest(
+                    'the repository index body must be a JSON object like {"ready": true}'
+                ) from None
+        rows = state.repository.index()
+        return [r.to_json() for r in rows if not only_ready or r.state is ModelState.READY]
+
+    def control(request: Request) -> None:
+        if not state.options.model_control:
+            raise errors.Forbidden(
+                "model load/unload is disabled; start the server with --enable-model-control"
+            )
+        _authorize(state, request, always=True)
+        if state.draining:
+            raise ShuttingDown("the server is shutting down")
+
+    @app.post("/v2/repository/models/{name}/load")
+    async def load(request: Request, name: str) -> Response:
+        control(request)
+        body = await _read_body(request, 64 * 1024)
+        if b'"config"' in body or b'"file:' in body:
+            raise InvalidRequest(
+                "loading with a config or file override is not supported; add a version folder"
+            )
+        await asyncio.to_thread(state.repository.load, name)
+        failed = [
+            s
+            for s in state.repository.index()
+            if s.name == name and s.state is not ModelState.READY and s.reason.startswith("failed")
+        ]
+        if failed:
+            raise InvalidRequest(f"model {name!r} version {failed[0].version} {failed[0].reason}")
+        return Response(status_code=200)
+
+    @app.post("/v2/repository/models/{name}/unload")
+    async def unload(request: Request, name: str) -> Response:
+        control(request)
+        await asyncio.to_thread(state.repository.unload, name)
+        return Response(status_code=200)

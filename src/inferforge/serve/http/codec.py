@@ -1,0 +1,183 @@
+"""The V2 inference body, both ways: JSON tensors and the binary tensor data extension.
+
+Every size the client declares is checked before anything is allocated: a declared shape must match the data
+it came with exactly, and binary sizes must add up to the bytes after the JSON header, no more and no less."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from inferforge.registry.servable import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
+from inferforge.serve.engine import InvalidRequest
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass(frozen=True)
+class OutputRequest:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class DecodedRequest:
+    id: str
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[OutputRequest, ...] | None
+    binary_default: bool
+    timeout_us: int | None
+
+
+def _as_dict(value: object, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{what} must be a JSON object")
+    return value
+
+
+def decode_request(body: bytes, header_length: str | None, specs: dict[str, TensorSpec]) -> DecodedRequest:
+    """Parse and check one infer body against the model's declared inputs (names and datatypes)."""
+    if header_length is None:
+        json_end = len(body)
+    else:
+        if not header_length.strip().isdigit() or int(header_length) > len(body):
+            raise InvalidRequest(
+                f"Inference-Header-Content-Length {header_length!r} must be a whole number within the body "
+                f"({len(body)} bytes)"
+            )
+        json_end = int(header_length)
+    try:
+        doc = json.loads(body[:json_end])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the request's JSON header is malformed: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
+        raise InvalidRequest('the request must be a JSON object with a non-empty "inputs" list')
+    params = _as_dict(doc.get("parameters"), '"parameters"')
+    binary = memoryview(body)[json_end:]
+    offset = 0
+    inputs: dict[str, np.ndarray] = {}
+    for item in doc["inputs"]:
+        arr, used = _decode_input(item, specs, binary, offset)
+        if arr is None:
+            continue
+        offset += used
+        inputs[item["name"]] = arr
+    if offset != len(binary):
+        raise InvalidRequest(
+            f"the binary tensor data is {len(binary)} bytes but the inputs' binary_data_size sum to {offset}"
+        )
+    timeout = params.get("timeout")
+    if timeout is not None and (not isinstance(timeout, int) or isinstance(timeout, bool) or timeout <= 0):
+        raise InvalidRequest(
+            f'parameter "timeout" must be a positive number of microseconds, got {timeout!r}'
+        )
+    request_id = doc.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidRequest(f'"id" must be a string, got {request_id!r}')
+    return DecodedRequest(
+        id=request_id,
+        inputs=inputs,
+        outputs=_decode_outputs(doc.get("outputs")),
+        binary_default=bool(params.get("binary_data_output", False)),
+        timeout_us=timeout,
+    )
+
+
+def _decode_input(
+    item: object, specs: dict[str, TensorSpec], binary: memoryview, offset: int
+) -> tuple[np.ndarray | None, int]:
+    if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+        raise InvalidRequest('every entry of "inputs" must be an object with a string "name"')
+    name = item["name"]
+    spec = specs.get(name)
+    if spec is None:
+        raise InvalidRequest(f"input {name!r} is not an input of this model; its inputs are {sorted(specs)}")
+    datatype, shape = item.get("datatype"), item.get("shape")
+    if datatype != spec.datatype:
+        known = "" if datatype in V2_TO_NUMPY else f" (known datatypes: {sorted(V2_TO_NUMPY)})"
+        raise InvalidRequest(
+            f"input {name!r} has datatype {datatype!r}, the model expects {spec.datatype}{known}"
+        )
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
+    dtype = spec.numpy_dtype
+    count = math.prod(shape)
+    nbytes = count * dtype.itemsize
+    p = _as_dict(item.get("parameters"), f'input {name!r} "parameters"')
+    if "binary_data_size" in p:
+        size = p["binary_data_size"]
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidRequest(
+                f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}"
+            )
+        if size != nbytes:
+            raise InvalidRequest(
+                f"input {name!r}: binary_data_size is {size} bytes but shape {shape} needs {nbytes}"
+            )
+        if offset + size > len(binary):
+            raise InvalidRequest(
+                f"input {name!r}: binary_data_size {size} runs past the end of the body "
+                f"({len(binary) - offset} bytes left)"
+            )
+        arr = np.frombuffer(binary, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return arr, size
+    if "data" not in item:
+        raise InvalidRequest(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+    try:
+        arr = np.asarray(item["data"], dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidRequest(f"input {name!r}: data cannot be read as {datatype}: {exc}") from None
+    if arr.size != count:
+        raise InvalidRequest(f"input {name!r}: data has {arr.size} elements but shape {shape} needs {count}")
+    return arr.reshape(shape), 0
+
+
+def _decode_outputs(outputs: object) -> tuple[OutputRequest, ...] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise InvalidRequest('"outputs" must be a list of {"name": ...} objects')
+    wanted: list[OutputRequest] = []
+    for item in outputs:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise InvalidRequest('every entry of "outputs" must be an object with a string "name"')
+        p = _as_dict(item.get("parameters"), f'output {item["name"]!r} "parameters"')
+        if "classification" in p:
+            raise InvalidRequest(f"output {item['name']!r}: the classification extension is not supported")
+        wanted.append(OutputRequest(item["name"], bool(p.get("binary_data", False))))
+    return tuple(wanted)
+
+
+def encode_response(
+    model_name: str,
+    model_version: str,
+    request_id: str,
+    outputs: dict[str, np.ndarray],
+    binary: dict[str, bool],
+) -> tuple[bytes, int | None]:
+    """The body and, when any output is binary, the JSON header's length (Inference-Header-Content-Length)."""
+    entries: list[dict] = []
+    chunks: list[bytes] = []
+    for name, arr in outputs.items():
+        entry: dict = {"name": name, "datatype": NUMPY_TO_V2[arr.dtype], "shape": list(arr.shape)}
+        if binary.get(name, False):
+            raw = np.ascontiguousarray(arr).tobytes()
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            entry["data"] = arr.reshape(-1).tolist()
+        entries.append(entry)
+    doc: dict = {"model_name": model_name, "model_version": model_version, "outputs": entries}
+    if request_id:
+        doc["id"] = request_id
+    header = json.dumps(doc, separators=(",", ":")).encode()
+    if not chunks:
+        return header, None
+    return b"".join([header, *chunks]), len(header)

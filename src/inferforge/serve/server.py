@@ -1,0 +1,156 @@
+"""`inferforge serve`: build the engine, repository and V2 app from one config, and run it under uvicorn.
+
+Shutdown is graceful: on SIGTERM or Ctrl-C the server stops accepting connections and answers new requests on
+open connections with 503, lets in-flight requests finish (up to `graceful_timeout_s`), then drains the
+queues."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from inferforge.errors import InferforgeError
+from inferforge.serve.repository import Loader, VersionPolicy
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `inferforge serve` takes; the CLI flags are these fields."""
+
+    model_path: str
+    """An artifact folder, a run folder, or a repository `repo/<model>/<version>/`."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (0.0.0.0 for every interface)."""
+    port: int = 8000
+    """TCP port; 0 picks a free one."""
+    api_key_file: str | None = None
+    """File with one bearer API key per line; when given, inference and management need one."""
+    enable_model_control: bool = False
+    """Turn on the repository's load/unload endpoints (needs --api-key-file)."""
+    version_policy: str = "latest:1"
+    """Versions served per model: latest:N, specific:1,3 or all."""
+    device: str | None = None
+    """Device to load models on (cuda, cuda:1, cpu); default: what each artifact was built for."""
+    instances: int = 1
+    """Model instances per version and device, each with its own worker thread."""
+    max_batch_size: int | None = None
+    """Most rows per batch; default: the artifact's batching hint."""
+    max_queue_delay_us: int = 0
+    """How long a request may wait for others to join its batch, in microseconds."""
+    preferred_batch_sizes: tuple[int, ...] = ()
+    """Batch sizes the batcher stops at when it can (comma-separated on the command line)."""
+    max_queue_size: int = 512
+    """Most requests waiting per model version before new ones get 503 with Retry-After."""
+    timeout_s: float = 30.0
+    """Deadline of a request that sets none (its own `timeout` parameter, in microseconds, may shorten it)."""
+    max_body_mib: float = 64.0
+    """Largest request body accepted, in MiB."""
+    graceful_timeout_s: float = 30.0
+    """How long shutdown waits for in-flight requests."""
+    loader: str | None = None
+    """`package.module:function` that loads a servable like `registry.load_servable` (the default)."""
+
+    def __post_init__(self) -> None:
+        if not Path(self.model_path).is_dir():
+            raise InferforgeError(
+                f"model path {self.model_path!r} is not a folder; pass an artifact, run or repo"
+            )
+        if not 0 <= self.port <= 65535:
+            raise InferforgeError(f"--port {self.port} must lie in 0..65535")
+        if self.enable_model_control and not self.api_key_file:
+            raise InferforgeError(
+                "--enable-model-control needs --api-key-file: load/unload always need an API key"
+            )
+        if self.api_key_file and not Path(self.api_key_file).is_file():
+            raise InferforgeError(f"--api-key-file {self.api_key_file!r} does not exist")
+        if self.instances < 1 or self.max_queue_size < 1 or self.timeout_s <= 0 or self.max_body_mib <= 0:
+            raise InferforgeError(
+                "--instances, --max-queue-size, --timeout-s and --max-body-mib must be positive"
+            )
+        VersionPolicy.parse(self.version_policy)
+
+    def api_keys(self) -> frozenset[str]:
+        if not self.api_key_file:
+            return frozenset()
+        keys = frozenset(
+            line.strip()
+            for line in Path(self.api_key_file).read_text().splitlines()
+            if line.strip() and not line.startswith("#")
+        )
+        if not keys:
+            raise InferforgeError(f"--api-key-file {self.api_key_file!r} holds no keys (one per line)")
+        return keys
+
+
+def resolve_loader(spec: str | None) -> Loader:
+    if spec is None:
+        from inferforge.registry import load_servable  # type: ignore[attr-defined]
+
+        return load_servable  # type: ignore[no-any-return]
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)  # type: ignore[no-any-return]
+    except (ImportError, AttributeError) as exc:
+        raise InferforgeError(
+            f"--loader {spec!r} cannot be imported ({exc}); use package.module:function"
+        ) from None
+
+
+def build_app(config: ServerConfig, loader: Loader | None = None):  # type: ignore[no-untyped-def]
+    """The FastAPI app for a config (models load when the app starts)."""
+    from inferforge.serve.engine import Engine
+    from inferforge.serve.http.app import HttpOptions, create_app
+    from inferforge.serve.metrics import ServeMetrics
+    from inferforge.serve.repository import ModelRepository
+
+    metrics = ServeMetrics()
+    engine = Engine(observer=metrics)
+    batching: dict[str, object] = {
+        "instances": config.instances,
+        "max_batch_size": config.max_batch_size,
+        "max_queue_delay_us": config.max_queue_delay_us,
+        "max_queue_size": config.max_queue_size,
+        "timeout_s": config.timeout_s,
+        "preferred_batch_sizes": config.preferred_batch_sizes or None,
+    }
+    repository = ModelRepository(
+        config.model_path,
+        engine,
+        loader or resolve_loader(config.loader),
+        policy=VersionPolicy.parse(config.version_policy),
+        device=config.device,
+        batching=batching,
+    )
+    options = HttpOptions(
+        api_keys=config.api_keys(),
+        model_control=config.enable_model_control,
+        max_body_bytes=int(config.max_body_mib * 1024 * 1024),
+    )
+    return create_app(engine, repository, metrics, options)
+
+
+def serve(config: ServerConfig, loader: Loader | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    import uvicorn
+
+    app = build_app(config, loader)
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # type: ignore[no-untyped-def]
+            app.state.serve.draining = True  # readiness turns false; new requests on open connections get 503
+            super().handle_exit(sig, frame)
+
+    uv_config = uvicorn.Config(
+        app,
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(config.graceful_timeout_s),
+        lifespan="on",
+    )
+    DrainingServer(uv_config).run()
