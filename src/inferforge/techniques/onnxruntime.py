@@ -31,6 +31,7 @@ class OrtModule(nn.Module):
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(onnx_bytes, options, providers=["CPUExecutionProvider"])
         self.input_names = input_names
+        self.onnx_size_bytes = len(onnx_bytes)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         feed = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.input_names, inputs)}
