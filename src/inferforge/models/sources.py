@@ -128,3 +128,27 @@ def load_model(spec: str = DEFAULT_MODEL, task: str | None = None) -> LoadedMode
         f"model {spec!r} does not exist (flag --model): give a Hugging Face folder, a .pt2 file, "
         "a factory 'package.module:function', or builtin:minilm / builtin:digits"
     )
+
+
+def construct(rebuild: dict, folder: Path) -> nn.Module:
+    """A module of the recorded architecture, ready for `load_state_dict` (used when loading an artifact).
+
+    `folder` is the artifact folder: Hugging Face configs live in `folder/base`, `.pt2` programs in `folder`.
+    """
+    kind = rebuild.get("kind")
+    if kind == "factory":
+        return load_factory(rebuild["factory"], None).module
+    if kind == "builtin" and rebuild.get("name") == "digits":
+        from inferforge.models.builtin.digits import DigitsNet
+
+        return DigitsNet().eval()
+    if kind == "hf":
+        from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(folder / "base", local_files_only=True, trust_remote_code=False)
+        if rebuild["task"] == "classification":
+            return hf.SequenceClassifier(AutoModelForSequenceClassification.from_config(config)).eval()
+        return hf.MeanPooledEncoder(AutoModel.from_config(config)).eval()
+    if kind == "pt2":
+        return load_pt2(folder / "model.pt2", None).module
+    raise ModelSourceError(f"cannot rebuild a model of kind {kind!r}")

@@ -216,11 +216,12 @@ class _tf32:
 
 def apply_recipe(
     recipe: Recipe, model: LoadedModel, example_inputs: tuple[torch.Tensor, ...], device: str | torch.device,
-    *, skip_modules: frozenset[str] = frozenset(),
+    *, skip_modules: frozenset[str] = frozenset(), preloaded: dict[str, Any] | None = None,
 ) -> Variant:
     """A fresh copy of the model with every step applied, in kind order; the original is never touched."""
     ctx = ApplyContext(torch.device(device), example_inputs, skip_modules=skip_modules)
     ctx.artifacts["loaded_model"] = model
+    ctx.artifacts.update(preloaded or {})
     module = copy.deepcopy(model.module).eval().to(ctx.device)
     for step in recipe.steps:
         reason = step.applies_to(model, ctx)

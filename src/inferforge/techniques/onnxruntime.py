@@ -76,7 +76,7 @@ class OnnxRuntime(TechniqueConfig):
     def apply(self, module: nn.Module, ctx: ApplyContext) -> nn.Module:
         model: LoadedModel = ctx.artifacts["loaded_model"]
         example = tuple(t[:2] for t in ctx.example_inputs)
-        onnx_bytes = export_onnx(module.cpu(), model, example)
+        onnx_bytes = ctx.artifacts.get("model.onnx") or export_onnx(module.cpu(), model, example)
         ctx.artifacts["model.onnx"] = onnx_bytes
         ctx.notes.append(f"onnxruntime: {len(onnx_bytes) / 1e6:.1f} MB graph, CPU provider")
         return OrtModule(onnx_bytes, model.input_names, self.threads or (os.cpu_count() or 1))
