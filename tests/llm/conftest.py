@@ -18,3 +18,10 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_dirs: dict[str, Path]) -> Path:
     return tiny_dirs["llama"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: Path):
+    from inferforge.llm.engine import EngineConfig, LLMEngine
+
+    return LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096, max_num_batched_tokens=64, max_waiting=8))

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
+
+
+def test_stop_string_prefix_is_held_back_until_ruled_out(tiny_llama: Path) -> None:
+    tok = Tokenizer(tiny_llama)
+    ids = tok.encode("alpha beta gamma")
+    detok = IncrementalDetokenizer(tok, stop=("beta gx",))
+    emitted = ""
+    for t in ids:
+        assert not detok.add(t)
+        emitted += detok.pop(final=False)
+        assert not detok.text.endswith("beta") or not emitted.endswith("beta")
+    emitted += detok.pop(final=True)
+    assert emitted == "alpha beta gamma"
+
+
+def test_engine_core_imports_no_web_framework() -> None:
+    code = (
+        "import sys, inferforge.llm.async_engine, inferforge.llm.engine; "
+        "bad = [m for m in ('fastapi', 'starlette', 'uvicorn', 'httpx') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,0 +1,182 @@
+"""The engine on a tiny Llama (CPU, fp32): batching, chunking, aborts, sampling, stops, logprobs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferforge.llm.engine import EngineConfig, LLMEngine
+from inferforge.llm.protocol import EngineRequest, SamplingParams
+from inferforge.llm.scheduler import QueueFullError, RequestTooLargeError
+
+GREEDY = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+
+
+def _ids(engine: LLMEngine, text: str) -> tuple[int, ...]:
+    return tuple(engine.tokenizer.encode(text))
+
+
+def _run(engine: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[list[int]]]:
+    res = engine.generate(reqs)
+    return {rid: [[t for o in outs for t in o.new_token_ids] for outs in seqs] for rid, seqs in res.items()}
+
+
+def _text(engine: LLMEngine, req: EngineRequest) -> tuple[str, str | None]:
+    outs = engine.generate([req])[req.request_id][0]
+    return "".join(o.new_text for o in outs), outs[-1].finish_reason
+
+
+def test_batched_equals_alone_with_staggered_arrivals(engine: LLMEngine) -> None:
+    prompts = ["Return a new list", "The object", "If the argument is a string, parse it as a number"]
+    reqs = [EngineRequest(f"b{i}", _ids(engine, p), GREEDY) for i, p in enumerate(prompts)]
+    alone = {r.request_id: _run(engine, [r])[r.request_id] for r in reqs}
+    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    engine.add_request(reqs[0])
+    for step in range(200):
+        if step in (2, 5):
+            engine.add_request(reqs[1 if step == 2 else 2])
+        for out in engine.step():
+            got[out.request_id].extend(out.new_token_ids)
+        if step > 5 and not engine.has_unfinished():
+            break
+    assert got == {rid: seqs[0] for rid, seqs in alone.items()}
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_chunked_prefill_equals_whole_prefill(tiny_llama: Path, engine: LLMEngine) -> None:
+    chunky = LLMEngine(
+        tiny_llama, EngineConfig(kv_cache_tokens=1024, max_num_batched_tokens=5, max_num_seqs=2)
+    )
+    long_prompt = _ids(
+        engine, "Return a new list of the lines in the string, breaking at line boundaries. " * 2
+    )
+    assert len(long_prompt) > 20
+    req = EngineRequest("long", long_prompt, GREEDY)
+    assert _run(chunky, [req]) == _run(engine, [req])
+
+
+def test_abort_frees_blocks_while_running_and_while_queued(tiny_llama: Path) -> None:
+    eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=1024, max_num_seqs=1, max_num_batched_tokens=8))
+    long = SamplingParams(max_tokens=100, ignore_eos=True)
+    eng.add_request(EngineRequest("a", _ids(eng, "The object"), long))
+    eng.add_request(EngineRequest("b", _ids(eng, "class"), long))
+    for _ in range(3):
+        eng.step()
+    assert eng.stats().running == 1 and eng.stats().waiting == 1 and eng.stats().kv_blocks_used > 0
+    (queued,) = eng.abort("b")
+    assert queued.finished and queued.finish_reason == "abort" and eng.stats().waiting == 0
+    (running,) = eng.abort("a")
+    assert running.finish_reason == "abort" and running.completion_tokens > 0
+    assert eng.stats().kv_blocks_used == 0 and not eng.has_unfinished()
+    assert eng.abort("a") == []
+
+
+def test_bounded_queue_and_oversized_requests(engine: LLMEngine) -> None:
+    for i in range(engine.scheduler.config.max_waiting):
+        engine.add_request(EngineRequest(f"q{i}", (5, 6), GREEDY))
+    with pytest.raises(QueueFullError, match="max_waiting"):
+        engine.add_request(EngineRequest("one-too-many", (5, 6), GREEDY))
+    for i in range(engine.scheduler.config.max_waiting):
+        engine.abort(f"q{i}")
+    with pytest.raises(RequestTooLargeError, match="max_model_len"):
+        engine.add_request(EngineRequest("huge", (5,) * engine.max_model_len, GREEDY))
+    assert not engine.has_unfinished()
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_batch(engine: LLMEngine) -> None:
+    prompt = _ids(engine, "The object")
+
+    def params(seed: int) -> SamplingParams:
+        return SamplingParams(max_tokens=24, temperature=1.0, top_p=0.9, top_k=50, seed=seed, ignore_eos=True)
+
+    alone = _run(engine, [EngineRequest("s1", prompt, params(1))])["s1"][0]
+    together = _run(engine, [EngineRequest("s1", prompt, params(1)), EngineRequest("s2", prompt, params(2))])
+    assert together["s1"][0] == alone
+    assert together["s2"][0] != alone
+
+
+def test_top_k_one_and_tiny_top_p_equal_greedy(engine: LLMEngine) -> None:
+    prompt = _ids(engine, "Return a new list")
+    greedy = _run(engine, [EngineRequest("g", prompt, GREEDY)])["g"][0]
+    k1 = SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True)
+    p0 = SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, ignore_eos=True)
+    res = _run(engine, [EngineRequest("k", prompt, k1), EngineRequest("p", prompt, p0)])
+    assert res["k"][0] == greedy and res["p"][0] == greedy
+
+
+def test_n_sequences_share_the_prompt(engine: LLMEngine) -> None:
+    prompt = _ids(engine, "The object")
+    greedy = _run(engine, [EngineRequest("g", prompt, GREEDY)])["g"][0]
+    n3 = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, n=3)
+    assert _run(engine, [EngineRequest("n", prompt, n3)])["n"] == [greedy] * 3
+    sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True, n=3)
+    seqs = _run(engine, [EngineRequest("m", prompt, sampled)])["m"]
+    assert len({tuple(s) for s in seqs}) == 3
+    assert engine.stats().kv_blocks_used == 0
+
+
+def test_stop_strings_cut_the_text_exactly(engine: LLMEngine) -> None:
+    prompt = _ids(engine, "Return a new list")
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    full, _ = _text(engine, EngineRequest("full", prompt, params))
+    clean = [
+        i
+        for i in range(6, len(full) - 3)
+        if "\ufffd" not in full[i : i + 3] and full[:i].count(full[i : i + 3]) == 0
+    ]
+    assert clean, full
+    stop = full[clean[0] : clean[0] + 3]
+    cut = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop=("never-appears", stop))
+    text, reason = _text(engine, EngineRequest("cut", prompt, cut))
+    assert reason == "stop"
+    assert text == full[: full.index(stop)]
+
+
+def test_stop_token_ids_and_max_tokens(engine: LLMEngine) -> None:
+    prompt = _ids(engine, "The object")
+    ids = _run(engine, [EngineRequest("g", prompt, GREEDY)])["g"][0]
+    assert len(ids) == GREEDY.max_tokens
+    stop_at = ids[5]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop_token_ids=(stop_at,))
+    outs = engine.generate([EngineRequest("t", prompt, params)])["t"][0]
+    got = [t for o in outs for t in o.new_token_ids]
+    assert got == ids[: ids.index(stop_at) + 1] and outs[-1].finish_reason == "stop"
+
+
+def test_logprobs_equal_log_softmax_of_transformers_logits(engine: LLMEngine, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompt = _ids(engine, "Return a new list")
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=3, logprobs=3, ignore_eos=True)
+    outs = engine.generate([EngineRequest("lp", prompt, params)])["lp"][0]
+    lps = [lp for o in outs for lp in (o.logprobs or ())]
+    ids = [lp.token_id for lp in lps]
+    with torch.no_grad():
+        logits = hf(torch.tensor([list(prompt) + ids])).logits[0, len(prompt) - 1 : -1]
+    ref = logits.log_softmax(-1)
+    for i, lp in enumerate(lps):
+        assert lp.logprob == pytest.approx(ref[i, lp.token_id].item(), abs=1e-4)
+        top_vals, top_ids = ref[i].topk(3)
+        assert [t for t, _ in lp.top] == top_ids.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top_vals.tolist(), abs=1e-4)
+
+
+def test_repetition_penalty_matches_transformers(engine: LLMEngine, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompt = _ids(engine, "The object")
+    params = SamplingParams(max_tokens=20, temperature=0.0, repetition_penalty=1.5, ignore_eos=True)
+    ours = _run(engine, [EngineRequest("r", prompt, params)])["r"][0]
+    ref = hf.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=20,
+        min_new_tokens=20,
+        do_sample=False,
+        repetition_penalty=1.5,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+    assert ours == ref

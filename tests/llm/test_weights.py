@@ -1,0 +1,62 @@
+"""Loading and greedy equality with transformers (fp32, CPU) for each supported family."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferforge.errors import ModelSourceError
+from inferforge.llm.engine import EngineConfig, LLMEngine
+from inferforge.llm.protocol import EngineRequest, SamplingParams
+from inferforge.llm.weights import load_model
+
+PROMPTS = ("Return a new list of the lines", "The object is", "class")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_greedy_matches_transformers(tiny_dirs: dict[str, Path], family: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tiny_dirs[family]
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    engine = LLMEngine(folder, EngineConfig(kv_cache_tokens=2048, max_num_batched_tokens=64))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"r{i}", tuple(tok.encode(p)), params) for i, p in enumerate(PROMPTS)]
+    results = engine.generate(reqs)
+    for r in reqs:
+        ours = [t for out in results[r.request_id][0] for t in out.new_token_ids]
+        ref = hf.generate(
+            torch.tensor([r.prompt_ids]),
+            max_new_tokens=40,
+            min_new_tokens=40,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(r.prompt_ids) :].tolist()
+        assert ours == ref, f"{family} prompt {r.request_id}"
+
+
+def test_refuses_pickle_checkpoints(tmp_path: Path, tiny_llama: Path) -> None:
+    shutil.copy(tiny_llama / "config.json", tmp_path / "config.json")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not opened")
+    with pytest.raises(ModelSourceError, match="pickle"):
+        load_model(tmp_path)
+
+
+def test_refuses_remote_code_and_unknown_families(tmp_path: Path, tiny_llama: Path) -> None:
+    raw = json.loads((tiny_llama / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "auto_map": {"AutoModel": "x.Y"}}))
+    with pytest.raises(ModelSourceError, match="remote|repository code"):
+        load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "bert"}))
+    with pytest.raises(ModelSourceError, match="bert"):
+        load_model(tmp_path)
+
+
+def test_max_model_len_beyond_the_model_is_refused(tiny_llama: Path) -> None:
+    with pytest.raises(ModelSourceError, match="max_model_len"):
+        load_model(tiny_llama, max_model_len=100_000)
