@@ -35,14 +35,14 @@ class ClientGone(Exception):
 
 
 def engine_error(exc: BaseException) -> APIError | None:
-    """Map an engine refusal to a status: a full queue is 429 (retry later), a bad value 400."""
+    """Map an engine refusal to a status: full queue 429 (retry later), shutting down 503, bad value 400."""
     if isinstance(exc, APIError):
         return exc
-    name = type(exc).__name__.lower()
-    if isinstance(exc, InferforgeError | ValueError) and any(
-        w in name for w in ("full", "overload", "capacity")
-    ):
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "QueueFullError" in names:
         return APIError(429, f"The server is at capacity: {exc}. Retry later.", code="queue_full")
+    if "EngineClosedError" in names:
+        return APIError(503, f"The server is shutting down: {exc}.", code="draining")
     if isinstance(exc, InferforgeError | ValueError):
         return APIError(400, str(exc), code="invalid_value")
     return None
@@ -195,6 +195,22 @@ class OpenAIServer:
         return JSONResponse(body, headers=timing_headers(tracker))
 
 
+_UNION_HINTS = {
+    "prompt": "give a string, a list of strings, a list of token ids (integers >= 0) or a list of such lists",
+    "stop": "give a string or a list of strings",
+    "messages": "each message needs a role and content: a string or a list of {'type': 'text', 'text': ...}",
+}
+
+
+def _is_type_tag(part: str) -> bool:
+    """pydantic names the union branch it tried ('str', 'list[int]', ...) in the error location."""
+    return (
+        "[" in part
+        or part in ("str", "int", "float", "bool", "constrained-int")
+        or part.startswith("function-")
+    )
+
+
 def _install_errors(app: FastAPI, state: OpenAIServer) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -208,6 +224,8 @@ def _install_errors(app: FastAPI, state: OpenAIServer) -> None:
         param = loc[0] if loc else None
         where = ".".join(loc) or "body"
         msg = f"Invalid value for '{where}': {first.get('msg', 'invalid')}."
+        if param in _UNION_HINTS and any(_is_type_tag(p) for p in loc[1:]):
+            msg = f"Invalid value for '{param}': {_UNION_HINTS[param]}."
         if first.get("type") == "json_invalid":
             msg, param = "The request body is not valid JSON.", None
         state.metrics.requests.labels(request.url.path, "400").inc()

@@ -146,3 +146,20 @@ def synthetic_prompts(length: int, count: int) -> list[dict]:
 def register(app: typer.Typer) -> None:
     app.command("serve-llm")(serve_llm)
     app.command("loadtest-llm")(loadtest_llm)
+
+
+def main() -> None:
+    """`python -m inferforge.serve.openai.cli`: these two commands alone, errors as in the main CLI."""
+    import sys
+
+    app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True)
+    register(app)
+    try:
+        app()
+    except InferforgeError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -29,7 +29,10 @@ def completion_logprobs(text_of: TokenText, lps: tuple[TokenLogprob, ...], offse
         tok = text_of(lp.token_id)
         tokens.append(tok)
         token_lps.append(lp.logprob)
-        tops.append({text_of(t): v for t, v in lp.top})
+        top: dict[str, float] = {}
+        for t, v in lp.top:  # distinct ids can share a text (partial UTF-8): keep the likelier, listed first
+            top.setdefault(text_of(t), v)
+        tops.append(top)
         offsets.append(offset)
         offset += len(tok)
     return {

@@ -1,0 +1,266 @@
+"""The real server in a subprocess, driven by the official `openai` client.
+
+Completions and chat, stream and not, usage, logprobs shapes, n, stop strings, seeds, timing headers, metrics
+and the load-test CLI. Greedy output is compared with the engine's own output for the same prompt, computed
+here in-process without HTTP."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from .server_proc import CLI_MODULE, ServerProc, start_server
+
+PROMPT = "The quick brown fox jumps over the lazy dog."
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_llama: Path, key_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProc]:
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    srv = start_server(tiny_llama, log, "--api-key-file", str(key_file), "--max-logprobs", "5")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerProc) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test-1", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def model(client: openai.OpenAI) -> str:
+    return client.models.list().data[0].id
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama: Path):  # -> LLMEngine
+    from inferforge.llm.engine import EngineConfig, LLMEngine
+
+    return LLMEngine(tiny_llama, EngineConfig(device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def reference(engine) -> dict:
+    """The engine's own greedy output for PROMPT (24 tokens), without any HTTP in between."""
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    eng = engine
+    ids = tuple(eng.tokenizer.encode(PROMPT))
+    out = eng.generate([EngineRequest("ref", ids, SamplingParams(max_tokens=24, temperature=0.0))])["ref"][0]
+    return {
+        "prompt_ids": ids,
+        "text": "".join(o.new_text for o in out),
+        "tokens": out[-1].completion_tokens,
+        "finish_reason": out[-1].finish_reason,
+    }
+
+
+def test_models_lists_the_served_model(client: openai.OpenAI, tiny_llama: Path) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == [tiny_llama.name]
+
+
+def test_greedy_completion_equals_engine_output(client: openai.OpenAI, model: str, reference: dict) -> None:
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0)
+    assert r.choices[0].text == reference["text"]
+    assert r.choices[0].finish_reason == reference["finish_reason"]
+    assert r.usage.prompt_tokens == len(reference["prompt_ids"])
+    assert r.usage.completion_tokens == reference["tokens"]
+    by_ids = client.completions.create(
+        model=model, prompt=list(reference["prompt_ids"]), max_tokens=24, temperature=0
+    )
+    assert by_ids.choices[0].text == reference["text"]
+    chunks = list(
+        client.completions.create(
+            model=model,
+            prompt=PROMPT,
+            max_tokens=24,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == reference["text"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == reference["tokens"]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reference["finish_reason"]
+
+
+def test_chat_stream_agrees_with_non_stream(client: openai.OpenAI, model: str) -> None:
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+    ]
+    full = client.chat.completions.create(model=model, messages=msgs, max_tokens=20, temperature=0)
+    assert full.object == "chat.completion" and full.choices[0].message.role == "assistant"
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=msgs,
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage.model_dump() == full.usage.model_dump()
+    assert all(c.usage is None for c in chunks[:-1])
+    no_usage = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=3, stream=True))
+    assert all(c.choices for c in no_usage)
+
+
+def test_completion_logprobs_shape(client: openai.OpenAI, model: str) -> None:
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, temperature=0, logprobs=3)
+    lp = r.choices[0].logprobs
+    n = r.usage.completion_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(lp.text_offset) == n
+    assert lp.text_offset == sorted(lp.text_offset) and lp.text_offset[0] == 0
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert 1 <= len(top) <= 3 and chosen <= 0.0
+        assert math.isclose(chosen, max(top.values()), abs_tol=1e-4)  # greedy picks the most likely token
+
+
+def test_chat_logprobs_shape(client: openai.OpenAI, model: str) -> None:
+    r = client.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=4,
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode("utf-8"))
+        assert len(entry.top_logprobs) == 4
+        assert math.isclose(entry.logprob, entry.top_logprobs[0].logprob, abs_tol=1e-4)
+        assert [t.logprob for t in entry.top_logprobs] == sorted(
+            (t.logprob for t in entry.top_logprobs), reverse=True
+        )
+
+
+def test_n_and_prompt_lists(client: openai.OpenAI, model: str, engine) -> None:
+    r = client.completions.create(
+        model=model, prompt=["Hello", "A longer prompt here"], n=2, max_tokens=5, temperature=1.0, seed=3
+    )
+    assert sorted(c.index for c in r.choices) == [0, 1, 2, 3]
+    assert 4 <= r.usage.completion_tokens <= 20
+    assert r.usage.prompt_tokens == sum(
+        len(engine.tokenizer.encode(p)) for p in ["Hello", "A longer prompt here"]
+    )
+    chat = client.chat.completions.create(
+        model=model, messages=[{"role": "user", "content": "Hi"}], n=3, max_tokens=6, temperature=1.0, seed=5
+    )
+    assert sorted(c.index for c in chat.choices) == [0, 1, 2]
+    streamed = list(
+        client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": "Hi"}],
+            n=3,
+            max_tokens=6,
+            temperature=1.0,
+            seed=5,
+            stream=True,
+        )
+    )
+    texts = ["", "", ""]
+    for c in streamed:
+        for ch in c.choices:
+            texts[ch.index] += ch.delta.content or ""
+    assert texts == [c.message.content for c in sorted(chat.choices, key=lambda c: c.index)]
+
+
+def test_stop_string_truncates(client: openai.OpenAI, model: str, reference: dict) -> None:
+    text = reference["text"]
+    start = next(
+        i for i in range(4, len(text) - 3) if "\ufffd" not in text[i : i + 3] and text[i : i + 3].strip()
+    )
+    stop = text[start : start + 3]
+    r = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "\x00"]
+    )
+    assert r.choices[0].text == text[: text.find(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_seed_reproducibility(client: openai.OpenAI, model: str) -> None:
+    def sample(seed: int) -> str:
+        return (
+            client.completions.create(model=model, prompt=PROMPT, max_tokens=16, temperature=1.0, seed=seed)
+            .choices[0]
+            .text
+        )
+
+    assert sample(1234) == sample(1234)
+    assert sample(1234) != sample(4321)
+
+
+def test_timing_headers_and_metrics(client: openai.OpenAI, model: str, server: ServerProc) -> None:
+    raw = client.completions.with_raw_response.create(model=model, prompt=PROMPT, max_tokens=8)
+    for span in ("queue", "prefill", "ttft", "decode", "e2e"):
+        assert float(raw.headers[f"x-inferforge-{span}-ms"]) >= 0.0
+    assert float(raw.headers["x-inferforge-e2e-ms"]) >= float(raw.headers["x-inferforge-ttft-ms"])
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer sk-test-1"}).text
+    samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    for h in (
+        "time_to_first_token_seconds",
+        "inter_token_latency_seconds",
+        "queue_time_seconds",
+        "prefill_time_seconds",
+        "decode_time_seconds",
+        "e2e_request_latency_seconds",
+        "request_generated_tokens_per_second",
+    ):
+        assert samples[f"inferforge_llm_{h}_count"] > 0, h
+    assert samples["inferforge_llm_generation_tokens_total"] >= 8
+    assert samples["inferforge_llm_kv_cache_usage_ratio"] == 0.0  # idle: every block free again
+    assert "inferforge_llm_num_requests_waiting" in samples
+
+
+def test_loadtest_cli(server: ServerProc, key_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "load.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            CLI_MODULE,
+            "loadtest-llm",
+            server.url,
+            "--concurrency",
+            "4",
+            "--requests",
+            "8",
+            "--max-tokens",
+            "6",
+            "--prompt-len",
+            "12",
+            "--ignore-eos",
+            "--api-key-file",
+            str(key_file),
+            "--json-out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert (report["ok"], report["errors"], report["generated_tokens"]) == (8, 0, 48)
+    assert report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p50"] > 0
+    assert "tok/s" in proc.stdout
