@@ -1,0 +1,76 @@
+"""Candidates to try, the objective that ranks them, the choice, and the speed-quality Pareto front."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from inferforge.models.loaded import LoadedModel
+from inferforge.tune.results import CandidateResult
+
+CPU_EAGER = ("fp32", "bf16", "int8_weight", "int8_dynamic", "onnxruntime")
+GPU_EAGER = ("fp32", "tf32", "bf16", "fp16", "bf16+int8_weight", "bf16+int8_dynamic", "bf16+fp8",
+             "bf16+int4_weight")
+GPU_CONV = ("bf16+channels_last", "fp16+channels_last")
+
+
+def eager_candidates(techniques: str, model: LoadedModel, device: str) -> list[str]:
+    """The recipes of the first round: the user's list, or every precision and quantization that may apply."""
+    if techniques != "auto":
+        recipes = [r.strip() for r in techniques.split(",") if r.strip()]
+        return recipes if "fp32" in recipes else ["fp32", *recipes]
+    if not device.startswith("cuda"):
+        return list(CPU_EAGER)
+    has_conv = any(isinstance(m, nn.Conv2d) for m in model.module.modules())
+    return [*GPU_EAGER[:4], *(GPU_CONV if has_conv else ()), *GPU_EAGER[4:]]
+
+
+def compiled_candidates(ranked: list[CandidateResult], top: int, device: str, batch_sizes: tuple[int, ...]) -> list[str]:
+    """torch.compile on the best passing eager recipes; CUDA graphs too for the best one on a GPU."""
+    recipes = []
+    eligible = [c for c in ranked if c.stage == "eager" and "onnxruntime" not in c.recipe and "+keep" not in c.recipe]
+    for rank, candidate in enumerate(eligible[:top]):
+        recipes.append(f"{candidate.recipe}+compile")
+        if device.startswith("cuda") and rank == 0:
+            recipes.append(f"{candidate.recipe}+compile:mode=cudagraphs")
+    return recipes
+
+
+def objective_value(candidate: CandidateResult, objective: str, slo_ms: float | None) -> float:
+    """Larger is better; -inf when the candidate has no timing."""
+    bench = candidate.bench
+    if bench is None:
+        return -math.inf
+    if objective == "throughput":
+        return bench.best_throughput[1]
+    if objective == "latency":
+        return -bench.single_stream_ms
+    return -float(bench.size_bytes + (bench.peak_mem_bytes or 0))
+
+
+def meets_slo(candidate: CandidateResult, objective: str, slo_ms: float | None) -> bool:
+    if objective != "latency" or slo_ms is None or candidate.bench is None:
+        return True
+    return candidate.bench.per_batch[min(candidate.bench.per_batch)].p99_ms <= slo_ms
+
+
+def rank(candidates: list[CandidateResult], objective: str, slo_ms: float | None) -> list[CandidateResult]:
+    passing = [c for c in candidates if c.passed]
+    return sorted(passing, key=lambda c: objective_value(c, objective, slo_ms), reverse=True)
+
+
+def pareto_front(candidates: list[CandidateResult], objective: str, slo_ms: float | None) -> list[str]:
+    """Candidates no other beats on both speed (the objective) and quality (the task metric)."""
+    points = [
+        (c.recipe, objective_value(c, objective, slo_ms), c.quality.metric)
+        for c in candidates if c.bench is not None and c.quality is not None and math.isfinite(c.quality.metric)
+    ]
+    front = []
+    for name, speed, quality in points:
+        dominated = any(
+            (s >= speed and q >= quality) and (s > speed or q > quality) for n, s, q in points if n != name
+        )
+        if not dominated:
+            front.append(name)
+    return front
