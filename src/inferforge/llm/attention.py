@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: a prefill path (any chunk, any prior context) and a batched decode path.
 
 The torch versions here are the reference and run anywhere; on CUDA the decode path may use the Triton kernel in
-`triton_attn.py`, chosen only after it matched this reference (see `set_decode_backend`).
+`triton_attn.py`, chosen per engine only after it matched this reference on the device.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class AttnMeta:
     prefill: list[PrefillSeq] | None = None  # set for a prefill step
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, decode step
     context_lens: torch.Tensor | None = None  # [B] int32, decode step (including the new token)
+    decode_fn: Callable[..., torch.Tensor] | None = None  # a faster kernel with decode_attention_torch's contract
 
 
 def write_cache(
@@ -101,17 +102,4 @@ def decode_attention_torch(
     return o.squeeze(2)
 
 
-DecodeFn = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float], torch.Tensor
-]
-_decode_impl: DecodeFn = decode_attention_torch
-
-
-def set_decode_backend(fn: DecodeFn | None) -> None:
-    """Swap the decode kernel (None restores the torch reference)."""
-    global _decode_impl
-    _decode_impl = fn or decode_attention_torch
-
-
-def decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-    return _decode_impl(q, k_cache, v_cache, block_tables, context_lens, scale)
+DecodeFn = Callable[..., torch.Tensor]

@@ -43,6 +43,7 @@ class EngineConfig:
     kv_cache_tokens: int | None = None  # KV cache size in tokens; None: from free device memory
     kv_cache_memory_fraction: float = 0.9  # share of free device memory given to the KV cache
     cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
+    triton_attention: bool = True  # on CUDA, the Triton paged-decode kernel (if it matches the reference)
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -82,6 +83,12 @@ class LLMEngine:
             transform=transform,
         )
         self.max_model_len = self.model.max_model_len
+        decode_fn = None
+        if self.device.type == "cuda" and config.triton_attention and config.torch_dtype != torch.float32:
+            from inferforge.llm import triton_attn
+
+            decode_fn = triton_attn.verified_kernel(self.device)
+        self.decode_kernel = "torch" if decode_fn is None else "triton"
         self.tokenizer = Tokenizer(self.folder)
         spec = plan_cache(self.model, config.torch_dtype, tokens=config.kv_cache_tokens,
                           memory_fraction=config.kv_cache_memory_fraction, device=self.device)
@@ -93,7 +100,8 @@ class LLMEngine:
             self.allocator,
         )
         self.runner = ModelRunner(self.model, self.device, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs)
+                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
+                                  decode_fn=decode_fn)
         self.eos_ids = set(self.model.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inferforge.llm.attention import AttnMeta, decode_attention, prefill_attention, write_cache
+from inferforge.llm.attention import AttnMeta, decode_attention_torch, prefill_attention, write_cache
 from inferforge.llm.config import ModelConfig
 
 
@@ -55,7 +55,8 @@ class Attention(nn.Module):
             o = prefill_attention(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
         else:
             assert meta.block_tables is not None and meta.context_lens is not None
-            o = decode_attention(
+            fn = meta.decode_fn or decode_attention_torch
+            o = fn(
                 q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
             )
         return self.o(o.reshape(t, -1))

@@ -7,6 +7,8 @@ reserved block 0) and replays. Weights and the KV cache are module state, so a r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from inferforge.llm.attention import AttnMeta, PrefillSeq
@@ -28,9 +30,10 @@ def _slot(seq: Sequence, pos: int) -> int:
 
 class ModelRunner:
     def __init__(
-        self, model: DecoderLM, device: torch.device, *, max_num_seqs: int, max_model_len: int, cuda_graphs: bool
+        self, model: DecoderLM, device: torch.device, *, max_num_seqs: int, max_model_len: int, cuda_graphs: bool,
+        decode_fn: Callable[..., torch.Tensor] | None = None,
     ) -> None:
-        self.model, self.device = model, device
+        self.model, self.device, self.decode_fn = model, device, decode_fn
         self.max_blocks = blocks_needed(max_model_len)
         self.buckets = buckets_up_to(max_num_seqs)
         b = self.buckets[-1]
@@ -52,7 +55,7 @@ class ModelRunner:
 
     def _decode_forward(self, b: int) -> torch.Tensor:
         ids, pos, slots, ctx, bt = self._views(b)
-        meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx)
+        meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx, decode_fn=self.decode_fn)
         return self.model.logits(self.model(ids, pos, meta))
 
     @torch.inference_mode()

@@ -1,0 +1,185 @@
+"""Decode speed of the inferforge LLM engine on the Llama-3.2-1B shape (random bf16 weights), with peers.
+
+Run on a CUDA machine:  python benchmarks/llm/bench_decode.py [--sections check,engine,quant,load,ttft,hf,compile]
+Peers in the same run: Hugging Face `generate` (default cache) and `generate` with a static cache and
+`torch.compile(mode="reduce-overhead")`. Prints a table; writes bench_decode.json under $OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import Clock, cuda_time, free, make_random_1b, write_json  # noqa: E402
+
+from inferforge.llm.engine import EngineConfig, LLMEngine  # noqa: E402
+from inferforge.llm.protocol import EngineRequest, SamplingParams  # noqa: E402
+
+RESULTS: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+ROWS: list[tuple[str, str]] = []
+
+
+def row(name: str, value: str) -> None:
+    ROWS.append((name, value))
+    print(f"{name:58s} {value}", flush=True)
+
+
+def check_tiny() -> None:
+    """Greedy on CUDA (fp32 and bf16) against transformers fp32 on the tiny models; the Triton kernel's error."""
+    from transformers import AutoModelForCausalLM
+
+    from inferforge.llm import triton_attn
+    from inferforge.llm.tiny import make_tiny_llama
+
+    row("triton paged decode max abs err vs torch (bf16)", f"{triton_attn.check_against_reference(torch.device('cuda')):.2e}")
+    for fam in ("llama", "qwen2", "gpt2"):
+        folder = make_tiny_llama(Path(f"/tmp/tiny_{fam}"), family=fam)
+        hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+        prompts = [(5, 17, 99, 3), (200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 300)]
+        refs = [hf.generate(torch.tensor([p]), max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        for dtype in ("float32", "bfloat16"):
+            eng = LLMEngine(folder, EngineConfig(device="cuda", dtype=dtype, kv_cache_tokens=4096, max_num_seqs=8))
+            params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+            res = eng.generate([EngineRequest(str(i), p, params) for i, p in enumerate(prompts)])
+            ours = [[t for o in res[str(i)][0] for t in o.new_token_ids] for i in range(len(prompts))]
+            agree = sum(a == b for o, r in zip(ours, refs) for a, b in zip(o, r)) / sum(len(r) for r in refs)
+            first_diff = min((next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(ours, refs)))
+            row(f"tiny {fam} cuda {dtype} greedy == HF fp32 CPU", f"{ours == refs} (agree {agree:.3f}, first diff {first_diff})")
+            RESULTS[f"check_{fam}_{dtype}"] = {"identical": ours == refs, "agreement": agree, "kernel": eng.decode_kernel}
+            del eng
+            free()
+
+
+def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: int = 16) -> float:
+    """Generated tokens/s over the decode phase (after every prompt is prefilled)."""
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    g = torch.Generator().manual_seed(batch)
+    for i in range(batch):
+        ids = torch.randint(100, 500, (prompt_len,), generator=g).tolist()
+        eng.add_request(EngineRequest(f"d{batch}-{i}", tuple(ids), params))
+    while not all(r.prefilled for r in eng.scheduler.running) or eng.scheduler.waiting:
+        eng.step()
+    t0, n = time.perf_counter(), 0
+    while eng.has_unfinished():
+        n += len(eng.step())
+    return n / (time.perf_counter() - t0)
+
+
+def engine_numbers(folder: Path, quant: str | None, batches: tuple[int, ...]) -> dict:
+    label = quant or "bf16"
+    clk = Clock()
+    eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
+                                         max_model_len=1024, max_num_batched_tokens=2048))  # fmt: skip
+    out: dict = {"load_and_capture_s": clk(), "kernel": eng.decode_kernel}
+    decode_rate(eng, 1, new_tokens=32)  # warm-up
+    for b in batches:
+        out[f"decode_tok_s_b{b}"] = rate = decode_rate(eng, b)
+        row(f"engine {label} decode batch {b} (tokens/s)", f"{rate:,.0f}")
+    if 1 in eng.runner.graphs:
+        g = eng.runner.graphs[1][0]
+        out["graph_b1_us"] = us = cuda_time(g.replay, iters=50) * 1e6
+        row(f"engine {label} decode graph replay batch 1 (GPU us/step)", f"{us:.0f} -> {1e6 / us:,.0f} tok/s")
+    del eng
+    free()
+    return out
+
+
+def load_test(folder: Path, quant: str | None) -> dict:
+    """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
+    eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
+                                         max_model_len=1024, max_num_batched_tokens=2048))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for rep in range(2):  # the first round warms up prefill shapes
+        params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+        for i in range(64):
+            eng.add_request(EngineRequest(f"l{rep}-{i}", tuple(torch.randint(100, 500, (128,), generator=g).tolist()), params))
+        t0, n = time.perf_counter(), 0
+        while eng.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in eng.step())
+        out["tok_s"] = n / (time.perf_counter() - t0)
+    row(f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s", f"{out['tok_s']:,.0f}")
+    ttft = []
+    for rep in range(6):
+        ids = tuple(torch.randint(100, 500, (512,), generator=g).tolist())
+        t0 = time.perf_counter()
+        eng.add_request(EngineRequest(f"t{rep}", ids, SamplingParams(max_tokens=1)))
+        outs = []
+        while not outs:
+            outs = eng.step()
+        ttft.append(time.perf_counter() - t0)
+    out["ttft_512_ms"] = sorted(ttft[1:])[2] * 1e3
+    row(f"engine {quant or 'bf16'} time to first token, 512-token prompt (ms)", f"{out['ttft_512_ms']:.1f}")
+    del eng
+    free()
+    return out
+
+
+def hf_peer(folder: Path, compiled: bool) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).cuda().eval()
+    kw = {}
+    if compiled:
+        model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
+        kw = {"cache_implementation": "static"}
+    ids = torch.randint(100, 500, (1, 16), device="cuda")
+    n = 128
+
+    def run(k: int) -> None:
+        model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0, **kw)
+
+    clk = Clock()
+    run(n)
+    run(n)
+    compile_s = clk()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run(n)
+    torch.cuda.synchronize()
+    t1 = time.perf_counter()
+    run(1)
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    rate = (n - 1) / ((t1 - t0) - (t2 - t1))
+    row(f"peer HF generate {'static cache + torch.compile' if compiled else 'default'} batch 1 (tokens/s)",
+        f"{rate:,.0f} (warm-up {compile_s:.0f}s)")  # fmt: skip
+    del model
+    free()
+    return rate
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="check,engine,quant,load,hf,compile")
+    ap.add_argument("--quants", default="int8,fp8,int4")
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    folder = make_random_1b(Path("/tmp/llama1b_random"))
+    steps = [
+        ("check", check_tiny),
+        ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 8, 64)))),
+        ("quant", lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in args.quants.split(",")]),
+        ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
+        ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
+        ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),
+    ]
+    for name, fn in steps:
+        if name in sections:
+            try:
+                fn()
+            except Exception:
+                traceback.print_exc()
+                RESULTS[f"error_{name}"] = traceback.format_exc()
+            write_json("bench_decode.json", RESULTS)
+    print("\n".join(f"{a:58s} {b}" for a, b in ROWS))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Helpers shared by the LLM benchmarks: model folders, timing, JSON output."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_1B = dict(  # the Llama-3.2-1B shape
+    hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8, intermediate_size=8192,
+    vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096, rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    bos_token_id=0, eos_token_id=0,
+)  # fmt: skip
+
+
+def out_dir() -> Path:
+    p = Path(os.environ.get("OUT", "/tmp/inferforge_bench"))
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def write_json(name: str, data: dict) -> None:
+    (out_dir() / name).write_text(json.dumps(data, indent=2, default=str))
+
+
+def make_random_1b(folder: Path) -> Path:
+    """A random-weight Llama-3.2-1B-shaped folder (bf16 safetensors) with the tiny stdlib tokenizer."""
+    import transformers
+
+    from inferforge.llm.tiny import train_tokenizer
+
+    if (folder / "config.json").exists():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = transformers.LlamaConfig(**LLAMA_1B)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    torch.manual_seed(0)
+    for p in model.parameters():
+        if p.dim() == 2:
+            p.data.normal_(0, 0.02)
+    model.save_pretrained(folder, safe_serialization=True)
+    train_tokenizer(folder)
+    del model
+    free()
+    return folder
+
+
+def free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call, CUDA events around each call after warm-up."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def __call__(self) -> float:
+        return time.perf_counter() - self.t0

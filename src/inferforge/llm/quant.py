@@ -1,0 +1,62 @@
+"""Weight-only quantized linears for decode, through gemlite's Triton kernels (CUDA only).
+
+Batch-1 decode is bound by reading weights, so fewer bytes per weight is speed: int8 and fp8 (per output channel)
+halve them, int4 (groups of 64, asymmetric, min-max) quarters them. torchao's eager weight-only paths are slower
+than bf16 at batch 1 on this project's H100 (see docs/llm-engine.md); gemlite reaches bandwidth, so it is used.
+Only formats measured faster than bf16 end to end are offered (`OFFERED`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from inferforge.errors import NotApplicable
+from inferforge.llm.model import DecoderLM
+
+OFFERED = ("int8", "fp8", "int4")
+INT4_GROUP = 64
+
+
+def _int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min-max per group: W ~ (W_q - zero) * scale, W_q in [0, 15]."""
+    out_f, in_f = weight.shape
+    w = weight.float().view(out_f, in_f // group, group)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    zero = -lo / scale
+    w_q = (w / scale + zero).round().clamp(0, 15).to(torch.uint8).view(out_f, in_f)
+    return w_q, scale.view(out_f, -1), zero.view(out_f, -1)
+
+
+def quantize_linear(linear: nn.Linear, fmt: str) -> nn.Module:
+    from gemlite import helper
+
+    device, dtype = linear.weight.device, linear.weight.dtype
+    if fmt == "int8":
+        return helper.A16W8_INT8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
+    if fmt == "fp8":
+        return helper.A16W8_FP8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
+    w_q, scale, zero = _int4_pack(linear.weight.data, INT4_GROUP)
+    bias = linear.bias.data if linear.bias is not None else None
+    return helper.A16Wn(device=device, dtype=dtype).from_weights(
+        w_q, scale.to(dtype), zero.to(dtype), W_nbits=4, group_size=INT4_GROUP, bias=bias
+    )
+
+
+def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True) -> None:
+    """Swap every block's q/k/v, o, gate/up and down projections (and the LM head) for quantized ones."""
+    if fmt not in OFFERED:
+        raise NotApplicable(f"quant {fmt!r} is not offered; choose one of {', '.join(OFFERED)}")
+    if model.embed.weight.device.type != "cuda":
+        raise NotApplicable(f"--quant {fmt} needs a CUDA device (gemlite kernels); use --device cuda or no quant")
+    for layer in model.layers:
+        layer.attn.qkv = quantize_linear(layer.attn.qkv, fmt)
+        layer.attn.o = quantize_linear(layer.attn.o, fmt)
+        layer.mlp.up = quantize_linear(layer.mlp.up, fmt)
+        layer.mlp.down = quantize_linear(layer.mlp.down, fmt)
+    if lm_head:
+        head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
+        head.weight = nn.Parameter(model.lm_head.weight.data, requires_grad=False)  # a copy when tied
+        model.lm_head = quantize_linear(head, fmt)
+    torch.cuda.empty_cache()

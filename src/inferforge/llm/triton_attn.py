@@ -1,0 +1,91 @@
+"""A Triton paged-attention kernel for decode: one program per (sequence, KV head), reading only live blocks.
+
+The torch reference in `attention.py` gathers every block of the table, so its cost grows with max_model_len and
+batch; this kernel walks each sequence's blocks up to its context length with an online softmax, the query heads
+of one KV group together (grouped-query attention) so each key block is read once. CUDA only; the engine uses it
+only after `verified_kernel` checked it against the reference on the live device.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from inferforge.llm import attention
+
+
+@triton.jit
+def _paged_decode_kernel(
+    Q, K, V, BT, CTX, O, scale,
+    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
+    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    ctx = tl.load(CTX + b)
+    offs_g = tl.arange(0, GP)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    heads = kvh * G + offs_g
+    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l_sum = tl.zeros([GP], tl.float32)
+    acc = tl.zeros([GP, D], tl.float32)
+    offs_t = tl.arange(0, TILE)
+    for start in range(0, ctx, TILE):
+        tok = start + offs_t
+        tmask = tok < ctx
+        blk = tl.load(BT + b * stride_btb + tok // BS, mask=tmask, other=0)
+        base = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+        k = tl.load(K + base, mask=tmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(tmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        p = tl.exp(s - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        l_sum = l_sum * alpha + tl.sum(p, 1)
+        v = tl.load(V + base, mask=tmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m = m_new
+    out = acc / l_sum[:, None]
+    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=gmask[:, None])  # fmt: skip
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    context_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """q: [B, heads, d]; caches [blocks, block_size, kv_heads, d]; same contract as the torch reference."""
+    b, heads, d = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    _paged_decode_kernel[(b, kv_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, out, scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size, TILE=64, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
+def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Max abs difference to the torch reference on random paged data (ragged lengths, shuffled blocks)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    b, heads, kv_heads, d, bs, max_blocks = 5, 32, 8, 64, 16, 12
+    k = torch.randn(80, bs, kv_heads, d, generator=gen).to(device, dtype)
+    v = torch.randn(80, bs, kv_heads, d, generator=gen).to(device, dtype)
+    q = torch.randn(b, heads, d, generator=gen).to(device, dtype)
+    bt = torch.randperm(79, generator=gen)[: b * max_blocks].add(1).view(b, max_blocks).to(device)
+    ctx = torch.tensor([1, 17, 64, 100, 192], device=device)
+    ref = attention.decode_attention_torch(q, k, v, bt, ctx, d**-0.5)
+    got = paged_decode_attention(q, k, v, bt, ctx, d**-0.5)
+    return (ref.float() - got.float()).abs().max().item()
+
+
+def verified_kernel(device: torch.device, tolerance: float = 2e-2):  # -> DecodeFn | None
+    """The kernel if it matches the reference on this device, else None (the engine keeps the torch path)."""
+    return paged_decode_attention if check_against_reference(device) <= tolerance else None
