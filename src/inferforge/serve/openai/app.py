@@ -110,11 +110,11 @@ class OpenAIServer:
     def finish(self, tracker: Tracker, plan: Plan) -> None:
         self.inflight.difference_update(r.request_id for r in plan.requests)
         m = self.metrics
-        for idx, timing in tracker.timings.items():
+        for idx in range(len(plan.requests)):
             tokens = sum(v for (p, _), v in tracker.completion_tokens.items() if p == idx)
-            if tracker.prompt_done(idx):
-                m.observe_timing(timing, tokens)
-            else:
+            if tracker.prompt_done(idx) and idx not in tracker.aborted:
+                m.observe_timing(tracker.timings[idx], tokens)
+            else:  # the client left, the drain ended, or the engine refused it
                 m.aborted.inc()
             m.generation_tokens.inc(tokens)
         m.prompt_tokens.inc(sum(tracker.prompt_tokens.values()))

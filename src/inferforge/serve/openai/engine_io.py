@@ -26,6 +26,7 @@ class Tracker:
     completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)
     timings: dict[int, RequestTiming] = field(default_factory=dict)
     finished: set[tuple[int, int]] = field(default_factory=set)
+    aborted: set[int] = field(default_factory=set)  # prompts the engine ended with finish_reason "abort"
 
     def update(self, prompt_idx: int, out: EngineOutput) -> None:
         self.prompt_tokens[prompt_idx] = out.prompt_tokens
@@ -33,6 +34,8 @@ class Tracker:
         self.timings[prompt_idx] = out.timing
         if out.finished:
             self.finished.add((prompt_idx, out.index))
+            if out.finish_reason == "abort":
+                self.aborted.add(prompt_idx)
 
     def usage(self) -> dict[str, int]:
         p = sum(self.prompt_tokens.values())
