@@ -67,4 +67,5 @@ def load(
     path: str | Path, *, device: str | None = None, name: str | None = None, version: str = "1"
 ) -> TinyServable:
     options = json.loads((Path(path) / "tiny.json").read_text())
+    time.sleep(float(options.pop("load_delay_s", 0.0)))
     return TinyServable(name or Path(path).name, version, **options)

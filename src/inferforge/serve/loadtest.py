@@ -179,6 +179,46 @@ def _process(
     return [r for part in results for r in part]
 
 
+def _child(
+    cfg: LoadTestConfig,
+    body: bytes,
+    headers: dict[str, str],
+    threads: int,
+    index: int,
+    quota: int,
+    barrier,
+    starts,
+    results,
+) -> None:  # type: ignore[no-untyped-def]
+    barrier.wait()  # every process is imported and ready: the clock starts for all of them together
+    results.put(_process(cfg, body, headers, starts.get(), threads, index, quota))
+
+
+def _spawn(
+    cfg: LoadTestConfig, body: bytes, headers: dict[str, str], per_process: list[int], quotas: list[int]
+) -> tuple[list[tuple[float, float, int]], float]:
+    ctx = multiprocessing.get_context("spawn")
+    barrier, starts, results = ctx.Barrier(cfg.processes + 1), ctx.Queue(), ctx.Queue()
+    children = [
+        ctx.Process(
+            target=_child,
+            args=(cfg, body, headers, per_process[i], i, quotas[i], barrier, starts, results),
+            daemon=True,
+        )
+        for i in range(cfg.processes)
+    ]
+    for child in children:
+        child.start()
+    barrier.wait(timeout=120)
+    t0 = time.time() + 0.05
+    for _ in children:
+        starts.put(t0)
+    samples = [s for _ in children for s in results.get(timeout=cfg.duration + cfg.timeout_s + 60)]
+    for child in children:
+        child.join(10)
+    return samples, t0
+
+
 def _fetch_metadata(cfg: LoadTestConfig, headers: dict[str, str]) -> dict:
     conn = _connect(cfg.url, cfg.timeout_s)
     try:
@@ -215,14 +255,7 @@ def run(cfg: LoadTestConfig) -> dict:
         t0 = time.time() + 0.05
         samples = _process(cfg, body, headers, t0, per_process[0], 0, quotas[0])
     else:
-        t0 = time.time() + 3.0  # every process starts its clock together, after the spawns
-        ctx = multiprocessing.get_context("spawn")
-        with ctx.Pool(cfg.processes) as pool:
-            parts = pool.starmap(
-                _process,
-                [(cfg, body, headers, t0, per_process[i], i, quotas[i]) for i in range(cfg.processes)],
-            )
-        samples = [s for part in parts for s in part]
+        samples, t0 = _spawn(cfg, body, headers, per_process, quotas)
     report = summarize(cfg, samples, t0)
     if cfg.json_out:
         Path(cfg.json_out).write_text(json.dumps(report, indent=2))

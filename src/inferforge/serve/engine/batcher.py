@@ -1,11 +1,12 @@
-"""The dynamic batcher: a bounded queue per model version, and the rules that turn waiting requests into
-batches.
+"""The dynamic batcher: a bounded queue per model version, and the rules that turn requests into batches.
 
-Requests are grouped by their non-batch shape and dtype: only requests that agree on every dimension but
-the first are concatenated (no padding of inner dimensions, which is only safe where a model declares it).
-Within a group the order is first-in first-out. A batch closes when it reaches `max_batch_size` rows, or
-when the oldest request has waited `max_queue_delay_us`; preferred batch sizes trim it to the largest
-preferred size it covers."""
+Requests are grouped by their non-batch shape and dtype: only requests that agree on every dimension but the
+first are concatenated (inner dimensions are never padded: that is only safe where a model declares it).
+Within a group the order is first-in first-out. A batch closes when it holds `max_batch_size` rows, when the
+oldest request has waited `max_queue_delay_us`, or, while waiting, as soon as its rows reach a preferred
+batch size. With no delay the batcher takes whatever queued while the previous batch ran, which is what
+saturating load needs.
+"""
 
 from __future__ import annotations
 
@@ -93,7 +94,7 @@ class BatchQueue:
                 while not self._closed:
                     rows = sum(p.rows for p in self._items if p.key == head.key)
                     remaining = close_at - time.monotonic()
-                    if rows >= cfg.max_batch_size or remaining <= 0:
+                    if rows >= cfg.max_batch_size or remaining <= 0 or rows in cfg.preferred_batch_sizes:
                         break
                     self._cond.wait(remaining)
                 batch = self._select(head.key)
@@ -102,7 +103,7 @@ class BatchQueue:
                     return live
 
     def _select(self, key: tuple) -> list[Pending]:
-        """Pick FIFO requests of one shape group up to max rows, trimmed to a preferred size if one fits."""
+        """Pick FIFO requests of one shape group, up to max rows."""
         chosen: list[Pending] = []
         rows = 0
         for p in self._items:
@@ -112,14 +113,6 @@ class BatchQueue:
                 break
             chosen.append(p)
             rows += p.rows
-        if self._config.preferred_batch_sizes and rows not in self._config.preferred_batch_sizes:
-            cumulative, best = 0, 0
-            for i, p in enumerate(chosen, start=1):
-                cumulative += p.rows
-                if cumulative in self._config.preferred_batch_sizes:
-                    best = i
-            if best:
-                chosen = chosen[:best]
         taken = {id(p) for p in chosen}
         self._items = deque(p for p in self._items if id(p) not in taken)
         return chosen

@@ -19,7 +19,7 @@ class BatcherConfig:
     max_queue_delay_us: int = 0
     """How long the oldest request may wait for others to join its batch; 0: batch what is queued."""
     preferred_batch_sizes: tuple[int, ...] = ()
-    """Batch sizes to stop at when the queue holds more (e.g. sizes the model is tuned for)."""
+    """Sizes at which a batch stops waiting out the queue delay (e.g. sizes the model is tuned for)."""
     pad_batch_sizes: tuple[int, ...] = ()
     """When set, every batch is padded up to the smallest of these sizes (CUDA graphs captured at them)."""
     max_queue_size: int = 512
@@ -56,9 +56,9 @@ class BatcherConfig:
     @classmethod
     def from_hints(cls, hints: BatchingHints, **overrides: object) -> BatcherConfig:
         """Start from what the artifact knows (sizes it was tuned or captured at); the server's flags win."""
+        # The hints' preferred sizes are where the artifact was timed, not a batching rule: a preferred
+        # size of 1 would close every batch at once. They matter only as CUDA-graph capture sizes (padding).
         base: dict[str, object] = {"max_batch_size": hints.max_batch_size}
-        if hints.preferred_batch_sizes:
-            base["preferred_batch_sizes"] = tuple(hints.preferred_batch_sizes)
         if hints.pad_to_batch_sizes and hints.batch_sizes:
             base["pad_batch_sizes"] = tuple(sorted(hints.batch_sizes))
             base["max_batch_size"] = max(hints.batch_sizes)

@@ -145,6 +145,10 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.get("/metrics")
     async def metrics() -> Response:
+        ready = state.metrics.model_ready
+        ready.clear()
+        for row in state.repository.index():
+            ready.labels(row.name, row.version).set(1.0 if row.state is ModelState.READY else 0.0)
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
