@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
 import anyio
@@ -134,7 +134,7 @@ class OpenAIServer:
 
     async def _prime(
         self, request: Request, plan: Plan, tracker: Tracker
-    ) -> tuple[tuple[int, EngineOutput] | None, AsyncIterator[tuple[int, EngineOutput]]]:
+    ) -> tuple[tuple[int, EngineOutput] | None, AsyncGenerator[tuple[int, EngineOutput], None]]:
         gen = run_requests(self.engine, plan.requests, tracker)
         try:
             first = await until_disconnect(request, gen.__anext__())
@@ -190,9 +190,9 @@ class OpenAIServer:
                 acc.completion(self.text_of, plan.prompt_texts, plan.logprobs is not None),
                 "text_completion",
             )
-        body = envelope(plan.response_id, obj, int(time.time()), self.model_name, choices, tracker.usage())
+        payload = envelope(plan.response_id, obj, int(time.time()), self.model_name, choices, tracker.usage())
         self.metrics.requests.labels(route, "200").inc()
-        return JSONResponse(body, headers=timing_headers(tracker))
+        return JSONResponse(payload, headers=timing_headers(tracker))
 
 
 _UNION_HINTS = {

@@ -133,11 +133,11 @@ def _prompt_ids(req: CompletionRequest, engine: EngineClient) -> tuple[list[list
     if not p:
         raise bad_param("prompt", "The prompt list is empty; send a string, a list of strings or token ids.")
     if all(isinstance(x, str) for x in p):
-        return [engine.encode(s) for s in p], list(p)  # type: ignore[arg-type]
+        texts = [str(x) for x in p]
+        return [engine.encode(t) for t in texts], texts
     if all(isinstance(x, int) for x in p):
-        ids = list(p)  # type: ignore[arg-type]
-        return [ids], [""]
-    return [list(x) for x in p], [""] * len(p)  # type: ignore[union-attr]
+        return [[int(x) for x in p]], [""]  # type: ignore[arg-type]
+    return [[int(t) for t in x] for x in p], [""] * len(p)  # type: ignore[union-attr]
 
 
 def plan_completion(req: CompletionRequest, engine: EngineClient, limits: ServerLimits, served: str) -> Plan:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
 import anyio
@@ -59,7 +59,7 @@ async def _close(engine: EngineClient, gen: AsyncIterator[EngineOutput], request
 
 async def run_requests(
     engine: EngineClient, requests: tuple[EngineRequest, ...], tracker: Tracker
-) -> AsyncIterator[tuple[int, EngineOutput]]:
+) -> AsyncGenerator[tuple[int, EngineOutput], None]:
     """Yield (prompt index, output) for every engine output of every prompt, in arrival order."""
     if len(requests) == 1:
         gen = engine.generate(requests[0])

@@ -12,8 +12,9 @@ import contextlib
 import signal
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Callable, Coroutine, Generator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -32,7 +33,7 @@ class DrainingServer(uvicorn.Server):
         self,
         config: uvicorn.Config,
         on_drain: Callable[[], None],
-        abort_inflight: Callable[[], Awaitable[None]],
+        abort_inflight: Callable[[], Coroutine[Any, Any, None]],
         drain_timeout: float,
     ) -> None:
         super().__init__(config)

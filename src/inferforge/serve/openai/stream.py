@@ -8,7 +8,7 @@ unfinished.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 
 import anyio
@@ -37,7 +37,7 @@ class StreamCtx:
     text_of: TokenText
     include_usage: bool
     first: tuple[int, EngineOutput] | None
-    rest: AsyncIterator[tuple[int, EngineOutput]]
+    rest: AsyncGenerator[tuple[int, EngineOutput], None]
     on_finish: Callable[[], None]
 
     def unfinished(self) -> list[tuple[int, int]]:
@@ -73,7 +73,7 @@ async def _guarded(ctx: StreamCtx, body: AsyncIterator[bytes]) -> AsyncIterator[
         yield DONE
     finally:
         with anyio.CancelScope(shield=True):
-            await ctx.rest.aclose()  # type: ignore[attr-defined]
+            await ctx.rest.aclose()
         ctx.on_finish()
 
 
