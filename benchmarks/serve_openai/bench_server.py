@@ -1,0 +1,319 @@
+"""The OpenAI server against its own engine, in one run: is HTTP + SSE within 10% of the engine's tokens/s?
+
+Run on a CUDA machine (fastapi/uvicorn from .whl):
+    python benchmarks/serve_openai/bench_server.py
+Peer, measured in the same run: the same `AsyncLLMEngine` driven in-process (no HTTP), same model, same
+flags, same prompts, same closed loop. Model: random bf16 weights in the Llama-3.2-1B shape
+(benchmarks/llm/common.py). Closed loop, 64 concurrent streams, 128 prompt + 128 generated tokens
+(ignore_eos), then time to first token of a 512-token prompt at low load (one request at a time).
+Prints a table; writes bench_server.json under $OUT.
+CPU dry run of the plumbing: --device cpu --tiny --requests 16 --concurrency 4 --gen 8 --ttft-prompt 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+CLI_MODULE = os.environ.get("INFERFORGE_CLI_MODULE", "inferforge.cli")
+
+
+def prompts(n: int, length: int, seed: int) -> list[tuple[int, ...]]:
+    rng = random.Random(seed)
+    return [tuple(rng.randrange(100, 500) for _ in range(length)) for _ in range(n)]
+
+
+def pct(values: list[float], q: float) -> float:
+    v = sorted(values)
+    return v[min(len(v) - 1, int(q * (len(v) - 1) + 0.5))] if v else float("nan")
+
+
+# ---- the peer: the engine in-process ---------------------------------------------------------------------
+async def engine_closed_loop(eng: Any, rows: list[tuple[int, ...]], concurrency: int, gen: int) -> dict:
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    next_row, tokens, ttfts = 0, 0, []
+
+    async def worker() -> None:
+        nonlocal next_row, tokens
+        while next_row < len(rows):
+            k = next_row
+            next_row += 1
+            t0 = time.perf_counter()
+            first = True
+            async for out in eng.generate(EngineRequest(f"e{id(rows)}-{k}", rows[k], params)):
+                if first:
+                    ttfts.append(time.perf_counter() - t0)
+                    first = False
+                tokens += len(out.new_token_ids)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ttft_p50_ms": pct(ttfts, 0.5) * 1e3,
+    }
+
+
+async def engine_ttft(eng: Any, rows: list[tuple[int, ...]]) -> list[float]:
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    out = []
+    for k, ids in enumerate(rows):
+        t0 = time.perf_counter()
+        async for _ in eng.generate(
+            EngineRequest(f"t{k}", ids, SamplingParams(max_tokens=1, temperature=0.0))
+        ):
+            out.append(time.perf_counter() - t0)
+    return out
+
+
+def engine_mode(a: argparse.Namespace) -> None:
+    from inferforge.llm.async_engine import AsyncLLMEngine
+
+    eng = AsyncLLMEngine.from_pretrained(
+        a.model_dir,
+        device=a.device,
+        max_num_seqs=a.max_num_seqs,
+        max_waiting=1024,
+        max_model_len=a.max_model_len,
+    )
+
+    async def main() -> dict:
+        res: dict = {}
+        await engine_closed_loop(eng, prompts(a.concurrency, a.prompt_len, 1), a.concurrency, 16)  # warm-up
+        res["throughput"] = [
+            await engine_closed_loop(eng, prompts(a.requests, a.prompt_len, 10 + r), a.concurrency, a.gen)
+            for r in range(a.reps)
+        ]
+        await engine_ttft(eng, prompts(3, a.ttft_prompt, 2))  # warm-up
+        res["ttft_s"] = await engine_ttft(eng, prompts(a.ttft_reps, a.ttft_prompt, 3))
+        await eng.shutdown(0)
+        return res
+
+    Path(a.json).write_text(json.dumps(asyncio.run(main())))
+
+
+# ---- through the server ----------------------------------------------------------------------------------
+def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]]]) -> dict:
+    from inferforge.serve.openai.loadtest import LoadTestConfig, run_samples
+
+    url, concurrency, requests, gen, rows = args
+    cfg = LoadTestConfig(
+        url=url, concurrency=concurrency, max_tokens=gen, requests=requests, duration_s=600, ignore_eos=True
+    )
+    t0 = time.time()
+    samples, _ = asyncio.run(run_samples(cfg, [{"prompt": list(r)} for r in rows]))
+    return {
+        "start": t0,
+        "end": time.time(),
+        "tokens": sum(s.tokens for s in samples if s.ok),
+        "errors": [s.error for s in samples if not s.ok][:3],
+        "ok": sum(s.ok for s in samples),
+        "ttft": [s.ttft for s in samples if s.ok],
+        "itl": [g for s in samples if s.ok for g in s.itl],
+    }
+
+
+def server_throughput(url: str, a: argparse.Namespace, seed: int) -> dict:
+    rows = prompts(a.requests, a.prompt_len, seed)
+    per = a.concurrency // a.client_procs
+    n = a.requests // a.client_procs
+    jobs = [(url, per, n, a.gen, rows[i * n : (i + 1) * n]) for i in range(a.client_procs)]
+    with mp.get_context("spawn").Pool(a.client_procs) as pool:
+        parts = pool.map(client_proc, jobs)
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    ttft = [t for p in parts for t in p["ttft"]]
+    itl = [t for p in parts for t in p["itl"]]
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall,
+        "ok": sum(p["ok"] for p in parts),
+        "errors": [e for p in parts for e in p["errors"]],
+        "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
+        "itl_p50_ms": pct(itl, 0.5) * 1e3,
+        "itl_p99_ms": pct(itl, 0.99) * 1e3,
+    }
+
+
+def server_ttft(url: str, rows: list[tuple[int, ...]], model: str) -> tuple[list[float], list[float]]:
+    """Client-side time to the first SSE chunk, the server's x-inferforge-ttft-ms; one request at a time."""
+    import httpx
+
+    client_s, header_ms = [], []
+    with httpx.Client(base_url=url, timeout=60) as c:
+        for ids in rows:
+            body = {"model": model, "prompt": list(ids), "max_tokens": 1, "stream": True, "temperature": 0.0}
+            t0 = time.perf_counter()
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                lines = r.iter_lines()
+                for line in lines:
+                    if line.startswith("data: {"):
+                        client_s.append(time.perf_counter() - t0)
+                        break
+                header_ms.append(float(r.headers.get("x-inferforge-ttft-ms", "nan")))
+                for _ in lines:
+                    pass
+    return client_s, header_ms
+
+
+def start_server(a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+    import httpx
+
+    port = 18000 + os.getpid() % 1000
+    cmd = [
+        sys.executable,
+        "-m",
+        CLI_MODULE,
+        "serve-llm",
+        a.model_dir,
+        "--port",
+        str(port),
+        "--device",
+        a.device,
+        "--max-num-seqs",
+        str(a.max_num_seqs),
+        "--max-waiting",
+        "1024",
+        "--log-level",
+        "warning",
+        "--max-tokens-cap",
+        "4096",
+    ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise RuntimeError("server did not come up")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--mode", default="all", choices=["all", "engine"])
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--model-dir", default=None)
+    p.add_argument("--tiny", action="store_true", help="use the tiny test model (CPU dry run)")
+    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--gen", type=int, default=128)
+    p.add_argument("--ttft-prompt", type=int, default=512)
+    p.add_argument("--ttft-reps", type=int, default=20)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.mode == "engine":
+        engine_mode(a)
+        return
+    out = Path(os.environ.get("OUT", tempfile.mkdtemp()))
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    if a.model_dir is None:
+        if a.tiny:
+            from inferforge.llm.tiny import make_tiny_llama
+
+            a.model_dir = str(make_tiny_llama(Path(tempfile.mkdtemp()) / "tiny"))
+        else:
+            sys.path.insert(0, str(HERE.parent / "llm"))
+            from common import make_random_1b
+
+            a.model_dir = str(make_random_1b(Path("/tmp/inferforge_llama1b")))
+    res: dict[str, Any] = {"args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if a.device.startswith("cuda"):
+        import torch
+
+        res["device"] = torch.cuda.get_device_name(0)
+    eng_json = out / "engine_raw.json"
+    cmd = [sys.executable, __file__, "--mode", "engine", "--json", str(eng_json)]
+    cmd += [
+        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("mode", "json", "tiny") and v
+    ]
+    subprocess.run(cmd, check=True)
+    res["engine"] = json.loads(eng_json.read_text())
+    res["model_build_and_engine_s"] = time.perf_counter() - t_start
+    proc, url = start_server(a, out / "server.log")
+    try:
+        import httpx
+
+        model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
+        server_throughput(
+            url, argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16}), 1
+        )  # warm
+        res["server"] = [server_throughput(url, a, 10 + r) for r in range(a.reps)]
+        server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up
+        client_s, header_ms = server_ttft(url, prompts(a.ttft_reps, a.ttft_prompt, 3), model)
+        res["server_ttft_client_s"], res["server_ttft_header_ms"] = client_s, header_ms
+        res["metrics_tail"] = httpx.get(url + "/metrics").text[-1500:]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        res["server_exit_code"] = proc.wait(120)
+    report(res, out)
+
+
+def report(res: dict, out: Path) -> None:
+    eng = [r["tokens_per_s"] for r in res["engine"]["throughput"]]
+    srv = [r["tokens_per_s"] for r in res["server"]]
+    e_med, s_med = statistics.median(eng), statistics.median(srv)
+    res["summary"] = {
+        "engine_tokens_per_s_median": e_med,
+        "server_tokens_per_s_median": s_med,
+        "server_over_engine": s_med / e_med,
+        "engine_ttft_512_ms_median": statistics.median(res["engine"]["ttft_s"]) * 1e3,
+        "server_ttft_512_client_ms_median": statistics.median(res["server_ttft_client_s"]) * 1e3,
+        "server_ttft_512_client_ms_p90": pct(res["server_ttft_client_s"], 0.9) * 1e3,
+        "server_ttft_512_engine_side_ms_median": statistics.median(res["server_ttft_header_ms"]),
+        "server_errors": sum(len(r["errors"]) for r in res["server"]),
+        "server_exit_code": res["server_exit_code"],
+    }
+    (out / "bench_server.json").write_text(json.dumps(res, indent=2, default=str))
+    print(f"device: {res.get('device', 'cpu')}  date: {res['date']}")
+    print(f"{'metric':52s} value")
+    for k, v in res["summary"].items():
+        print(f"{k:52s} {v:.3f}" if isinstance(v, float) else f"{k:52s} {v}")
+    print(
+        "engine tokens/s per rep:",
+        [round(x) for x in eng],
+        " server tokens/s per rep:",
+        [round(x) for x in srv],
+    )
+    print(
+        "server per rep ttft p50 ms / itl p50 ms / itl p99 ms:",
+        [
+            (round(r["ttft_p50_ms"], 1), round(r["itl_p50_ms"], 2), round(r["itl_p99_ms"], 2))
+            for r in res["server"]
+        ],
+    )
+    print("engine per rep ttft p50 ms:", [round(r["ttft_p50_ms"], 1) for r in res["engine"]["throughput"]])
+
+
+if __name__ == "__main__":
+    main()
