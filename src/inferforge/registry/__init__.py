@@ -1,12 +1,23 @@
-"""Registry: artifact folders (manifest, safetensors weights, recipe), and loading them back as `Servable`s."""
+"""Registry: artifact folders (manifest, safetensors weights, recipe), and loading them back as `Servable`s.
 
-from inferforge.registry.artifact import examples, find_artifact, load_variant, read_manifest, save_artifact
-from inferforge.registry.export import export_artifact
-from inferforge.registry.manifest import SCHEMA_VERSION, Manifest
-from inferforge.registry.runtime import VariantServable, load_servable
-from inferforge.registry.servable import BatchingHints, Servable, TensorSpec
+Names load on first use: the server's protocol layer imports the light `servable` contract without torch.
+"""
 
-__all__ = [
-    "SCHEMA_VERSION", "BatchingHints", "Manifest", "Servable", "TensorSpec", "VariantServable", "examples",
-    "export_artifact", "find_artifact", "load_servable", "load_variant", "read_manifest", "save_artifact",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "examples": "artifact", "find_artifact": "artifact", "load_variant": "artifact", "read_manifest": "artifact",
+    "save_artifact": "artifact", "export_artifact": "export", "SCHEMA_VERSION": "manifest", "Manifest": "manifest",
+    "VariantServable": "runtime", "load_servable": "runtime", "BatchingHints": "servable", "Servable": "servable",
+    "TensorSpec": "servable",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(name)
+    return getattr(importlib.import_module(f"inferforge.registry.{_WHERE[name]}"), name)

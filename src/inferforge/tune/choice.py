@@ -18,8 +18,7 @@ GPU_CONV = ("bf16+channels_last", "fp16+channels_last")
 def eager_candidates(techniques: str, model: LoadedModel, device: str) -> list[str]:
     """The recipes of the first round: the user's list, or every precision and quantization that may apply."""
     if techniques != "auto":
-        recipes = [r.strip() for r in techniques.split(",") if r.strip()]
-        return recipes if "fp32" in recipes else ["fp32", *recipes]
+        return list(dict.fromkeys(r.strip() for r in techniques.split(",") if r.strip()))
     if not device.startswith("cuda"):
         return list(CPU_EAGER)
     has_conv = any(isinstance(m, nn.Conv2d) for m in model.module.modules())
@@ -56,7 +55,7 @@ def meets_slo(candidate: CandidateResult, objective: str, slo_ms: float | None) 
 
 
 def rank(candidates: list[CandidateResult], objective: str, slo_ms: float | None) -> list[CandidateResult]:
-    passing = [c for c in candidates if c.passed]
+    passing = [c for c in candidates if c.passed and c.stage != "baseline"]
     return sorted(passing, key=lambda c: objective_value(c, objective, slo_ms), reverse=True)
 
 

@@ -27,13 +27,14 @@ def optimize_command(**kwargs: typing.Any) -> None:
     from rich.console import Console
 
     from inferforge.errors import BudgetError
+    from inferforge.registry import save_artifact
     from inferforge.tune.display import summary_table
     from inferforge.tune.search import optimize
 
     config = OptimizeConfig(**kwargs)
     console = Console(width=None if Console().is_terminal else 170)
     try:
-        run = optimize(config)
+        run = optimize(config, save_artifact=save_artifact)
     except BudgetError as error:
         run = getattr(error, "run", None)
         if run is not None:

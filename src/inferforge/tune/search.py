@@ -8,9 +8,11 @@ eager bf16 run is the named peer every speed-up is also quoted against.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,8 +21,6 @@ from inferforge.bench import BenchConfig
 from inferforge.errors import BudgetError, DataError
 from inferforge.models import load_data, load_model
 from inferforge.quality import Budget, run_outputs
-from inferforge.registry import save_artifact
-from inferforge.registry.manifest import library_versions
 from inferforge.techniques import Recipe, Variant, apply_recipe
 from inferforge.tune.candidate import SearchContext, run_candidate
 from inferforge.tune.choice import compiled_candidates, eager_candidates, meets_slo, objective_value, pareto_front, rank
@@ -32,9 +32,18 @@ from inferforge.tune.results import CandidateResult, RunResult
 PEER = "bf16"
 
 
+def _versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for name in ("inferforge", "torch", "torchao", "transformers", "onnxruntime"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
 def _environment(device: str) -> dict:
-    env = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count(),
-           "versions": library_versions()}
+    env = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count(), "versions": _versions()}
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -64,7 +73,7 @@ def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tup
             variant = None
         results.append(result)
         display.finish(result)
-        if variant is not None and (best is None or objective_value(result, config.objective, None) >
+        if variant is not None and stage != "baseline" and (best is None or objective_value(result, config.objective, None) >
                                     objective_value(best[0], config.objective, None)):
             best = (result, variant)
         elif variant is not None:
@@ -72,7 +81,10 @@ def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tup
         if ctx.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    for label in eager_candidates(config.techniques, ctx.model, ctx.device):
+    labels = eager_candidates(config.techniques, ctx.model, ctx.device)
+    if "fp32" not in labels:
+        run("fp32", "baseline")  # timed for the speed-ups, not eligible: the user did not ask for it
+    for label in labels:
         run(label, "eager")
     top = config.compile_top if config.compile_top >= 0 else (2 if ctx.device.startswith("cuda") else 1)
     if config.techniques == "auto":
@@ -94,10 +106,15 @@ def _speedups(results: list[CandidateResult]) -> tuple[str, str | None]:
     return "fp32", PEER if peer else None
 
 
-def optimize(config: OptimizeConfig) -> RunResult:
-    """Run the whole search; writes results.json, report.html and artifact/ under `config.out`.
+SaveArtifact = Callable[..., Path]
 
-    Raises BudgetError (after writing the report) when no candidate meets the budget.
+
+def optimize(config: OptimizeConfig, save_artifact: SaveArtifact | None = None) -> RunResult:
+    """Run the whole search; writes results.json and report.html under `config.out`.
+
+    `save_artifact` (the registry's `save_artifact`, passed in by the caller so that tune never imports a stage to
+    its right) writes the chosen variant to `out/artifact`. Raises BudgetError, after writing the report, when no
+    candidate meets the budget.
     """
     started = time.perf_counter()
     device = config.resolved_device()
@@ -117,7 +134,7 @@ def optimize(config: OptimizeConfig) -> RunResult:
     ranked = rank(results, config.objective, config.latency_slo_ms)
     chosen = ranked[0] if ranked and best_variant is not None else None
     artifact = None
-    if chosen is not None:
+    if chosen is not None and save_artifact is not None:
         artifact = save_artifact(
             out / "artifact", name=out.name, model=model, data=data, variant=best_variant, batch_sizes=batch_sizes,
             quality=chosen.quality.to_json() if chosen.quality else None,
