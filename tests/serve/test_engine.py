@@ -142,6 +142,33 @@ def test_requests_of_different_inner_shapes_are_grouped_not_mixed() -> None:
     assert sorted({s[1] for s in model.shapes}) == [3, 5, 7]
 
 
+class Echo:
+    """Returns its input itself: the output aliases the reused staging buffer and must be copied out."""
+
+    name, version, platform, device = "echo", "1", "numpy", "cpu"
+    inputs = (TensorSpec("x", "FP32", (-1, 4)),)
+    outputs = (TensorSpec("y", "FP32", (-1, 4)),)
+    batching = BatchingHints(max_batch_size=4)
+
+    def predict(self, inputs):  # type: ignore[no-untyped-def]
+        time.sleep(0.005)
+        return {"y": inputs["x"]}
+
+    def close(self) -> None:
+        pass
+
+
+def test_outputs_that_alias_the_reused_input_buffer_are_not_overwritten() -> None:
+    engine = Engine()
+    engine.add([Echo()], BatcherConfig(max_batch_size=4))
+    xs = [np.full((1 + i % 3, 4), float(i), np.float32) for i in range(30)]
+    futures = [engine.submit("echo", None, InferRequest(str(i), {"x": x})) for i, x in enumerate(xs)]
+    answers = [f.result(10).outputs["y"] for f in futures]
+    engine.shutdown()
+    for x, y in zip(xs, answers, strict=True):
+        np.testing.assert_array_equal(y, x)
+
+
 @pytest.mark.parametrize(
     ("inputs", "fragment"),
     [

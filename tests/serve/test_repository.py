@@ -109,6 +109,13 @@ def test_a_single_artifact_or_run_folder_is_a_repository_of_one(tmp_path: Path) 
     assert list(ModelRepository(artifact, Engine(), load).scan()) == ["digits"]
 
 
+def test_one_models_folder_of_versions_is_a_repository_of_that_model(tmp_path: Path) -> None:
+    _version(tmp_path, "resnet", "1")
+    _version(tmp_path, "resnet", "2")
+    repo = ModelRepository(tmp_path / "resnet", Engine(), load)
+    assert {name: sorted(v) for name, v in repo.scan().items()} == {"resnet": ["1", "2"]}
+
+
 def test_a_missing_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InferforgeError, match="is not a folder"):
         ModelRepository(tmp_path / "missing", Engine(), load)

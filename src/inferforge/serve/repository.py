@@ -1,9 +1,10 @@
 """The model repository: which models and versions exist on disk, which are served, and their state.
 
-Layout: `repo/<model>/<version>/` where each version folder is an artifact (it holds `manifest.json`) or a run
-folder (it holds `artifact/manifest.json`). A single artifact or run folder is a repository of one model,
-version 1, named after the manifest's `name` or the folder. Versions are immutable: a new version is a new
-folder; `load` rescans, so it picks up new versions and drops those the version policy no longer selects."""
+Layout: `repo/<model>/<version>/` (or one model's `<model>/<version>/`), where each version folder is an
+artifact (it holds `manifest.json`) or a run folder (it holds `artifact/manifest.json`). A single artifact or
+run folder is a repository of one model, version 1, named after the manifest's `name` or the folder. Versions
+are immutable: a new version is a new folder; `load` rescans, so it picks up new versions and drops those the
+version policy no longer selects."""
 
 from __future__ import annotations
 
@@ -84,6 +85,10 @@ def is_artifact(folder: Path) -> bool:
     return (folder / "manifest.json").is_file() or (folder / "artifact" / "manifest.json").is_file()
 
 
+def _versions(model_dir: Path) -> dict[str, Path]:
+    return {v.name: v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit() and is_artifact(v)}
+
+
 def _single_name(folder: Path) -> str:
     for manifest in (folder / "manifest.json", folder / "artifact" / "manifest.json"):
         if manifest.is_file():
@@ -131,11 +136,12 @@ class ModelRepository:
         """Every model and version on disk now (not only those served)."""
         if self._single is not None:
             return {self._single: {"1": self.root}}
+        own = _versions(self.root)
+        if own:  # one model's folder, <model>/<version>/
+            return {self.root.resolve().name: own}
         found: dict[str, dict[str, Path]] = {}
         for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME.match(p.name)):
-            versions = {
-                v.name: v for v in model_dir.iterdir() if v.is_dir() and v.name.isdigit() and is_artifact(v)
-            }
+            versions = _versions(model_dir)
             if versions:
                 found[model_dir.name] = versions
         return found

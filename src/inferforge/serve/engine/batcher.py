@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inferforge.serve.engine.errors import DeadlineExceeded, Overloaded, ShuttingDown
+from inferforge.serve.engine.staging import StagingBuffers
 from inferforge.serve.engine.types import BatcherConfig, InferRequest, InferResponse
 
 
@@ -144,16 +145,18 @@ def pad_size(rows: int, sizes: tuple[int, ...]) -> int:
     return min(s for s in sizes if s >= rows)
 
 
-def concat_inputs(batch: list[Pending], padded_rows: int) -> dict[str, np.ndarray]:
-    """One fresh, writable, contiguous array per input; pad rows repeat the last real row (a valid input)."""
-    names = batch[0].request.inputs.keys()
+def concat_inputs(batch: list[Pending], padded_rows: int, staging: StagingBuffers) -> dict[str, np.ndarray]:
+    """One contiguous array per input, written into the worker's staging buffer; pad rows repeat the last real
+    row (a valid input, unlike zeros for some models)."""
     out: dict[str, np.ndarray] = {}
-    for name in names:
+    for name in batch[0].request.inputs:
         parts = [p.request.inputs[name] for p in batch]
         rows = sum(int(a.shape[0]) for a in parts)
         if padded_rows > rows:
             parts.append(np.repeat(parts[-1][-1:], padded_rows - rows, axis=0))
-        out[name] = np.concatenate(parts, axis=0)
+        target = staging.take(name, parts[0], padded_rows)
+        np.concatenate(parts, axis=0, out=target)
+        out[name] = target
     return out
 
 

@@ -18,6 +18,7 @@ import numpy as np
 from inferforge.registry.servable import Servable, TensorSpec
 from inferforge.serve.engine.batcher import BatchQueue, Pending, concat_inputs, pad_size, split_outputs
 from inferforge.serve.engine.errors import InvalidRequest, ModelExecutionError
+from inferforge.serve.engine.staging import StagingBuffers, wants_pinned
 from inferforge.serve.engine.types import BatcherConfig, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -111,20 +112,21 @@ class ModelRunner:
                 log.exception("closing %s version %s failed", self.name, self.version)
 
     def _work(self, servable: Servable) -> None:
+        staging = StagingBuffers(self.config.max_batch_size, wants_pinned(str(servable.device)))
         while True:
             batch = self._queue.take_batch()
             if batch is None:
                 return
             self._report_depth()
-            self._run(servable, batch)
+            self._run(servable, batch, staging)
 
-    def _run(self, servable: Servable, batch: list[Pending]) -> None:
+    def _run(self, servable: Servable, batch: list[Pending], staging: StagingBuffers) -> None:
         start = time.monotonic()
         queue_s = [start - p.enqueued for p in batch]
         rows = sum(p.rows for p in batch)
         padded = pad_size(rows, self.config.pad_batch_sizes)
         try:
-            outputs = servable.predict(concat_inputs(batch, padded))
+            outputs = staging.detach(servable.predict(concat_inputs(batch, padded, staging)))
             bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != padded}
             if bad:
                 raise RuntimeError(f"outputs {bad} do not have the batch size {padded} on dim 0")
