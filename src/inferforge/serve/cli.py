@@ -45,7 +45,7 @@ def command_from(cls: type, action: Callable[[typing.Any], None], positional: tu
         default = f.default
         if typing.get_origin(kind) is tuple:
             tuples.add(f.name)
-            kind, default = str, ",".join(str(v) for v in default)  # type: ignore[attr-defined]
+            kind, default = str, ",".join(str(v) for v in default)  # type: ignore[union-attr]
         help_text = docs.get(f.name, "")
         if f.name in positional:
             marker = typer.Argument(..., help=help_text)

@@ -73,7 +73,7 @@ class LoadTestConfig:
 
 def _connect(url: str, timeout: float) -> http.client.HTTPConnection:
     parts = urlsplit(url)
-    return http.client.HTTPConnection(parts.hostname, parts.port or 80, timeout=timeout)
+    return http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout)
 
 
 def _headers(cfg: LoadTestConfig) -> dict[str, str]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -71,9 +71,6 @@ class BatcherConfig:
                     sizes = (*sizes, cap)
                 base[key] = sizes
         return cls(**base)  # type: ignore[arg-type]
-
-    def with_overrides(self, **overrides: object) -> BatcherConfig:
-        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
