@@ -50,7 +50,7 @@ def start_server(repo: Path, log_dir: Path, *args: str, wait_ready: bool = True)
     cmd = [
         sys.executable,
         "-m",
-        "inferforge.serve.cli",
+        "inferforge.cli",
         "serve",
         str(repo),
         "--port",

@@ -143,7 +143,7 @@ def _start_cli_server(path: Path, log_dir: Path) -> Server:
             [
                 sys.executable,
                 "-m",
-                "inferforge.serve.cli",
+                "inferforge.cli",
                 "serve",
                 str(path),
                 "--port",
@@ -195,7 +195,7 @@ def test_loadtest_reports_throughput_goodput_and_percentiles(
     cmd = [
         sys.executable,
         "-m",
-        "inferforge.serve.cli",
+        "inferforge.cli",
         "loadtest",
         server.url,
         "--model",
@@ -236,10 +236,23 @@ def test_loadtest_reports_throughput_goodput_and_percentiles(
 def test_loadtest_refuses_a_bad_url_with_one_line() -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     done = subprocess.run(
-        [sys.executable, "-m", "inferforge.serve.cli", "loadtest", "localhost:1", "--model", "m"],
+        [sys.executable, "-m", "inferforge.cli", "loadtest", "localhost:1", "--model", "m"],
         capture_output=True,
         text=True,
         env=env,
         timeout=60,
     )
     assert done.returncode == 2 and "give the server's base URL" in done.stderr
+
+
+def test_serve_refuses_model_control_without_keys_with_one_line(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-m", "inferforge.cli", "serve", str(tmp_path), "--enable-model-control"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "--enable-model-control needs --api-key-file" in done.stderr
+    assert "Traceback" not in done.stderr
