@@ -28,3 +28,21 @@ def test_engine_core_imports_no_web_framework() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_byte_level_fast_path_streams_exactly_what_decode_returns(tiny_llama: Path) -> None:
+    import random
+
+    tok = Tokenizer(tiny_llama)
+    assert tok.byte_table is not None
+    rng = random.Random(0)
+    for _ in range(20):
+        ids = [rng.randrange(len(tok.byte_table)) for _ in range(30)]
+        detok = IncrementalDetokenizer(tok)
+        streamed = ""
+        for t in ids:
+            detok.add(t)
+            piece = detok.pop(final=False)
+            streamed += piece
+        streamed += detok.pop(final=True)
+        assert streamed == tok.decode(ids)

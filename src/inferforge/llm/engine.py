@@ -44,6 +44,8 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9  # share of free device memory given to the KV cache
     cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
     triton_attention: bool = True  # on CUDA, the Triton paged-decode kernel (if it matches the reference)
+    compile_decode: bool = True  # on CUDA, fuse a decode step's small kernels with torch.compile
+    decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -89,6 +91,8 @@ class LLMEngine:
 
             decode_fn = triton_attn.verified_kernel(self.device)
         self.decode_kernel = "torch" if decode_fn is None else "triton"
+        if self.device.type == "cuda" and config.compile_decode:
+            self.model.compile_decode()
         self.tokenizer = Tokenizer(self.folder)
         spec = plan_cache(self.model, config.torch_dtype, tokens=config.kv_cache_tokens,
                           memory_fraction=config.kv_cache_memory_fraction, device=self.device)
@@ -101,7 +105,7 @@ class LLMEngine:
         )
         self.runner = ModelRunner(self.model, self.device, max_num_seqs=config.max_num_seqs,
                                   max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
-                                  decode_fn=decode_fn)
+                                  decode_fn=decode_fn, buckets=config.decode_buckets)
         self.eos_ids = set(self.model.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

@@ -8,6 +8,8 @@ captured CUDA graph reads it in place.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -103,6 +105,7 @@ class DecoderLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.compiled_block: Callable[..., torch.Tensor] | None = None
 
     def init_rope(self, device: torch.device, dtype: torch.dtype) -> None:
         """cos/sin tables for every position, computed in fp32 like transformers, stored in the model dtype."""
@@ -123,9 +126,21 @@ class DecoderLM(nn.Module):
             cos = sin = self.rope_cos
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        block = self.compiled_block if meta.prefill is None and self.compiled_block is not None else None
         for layer in self.layers:
-            x = layer(x, cos, sin, meta)
+            x = layer(x, cos, sin, meta) if block is None else block(layer, x, cos, sin, meta)
         return self.norm(x)
+
+    def compile_decode(self) -> None:
+        """Fuse the small element-wise kernels of a decode step (norms, RoPE, SiLU, residual adds) with Inductor.
+
+        One compiled `Block.forward`, shared by every layer and dynamic in the batch size, so it compiles once;
+        the captured CUDA graphs then replay the fused kernels. Prefill stays eager (its shapes vary per step).
+        """
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        self.compiled_block = torch.compile(Block.forward, dynamic=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

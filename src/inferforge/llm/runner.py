@@ -32,10 +32,11 @@ class ModelRunner:
     def __init__(
         self, model: DecoderLM, device: torch.device, *, max_num_seqs: int, max_model_len: int, cuda_graphs: bool,
         decode_fn: Callable[..., torch.Tensor] | None = None,
+        buckets: tuple[int, ...] | None = None,
     ) -> None:
         self.model, self.device, self.decode_fn = model, device, decode_fn
         self.max_blocks = blocks_needed(max_model_len)
-        self.buckets = buckets_up_to(max_num_seqs)
+        self.buckets = sorted(set(buckets) | {max_num_seqs}) if buckets else buckets_up_to(max_num_seqs)
         b = self.buckets[-1]
         self._width = 4 * b + b * self.max_blocks
         on_gpu = device.type == "cuda"
