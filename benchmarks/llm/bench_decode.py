@@ -21,6 +21,7 @@ from common import Clock, cuda_time, free, make_random_1b, write_json  # noqa: E
 from inferforge.llm.engine import EngineConfig, LLMEngine  # noqa: E402
 from inferforge.llm.protocol import EngineRequest, SamplingParams  # noqa: E402
 
+T0 = time.perf_counter()
 RESULTS: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
 ROWS: list[tuple[str, str]] = []
 
@@ -43,7 +44,7 @@ def check_tiny() -> None:
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
         prompts = [(5, 17, 99, 3), (200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 300)]
         refs = [hf.generate(torch.tensor([p]), max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("float32",):
             eng = LLMEngine(folder, EngineConfig(device="cuda", dtype=dtype, kv_cache_tokens=4096, max_num_seqs=8))
             params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
             res = eng.generate([EngineRequest(str(i), p, params) for i, p in enumerate(prompts)])
@@ -71,20 +72,22 @@ def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: i
     return n / (time.perf_counter() - t0)
 
 
-def engine_numbers(folder: Path, quant: str | None, batches: tuple[int, ...]) -> dict:
-    label = quant or "bf16"
+def engine_numbers(folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = True) -> dict:
+    label = (quant or "bf16") + ("" if compile_decode else " (no compile)")
     clk = Clock()
     eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
-                                         max_model_len=1024, max_num_batched_tokens=2048))  # fmt: skip
+                                         max_model_len=1024, max_num_batched_tokens=2048, decode_buckets=batches,
+                                         compile_decode=compile_decode))  # fmt: skip
     out: dict = {"load_and_capture_s": clk(), "kernel": eng.decode_kernel}
     decode_rate(eng, 1, new_tokens=32)  # warm-up
     for b in batches:
         out[f"decode_tok_s_b{b}"] = rate = decode_rate(eng, b)
         row(f"engine {label} decode batch {b} (tokens/s)", f"{rate:,.0f}")
-    if 1 in eng.runner.graphs:
-        g = eng.runner.graphs[1][0]
-        out["graph_b1_us"] = us = cuda_time(g.replay, iters=50) * 1e6
-        row(f"engine {label} decode graph replay batch 1 (GPU us/step)", f"{us:.0f} -> {1e6 / us:,.0f} tok/s")
+    for b in batches:
+        if b in eng.runner.graphs:
+            out[f"graph_b{b}_us"] = us = cuda_time(eng.runner.graphs[b][0].replay, iters=50) * 1e6
+            row(f"engine {label} decode graph replay batch {b} (GPU us/step)", f"{us:.0f} -> {b * 1e6 / us:,.0f} tok/s")
+    row(f"engine {label} load + compile + capture (s)", f"{out['load_and_capture_s']:.0f}")
     del eng
     free()
     return out
@@ -93,7 +96,7 @@ def engine_numbers(folder: Path, quant: str | None, batches: tuple[int, ...]) ->
 def load_test(folder: Path, quant: str | None) -> dict:
     """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
     eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
-                                         max_model_len=1024, max_num_batched_tokens=2048))  # fmt: skip
+                                         max_model_len=1024, max_num_batched_tokens=2048, decode_buckets=(64,)))  # fmt: skip
     g = torch.Generator().manual_seed(0)
     out = {}
     for rep in range(2):  # the first round warms up prefill shapes
@@ -157,7 +160,7 @@ def hf_peer(folder: Path, compiled: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="check,engine,quant,load,hf,compile")
+    ap.add_argument("--sections", default="check,engine,nocompile,quant,load,hf,compile")
     ap.add_argument("--quants", default="int8,fp8,int4")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -165,6 +168,7 @@ def main() -> None:
     steps = [
         ("check", check_tiny),
         ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 8, 64)))),
+        ("nocompile", lambda: RESULTS.__setitem__("bf16_nocompile", engine_numbers(folder, None, (1, 64), False))),
         ("quant", lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in args.quants.split(",")]),
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
         ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
@@ -172,6 +176,7 @@ def main() -> None:
     ]
     for name, fn in steps:
         if name in sections:
+            row(f"-- section {name} starts at (s)", f"{time.perf_counter() - T0:.0f}")
             try:
                 fn()
             except Exception:

@@ -82,7 +82,7 @@ class LLMEngine:
 
         self.model = load_model(
             self.folder, device=self.device, dtype=config.torch_dtype, max_model_len=config.max_model_len,
-            transform=transform,
+            transform=transform, default_cap=4096,
         )
         self.max_model_len = self.model.max_model_len
         decode_fn = None

@@ -99,6 +99,7 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     max_model_len: int | None = None,
     transform: Callable[[DecoderLM], None] | None = None,
+    default_cap: int | None = None,
 ) -> DecoderLM:
     """Build on `meta`, assign the checkpoint's tensors cast to `dtype` on `device`; `transform` (quantization)
     runs after loading, before anything else sees the model."""
@@ -111,7 +112,7 @@ def load_model(
         if cfg.sliding_window is None
         else min(cfg.max_position_embeddings, cfg.sliding_window)
     )
-    max_len = max_model_len or limit
+    max_len = max_model_len or (min(limit, default_cap) if default_cap else limit)
     if max_len > limit:
         raise ModelSourceError(
             f"max_model_len {max_len} exceeds what {folder.name} supports ({limit}); lower it"
