@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import Clock, cuda_time, free, make_random_1b, write_json  # noqa: E402
+from common import Clock, cuda_time, free, make_random_1b, write_json
 
-from inferforge.llm.engine import EngineConfig, LLMEngine  # noqa: E402
-from inferforge.llm.protocol import EngineRequest, SamplingParams  # noqa: E402
+from inferforge.llm.engine import EngineConfig, LLMEngine
+from inferforge.llm.protocol import EngineRequest, SamplingParams
 
 T0 = time.perf_counter()
 RESULTS: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -38,21 +38,46 @@ def check_tiny() -> None:
     from inferforge.llm import triton_attn
     from inferforge.llm.tiny import make_tiny_llama
 
-    row("triton paged decode max abs err vs torch (bf16)", f"{triton_attn.check_against_reference(torch.device('cuda')):.2e}")
+    row(
+        "triton paged decode max abs err vs torch (bf16)",
+        f"{triton_attn.check_against_reference(torch.device('cuda')):.2e}",
+    )
     for fam in ("llama", "qwen2", "gpt2"):
         folder = make_tiny_llama(Path(f"/tmp/tiny_{fam}"), family=fam)
         hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-        prompts = [(5, 17, 99, 3), (200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 300)]
-        refs = [hf.generate(torch.tensor([p]), max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+        prompts = [
+            (5, 17, 99, 3),
+            (200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212, 213, 214, 215, 216, 300),
+        ]
+        refs = [
+            hf.generate(
+                torch.tensor([p]), max_new_tokens=48, min_new_tokens=48, do_sample=False, pad_token_id=0
+            )[0, len(p) :].tolist()
+            for p in prompts
+        ]
         for dtype in ("float32",):
-            eng = LLMEngine(folder, EngineConfig(device="cuda", dtype=dtype, kv_cache_tokens=4096, max_num_seqs=8))
+            eng = LLMEngine(
+                folder, EngineConfig(device="cuda", dtype=dtype, kv_cache_tokens=4096, max_num_seqs=8)
+            )
             params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
             res = eng.generate([EngineRequest(str(i), p, params) for i, p in enumerate(prompts)])
             ours = [[t for o in res[str(i)][0] for t in o.new_token_ids] for i in range(len(prompts))]
-            agree = sum(a == b for o, r in zip(ours, refs) for a, b in zip(o, r)) / sum(len(r) for r in refs)
-            first_diff = min((next((j for j, (a, b) in enumerate(zip(o, r)) if a != b), len(r)) for o, r in zip(ours, refs)))
-            row(f"tiny {fam} cuda {dtype} greedy == HF fp32 CPU", f"{ours == refs} (agree {agree:.3f}, first diff {first_diff})")
-            RESULTS[f"check_{fam}_{dtype}"] = {"identical": ours == refs, "agreement": agree, "kernel": eng.decode_kernel}
+            agree = sum(a == b for o, r in zip(ours, refs, strict=True) for a, b in zip(o, r, strict=True)) / sum(len(r) for r in refs)
+            first_diff = min(
+                (
+                    next((j for j, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), len(r))
+                    for o, r in zip(ours, refs, strict=True)
+                )
+            )
+            row(
+                f"tiny {fam} cuda {dtype} greedy == HF fp32 CPU",
+                f"{ours == refs} (agree {agree:.3f}, first diff {first_diff})",
+            )
+            RESULTS[f"check_{fam}_{dtype}"] = {
+                "identical": ours == refs,
+                "agreement": agree,
+                "kernel": eng.decode_kernel,
+            }
             del eng
             free()
 
@@ -72,7 +97,9 @@ def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: i
     return n / (time.perf_counter() - t0)
 
 
-def engine_numbers(folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = True) -> dict:
+def engine_numbers(
+    folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = True
+) -> dict:
     label = (quant or "bf16") + ("" if compile_decode else " (no compile)")
     clk = Clock()
     eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
@@ -86,7 +113,10 @@ def engine_numbers(folder: Path, quant: str | None, batches: tuple[int, ...], co
     for b in batches:
         if b in eng.runner.graphs:
             out[f"graph_b{b}_us"] = us = cuda_time(eng.runner.graphs[b][0].replay, iters=50) * 1e6
-            row(f"engine {label} decode graph replay batch {b} (GPU us/step)", f"{us:.0f} -> {b * 1e6 / us:,.0f} tok/s")
+            row(
+                f"engine {label} decode graph replay batch {b} (GPU us/step)",
+                f"{us:.0f} -> {b * 1e6 / us:,.0f} tok/s",
+            )
     row(f"engine {label} load + compile + capture (s)", f"{out['load_and_capture_s']:.0f}")
     del eng
     free()
@@ -102,7 +132,11 @@ def load_test(folder: Path, quant: str | None) -> dict:
     for rep in range(2):  # the first round warms up prefill shapes
         params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
         for i in range(64):
-            eng.add_request(EngineRequest(f"l{rep}-{i}", tuple(torch.randint(100, 500, (128,), generator=g).tolist()), params))
+            eng.add_request(
+                EngineRequest(
+                    f"l{rep}-{i}", tuple(torch.randint(100, 500, (128,), generator=g).tolist()), params
+                )
+            )
         t0, n = time.perf_counter(), 0
         while eng.has_unfinished():
             n += sum(len(o.new_token_ids) for o in eng.step())
@@ -153,7 +187,7 @@ def hf_peer(folder: Path, compiled: bool) -> float:
     rate = (n - 1) / ((t1 - t0) - (t2 - t1))
     row(f"peer HF generate {'static cache + torch.compile' if compiled else 'default'} batch 1 (tokens/s)",
         f"{rate:,.0f} (warm-up {compile_s:.0f}s)")  # fmt: skip
-    del model
+    model = None
     free()
     return rate
 
@@ -168,8 +202,16 @@ def main() -> None:
     steps = [
         ("check", check_tiny),
         ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 8, 64)))),
-        ("nocompile", lambda: RESULTS.__setitem__("bf16_nocompile", engine_numbers(folder, None, (1, 64), False))),
-        ("quant", lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in args.quants.split(",")]),
+        (
+            "nocompile",
+            lambda: RESULTS.__setitem__("bf16_nocompile", engine_numbers(folder, None, (1, 64), False)),
+        ),
+        (
+            "quant",
+            lambda: [
+                RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in args.quants.split(",")
+            ],
+        ),
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
         ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
         ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),

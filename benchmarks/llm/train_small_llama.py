@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import free, write_json  # noqa: E402
+from common import free, write_json
 
-from inferforge.llm.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS  # noqa: E402
+from inferforge.llm.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS
 
 SAVE = Path("/tmp/inferforge_small_llama")
 SEQ = 512
@@ -163,7 +163,11 @@ def main() -> None:
     train_txt, held_txt = corpus()
     tok = tokenizer(train_txt, SAVE)
     data, held = encode(tok, train_txt), encode(tok, held_txt)
-    result: dict = {"train_tokens": data.numel(), "heldout_tokens": held.numel(), "prep_s": time.perf_counter() - t0}
+    result: dict = {
+        "train_tokens": data.numel(),
+        "heldout_tokens": held.numel(),
+        "prep_s": time.perf_counter() - t0,
+    }
     model, info = train(data, args.seconds, tok.get_vocab_size())
     result.update(info)
     model.to(torch.bfloat16).save_pretrained(SAVE, safe_serialization=True)
@@ -183,14 +187,19 @@ def main() -> None:
         out = greedy(SAVE, quant, prompts)
         base = base or out
         result[fmt] = {"heldout_ppl": ppl, "greedy_agreement_with_bf16": agreement(out, base)}
-        print(f"{fmt:5s} held-out perplexity {ppl:8.3f}   greedy agreement with bf16 {agreement(out, base):.3f}", flush=True)
+        print(
+            f"{fmt:5s} held-out perplexity {ppl:8.3f}   greedy agreement with bf16 {agreement(out, base):.3f}",
+            flush=True,
+        )
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(SAVE, dtype=torch.float32).cuda().eval()
     refs = [hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=64, min_new_tokens=64, do_sample=False,
                         pad_token_id=0)[0, len(p):].tolist() for p in prompts]  # fmt: skip
     result["bf16_engine_vs_hf_fp32_agreement"] = agreement(base, refs)
-    print(f"bf16 engine greedy agreement with transformers fp32: {result['bf16_engine_vs_hf_fp32_agreement']:.3f}")
+    print(
+        f"bf16 engine greedy agreement with transformers fp32: {result['bf16_engine_vs_hf_fp32_agreement']:.3f}"
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "loss_every_100"}, default=str))
     write_json("small_llama_quality.json", result)
 

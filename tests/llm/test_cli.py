@@ -20,11 +20,14 @@ def test_generate_prints_the_greedy_continuation(tiny_llama: Path) -> None:
     from inferforge.llm.protocol import EngineRequest, SamplingParams
 
     result = CliRunner().invoke(
-        _app(), ["generate", str(tiny_llama), "--prompt", "Return a", "--max-new-tokens", "12", "--device", "cpu"]
+        _app(),
+        ["generate", str(tiny_llama), "--prompt", "Return a", "--max-new-tokens", "12", "--device", "cpu"],
     )
     assert result.exit_code == 0, result.output
     engine = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=512))
-    req = EngineRequest("x", tuple(engine.tokenizer.encode("Return a")), SamplingParams(max_tokens=12, temperature=0))
+    req = EngineRequest(
+        "x", tuple(engine.tokenizer.encode("Return a")), SamplingParams(max_tokens=12, temperature=0)
+    )
     expected = "".join(o.new_text for o in engine.generate([req])["x"][0])
     assert expected.strip() and expected in result.stdout
 

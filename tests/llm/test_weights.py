@@ -50,7 +50,7 @@ def test_refuses_pickle_checkpoints(tmp_path: Path, tiny_llama: Path) -> None:
 def test_refuses_remote_code_and_unknown_families(tmp_path: Path, tiny_llama: Path) -> None:
     raw = json.loads((tiny_llama / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**raw, "auto_map": {"AutoModel": "x.Y"}}))
-    with pytest.raises(ModelSourceError, match="remote|repository code"):
+    with pytest.raises(ModelSourceError, match=r"remote|repository code"):
         load_model(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**raw, "model_type": "bert"}))
     with pytest.raises(ModelSourceError, match="bert"):

@@ -63,7 +63,9 @@ class AsyncLLMEngine:
         self._thread.start()
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, model_name: str | None = None, **config: Any) -> AsyncLLMEngine:
+    def from_pretrained(
+        cls, path: str | Path, *, model_name: str | None = None, **config: Any
+    ) -> AsyncLLMEngine:
         """`config` takes the fields of `EngineConfig` (device, dtype, quant, max_num_seqs, ...)."""
         return cls(LLMEngine(path, EngineConfig(**config)), model_name)
 
@@ -74,7 +76,9 @@ class AsyncLLMEngine:
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             if request.request_id in self._streams:
-                raise InferforgeError(f"request id {request.request_id!r} is already in flight; use a unique id")
+                raise InferforgeError(
+                    f"request id {request.request_id!r} is already in flight; use a unique id"
+                )
             self.engine.add_request(request)
             self._streams[request.request_id] = stream
         self._wake.set()
@@ -117,7 +121,9 @@ class AsyncLLMEngine:
         while time.monotonic() < deadline and self.engine.has_unfinished():
             await asyncio.sleep(0.01)
         with self._lock:
-            ids = [r.request.request_id for r in (*self.engine.scheduler.waiting, *self.engine.scheduler.running)]
+            ids = [
+                r.request.request_id for r in (*self.engine.scheduler.waiting, *self.engine.scheduler.running)
+            ]
             outs = [o for rid in ids for o in self.engine.abort(rid)]
         self._deliver(outs)
         self._stop = True

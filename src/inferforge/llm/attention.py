@@ -31,7 +31,9 @@ class AttnMeta:
     prefill: list[PrefillSeq] | None = None  # set for a prefill step
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, decode step
     context_lens: torch.Tensor | None = None  # [B] int32, decode step (including the new token)
-    decode_fn: Callable[..., torch.Tensor] | None = None  # a faster kernel with decode_attention_torch's contract
+    decode_fn: Callable[..., torch.Tensor] | None = (
+        None  # a faster kernel with decode_attention_torch's contract
+    )
 
 
 def write_cache(

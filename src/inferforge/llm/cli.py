@@ -8,7 +8,9 @@ import typer
 
 
 def generate(
-    model_dir: Path = typer.Argument(..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer)."),
+    model_dir: Path = typer.Argument(
+        ..., help="Hugging Face model folder (config.json, *.safetensors, tokenizer)."
+    ),
     prompt: str = typer.Option(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(128, min=1, help="Tokens to generate at most."),
     quant: str = typer.Option("none", help="Weight quantization: none, int8, fp8, int4 (CUDA only)."),
@@ -34,12 +36,18 @@ def generate(
         raise InferforgeError(f"--quant {quant!r}: choose none, int8, fp8 or int4")
     engine = LLMEngine(
         model_dir,
-        EngineConfig(device=device, quant=None if quant == "none" else quant, max_num_seqs=1,  # type: ignore[arg-type]
-                     kv_cache_tokens=8192 if device == "cpu" else None),
+        EngineConfig(
+            device=device,
+            quant=None if quant == "none" else quant,
+            max_num_seqs=1,  # type: ignore[arg-type]
+            kv_cache_tokens=8192 if device == "cpu" else None,
+        ),
     )
     tok = engine.tokenizer
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}]) if chat else tok.encode(prompt)
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+    params = SamplingParams(
+        max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed
+    )
     engine.add_request(EngineRequest("cli", tuple(ids), params))
     start, first, n = time.perf_counter(), None, 0
     while engine.has_unfinished():
@@ -50,7 +58,9 @@ def generate(
     end = time.perf_counter()
     rate = (n - 1) / (end - first) if first and n > 1 and end > first else 0.0
     typer.echo("")
-    typer.secho(f"[{n} tokens, first after {((first or end) - start) * 1e3:.0f} ms, {rate:.1f} tokens/s]", err=True)
+    typer.secho(
+        f"[{n} tokens, first after {((first or end) - start) * 1e3:.0f} ms, {rate:.1f} tokens/s]", err=True
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -44,7 +44,11 @@ class Tokenizer:
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters, used by byte-level BPE vocabularies."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -133,7 +137,9 @@ class IncrementalDetokenizer:
     def pop(self, final: bool) -> str:
         """Text not yet emitted, minus a tail that may still become a stop string (unless final)."""
         if final and self.tokenizer.byte_table is not None and self._utf8.getstate()[0]:
-            self.text += self._utf8.decode(b"", final=True)  # a dangling partial character, as decode() shows it
+            self.text += self._utf8.decode(
+                b"", final=True
+            )  # a dangling partial character, as decode() shows it
         end = len(self.text) if final else len(self.text) - self._held_back()
         end = max(end, self.emitted)
         out = self.text[self.emitted : end]

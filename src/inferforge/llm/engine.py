@@ -35,7 +35,9 @@ class EngineConfig:
 
     device: str = "cpu"  # "cpu" or "cuda"
     dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    quant: Literal["int8", "fp8", "int4"] | None = None  # weight-only quantization of the linear layers (CUDA)
+    quant: Literal["int8", "fp8", "int4"] | None = (
+        None  # weight-only quantization of the linear layers (CUDA)
+    )
     max_num_seqs: int = 64  # sequences decoding together
     max_model_len: int | None = None  # None: the model's own limit, capped at 4096
     max_waiting: int = 256  # queued requests before new ones are refused
@@ -55,7 +57,9 @@ class EngineConfig:
         if self.quant not in (None, "int8", "fp8", "int4"):
             raise InferforgeError(f"quant must be int8, fp8, int4 or None, got {self.quant!r}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise InferforgeError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
+            raise InferforgeError(
+                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
         if self.device == "cpu" and self.kv_cache_tokens is None:
             object.__setattr__(self, "kv_cache_tokens", 8192)
 
@@ -72,7 +76,9 @@ class LLMEngine:
         self.folder = Path(folder)
         self.device = torch.device(config.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise InferforgeError("device cuda was asked for but no CUDA device is available; use --device cpu")
+            raise InferforgeError(
+                "device cuda was asked for but no CUDA device is available; use --device cpu"
+            )
         transform = None
         if config.quant is not None:
             from inferforge.llm.quant import quantize_model
@@ -81,8 +87,12 @@ class LLMEngine:
                 quantize_model(m, config.quant)
 
         self.model = load_model(
-            self.folder, device=self.device, dtype=config.torch_dtype, max_model_len=config.max_model_len,
-            transform=transform, default_cap=4096,
+            self.folder,
+            device=self.device,
+            dtype=config.torch_dtype,
+            max_model_len=config.max_model_len,
+            transform=transform,
+            default_cap=4096,
         )
         self.max_model_len = self.model.max_model_len
         decode_fn = None
@@ -94,18 +104,33 @@ class LLMEngine:
         if self.device.type == "cuda" and config.compile_decode:
             self.model.compile_decode()
         self.tokenizer = Tokenizer(self.folder)
-        spec = plan_cache(self.model, config.torch_dtype, tokens=config.kv_cache_tokens,
-                          memory_fraction=config.kv_cache_memory_fraction, device=self.device)
+        spec = plan_cache(
+            self.model,
+            config.torch_dtype,
+            tokens=config.kv_cache_tokens,
+            memory_fraction=config.kv_cache_memory_fraction,
+            device=self.device,
+        )
         attach_cache(self.model, spec, self.device)
         self.allocator = BlockAllocator(spec.num_blocks)
         self.scheduler = Scheduler(
-            SchedulerConfig(config.max_num_seqs, max(config.max_num_batched_tokens, config.max_num_seqs),
-                            config.max_waiting, self.max_model_len),
+            SchedulerConfig(
+                config.max_num_seqs,
+                max(config.max_num_batched_tokens, config.max_num_seqs),
+                config.max_waiting,
+                self.max_model_len,
+            ),
             self.allocator,
         )
-        self.runner = ModelRunner(self.model, self.device, max_num_seqs=config.max_num_seqs,
-                                  max_model_len=self.max_model_len, cuda_graphs=config.cuda_graphs,
-                                  decode_fn=decode_fn, buckets=config.decode_buckets)
+        self.runner = ModelRunner(
+            self.model,
+            self.device,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.max_model_len,
+            cuda_graphs=config.cuda_graphs,
+            decode_fn=decode_fn,
+            buckets=config.decode_buckets,
+        )
         self.eos_ids = set(self.model.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -120,7 +145,9 @@ class LLMEngine:
         """Queue a request; raises QueueFullError or RequestTooLargeError (both InferforgeError) at once."""
         max_tokens = self.scheduler.check(request)
         if any(not 0 <= t < self.model.cfg.vocab_size for t in request.prompt_ids):
-            raise InferforgeError(f"request {request.request_id}: prompt holds token ids outside the vocabulary")
+            raise InferforgeError(
+                f"request {request.request_id}: prompt holds token ids outside the vocabulary"
+            )
         state = RequestState(request, time.monotonic(), max_tokens=max_tokens)
         p = request.params
         for i in range(p.n):
@@ -150,8 +177,10 @@ class LLMEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            running=len(self.scheduler.running), waiting=len(self.scheduler.waiting),
-            kv_blocks_total=self.allocator.num_blocks - 1, kv_blocks_used=self.allocator.num_used,
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_total=self.allocator.num_blocks - 1,
+            kv_blocks_used=self.allocator.num_used,
             generated_tokens_total=self.generated_total,
         )
 
@@ -230,10 +259,14 @@ class LLMEngine:
     def _output(self, seq: Sequence) -> EngineOutput:
         group, params = seq.group, seq.group.request.params
         out = EngineOutput(
-            request_id=group.request.request_id, index=seq.index, new_token_ids=tuple(seq.pending_ids),
+            request_id=group.request.request_id,
+            index=seq.index,
+            new_token_ids=tuple(seq.pending_ids),
             new_text=seq.detok.pop(final=seq.finished),
             logprobs=tuple(seq.pending_logprobs) if params.logprobs is not None else None,
-            finished=seq.finished, finish_reason=seq.finish_reason, prompt_tokens=group.prompt_len,
+            finished=seq.finished,
+            finish_reason=seq.finish_reason,
+            prompt_tokens=group.prompt_len,
             completion_tokens=seq.num_output,
             timing=RequestTiming(group.arrival, group.scheduled, group.first_token, group.finished_at),
         )

@@ -88,7 +88,9 @@ class BlockAllocator:
 
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
-            raise RuntimeError(f"asked for {n} KV blocks with {len(self._free)} free; the scheduler must check")
+            raise RuntimeError(
+                f"asked for {n} KV blocks with {len(self._free)} free; the scheduler must check"
+            )
         out = [self._free.pop() for _ in range(n)]
         return out
 

@@ -58,9 +58,7 @@ class Attention(nn.Module):
         else:
             assert meta.block_tables is not None and meta.context_lens is not None
             fn = meta.decode_fn or decode_attention_torch
-            o = fn(
-                q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
-            )
+            o = fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
         return self.o(o.reshape(t, -1))
 
 

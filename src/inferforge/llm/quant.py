@@ -49,7 +49,9 @@ def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True) -> None:
     if fmt not in OFFERED:
         raise NotApplicable(f"quant {fmt!r} is not offered; choose one of {', '.join(OFFERED)}")
     if model.embed.weight.device.type != "cuda":
-        raise NotApplicable(f"--quant {fmt} needs a CUDA device (gemlite kernels); use --device cuda or no quant")
+        raise NotApplicable(
+            f"--quant {fmt} needs a CUDA device (gemlite kernels); use --device cuda or no quant"
+        )
     for layer in model.layers:
         layer.attn.qkv = quantize_linear(layer.attn.qkv, fmt)
         layer.attn.o = quantize_linear(layer.attn.o, fmt)

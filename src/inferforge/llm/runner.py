@@ -30,7 +30,13 @@ def _slot(seq: Sequence, pos: int) -> int:
 
 class ModelRunner:
     def __init__(
-        self, model: DecoderLM, device: torch.device, *, max_num_seqs: int, max_model_len: int, cuda_graphs: bool,
+        self,
+        model: DecoderLM,
+        device: torch.device,
+        *,
+        max_num_seqs: int,
+        max_model_len: int,
+        cuda_graphs: bool,
         decode_fn: Callable[..., torch.Tensor] | None = None,
         buckets: tuple[int, ...] | None = None,
     ) -> None:
@@ -133,5 +139,3 @@ class ModelRunner:
         if not rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
         return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), done
-
-

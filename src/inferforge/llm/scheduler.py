@@ -190,5 +190,3 @@ class Scheduler:
                     self.allocator.free(s.blocks)
                 return r
         return None
-
-

@@ -17,7 +17,7 @@ from inferforge.llm import attention
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K, V, BT, CTX, O, scale,
+    Q, K, V, BT, CTX, Out, scale,
     stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
     G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
 ):  # fmt: skip
@@ -28,7 +28,9 @@ def _paged_decode_kernel(
     offs_d = tl.arange(0, D)
     gmask = offs_g < G
     heads = kvh * G + offs_g
-    q = tl.load(Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0
+    )
     m = tl.full([GP], float("-inf"), tl.float32)
     l_sum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -49,7 +51,7 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = acc / l_sum[:, None]
-    tl.store(O + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(O.dtype.element_ty),
+    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
              mask=gmask[:, None])  # fmt: skip
 
 
