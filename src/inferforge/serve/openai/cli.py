@@ -56,6 +56,9 @@ def serve_llm(
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, min=1024, help="Largest request body (413 beyond)."),
     drain_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    switch_interval_ms: float = typer.Option(
+        0.5, min=0.05, max=100.0, help="Python's GIL switch interval; short keeps the engine thread fed."
+    ),
 ) -> None:
     """Serve an LLM with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
     keys = read_api_keys(api_key_file)
@@ -89,6 +92,7 @@ def serve_llm(
         api_keys=keys,
         drain_timeout=drain_timeout,
         log_level=log_level,
+        switch_interval_ms=switch_interval_ms,
     )
 
 

@@ -104,14 +104,16 @@ async def _one(client: Any, cfg: LoadTestConfig, model: str, row: dict[str, Any]
             if chunk.get("usage"):
                 s.tokens = chunk["usage"]["completion_tokens"]
             for c in chunk.get("choices", []):
-                text = c.get("text") if not chat else c.get("delta", {}).get("content")
-                if text:
-                    now = time.perf_counter()
-                    if last is None:
-                        s.ttft = now - start
-                    else:
-                        s.itl.append(now - last)
-                    last = now
+                delta = c.get("delta", {})
+                if chat and "role" in delta and not delta.get("content"):
+                    continue  # the opening role chunk carries no token
+                # one chunk per engine delta; its text may be empty (a partial UTF-8 character)
+                now = time.perf_counter()
+                if last is None:
+                    s.ttft = now - start
+                else:
+                    s.itl.append(now - last)
+                last = now
     s.ok = True
     return s
 
@@ -124,6 +126,11 @@ def _pct(values: list[float], q: float) -> float:
 
 
 async def run(cfg: LoadTestConfig, prompts: list[dict[str, Any]]) -> dict[str, Any]:
+    samples, elapsed = await run_samples(cfg, prompts)
+    return summarize(samples, elapsed, cfg)
+
+
+async def run_samples(cfg: LoadTestConfig, prompts: list[dict[str, Any]]) -> tuple[list[Sample], float]:
     import httpx
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -154,7 +161,7 @@ async def run(cfg: LoadTestConfig, prompts: list[dict[str, Any]]) -> dict[str, A
 
         await asyncio.gather(*(worker() for _ in range(cfg.concurrency)))
         elapsed = time.perf_counter() - t0
-    return summarize(samples, elapsed, cfg)
+    return samples, elapsed
 
 
 def summarize(samples: list[Sample], elapsed: float, cfg: LoadTestConfig) -> dict[str, Any]:

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Coroutine, Generator
 from types import FrameType
@@ -82,10 +83,19 @@ def serve(
     api_keys: set[str] | None = None,
     drain_timeout: float = 30.0,
     log_level: str = "info",
+    switch_interval_ms: float = 0.5,
 ) -> None:
-    """Serve until a signal, then drain; returns normally so the caller exits 0."""
+    """Serve until a signal, then drain; returns normally so the caller exits 0.
+
+    The engine steps in a thread of this process, so it shares the GIL with the HTTP loop. When a GPU step
+    ends, the engine thread waits for the GIL up to the interpreter's switch interval (5 ms by default) while
+    the loop writes chunks: a stall of the whole batch. A shorter interval bounds that wait.
+    """
     if drain_timeout < 0:
         raise ValueError(f"drain_timeout must be >= 0 seconds, got {drain_timeout}")
+    if not 0.05 <= switch_interval_ms <= 100:
+        raise ValueError(f"switch_interval_ms must be in [0.05, 100], got {switch_interval_ms}")
+    sys.setswitchinterval(switch_interval_ms / 1e3)
     app = create_app(engine, model_name=model_name, limits=limits, api_keys=api_keys)
     state = app.state.openai
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
+from json.encoder import encode_basestring as _str  # C-accelerated; keeps non-ASCII as is
 
 import anyio
 
@@ -81,24 +82,50 @@ def _obj(ctx: StreamCtx) -> str:
     return "chat.completion.chunk" if ctx.plan.response_id.startswith("chatcmpl") else "text_completion"
 
 
+_FINISH = {None: "null", "stop": '"stop"', "length": '"length"', "abort": '"abort"'}
+
+
+class _Frames:
+    """Per-token chunks without logprobs, built from string templates: only the token text goes through the
+    JSON encoder. This is the hot path (one chunk per token per stream), so it skips building dicts."""
+
+    def __init__(self, ctx: StreamCtx, obj: str) -> None:
+        self.head = (
+            f'data: {{"id":{_str(ctx.plan.response_id)},"object":"{obj}","created":{ctx.created},'
+            f'"model":{_str(ctx.model)},"choices":[{{"index":'
+        )
+        self.tail = ("]," + '"usage":null}\n\n') if ctx.include_usage else "]}\n\n"
+
+    def completion(self, index: int, text: str, finish: str | None) -> bytes:
+        body = f'{index},"text":{_str(text)},"logprobs":null,"finish_reason":{_FINISH.get(finish, "null")}}}'
+        return (self.head + body + self.tail).encode()
+
+    def chat(self, index: int, content: str | None, finish: str | None) -> bytes:
+        delta = "{}" if content is None else f'{{"content":{_str(content)}}}'
+        body = f'{index},"delta":{delta},"logprobs":null,"finish_reason":{_FINISH.get(finish, "null")}}}'
+        return (self.head + body + self.tail).encode()
+
+
 def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
     async def body() -> AsyncIterator[bytes]:
-        n = ctx.plan.n
+        n, plan = ctx.plan.n, ctx.plan
         offsets: dict[int, int] = {}
         usage = None if ctx.include_usage else False
+        frames = _Frames(ctx, "text_completion")
         async for idx, out in _outputs(ctx):
             i = idx * n + out.index
             text = out.new_text
             if i not in offsets:
-                text = ctx.plan.prompt_texts[idx] + text
-                offsets[i] = len(ctx.plan.prompt_texts[idx])
-            lp = None
-            if ctx.plan.logprobs is not None and out.logprobs is not None:
-                lp, offsets[i] = completion_logprobs(ctx.text_of, out.logprobs, offsets[i])
+                text = plan.prompt_texts[idx] + text
+                offsets[i] = len(plan.prompt_texts[idx])
+            if plan.logprobs is None or out.logprobs is None:
+                yield frames.completion(i, text, out.finish_reason)
+                continue
+            lp, offsets[i] = completion_logprobs(ctx.text_of, out.logprobs, offsets[i])
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
-            yield sse(
-                envelope(ctx.plan.response_id, "text_completion", ctx.created, ctx.model, [choice], usage)
-            )
+            yield sse(envelope(plan.response_id, "text_completion", ctx.created, ctx.model, [choice], usage))
+        for p, s in ctx.unfinished():
+            yield frames.completion(p * n + s, "", "abort")
 
     return _guarded(ctx, body())
 
@@ -107,6 +134,7 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
     async def body() -> AsyncIterator[bytes]:
         usage = None if ctx.include_usage else False
         rid, created, model = ctx.plan.response_id, ctx.created, ctx.model
+        frames = _Frames(ctx, "chat.completion.chunk")
         roles = [
             {
                 "index": i,
@@ -118,14 +146,15 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
         ]
         yield sse(envelope(rid, "chat.completion.chunk", created, model, roles, usage))
         async for _, out in _outputs(ctx):
-            lp = None
-            if ctx.plan.logprobs is not None and out.logprobs is not None:
-                lp = {"content": chat_logprobs(ctx.text_of, out.logprobs), "refusal": None}
-            delta = {"content": out.new_text} if out.new_text or not out.finished else {}
+            content = out.new_text if out.new_text or not out.finished else None
+            if ctx.plan.logprobs is None or out.logprobs is None:
+                yield frames.chat(out.index, content, out.finish_reason)
+                continue
+            lp = {"content": chat_logprobs(ctx.text_of, out.logprobs), "refusal": None}
+            delta = {} if content is None else {"content": content}
             choice = {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
             yield sse(envelope(rid, "chat.completion.chunk", created, model, [choice], usage))
         for _, s in ctx.unfinished():
-            choice = {"index": s, "delta": {}, "logprobs": None, "finish_reason": "abort"}
-            yield sse(envelope(rid, "chat.completion.chunk", created, model, [choice], usage))
+            yield frames.chat(s, None, "abort")
 
     return _guarded(ctx, body())
