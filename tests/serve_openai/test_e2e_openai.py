@@ -230,6 +230,13 @@ def test_timing_headers_and_metrics(client: openai.OpenAI, model: str, server: S
     assert samples["inferforge_llm_generation_tokens_total"] >= 8
     assert samples["inferforge_llm_kv_cache_usage_ratio"] == 0.0  # idle: every block free again
     assert "inferforge_llm_num_requests_waiting" in samples
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    by_label = {
+        (s.labels["route"], s.labels["status"]): s.value
+        for s in families["inferforge_llm_requests"].samples
+        if s.name.endswith("_total")
+    }
+    assert by_label[("/v1/completions", "200")] >= 1
 
 
 def test_loadtest_cli(server: ServerProc, key_file: Path, tmp_path: Path) -> None:

@@ -150,7 +150,7 @@ class OpenAIServer:
         self, request: Request, plan: Plan, include_usage: bool, stream: bool, chat: bool
     ) -> Response:
         tracker = Tracker(plan.n)
-        route = "chat" if chat else "completions"
+        route = request.url.path
         self.inflight.update(r.request_id for r in plan.requests)
         try:
             if stream:
