@@ -206,14 +206,14 @@ def main() -> None:
             "nocompile",
             lambda: RESULTS.__setitem__("bf16_nocompile", engine_numbers(folder, None, (1, 64), False)),
         ),
+        ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
+        ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
         (
             "quant",
             lambda: [
                 RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in args.quants.split(",")
             ],
         ),
-        ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
-        ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
         ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),
     ]
     for name, fn in steps:
