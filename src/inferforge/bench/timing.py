@@ -26,10 +26,12 @@ class BenchConfig:
     min_iters: int = 20  # timed calls at least
     max_iters: int = 1000  # timed calls at most
     min_time_s: float = 1.0  # keep timing until this much wall time has passed (bounded by max_iters)
+    max_time_s: float = 10.0  # stop after this long even before min_iters (a very slow variant), after 3 calls
     rotate: int = 4  # distinct input batches cycled through, so caches cannot serve a single batch
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.min_iters < 1 or self.max_iters < self.min_iters or self.rotate < 1:
+        if self.warmup < 0 or self.min_iters < 1 or self.max_iters < self.min_iters or self.rotate < 1 or (
+                self.max_time_s < self.min_time_s):
             raise ValueError(f"bad BenchConfig {self}")
 
 
@@ -79,8 +81,11 @@ def time_batch_size(variant: Variant, data: EvalData, batch_size: int, config: B
     variant.forward_prepared(batches[0])
     _sync(device)
     first_call_s = time.perf_counter() - started
+    warm_started = time.perf_counter()
     for i in range(config.warmup):
         variant.forward_prepared(batches[i % len(batches)])
+        if time.perf_counter() - warm_started > config.max_time_s / 2:
+            break
     _sync(device)
     samples, wall, iters = _timed_loop(variant, batches, config)
     samples_ms = np.asarray(samples)
@@ -101,6 +106,8 @@ def _timed_loop(variant: Variant, batches: list, config: BenchConfig) -> tuple[l
     iters = 0
     started = time.perf_counter()
     while iters < config.max_iters and (iters < config.min_iters or time.perf_counter() - started < config.min_time_s):
+        if iters >= 3 and time.perf_counter() - started > config.max_time_s:
+            break
         batch = batches[iters % len(batches)]
         if cuda:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

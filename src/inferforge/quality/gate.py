@@ -51,15 +51,23 @@ class QualityReport:
 
 
 def run_outputs(
-    forward: Callable[..., torch.Tensor], data: EvalData, batch_size: int = 64, rows: slice | None = None
+    forward: Callable[..., torch.Tensor], data: EvalData, batch_size: int = 64, rows: slice | None = None,
+    pad: bool = False,
 ) -> torch.Tensor:
-    """fp32 CPU outputs of `forward` over the data (or a slice of it), batch by batch."""
-    count = len(data) if rows is None else len(range(*rows.indices(len(data))))
-    start0 = 0 if rows is None else rows.indices(len(data))[0]
+    """fp32 CPU outputs of `forward` over the data (or a slice of it), batch by batch.
+
+    With `pad`, a short last batch is padded (repeating its last row) to `batch_size`, so a compiled variant sees
+    only the shapes it is benchmarked at instead of compiling once more for the remainder.
+    """
+    start0, stop0, _ = (rows or slice(None)).indices(len(data))
     chunks = []
-    for start in range(start0, start0 + count, batch_size):
-        end = min(start + batch_size, start0 + count)
-        chunks.append(forward(*data.rows(slice(start, end))).detach().float().cpu().clone())
+    for start in range(start0, stop0, batch_size):
+        end = min(start + batch_size, stop0)
+        index = torch.arange(start, end)
+        if pad and end - start < batch_size:
+            index = torch.cat([index, index[-1:].expand(batch_size - (end - start))])
+        out = forward(*data.rows(index)).detach().float().cpu()
+        chunks.append(out[: end - start].clone())
     return torch.cat(chunks)
 
 
@@ -92,7 +100,7 @@ def judge(
 
 def evaluate(
     forward: Callable[..., torch.Tensor], data: EvalData, task: Task, reference: torch.Tensor, budget: Budget,
-    batch_size: int = 64,
+    batch_size: int = 64, pad: bool = False,
 ) -> QualityReport:
     """Run `forward` (a variant) on all of `data` and judge it against the reference outputs."""
-    return judge(task, run_outputs(forward, data, batch_size), reference, data.labels, budget)
+    return judge(task, run_outputs(forward, data, batch_size, pad=pad), reference, data.labels, budget)

@@ -36,7 +36,7 @@ class Fallback:
 
 
 def layer_scores(
-    recipe: Recipe, model: LoadedModel, data: EvalData, reference: torch.Tensor, device: str, sample: int = 128
+    recipe: Recipe, model: LoadedModel, data: EvalData, reference: torch.Tensor, device: str, sample: int = 64
 ) -> list[tuple[str, float]]:
     """Relative output error with only one layer quantized, for every quantizable layer, worst first."""
     layers = quantizable_linears(model.module)

@@ -62,6 +62,7 @@ class Compile(TechniqueConfig):
         return options
 
     def apply(self, module: nn.Module, ctx: ApplyContext) -> nn.Module:
+        torch._dynamo.reset()  # compiled frames are cached per code object: another variant's would be reused
         compiled = torch.compile(module, dynamic=False, options=self.options())
         wrapper = CompiledModule(module, compiled, cudagraphs=self.mode != "default" and ctx.is_cuda)
         inputs = ctx.cast_inputs(ctx.example_inputs)

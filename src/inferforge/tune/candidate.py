@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from inferforge.bench import BenchConfig, measure
+from inferforge.bench.timing import time_batch_size
 from inferforge.errors import InferforgeError, NotApplicable
 from inferforge.models.data import EvalData
 from inferforge.models.loaded import LoadedModel
@@ -31,6 +32,7 @@ class SearchContext:
     bench: BenchConfig
     fallback_attempts: int
     latency_slo_ms: float | None
+    baseline: dict[int, float] | None = None  # fp32 eager throughput per batch size, once measured
     on_stage: Callable[[str], None] = lambda stage: None
 
 
@@ -43,10 +45,14 @@ def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Va
     ctx.on_stage("applying")
     variant = apply_recipe(recipe, ctx.model, ctx.data.rows(slice(0, 2)), ctx.device)
     ctx.on_stage("validating")
-    result.quality = evaluate(variant, ctx.data, ctx.model.task, ctx.reference, ctx.budget)
+    compiled = recipe.has("graph")  # validate at a benchmarked batch size, padded, so no extra compile
+    batch = max(ctx.batch_sizes) if compiled else 64
+    result.quality = evaluate(variant, ctx.data, ctx.model.task, ctx.reference, ctx.budget, batch, pad=compiled)
     result.notes = list(variant.context.notes)
     if result.quality.passed or not recipe.has("quantization") or ctx.fallback_attempts < 1:
         return variant
+    if _slower_than_baseline(variant, ctx, result):
+        return None
     del variant
     _free(ctx.device)
     ctx.on_stage("sensitivity fallback")
@@ -58,6 +64,21 @@ def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Va
     result.quality = found.quality
     result.notes = list(found.variant.context.notes)
     return found.variant
+
+
+def _slower_than_baseline(variant: Variant, ctx: SearchContext, result: CandidateResult) -> bool:
+    """A failing candidate slower than fp32 cannot become worth shipping by keeping layers in higher precision."""
+    if not ctx.baseline:
+        return False
+    batch = max(ctx.batch_sizes)
+    ctx.on_stage("speed probe before fallback")
+    probe = BenchConfig(warmup=1, min_iters=3, max_iters=3, min_time_s=0.0, max_time_s=5.0)
+    throughput = time_batch_size(variant, ctx.data, batch, probe).throughput
+    if throughput >= ctx.baseline.get(batch, 0.0):
+        return False
+    result.notes.append(f"sensitivity fallback skipped: {throughput:,.0f}/s at batch {batch} is below the fp32 "
+                        f"baseline's {ctx.baseline[batch]:,.0f}/s")
+    return True
 
 
 def run_candidate(label: str, stage: str, ctx: SearchContext) -> tuple[CandidateResult, Variant | None]:

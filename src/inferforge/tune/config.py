@@ -46,8 +46,9 @@ class OptimizeConfig:
     fallback_attempts: int = field(default=3, metadata=_help(
         "How many times a failing quantized candidate retries with its most sensitive layers kept in higher "
         "precision (0 disables)."))
-    compile_top: int = field(default=-1, metadata=_help(
-        "How many of the best passing eager candidates also get torch.compile variants (-1: 2 on GPU, 1 on CPU)."))
+    compile_top: int = field(default=1, metadata=_help(
+        "How many of the best passing eager candidates also get torch.compile variants (on a GPU the best one "
+        "also gets CUDA graphs); each batch size compiles once per variant."))
     min_time_s: float = field(default=1.0, metadata=_help("Seconds of timed calls per batch size, at least."))
     warmup: int = field(default=5, metadata=_help("Untimed warm-up calls per batch size."))
     gpu_hourly_usd: float | None = field(default=None, metadata=_help(
@@ -65,6 +66,8 @@ class OptimizeConfig:
             raise ConfigError(f"--min-fidelity must be in [0, 1], got {self.min_fidelity}")
         if not 0 <= self.fallback_attempts <= 10:
             raise ConfigError(f"--fallback-attempts must be in [0, 10], got {self.fallback_attempts}")
+        if not 0 <= self.compile_top <= 8:
+            raise ConfigError(f"--compile-top must be in [0, 8], got {self.compile_top}")
         if self.min_time_s <= 0 or self.warmup < 0:
             raise ConfigError("--min-time-s must be positive and --warmup non-negative")
         self.parsed_batch_sizes()

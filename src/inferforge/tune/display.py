@@ -29,7 +29,7 @@ class Display:
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 160)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
                                  console=self.console, transient=True, disable=not enabled)
         self.task_id = None
@@ -52,9 +52,10 @@ class Display:
         return on_stage
 
     def finish(self, result: CandidateResult) -> None:
-        if self.enabled:
-            style = STATUS_STYLE.get(result.status, "white")
-            self.progress.console.print(f"[{style}]{result.status:>14}[/] {result.recipe:<38} {_short(result)}")
+        """Printed in quiet mode too, so a log shows how far a long search got."""
+        style = STATUS_STYLE.get(result.status, "white")
+        self.progress.console.print(
+            f"[{style}]{result.status:>14}[/] {result.recipe:<38} {_short(result)} ({result.seconds:.0f} s)")
 
 
 def summary_table(run: RunResult) -> Table:

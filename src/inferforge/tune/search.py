@@ -73,6 +73,8 @@ def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tup
             variant = None
         results.append(result)
         display.finish(result)
+        if label == "fp32" and result.bench is not None:
+            ctx.baseline = {b: t.throughput for b, t in result.bench.per_batch.items()}
         if variant is not None and stage != "baseline" and (best is None or objective_value(result, config.objective, None) >
                                     objective_value(best[0], config.objective, None)):
             best = (result, variant)
@@ -86,9 +88,9 @@ def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tup
         run("fp32", "baseline")  # timed for the speed-ups, not eligible: the user did not ask for it
     for label in labels:
         run(label, "eager")
-    top = config.compile_top if config.compile_top >= 0 else (2 if ctx.device.startswith("cuda") else 1)
     if config.techniques == "auto":
-        for label in compiled_candidates(rank(results, config.objective, None), top, ctx.device, ctx.batch_sizes):
+        ranked = rank(results, config.objective, None)
+        for label in compiled_candidates(ranked, config.compile_top, ctx.device, ctx.batch_sizes):
             run(label, "compiled")
     return results, best[1] if best else None
 
