@@ -14,7 +14,7 @@ case $which in
     python3 -m inferforge.cli optimize --model torchvision.models:resnet50 --data random:512:3x224x224 \
       --task classification --batch-sizes 1,256 --out "$out/resnet50" --quiet ;;
   bert)
-    python3 benchmarks/make_bert_base.py /tmp/bench
+    python3 benchmarks/make_bert_base.py /tmp/bench ${TOKENIZER_DIR:-}
     python3 -m inferforge.cli optimize --model /tmp/bench/bert-base --data /tmp/bench/bert-seq128.npz \
       --task embedding --batch-sizes 1,64 --out "$out/bert" --quiet ;;
   default)

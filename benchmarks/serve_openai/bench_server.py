@@ -213,6 +213,13 @@ def start_server(a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, st
     raise RuntimeError("server did not come up")
 
 
+T0 = time.perf_counter()
+
+
+def phase(name: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {name}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--mode", default="all", choices=["all", "engine"])
@@ -252,6 +259,7 @@ def main() -> None:
         import torch
 
         res["device"] = torch.cuda.get_device_name(0)
+    phase(f"model ready: {a.model_dir}")
     eng_json = out / "engine_raw.json"
     cmd = [sys.executable, __file__, "--mode", "engine", "--json", str(eng_json)]
     cmd += [
@@ -260,7 +268,9 @@ def main() -> None:
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start
+    phase(f"engine peer done: {[round(r['tokens_per_s']) for r in res['engine']['throughput']]} tok/s")
     proc, url = start_server(a, out / "server.log")
+    phase("server up")
     try:
         import httpx
 
@@ -269,6 +279,7 @@ def main() -> None:
             url, argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16}), 1
         )  # warm
         res["server"] = [server_throughput(url, a, 10 + r) for r in range(a.reps)]
+        phase(f"server throughput done: {[round(r['tokens_per_s']) for r in res['server']]} tok/s")
         server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up
         client_s, header_ms = server_ttft(url, prompts(a.ttft_reps, a.ttft_prompt, 3), model)
         res["server_ttft_client_s"], res["server_ttft_header_ms"] = client_s, header_ms
