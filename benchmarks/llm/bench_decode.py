@@ -105,7 +105,9 @@ def engine_numbers(
     eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
                                          max_model_len=1024, max_num_batched_tokens=2048, decode_buckets=batches,
                                          compile_decode=compile_decode))  # fmt: skip
-    out: dict = {"load_and_capture_s": clk(), "kernel": eng.decode_kernel}
+    out: dict = {"load_and_capture_s": clk(), "kernel": eng.decode_kernel, "compile_error": eng.runner.compile_error,
+                 "compiled": eng.model.compiled_block is not None}
+    row(f"engine {label} compiled decode block", f"{out['compiled']} {out['compile_error'] or ''}")
     decode_rate(eng, 1, new_tokens=32)  # warm-up
     for b in batches:
         out[f"decode_tok_s_b{b}"] = rate = decode_rate(eng, b)
@@ -201,7 +203,7 @@ def main() -> None:
     folder = make_random_1b(Path("/tmp/llama1b_random"))
     steps = [
         ("check", check_tiny),
-        ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 8, 64)))),
+        ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 64)))),
         (
             "nocompile",
             lambda: RESULTS.__setitem__("bf16_nocompile", engine_numbers(folder, None, (1, 64), False)),
@@ -211,7 +213,7 @@ def main() -> None:
         (
             "quant",
             lambda: [
-                RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in args.quants.split(",")
+                RESULTS.__setitem__(q, engine_numbers(folder, q, (1,))) for q in args.quants.split(",")
             ],
         ),
         ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),

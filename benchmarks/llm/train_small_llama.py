@@ -177,7 +177,8 @@ def main() -> None:
     starts = torch.randint(0, held.numel() - 64, (16,), generator=g).tolist()
     prompts = [tuple(held[s : s + 32].tolist()) for s in starts]
     base = None
-    for fmt in ("bf16", "int8", "fp8", "int4"):
+    print(f"trained {info['params'] / 1e6:.1f}M params, {info['steps']} steps, losses {info['loss_every_100']}", flush=True)
+    for fmt in ("bf16", "int8", "int4", "fp8"):
         quant = None if fmt == "bf16" else fmt
         m = load_model(SAVE, device="cuda", dtype=torch.bfloat16, max_model_len=SEQ,
                        transform=(lambda mod, q=quant: quantize_model(mod, q)) if quant else None)  # fmt: skip

@@ -50,6 +50,7 @@ class ModelRunner:
         self._host_np = self._host.numpy()
         self._dev = torch.zeros(self._width, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.compile_error: str | None = None
         if cuda_graphs and on_gpu:
             self.capture()
 
@@ -65,8 +66,21 @@ class ModelRunner:
         meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx, decode_fn=self.decode_fn)
         return self.model.logits(self.model(ids, pos, meta))
 
-    @torch.inference_mode()
     def capture(self) -> None:
+        """Capture every bucket; if the compiled decode block fails to build, fall back to eager kernels."""
+        try:
+            self._capture()
+        except Exception as exc:
+            if self.model.compiled_block is None:
+                raise
+            self.model.compiled_block = None
+            self.compile_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            self.graphs.clear()
+            torch.cuda.synchronize()
+            self._capture()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
         """One graph per bucket, largest first, sharing one memory pool."""
         self._fill([], self.buckets[-1])
         torch.cuda.synchronize()
