@@ -176,7 +176,9 @@ def server_ttft(url: str, rows: list[tuple[int, ...]], model: str) -> tuple[list
     return client_s, header_ms
 
 
-def start_server(a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(
+    a: argparse.Namespace, log: Path, mode: str, switch_ms: float
+) -> tuple[subprocess.Popen, str]:
     import httpx
 
     port = 18000 + os.getpid() % 1000
@@ -198,6 +200,10 @@ def start_server(a: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, st
         "warning",
         "--max-tokens-cap",
         "4096",
+        "--switch-interval-ms",
+        str(switch_ms),
+        "--engine-mode",
+        mode,
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -237,7 +243,9 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--json", default=None)
+    p.add_argument("--variants", default="process:5,thread:0.5", help="server runs: engine mode:switch ms")
     a = p.parse_args()
+    a.variants = [(v.split(":")[0], float(v.split(":")[1])) for v in str(a.variants).split(",")]
     if a.mode == "engine":
         engine_mode(a)
         return
@@ -263,67 +271,80 @@ def main() -> None:
     eng_json = out / "engine_raw.json"
     cmd = [sys.executable, __file__, "--mode", "engine", "--json", str(eng_json)]
     cmd += [
-        f"--{k.replace('_', '-')}={v}" for k, v in vars(a).items() if k not in ("mode", "json", "tiny") and v
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in vars(a).items()
+        if k not in ("mode", "json", "tiny", "variants") and v
     ]
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start
     phase(f"engine peer done: {[round(r['tokens_per_s']) for r in res['engine']['throughput']]} tok/s")
-    proc, url = start_server(a, out / "server.log")
-    phase("server up")
-    try:
-        import httpx
+    for k, (mode, switch_ms) in enumerate(a.variants):
+        res[f"server_{mode}_{switch_ms}"] = server_run(a, out, mode, switch_ms, measure_ttft=k == 0)
+    report(res, out)
 
+
+def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, measure_ttft: bool) -> dict:
+    import httpx
+
+    res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms}
+    proc, url = start_server(a, out / f"server_{mode}_{switch_ms}.log", mode, switch_ms)
+    phase(f"server up (engine {mode}, switch interval {switch_ms} ms)")
+    try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        server_throughput(
-            url, argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16}), 1
-        )  # warm
-        res["server"] = [server_throughput(url, a, 10 + r) for r in range(a.reps)]
-        phase(f"server throughput done: {[round(r['tokens_per_s']) for r in res['server']]} tok/s")
-        server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up
-        client_s, header_ms = server_ttft(url, prompts(a.ttft_reps, a.ttft_prompt, 3), model)
-        res["server_ttft_client_s"], res["server_ttft_header_ms"] = client_s, header_ms
+        warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
+        server_throughput(url, warm, 1)
+        res["throughput"] = [server_throughput(url, a, 10 + r) for r in range(a.reps)]
+        phase(f"server throughput: {[round(r['tokens_per_s']) for r in res['throughput']]} tok/s")
+        if measure_ttft:
+            server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up
+            client_s, header_ms = server_ttft(url, prompts(a.ttft_reps, a.ttft_prompt, 3), model)
+            res["ttft_client_s"], res["ttft_header_ms"] = client_s, header_ms
         res["metrics_tail"] = httpx.get(url + "/metrics").text[-1500:]
     finally:
         proc.send_signal(signal.SIGTERM)
-        res["server_exit_code"] = proc.wait(120)
-    report(res, out)
+        res["exit_code"] = proc.wait(120)
+    return res
 
 
 def report(res: dict, out: Path) -> None:
     eng = [r["tokens_per_s"] for r in res["engine"]["throughput"]]
-    srv = [r["tokens_per_s"] for r in res["server"]]
-    e_med, s_med = statistics.median(eng), statistics.median(srv)
-    res["summary"] = {
-        "engine_tokens_per_s_median": e_med,
-        "server_tokens_per_s_median": s_med,
-        "server_over_engine": s_med / e_med,
-        "engine_ttft_512_ms_median": statistics.median(res["engine"]["ttft_s"]) * 1e3,
-        "server_ttft_512_client_ms_median": statistics.median(res["server_ttft_client_s"]) * 1e3,
-        "server_ttft_512_client_ms_p90": pct(res["server_ttft_client_s"], 0.9) * 1e3,
-        "server_ttft_512_engine_side_ms_median": statistics.median(res["server_ttft_header_ms"]),
-        "server_errors": sum(len(r["errors"]) for r in res["server"]),
-        "server_exit_code": res["server_exit_code"],
-    }
+    e_med = statistics.median(eng)
+    runs = [v for k, v in res.items() if k.startswith(("server_thread_", "server_process_"))]
+    first = runs[0]
+    summary: dict[str, Any] = {"engine_tokens_per_s_median": e_med}
+    for r in runs:
+        s_med = statistics.median(x["tokens_per_s"] for x in r["throughput"])
+        tag = f"{r['engine_mode']}, switch {r['switch_interval_ms']} ms"
+        summary[f"server tokens/s median ({tag})"] = s_med
+        summary[f"server / engine ({tag})"] = s_med / e_med
+        summary[f"server errors, exit code ({tag})"] = (
+            f"{sum(len(x['errors']) for x in r['throughput'])}, {r['exit_code']}"
+        )
+    summary["engine TTFT 512-token prompt ms median"] = statistics.median(res["engine"]["ttft_s"]) * 1e3
+    summary["server TTFT 512 client-side ms median"] = statistics.median(first["ttft_client_s"]) * 1e3
+    summary["server TTFT 512 client-side ms p90"] = pct(first["ttft_client_s"], 0.9) * 1e3
+    summary["server TTFT 512 engine-side (header) ms median"] = statistics.median(first["ttft_header_ms"])
+    res["summary"] = summary
     (out / "bench_server.json").write_text(json.dumps(res, indent=2, default=str))
     print(f"device: {res.get('device', 'cpu')}  date: {res['date']}")
-    print(f"{'metric':52s} value")
-    for k, v in res["summary"].items():
+    for k, v in summary.items():
         print(f"{k:52s} {v:.3f}" if isinstance(v, float) else f"{k:52s} {v}")
-    print(
-        "engine tokens/s per rep:",
-        [round(x) for x in eng],
-        " server tokens/s per rep:",
-        [round(x) for x in srv],
-    )
-    print(
-        "server per rep ttft p50 ms / itl p50 ms / itl p99 ms:",
-        [
-            (round(r["ttft_p50_ms"], 1), round(r["itl_p50_ms"], 2), round(r["itl_p99_ms"], 2))
-            for r in res["server"]
-        ],
-    )
+    print("engine tokens/s per rep:", [round(x) for x in eng])
     print("engine per rep ttft p50 ms:", [round(r["ttft_p50_ms"], 1) for r in res["engine"]["throughput"]])
+    for r in runs:
+        print(
+            f"server ({r['engine_mode']}, {r['switch_interval_ms']}) tok/s, ttft p50, itl p50/p99 ms:",
+            [
+                (
+                    round(x["tokens_per_s"]),
+                    round(x["ttft_p50_ms"], 1),
+                    round(x["itl_p50_ms"], 2),
+                    round(x["itl_p99_ms"], 2),
+                )
+                for x in r["throughput"]
+            ],
+        )
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import httpx
 
 STARTUP_TIMEOUT_S = 120.0
 CLI_MODULE = os.environ.get("INFERFORGE_TEST_CLI_MODULE", "inferforge.cli")
+EXTRA_ARGS = os.environ.get("INFERFORGE_TEST_SERVER_ARGS", "").split()  # e.g. "--engine-mode process"
 
 
 def free_port() -> int:
@@ -55,6 +56,7 @@ def serve_cmd(model_dir: Path, port: int, *args: str) -> list[str]:
         "cpu",
         "--log-level",
         "warning",
+        *EXTRA_ARGS,
         *args,
     ]
 

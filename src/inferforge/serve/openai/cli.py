@@ -56,6 +56,9 @@ def serve_llm(
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, min=1024, help="Largest request body (413 beyond)."),
     drain_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
+    engine_mode: str = typer.Option(
+        "thread", help="thread: the engine steps in this process; process: in a child (no shared GIL)."
+    ),
     switch_interval_ms: float = typer.Option(
         0.5, min=0.05, max=100.0, help="Python's GIL switch interval; short keeps the engine thread fed."
     ),
@@ -70,19 +73,27 @@ def serve_llm(
         max_prompt_tokens=max_prompt_tokens,
         max_body_bytes=max_body_bytes,
     )
+    if engine_mode not in ("thread", "process"):
+        raise InferforgeError(f"--engine-mode must be thread or process, got {engine_mode!r}")
     if not model_dir.is_dir():
         raise InferforgeError(f"MODEL_DIR {model_dir}: not a folder; give a Hugging Face model folder")
-    from inferforge.llm.async_engine import AsyncLLMEngine
     from inferforge.serve.openai.server import serve
 
-    engine = AsyncLLMEngine.from_pretrained(
-        str(model_dir),
-        device=device,
-        quant=None if quant == "none" else quant,
-        max_num_seqs=max_num_seqs,
-        max_model_len=max_model_len,
-        max_waiting=max_waiting,
-    )
+    engine_config = {
+        "device": device,
+        "quant": None if quant == "none" else quant,
+        "max_num_seqs": max_num_seqs,
+        "max_model_len": max_model_len,
+        "max_waiting": max_waiting,
+    }
+    if engine_mode == "process":
+        from inferforge.serve.openai.engine_process import ProcessEngine
+
+        engine = ProcessEngine(model_dir, **engine_config)
+    else:
+        from inferforge.llm.async_engine import AsyncLLMEngine
+
+        engine = AsyncLLMEngine.from_pretrained(str(model_dir), **engine_config)
     serve(
         engine,
         host=host,
