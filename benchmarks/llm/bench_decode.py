@@ -104,7 +104,7 @@ def engine_numbers(
     clk = Clock()
     eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
                                          max_model_len=1024, max_num_batched_tokens=2048, decode_buckets=batches,
-                                         compile_decode=compile_decode))  # fmt: skip
+                                         compile_decode=compile_decode, experimental_quant=True))  # fmt: skip
     out: dict = {"load_and_capture_s": clk(), "kernel": eng.decode_kernel, "compile_error": eng.runner.compile_error,
                  "compiled": eng.model.compiled_block is not None}
     row(f"engine {label} compiled decode block", f"{out['compiled']} {out['compile_error'] or ''}")

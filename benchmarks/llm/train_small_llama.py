@@ -133,7 +133,8 @@ def greedy(folder: Path, quant: str | None, prompts: list[tuple[int, ...]], n: i
     from inferforge.llm.protocol import EngineRequest, SamplingParams
 
     eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=16, kv_cache_tokens=16 * 160,
-                                         max_model_len=256, decode_buckets=(16,)))  # fmt: skip
+                                         max_model_len=256, decode_buckets=(16,),
+                                         experimental_quant=True))  # fmt: skip
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     res = eng.generate([EngineRequest(str(i), p, params) for i, p in enumerate(prompts)])
     out = [[t for o in res[str(i)][0] for t in o.new_token_ids] for i in range(len(prompts))]
@@ -181,7 +182,7 @@ def main() -> None:
     for fmt in ("bf16", "int8", "int4", "fp8"):
         quant = None if fmt == "bf16" else fmt
         m = load_model(SAVE, device="cuda", dtype=torch.bfloat16, max_model_len=SEQ,
-                       transform=(lambda mod, q=quant: quantize_model(mod, q)) if quant else None)  # fmt: skip
+                       transform=(lambda mod, q=quant: quantize_model(mod, q, experimental=True)) if quant else None)  # fmt: skip
         ppl = perplexity(m, held)
         del m
         free()

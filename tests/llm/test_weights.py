@@ -60,3 +60,12 @@ def test_refuses_remote_code_and_unknown_families(tmp_path: Path, tiny_llama: Pa
 def test_max_model_len_beyond_the_model_is_refused(tiny_llama: Path) -> None:
     with pytest.raises(ModelSourceError, match="max_model_len"):
         load_model(tiny_llama, max_model_len=100_000)
+
+
+def test_quant_formats_not_offered_or_off_gpu_are_refused_early(tiny_llama: Path) -> None:
+    from inferforge.errors import NotApplicable
+
+    with pytest.raises(NotApplicable, match="not offered"):
+        LLMEngine(tiny_llama, EngineConfig(quant="int4", kv_cache_tokens=256))
+    with pytest.raises(NotApplicable, match="CUDA"):
+        LLMEngine(tiny_llama, EngineConfig(quant="int8", kv_cache_tokens=256))

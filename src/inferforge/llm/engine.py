@@ -17,9 +17,10 @@ from typing import Literal
 
 import torch
 
-from inferforge.errors import InferforgeError
+from inferforge.errors import InferforgeError, NotApplicable
 from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
 from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed, copy_blocks, plan_cache
+from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
 from inferforge.llm.runner import ModelRunner
 from inferforge.llm.sampler import SampleResult, SamplingBatch, sample
@@ -46,8 +47,9 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9  # share of free device memory given to the KV cache
     cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
     triton_attention: bool = True  # on CUDA, the Triton paged-decode kernel (if it matches the reference)
-    compile_decode: bool = True  # on CUDA, fuse a decode step's small kernels with torch.compile
+    compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
     decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
+    experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -81,10 +83,18 @@ class LLMEngine:
             )
         transform = None
         if config.quant is not None:
-            from inferforge.llm.quant import quantize_model
+            from inferforge.llm.quant import IMPLEMENTED, OFFERED, quantize_model
 
-            def transform(m):
-                quantize_model(m, config.quant)
+            if config.quant not in (IMPLEMENTED if config.experimental_quant else OFFERED):
+                raise NotApplicable(
+                    f"quant {config.quant!r} is not offered: only formats measured faster than bf16 end to end "
+                    f"are ({', '.join(OFFERED)}); see docs/llm-engine.md"
+                )
+            if self.device.type != "cuda":
+                raise NotApplicable(f"quant {config.quant!r} needs a CUDA device (gemlite kernels); use --device cuda")
+
+            def transform(m: DecoderLM) -> None:
+                quantize_model(m, config.quant, experimental=config.experimental_quant)
 
         self.model = load_model(
             self.folder,

@@ -1,0 +1,49 @@
+"""The CUDA paths (graphs, Triton decode kernel, gemlite int8). Skipped without a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from inferforge.llm.engine import EngineConfig, LLMEngine
+from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+pytestmark = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_triton_decode_kernel_matches_reference() -> None:
+    from inferforge.llm import triton_attn
+
+    assert triton_attn.check_against_reference(torch.device("cuda")) < 2e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_cuda_graph_greedy_fp32_matches_transformers(tiny_dirs: dict[str, Path], family: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_dirs[family]
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = (5, 17, 99, 3)
+    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
+    eng = LLMEngine(folder, EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=4))
+    assert eng.runner.graphs, "decode graphs were not captured"
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    outs = eng.generate([EngineRequest("g", prompt, params)])["g"][0]
+    assert [t for o in outs for t in o.new_token_ids] == ref[0, len(prompt) :].tolist()
+
+
+@needs_cuda
+def test_int8_engine_runs_and_stays_close_to_bf16(tiny_llama: Path) -> None:
+    prompt = (5, 17, 99, 3)
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
+    base = LLMEngine(tiny_llama, EngineConfig(device="cuda", kv_cache_tokens=1024, max_num_seqs=2))
+    q8 = LLMEngine(tiny_llama, EngineConfig(device="cuda", quant="int8", kv_cache_tokens=1024, max_num_seqs=2))
+    a = base.generate([EngineRequest("a", prompt, params)])["a"][0]
+    b = q8.generate([EngineRequest("b", prompt, params)])["b"][0]
+    assert a[0].logprobs and b[0].logprobs
+    assert abs(a[0].logprobs[0].logprob - b[0].logprobs[0].logprob) < 0.1
