@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import typer
 
 from inferforge.errors import InferforgeError
+
+if TYPE_CHECKING:
+    from inferforge.llm.protocol import EngineClient
 
 
 def read_api_keys(path: Path | None) -> set[str] | None:
@@ -79,13 +83,14 @@ def serve_llm(
         raise InferforgeError(f"MODEL_DIR {model_dir}: not a folder; give a Hugging Face model folder")
     from inferforge.serve.openai.server import serve
 
-    engine_config = {
+    engine_config: dict[str, Any] = {
         "device": device,
         "quant": None if quant == "none" else quant,
         "max_num_seqs": max_num_seqs,
         "max_model_len": max_model_len,
         "max_waiting": max_waiting,
     }
+    engine: EngineClient
     if engine_mode == "process":
         from inferforge.serve.openai.engine_process import ProcessEngine
 
