@@ -23,7 +23,7 @@ from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed,
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
 from inferforge.llm.runner import ModelRunner
-from inferforge.llm.sampler import SampleResult, SamplingBatch, sample
+from inferforge.llm.sampler import SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence
 from inferforge.llm.weights import load_model
 
@@ -199,26 +199,25 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
+        # Rows to sample are known before the forward pass: stage their parameters now, asynchronously.
+        done = [seq for seq, n in plan.prefill if seq.num_computed + n >= len(seq.token_ids)]
+        rows = [*plan.decode, *(s for seq in done for s in seq.group.seqs)]
+        prep = prepare(self._sampling_batch(rows), self.device, self.model.cfg.vocab_size) if rows else None
+        index = to_device([j for j, seq in enumerate(done) for _ in seq.group.seqs], self.device, torch.long)
         parts: list[torch.Tensor] = []
-        rows: list[Sequence] = []
         if plan.decode:
             parts.append(self.runner.decode(plan.decode))
-            rows.extend(plan.decode)
         if plan.prefill:
-            logits, done = self.runner.prefill(plan.prefill)
+            logits, _ = self.runner.prefill(plan.prefill)
             for seq, n in plan.prefill:
                 seq.num_computed += n
-            index = []
-            for j, seq in enumerate(done):
+            for seq in done:
                 self._fork(seq)
-                for s in seq.group.seqs:
-                    index.append(j)
-                    rows.append(s)
-            if index:
-                parts.append(logits[torch.tensor(index, device=logits.device)])
+            if done:
+                parts.append(logits[index])
         outputs: list[EngineOutput] = []
-        if rows:
-            result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], self._sampling_batch(rows))
+        if prep is not None:
+            result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
             outputs = self._update(rows, result, n_decode=len(plan.decode))
         self.scheduler.free_finished()
         return outputs

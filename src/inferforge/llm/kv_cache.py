@@ -13,6 +13,7 @@ import torch
 
 from inferforge.errors import InferforgeError
 from inferforge.llm.model import DecoderLM
+from inferforge.llm.sampler import to_device
 
 BLOCK_SIZE = 16
 
@@ -105,8 +106,8 @@ def blocks_needed(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
 
 def copy_blocks(model: DecoderLM, src: list[int], dst: list[int]) -> None:
     """Copy whole blocks in every layer (forking a sequence for `n` > 1 after its prompt is cached)."""
-    s = torch.tensor(src, device=model.layers[0].attn.k_cache.device)
-    d = torch.tensor(dst, device=s.device)
+    device = model.layers[0].attn.k_cache.device
+    s, d = to_device(src, device, torch.long), to_device(dst, device, torch.long)
     for layer in model.layers:
         layer.attn.k_cache[d] = layer.attn.k_cache[s]
         layer.attn.v_cache[d] = layer.attn.v_cache[s]

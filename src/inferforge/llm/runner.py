@@ -14,6 +14,7 @@ import torch
 from inferforge.llm.attention import AttnMeta, PrefillSeq
 from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
 from inferforge.llm.model import DecoderLM
+from inferforge.llm.sampler import to_device
 from inferforge.llm.scheduler import Sequence
 
 
@@ -141,15 +142,14 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
             slots.extend(_slot(seq, p) for p in range(start, end))
-            block_ids = torch.tensor(seq.blocks[: blocks_needed(end)], device=self.device)
+            block_ids = to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
             metas.append(PrefillSeq(q_start, n, end, block_ids))
             if end >= len(seq.token_ids):
                 rows.append(len(ids) - 1)
                 done.append(seq)
-        host = torch.tensor([ids, pos, slots], dtype=torch.long)
-        dev = host.to(self.device, non_blocking=True)
+        dev = to_device([ids, pos, slots], self.device, torch.long)
         meta = AttnMeta(slot_mapping=dev[2], prefill=metas)
         hidden = self.model(dev[0], dev[1], meta)
         if not rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
-        return self.model.logits(hidden[torch.tensor(rows, device=self.device)]), done
+        return self.model.logits(hidden[to_device(rows, self.device, torch.long)]), done

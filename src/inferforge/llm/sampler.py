@@ -1,8 +1,10 @@
 """Batched sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, per-request seeds.
 
-Everything stays on the device as one batch; the engine reads the chosen ids (and logprobs) once per step. Seeded
-rows draw their noise from their own `torch.Generator`, so a request's samples do not depend on its neighbours.
-Sampling is the exponential race (argmax of p / q, q ~ Exp(1)), which equals drawing from p.
+`prepare()` turns the step's per-row parameters into device tensors through pinned memory and asynchronous
+copies, before the forward pass is launched, so sampling itself never waits on the host; the engine reads the
+chosen ids (and logprobs) once per step. Seeded rows draw their noise from their own `torch.Generator`, so a
+request's samples do not depend on its neighbours. Sampling is the exponential race (argmax of p / q with
+q ~ Exp(1)), which draws from p.
 """
 
 from __future__ import annotations
@@ -14,13 +16,21 @@ import torch
 from inferforge.llm.protocol import SamplingParams
 
 
+def to_device(data: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A host list on the device without a synchronising copy (pinned staging on CUDA)."""
+    t = torch.tensor(data, dtype=dtype)
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingBatch:
-    """Per-row parameters for one step, built on the host and moved to the device in a few small copies."""
+    """Per-row parameters for one step, in the order of the logits rows."""
 
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
-    seen: list[list[int]]  # prompt + output ids per row, for the repetition penalty
+    seen: list[list[int]]  # prompt + output ids per row, for the repetition penalty (empty when unused)
 
     def __post_init__(self) -> None:
         if not len(self.params) == len(self.generators) == len(self.seen):
@@ -32,6 +42,41 @@ class SamplingBatch:
 
 
 @dataclass
+class PreparedBatch:
+    """Device tensors for a SamplingBatch; None where no row needs the feature."""
+
+    batch: SamplingBatch
+    all_greedy: bool
+    greedy: torch.Tensor | None = None  # [B] bool
+    temperature: torch.Tensor | None = None  # [B, 1]
+    top_k: torch.Tensor | None = None  # [B, 1], vocab size where off
+    top_p: torch.Tensor | None = None  # [B, 1]
+    penalty_rows: torch.Tensor | None = None  # [R] rows with a repetition penalty
+    penalty: torch.Tensor | None = None  # [R, 1]
+    seen: torch.Tensor | None = None  # [R, S] token ids (padded by repeating the first)
+
+
+def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> PreparedBatch:
+    params = batch.params
+    greedy = [p.temperature == 0.0 for p in params]
+    out = PreparedBatch(batch, all(greedy))
+    rows = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+    if rows:
+        width = max(len(batch.seen[i]) for i in rows)
+        padded = [batch.seen[i] + batch.seen[i][:1] * (width - len(batch.seen[i])) for i in rows]
+        out.seen = to_device(padded, device, torch.long)
+        out.penalty = to_device([[params[i].repetition_penalty] for i in rows], device, torch.float32)
+        out.penalty_rows = to_device(rows, device, torch.long)
+    if not out.all_greedy:
+        out.greedy = to_device(greedy, device, torch.bool)
+        out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)
+        if any(p.top_k for p in params) or any(p.top_p < 1.0 for p in params):
+            out.top_k = to_device([[p.top_k or vocab_size] for p in params], device, torch.long)
+            out.top_p = to_device([[p.top_p] for p in params], device, torch.float32)
+    return out
+
+
+@dataclass
 class SampleResult:
     token_ids: torch.Tensor  # [B] long
     logprobs: torch.Tensor | None  # [B] chosen token's logprob
@@ -39,67 +84,53 @@ class SampleResult:
     top_logprobs: torch.Tensor | None  # [B, k]
 
 
-def _apply_repetition_penalty(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _apply_repetition_penalty(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
     """As transformers does: divide positive logits of seen tokens by the penalty, multiply negative ones."""
-    rows = [i for i, p in enumerate(batch.params) if p.repetition_penalty != 1.0]
-    if not rows:
+    if prep.seen is None:
         return logits
-    width = max(len(batch.seen[i]) for i in rows)
-    seen = torch.tensor([batch.seen[i] + batch.seen[i][:1] * (width - len(batch.seen[i])) for i in rows])
-    seen = seen.to(logits.device, non_blocking=True)
-    penalty = torch.tensor([batch.params[i].repetition_penalty for i in rows], device=logits.device)[:, None]
-    idx = torch.tensor(rows, device=logits.device)
-    sub = logits[idx]
-    picked = sub.gather(1, seen)
-    picked = torch.where(picked > 0, picked / penalty, picked * penalty)
+    assert prep.penalty_rows is not None and prep.penalty is not None
+    sub = logits[prep.penalty_rows]
+    picked = sub.gather(1, prep.seen)
+    picked = torch.where(picked > 0, picked / prep.penalty, picked * prep.penalty)
     logits = logits.clone()
-    logits[idx] = sub.scatter(1, seen, picked)
+    logits[prep.penalty_rows] = sub.scatter(1, prep.seen, picked)
     return logits
 
 
-def _noise(batch: SamplingBatch, shape: tuple[int, int], device: torch.device) -> torch.Tensor:
-    q = torch.empty(shape, device=device).exponential_()
-    for i, g in enumerate(batch.generators):
+def _noise(prep: PreparedBatch, like: torch.Tensor) -> torch.Tensor:
+    q = torch.empty_like(like).exponential_()
+    for i, g in enumerate(prep.batch.generators):
         if g is not None:
             q[i].exponential_(generator=g)
     return q
 
 
-def _random_choice(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    device = logits.device
-    temps = torch.tensor([p.temperature or 1.0 for p in batch.params], device=device)
-    logits = logits / temps[:, None]
-    top_k = [p.top_k for p in batch.params]
-    top_p = [p.top_p for p in batch.params]
-    if any(top_k) or any(p < 1.0 for p in top_p):
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        ranks = torch.arange(logits.shape[1], device=device)[None, :]
-        k = torch.tensor([k or logits.shape[1] for k in top_k], device=device)[:, None]
-        sorted_logits = sorted_logits.masked_fill(ranks >= k, float("-inf"))
-        probs = sorted_logits.softmax(dim=-1)
-        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
-        p_lim = torch.tensor(top_p, device=device)[:, None]
-        probs = probs.masked_fill((before > p_lim) & (ranks > 0), 0.0)
-        choice = (probs / _noise(batch, tuple(probs.shape), device)).argmax(dim=-1)
-        return order.gather(1, choice[:, None]).squeeze(1)
-    probs = logits.softmax(dim=-1)
-    return (probs / _noise(batch, tuple(probs.shape), device)).argmax(dim=-1)
+def _random_choice(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
+    logits = logits / prep.temperature
+    if prep.top_k is None:
+        probs = logits.softmax(dim=-1)
+        return (probs / _noise(prep, probs)).argmax(dim=-1)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
+    sorted_logits = sorted_logits.masked_fill(ranks >= prep.top_k, float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    probs = probs.masked_fill((before > prep.top_p) & (ranks > 0), 0.0)
+    choice = (probs / _noise(prep, probs)).argmax(dim=-1)
+    return order.gather(1, choice[:, None]).squeeze(1)
 
 
-def sample(logits: torch.Tensor, batch: SamplingBatch) -> SampleResult:
+def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
     """logits: [B, V] fp32 rows in the batch's order. Logprobs are of the model's own distribution."""
     raw = logits
-    logits = _apply_repetition_penalty(logits, batch)
-    greedy = [p.temperature == 0.0 for p in batch.params]
+    logits = _apply_repetition_penalty(logits, prep)
     ids = logits.argmax(dim=-1)
-    if not all(greedy):
-        drawn = _random_choice(logits, batch)
-        mask = torch.tensor(greedy, device=logits.device)
-        ids = torch.where(mask, ids, drawn)
-    k = batch.num_logprobs
+    if not prep.all_greedy:
+        ids = torch.where(prep.greedy, ids, _random_choice(logits, prep))
+    k = prep.batch.num_logprobs
     if k < 0:
         return SampleResult(ids, None, None, None)
     lp = raw.log_softmax(dim=-1)
     chosen = lp.gather(1, ids[:, None]).squeeze(1)
-    top_lp, top_ids = lp.topk(max(k, 1), dim=-1) if k > 0 else (None, None)
+    top_lp, top_ids = lp.topk(k, dim=-1) if k > 0 else (None, None)
     return SampleResult(ids, chosen, top_ids, top_lp)
