@@ -181,7 +181,11 @@ def start_server(
 ) -> tuple[subprocess.Popen, str]:
     import httpx
 
-    port = 18000 + os.getpid() % 1000
+    import socket
+
+    with socket.socket() as sock:  # a free port: other servers may share this machine
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [
         sys.executable,
         "-m",
@@ -243,6 +247,7 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--json", default=None)
+    p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
     p.add_argument("--variants", default="process:5,thread:0.5", help="server runs: engine mode:switch ms")
     a = p.parse_args()
     a.variants = [(v.split(":")[0], float(v.split(":")[1])) for v in str(a.variants).split(",")]
@@ -273,14 +278,18 @@ def main() -> None:
     cmd += [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(a).items()
-        if k not in ("mode", "json", "tiny", "variants") and v
+        if k not in ("mode", "json", "tiny", "variants", "budget_s") and v
     ]
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start
     phase(f"engine peer done: {[round(r['tokens_per_s']) for r in res['engine']['throughput']]} tok/s")
     for k, (mode, switch_ms) in enumerate(a.variants):
+        if k and time.perf_counter() - T0 > a.budget_s:
+            phase(f"skipping server variant {mode}:{switch_ms}: past --budget-s")
+            continue
         res[f"server_{mode}_{switch_ms}"] = server_run(a, out, mode, switch_ms, measure_ttft=k == 0)
+        (out / "bench_server_partial.json").write_text(json.dumps(res, indent=2, default=str))
     report(res, out)
 
 
