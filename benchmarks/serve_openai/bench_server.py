@@ -179,9 +179,9 @@ def server_ttft(url: str, rows: list[tuple[int, ...]], model: str) -> tuple[list
 def start_server(
     a: argparse.Namespace, log: Path, mode: str, switch_ms: float
 ) -> tuple[subprocess.Popen, str]:
-    import httpx
-
     import socket
+
+    import httpx
 
     with socket.socket() as sock:  # a free port: other servers may share this machine
         sock.bind(("127.0.0.1", 0))
