@@ -1,8 +1,9 @@
 """Decode speed of the inferforge LLM engine on the Llama-3.2-1B shape (random bf16 weights), with peers.
 
-Run on a CUDA machine:  python benchmarks/llm/bench_decode.py [--sections check,engine,quant,load,ttft,hf,compile]
-Peers in the same run: Hugging Face `generate` (default cache) and `generate` with a static cache and
-`torch.compile(mode="reduce-overhead")`. Prints a table; writes bench_decode.json under $OUT.
+Run on a CUDA machine:  python benchmarks/llm/bench_decode.py [--sections
+check,engine,quant,load,ttft,hf,compile] Peers in the same run: Hugging Face `generate` (default cache) and
+`generate` with a static cache and `torch.compile(mode="reduce-overhead")`. Prints a table; writes
+bench_decode.json under $OUT.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def row(name: str, value: str) -> None:
 
 
 def check_tiny() -> None:
-    """Greedy on CUDA (fp32 and bf16) against transformers fp32 on the tiny models; the Triton kernel's error."""
+    """Greedy on CUDA (fp32 and bf16) against transformers fp32 on the tiny models; the Triton kernel's
+    error."""
     from transformers import AutoModelForCausalLM
 
     from inferforge.llm import triton_attn
@@ -62,7 +64,9 @@ def check_tiny() -> None:
             params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
             res = eng.generate([EngineRequest(str(i), p, params) for i, p in enumerate(prompts)])
             ours = [[t for o in res[str(i)][0] for t in o.new_token_ids] for i in range(len(prompts))]
-            agree = sum(a == b for o, r in zip(ours, refs, strict=True) for a, b in zip(o, r, strict=True)) / sum(len(r) for r in refs)
+            agree = sum(
+                a == b for o, r in zip(ours, refs, strict=True) for a, b in zip(o, r, strict=True)
+            ) / sum(len(r) for r in refs)
             first_diff = min(
                 (
                     next((j for j, (a, b) in enumerate(zip(o, r, strict=True)) if a != b), len(r))
@@ -102,11 +106,26 @@ def engine_numbers(
 ) -> dict:
     label = (quant or "bf16") + ("" if compile_decode else " (no compile)")
     clk = Clock()
-    eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
-                                         max_model_len=1024, max_num_batched_tokens=2048, decode_buckets=batches,
-                                         compile_decode=compile_decode, experimental_quant=True))  # fmt: skip
-    out: dict = {"load_and_capture_s": clk(), "kernel": eng.decode_kernel, "compile_error": eng.runner.compile_error,
-                 "compiled": eng.model.compiled_block is not None}
+    eng = LLMEngine(
+        folder,
+        EngineConfig(
+            device="cuda",
+            quant=quant,
+            max_num_seqs=64,
+            kv_cache_tokens=64 * 640,
+            max_model_len=1024,
+            max_num_batched_tokens=2048,
+            decode_buckets=batches,
+            compile_decode=compile_decode,
+            experimental_quant=True,
+        ),
+    )
+    out: dict = {
+        "load_and_capture_s": clk(),
+        "kernel": eng.decode_kernel,
+        "compile_error": eng.runner.compile_error,
+        "compiled": eng.model.compiled_block is not None,
+    }
     row(f"engine {label} compiled decode block", f"{out['compiled']} {out['compile_error'] or ''}")
     decode_rate(eng, 1, new_tokens=32)  # warm-up
     for b in batches:
@@ -127,8 +146,18 @@ def engine_numbers(
 
 def load_test(folder: Path, quant: str | None) -> dict:
     """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
-    eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=64, kv_cache_tokens=64 * 640,
-                                         max_model_len=1024, max_num_batched_tokens=2048, decode_buckets=(64,)))  # fmt: skip
+    eng = LLMEngine(
+        folder,
+        EngineConfig(
+            device="cuda",
+            quant=quant,
+            max_num_seqs=64,
+            kv_cache_tokens=64 * 640,
+            max_model_len=1024,
+            max_num_batched_tokens=2048,
+            decode_buckets=(64,),
+        ),
+    )
     g = torch.Generator().manual_seed(0)
     out = {}
     for rep in range(2):  # the first round warms up prefill shapes
@@ -187,8 +216,10 @@ def hf_peer(folder: Path, compiled: bool) -> float:
     torch.cuda.synchronize()
     t2 = time.perf_counter()
     rate = (n - 1) / ((t1 - t0) - (t2 - t1))
-    row(f"peer HF generate {'static cache + torch.compile' if compiled else 'default'} batch 1 (tokens/s)",
-        f"{rate:,.0f} (warm-up {compile_s:.0f}s)")  # fmt: skip
+    row(
+        f"peer HF generate {'static cache + torch.compile' if compiled else 'default'} batch 1 (tokens/s)",
+        f"{rate:,.0f} (warm-up {compile_s:.0f}s)",
+    )
     model = None
     free()
     return rate
@@ -212,9 +243,7 @@ def main() -> None:
         ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
         (
             "quant",
-            lambda: [
-                RESULTS.__setitem__(q, engine_numbers(folder, q, (1,))) for q in args.quants.split(",")
-            ],
+            lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1,))) for q in args.quants.split(",")],
         ),
         ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),
     ]

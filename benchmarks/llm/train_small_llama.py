@@ -2,12 +2,12 @@
 
     python benchmarks/llm/train_small_llama.py --seconds 120
 
-Text: every `.py` file of the running Python's standard library (tests excluded); files whose path hashes to
-0 mod 20 are held out. A byte-level BPE (8,192 tokens) is trained on the training files, then a ~30M-parameter
-Llama (GQA, tied embeddings) for a fixed wall-clock budget. The model is saved in Hugging Face format (safetensors)
-under /tmp/inferforge_small_llama; the script then reports, for bf16/int8/fp8/int4 through the inferforge model
-code, held-out perplexity and greedy agreement with bf16, and bf16 greedy agreement with transformers in fp32.
-Writes small_llama_quality.json under $OUT.
+Text: every `.py` file of the running Python's standard library (tests excluded); files whose path hashes to 0
+mod 20 are held out. A byte-level BPE (8,192 tokens) is trained on the training files, then a ~30M-parameter
+Llama (GQA, tied embeddings) for a fixed wall-clock budget. The model is saved in Hugging Face format
+(safetensors) under /tmp/inferforge_small_llama; the script then reports, for bf16/int8/fp8/int4 through the
+inferforge model code, held-out perplexity and greedy agreement with bf16, and bf16 greedy agreement with
+transformers in fp32. Writes small_llama_quality.json under $OUT.
 """
 
 from __future__ import annotations
@@ -54,13 +54,23 @@ def tokenizer(train: list[str], folder: Path):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=8192, special_tokens=list(SPECIAL_TOKENS),
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=8192,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(train, trainer=trainer)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": SPECIAL_TOKENS[0], "eos_token": SPECIAL_TOKENS[0],
-           "pad_token": SPECIAL_TOKENS[0], "chat_template": CHAT_TEMPLATE, "model_max_length": 2048}  # fmt: skip
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": SPECIAL_TOKENS[0],
+        "eos_token": SPECIAL_TOKENS[0],
+        "pad_token": SPECIAL_TOKENS[0],
+        "chat_template": CHAT_TEMPLATE,
+        "model_max_length": 2048,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return tok
 
@@ -77,10 +87,19 @@ def train(data: torch.Tensor, seconds: float, vocab: int) -> tuple[object, dict]
     import transformers
 
     cfg = transformers.LlamaConfig(
-        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1536,
-        vocab_size=vocab, max_position_embeddings=2048, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
-        pad_token_id=0, rms_norm_eps=1e-5,
-    )  # fmt: skip
+        hidden_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        intermediate_size=1536,
+        vocab_size=vocab,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+        rms_norm_eps=1e-5,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).cuda()
     n_params = sum(p.numel() for p in model.parameters())
@@ -103,14 +122,20 @@ def train(data: torch.Tensor, seconds: float, vocab: int) -> tuple[object, dict]
         steps += 1
         if steps % 100 == 0:
             losses.append(round(loss.item(), 3))
-    info = {"params": n_params, "steps": steps, "tokens_seen": steps * batch * SEQ, "loss_every_100": losses,
-            "train_seconds": seconds}  # fmt: skip
+    info = {
+        "params": n_params,
+        "steps": steps,
+        "tokens_seen": steps * batch * SEQ,
+        "loss_every_100": losses,
+        "train_seconds": seconds,
+    }
     return model, info
 
 
 @torch.inference_mode()
 def perplexity(model, data: torch.Tensor, windows: int = 64) -> float:
-    """Mean NLL over non-overlapping 512-token windows of held-out text, via the inferforge model's prefill."""
+    """Mean NLL over non-overlapping 512-token windows of held-out text, via the inferforge model's
+    prefill."""
     from inferforge.llm.attention import AttnMeta, PrefillSeq
     from inferforge.llm.kv_cache import attach_cache, plan_cache
 
@@ -132,9 +157,18 @@ def greedy(folder: Path, quant: str | None, prompts: list[tuple[int, ...]], n: i
     from inferforge.llm.engine import EngineConfig, LLMEngine
     from inferforge.llm.protocol import EngineRequest, SamplingParams
 
-    eng = LLMEngine(folder, EngineConfig(device="cuda", quant=quant, max_num_seqs=16, kv_cache_tokens=16 * 160,
-                                         max_model_len=256, decode_buckets=(16,),
-                                         experimental_quant=True))  # fmt: skip
+    eng = LLMEngine(
+        folder,
+        EngineConfig(
+            device="cuda",
+            quant=quant,
+            max_num_seqs=16,
+            kv_cache_tokens=16 * 160,
+            max_model_len=256,
+            decode_buckets=(16,),
+            experimental_quant=True,
+        ),
+    )
     params = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
     res = eng.generate([EngineRequest(str(i), p, params) for i, p in enumerate(prompts)])
     out = [[t for o in res[str(i)][0] for t in o.new_token_ids] for i in range(len(prompts))]
@@ -178,11 +212,19 @@ def main() -> None:
     starts = torch.randint(0, held.numel() - 64, (16,), generator=g).tolist()
     prompts = [tuple(held[s : s + 32].tolist()) for s in starts]
     base = None
-    print(f"trained {info['params'] / 1e6:.1f}M params, {info['steps']} steps, losses {info['loss_every_100']}", flush=True)
+    print(
+        f"trained {info['params'] / 1e6:.1f}M params, {info['steps']} steps, losses {info['loss_every_100']}",
+        flush=True,
+    )
     for fmt in ("bf16", "int8", "int4", "fp8"):
         quant = None if fmt == "bf16" else fmt
-        m = load_model(SAVE, device="cuda", dtype=torch.bfloat16, max_model_len=SEQ,
-                       transform=(lambda mod, q=quant: quantize_model(mod, q, experimental=True)) if quant else None)  # fmt: skip
+        m = load_model(
+            SAVE,
+            device="cuda",
+            dtype=torch.bfloat16,
+            max_model_len=SEQ,
+            transform=(lambda mod, q=quant: quantize_model(mod, q, experimental=True)) if quant else None,
+        )
         ppl = perplexity(m, held)
         del m
         free()
@@ -190,17 +232,27 @@ def main() -> None:
         base = base or out
         result[fmt] = {"heldout_ppl": ppl, "greedy_agreement_with_bf16": agreement(out, base)}
         print(
-            f"{fmt:5s} held-out perplexity {ppl:8.3f}   greedy agreement with bf16 {agreement(out, base):.3f}",
+            f"{fmt:5s} held-out perplexity {ppl:8.3f}   "
+            f"greedy agreement with bf16 {agreement(out, base):.3f}",
             flush=True,
         )
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(SAVE, dtype=torch.float32).cuda().eval()
-    refs = [hf.generate(torch.tensor([p], device="cuda"), max_new_tokens=64, min_new_tokens=64, do_sample=False,
-                        pad_token_id=0)[0, len(p):].tolist() for p in prompts]  # fmt: skip
+    refs = [
+        hf.generate(
+            torch.tensor([p], device="cuda"),
+            max_new_tokens=64,
+            min_new_tokens=64,
+            do_sample=False,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        for p in prompts
+    ]
     result["bf16_engine_vs_hf_fp32_agreement"] = agreement(base, refs)
     print(
-        f"bf16 engine greedy agreement with transformers fp32: {result['bf16_engine_vs_hf_fp32_agreement']:.3f}"
+        "bf16 engine greedy agreement with transformers fp32: "
+        f"{result['bf16_engine_vs_hf_fp32_agreement']:.3f}"
     )
     print(json.dumps({k: v for k, v in result.items() if k != "loss_every_100"}, default=str))
     write_json("small_llama_quality.json", result)

@@ -29,8 +29,12 @@ def test_cuda_graph_greedy_fp32_matches_transformers(tiny_dirs: dict[str, Path],
     folder = tiny_dirs[family]
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     prompt = (5, 17, 99, 3)
-    ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0)
-    eng = LLMEngine(folder, EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=4))
+    ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False, pad_token_id=0
+    )
+    eng = LLMEngine(
+        folder, EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=4)
+    )
     assert eng.runner.graphs, "decode graphs were not captured"
     params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
     outs = eng.generate([EngineRequest("g", prompt, params)])["g"][0]
@@ -42,7 +46,9 @@ def test_int8_engine_runs_and_stays_close_to_bf16(tiny_llama: Path) -> None:
     prompt = (5, 17, 99, 3)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)
     base = LLMEngine(tiny_llama, EngineConfig(device="cuda", kv_cache_tokens=1024, max_num_seqs=2))
-    q8 = LLMEngine(tiny_llama, EngineConfig(device="cuda", quant="int8", kv_cache_tokens=1024, max_num_seqs=2))
+    q8 = LLMEngine(
+        tiny_llama, EngineConfig(device="cuda", quant="int8", kv_cache_tokens=1024, max_num_seqs=2)
+    )
     a = base.generate([EngineRequest("a", prompt, params)])["a"][0]
     b = q8.generate([EngineRequest("b", prompt, params)])["b"][0]
     assert a[0].logprobs and b[0].logprobs

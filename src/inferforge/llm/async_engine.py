@@ -1,13 +1,13 @@
 """`AsyncLLMEngine`: the engine behind an asyncio server, implementing `inferforge.llm.protocol.EngineClient`.
 
-A background thread runs `LLMEngine.step()` while there is work and hands each `EngineOutput` to the event loop
-of the request that owns it. Leaving the `generate()` iterator early (the client disconnected, the task was
-cancelled) aborts the request, queued or running, and frees its KV blocks.
+A background thread runs `LLMEngine.step()` while there is work and hands each `EngineOutput` to the event
+loop of the request that owns it. Leaving the `generate()` iterator early (the client disconnected, the task
+was cancelled) aborts the request, queued or running, and frees its KV blocks.
 
 Constructor for servers and the CLI:
 
     engine = AsyncLLMEngine.from_pretrained(
-        "path/to/hf_folder", device="cuda", dtype="auto", quant=None,  # or "int8" / "fp8" / "int4"
+        "path/to/hf_folder", device="cuda", dtype="auto", quant=None,  # or "int8" (CUDA)
         max_num_seqs=64, max_model_len=None, max_waiting=256,
         kv_cache_tokens=None, kv_cache_memory_fraction=0.9,
     )
@@ -15,8 +15,8 @@ Constructor for servers and the CLI:
     await engine.shutdown(grace_s=30)
 
 `generate()` raises (on its first iteration) `QueueFullError` when the waiting queue is full,
-`RequestTooLargeError` when the prompt plus max_tokens cannot fit, and `EngineClosedError` after shutdown began;
-all are `InferforgeError`s, i.e. the client's fault or a retry-later, never a crash.
+`RequestTooLargeError` when the prompt plus max_tokens cannot fit, and `EngineClosedError` after shutdown
+began; all are `InferforgeError`s, i.e. the client's fault or a retry-later, never a crash.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class AsyncLLMEngine:
         """`config` takes the fields of `EngineConfig` (device, dtype, quant, max_num_seqs, ...)."""
         return cls(LLMEngine(path, EngineConfig(**config)), model_name)
 
-    # ---- EngineClient ---------------------------------------------------------------------------------------
+    # ---- EngineClient ----------------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
         if not self._accepting:
             raise EngineClosedError("the engine is shutting down; retry on another replica")
@@ -115,7 +115,8 @@ class AsyncLLMEngine:
         return self.engine.tokenizer.apply_chat_template(messages)
 
     async def shutdown(self, grace_s: float) -> None:
-        """Refuse new work, let in-flight requests finish for up to grace_s, abort the rest, stop the thread."""
+        """Refuse new work, let in-flight requests finish for up to grace_s, abort the rest, stop the
+        thread."""
         self._accepting = False
         deadline = time.monotonic() + max(grace_s, 0.0)
         while time.monotonic() < deadline and self.engine.has_unfinished():
@@ -130,7 +131,7 @@ class AsyncLLMEngine:
         self._wake.set()
         await asyncio.to_thread(self._thread.join, 10.0)
 
-    # ---- the background loop --------------------------------------------------------------------------------
+    # ---- the background loop ---------------------------------------------------------------------
     def _deliver(self, outs: list[EngineOutput] | list[tuple[str, BaseException]]) -> None:
         for out in outs:
             rid, item = (out.request_id, out) if isinstance(out, EngineOutput) else out

@@ -1,7 +1,7 @@
 """Attention over the paged KV cache: a prefill path (any chunk, any prior context) and a batched decode path.
 
-The torch versions here are the reference and run anywhere; on CUDA the decode path may use the Triton kernel in
-`triton_attn.py`, chosen per engine only after it matched this reference on the device.
+The torch versions here are the reference and run anywhere; on CUDA the decode path may use the Triton kernel
+in `triton_attn.py`, chosen per engine only after it matched this reference on the device.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ def prefill_attention(
     seqs: list[PrefillSeq],
     scale: float,
 ) -> torch.Tensor:
-    """q: [T, heads, d]. A fresh prompt attends to its own new keys (causal); a later chunk reads the cache."""
+    """q: [T, heads, d]. A fresh prompt attends to its own new keys (causal); a later chunk reads the
+    cache."""
     out = torch.empty_like(q)
     for s in seqs:
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]

@@ -13,7 +13,10 @@ def generate(
     ),
     prompt: str = typer.Option(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(128, min=1, help="Tokens to generate at most."),
-    quant: str = typer.Option("none", help="Weight quantization: none or int8 (CUDA; fp8/int4 are not offered until measured faster)."),
+    quant: str = typer.Option(
+        "none",
+        help="Weight quantization: none or int8 (CUDA; fp8/int4 are not offered until measured faster).",
+    ),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when available)."),
     temperature: float = typer.Option(0.0, min=0.0, max=2.0, help="0 is greedy."),
     top_p: float = typer.Option(1.0, help="Nucleus sampling mass."),

@@ -134,7 +134,8 @@ def load_config(folder: str | Path) -> ModelConfig:
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
         raise ModelSourceError(
-            f"model_type {model_type!r} in {folder}/config.json is not supported; supported: {', '.join(SUPPORTED)}"
+            f"model_type {model_type!r} in {folder}/config.json is not supported; "
+            f"supported: {', '.join(SUPPORTED)}"
         )
     eos = _eos_ids(raw, folder)
     if model_type == "gpt2":

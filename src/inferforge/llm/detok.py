@@ -1,8 +1,8 @@
 """Tokenizer access and incremental detokenization with stop strings.
 
-Streaming must never emit text it may later take back: a partial UTF-8 character (decoded as U+FFFD) waits for its
-next byte, and a tail that could be the start of a stop string waits until it is ruled in or out. Stop strings are
-cut out of the text, as OpenAI's API does.
+Streaming must never emit text it may later take back: a partial UTF-8 character (decoded as U+FFFD) waits for
+its next byte, and a tail that could be the start of a stop string waits until it is ruled in or out. Stop
+strings are cut out of the text, as OpenAI's API does.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 Typical use (the async wrapper in `async_engine.py` does this on a background thread):
 
     engine = LLMEngine.from_pretrained("path/to/model", EngineConfig(device="cuda"))
-    engine.add_request(EngineRequest("r1", tuple(engine.tokenizer.encode("Hello")), SamplingParams(max_tokens=20)))
+    ids = tuple(engine.tokenizer.encode("Hello"))
+    engine.add_request(EngineRequest("r1", ids, SamplingParams(max_tokens=20)))
     while engine.has_unfinished():
         for out in engine.step(): ...
 """
@@ -87,11 +88,14 @@ class LLMEngine:
 
             if config.quant not in (IMPLEMENTED if config.experimental_quant else OFFERED):
                 raise NotApplicable(
-                    f"quant {config.quant!r} is not offered: only formats measured faster than bf16 end to end "
+                    f"quant {config.quant!r} is not offered: only formats measured faster than bf16 "
+                    "end to end "
                     f"are ({', '.join(OFFERED)}); see docs/llm-engine.md"
                 )
             if self.device.type != "cuda":
-                raise NotApplicable(f"quant {config.quant!r} needs a CUDA device (gemlite kernels); use --device cuda")
+                raise NotApplicable(
+                    f"quant {config.quant!r} needs a CUDA device (gemlite kernels); use --device cuda"
+                )
 
             def transform(m: DecoderLM) -> None:
                 quantize_model(m, config.quant, experimental=config.experimental_quant)
@@ -150,7 +154,7 @@ class LLMEngine:
     def from_pretrained(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
         return cls(folder, config)
 
-    # ---- requests -------------------------------------------------------------------------------------------
+    # ---- requests --------------------------------------------------------------------------------
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request; raises QueueFullError or RequestTooLargeError (both InferforgeError) at once."""
         max_tokens = self.scheduler.check(request)
@@ -194,7 +198,7 @@ class LLMEngine:
             generated_tokens_total=self.generated_total,
         )
 
-    # ---- the loop -------------------------------------------------------------------------------------------
+    # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         plan = self.scheduler.schedule()
         if plan.empty:
@@ -282,7 +286,7 @@ class LLMEngine:
         seq.pending_ids, seq.pending_logprobs = [], []
         return out
 
-    # ---- convenience ----------------------------------------------------------------------------------------
+    # ---- convenience -----------------------------------------------------------------------------
     def generate(self, requests: list[EngineRequest]) -> dict[str, list[list[EngineOutput]]]:
         """Run requests to completion; returns, per request id, the outputs of each of its sequences."""
         results: dict[str, list[list[EngineOutput]]] = {}

@@ -1,8 +1,8 @@
 """The paged KV cache: fixed-size blocks handed out from a free list, one block table per sequence.
 
-Paging means memory is reserved 16 tokens at a time as a sequence grows, so many sequences of unknown length share
-one preallocated pool without fragmentation; finishing or aborting a sequence returns its blocks at once.
-Block 0 is never handed out: padded rows of a captured decode graph write their junk there.
+Paging means memory is reserved 16 tokens at a time as a sequence grows, so many sequences of unknown length
+share one preallocated pool without fragmentation; finishing or aborting a sequence returns its blocks at
+once. Block 0 is never handed out: padded rows of a captured decode graph write their junk there.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ class CacheSpec:
     def __post_init__(self) -> None:
         if self.num_blocks < 2:
             raise CacheFullError(
-                f"the KV cache would hold {self.num_blocks} blocks; raise kv_cache_tokens or the memory fraction"
+                f"the KV cache would hold {self.num_blocks} blocks; "
+                "raise kv_cache_tokens or the memory fraction"
             )
 
     @property
@@ -62,7 +63,8 @@ def plan_cache(
 
 
 def attach_cache(model: DecoderLM, spec: CacheSpec, device: torch.device) -> None:
-    """Allocate the pool and hang each layer's slice on its attention module (buffers, so graphs read in place)."""
+    """Allocate the pool and hang each layer's slice on its attention module (buffers, so graphs read in
+    place)."""
     shape = (spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
     for layer in model.layers:
         layer.attn.k_cache = torch.zeros(shape, dtype=spec.dtype, device=device)

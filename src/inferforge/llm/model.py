@@ -1,9 +1,9 @@
 """The decoder in plain torch: Llama, Mistral, Qwen2 (bias on q/k/v) and GPT-2, reading a paged KV cache.
 
-A step is a flat batch of tokens (no padding): `forward(ids, positions, meta)` returns their final hidden states
-and `logits(hidden)` projects only the rows that need a next token. q/k/v and gate/up are fused into one GEMM each
-so a batch-1 decode launches fewer, larger kernels. The KV cache lives on each attention module as buffers, so a
-captured CUDA graph reads it in place.
+A step is a flat batch of tokens (no padding): `forward(ids, positions, meta)` returns their final hidden
+states and `logits(hidden)` projects only the rows that need a next token. q/k/v and gate/up are fused into
+one GEMM each so a batch-1 decode launches fewer, larger kernels. The KV cache lives on each attention module
+as buffers, so a captured CUDA graph reads it in place.
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class DecoderLM(nn.Module):
         self.compiled_block: Callable[..., torch.Tensor] | None = None
 
     def init_rope(self, device: torch.device, dtype: torch.dtype) -> None:
-        """cos/sin tables for every position, computed in fp32 like transformers, stored in the model dtype."""
+        """cos/sin tables for every position, computed in fp32 like transformers, stored in the model
+        dtype."""
         if self.cfg.positions != "rope":
             self.rope_cos = torch.zeros(1, device=device, dtype=dtype)
             self.rope_sin = torch.zeros(1, device=device, dtype=dtype)
@@ -130,10 +131,12 @@ class DecoderLM(nn.Module):
         return self.norm(x)
 
     def compile_decode(self) -> None:
-        """Fuse the small element-wise kernels of a decode step (norms, RoPE, SiLU, residual adds) with Inductor.
+        """Fuse the small element-wise kernels of a decode step (norms, RoPE, SiLU, residual adds) with
+        Inductor.
 
-        One compiled `Block.forward`, shared by every layer and dynamic in the batch size, so it compiles once;
-        the captured CUDA graphs then replay the fused kernels. Prefill stays eager (its shapes vary per step).
+        One compiled `Block.forward`, shared by every layer and dynamic in the batch size, so it compiles
+        once; the captured CUDA graphs then replay the fused kernels. Prefill stays eager (its shapes vary per
+        step).
         """
         import torch._dynamo
 

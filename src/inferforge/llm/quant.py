@@ -1,11 +1,11 @@
 """Weight-only quantized linears for decode, through gemlite's Triton kernels (CUDA only).
 
-Batch-1 decode is bound by reading weights, so fewer bytes per weight is speed: int8 and fp8 (per output channel)
-halve them, int4 (groups of 64, asymmetric, min-max) quarters them. torchao's eager weight-only paths are slower
-than bf16 at batch 1 on this project's H100 (see docs/llm-engine.md); gemlite reaches bandwidth, so it is used.
-Only formats measured faster than bf16 end to end are offered (`OFFERED`): int8 (1.44x at batch 1 on the H100,
-docs/llm-engine.md). fp8 and int4 are implemented but not yet measured end to end, so the engine refuses them
-unless a benchmark asks for them explicitly (`experimental=True`).
+Batch-1 decode is bound by reading weights, so fewer bytes per weight is speed: int8 and fp8 (per output
+channel) halve them, int4 (groups of 64, asymmetric, min-max) quarters them. torchao's eager weight-only paths
+are slower than bf16 at batch 1 on this project's H100 (see docs/llm-engine.md); gemlite reaches bandwidth, so
+it is used. Only formats measured faster than bf16 end to end are offered (`OFFERED`): int8 (1.44x at batch 1
+on the H100, docs/llm-engine.md). fp8 and int4 are implemented but not yet measured end to end, so the engine
+refuses them unless a benchmark asks for them explicitly (`experimental=True`).
 """
 
 from __future__ import annotations

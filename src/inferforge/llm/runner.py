@@ -1,8 +1,8 @@
 """Runs a scheduled step on the model: flat prefill chunks eagerly, decodes through CUDA graphs on a GPU.
 
 Decode graphs are captured once per batch bucket (1, 2, 4, ... max_num_seqs) over static input buffers; a step
-copies its inputs from one pinned host buffer in a single transfer, pads to the bucket (padded rows write into the
-reserved block 0) and replays. Weights and the KV cache are module state, so a replay copies nothing else.
+copies its inputs from one pinned host buffer in a single transfer, pads to the bucket (padded rows write into
+the reserved block 0) and replays. Weights and the KV cache are module state, so a replay copies nothing else.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _fill(self, seqs: list[Sequence], b: int) -> None:
-        """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one copy."""
+        """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
+        copy."""
         n, h = self.buckets[-1], self._host_np
         h[: 4 * n] = 0
         h[3 * n : 4 * n] = 1  # padded rows attend to one (scratch) slot

@@ -1,9 +1,10 @@
 """Which sequences run in the next step: continuous batching with chunked prefill and a bounded waiting queue.
 
-Each step every decoding sequence gets one token, then prompts fill the remaining token budget in arrival order,
-a long prompt split into chunks across steps so it never stalls the decoders for long. A request is admitted only
-when the KV blocks for its whole budget (prompt + max_tokens, for each of its `n` sequences) are free, so a running
-sequence never has to be preempted; finished and aborted requests return their blocks at once.
+Each step every decoding sequence gets one token, then prompts fill the remaining token budget in arrival
+order, a long prompt split into chunks across steps so it never stalls the decoders for long. A request is
+admitted only when the KV blocks for its whole budget (prompt + max_tokens, for each of its `n` sequences) are
+free, so a running sequence never has to be preempted; finished and aborted requests return their blocks at
+once.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class Scheduler:
             raise RequestTooLargeError(f"request {request.request_id}: the prompt is empty")
         if n_prompt >= cfg.max_model_len:
             raise RequestTooLargeError(
-                f"request {request.request_id}: prompt of {n_prompt} tokens leaves no room to generate within "
+                f"request {request.request_id}: prompt of {n_prompt} tokens leaves no room to generate "
+                "within "
                 f"max_model_len={cfg.max_model_len}; shorten the prompt"
             )
         max_tokens = min(request.params.max_tokens, cfg.max_model_len - n_prompt)
@@ -135,7 +137,8 @@ class Scheduler:
     def add(self, state: RequestState) -> None:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFullError(
-                f"the waiting queue is full ({self.config.max_waiting} requests); retry later or raise max_waiting"
+                f"the waiting queue is full ({self.config.max_waiting} requests); "
+                "retry later or raise max_waiting"
             )
         self.waiting.append(state)
 

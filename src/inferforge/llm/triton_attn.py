@@ -1,9 +1,9 @@
 """A Triton paged-attention kernel for decode: one program per (sequence, KV head), reading only live blocks.
 
-The torch reference in `attention.py` gathers every block of the table, so its cost grows with max_model_len and
-batch; this kernel walks each sequence's blocks up to its context length with an online softmax, the query heads
-of one KV group together (grouped-query attention) so each key block is read once. CUDA only; the engine uses it
-only after `verified_kernel` checked it against the reference on the live device.
+The torch reference in `attention.py` gathers every block of the table, so its cost grows with max_model_len
+and batch; this kernel walks each sequence's blocks up to its context length with an online softmax, the query
+heads of one KV group together (grouped-query attention) so each key block is read once. CUDA only; the engine
+uses it only after `verified_kernel` checked it against the reference on the live device.
 """
 
 from __future__ import annotations
@@ -17,10 +17,27 @@ from inferforge.llm import attention
 
 @triton.jit
 def _paged_decode_kernel(
-    Q, K, V, BT, CTX, Out, scale,
-    stride_qb, stride_qh, stride_kb, stride_ks, stride_kh, stride_btb, stride_ob, stride_oh,
-    G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, TILE: tl.constexpr,
-):  # fmt: skip
+    Q,
+    K,
+    V,
+    BT,
+    CTX,
+    Out,
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_btb,
+    stride_ob,
+    stride_oh,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    D: tl.constexpr,
+    BS: tl.constexpr,
+    TILE: tl.constexpr,
+):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     ctx = tl.load(CTX + b)
@@ -51,26 +68,50 @@ def _paged_decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = acc / l_sum[:, None]
-    tl.store(Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :], out.to(Out.dtype.element_ty),
-             mask=gmask[:, None])  # fmt: skip
+    tl.store(
+        Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+        out.to(Out.dtype.element_ty),
+        mask=gmask[:, None],
+    )
 
 
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
 def _paged_decode_op(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     b, heads, d = q.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     group = heads // kv_heads
     q = q.contiguous()
     out = torch.empty_like(q)
     _paged_decode_kernel[(b, kv_heads)](
-        q, k_cache, v_cache, block_tables, context_lens, out, scale,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        block_tables.stride(0), out.stride(0), out.stride(1),
-        G=group, GP=max(16, triton.next_power_of_2(group)), D=d, BS=block_size, TILE=64, num_warps=4,
-    )  # fmt: skip
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        G=group,
+        GP=max(16, triton.next_power_of_2(group)),
+        D=d,
+        BS=block_size,
+        TILE=64,
+        num_warps=4,
+    )
     return out
 
 
@@ -80,9 +121,13 @@ def _(q, k_cache, v_cache, block_tables, context_lens, scale):
 
 
 def paged_decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-    context_lens: torch.Tensor, scale: float,
-) -> torch.Tensor:  # fmt: skip
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """q: [B, heads, d]; caches [blocks, block_size, kv_heads, d]; same contract as the torch reference.
 
     A custom op, so torch.compile treats the kernel as one opaque call inside the fused decode graph.

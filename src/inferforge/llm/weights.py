@@ -1,7 +1,8 @@
 """Load a Hugging Face folder into `DecoderLM`: meta-device build, memory-mapped safetensors, `assign=True`.
 
-Only safetensors are read: a `.bin`/`.pt` checkpoint is a pickle and can run code when loaded, so it is refused
-with a message rather than opened. Names are mapped from each family's checkpoint layout onto the fused modules.
+Only safetensors are read: a `.bin`/`.pt` checkpoint is a pickle and can run code when loaded, so it is
+refused with a message rather than opened. Names are mapped from each family's checkpoint layout onto the
+fused modules.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def safetensors_files(folder: Path) -> list[Path]:
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         raise ModelSourceError(
-            f"{folder} holds only pickled weights ({', '.join(pickles)}); inferforge never unpickles checkpoints. "
+            f"{folder} holds only pickled weights ({', '.join(pickles)}); "
+            "inferforge never unpickles checkpoints. "
             "Convert them to safetensors (transformers: save_pretrained(..., safe_serialization=True))."
         )
     raise ModelSourceError(f"{folder} has no *.safetensors weights")
@@ -82,8 +84,14 @@ def _gpt2_state(cfg: ModelConfig, ck: _Checkpoint) -> dict[str, torch.Tensor]:
     """GPT-2 stores Conv1D weights as [in, out]; nn.Linear wants [out, in]."""
     sd = {"embed.weight": ck.get("wte.weight"), "pos_embed.weight": ck.get("wpe.weight")}
     sd["norm.weight"], sd["norm.bias"] = ck.get("ln_f.weight"), ck.get("ln_f.bias")
-    pairs = {"norm1": "ln_1", "norm2": "ln_2", "attn.qkv": "attn.c_attn", "attn.o": "attn.c_proj",
-             "mlp.up": "mlp.c_fc", "mlp.down": "mlp.c_proj"}  # fmt: skip
+    pairs = {
+        "norm1": "ln_1",
+        "norm2": "ln_2",
+        "attn.qkv": "attn.c_attn",
+        "attn.o": "attn.c_proj",
+        "mlp.up": "mlp.c_fc",
+        "mlp.down": "mlp.c_proj",
+    }
     for i in range(cfg.num_layers):
         for ours, theirs in pairs.items():
             w = ck.get(f"h.{i}.{theirs}.weight")
@@ -101,7 +109,8 @@ def load_model(
     transform: Callable[[DecoderLM], None] | None = None,
     default_cap: int | None = None,
 ) -> DecoderLM:
-    """Build on `meta`, assign the checkpoint's tensors cast to `dtype` on `device`; `transform` (quantization)
+    """Build on `meta`, assign the checkpoint's tensors cast to `dtype` on `device`; `transform`
+    (quantization)
     runs after loading, before anything else sees the model."""
     folder = Path(folder)
     if not folder.is_dir():
