@@ -69,3 +69,37 @@ def test_quant_formats_not_offered_or_off_gpu_are_refused_early(tiny_llama: Path
         LLMEngine(tiny_llama, EngineConfig(quant="int4", kv_cache_tokens=256))
     with pytest.raises(NotApplicable, match="CUDA"):
         LLMEngine(tiny_llama, EngineConfig(quant="int8", kv_cache_tokens=256))
+
+
+def test_config_variants_mistral_window_and_rope_scaling(tmp_path: Path, tiny_llama: Path) -> None:
+    from inferforge.llm.config import load_config
+
+    raw = json.loads((tiny_llama / "config.json").read_text())
+    mistral = {**raw, "model_type": "mistral", "sliding_window": 32, "rope_parameters": None, "rope_theta": 1e4}
+    (tmp_path / "config.json").write_text(json.dumps(mistral))
+    cfg = load_config(tmp_path)
+    assert cfg.sliding_window == 32 and cfg.rope_scaling == {} and not cfg.qkv_bias
+    old_style = {**raw, "rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 4.0}}
+    (tmp_path / "config.json").write_text(json.dumps(old_style))
+    cfg = load_config(tmp_path)
+    assert cfg.rope_inv_freq(64)[1] == pytest.approx(cfg.rope_theta ** (-2 / cfg.head_dim) / 4.0)
+    dynamic = {**raw, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}}
+    (tmp_path / "config.json").write_text(json.dumps(dynamic))
+    with pytest.raises(ModelSourceError, match="dynamic"):
+        load_config(tmp_path).rope_inv_freq(10_000)
+    yarn = {**raw, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}
+    (tmp_path / "config.json").write_text(json.dumps(yarn))
+    with pytest.raises(ModelSourceError, match="yarn"):
+        load_config(tmp_path)
+
+
+def test_rope_llama3_matches_transformers(tiny_llama: Path) -> None:
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from inferforge.llm.config import load_config
+
+    hf_cfg = AutoConfig.from_pretrained(tiny_llama)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    ours = torch.tensor(load_config(tiny_llama).rope_inv_freq(256), dtype=torch.float32)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
