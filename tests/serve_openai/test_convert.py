@@ -96,3 +96,13 @@ def test_limits_validate_themselves() -> None:
         ServerLimits(max_n=0)
     with pytest.raises(ValueError, match="max_logprobs"):
         ServerLimits(max_logprobs=21)
+
+
+def test_engine_refusals_map_to_statuses_across_the_process_boundary() -> None:
+    from inferforge.serve.openai.app import engine_error
+    from inferforge.serve.openai.engine_process import EngineClosedError, _error
+
+    assert engine_error(_error("QueueFullError", "waiting queue is full")).status == 429
+    assert engine_error(_error("RequestTooLargeError", "too long")).status == 400
+    assert engine_error(EngineClosedError("closing")).status == 503
+    assert engine_error(RuntimeError("device fault")) is None  # a bug or a fault: 500, not the client's
