@@ -75,7 +75,8 @@ def test_config_variants_mistral_window_and_rope_scaling(tmp_path: Path, tiny_ll
     from inferforge.llm.config import load_config
 
     raw = json.loads((tiny_llama / "config.json").read_text())
-    mistral = {**raw, "model_type": "mistral", "sliding_window": 32, "rope_parameters": None, "rope_theta": 1e4}
+    mistral = {**raw, "model_type": "mistral", "sliding_window": 32, "rope_parameters": None}
+    mistral["rope_theta"] = 1e4
     (tmp_path / "config.json").write_text(json.dumps(mistral))
     cfg = load_config(tmp_path)
     assert cfg.sliding_window == 32 and cfg.rope_scaling == {} and not cfg.qkv_bias

@@ -41,8 +41,8 @@ def generate(
         model_dir,
         EngineConfig(
             device=device,
-            quant=None if quant == "none" else quant,
-            max_num_seqs=1,  # type: ignore[arg-type]
+            quant=None if quant == "none" else quant,  # type: ignore[arg-type]
+            max_num_seqs=1,
             kv_cache_tokens=8192 if device == "cpu" else None,
         ),
     )

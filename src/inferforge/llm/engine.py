@@ -97,8 +97,10 @@ class LLMEngine:
                     f"quant {config.quant!r} needs a CUDA device (gemlite kernels); use --device cuda"
                 )
 
+            fmt: str = config.quant
+
             def transform(m: DecoderLM) -> None:
-                quantize_model(m, config.quant, experimental=config.experimental_quant)
+                quantize_model(m, fmt, experimental=config.experimental_quant)
 
         self.model = load_model(
             self.folder,

@@ -66,7 +66,7 @@ def attach_cache(model: DecoderLM, spec: CacheSpec, device: torch.device) -> Non
     """Allocate the pool and hang each layer's slice on its attention module (buffers, so graphs read in
     place)."""
     shape = (spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_dim)
-    for layer in model.layers:
+    for layer in model.blocks():
         layer.attn.k_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
         layer.attn.v_cache = torch.zeros(shape, dtype=spec.dtype, device=device)
 
@@ -108,8 +108,8 @@ def blocks_needed(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
 
 def copy_blocks(model: DecoderLM, src: list[int], dst: list[int]) -> None:
     """Copy whole blocks in every layer (forking a sequence for `n` > 1 after its prompt is cached)."""
-    device = model.layers[0].attn.k_cache.device
+    device = model.blocks()[0].attn.k_cache.device
     s, d = to_device(src, device, torch.long), to_device(dst, device, torch.long)
-    for layer in model.layers:
+    for layer in model.blocks():
         layer.attn.k_cache[d] = layer.attn.k_cache[s]
         layer.attn.v_cache[d] = layer.attn.v_cache[s]

@@ -30,13 +30,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q_size, kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        self.qkv = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
-        self.o = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.qkv: nn.Module = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.o: nn.Module = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
         self.scale = cfg.head_dim**-0.5
         self.rope = cfg.positions == "rope"
         self.register_buffer("k_cache", torch.empty(0), persistent=False)
@@ -67,8 +70,10 @@ class MLP(nn.Module):
         super().__init__()
         self.gated = cfg.mlp == "gated_silu"
         width = 2 * cfg.intermediate_size if self.gated else cfg.intermediate_size
-        self.up = nn.Linear(cfg.hidden_size, width, bias=cfg.mlp_bias)  # gate and up fused when gated
-        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.up: nn.Module = nn.Linear(
+            cfg.hidden_size, width, bias=cfg.mlp_bias
+        )  # gate and up fused when gated
+        self.down: nn.Module = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
@@ -100,10 +105,14 @@ class DecoderLM(nn.Module):
         )
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.norm = _norm(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head: nn.Module = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.compiled_block: Callable[..., torch.Tensor] | None = None
+
+    def blocks(self) -> list[Block]:
+        """The layers, typed (nn.ModuleList items are plain Modules to a type checker)."""
+        return [layer for layer in self.layers if isinstance(layer, Block)]
 
     def init_rope(self, device: torch.device, dtype: torch.dtype) -> None:
         """cos/sin tables for every position, computed in fp32 like transformers, stored in the model

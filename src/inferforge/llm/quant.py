@@ -32,7 +32,8 @@ def _int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
     return w_q, scale.view(out_f, -1), zero.view(out_f, -1)
 
 
-def quantize_linear(linear: nn.Linear, fmt: str) -> nn.Module:
+def quantize_linear(linear: nn.Module, fmt: str) -> nn.Module:
+    assert isinstance(linear, nn.Linear), f"expected nn.Linear, got {type(linear).__name__}"
     from gemlite import helper
 
     device, dtype = linear.weight.device, linear.weight.dtype
@@ -59,13 +60,15 @@ def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experime
         raise NotApplicable(
             f"--quant {fmt} needs a CUDA device (gemlite kernels); use --device cuda or no quant"
         )
-    for layer in model.layers:
+    for layer in model.blocks():
         layer.attn.qkv = quantize_linear(layer.attn.qkv, fmt)
         layer.attn.o = quantize_linear(layer.attn.o, fmt)
         layer.mlp.up = quantize_linear(layer.mlp.up, fmt)
         layer.mlp.down = quantize_linear(layer.mlp.down, fmt)
     if lm_head:
-        head = nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=False)
-        head.weight = nn.Parameter(model.lm_head.weight.data, requires_grad=False)  # a copy when tied
+        weight = model.lm_head.weight
+        assert isinstance(weight, torch.Tensor)
+        head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        head.weight = nn.Parameter(weight.data, requires_grad=False)  # quantizing makes a copy when tied
         model.lm_head = quantize_linear(head, fmt)
     torch.cuda.empty_cache()

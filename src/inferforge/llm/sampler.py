@@ -106,10 +106,12 @@ def _noise(prep: PreparedBatch, like: torch.Tensor) -> torch.Tensor:
 
 
 def _random_choice(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
+    assert prep.temperature is not None
     logits = logits / prep.temperature
     if prep.top_k is None:
         probs = logits.softmax(dim=-1)
         return (probs / _noise(prep, probs)).argmax(dim=-1)
+    assert prep.top_p is not None
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     ranks = torch.arange(logits.shape[1], device=logits.device)[None, :]
     sorted_logits = sorted_logits.masked_fill(ranks >= prep.top_k, float("-inf"))
@@ -126,6 +128,7 @@ def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
     logits = _apply_repetition_penalty(logits, prep)
     ids = logits.argmax(dim=-1)
     if not prep.all_greedy:
+        assert prep.greedy is not None
         ids = torch.where(prep.greedy, ids, _random_choice(logits, prep))
     k = prep.batch.num_logprobs
     if k < 0:

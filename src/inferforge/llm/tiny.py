@@ -11,7 +11,7 @@ import ast
 import json
 import sysconfig
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 Family = Literal["llama", "qwen2", "gpt2"]
 
@@ -70,13 +70,13 @@ def train_tokenizer(out_dir: Path, vocab_size: int = 512) -> int:
 def _hf_config(family: Family, vocab_size: int, eos_id: int):  # -> transformers.PretrainedConfig
     import transformers
 
-    ids = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
-    common = {"vocab_size": vocab_size, **ids}
+    ids: dict[str, Any] = {"bos_token_id": eos_id, "eos_token_id": eos_id, "pad_token_id": eos_id}
+    common: dict[str, Any] = {"vocab_size": vocab_size, **ids}
     if family == "gpt2":
         return transformers.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2, **common
         )
-    shape = {
+    shape: dict[str, Any] = {
         "hidden_size": 64,
         "num_hidden_layers": 2,
         "num_attention_heads": 4,
@@ -89,7 +89,7 @@ def _hf_config(family: Family, vocab_size: int, eos_id: int):  # -> transformers
     if family == "qwen2":
         return transformers.Qwen2Config(tie_word_embeddings=False, **shape, **common)
     # Llama 3 style: tied embeddings and llama3 RoPE scaling that bites within the tiny context.
-    rope = {
+    rope: dict[str, Any] = {
         "rope_type": "llama3",
         "rope_theta": 10000.0,
         "factor": 8.0,
