@@ -35,7 +35,7 @@ def _docstrings(path: Path) -> list[str]:
     return texts
 
 
-def stdlib_sentences(limit: int = 512, *, min_chars: int = 40, max_chars: int = 400) -> list[str]:
+def stdlib_sentences(limit: int = 256, *, min_chars: int = 40, max_chars: int = 200) -> list[str]:
     """Up to `limit` distinct docstring paragraphs, in a fixed order so the data fingerprint is stable."""
     seen: set[str] = set()
     out: list[str] = []
