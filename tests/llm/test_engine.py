@@ -180,3 +180,31 @@ def test_repetition_penalty_matches_transformers(engine: LLMEngine, tiny_llama: 
         pad_token_id=0,
     )[0, len(prompt) :].tolist()
     assert ours == ref
+
+
+def test_requests_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:
+    small = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=64, max_num_seqs=8, max_num_batched_tokens=64))
+    reqs = [
+        EngineRequest(f"w{i}", _ids(engine, p), GREEDY)
+        for i, p in enumerate(["The object", "class", "Return"])
+    ]
+    for r in reqs:
+        small.add_request(r)
+    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    for out in small.step():
+        got[out.request_id].extend(out.new_token_ids)
+    # each request reserves blocks for prompt + 24 tokens (2 blocks); 4 usable blocks admit two at a time
+    assert small.stats().running == 2 and small.stats().waiting == 1
+    while small.has_unfinished():
+        for out in small.step():
+            got[out.request_id].extend(out.new_token_ids)
+    alone = {r.request_id: _run(engine, [r])[r.request_id][0] for r in reqs}
+    assert got == alone and small.stats().kv_blocks_used == 0
+
+
+def test_out_of_vocabulary_prompt_ids_are_refused(engine: LLMEngine) -> None:
+    from inferforge.errors import InferforgeError
+
+    with pytest.raises(InferforgeError, match="vocabulary"):
+        engine.add_request(EngineRequest("oov", (1, 10**6), GREEDY))
+    assert not engine.has_unfinished()
