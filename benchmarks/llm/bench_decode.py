@@ -1,9 +1,11 @@
 """Decode speed of the inferforge LLM engine on the Llama-3.2-1B shape (random bf16 weights), with peers.
 
-Run on a CUDA machine:  python benchmarks/llm/bench_decode.py [--sections
-check,engine,quant,load,ttft,hf,compile] Peers in the same run: Hugging Face `generate` (default cache) and
-`generate` with a static cache and `torch.compile(mode="reduce-overhead")`. Prints a table; writes
-bench_decode.json under $OUT.
+Run on a CUDA machine (about 6 minutes for everything; each section writes its figures as it finishes):
+
+    python benchmarks/llm/bench_decode.py --sections check,engine,load,hf,quant,compile,attention,profile
+
+Peers in the same run: Hugging Face `generate` (default cache, `hf`) and `generate` with a static cache under
+`torch.compile(mode="reduce-overhead")` (`compile`). Prints a table; writes bench_decode.json under $OUT.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+import bench_parts
 from common import Clock, cuda_time, free, make_random_1b, write_json
 
 from inferforge.llm.engine import EngineConfig, LLMEngine
@@ -102,9 +105,9 @@ def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: i
 
 
 def engine_numbers(
-    folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = True
+    folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = False
 ) -> dict:
-    label = (quant or "bf16") + ("" if compile_decode else " (no compile)")
+    label = (quant or "bf16") + (" (compiled block)" if compile_decode else "")
     clk = Clock()
     eng = LLMEngine(
         folder,
@@ -227,25 +230,25 @@ def hf_peer(folder: Path, compiled: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="check,engine,nocompile,quant,load,hf,compile")
+    ap.add_argument("--sections", default="check,engine,load,hf,quant,compile,attention,profile")
     ap.add_argument("--quants", default="int8,fp8,int4")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
+    quants = args.quants.split(",")
     folder = make_random_1b(Path("/tmp/llama1b_random"))
     steps = [
         ("check", check_tiny),
         ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 64)))),
         (
-            "nocompile",
-            lambda: RESULTS.__setitem__("bf16_nocompile", engine_numbers(folder, None, (1, 64), False)),
+            "compiled",
+            lambda: RESULTS.__setitem__("bf16_compiled", engine_numbers(folder, None, (1, 64), True)),
         ),
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
         ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
-        (
-            "quant",
-            lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1,))) for q in args.quants.split(",")],
-        ),
+        ("quant", lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in quants]),
         ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),
+        ("attention", lambda: RESULTS.__setitem__("attention_us", bench_parts.attention_section(row))),
+        ("profile", lambda: RESULTS.__setitem__("profile", bench_parts.profile_section(folder, row))),
     ]
     for name, fn in steps:
         if name in sections:
