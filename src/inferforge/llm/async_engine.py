@@ -137,7 +137,10 @@ class AsyncLLMEngine:
             rid, item = (out.request_id, out) if isinstance(out, EngineOutput) else out
             stream = self._streams.get(rid)
             if stream is not None and not stream.loop.is_closed():
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                try:
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+                except RuntimeError:  # the client's event loop closed between the check and the call
+                    pass
 
     def _run(self) -> None:
         while not self._stop:
