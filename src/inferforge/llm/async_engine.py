@@ -22,6 +22,7 @@ began; all are `InferforgeError`s, i.e. the client's fault or a retry-later, nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -137,10 +138,9 @@ class AsyncLLMEngine:
             rid, item = (out.request_id, out) if isinstance(out, EngineOutput) else out
             stream = self._streams.get(rid)
             if stream is not None and not stream.loop.is_closed():
-                try:
+                # the client's event loop may close between the check and the call
+                with contextlib.suppress(RuntimeError):
                     stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-                except RuntimeError:  # the client's event loop closed between the check and the call
-                    pass
 
     def _run(self) -> None:
         while not self._stop:
