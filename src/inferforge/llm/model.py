@@ -24,11 +24,6 @@ def _norm(cfg: ModelConfig) -> nn.Module:
     return nn.RMSNorm(cfg.hidden_size, eps=cfg.norm_eps)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class Attention(nn.Module):
     k_cache: torch.Tensor
     v_cache: torch.Tensor
@@ -47,14 +42,16 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv(x).split(self.sizes, dim=-1)
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = self.qkv(x)
+        qk = qkv[:, : (heads + kv_heads) * d].view(t, heads + kv_heads, d)
+        v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
         if self.rope:
-            c, s = cos.unsqueeze(1), sin.unsqueeze(1)
-            q = q * c + _rotate_half(q) * s
-            k = k * c + _rotate_half(k) * s
+            # q and k rotated together; swapping the halves by one flip and a sign-folded sin table gives
+            # transformers' `q * cos + rotate_half(q) * sin` exactly, in 4 kernels instead of 10.
+            swapped = qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2)
+            qk = qk * cos.unsqueeze(1) + swapped * sin.unsqueeze(1)
+        q, k = qk[:, :heads], qk[:, heads:]
         write_cache(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         if meta.prefill is not None:
             o = prefill_attention(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
@@ -125,7 +122,10 @@ class DecoderLM(nn.Module):
         freqs = torch.outer(torch.arange(self.max_model_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
         self.rope_cos = emb.cos().to(device=device, dtype=dtype)
-        self.rope_sin = emb.sin().to(device=device, dtype=dtype)
+        sin = emb.sin()
+        half = sin.shape[-1] // 2
+        signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # folds rotate_half's minus sign in
+        self.rope_sin = signed.to(device=device, dtype=dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         x = self.embed(input_ids)
