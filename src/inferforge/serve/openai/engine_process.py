@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -146,12 +147,15 @@ class ProcessEngine:
         try:
             self._send(("add", request))
             while remaining:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    remaining -= 1
-                yield item
+                items = [await queue.get()]
+                while not queue.empty():  # the HTTP side is behind: fold what waits into fewer deltas
+                    items.append(queue.get_nowait())
+                for item in _coalesce(items):
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        remaining -= 1
+                    yield item
         finally:
             self._streams.pop(request.request_id, None)
             if remaining:
@@ -226,6 +230,25 @@ class ProcessEngine:
     def _fail_all(self, exc: BaseException) -> None:
         self._deliver([(rid, exc) for rid in list(self._streams)])
         self._bye.set()
+
+
+def _coalesce(items: list[Any]) -> list[Any]:
+    """Merge consecutive deltas of the same sequence: one SSE chunk instead of several when the loop lags."""
+    out: list[Any] = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (
+            isinstance(item, EngineOutput)
+            and isinstance(prev, EngineOutput)
+            and prev.index == item.index
+            and not prev.finished
+        ):
+            lps = None if item.logprobs is None else (prev.logprobs or ()) + item.logprobs
+            out[-1] = replace(item, new_token_ids=prev.new_token_ids + item.new_token_ids,
+                              new_text=prev.new_text + item.new_text, logprobs=lps)  # fmt: skip
+        else:
+            out.append(item)
+    return out
 
 
 def _put_all(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:
