@@ -47,8 +47,8 @@ class OptimizeConfig:
         "How many times a failing quantized candidate retries with its most sensitive layers kept in higher "
         "precision (0 disables)."))
     compile_top: int = field(default=1, metadata=_help(
-        "How many of the best passing eager candidates also get torch.compile variants (on a GPU the best one "
-        "also gets CUDA graphs); each batch size compiles once per variant."))
+        "How many of the best passing eager candidates also get a torch.compile variant (with CUDA graphs on a "
+        "GPU); each batch size compiles once per variant."))
     min_time_s: float = field(default=1.0, metadata=_help("Seconds of timed calls per batch size, at least."))
     warmup: int = field(default=5, metadata=_help("Untimed warm-up calls per batch size."))
     gpu_hourly_usd: float | None = field(default=None, metadata=_help(
