@@ -112,17 +112,16 @@ def engine_mode(a: argparse.Namespace) -> None:
 
 
 # ---- through the server ----------------------------------------------------------------------------------
-def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]]]) -> dict:
+def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]], float]) -> dict:
     from inferforge.serve.openai.loadtest import LoadTestConfig, run_samples
 
-    url, concurrency, requests, gen, rows = args
+    url, concurrency, requests, gen, rows, start_at = args
     cfg = LoadTestConfig(
         url=url, concurrency=concurrency, max_tokens=gen, requests=requests, duration_s=600, ignore_eos=True
     )
-    t0 = time.time()
+    time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
     samples, _ = asyncio.run(run_samples(cfg, [{"prompt": list(r)} for r in rows]))
     return {
-        "start": t0,
         "end": time.time(),
         "tokens": sum(s.tokens for s in samples if s.ok),
         "errors": [s.error for s in samples if not s.ok][:3],
@@ -132,14 +131,20 @@ def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]]]) -> dict:
     }
 
 
-def server_throughput(url: str, a: argparse.Namespace, seed: int) -> dict:
+def _client_init() -> None:
+    import httpx  # noqa: F401
+
+    import inferforge.serve.openai.loadtest  # noqa: F401
+
+
+def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any) -> dict:
     rows = prompts(a.requests, a.prompt_len, seed)
     per = a.concurrency // a.client_procs
     n = a.requests // a.client_procs
-    jobs = [(url, per, n, a.gen, rows[i * n : (i + 1) * n]) for i in range(a.client_procs)]
-    with mp.get_context("spawn").Pool(a.client_procs) as pool:
-        parts = pool.map(client_proc, jobs)
-    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    start_at = time.time() + 0.5
+    jobs = [(url, per, n, a.gen, rows[i * n : (i + 1) * n], start_at) for i in range(a.client_procs)]
+    parts = pool.map(client_proc, jobs)
+    wall = max(p["end"] for p in parts) - start_at
     tokens = sum(p["tokens"] for p in parts)
     ttft = [t for p in parts for t in p["ttft"]]
     itl = [t for p in parts for t in p["itl"]]
@@ -239,7 +244,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--requests", type=int, default=256)
+    p.add_argument("--requests", type=int, default=768)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--ttft-prompt", type=int, default=512)
@@ -248,7 +253,7 @@ def main() -> None:
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
-    p.add_argument("--variants", default="process:5,thread:0.5", help="server runs: engine mode:switch ms")
+    p.add_argument("--variants", default="process:5", help="server runs: engine mode:switch ms, ...")
     a = p.parse_args()
     a.variants = [(v.split(":")[0], float(v.split(":")[1])) for v in str(a.variants).split(",")]
     if a.mode == "engine":
@@ -302,8 +307,9 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
-        server_throughput(url, warm, 1)
-        res["throughput"] = [server_throughput(url, a, 10 + r) for r in range(a.reps)]
+        with mp.get_context("spawn").Pool(a.client_procs, initializer=_client_init) as pool:
+            server_throughput(url, warm, 1, pool)
+            res["throughput"] = [server_throughput(url, a, 10 + r, pool) for r in range(a.reps)]
         phase(f"server throughput: {[round(r['tokens_per_s']) for r in res['throughput']]} tok/s")
         if measure_ttft:
             server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up

@@ -61,10 +61,10 @@ def serve_llm(
     drain_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     engine_mode: str = typer.Option(
-        "thread", help="thread: the engine steps in this process; process: in a child (no shared GIL)."
+        "process", help="process: the engine steps in a child process; thread: in this one (shares the GIL)."
     ),
     switch_interval_ms: float = typer.Option(
-        0.5, min=0.05, max=100.0, help="Python's GIL switch interval; short keeps the engine thread fed."
+        5.0, min=0.05, max=100.0, help="Python's GIL switch interval (5 is Python's default)."
     ),
 ) -> None:
     """Serve an LLM with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""

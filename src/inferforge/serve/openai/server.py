@@ -83,7 +83,7 @@ def serve(
     api_keys: set[str] | None = None,
     drain_timeout: float = 30.0,
     log_level: str = "info",
-    switch_interval_ms: float = 0.5,
+    switch_interval_ms: float = 5.0,
 ) -> None:
     """Serve until a signal, then drain; returns normally so the caller exits 0.
 

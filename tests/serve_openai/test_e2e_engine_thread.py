@@ -1,5 +1,6 @@
-"""`serve-llm --engine-mode process`: the engine steps in a child process. Same answers as the engine itself,
-disconnects still free the slot, a full queue is still 429, SIGTERM still drains and exits 0."""
+"""`serve-llm --engine-mode thread`: the engine steps in a thread of the server (`AsyncLLMEngine`) instead of
+the default child process. Same answers as the engine itself, disconnects free the slot, a full queue is 429,
+SIGTERM drains and exits 0."""
 
 from __future__ import annotations
 
