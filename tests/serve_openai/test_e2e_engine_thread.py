@@ -25,7 +25,7 @@ def server(long_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         long_llama,
         log,
         "--engine-mode",
-        "process",
+        "thread",
         "--max-num-seqs",
         "1",
         "--max-waiting",
