@@ -148,9 +148,11 @@ class ProcessEngine:
             self._send(("add", request))
             while remaining:
                 items = [await queue.get()]
-                while not queue.empty():  # the HTTP side is behind: fold what waits into fewer deltas
-                    items.append(queue.get_nowait())
-                for item in _coalesce(items):
+                if not queue.empty():  # the HTTP side is behind: fold what waits into fewer deltas
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    items = _coalesce(items)
+                for item in items:
                     if isinstance(item, BaseException):
                         raise item
                     if item.finished:
