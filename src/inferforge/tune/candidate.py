@@ -41,7 +41,8 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Variant | None:
+def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Variant:
+    """The variant to time: the recipe's own, or the fallback's when that one passes where the recipe failed."""
     ctx.on_stage("applying")
     variant = apply_recipe(recipe, ctx.model, ctx.data.rows(slice(0, 2)), ctx.device)
     ctx.on_stage("validating")
@@ -52,14 +53,14 @@ def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Va
     if result.quality.passed or not recipe.has("quantization") or ctx.fallback_attempts < 1:
         return variant
     if _slower_than_baseline(variant, ctx, result):
-        return None
-    del variant
-    _free(ctx.device)
+        return variant
     ctx.on_stage("sensitivity fallback")
     found = fallback(recipe, ctx.model, ctx.data, ctx.reference, ctx.budget, ctx.device, ctx.fallback_attempts)
     result.fallback = found.to_json()
     if found.variant is None:
-        return None
+        return variant
+    del variant
+    _free(ctx.device)
     result.recipe = f"{result.recipe}+keep[{len(found.kept)}]"
     result.quality = found.quality
     result.notes = list(found.variant.context.notes)
@@ -88,14 +89,11 @@ def run_candidate(label: str, stage: str, ctx: SearchContext) -> tuple[Candidate
     variant = None
     try:
         variant = _validate(Recipe.parse(label), ctx, result)
-        if variant is None:
-            result.status, result.reason = "failed_quality", "; ".join(result.quality.reasons if result.quality else ())
-        else:
-            ctx.on_stage(f"timing batch sizes {','.join(map(str, ctx.batch_sizes))}")
-            result.bench = measure(variant, ctx.data, ctx.batch_sizes, ctx.bench, ctx.latency_slo_ms)
-            result.status = "passed" if result.quality and result.quality.passed else "failed_quality"
-            if not result.passed and result.quality:
-                result.reason = "; ".join(result.quality.reasons)
+        ctx.on_stage(f"timing batch sizes {','.join(map(str, ctx.batch_sizes))}")  # failing ones too: the report
+        result.bench = measure(variant, ctx.data, ctx.batch_sizes, ctx.bench, ctx.latency_slo_ms)  # shows the trade
+        result.status = "passed" if result.quality and result.quality.passed else "failed_quality"
+        if not result.passed and result.quality:
+            result.reason = "; ".join(result.quality.reasons)
     except NotApplicable as exc:
         result.status, result.reason = "not_applicable", str(exc)
     except (InferforgeError, RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as exc:
