@@ -128,7 +128,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(path: Path, loader: str | None, args: argparse.Namespace, instances: int, log: Path):  # type: ignore[no-untyped-def]
+def start_server(
+    path: Path, loader: str | None, args: argparse.Namespace, instances: int, log: Path, http_workers: int = 1
+):  # type: ignore[no-untyped-def]
     port = free_port()
     cmd = [
         sys.executable,
@@ -148,6 +150,8 @@ def start_server(path: Path, loader: str | None, args: argparse.Namespace, insta
         "8192",
         "--max-body-mib",
         "512",
+        "--http-workers",
+        str(http_workers),
     ]
     if loader:
         cmd += ["--loader", loader]
@@ -158,14 +162,18 @@ def start_server(path: Path, loader: str | None, args: argparse.Namespace, insta
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300
+    streak = 0  # with several processes, each new connection may reach another one: all must be ready
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited:\n{log.read_text()[-3000:]}")
         try:
-            if urllib.request.urlopen(url + "/v2/health/ready", timeout=1).status == 200:
-                return proc, url
+            ok = urllib.request.urlopen(url + "/v2/health/ready", timeout=1).status == 200
         except OSError:
-            time.sleep(0.2)
+            ok = False
+        streak = streak + 1 if ok else 0
+        if streak >= 10 * http_workers:
+            return proc, url
+        time.sleep(0.05 if ok else 0.2)
     proc.kill()
     raise RuntimeError("server never became ready")
 
@@ -220,6 +228,9 @@ def main() -> None:
     parser.add_argument("--sat-seconds", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--instances", default="1,2")
+    parser.add_argument(
+        "--http-workers", default="1", help="comma-separated; each is run with every --instances"
+    )
     parser.add_argument("--request-batches", default="1,8")
     parser.add_argument(
         "--ceiling",
@@ -255,15 +266,19 @@ def main() -> None:
     servable.close()
     del servable
     report["runs"] = []
-    for instances in [int(i) for i in args.instances.split(",")]:
-        proc, url = start_server(path, loader, args, instances, out / f"server_i{instances}.log")
+    configs = [(int(i), int(w)) for w in args.http_workers.split(",") for i in args.instances.split(",")]
+    for instances, workers in configs:
+        proc, url = start_server(
+            path, loader, args, instances, out / f"server_i{instances}_w{workers}.log", workers
+        )
         try:
             load(url, concurrency=4, duration=3.0, batch_size=1)  # warm-up: discarded
             load(url, concurrency=2, duration=2.0, batch_size=args.max_batch)
-            if instances == 1:
+            if "low_load" not in report:
                 before = scrape(url)
                 low = load(url, concurrency=1, duration=args.low_seconds, batch_size=1)
                 low["server"] = delta_means(before, scrape(url))
+                low["http_workers"] = workers
                 report["low_load"] = low
             for rows in [int(r) for r in args.request_batches.split(",")]:
                 conc = max(args.processes, 2 * args.max_batch // rows)
@@ -276,7 +291,7 @@ def main() -> None:
                     processes=args.processes,
                 )
                 sat.update(
-                    instances=instances,
+                    instances=f"{instances}x{workers}" if workers > 1 else instances,
                     request_rows=rows,
                     concurrency=conc,
                     server=delta_means(before, scrape(url)),

@@ -256,3 +256,25 @@ def test_serve_refuses_model_control_without_keys_with_one_line(tmp_path: Path) 
     )
     assert done.returncode == 2 and "--enable-model-control needs --api-key-file" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_several_http_worker_processes_serve_the_same_port(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    (write(repo / "tiny" / "1", seed=4) / "manifest.json").write_text("{}")
+    server = start_server(repo, tmp_path, "--http-workers", "2")
+    try:
+        from .tiny import TinyServable
+
+        client = httpclient.InferenceServerClient(server.address, concurrency=1)
+        reference = TinyServable("tiny", "1", seed=4)
+        for i in range(12):
+            x = np.random.default_rng(i).standard_normal((2, 8)).astype(np.float32)
+            tensor = httpclient.InferInput("input", [2, 8], "FP32")
+            tensor.set_data_from_numpy(x)
+            fresh = httpclient.InferenceServerClient(server.address)  # new connections spread over processes
+            got = fresh.infer("tiny", [tensor]).as_numpy("logits")
+            np.testing.assert_allclose(got, reference.predict({"input": x})["logits"], rtol=1e-5, atol=1e-6)
+        assert client.is_server_ready()
+    finally:
+        assert server.stop() in (0, -signal.SIGTERM)
+    assert "Traceback" not in server.log.read_text()

@@ -6,8 +6,11 @@ queues."""
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,6 +54,9 @@ class ServerConfig:
     """Largest request body accepted, in MiB."""
     graceful_timeout_s: float = 30.0
     """How long shutdown waits for in-flight requests."""
+    http_workers: int = 1
+    """Server processes sharing the port, each with its own models, queues and metrics: raises the ceiling
+    of Python HTTP parsing for large tensors; no model control, and /metrics shows the answering process."""
     loader: str | None = None
     """`package.module:function` that loads a servable like `registry.load_servable` (the default)."""
 
@@ -70,6 +76,13 @@ class ServerConfig:
         if self.instances < 1 or self.max_queue_size < 1 or self.timeout_s <= 0 or self.max_body_mib <= 0:
             raise InferforgeError(
                 "--instances, --max-queue-size, --timeout-s and --max-body-mib must be positive"
+            )
+        if self.http_workers < 1:
+            raise InferforgeError(f"--http-workers {self.http_workers} must be >= 1")
+        if self.http_workers > 1 and self.enable_model_control:
+            raise InferforgeError(
+                "--http-workers > 1 cannot be combined with --enable-model-control: each "
+                "process holds its own models, so a load or unload would reach only one"
             )
         VersionPolicy.parse(self.version_policy)
 
@@ -137,6 +150,20 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     import uvicorn
 
+    if config.http_workers > 1:
+        # uvicorn's supervisor binds the port and spawns the processes; each builds its app from the config.
+        os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
+        uvicorn.run(
+            f"{__name__}:app_from_env",
+            factory=True,
+            workers=config.http_workers,
+            host=config.host,
+            port=config.port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=int(config.graceful_timeout_s),
+        )
+        return
     app = build_app(config, loader)
 
     class DrainingServer(uvicorn.Server):
@@ -154,3 +181,13 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
         lifespan="on",
     )
     DrainingServer(uv_config).run()
+
+
+_CONFIG_ENV = "INFERFORGE_SERVE_CONFIG"
+
+
+def app_from_env():  # type: ignore[no-untyped-def]
+    """The app of one `--http-workers` process, from the config its parent left in the environment."""
+    fields = json.loads(os.environ[_CONFIG_ENV])
+    fields["preferred_batch_sizes"] = tuple(fields["preferred_batch_sizes"])
+    return build_app(ServerConfig(**fields))
