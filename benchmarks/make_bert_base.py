@@ -27,10 +27,14 @@ def main(out: Path, tokenizer_dir: Path | None = None) -> None:
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
         shutil.copy2((tokenizer_dir or minilm_dir()) / name, model_dir / name)
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    encoded = tokenizer(stdlib_sentences(512), padding="max_length", truncation=True, max_length=128,
-                        return_tensors="np")
-    np.savez(out / "bert-seq128.npz", input_ids=encoded["input_ids"].astype(np.int64),
-             attention_mask=encoded["attention_mask"].astype(np.int64))
+    encoded = tokenizer(
+        stdlib_sentences(512), padding="max_length", truncation=True, max_length=128, return_tensors="np"
+    )
+    np.savez(
+        out / "bert-seq128.npz",
+        input_ids=encoded["input_ids"].astype(np.int64),
+        attention_mask=encoded["attention_mask"].astype(np.int64),
+    )
     print(f"wrote {model_dir} and {out / 'bert-seq128.npz'}")
 
 

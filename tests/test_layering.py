@@ -10,8 +10,20 @@ from pathlib import Path
 import inferforge
 
 PACKAGE = Path(inferforge.__file__).parent
-ORDER = ["signature", "errors", "models", "techniques", "quality", "bench", "tune", "registry", "llm", "serve",
-         "monitor", "cli"]
+ORDER = [
+    "signature",
+    "errors",
+    "models",
+    "techniques",
+    "quality",
+    "bench",
+    "tune",
+    "registry",
+    "llm",
+    "serve",
+    "monitor",
+    "cli",
+]
 WEB = ("fastapi", "starlette", "uvicorn", "httpx", "aiohttp", "flask")
 
 
@@ -45,15 +57,27 @@ def test_stages_import_only_stages_to_their_left() -> None:
 
 
 def test_engine_cores_import_no_web_framework() -> None:
-    cores = [*(PACKAGE / "llm").rglob("*.py"), *(PACKAGE / "serve" / "engine").rglob("*.py"),
-             *[p for p in PACKAGE.rglob("*.py") if _stage(p) in ("models", "techniques", "quality", "bench", "tune",
-                                                                  "registry")]]
-    offenders = [f"{p.relative_to(PACKAGE)}: {n}" for p in cores for n in _imports(p) if n.split(".")[0] in WEB]
+    cores = [
+        *(PACKAGE / "llm").rglob("*.py"),
+        *(PACKAGE / "serve" / "engine").rglob("*.py"),
+        *[
+            p
+            for p in PACKAGE.rglob("*.py")
+            if _stage(p) in ("models", "techniques", "quality", "bench", "tune", "registry")
+        ],
+    ]
+    offenders = [
+        f"{p.relative_to(PACKAGE)}: {n}" for p in cores for n in _imports(p) if n.split(".")[0] in WEB
+    ]
     assert cores and offenders == []
 
 
 def test_import_inferforge_is_cheap() -> None:
-    code = ("import sys, inferforge, inferforge.cli; heavy = [m for m in ('torch', 'transformers', 'onnxruntime', "
-            "'torchao', 'fastapi', 'ray') if m in sys.modules]; print(','.join(heavy))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
+    code = (
+        "import sys, inferforge, inferforge.cli; heavy = [m for m in ('torch', 'transformers', 'onnxruntime', "
+        "'torchao', 'fastapi', 'ray') if m in sys.modules]; print(','.join(heavy))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
     assert result.stdout.strip() == ""

@@ -13,7 +13,9 @@ from inferforge.techniques import Recipe, apply_recipe
 def fp32_report(digits):
     model, data = digits
     variant = apply_recipe(Recipe.parse("fp32"), model, data.rows(slice(0, 2)), "cpu")
-    return measure(variant, data, (1, 16), BenchConfig(warmup=2, min_iters=10, min_time_s=0.05), latency_slo_ms=50)
+    return measure(
+        variant, data, (1, 16), BenchConfig(warmup=2, min_iters=10, min_time_s=0.05), latency_slo_ms=50
+    )
 
 
 def test_percentiles_are_ordered_and_throughput_consistent(fp32_report) -> None:

@@ -39,7 +39,9 @@ def test_npz_with_object_arrays_is_refused(tmp_path: Path, digits) -> None:
 def test_jsonl_text_is_tokenized_with_the_model_tokenizer(tmp_path: Path, tiny_bert_dir: Path) -> None:
     model = load_model(str(tiny_bert_dir))
     path = tmp_path / "t.jsonl"
-    path.write_text("\n".join(json.dumps({"text": t}) for t in ["hello world", "a longer sentence here"]) + "\n")
+    path.write_text(
+        "\n".join(json.dumps({"text": t}) for t in ["hello world", "a longer sentence here"]) + "\n"
+    )
     data = load_data(str(path), model)
     ids, mask = data.inputs["input_ids"], data.inputs["attention_mask"]
     assert ids.shape == mask.shape and ids.shape[0] == 2

@@ -15,7 +15,10 @@ from inferforge.registry import examples, export_artifact, load_servable, read_m
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("artifacts")
-    return {r: export_artifact(root / r, "builtin:digits", recipe=r) for r in ("fp32", "int8_dynamic", "onnxruntime")}
+    return {
+        r: export_artifact(root / r, "builtin:digits", recipe=r)
+        for r in ("fp32", "int8_dynamic", "onnxruntime")
+    }
 
 
 @pytest.mark.parametrize("recipe", ["fp32", "int8_dynamic", "onnxruntime"])
@@ -43,8 +46,12 @@ def test_text_model_artifact_round_trips(tmp_path: Path, tiny_bert_dir: Path) ->
     shutil.rmtree(tiny_bert_dir.parent / "moved", ignore_errors=True)
     servable = load_servable(path)
     stored = examples(path)
-    out = servable.predict({"input_ids": stored["input.input_ids"].numpy(),
-                            "attention_mask": stored["input.attention_mask"].numpy()})
+    out = servable.predict(
+        {
+            "input_ids": stored["input.input_ids"].numpy(),
+            "attention_mask": stored["input.attention_mask"].numpy(),
+        }
+    )
     np.testing.assert_allclose(out["embedding"], stored["output"].numpy(), atol=1e-6)
 
 

@@ -13,10 +13,17 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-@pytest.mark.parametrize(("recipe", "max_rel_err"), [
-    ("fp32", 1e-6), ("bf16", 3e-2), ("int8_weight", 3e-2), ("int8_dynamic", 6e-2), ("bf16+int8_weight", 5e-2),
-    ("onnxruntime", 1e-4),
-])
+@pytest.mark.parametrize(
+    ("recipe", "max_rel_err"),
+    [
+        ("fp32", 1e-6),
+        ("bf16", 3e-2),
+        ("int8_weight", 3e-2),
+        ("int8_dynamic", 6e-2),
+        ("bf16+int8_weight", 5e-2),
+        ("onnxruntime", 1e-4),
+    ],
+)
 def test_variant_stays_close_to_fp32(digits, recipe: str, max_rel_err: float) -> None:
     model, data = digits
     x = data.rows(slice(0, 128))
@@ -44,8 +51,9 @@ def test_skip_modules_keep_layers_in_higher_precision() -> None:
     from inferforge.models import load_data
 
     data = load_data("random:8:64", model)
-    variant = apply_recipe(Recipe.parse("int8_weight"), model, data.rows(slice(0, 2)), "cpu",
-                           skip_modules=frozenset({"2"}))
+    variant = apply_recipe(
+        Recipe.parse("int8_weight"), model, data.rows(slice(0, 2)), "cpu", skip_modules=frozenset({"2"})
+    )
     assert any("2 Linear layers quantized, kept ['2']" in n for n in variant.context.notes)
     assert type(variant.module[2].weight).__name__ == "Parameter"
     assert type(variant.module[0].weight).__name__ != "Parameter"

@@ -8,8 +8,19 @@ from inferforge.techniques import REGISTRY, Recipe, apply_recipe, parse_techniqu
 
 
 def test_every_issue_technique_is_registered() -> None:
-    expected = {"fp32", "tf32", "bf16", "fp16", "channels_last", "int8_weight", "int8_dynamic", "fp8", "int4_weight",
-                "compile", "onnxruntime"}
+    expected = {
+        "fp32",
+        "tf32",
+        "bf16",
+        "fp16",
+        "channels_last",
+        "int8_weight",
+        "int8_dynamic",
+        "fp8",
+        "int4_weight",
+        "compile",
+        "onnxruntime",
+    }
     assert expected <= set(technique_names())
 
 
@@ -20,7 +31,11 @@ def test_unknown_technique_lists_the_known_ones() -> None:
 
 def test_parameters_are_parsed_and_checked() -> None:
     assert parse_technique("compile:mode=cudagraphs,freezing=false").to_json() == {
-        "name": "compile", "version": 1, "mode": "cudagraphs", "freezing": False}
+        "name": "compile",
+        "version": 1,
+        "mode": "cudagraphs",
+        "freezing": False,
+    }
     with pytest.raises(TechniqueError, match="no parameter"):
         parse_technique("compile:speed=11")
     with pytest.raises(TechniqueError, match="mode must be one of"):
@@ -37,11 +52,17 @@ def test_recipe_orders_by_kind_and_refuses_two_of_a_kind() -> None:
     assert Recipe.from_json(recipe.to_json()) == recipe
 
 
-@pytest.mark.parametrize(("recipe", "reason"), [
-    ("fp16", "emulated on CPUs"), ("tf32", "NVIDIA GPU"), ("bf16+fp8", "compute capability 8.9"),
-    ("bf16+int4_weight", "CUDA only"), ("compile:mode=cudagraphs", "needs a CUDA GPU"),
-    ("channels_last", "no input is 4-D"),
-])
+@pytest.mark.parametrize(
+    ("recipe", "reason"),
+    [
+        ("fp16", "emulated on CPUs"),
+        ("tf32", "NVIDIA GPU"),
+        ("bf16+fp8", "compute capability 8.9"),
+        ("bf16+int4_weight", "CUDA only"),
+        ("compile:mode=cudagraphs", "needs a CUDA GPU"),
+        ("channels_last", "no input is 4-D"),
+    ],
+)
 def test_cpu_refuses_what_cannot_run_here_with_a_reason(digits, recipe: str, reason: str) -> None:
     model, data = digits
     with pytest.raises(NotApplicable, match=reason):

@@ -34,18 +34,26 @@ class BenchReport:
         batch, throughput = self.best_throughput
         return {
             "per_batch": {str(b): t.to_json() for b, t in sorted(self.per_batch.items())},
-            "size_bytes": self.size_bytes, "peak_mem_bytes": self.peak_mem_bytes, "compile_s": self.compile_s,
+            "size_bytes": self.size_bytes,
+            "peak_mem_bytes": self.peak_mem_bytes,
+            "compile_s": self.compile_s,
             "power_w": self.power_w,
             "energy_j_per_item": (self.power_w / throughput) if self.power_w and throughput else None,
             "offline": {"batch_size": batch, "throughput": throughput},
-            "single_stream": {"batch_size": min(self.per_batch),
-                              "p50_ms": self.single_stream_ms, "p90_ms": self.per_batch[min(self.per_batch)].p90_ms},
+            "single_stream": {
+                "batch_size": min(self.per_batch),
+                "p50_ms": self.single_stream_ms,
+                "p90_ms": self.per_batch[min(self.per_batch)].p90_ms,
+            },
             "server": self.server.to_json() if self.server else None,
         }
 
 
 def measure(
-    variant: Variant, data: EvalData, batch_sizes: tuple[int, ...], config: BenchConfig | None = None,
+    variant: Variant,
+    data: EvalData,
+    batch_sizes: tuple[int, ...],
+    config: BenchConfig | None = None,
     latency_slo_ms: float | None = None,
 ) -> BenchReport:
     """Time every batch size; peak memory covers the whole measurement."""
@@ -55,8 +63,12 @@ def measure(
     power = power_watts(variant.device)
     server = server_scenario(per_batch, latency_slo_ms) if latency_slo_ms else None
     return BenchReport(
-        per_batch=per_batch, size_bytes=model_size_bytes(variant.module), peak_mem_bytes=peak_bytes(variant.device),
-        compile_s=variant.context.compile_s, power_w=power, server=server,
+        per_batch=per_batch,
+        size_bytes=model_size_bytes(variant.module),
+        peak_mem_bytes=peak_bytes(variant.device),
+        compile_s=variant.context.compile_s,
+        power_w=power,
+        server=server,
     )
 
 

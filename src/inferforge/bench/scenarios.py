@@ -45,7 +45,7 @@ def simulate_server(
         padded = sizes[bisect.bisect_left(sizes, take)]
         samples = per_batch[padded].samples_ms or (per_batch[padded].p50_ms,)
         done = start + samples[rng.integers(len(samples))]
-        latencies[i:i + take] = done - arrivals[i:i + take]
+        latencies[i : i + take] = done - arrivals[i : i + take]
         batches.append(take)
         free_at, i = done, i + take
     return latencies, float(np.mean(batches))

@@ -22,16 +22,25 @@ from inferforge.techniques import Variant
 class BenchConfig:
     """How long and how often to measure."""
 
-    warmup: int = 5  # untimed calls per batch size after the first (which is timed apart, as compile/first-call)
+    warmup: int = (
+        5  # untimed calls per batch size after the first (which is timed apart, as compile/first-call)
+    )
     min_iters: int = 20  # timed calls at least
     max_iters: int = 1000  # timed calls at most
     min_time_s: float = 1.0  # keep timing until this much wall time has passed (bounded by max_iters)
-    max_time_s: float = 10.0  # stop after this long even before min_iters (a very slow variant), after 3 calls
+    max_time_s: float = (
+        10.0  # stop after this long even before min_iters (a very slow variant), after 3 calls
+    )
     rotate: int = 4  # distinct input batches cycled through, so caches cannot serve a single batch
 
     def __post_init__(self) -> None:
-        if self.warmup < 0 or self.min_iters < 1 or self.max_iters < self.min_iters or self.rotate < 1 or (
-                self.max_time_s < self.min_time_s):
+        if (
+            self.warmup < 0
+            or self.min_iters < 1
+            or self.max_iters < self.min_iters
+            or self.rotate < 1
+            or (self.max_time_s < self.min_time_s)
+        ):
             raise ValueError(f"bad BenchConfig {self}")
 
 
@@ -56,14 +65,19 @@ class Timing:
         return data
 
 
-def rotating_batches(data: EvalData, batch_size: int, count: int, variant: Variant) -> list[tuple[torch.Tensor, ...]]:
+def rotating_batches(
+    data: EvalData, batch_size: int, count: int, variant: Variant
+) -> list[tuple[torch.Tensor, ...]]:
     """`count` different batches of real rows, already on the device in the variant's dtype."""
     n = len(data)
     generator = torch.Generator().manual_seed(batch_size)
     batches = []
     for _ in range(count):
-        index = torch.randint(0, n, (batch_size,), generator=generator) if batch_size > n else torch.randperm(
-            n, generator=generator)[:batch_size]
+        index = (
+            torch.randint(0, n, (batch_size,), generator=generator)
+            if batch_size > n
+            else torch.randperm(n, generator=generator)[:batch_size]
+        )
         batches.append(variant.prepare(data.rows(index)))
     return batches
 
@@ -90,10 +104,15 @@ def time_batch_size(variant: Variant, data: EvalData, batch_size: int, config: B
     samples, wall, iters = _timed_loop(variant, batches, config)
     samples_ms = np.asarray(samples)
     return Timing(
-        batch_size=batch_size, iters=iters, p50_ms=float(np.percentile(samples_ms, 50)),
-        p90_ms=float(np.percentile(samples_ms, 90)), p99_ms=float(np.percentile(samples_ms, 99)),
-        mean_ms=float(samples_ms.mean()), min_ms=float(samples_ms.min()),
-        throughput=batch_size * iters / wall, first_call_s=first_call_s,
+        batch_size=batch_size,
+        iters=iters,
+        p50_ms=float(np.percentile(samples_ms, 50)),
+        p90_ms=float(np.percentile(samples_ms, 90)),
+        p99_ms=float(np.percentile(samples_ms, 99)),
+        mean_ms=float(samples_ms.mean()),
+        min_ms=float(samples_ms.min()),
+        throughput=batch_size * iters / wall,
+        first_call_s=first_call_s,
         samples_ms=tuple(float(s) for s in samples_ms),
     )
 
@@ -105,7 +124,9 @@ def _timed_loop(variant: Variant, batches: list, config: BenchConfig) -> tuple[l
     samples: list[float] = []
     iters = 0
     started = time.perf_counter()
-    while iters < config.max_iters and (iters < config.min_iters or time.perf_counter() - started < config.min_time_s):
+    while iters < config.max_iters and (
+        iters < config.min_iters or time.perf_counter() - started < config.min_time_s
+    ):
         if iters >= 3 and time.perf_counter() - started > config.max_time_s:
             break
         batch = batches[iters % len(batches)]

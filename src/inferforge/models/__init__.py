@@ -6,6 +6,13 @@ from inferforge.models.sources import DEFAULT_MODEL, load_model, state_dict_sha2
 from inferforge.models.tasks import TASKS, Task, get_task
 
 __all__ = [
-    "DEFAULT_MODEL", "TASKS", "EvalData", "LoadedModel", "Task", "get_task", "load_data", "load_model",
+    "DEFAULT_MODEL",
+    "TASKS",
+    "EvalData",
+    "LoadedModel",
+    "Task",
+    "get_task",
+    "load_data",
+    "load_model",
     "state_dict_sha256",
 ]

@@ -48,7 +48,9 @@ def _fingerprint(inputs: dict[str, torch.Tensor], labels: torch.Tensor | None) -
     return digest.hexdigest()
 
 
-def _make(inputs: dict[str, np.ndarray], labels: np.ndarray | None, source: str, synthetic: bool = False) -> EvalData:
+def _make(
+    inputs: dict[str, np.ndarray], labels: np.ndarray | None, source: str, synthetic: bool = False
+) -> EvalData:
     tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
     label_tensor = None if labels is None else torch.from_numpy(np.ascontiguousarray(labels)).long()
     sizes = {k: t.shape[0] for k, t in tensors.items()}
@@ -67,7 +69,10 @@ def _tokenize(texts: list[str], model: LoadedModel, source: str) -> dict[str, np
     encoded = model.tokenizer(
         texts, padding="longest", truncation=True, max_length=model.max_seq_len, return_tensors="np"
     )
-    return {"input_ids": encoded["input_ids"].astype(np.int64), "attention_mask": encoded["attention_mask"].astype(np.int64)}
+    return {
+        "input_ids": encoded["input_ids"].astype(np.int64),
+        "attention_mask": encoded["attention_mask"].astype(np.int64),
+    }
 
 
 def _read_jsonl(path: Path, model: LoadedModel) -> EvalData:
@@ -79,7 +84,9 @@ def _read_jsonl(path: Path, model: LoadedModel) -> EvalData:
             record = json.loads(line)
             texts.append(str(record["text"]))
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise DataError(f"{path}:{number}: each line must be a JSON object with a 'text' field ({exc})") from exc
+            raise DataError(
+                f"{path}:{number}: each line must be a JSON object with a 'text' field ({exc})"
+            ) from exc
         if "label" in record:
             labels.append(int(record["label"]))
     if labels and len(labels) != len(texts):
@@ -127,15 +134,15 @@ def _builtin(name: str, model: LoadedModel) -> EvalData:
         from inferforge.models.builtin.stdlib_text import stdlib_sentences
 
         return _make(_tokenize(stdlib_sentences(), model, "builtin:stdlib-text"), None, "builtin:stdlib-text")
-    raise DataError(f"unknown built-in data {name!r}; choose builtin:digits or builtin:stdlib-text (flag --data)")
+    raise DataError(
+        f"unknown built-in data {name!r}; choose builtin:digits or builtin:stdlib-text (flag --data)"
+    )
 
 
 def check_fits(data: EvalData, model: LoadedModel) -> None:
     """Fill in a model's signature from the data, or check the data against the signature it declares."""
     if not model.inputs:
-        model.inputs = tuple(
-            TensorSpec.from_array(name, t.numpy()) for name, t in data.inputs.items()
-        )
+        model.inputs = tuple(TensorSpec.from_array(name, t.numpy()) for name, t in data.inputs.items())
         return
     for spec in model.inputs:
         tensor = data.inputs.get(spec.name)

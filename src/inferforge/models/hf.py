@@ -47,7 +47,9 @@ def check_hf_folder(path: Path) -> dict:
         raise ModelSourceError(f"{path} has no config.json: not a Hugging Face model folder")
     if not list(path.glob("*.safetensors")):
         pickled = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
-        hint = f" (found {pickled}: pickled weights are refused; convert them to safetensors)" if pickled else ""
+        hint = (
+            f" (found {pickled}: pickled weights are refused; convert them to safetensors)" if pickled else ""
+        )
         raise ModelSourceError(f"{path} holds no *.safetensors weights{hint}")
     return json.loads(config_path.read_text())
 
@@ -66,12 +68,16 @@ def load_hf_module(path: Path, task: str) -> nn.Module:
     kwargs = dict(local_files_only=True, use_safetensors=True, trust_remote_code=False, dtype=torch.float32)
     try:
         if task == "classification":
-            return SequenceClassifier(AutoModelForSequenceClassification.from_pretrained(path, **kwargs)).eval()
+            return SequenceClassifier(
+                AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            ).eval()
         if task == "embedding":
             return MeanPooledEncoder(AutoModel.from_pretrained(path, **kwargs)).eval()
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"cannot load Hugging Face model from {path}: {exc}") from exc
-    raise ModelSourceError(f"task {task!r} is not supported for Hugging Face folders; use classification or embedding")
+    raise ModelSourceError(
+        f"task {task!r} is not supported for Hugging Face folders; use classification or embedding"
+    )
 
 
 def load_tokenizer(path: Path):

@@ -50,8 +50,13 @@ def load_factory(spec: str, task: str | None) -> LoadedModel:
         raise ModelSourceError(f"factory {spec!r} returned {type(module).__name__}, not a torch.nn.Module")
     task = task or "tensor"
     return LoadedModel(
-        module=module.float().eval(), task=get_task(task), inputs=(), output=_output_spec(task), source=spec,
-        source_sha256=state_dict_sha256(module), rebuild={"kind": "factory", "factory": spec},
+        module=module.float().eval(),
+        task=get_task(task),
+        inputs=(),
+        output=_output_spec(task),
+        source=spec,
+        source_sha256=state_dict_sha256(module),
+        rebuild={"kind": "factory", "factory": spec},
     )
 
 
@@ -64,9 +69,15 @@ def load_hf(path: Path, task: str | None, *, source: str | None = None) -> Loade
     task = task or hf.infer_hf_task(config)
     module = hf.load_hf_module(path, task)
     return LoadedModel(
-        module=module, task=get_task(task), inputs=_text_inputs(), output=_output_spec(task),
-        source=source or str(path), source_sha256=state_dict_sha256(module),
-        rebuild={"kind": "hf", "task": task}, hf_dir=path, tokenizer=hf.load_tokenizer(path),
+        module=module,
+        task=get_task(task),
+        inputs=_text_inputs(),
+        output=_output_spec(task),
+        source=source or str(path),
+        source_sha256=state_dict_sha256(module),
+        rebuild={"kind": "hf", "task": task},
+        hf_dir=path,
+        tokenizer=hf.load_tokenizer(path),
         max_seq_len=min(int(config.get("max_position_embeddings", 512)), 128),
     )
 
@@ -79,8 +90,13 @@ def load_pt2(path: Path, task: str | None) -> LoadedModel:
     module = program.module()
     task = task or "tensor"
     return LoadedModel(
-        module=module, task=get_task(task), inputs=(), output=_output_spec(task), source=str(path),
-        source_sha256=hashlib.sha256(path.read_bytes()).hexdigest(), rebuild={"kind": "pt2", "path": str(path)},
+        module=module,
+        task=get_task(task),
+        inputs=(),
+        output=_output_spec(task),
+        source=str(path),
+        source_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        rebuild={"kind": "pt2", "path": str(path)},
     )
 
 
@@ -101,12 +117,18 @@ def load_builtin(name: str, task: str | None) -> LoadedModel:
 
         module = build_digits_model()
         return LoadedModel(
-            module=module, task=get_task(task or "classification"), inputs=(TensorSpec("input", "FP32", (-1, 64)),),
-            output=TensorSpec("logits", "FP32", (-1, 10)), source="builtin:digits",
-            source_sha256=state_dict_sha256(module), rebuild={"kind": "builtin", "name": "digits"},
+            module=module,
+            task=get_task(task or "classification"),
+            inputs=(TensorSpec("input", "FP32", (-1, 64)),),
+            output=TensorSpec("logits", "FP32", (-1, 10)),
+            source="builtin:digits",
+            source_sha256=state_dict_sha256(module),
+            rebuild={"kind": "builtin", "name": "digits"},
             default_data="builtin:digits",
         )
-    raise ModelSourceError(f"unknown built-in model {name!r}; choose one of {list(BUILTIN_MODELS)} (flag --model)")
+    raise ModelSourceError(
+        f"unknown built-in model {name!r}; choose one of {list(BUILTIN_MODELS)} (flag --model)"
+    )
 
 
 def load_model(spec: str = DEFAULT_MODEL, task: str | None = None) -> LoadedModel:

@@ -61,9 +61,11 @@ class ClassificationTask(Task):
         kl = F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
         agreement = (outputs.argmax(-1) == reference.argmax(-1)).double().mean()
         cosine = F.cosine_similarity(outputs.double(), reference.double(), dim=-1).mean()
-        return {"top1_agreement": float(agreement), "kl": float(kl), "cosine": float(cosine)} | _relative_errors(
-            outputs, reference
-        )
+        return {
+            "top1_agreement": float(agreement),
+            "kl": float(kl),
+            "cosine": float(cosine),
+        } | _relative_errors(outputs, reference)
 
 
 class EmbeddingTask(Task):

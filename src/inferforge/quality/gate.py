@@ -21,11 +21,15 @@ class Budget:
     """How much worse than the fp32 original a variant may be."""
 
     max_metric_drop: float = 1.0  # percentage points of the task metric
-    min_fidelity: float = 0.99  # the task's primary fidelity figure (top-1 agreement, mean cosine, 1 - rel. error)
+    min_fidelity: float = (
+        0.99  # the task's primary fidelity figure (top-1 agreement, mean cosine, 1 - rel. error)
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_metric_drop <= 100.0:
-            raise ValueError(f"max_metric_drop must be in [0, 100] percentage points, got {self.max_metric_drop}")
+            raise ValueError(
+                f"max_metric_drop must be in [0, 100] percentage points, got {self.max_metric_drop}"
+            )
         if not 0.0 <= self.min_fidelity <= 1.0:
             raise ValueError(f"min_fidelity must be in [0, 1], got {self.min_fidelity}")
 
@@ -51,7 +55,10 @@ class QualityReport:
 
 
 def run_outputs(
-    forward: Callable[..., torch.Tensor], data: EvalData, batch_size: int = 64, rows: slice | None = None,
+    forward: Callable[..., torch.Tensor],
+    data: EvalData,
+    batch_size: int = 64,
+    rows: slice | None = None,
     pad: bool = False,
 ) -> torch.Tensor:
     """fp32 CPU outputs of `forward` over the data (or a slice of it), batch by batch.
@@ -92,15 +99,26 @@ def judge(
     if finite and not (primary >= budget.min_fidelity):
         reasons.append(f"{task.fidelity_name} {primary:.4f} < budget {budget.min_fidelity}")
     return QualityReport(
-        metric_name=task.metric_name, metric=metric, reference_metric=reference_metric,
-        metric_drop=drop if math.isfinite(drop) else float("inf"), fidelity_name=task.fidelity_name,
-        fidelity=fidelity, finite=finite, passed=not reasons, reasons=tuple(reasons),
+        metric_name=task.metric_name,
+        metric=metric,
+        reference_metric=reference_metric,
+        metric_drop=drop if math.isfinite(drop) else float("inf"),
+        fidelity_name=task.fidelity_name,
+        fidelity=fidelity,
+        finite=finite,
+        passed=not reasons,
+        reasons=tuple(reasons),
     )
 
 
 def evaluate(
-    forward: Callable[..., torch.Tensor], data: EvalData, task: Task, reference: torch.Tensor, budget: Budget,
-    batch_size: int = 64, pad: bool = False,
+    forward: Callable[..., torch.Tensor],
+    data: EvalData,
+    task: Task,
+    reference: torch.Tensor,
+    budget: Budget,
+    batch_size: int = 64,
+    pad: bool = False,
 ) -> QualityReport:
     """Run `forward` (a variant) on all of `data` and judge it against the reference outputs."""
     return judge(task, run_outputs(forward, data, batch_size, pad=pad), reference, data.labels, budget)

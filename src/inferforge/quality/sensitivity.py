@@ -31,8 +31,12 @@ class Fallback:
 
     def to_json(self) -> dict:
         passed = self.quality.passed if self.quality else False
-        return {"scores": [list(s) for s in self.scores[:20]], "kept": list(self.kept),
-                "attempts": self.attempts, "passed": passed}
+        return {
+            "scores": [list(s) for s in self.scores[:20]],
+            "kept": list(self.kept),
+            "attempts": self.attempts,
+            "passed": passed,
+        }
 
 
 def layer_scores(
@@ -54,7 +58,12 @@ def layer_scores(
 
 
 def fallback(
-    recipe: Recipe, model: LoadedModel, data: EvalData, reference: torch.Tensor, budget: Budget, device: str,
+    recipe: Recipe,
+    model: LoadedModel,
+    data: EvalData,
+    reference: torch.Tensor,
+    budget: Budget,
+    device: str,
     max_attempts: int = 3,
 ) -> Fallback:
     """Keep the 1, 2, 4, ... most sensitive layers in higher precision until the variant passes or attempts run out."""

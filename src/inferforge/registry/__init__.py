@@ -9,9 +9,18 @@ import importlib
 from typing import Any
 
 _WHERE = {
-    "examples": "artifact", "find_artifact": "artifact", "load_variant": "artifact", "read_manifest": "artifact",
-    "save_artifact": "artifact", "export_artifact": "export", "SCHEMA_VERSION": "manifest", "Manifest": "manifest",
-    "VariantServable": "runtime", "load_servable": "runtime", "BatchingHints": "servable", "Servable": "servable",
+    "examples": "artifact",
+    "find_artifact": "artifact",
+    "load_variant": "artifact",
+    "read_manifest": "artifact",
+    "save_artifact": "artifact",
+    "export_artifact": "export",
+    "SCHEMA_VERSION": "manifest",
+    "Manifest": "manifest",
+    "VariantServable": "runtime",
+    "load_servable": "runtime",
+    "BatchingHints": "servable",
+    "Servable": "servable",
     "TensorSpec": "servable",
 }
 __all__ = sorted(_WHERE)

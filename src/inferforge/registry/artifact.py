@@ -27,8 +27,17 @@ from inferforge.registry.servable import BatchingHints, TensorSpec
 from inferforge.signature import NUMPY_TO_V2
 from inferforge.techniques import Recipe, Variant, apply_recipe
 
-HF_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-            "merges.txt", "vocab.json", "sentencepiece.bpe.model", "spiece.model")
+HF_FILES = (
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "merges.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+)
 EXAMPLE_ROWS = 4
 
 
@@ -44,13 +53,24 @@ def output_spec(model: LoadedModel, outputs: torch.Tensor) -> TensorSpec:
 def batching_hints(recipe: Recipe, batch_sizes: tuple[int, ...]) -> BatchingHints:
     cudagraphs = any(s.name == "compile" and getattr(s, "mode", "") != "default" for s in recipe.steps)
     sizes = tuple(sorted(batch_sizes)) or (1,)
-    return BatchingHints(max_batch_size=max(sizes), preferred_batch_sizes=sizes, pad_to_batch_sizes=cudagraphs,
-                         batch_sizes=sizes)
+    return BatchingHints(
+        max_batch_size=max(sizes),
+        preferred_batch_sizes=sizes,
+        pad_to_batch_sizes=cudagraphs,
+        batch_sizes=sizes,
+    )
 
 
 def save_artifact(
-    out_dir: Path, *, name: str, model: LoadedModel, data: EvalData, variant: Variant, batch_sizes: tuple[int, ...],
-    quality: dict | None = None, bench: dict | None = None,
+    out_dir: Path,
+    *,
+    name: str,
+    model: LoadedModel,
+    data: EvalData,
+    variant: Variant,
+    batch_sizes: tuple[int, ...],
+    quality: dict | None = None,
+    bench: dict | None = None,
 ) -> Path:
     """Write the artifact folder atomically (a temporary folder renamed into place)."""
     out_dir = Path(out_dir)
@@ -73,16 +93,32 @@ def save_artifact(
     hints = batching_hints(variant.recipe, batch_sizes)
     manifest = Manifest(
         name=name,
-        model={"source": model.source, "sha256": model.source_sha256, "task": model.task.name,
-               "rebuild": {k: v for k, v in model.rebuild.items() if k != "path"},
-               "weights_sha256": state_dict_sha256(model.module)},
-        recipe=variant.recipe.to_json(), inputs=[s.to_json() for s in model.inputs],
-        outputs=[output_spec(model, outputs).to_json()], device=variant.device.type,
+        model={
+            "source": model.source,
+            "sha256": model.source_sha256,
+            "task": model.task.name,
+            "rebuild": {k: v for k, v in model.rebuild.items() if k != "path"},
+            "weights_sha256": state_dict_sha256(model.module),
+        },
+        recipe=variant.recipe.to_json(),
+        inputs=[s.to_json() for s in model.inputs],
+        outputs=[output_spec(model, outputs).to_json()],
+        device=variant.device.type,
         device_name=device_name(variant.device),
-        data={"source": data.source, "fingerprint": data.fingerprint, "synthetic": data.synthetic, "rows": len(data)},
-        quality=quality, bench=bench, notes=list(variant.context.notes),
-        batching={"max_batch_size": hints.max_batch_size, "preferred_batch_sizes": list(hints.preferred_batch_sizes),
-                  "pad_to_batch_sizes": hints.pad_to_batch_sizes},
+        data={
+            "source": data.source,
+            "fingerprint": data.fingerprint,
+            "synthetic": data.synthetic,
+            "rows": len(data),
+        },
+        quality=quality,
+        bench=bench,
+        notes=list(variant.context.notes),
+        batching={
+            "max_batch_size": hints.max_batch_size,
+            "preferred_batch_sizes": list(hints.preferred_batch_sizes),
+            "pad_to_batch_sizes": hints.pad_to_batch_sizes,
+        },
     )
     (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2))
     if out_dir.exists():
@@ -127,16 +163,27 @@ def load_variant(path: Path, device: str | None = None) -> tuple[Manifest, Loade
     inputs = tuple(TensorSpec.from_json(s) for s in manifest.inputs)
     outputs = tuple(TensorSpec.from_json(s) for s in manifest.outputs)
     model = LoadedModel(
-        module=module, task=get_task(manifest.model["task"]), inputs=inputs, output=outputs[0],
-        source=manifest.model["source"], source_sha256=manifest.model["sha256"], rebuild=manifest.model["rebuild"],
+        module=module,
+        task=get_task(manifest.model["task"]),
+        inputs=inputs,
+        output=outputs[0],
+        source=manifest.model["source"],
+        source_sha256=manifest.model["sha256"],
+        rebuild=manifest.model["rebuild"],
     )
     examples = load_file(str(folder / "examples.safetensors"))
     example_inputs = tuple(examples[f"input.{s.name}"] for s in inputs)
     target = device or manifest.device
     if target.startswith("cuda") and not torch.cuda.is_available():
-        raise ArtifactError(f"{folder} was built for {target}, and this machine has no CUDA device; pass device='cpu'")
-    preloaded = {"model.onnx": (folder / "model.onnx").read_bytes()} if (folder / "model.onnx").is_file() else {}
-    variant = apply_recipe(Recipe.from_json(manifest.recipe), model, example_inputs, target, preloaded=preloaded)
+        raise ArtifactError(
+            f"{folder} was built for {target}, and this machine has no CUDA device; pass device='cpu'"
+        )
+    preloaded = (
+        {"model.onnx": (folder / "model.onnx").read_bytes()} if (folder / "model.onnx").is_file() else {}
+    )
+    variant = apply_recipe(
+        Recipe.from_json(manifest.recipe), model, example_inputs, target, preloaded=preloaded
+    )
     return manifest, model, variant
 
 

@@ -13,8 +13,14 @@ from inferforge.techniques import Recipe, apply_recipe
 
 
 def export_artifact(
-    out_dir: str | Path, model: str, *, recipe: Sequence[str] | str = ("fp32",), device: str = "cpu",
-    task: str | None = None, data: str | None = None, name: str | None = None,
+    out_dir: str | Path,
+    model: str,
+    *,
+    recipe: Sequence[str] | str = ("fp32",),
+    device: str = "cpu",
+    task: str | None = None,
+    data: str | None = None,
+    name: str | None = None,
     batch_sizes: tuple[int, ...] = (1, 8, 64),
 ) -> Path:
     """Load `model` (any source `optimize` takes), apply `recipe` and write the artifact folder."""
@@ -25,5 +31,11 @@ def export_artifact(
     with torch.inference_mode():
         variant = apply_recipe(parsed, loaded, eval_data.rows(slice(0, 2)), device)
     default_name = model.removeprefix("builtin:").replace(":", "_").replace(".", "_").split("/")[-1]
-    return save_artifact(Path(out_dir), name=name or default_name, model=loaded, data=eval_data, variant=variant,
-                         batch_sizes=batch_sizes)
+    return save_artifact(
+        Path(out_dir),
+        name=name or default_name,
+        model=loaded,
+        data=eval_data,
+        variant=variant,
+        batch_sizes=batch_sizes,
+    )

@@ -17,8 +17,13 @@ class VariantServable:
     """Named numpy tensors in, named numpy tensors out, through the variant's recipe on its device."""
 
     def __init__(
-        self, name: str, version: str, variant: Variant, inputs: tuple[TensorSpec, ...],
-        outputs: tuple[TensorSpec, ...], batching: BatchingHints,
+        self,
+        name: str,
+        version: str,
+        variant: Variant,
+        inputs: tuple[TensorSpec, ...],
+        outputs: tuple[TensorSpec, ...],
+        batching: BatchingHints,
     ) -> None:
         self.name = name
         self.version = version
@@ -43,8 +48,9 @@ class VariantServable:
             torch.cuda.empty_cache()
 
 
-def load_servable(path: str | Path, *, device: str | None = None, name: str | None = None,
-                  version: str = "1") -> VariantServable:
+def load_servable(
+    path: str | Path, *, device: str | None = None, name: str | None = None, version: str = "1"
+) -> VariantServable:
     """Load an artifact folder (or a run folder holding `artifact/`) ready to serve."""
     manifest, model, variant = load_variant(Path(path), device)
     batching = manifest.batching or {}

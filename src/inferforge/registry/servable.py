@@ -15,6 +15,7 @@ from inferforge.signature import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
 
 __all__ = ["NUMPY_TO_V2", "V2_TO_NUMPY", "BatchingHints", "Servable", "TensorSpec"]
 
+
 @dataclass(frozen=True)
 class BatchingHints:
     """What the artifact knows about batching it well (the server's config may override it)."""

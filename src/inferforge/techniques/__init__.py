@@ -13,6 +13,13 @@ from inferforge.techniques.base import (
 )
 
 __all__ = [
-    "REGISTRY", "ApplyContext", "Recipe", "TechniqueConfig", "Variant", "apply_recipe", "parse_technique",
-    "register", "technique_names",
+    "REGISTRY",
+    "ApplyContext",
+    "Recipe",
+    "TechniqueConfig",
+    "Variant",
+    "apply_recipe",
+    "parse_technique",
+    "register",
+    "technique_names",
 ]

@@ -15,7 +15,8 @@ from inferforge.techniques.base import ApplyContext
 def quantizable_linears(module: nn.Module, multiple: int = 16) -> list[str]:
     """Names of Linear layers whose shapes the quantized kernels accept."""
     return [
-        name for name, m in module.named_modules()
+        name
+        for name, m in module.named_modules()
         if isinstance(m, nn.Linear) and m.in_features % multiple == 0 and m.out_features % multiple == 0
     ]
 
@@ -23,10 +24,14 @@ def quantizable_linears(module: nn.Module, multiple: int = 16) -> list[str]:
 def no_linears_reason(model: LoadedModel, multiple: int = 16) -> str | None:
     if quantizable_linears(model.module, multiple):
         return None
-    return f"the model has no Linear layer with sizes divisible by {multiple} (convolutions are not quantized)"
+    return (
+        f"the model has no Linear layer with sizes divisible by {multiple} (convolutions are not quantized)"
+    )
 
 
-def quantize_linears(module: nn.Module, config: Any, ctx: ApplyContext, label: str, multiple: int = 16) -> nn.Module:
+def quantize_linears(
+    module: nn.Module, config: Any, ctx: ApplyContext, label: str, multiple: int = 16
+) -> nn.Module:
     """Quantize every eligible Linear except the ones the sensitivity fallback keeps in higher precision."""
     from torchao.quantization import quantize_
 

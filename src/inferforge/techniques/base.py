@@ -74,8 +74,11 @@ class TechniqueConfig:
 
     @property
     def label(self) -> str:
-        params = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
-                  if getattr(self, f.name) != f.default]
+        params = [
+            f"{f.name}={getattr(self, f.name)}"
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) != f.default
+        ]
         return self.name + (f"({','.join(params)})" if params else "")
 
 
@@ -122,7 +125,9 @@ def parse_technique(spec: str | dict[str, Any]) -> TechniqueConfig:
     types = {f.name: f.type for f in dataclasses.fields(cls)}
     unknown = set(params) - set(types)
     if unknown:
-        raise TechniqueError(f"technique {name!r} has no parameter(s) {sorted(unknown)}; it has {sorted(types)}")
+        raise TechniqueError(
+            f"technique {name!r} has no parameter(s) {sorted(unknown)}; it has {sorted(types)}"
+        )
     try:
         converted = {k: _convert(v, types[k]) for k, v in params.items()}
         return cls(**converted)
@@ -136,7 +141,7 @@ def _convert(value: Any, annotation: Any) -> Any:
     text = str(annotation)
     if "bool" in text:
         return value.lower() in ("1", "true", "yes")
-    if "int" in text and "None" not in text or text == "int":
+    if ("int" in text and "None" not in text) or text == "int":
         return int(value)
     if "float" in text:
         return float(value)
@@ -215,8 +220,13 @@ class _tf32:
 
 
 def apply_recipe(
-    recipe: Recipe, model: LoadedModel, example_inputs: tuple[torch.Tensor, ...], device: str | torch.device,
-    *, skip_modules: frozenset[str] = frozenset(), preloaded: dict[str, Any] | None = None,
+    recipe: Recipe,
+    model: LoadedModel,
+    example_inputs: tuple[torch.Tensor, ...],
+    device: str | torch.device,
+    *,
+    skip_modules: frozenset[str] = frozenset(),
+    preloaded: dict[str, Any] | None = None,
 ) -> Variant:
     """A fresh copy of the model with every step applied, in kind order; the original is never touched."""
     ctx = ApplyContext(torch.device(device), example_inputs, skip_modules=skip_modules)

@@ -34,19 +34,24 @@ class OrtModule(nn.Module):
         self.onnx_size_bytes = len(onnx_bytes)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-        feed = {name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.input_names, inputs)}
+        feed = {
+            name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.input_names, inputs)
+        }
         return torch.from_numpy(self.session.run(None, feed)[0])
 
 
 def export_onnx(module: nn.Module, model: LoadedModel, example: tuple[torch.Tensor, ...]) -> bytes:
     batch = torch.export.Dim("batch", min=1, max=65536)
     seq = torch.export.Dim("seq", min=2, max=8192)
-    dynamic = tuple(
-        {0: batch, **({1: seq} if spec.shape[1:2] == (-1,) else {})} for spec in model.inputs
-    )
+    dynamic = tuple({0: batch, **({1: seq} if spec.shape[1:2] == (-1,) else {})} for spec in model.inputs)
     program = torch.onnx.export(
-        module, example, input_names=list(model.input_names), output_names=[model.output.name],
-        dynamic_shapes=dynamic, dynamo=True, verbose=False,
+        module,
+        example,
+        input_names=list(model.input_names),
+        output_names=[model.output.name],
+        dynamic_shapes=dynamic,
+        dynamo=True,
+        verbose=False,
     )
     buffer = io.BytesIO()
     program.save(buffer)

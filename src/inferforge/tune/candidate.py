@@ -48,14 +48,18 @@ def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Va
     ctx.on_stage("validating")
     compiled = recipe.has("graph")  # validate at a benchmarked batch size, padded, so no extra compile
     batch = max(ctx.batch_sizes) if compiled else 64
-    result.quality = evaluate(variant, ctx.data, ctx.model.task, ctx.reference, ctx.budget, batch, pad=compiled)
+    result.quality = evaluate(
+        variant, ctx.data, ctx.model.task, ctx.reference, ctx.budget, batch, pad=compiled
+    )
     result.notes = list(variant.context.notes)
     if result.quality.passed or not recipe.has("quantization") or ctx.fallback_attempts < 1:
         return variant
     if _slower_than_baseline(variant, ctx, result):
         return variant
     ctx.on_stage("sensitivity fallback")
-    found = fallback(recipe, ctx.model, ctx.data, ctx.reference, ctx.budget, ctx.device, ctx.fallback_attempts)
+    found = fallback(
+        recipe, ctx.model, ctx.data, ctx.reference, ctx.budget, ctx.device, ctx.fallback_attempts
+    )
     result.fallback = found.to_json()
     if found.variant is None:
         return variant
@@ -77,8 +81,10 @@ def _slower_than_baseline(variant: Variant, ctx: SearchContext, result: Candidat
     throughput = time_batch_size(variant, ctx.data, batch, probe).throughput
     if throughput >= ctx.baseline.get(batch, 0.0):
         return False
-    result.notes.append(f"sensitivity fallback skipped: {throughput:,.0f}/s at batch {batch} is below the fp32 "
-                        f"baseline's {ctx.baseline[batch]:,.0f}/s")
+    result.notes.append(
+        f"sensitivity fallback skipped: {throughput:,.0f}/s at batch {batch} is below the fp32 "
+        f"baseline's {ctx.baseline[batch]:,.0f}/s"
+    )
     return True
 
 
@@ -89,8 +95,12 @@ def run_candidate(label: str, stage: str, ctx: SearchContext) -> tuple[Candidate
     variant = None
     try:
         variant = _validate(Recipe.parse(label), ctx, result)
-        ctx.on_stage(f"timing batch sizes {','.join(map(str, ctx.batch_sizes))}")  # failing ones too: the report
-        result.bench = measure(variant, ctx.data, ctx.batch_sizes, ctx.bench, ctx.latency_slo_ms)  # shows the trade
+        ctx.on_stage(
+            f"timing batch sizes {','.join(map(str, ctx.batch_sizes))}"
+        )  # failing ones too: the report
+        result.bench = measure(
+            variant, ctx.data, ctx.batch_sizes, ctx.bench, ctx.latency_slo_ms
+        )  # shows the trade
         result.status = "passed" if result.quality and result.quality.passed else "failed_quality"
         if not result.passed and result.quality:
             result.reason = "; ".join(result.quality.reasons)

@@ -10,8 +10,16 @@ from inferforge.models.loaded import LoadedModel
 from inferforge.tune.results import CandidateResult
 
 CPU_EAGER = ("fp32", "bf16", "int8_weight", "int8_dynamic", "onnxruntime")
-GPU_EAGER = ("fp32", "tf32", "bf16", "fp16", "bf16+int8_weight", "bf16+int8_dynamic", "bf16+fp8",
-             "bf16+int4_weight")
+GPU_EAGER = (
+    "fp32",
+    "tf32",
+    "bf16",
+    "fp16",
+    "bf16+int8_weight",
+    "bf16+int8_dynamic",
+    "bf16+fp8",
+    "bf16+int4_weight",
+)
 GPU_CONV = ("bf16+channels_last", "fp16+channels_last")
 
 
@@ -25,14 +33,18 @@ def eager_candidates(techniques: str, model: LoadedModel, device: str) -> list[s
     return [*GPU_EAGER[:4], *(GPU_CONV if has_conv else ()), *GPU_EAGER[4:]]
 
 
-def compiled_candidates(ranked: list[CandidateResult], top: int, device: str, batch_sizes: tuple[int, ...]) -> list[str]:
+def compiled_candidates(
+    ranked: list[CandidateResult], top: int, device: str, batch_sizes: tuple[int, ...]
+) -> list[str]:
     """torch.compile on the best passing eager recipes: with CUDA graphs on a GPU, plain inductor on a CPU.
 
     On the H100, CUDA graphs matched plain compile at large batches (ResNet-50 bs256: 23,743 vs 23,780 img/s) and
     beat it where launches dominate (MiniLM bs64: 37,463 vs 21,515 seq/s), so compiling both doubles the compile
     time for nothing.
     """
-    eligible = [c for c in ranked if c.stage == "eager" and "onnxruntime" not in c.recipe and "+keep" not in c.recipe]
+    eligible = [
+        c for c in ranked if c.stage == "eager" and "onnxruntime" not in c.recipe and "+keep" not in c.recipe
+    ]
     suffix = "+compile:mode=cudagraphs" if device.startswith("cuda") else "+compile"
     return [f"{candidate.recipe}{suffix}" for candidate in eligible[:top]]
 
@@ -64,7 +76,8 @@ def pareto_front(candidates: list[CandidateResult], objective: str, slo_ms: floa
     """Candidates no other beats on both speed (the objective) and quality (the task metric)."""
     points = [
         (c.recipe, objective_value(c, objective, slo_ms), c.quality.metric)
-        for c in candidates if c.bench is not None and c.quality is not None and math.isfinite(c.quality.metric)
+        for c in candidates
+        if c.bench is not None and c.quality is not None and math.isfinite(c.quality.metric)
     ]
     front = []
     for name, speed, quality in points:

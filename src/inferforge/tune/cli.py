@@ -17,8 +17,11 @@ def _parameters() -> list[inspect.Parameter]:
     for field in dataclasses.fields(OptimizeConfig):
         flag = "--" + field.name.replace("_", "-")
         option = typer.Option(field.default, flag, help=field.metadata["help"], show_default=True)
-        params.append(inspect.Parameter(field.name, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=hints[field.name]))
+        params.append(
+            inspect.Parameter(
+                field.name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=hints[field.name]
+            )
+        )
     return params
 
 

@@ -10,8 +10,13 @@ from rich.table import Table
 
 from inferforge.tune.results import CandidateResult, RunResult
 
-STATUS_STYLE = {"passed": "green", "failed_quality": "red", "slo_miss": "yellow", "not_applicable": "dim",
-                "error": "magenta"}
+STATUS_STYLE = {
+    "passed": "green",
+    "failed_quality": "red",
+    "slo_miss": "yellow",
+    "not_applicable": "dim",
+    "error": "magenta",
+}
 
 
 def _short(result: CandidateResult) -> str:
@@ -29,9 +34,17 @@ class Display:
 
     def __init__(self, enabled: bool = True, console: Console | None = None) -> None:
         self.enabled = enabled
-        self.console = console or Console(stderr=True, width=None if Console(stderr=True).is_terminal else 160)
-        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                                 console=self.console, transient=True, disable=not enabled)
+        self.console = console or Console(
+            stderr=True, width=None if Console(stderr=True).is_terminal else 160
+        )
+        self.progress = Progress(
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            transient=True,
+            disable=not enabled,
+        )
         self.task_id = None
 
     def __enter__(self) -> Display:
@@ -55,25 +68,42 @@ class Display:
         """Printed in quiet mode too, so a log shows how far a long search got."""
         style = STATUS_STYLE.get(result.status, "white")
         self.progress.console.print(
-            f"[{style}]{result.status:>14}[/] {result.recipe:<38} {_short(result)} ({result.seconds:.0f} s)")
+            f"[{style}]{result.status:>14}[/] {result.recipe:<38} {_short(result)} ({result.seconds:.0f} s)"
+        )
 
 
 def summary_table(run: RunResult) -> Table:
     """One row per candidate: status, quality, speed, size, and speed-ups against the baseline and the peer."""
-    table = Table(title=f"inferforge optimize: {run.config['model']} on {run.environment.get('device_name', run.environment['device'])}")
-    for column in ("recipe", "status", "metric drop", "fidelity", "p50 ms (bs min)", "best items/s (bs)",
-                   f"x {run.baseline}", f"x {run.peer or '-'}", "MB", "compile s"):
+    table = Table(
+        title=f"inferforge optimize: {run.config['model']} on {run.environment.get('device_name', run.environment['device'])}"
+    )
+    for column in (
+        "recipe",
+        "status",
+        "metric drop",
+        "fidelity",
+        "p50 ms (bs min)",
+        "best items/s (bs)",
+        f"x {run.baseline}",
+        f"x {run.peer or '-'}",
+        "MB",
+        "compile s",
+    ):
         table.add_column(column, justify="left" if column in ("recipe", "status") else "right")
     for c in run.candidates:
         q, b = c.quality, c.bench
         mark = " *" if c.recipe == run.chosen else ""
         table.add_row(
-            c.recipe + mark, f"[{STATUS_STYLE.get(c.status, 'white')}]{c.status}[/]",
-            f"{q.metric_drop:.2f}" if q else "-", f"{q.primary_fidelity:.4f}" if q else "-",
+            c.recipe + mark,
+            f"[{STATUS_STYLE.get(c.status, 'white')}]{c.status}[/]",
+            f"{q.metric_drop:.2f}" if q else "-",
+            f"{q.primary_fidelity:.4f}" if q else "-",
             f"{b.single_stream_ms:.3f}" if b else "-",
             f"{b.best_throughput[1]:,.0f} ({b.best_throughput[0]})" if b else "-",
-            _ratio(c.speedup_vs_baseline), _ratio(c.speedup_vs_peer),
-            f"{b.size_bytes / 1e6:.1f}" if b else "-", f"{b.compile_s:.1f}" if b and b.compile_s else "-",
+            _ratio(c.speedup_vs_baseline),
+            _ratio(c.speedup_vs_peer),
+            f"{b.size_bytes / 1e6:.1f}" if b else "-",
+            f"{b.compile_s:.1f}" if b and b.compile_s else "-",
         )
     return table
 

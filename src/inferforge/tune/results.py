@@ -25,6 +25,7 @@ class CandidateResult:
     seconds: float = 0.0
     speedup_vs_baseline: float | None = None  # best throughput over the fp32 eager baseline's
     speedup_vs_peer: float | None = None  # over the eager half-precision peer (bf16 on GPU), where measured
+    cost_per_million_usd: float | None = None  # at the best throughput, given --gpu-hourly-usd
 
     @property
     def passed(self) -> bool:
@@ -32,11 +33,18 @@ class CandidateResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "recipe": self.recipe, "stage": self.stage, "status": self.status, "reason": self.reason,
+            "recipe": self.recipe,
+            "stage": self.stage,
+            "status": self.status,
+            "reason": self.reason,
             "quality": self.quality.to_json() if self.quality else None,
-            "bench": self.bench.to_json() if self.bench else None, "fallback": self.fallback, "notes": self.notes,
-            "seconds": self.seconds, "speedup_vs_baseline": self.speedup_vs_baseline,
+            "bench": self.bench.to_json() if self.bench else None,
+            "fallback": self.fallback,
+            "notes": self.notes,
+            "seconds": self.seconds,
+            "speedup_vs_baseline": self.speedup_vs_baseline,
             "speedup_vs_peer": self.speedup_vs_peer,
+            "cost_per_million_usd": self.cost_per_million_usd,
         }
 
 
@@ -55,9 +63,16 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "schema_version": RESULTS_SCHEMA_VERSION, "config": self.config, "environment": self.environment,
-            "data": self.data, "baseline": self.baseline, "peer": self.peer, "chosen": self.chosen,
-            "pareto": self.pareto, "elapsed_s": self.elapsed_s, "artifact": self.artifact,
+            "schema_version": RESULTS_SCHEMA_VERSION,
+            "config": self.config,
+            "environment": self.environment,
+            "data": self.data,
+            "baseline": self.baseline,
+            "peer": self.peer,
+            "chosen": self.chosen,
+            "pareto": self.pareto,
+            "elapsed_s": self.elapsed_s,
+            "artifact": self.artifact,
             "candidates": [c.to_json() for c in self.candidates],
         }
 

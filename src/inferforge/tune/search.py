@@ -23,7 +23,14 @@ from inferforge.models import load_data, load_model
 from inferforge.quality import Budget, run_outputs
 from inferforge.techniques import Recipe, Variant, apply_recipe
 from inferforge.tune.candidate import SearchContext, run_candidate
-from inferforge.tune.choice import compiled_candidates, eager_candidates, meets_slo, objective_value, pareto_front, rank
+from inferforge.tune.choice import (
+    compiled_candidates,
+    eager_candidates,
+    meets_slo,
+    objective_value,
+    pareto_front,
+    rank,
+)
 from inferforge.tune.config import OptimizeConfig
 from inferforge.tune.display import Display
 from inferforge.tune.report import write_report
@@ -43,7 +50,12 @@ def _versions() -> dict[str, str]:
 
 
 def _environment(device: str) -> dict:
-    env = {"device": device, "platform": platform.platform(), "cpu_count": os.cpu_count(), "versions": _versions()}
+    env = {
+        "device": device,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "versions": _versions(),
+    }
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -60,7 +72,9 @@ def _reference(config: OptimizeConfig, device: str):
     return model, data, reference
 
 
-def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tuple[list[CandidateResult], Variant | None]:
+def _search(
+    config: OptimizeConfig, ctx: SearchContext, display: Display
+) -> tuple[list[CandidateResult], Variant | None]:
     results: list[CandidateResult] = []
     best: tuple[CandidateResult, Variant] | None = None
 
@@ -75,8 +89,15 @@ def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tup
         display.finish(result)
         if label == "fp32" and result.bench is not None:
             ctx.baseline = {b: t.throughput for b, t in result.bench.per_batch.items()}
-        if variant is not None and stage != "baseline" and (best is None or objective_value(result, config.objective, None) >
-                                    objective_value(best[0], config.objective, None)):
+        if (
+            variant is not None
+            and stage != "baseline"
+            and (
+                best is None
+                or objective_value(result, config.objective, None)
+                > objective_value(best[0], config.objective, None)
+            )
+        ):
             best = (result, variant)
         elif variant is not None:
             del variant
@@ -95,7 +116,7 @@ def _search(config: OptimizeConfig, ctx: SearchContext, display: Display) -> tup
     return results, best[1] if best else None
 
 
-def _speedups(results: list[CandidateResult]) -> tuple[str, str | None]:
+def _speedups(results: list[CandidateResult], hourly_usd: float | None) -> tuple[str, str | None]:
     def throughput(label: str) -> float | None:
         found = [c for c in results if c.recipe == label and c.bench]
         return found[0].bench.best_throughput[1] if found else None
@@ -105,6 +126,8 @@ def _speedups(results: list[CandidateResult]) -> tuple[str, str | None]:
         if c.bench:
             c.speedup_vs_baseline = c.bench.best_throughput[1] / base if base else None
             c.speedup_vs_peer = c.bench.best_throughput[1] / peer if peer else None
+            if hourly_usd:
+                c.cost_per_million_usd = hourly_usd / 3600.0 / c.bench.best_throughput[1] * 1e6
     return "fp32", PEER if peer else None
 
 
@@ -125,32 +148,52 @@ def optimize(config: OptimizeConfig, save_artifact: SaveArtifact | None = None) 
     out.mkdir(parents=True, exist_ok=True)
     model, data, reference = _reference(config, device)
     ctx = SearchContext(
-        model=model, data=data, reference=reference,
-        budget=Budget(config.max_metric_drop, config.min_fidelity), device=device, batch_sizes=batch_sizes,
+        model=model,
+        data=data,
+        reference=reference,
+        budget=Budget(config.max_metric_drop, config.min_fidelity),
+        device=device,
+        batch_sizes=batch_sizes,
         bench=BenchConfig(warmup=config.warmup, min_time_s=config.min_time_s),
-        fallback_attempts=config.fallback_attempts, latency_slo_ms=config.latency_slo_ms,
+        fallback_attempts=config.fallback_attempts,
+        latency_slo_ms=config.latency_slo_ms,
     )
     with Display(enabled=not config.quiet) as display:
         results, best_variant = _search(config, ctx, display)
-    baseline, peer = _speedups(results)
+    baseline, peer = _speedups(results, config.gpu_hourly_usd)
     ranked = rank(results, config.objective, config.latency_slo_ms)
     chosen = ranked[0] if ranked and best_variant is not None else None
     artifact = None
     if chosen is not None and save_artifact is not None:
         artifact = save_artifact(
-            out / "artifact", name=out.name, model=model, data=data, variant=best_variant, batch_sizes=batch_sizes,
+            out / "artifact",
+            name=out.name,
+            model=model,
+            data=data,
+            variant=best_variant,
+            batch_sizes=batch_sizes,
             quality=chosen.quality.to_json() if chosen.quality else None,
             bench=chosen.bench.to_json() if chosen.bench else None,
         )
     run = RunResult(
         config={k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
         environment=_environment(device),
-        data={"source": data.source, "rows": len(data), "fingerprint": data.fingerprint, "synthetic": data.synthetic,
-              "reference_metric": model.task.metric(reference, data.labels, reference),
-              "metric_name": model.task.metric_name, "has_labels": data.labels is not None},
-        candidates=results, chosen=chosen.recipe if chosen else None,
-        pareto=pareto_front(results, config.objective, config.latency_slo_ms), baseline=baseline, peer=peer,
-        elapsed_s=time.perf_counter() - started, artifact=str(artifact) if artifact else None,
+        data={
+            "source": data.source,
+            "rows": len(data),
+            "fingerprint": data.fingerprint,
+            "synthetic": data.synthetic,
+            "reference_metric": model.task.metric(reference, data.labels, reference),
+            "metric_name": model.task.metric_name,
+            "has_labels": data.labels is not None,
+        },
+        candidates=results,
+        chosen=chosen.recipe if chosen else None,
+        pareto=pareto_front(results, config.objective, config.latency_slo_ms),
+        baseline=baseline,
+        peer=peer,
+        elapsed_s=time.perf_counter() - started,
+        artifact=str(artifact) if artifact else None,
     )
     write_report(run, out)
     if chosen is None:
