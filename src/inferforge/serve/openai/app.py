@@ -267,6 +267,9 @@ def create_app(
     async def health() -> Response:
         if state.draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        alive = getattr(engine, "is_alive", None)  # optional: engines in another process can die alone
+        if alive is not None and not alive():
+            return JSONResponse({"status": "engine down"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")

@@ -131,12 +131,17 @@ class ProcessEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._send_lock = threading.Lock()
         self._accepting = True
+        self._dead = False
         self._bye = threading.Event()
         self._reader = threading.Thread(target=self._read, name="inferforge-engine-reader", daemon=True)
         self._reader.start()
 
     # ---- EngineClient -----------------------------------------------------------------------------------
     async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._dead:
+            raise EngineClosedError(
+                f"the engine process has exited (code {self._proc.exitcode}); restart the server"
+            )
         if not self._accepting:
             raise EngineClosedError("the engine is shutting down; retry on another replica")
         if request.request_id in self._streams:
@@ -171,6 +176,10 @@ class ProcessEngine:
     def stats(self) -> EngineStats:
         return self._stats
 
+    def is_alive(self) -> bool:
+        """False once the child has exited: /health turns 503 so an orchestrator restarts the server."""
+        return not self._dead and self._proc.is_alive()
+
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
@@ -203,6 +212,7 @@ class ProcessEngine:
             try:
                 msg = self._conn.recv()
             except (EOFError, OSError):
+                self._dead = True
                 self._fail_all(EngineProcessError(f"the engine process exited ({self._proc.exitcode})"))
                 break
             kind = msg[0]
