@@ -1,5 +1,6 @@
-"""Write a BERT-base folder (random weights from a fixed seed, the MiniLM tokenizer: the same uncased vocabulary)
-and an .npz of standard-library sentences tokenized to exactly 128 tokens, for the BERT-base benchmark.
+"""Write a BERT-base folder (random weights from a fixed seed, the MiniLM tokenizer: the same uncased
+vocabulary) and an .npz of standard-library sentences tokenized to exactly 128 tokens, for the BERT-base
+benchmark.
 
 Random weights are fine for speed and for fidelity to the fp32 original; they make no accuracy claim.
 Usage: python benchmarks/make_bert_base.py OUT_DIR [TOKENIZER_DIR]   (default: the built-in MiniLM's folder)

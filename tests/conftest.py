@@ -1,4 +1,5 @@
-"""Shared fixtures: the built-in digits classifier and a tiny Hugging Face encoder folder, built once per session."""
+"""Shared fixtures: the built-in digits classifier and a tiny Hugging Face encoder folder, built once per
+session."""
 
 from __future__ import annotations
 

@@ -19,8 +19,9 @@ def small_cnn() -> nn.Module:
 
 
 def outlier_mlp() -> nn.Module:
-    """Three Linear layers. The middle one reads a dead unit (always 0 after ReLU) through huge weights: they change
-    nothing in fp32, but they set every row's int8 scale so high that the weights that matter round to zero."""
+    """Three Linear layers. The middle one reads a dead unit (always 0 after ReLU) through huge weights: they
+    change nothing in fp32, but they set every row's int8 scale so high that the weights that matter round to
+    zero."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16))
     with torch.no_grad():

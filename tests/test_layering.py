@@ -1,4 +1,5 @@
-"""The package's house rules, checked on the source: imports run one way, and `import inferforge` stays cheap."""
+"""The package's house rules, checked on the source: imports run one way, and `import inferforge` stays
+cheap."""
 
 from __future__ import annotations
 
@@ -74,8 +75,8 @@ def test_engine_cores_import_no_web_framework() -> None:
 
 def test_import_inferforge_is_cheap() -> None:
     code = (
-        "import sys, inferforge, inferforge.cli; heavy = [m for m in ('torch', 'transformers', 'onnxruntime', "
-        "'torchao', 'fastapi', 'ray') if m in sys.modules]; print(','.join(heavy))"
+        "import sys, inferforge, inferforge.cli; heavy = [m for m in ('torch', 'transformers', "
+        "'onnxruntime', 'torchao', 'fastapi', 'ray') if m in sys.modules]; print(','.join(heavy))"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120

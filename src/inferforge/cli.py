@@ -1,7 +1,7 @@
 """The one command-line app. Each command is a thin call into one stage's public function.
 
-Stages register their own commands (`register(app)`) so this module stays small and each stage's flags live beside
-the configuration they fill. Heavy imports happen inside the commands, so `inferforge --help` is fast.
+Stages register their own commands (`register(app)`) so this module stays small and each stage's flags live
+beside the configuration they fill. Heavy imports happen inside the commands, so `inferforge --help` is fast.
 """
 
 from __future__ import annotations

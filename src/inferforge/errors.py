@@ -1,6 +1,7 @@
 """Errors a user can cause. Each message names the input at fault and, where one exists, the fix.
 
-The CLI turns these into one line and a non-zero exit; the servers turn them into a 4xx in the protocol's shape.
+The CLI turns these into one line and a non-zero exit; the servers turn them into a 4xx in the protocol's
+shape.
 """
 
 

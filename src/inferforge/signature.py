@@ -1,7 +1,8 @@
 """Named, typed tensors: the signature every stage agrees on, from the loaded model to the V2 server.
 
-It sits below every stage so that `models` can describe inputs and `serve` can validate requests with one type.
-Datatype names are the KServe V2 / Triton ones; shapes put the batch first and mark varying dimensions with -1.
+It sits below every stage so that `models` can describe inputs and `serve` can validate requests with one
+type. Datatype names are the KServe V2 / Triton ones; shapes put the batch first and mark varying dimensions
+with -1.
 """
 
 from __future__ import annotations
@@ -42,7 +43,9 @@ class TensorSpec:
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """True when a concrete shape matches this spec (same rank, fixed dimensions equal)."""
-        return len(shape) == len(self.shape) and all(s == -1 or s == d for s, d in zip(self.shape, shape))
+        return len(shape) == len(self.shape) and all(
+            s == -1 or s == d for s, d in zip(self.shape, shape, strict=True)
+        )
 
     def to_json(self) -> dict:
         return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}

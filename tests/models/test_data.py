@@ -59,7 +59,7 @@ def test_bad_jsonl_line_names_the_line(tmp_path: Path, tiny_bert_dir: Path) -> N
 
 def test_missing_data_file_names_the_flag(digits) -> None:
     model, _ = digits
-    with pytest.raises(DataError, match="does not exist.*--data"):
+    with pytest.raises(DataError, match=r"does not exist.*--data"):
         load_data("/no/such.npz", model)
 
 

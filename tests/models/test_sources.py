@@ -52,7 +52,7 @@ def test_pt2_archive_loads(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("spec", ["/no/such/model.pt2", "no/such/folder", "builtin:nope"])
 def test_missing_models_name_the_flag(spec: str) -> None:
-    with pytest.raises(ModelSourceError, match="--model|does not exist"):
+    with pytest.raises(ModelSourceError, match=r"--model|does not exist"):
         load_model(spec)
 
 

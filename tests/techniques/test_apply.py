@@ -1,4 +1,5 @@
-"""Each CPU technique on the trained digits classifier: close to fp32 by a stated margin, original untouched."""
+"""Each CPU technique on the trained digits classifier: close to fp32 by a stated margin, original
+untouched."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ def test_every_issue_technique_is_registered() -> None:
 
 
 def test_unknown_technique_lists_the_known_ones() -> None:
-    with pytest.raises(TechniqueError, match="unknown technique 'int3'.*bf16"):
+    with pytest.raises(TechniqueError, match=r"unknown technique 'int3'.*bf16"):
         Recipe.parse("bf16+int3")
 
 

@@ -9,7 +9,8 @@ from torch import nn
 
 
 def _leaf_tensors(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
-    """Plain tensors inside a tensor subclass (torchao's quantized tensors keep packed data and scales inside)."""
+    """Plain tensors inside a tensor subclass (torchao's quantized tensors keep packed data and scales
+    inside)."""
     flatten = getattr(tensor, "__tensor_flatten__", None)
     if flatten is None or type(tensor) in (torch.Tensor, nn.Parameter):
         yield tensor

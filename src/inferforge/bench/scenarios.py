@@ -1,10 +1,10 @@
 """MLPerf-style scenarios derived from measured per-batch latencies.
 
-Single-stream is batch 1's latency (MLPerf reports its 90th percentile); offline is the best throughput over the
-batch sizes. Server is simulated: Poisson arrivals at a rate, a dynamic batcher that takes whatever is queued up to
-the largest measured batch size, and service times drawn from the measured samples of the batch size that batch
-would be padded to. The search finds the highest rate whose p99 latency stays under the SLO. It models the
-engine's queueing, not HTTP: `inferforge loadtest` measures the real server.
+Single-stream is batch 1's latency (MLPerf reports its 90th percentile); offline is the best throughput over
+the batch sizes. Server is simulated: Poisson arrivals at a rate, a dynamic batcher that takes whatever is
+queued up to the largest measured batch size, and service times drawn from the measured samples of the batch
+size that batch would be padded to. The search finds the highest rate whose p99 latency stays under the SLO.
+It models the engine's queueing, not HTTP: `inferforge loadtest` measures the real server.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class ServerScenario:
 def simulate_server(
     per_batch: dict[int, Timing], qps: float, requests: int = 4000, seed: int = 0
 ) -> tuple[np.ndarray, float]:
-    """End-to-end latencies (ms) of `requests` Poisson arrivals served by a greedy dynamic batcher, and the mean batch."""
+    """End-to-end latencies (ms) of `requests` Poisson arrivals served by a greedy dynamic batcher, and the
+    mean batch."""
     sizes = sorted(per_batch)
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1000.0 / qps, requests))

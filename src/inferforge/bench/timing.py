@@ -1,9 +1,10 @@
 """Honest timing of a variant: warm-up, rotating real inputs, device events, medians and tail percentiles.
 
-On a GPU every iteration is bracketed by CUDA events recorded on the stream (no sync inside the loop) and the loop
-as a whole by a synchronised wall clock, so per-batch latency is device time and throughput includes any launch
-gaps. On the CPU each call is synchronous and timed with perf_counter. Inputs are moved to the device and cast
-before timing: these are the model's figures, not the server's (the server's come from `inferforge loadtest`).
+On a GPU every iteration is bracketed by CUDA events recorded on the stream (no sync inside the loop) and
+the loop as a whole by a synchronised wall clock, so per-batch latency is device time and throughput
+includes any launch gaps. On the CPU each call is synchronous and timed with perf_counter. Inputs are moved
+to the device and cast before timing: these are the model's figures, not the server's (the server's come
+from `inferforge loadtest`).
 """
 
 from __future__ import annotations

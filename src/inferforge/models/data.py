@@ -1,7 +1,9 @@
-"""Evaluation data: `.npz` tensors with optional labels, `.jsonl` text, built-in real data, or labelled synthetic.
+"""Evaluation data: `.npz` tensors with optional labels, `.jsonl` text, built-in real data, or labelled
+synthetic.
 
-Every example set becomes named tensors with the batch on dim 0 (text is tokenized with the model's own tokenizer),
-so later stages never care where the data came from. The fingerprint goes into the artifact's manifest.
+Every example set becomes named tensors with the batch on dim 0 (text is tokenized with the model's own
+tokenizer), so later stages never care where the data came from. The fingerprint goes into the artifact's
+manifest.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ from inferforge.errors import ModelSourceError
 
 
 class MeanPooledEncoder(nn.Module):
-    """Sentence embeddings the way sentence-transformers makes them: mean over real tokens, then L2-normalised."""
+    """Sentence embeddings the way sentence-transformers makes them: mean over real tokens, then
+    L2-normalised."""
 
     def __init__(self, encoder: nn.Module, normalize: bool = True) -> None:
         super().__init__()

@@ -16,8 +16,9 @@ from inferforge.signature import TensorSpec
 class LoadedModel:
     """An fp32 module on the CPU, called with positional tensors in `inputs` order, returning one tensor.
 
-    `rebuild` says how to construct the same architecture again (a registry artifact stores it with the weights):
-    {"kind": "factory", "factory": "pkg.mod:fn"} | {"kind": "hf", "task": ...} | {"kind": "builtin", "name": ...}.
+    `rebuild` says how to construct the same architecture again (a registry artifact stores it with the
+    weights): {"kind": "factory", "factory": "pkg.mod:fn"} | {"kind": "hf", "task": ...} | {"kind": "builtin",
+    "name": ...}.
     """
 
     module: nn.Module

@@ -1,7 +1,8 @@
-"""Model sources: a Python factory `pkg.mod:fn`, a Hugging Face folder, a `torch.export` archive, or a built-in.
+"""Model sources: a Python factory `pkg.mod:fn`, a Hugging Face folder, a `torch.export` archive, or a
+built-in.
 
-Whatever the source, the result is a `LoadedModel`: an fp32 CPU module with one tensor out. Nothing is downloaded
-and nothing untrusted is unpickled.
+Whatever the source, the result is a `LoadedModel`: an fp32 CPU module with one tensor out. Nothing is
+downloaded and nothing untrusted is unpickled.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ DEFAULT_MODEL = "builtin:minilm"
 
 
 def state_dict_sha256(module: nn.Module) -> str:
-    """A digest of the weights themselves (names, dtypes, shapes, bytes), independent of how they were stored."""
+    """A digest of the weights themselves (names, dtypes, shapes, bytes), independent of how they were
+    stored."""
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()

@@ -1,7 +1,8 @@
 """Tasks: what a model's output means, how to score it and how close a variant stays to the original.
 
-Every loaded model is a module called with positional tensors that returns one tensor; the task reads that tensor.
-Metrics are in percent so that a user's `--max-metric-drop 0.5` reads as half a point, whatever the task.
+Every loaded model is a module called with positional tensors that returns one tensor; the task reads that
+tensor. Metrics are in percent so that a user's `--max-metric-drop 0.5` reads as half a point, whatever the
+task.
 """
 
 from __future__ import annotations
@@ -69,7 +70,8 @@ class ClassificationTask(Task):
 
 
 class EmbeddingTask(Task):
-    """Vectors in; the metric is retrieval agreement: does each text find the same nearest neighbour as before."""
+    """Vectors in; the metric is retrieval agreement: does each text find the same nearest neighbour as
+    before."""
 
     name = "embedding"
     output_name = "embedding"

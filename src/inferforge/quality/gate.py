@@ -1,7 +1,8 @@
-"""The quality gate: run a variant on the evaluation data and hold it to the user's budget against the original.
+"""The quality gate: run a variant on the evaluation data and hold it to the user's budget against the
+original.
 
-A variant that breaks the budget is never chosen; it stays in the report with the reasons, so nothing regresses
-silently. The reference is the fp32 original on the same device with tf32 off.
+A variant that breaks the budget is never chosen; it stays in the report with the reasons, so nothing
+regresses silently. The reference is the fp32 original on the same device with tf32 off.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def run_outputs(
 ) -> torch.Tensor:
     """fp32 CPU outputs of `forward` over the data (or a slice of it), batch by batch.
 
-    With `pad`, a short last batch is padded (repeating its last row) to `batch_size`, so a compiled variant sees
-    only the shapes it is benchmarked at instead of compiling once more for the remainder.
+    With `pad`, a short last batch is padded (repeating its last row) to `batch_size`, so a compiled variant
+    sees only the shapes it is benchmarked at instead of compiling once more for the remainder.
     """
     start0, stop0, _ = (rows or slice(None)).indices(len(data))
     chunks = []

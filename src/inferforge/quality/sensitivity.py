@@ -1,8 +1,9 @@
-"""Per-layer sensitivity and fallback: when a quantized variant fails the gate, find the layers that hurt most and
-keep them in higher precision, a bounded number of times (as Intel Neural Compressor and NVIDIA ModelOpt do).
+"""Per-layer sensitivity and fallback: when a quantized variant fails the gate, find the layers that hurt most
+and keep them in higher precision, a bounded number of times (as Intel Neural Compressor and NVIDIA ModelOpt
+do).
 
-Each layer's score is the relative error of the model's output when that layer alone is quantized, measured on a
-slice of the evaluation data; the report names the layers kept and their scores.
+Each layer's score is the relative error of the model's output when that layer alone is quantized, measured on
+a slice of the evaluation data; the report names the layers kept and their scores.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def fallback(
     device: str,
     max_attempts: int = 3,
 ) -> Fallback:
-    """Keep the 1, 2, 4, ... most sensitive layers in higher precision until the variant passes or attempts run out."""
+    """Keep the 1, 2, 4, ... most sensitive layers in higher precision until the variant passes or attempts
+    run out."""
     scores = layer_scores(recipe, model, data, reference, device)
     variant, quality, kept = None, None, ()
     example = data.rows(slice(0, 2))

@@ -1,9 +1,9 @@
 """Artifact folders: save the chosen variant as a self-describing folder, and load it back as a `Servable`.
 
-The folder keeps the fp32 base weights (safetensors) and the recipe rather than the transformed module: quantizing
-and compiling again on load is deterministic and works on any torch that can run the recipe, while pickled
-modules and tensor subclasses are neither portable nor safe to load. Example inputs and the variant's outputs on
-them are stored too, so a load can prove it reproduces what was validated.
+The folder keeps the fp32 base weights (safetensors) and the recipe rather than the transformed module:
+quantizing and compiling again on load is deterministic and works on any torch that can run the recipe, while
+pickled modules and tensor subclasses are neither portable nor safe to load. Example inputs and the variant's
+outputs on them are stored too, so a load can prove it reproduces what was validated.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def save_artifact(
     save_model(model.module, str(tmp / "weights.safetensors"))
     examples = data.rows(slice(0, min(EXAMPLE_ROWS, len(data))))
     outputs = variant(*examples).cpu()
-    tensors = {f"input.{n}": t.contiguous() for n, t in zip(model.input_names, examples)}
+    tensors = {f"input.{n}": t.contiguous() for n, t in zip(model.input_names, examples, strict=True)}
     save_file({**tensors, "output": outputs.contiguous()}, str(tmp / "examples.safetensors"))
     if "model.onnx" in variant.context.artifacts:
         (tmp / "model.onnx").write_bytes(variant.context.artifacts["model.onnx"])

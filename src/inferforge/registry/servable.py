@@ -1,7 +1,8 @@
-"""What a server needs to know of a model, whatever produced it: named, typed tensors in and out, and `predict`.
+"""What a server needs to know of a model, whatever produced it: named, typed tensors in and out, and
+`predict`.
 
-This is the contract between `registry` (which loads artifacts) and `serve` (which batches and speaks protocols).
-Shapes put the batch first; -1 marks a dimension that varies between requests.
+This is the contract between `registry` (which loads artifacts) and `serve` (which batches and speaks
+protocols). Shapes put the batch first; -1 marks a dimension that varies between requests.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ class Servable(Protocol):
     batching: BatchingHints
 
     def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run one batch: every input has the batch on dim 0; every output comes back with the same batch size."""
+        """Run one batch: every input has the batch on dim 0; every output comes back with the same batch
+        size."""
         ...
 
     def close(self) -> None:

@@ -1,8 +1,9 @@
 """The technique protocol, its registry, recipes and variants.
 
-A technique is one frozen config dataclass in its own module: `applies_to` says why it cannot run here (or None),
-`apply` returns the changed module. Registering the class by name is all it takes to add one. A recipe is an
-ordered tuple of configs; `apply_recipe` turns a loaded model into a `Variant` that later stages call and time.
+A technique is one frozen config dataclass in its own module: `applies_to` says why it cannot run here (or
+None), `apply` returns the changed module. Registering the class by name is all it takes to add one. A recipe
+is an ordered tuple of configs; `apply_recipe` turns a loaded model into a `Variant` that later stages call
+and time.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch import nn
 from inferforge.errors import NotApplicable, TechniqueError
 from inferforge.models.loaded import LoadedModel
 
-# Order in which kinds apply: change the numbers, then the layout, then quantize, then hand the graph to a compiler.
+# Order in which kinds apply: change the numbers, then the layout, then quantize, then hand the graph to a
+# compiler.
 KIND_ORDER = {"precision": 0, "layout": 1, "quantization": 2, "graph": 3}
 
 

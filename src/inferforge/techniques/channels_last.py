@@ -1,4 +1,5 @@
-"""NHWC memory layout for convolutional models: what cuDNN's tensor-core convolutions read without transposes."""
+"""NHWC memory layout for convolutional models: what cuDNN's tensor-core convolutions read without
+transposes."""
 
 from __future__ import annotations
 

@@ -1,9 +1,11 @@
-"""torch.compile with inductor: fused kernels, and with `cudagraphs` the whole forward replayed as one CUDA graph.
+"""torch.compile with inductor: fused kernels, and with `cudagraphs` the whole forward replayed as one CUDA
+graph.
 
 Freezing folds weights into the graph as constants (conv-BN folding, weight pre-packing); on an H100 it took
-ResNet-50 at batch 256 from 12,998 to 23,041 img/s. CUDA graphs remove launch overhead, which is what small batches
-pay for most (ResNet-50 bs1: 7.2 ms eager to 0.49 ms). Compiling happens in `apply`, on the example inputs, so its
-cost is measured and reported; every new batch size compiles once more, and the benchmark counts that too.
+ResNet-50 at batch 256 from 12,998 to 23,041 img/s. CUDA graphs remove launch overhead, which is what small
+batches pay for most (ResNet-50 bs1: 7.2 ms eager to 0.49 ms). Compiling happens in `apply`, on the example
+inputs, so its cost is measured and reported; every new batch size compiles once more, and the benchmark
+counts that too.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ class CompiledModule(nn.Module):
 @register
 @dataclass(frozen=True)
 class Compile(TechniqueConfig):
-    """`mode`: default (fused kernels), cudagraphs (plus CUDA graph replay), max-autotune (plus kernel search)."""
+    """`mode`: default (fused kernels), cudagraphs (plus CUDA graph replay), max-autotune (plus kernel
+    search)."""
 
     name = "compile"
     kind = "graph"

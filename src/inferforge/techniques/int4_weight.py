@@ -1,4 +1,5 @@
-"""int4 group-wise weights with bf16 activations, through PyTorch's tinygemm kernel (torchao tile-packed format).
+"""int4 group-wise weights with bf16 activations, through PyTorch's tinygemm kernel (torchao tile-packed
+format).
 
 A quarter of bf16's weight bytes: for memory-bound batch-1 work. torchao's default int4 format needs a package
 that is not to be had here, so the tile-packed format (CUDA, bf16) is used; torchao 0.18 has no CPU int4 path.

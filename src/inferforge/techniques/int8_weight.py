@@ -1,7 +1,8 @@
 """int8 weights, activations in the model's own dtype (torchao `Int8WeightOnlyConfig`).
 
 Halves the bytes of bf16 weights; pays off where moving weights dominates (small batches). In eager mode its
-kernels were 3.6x slower than bf16 on an H100 at batch 1, so the benchmark, not this module, decides if it ships.
+kernels were 3.6x slower than bf16 on an H100 at batch 1, so the benchmark, not this module, decides if it
+ships.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""ONNX Runtime on the CPU: an exported graph run by ORT's CPU kernels, for edge boxes and CPU-only deployments.
+"""ONNX Runtime on the CPU: an exported graph run by ORT's CPU kernels, for edge boxes and CPU-only
+deployments.
 
-The export goes through `torch.onnx.export(dynamo=True)` with a dynamic batch (and sequence) dimension; the ONNX
-file is kept so the artifact can ship it and the server can load it without re-exporting.
+The export goes through `torch.onnx.export(dynamo=True)` with a dynamic batch (and sequence) dimension; the
+ONNX file is kept so the artifact can ship it and the server can load it without re-exporting.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class OrtModule(nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         feed = {
-            name: np.ascontiguousarray(t.detach().cpu().numpy()) for name, t in zip(self.input_names, inputs)
+            name: np.ascontiguousarray(t.detach().cpu().numpy())
+            for name, t in zip(self.input_names, inputs, strict=True)
         }
         return torch.from_numpy(self.session.run(None, feed)[0])
 

@@ -1,7 +1,7 @@
 """Number formats for the whole model: fp32, tf32 matmuls, bf16 and fp16 weights and activations.
 
-Half precision halves the bytes every layer moves and uses the tensor cores; fp16 is refused on CPUs, where it is
-emulated and slower, and tf32 only means something on NVIDIA GPUs from Ampere on.
+Half precision halves the bytes every layer moves and uses the tensor cores; fp16 is refused on CPUs, where it
+is emulated and slower, and tf32 only means something on NVIDIA GPUs from Ampere on.
 """
 
 from __future__ import annotations
@@ -70,7 +70,8 @@ class BF16(_HalfPrecision):
 @register
 @dataclass(frozen=True)
 class FP16(_HalfPrecision):
-    """float16 weights and activations: more mantissa than bf16, but a range that large activations overflow."""
+    """float16 weights and activations: more mantissa than bf16, but a range that large activations
+    overflow."""
 
     name = "fp16"
     dtype = torch.float16

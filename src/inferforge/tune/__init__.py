@@ -1,6 +1,7 @@
 """Tune: enumerate candidates, validate and time them, choose, and report.
 
-Names load on first use so that `inferforge --help` (which imports `inferforge.tune.cli`) does not import torch.
+Names load on first use so that `inferforge --help` (which imports `inferforge.tune.cli`) does not import
+torch.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ def _free(device: str) -> None:
 
 
 def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Variant:
-    """The variant to time: the recipe's own, or the fallback's when that one passes where the recipe failed."""
+    """The variant to time: the recipe's own, or the fallback's when that one passes where the recipe
+    failed."""
     ctx.on_stage("applying")
     variant = apply_recipe(recipe, ctx.model, ctx.data.rows(slice(0, 2)), ctx.device)
     ctx.on_stage("validating")
@@ -72,7 +73,8 @@ def _validate(recipe: Recipe, ctx: SearchContext, result: CandidateResult) -> Va
 
 
 def _slower_than_baseline(variant: Variant, ctx: SearchContext, result: CandidateResult) -> bool:
-    """A failing candidate slower than fp32 cannot become worth shipping by keeping layers in higher precision."""
+    """A failing candidate slower than fp32 cannot become worth shipping by keeping layers in higher
+    precision."""
     if not ctx.baseline:
         return False
     batch = max(ctx.batch_sizes)

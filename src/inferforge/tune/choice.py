@@ -38,9 +38,9 @@ def compiled_candidates(
 ) -> list[str]:
     """torch.compile on the best passing eager recipes: with CUDA graphs on a GPU, plain inductor on a CPU.
 
-    On the H100, CUDA graphs matched plain compile at large batches (ResNet-50 bs256: 23,743 vs 23,780 img/s) and
-    beat it where launches dominate (MiniLM bs64: 37,463 vs 21,515 seq/s), so compiling both doubles the compile
-    time for nothing.
+    On the H100, CUDA graphs matched plain compile at large batches (ResNet-50 bs256: 23,743 vs 23,780 img/s)
+    and beat it where launches dominate (MiniLM bs64: 37,463 vs 21,515 seq/s), so compiling both doubles the
+    compile time for nothing.
     """
     eligible = [
         c for c in ranked if c.stage == "eager" and "onnxruntime" not in c.recipe and "+keep" not in c.recipe

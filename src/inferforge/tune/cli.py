@@ -26,7 +26,8 @@ def _parameters() -> list[inspect.Parameter]:
 
 
 def optimize_command(**kwargs: typing.Any) -> None:
-    """Find the fastest variant of a model that keeps quality within budget; write results, report, artifact."""
+    """Find the fastest variant of a model that keeps quality within budget; write results, report,
+    artifact."""
     from rich.console import Console
 
     from inferforge.errors import BudgetError

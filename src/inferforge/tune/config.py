@@ -26,14 +26,16 @@ class OptimizeConfig:
     model: str = field(
         default="builtin:minilm",
         metadata=_help(
-            "Model: a Hugging Face folder, a .pt2 file, a factory 'pkg.mod:fn', or builtin:minilm / builtin:digits."
+            "Model: a Hugging Face folder, a .pt2 file, a factory 'pkg.mod:fn', or builtin:minilm / "
+            "builtin:digits."
         ),
     )
     data: str | None = field(
         default=None,
         metadata=_help(
-            "Evaluation data: .npz tensors (optional 'labels'), .jsonl text, builtin:digits, builtin:stdlib-text, "
-            "or random:N:CxHxW (synthetic, speed only). Default: the built-in model's own data."
+            "Evaluation data: .npz tensors (optional 'labels'), .jsonl text, builtin:digits, "
+            "builtin:stdlib-text, or random:N:CxHxW (synthetic, speed only). Default: the built-in model's "
+            "own data."
         ),
     )
     task: str | None = field(
@@ -55,8 +57,8 @@ class OptimizeConfig:
     latency_slo_ms: float | None = field(
         default=None,
         metadata=_help(
-            "Latency SLO in ms: with objective latency, p99 at the smallest batch must meet it; also runs the "
-            "simulated server scenario."
+            "Latency SLO in ms: with objective latency, p99 at the smallest batch must meet it; also runs "
+            "the simulated server scenario."
         ),
     )
     max_metric_drop: float = field(
@@ -65,21 +67,22 @@ class OptimizeConfig:
     min_fidelity: float = field(
         default=0.99,
         metadata=_help(
-            "Smallest allowed fidelity to the fp32 original (top-1 agreement, mean cosine, or 1 - relative error)."
+            "Smallest allowed fidelity to the fp32 original (top-1 agreement, mean cosine, or 1 - relative "
+            "error)."
         ),
     )
     fallback_attempts: int = field(
         default=3,
         metadata=_help(
-            "How many times a failing quantized candidate retries with its most sensitive layers kept in higher "
-            "precision (0 disables)."
+            "How many times a failing quantized candidate retries with its most sensitive layers kept in "
+            "higher precision (0 disables)."
         ),
     )
     compile_top: int = field(
         default=1,
         metadata=_help(
-            "How many of the best passing eager candidates also get a torch.compile variant (with CUDA graphs on a "
-            "GPU); each batch size compiles once per variant."
+            "How many of the best passing eager candidates also get a torch.compile variant (with CUDA "
+            "graphs on a GPU); each batch size compiles once per variant."
         ),
     )
     min_time_s: float = field(default=1.0, metadata=_help("Seconds of timed calls per batch size, at least."))

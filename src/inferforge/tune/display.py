@@ -73,9 +73,11 @@ class Display:
 
 
 def summary_table(run: RunResult) -> Table:
-    """One row per candidate: status, quality, speed, size, and speed-ups against the baseline and the peer."""
+    """One row per candidate: status, quality, speed, size, and speed-ups against the baseline and the
+    peer."""
     table = Table(
-        title=f"inferforge optimize: {run.config['model']} on {run.environment.get('device_name', run.environment['device'])}"
+        title=f"inferforge optimize: {run.config['model']} on "
+        f"{run.environment.get('device_name', run.environment['device'])}"
     )
     for column in (
         "recipe",

@@ -1,4 +1,5 @@
-"""`results.json` (machine-readable, versioned) and `report.html` (tables and plots, opens without a server)."""
+"""`results.json` (machine-readable, versioned) and `report.html` (tables and plots, opens without a
+server)."""
 
 from __future__ import annotations
 
@@ -162,12 +163,16 @@ def render_html(run: RunResult) -> str:
         else ""
     )
     return f"""<!doctype html><html><head><meta charset='utf-8'><title>inferforge report</title><style>
-body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}} td:first-child,td:last-child{{text-align:left}}
-tr.chosen{{background:#d9f7d9;font-weight:bold}} tr.bad{{color:#a00}} tr.slow td:nth-child(10){{color:#a00}}
+body{{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}} \
+table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}} \
+td:first-child,td:last-child{{text-align:left}}
+tr.chosen{{background:#d9f7d9;font-weight:bold}} tr.bad{{color:#a00}} \
+tr.slow td:nth-child(10){{color:#a00}}
 .bad{{color:#a00}} img{{max-width:100%}}</style></head><body>
 <h1>inferforge optimize: {html.escape(str(run.config["model"]))}</h1>
-<p>Device: {html.escape(str(env.get("device_name", env["device"])))} · data: {html.escape(str(run.data["source"]))}
+<p>Device: {html.escape(str(env.get("device_name", env["device"])))} · \
+data: {html.escape(str(run.data["source"]))}
 ({run.data["rows"]} rows, fingerprint {run.data["fingerprint"][:12]}) · objective: {run.config["objective"]} ·
 budget: metric drop ≤ {run.config["max_metric_drop"]} points, fidelity ≥ {run.config["min_fidelity"]} ·
 search took {run.elapsed_s:.0f} s</p>{synthetic}

@@ -1,8 +1,8 @@
 """`optimize`: load, validate and time every candidate, choose the best that passes, and write the run folder.
 
 Two rounds: eager candidates (precisions, quantization) first, then torch.compile on the best passing ones, so
-compile time is spent only where it can pay. The fp32 eager run is the reference and the baseline; on a GPU the
-eager bf16 run is the named peer every speed-up is also quoted against.
+compile time is spent only where it can pay. The fp32 eager run is the reference and the baseline; on a GPU
+the eager bf16 run is the named peer every speed-up is also quoted against.
 """
 
 from __future__ import annotations
@@ -137,9 +137,9 @@ SaveArtifact = Callable[..., Path]
 def optimize(config: OptimizeConfig, save_artifact: SaveArtifact | None = None) -> RunResult:
     """Run the whole search; writes results.json and report.html under `config.out`.
 
-    `save_artifact` (the registry's `save_artifact`, passed in by the caller so that tune never imports a stage to
-    its right) writes the chosen variant to `out/artifact`. Raises BudgetError, after writing the report, when no
-    candidate meets the budget.
+    `save_artifact` (the registry's `save_artifact`, passed in by the caller so that tune never imports a
+    stage to its right) writes the chosen variant to `out/artifact`. Raises BudgetError, after writing the
+    report, when no candidate meets the budget.
     """
     started = time.perf_counter()
     device = config.resolved_device()
