@@ -119,15 +119,18 @@ class ProcessEngine:
         self._proc.start()
         child.close()
         try:
+            self.tokenizer = Tokenizer(self.folder)  # while the child loads the model
             hello = self._conn.recv()
         except EOFError as exc:
             raise EngineProcessError(
                 f"the engine process exited with {self._proc.exitcode} while loading"
             ) from exc
+        except BaseException:
+            self._proc.kill()  # no orphan engine when the tokenizer (or a signal) stops the start
+            raise
         if hello[0] == "error":
             raise _error(hello[1], hello[2])
         _, self.max_model_len, self.vocab_size, self._stats = hello
-        self.tokenizer = Tokenizer(self.folder)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
         self._send_lock = threading.Lock()
         self._accepting = True
