@@ -25,8 +25,8 @@ def _request(rows: int = 1) -> dict:
     return {"inputs": [{"name": "input", "datatype": "FP32", "shape": [rows, 8], "data": [0.5] * (8 * rows)}]}
 
 
-def _slow_repo(root: Path, **options: object) -> Path:
-    (write(root / "slow" / "1", delay_s=0.25, max_batch_size=1, **options) / "manifest.json").write_text("{}")
+def _slow_repo(root: Path, delay_s: float = 0.25) -> Path:
+    (write(root / "slow" / "1", delay_s=delay_s, max_batch_size=1) / "manifest.json").write_text("{}")
     return root
 
 
@@ -65,7 +65,7 @@ def test_a_full_queue_answers_503_with_retry_after(tmp_path: Path) -> None:
 
 
 def test_deadlines_are_answered_with_504_and_graceful_shutdown_loses_nothing(tmp_path: Path) -> None:
-    server = start_server(_slow_repo(tmp_path / "repo"), tmp_path, "--graceful-timeout-s", "20")
+    server = start_server(_slow_repo(tmp_path / "repo", delay_s=0.5), tmp_path, "--graceful-timeout-s", "20")
     client = httpclient.InferenceServerClient(server.address)
     x = httpclient.InferInput("input", [1, 8], "FP32")
     x.set_data_from_numpy(np.ones((1, 8), np.float32))
@@ -79,7 +79,7 @@ def test_deadlines_are_answered_with_504_and_graceful_shutdown_loses_nothing(tmp
     )
     sender.start()
     deadline = time.monotonic() + 20
-    while _inflight(server, "slow") < 5:  # one computing (0.25 s each), the rest queued behind it
+    while _inflight(server, "slow") < 6:  # one computing (0.5 s each), the rest queued behind it
         assert time.monotonic() < deadline, "the requests never arrived"
         time.sleep(0.02)
     server.process.send_signal(signal.SIGTERM)

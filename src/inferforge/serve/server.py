@@ -164,13 +164,7 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
             timeout_graceful_shutdown=int(config.graceful_timeout_s),
         )
         return
-    app = build_app(config, loader)
-
-    class DrainingServer(uvicorn.Server):
-        def handle_exit(self, sig, frame):  # type: ignore[no-untyped-def]
-            app.state.serve.draining = True  # readiness turns false; new requests on open connections get 503
-            super().handle_exit(sig, frame)
-
+    app = build_app(config, loader)  # its lifespan marks it draining on SIGINT/SIGTERM
     uv_config = uvicorn.Config(
         app,
         host=config.host,
@@ -180,7 +174,7 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
         timeout_graceful_shutdown=int(config.graceful_timeout_s),
         lifespan="on",
     )
-    DrainingServer(uv_config).run()
+    uvicorn.Server(uv_config).run()
 
 
 _CONFIG_ENV = "INFERFORGE_SERVE_CONFIG"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
+import signal
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -74,6 +75,7 @@ def create_app(
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
         loader = threading.Thread(target=repository.load_all, name="serve-startup-load", daemon=True)
         loader.start()
+        _drain_on_signals(state)
         yield
         state.draining = True
         await asyncio.to_thread(engine.shutdown)
@@ -95,6 +97,23 @@ def create_app(
     _add_model_routes(app, state)
     _add_repository_routes(app, state)
     return app
+
+
+def _drain_on_signals(state: ServerState) -> None:
+    """Chain onto the server's SIGINT/SIGTERM handlers (uvicorn's, installed before startup): readiness turns
+    503 and requests on open connections get 503 at once, while uvicorn lets those in flight finish."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.getsignal(sig)
+        if not callable(previous):
+            continue
+
+        def handler(signum: int, frame: object, previous=previous) -> None:  # type: ignore[no-untyped-def]
+            state.draining = True
+            previous(signum, frame)
+
+        signal.signal(sig, handler)
 
 
 def _authorize(state: ServerState, request: Request, *, always: bool = False) -> None:
