@@ -88,3 +88,15 @@ def test_cuda_artifact_on_a_cpu_machine_says_so(tmp_path: Path, artifacts: dict[
     with pytest.raises(ArtifactError, match="no CUDA device"):
         load_servable(copy)
     assert load_servable(copy, device="cpu").device == "cpu"
+
+
+def test_onnxruntime_text_model_artifact_round_trips(tmp_path: Path, tiny_bert_dir: Path) -> None:
+    """An encoder whose output name could collide with a graph node's ('embedding') exports and serves."""
+    path = export_artifact(
+        tmp_path / "bert-ort", str(tiny_bert_dir), recipe="onnxruntime", data="builtin:stdlib-text"
+    )
+    servable = load_servable(path)
+    stored = examples(path)
+    feed = {n: stored[f"input.{n}"].numpy() for n in ("input_ids", "attention_mask")}
+    np.testing.assert_allclose(servable.predict(feed)["embedding"], stored["output"].numpy(), atol=1e-5)
+    assert servable.platform == "onnxruntime"

@@ -94,10 +94,18 @@ def register(cls: type[TechniqueConfig]) -> type[TechniqueConfig]:
     return cls
 
 
+_BUILTINS_LOADED = False
+
+
 def _load_all() -> None:
-    """Import every technique module so each registers itself; cheap, torchao loads only when applied."""
-    if REGISTRY:
+    """Import every technique module so each registers itself; cheap, torchao loads only when applied.
+
+    A flag, not "is the registry empty": a user's technique registered first must not hide the built-in ones.
+    """
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
         return
+    _BUILTINS_LOADED = True
     import importlib
     import pkgutil
 

@@ -50,7 +50,7 @@ def export_onnx(module: nn.Module, model: LoadedModel, example: tuple[torch.Tens
         module,
         example,
         input_names=list(model.input_names),
-        output_names=[model.output.name],
+        output_names=["inferforge_output"],
         dynamic_shapes=dynamic,
         dynamo=True,
         verbose=False,

@@ -10,7 +10,7 @@ import torch
 
 from inferforge.bench import BenchConfig, measure
 from inferforge.bench.timing import time_batch_size
-from inferforge.errors import InferforgeError, NotApplicable
+from inferforge.errors import NotApplicable
 from inferforge.models.data import EvalData
 from inferforge.models.loaded import LoadedModel
 from inferforge.quality import Budget, evaluate
@@ -108,7 +108,7 @@ def run_candidate(label: str, stage: str, ctx: SearchContext) -> tuple[Candidate
             result.reason = "; ".join(result.quality.reasons)
     except NotApplicable as exc:
         result.status, result.reason = "not_applicable", str(exc)
-    except (InferforgeError, RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as exc:
+    except Exception as exc:  # any library's failure is this candidate's, never the search's: keep going
         result.status, result.reason = "error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         variant = None
     result.seconds = time.perf_counter() - started
