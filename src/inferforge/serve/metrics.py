@@ -2,6 +2,10 @@
 
 The engine reports batches and queue depth through `EngineObserver`; the HTTP layer reports requests, their
 outcome and their end-to-end latency. Device memory is read when scraped, not polled.
+
+With `--http-workers N` every process keeps its series in prometheus-client's multiprocess files (the
+parent sets `PROMETHEUS_MULTIPROC_DIR` before spawning), and a scrape of any process reads them all, so
+`/metrics` describes the whole server rather than whichever process answered.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ import resource
 import sys
 from collections.abc import Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
@@ -37,11 +41,21 @@ class DeviceMemoryCollector:
 
 
 class ServeMetrics:
-    """All the server's series; implements the engine's `EngineObserver`."""
+    """All the server's series; implements the engine's `EngineObserver`.
 
-    def __init__(self) -> None:
+    `multiprocess_dir` is the `PROMETHEUS_MULTIPROC_DIR` of an `--http-workers` server: the series are then
+    left out of the scrape registry (their values live in that folder's files, which prometheus-client
+    writes because the variable was set before it was imported) and `MultiProcessCollector` sums every
+    process's files instead, so each series appears once for the whole server. Each gauge names how
+    processes combine (`multiprocess_mode`); single-process serving ignores that.
+    """
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
-        r = self.registry
+        self.multiprocess = multiprocess_dir is not None
+        if multiprocess_dir is not None:
+            multiprocess.MultiProcessCollector(self.registry, path=multiprocess_dir)
+        r = None if self.multiprocess else self.registry
         labels = ["model", "version"]
         self.requests = Counter(
             "inferforge_requests", "Inference requests by outcome", [*labels, "outcome"], registry=r
@@ -77,16 +91,32 @@ class ServeMetrics:
         self.padded_rows = Counter(
             "inferforge_padded_rows", "Rows added to reach a fixed batch size", labels, registry=r
         )
+        # Live processes' requests and queues add up; a dead process's leftovers would be phantoms.
         self.inflight = Gauge(
-            "inferforge_inflight_requests", "Requests received and not yet answered", ["model"], registry=r
+            "inferforge_inflight_requests",
+            "Requests received and not yet answered",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.queue_depth = Gauge(
-            "inferforge_queue_depth", "Requests waiting in the model's queue", labels, registry=r
+            "inferforge_queue_depth",
+            "Requests waiting in the model's queue",
+            labels,
+            registry=r,
+            multiprocess_mode="livesum",
         )
+        # Set by the scraped process just before rendering, so the most recent value is its fresh view
+        # (every process serves the same models: model control is off with several workers).
         self.model_ready = Gauge(
-            "inferforge_model_ready", "1 when the model version answers requests", labels, registry=r
+            "inferforge_model_ready",
+            "1 when the model version answers requests",
+            labels,
+            registry=r,
+            multiprocess_mode="livemostrecent",
         )
-        r.register(DeviceMemoryCollector())
+        # Read from the answering process at scrape time; other processes' memory cannot be read from here.
+        self.registry.register(DeviceMemoryCollector())
 
     def on_batch(
         self, model: str, version: str, rows: int, padded: int, compute_s: float, queue_s: Sequence[float]

@@ -6,11 +6,14 @@ queues."""
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,8 +58,8 @@ class ServerConfig:
     graceful_timeout_s: float = 30.0
     """How long shutdown waits for in-flight requests."""
     http_workers: int = 1
-    """Server processes sharing the port, each with its own models, queues and metrics: raises the ceiling
-    of Python HTTP parsing for large tensors; no model control, and /metrics shows the answering process."""
+    """Server processes sharing the port, each with its own models and queues: raises the ceiling of Python
+    HTTP parsing for large tensors; no model control. /metrics sums the processes (multiprocess mode)."""
     loader: str | None = None
     """`package.module:function` that loads a servable like `registry.load_servable` (the default)."""
 
@@ -113,14 +116,17 @@ def resolve_loader(spec: str | None) -> Loader:
         ) from None
 
 
-def build_app(config: ServerConfig, loader: Loader | None = None):  # type: ignore[no-untyped-def]
-    """The FastAPI app for a config (models load when the app starts)."""
+def build_app(  # type: ignore[no-untyped-def]
+    config: ServerConfig, loader: Loader | None = None, multiprocess_dir: str | None = None
+):
+    """The FastAPI app for a config (models load when the app starts); `multiprocess_dir` is set in the
+    processes of an `--http-workers` server, whose metrics then cover all of them."""
     from inferforge.serve.engine import Engine
     from inferforge.serve.http.app import HttpOptions, create_app
     from inferforge.serve.metrics import ServeMetrics
     from inferforge.serve.repository import ModelRepository
 
-    metrics = ServeMetrics()
+    metrics = ServeMetrics(multiprocess_dir)
     engine = Engine(observer=metrics)
     batching: dict[str, object] = {
         "instances": config.instances,
@@ -152,17 +158,25 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
 
     if config.http_workers > 1:
         # uvicorn's supervisor binds the port and spawns the processes; each builds its app from the config.
+        # prometheus-client picks file-backed values when first imported, so the folder must be in the
+        # environment before the workers start; a fresh one per server keeps an earlier run's (or another
+        # server's) counts out of this one's totals.
+        metrics_dir = tempfile.mkdtemp(prefix="inferforge-metrics-")
         os.environ[_CONFIG_ENV] = json.dumps(dataclasses.asdict(config))
-        uvicorn.run(
-            f"{__name__}:app_from_env",
-            factory=True,
-            workers=config.http_workers,
-            host=config.host,
-            port=config.port,
-            log_level="warning",
-            access_log=False,
-            timeout_graceful_shutdown=int(config.graceful_timeout_s),
-        )
+        os.environ[MULTIPROC_ENV] = metrics_dir
+        try:
+            uvicorn.run(
+                f"{__name__}:app_from_env",
+                factory=True,
+                workers=config.http_workers,
+                host=config.host,
+                port=config.port,
+                log_level="warning",
+                access_log=False,
+                timeout_graceful_shutdown=int(config.graceful_timeout_s),
+            )
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
         return
     app = build_app(config, loader)  # its lifespan marks it draining on SIGINT/SIGTERM
     uv_config = uvicorn.Config(
@@ -178,10 +192,17 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
 
 
 _CONFIG_ENV = "INFERFORGE_SERVE_CONFIG"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def app_from_env():  # type: ignore[no-untyped-def]
     """The app of one `--http-workers` process, from the config its parent left in the environment."""
+    from prometheus_client import multiprocess
+
     fields = json.loads(os.environ[_CONFIG_ENV])
     fields["preferred_batch_sizes"] = tuple(fields["preferred_batch_sizes"])
-    return build_app(ServerConfig(**fields))
+    metrics_dir = os.environ[MULTIPROC_ENV]
+    # A process that exits (shutdown, or uvicorn replacing it) drops out of the live gauges; its counters
+    # and histograms stay in the totals, as counters must.
+    atexit.register(multiprocess.mark_process_dead, os.getpid(), metrics_dir)
+    return build_app(ServerConfig(**fields), multiprocess_dir=metrics_dir)
