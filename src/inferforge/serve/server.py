@@ -148,6 +148,8 @@ def build_app(  # type: ignore[no-untyped-def]
         api_keys=config.api_keys(),
         model_control=config.enable_model_control,
         max_body_bytes=int(config.max_body_mib * 1024 * 1024),
+        workers=config.http_workers if multiprocess_dir else 1,
+        shared_dir=multiprocess_dir,
     )
     return create_app(engine, repository, metrics, options)
 

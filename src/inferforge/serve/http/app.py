@@ -32,6 +32,7 @@ from inferforge.serve.http import errors
 from inferforge.serve.http.codec import HEADER_LENGTH, decode_request, encode_response
 from inferforge.serve.metrics import ServeMetrics
 from inferforge.serve.repository import ModelRepository, ModelState
+from inferforge.serve.workers import mark_ready, ready_workers
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class HttpOptions:
     """Whether the repository's load and unload endpoints are on (they always need an API key)."""
     max_body_bytes: int = 64 * 1024 * 1024
     """Largest request body accepted; larger ones get 413 before they are read."""
+    workers: int = 1
+    """HTTP processes serving the port; above 1, readiness waits for all of them (see `serve/workers.py`)."""
+    shared_dir: str | None = None
+    """The folder the processes share (the metrics folder) where each marks itself ready."""
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
@@ -73,7 +78,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
-        loader = threading.Thread(target=repository.load_all, name="serve-startup-load", daemon=True)
+        loader = threading.Thread(
+            target=_load_and_mark, args=(state,), name="serve-startup-load", daemon=True
+        )
         loader.start()
         _drain_on_signals(state)
         yield
@@ -97,6 +104,12 @@ def create_app(
     _add_model_routes(app, state)
     _add_repository_routes(app, state)
     return app
+
+
+def _load_and_mark(state: ServerState) -> None:
+    state.repository.load_all()
+    if state.options.workers > 1 and state.options.shared_dir and state.repository.ready():
+        mark_ready(state.options.shared_dir)
 
 
 def _drain_on_signals(state: ServerState) -> None:
@@ -155,6 +168,15 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
             return errors.error_response(
                 ModelNotReady("models are still loading or failed to load; see the index")
             )
+        options = state.options
+        if options.workers > 1 and options.shared_dir:
+            done = ready_workers(options.shared_dir)
+            if done < options.workers:
+                return errors.error_response(
+                    ModelNotReady(
+                        f"{done} of {options.workers} HTTP worker processes have loaded their models"
+                    )
+                )
         return Response(status_code=200)
 
     @app.get("/v2")
