@@ -12,6 +12,7 @@ import inferforge
 
 PACKAGE = Path(inferforge.__file__).parent
 ORDER = [
+    "versions",
     "signature",
     "errors",
     "models",

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata
-import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from inferforge.versions import library_versions
+
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def library_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in ("inferforge", "torch", "torchao", "transformers", "onnxruntime", "numpy", "safetensors"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
 
 
 @dataclass

@@ -8,7 +8,6 @@ the eager bf16 run is the named peer every speed-up is also quoted against.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import os
 import platform
 import time
@@ -35,18 +34,9 @@ from inferforge.tune.config import OptimizeConfig
 from inferforge.tune.display import Display
 from inferforge.tune.report import write_report
 from inferforge.tune.results import CandidateResult, RunResult
+from inferforge.versions import library_versions
 
 PEER = "bf16"
-
-
-def _versions() -> dict[str, str]:
-    found = {"python": platform.python_version()}
-    for name in ("inferforge", "torch", "torchao", "transformers", "onnxruntime"):
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return found
 
 
 def _environment(device: str) -> dict:
@@ -54,7 +44,7 @@ def _environment(device: str) -> dict:
         "device": device,
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
-        "versions": _versions(),
+        "versions": library_versions(),
     }
     if device.startswith("cuda"):
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
