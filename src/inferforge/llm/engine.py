@@ -48,6 +48,7 @@ class EngineConfig:
     kv_cache_memory_fraction: float = 0.9  # share of free device memory given to the KV cache
     cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
     triton_attention: bool = True  # on CUDA, the Triton paged-decode kernel (if it matches the reference)
+    fused_kernels: bool = True  # on CUDA, Triton kernels for norms+residual, RoPE+cache write, SiLU x up
     compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
     decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
@@ -117,6 +118,11 @@ class LLMEngine:
 
             decode_fn = triton_attn.verified_kernel(self.device)
         self.decode_kernel = "torch" if decode_fn is None else "triton"
+        if self.device.type == "cuda" and config.fused_kernels and self.model.can_fuse():
+            from inferforge.llm import fused
+
+            if fused.verified(self.device, config.torch_dtype):
+                self.model.fused_ops = fused
         if self.device.type == "cuda" and config.compile_decode:
             self.model.compile_decode()
         self.tokenizer = Tokenizer(self.folder)

@@ -9,6 +9,7 @@ as buffers, so a captured CUDA graph reads it in place.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -61,6 +62,23 @@ class Attention(nn.Module):
             o = fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
         return self.o(o.reshape(t, -1))
 
+    def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      meta: AttnMeta, ops: ModuleType) -> torch.Tensor:  # fmt: skip
+        """As `forward`, with RoPE and both cache writes in one kernel (`fused.rope_write_cache`); cos/sin
+        are the whole tables, indexed by `positions` inside the kernel."""
+        t = x.shape[0]
+        q, k, v = ops.rope_write_cache(
+            self.qkv(x), cos, sin, positions, meta.slot_mapping, self.k_cache, self.v_cache,
+            self.num_heads, self.num_kv_heads, self.rope, meta.prefill is not None,
+        )  # fmt: skip
+        if meta.prefill is not None:
+            o = prefill_attention(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+        else:
+            assert meta.block_tables is not None and meta.context_lens is not None
+            fn = meta.decode_fn or decode_attention_torch
+            o = fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
+        return self.o(o.reshape(t, -1))
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -78,6 +96,9 @@ class MLP(nn.Module):
             gate, up = h.chunk(2, dim=-1)
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(h, approximate="tanh"))
+
+    def forward_fused(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
+        return self.down(ops.silu_mul(self.up(x)))
 
 
 class Block(nn.Module):
@@ -106,6 +127,16 @@ class DecoderLM(nn.Module):
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.compiled_block: Callable[..., torch.Tensor] | None = None
+        self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
+
+    def can_fuse(self) -> bool:
+        """The fused kernels cover RMSNorm, gated-SiLU models with RoPE (Llama, Mistral, Qwen2) whose head
+        size is a power of two; GPT-2 (LayerNorm, GELU, learned positions) stays on eager kernels."""
+        d = self.cfg.head_dim
+        return (
+            self.cfg.norm != "layer" and self.cfg.mlp == "gated_silu" and self.cfg.positions == "rope"
+            and d >= 16 and d & (d - 1) == 0
+        )  # fmt: skip
 
     def blocks(self) -> list[Block]:
         """The layers, typed (nn.ModuleList items are plain Modules to a type checker)."""
@@ -129,6 +160,8 @@ class DecoderLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         x = self.embed(input_ids)
+        if self.fused_ops is not None:
+            return self._forward_fused(x, positions, meta, self.fused_ops)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
             cos = sin = self.rope_cos
@@ -138,6 +171,20 @@ class DecoderLM(nn.Module):
         for layer in self.layers:
             x = layer(x, cos, sin, meta) if block is None else block(layer, x, cos, sin, meta)
         return self.norm(x)
+
+    def _forward_fused(
+        self, x: torch.Tensor, positions: torch.Tensor, meta: AttnMeta, ops: ModuleType
+    ) -> torch.Tensor:
+        """The residual stream through fused kernels: each RMSNorm also adds the previous sub-layer's output
+        into the residual (vLLM's pattern), so a layer is 4 matrix products and 5 small kernels."""
+        eps = self.cfg.norm_eps
+        residual: torch.Tensor | None = None
+        for layer in self.blocks():
+            h, residual = ops.add_rmsnorm(x, residual, layer.norm1.weight, eps)
+            a = layer.attn.forward_fused(h, positions, self.rope_cos, self.rope_sin, meta, ops)
+            h, residual = ops.add_rmsnorm(a, residual, layer.norm2.weight, eps)
+            x = layer.mlp.forward_fused(h, ops)
+        return ops.add_rmsnorm(x, residual, self.norm.weight, eps)[0]
 
     def compile_decode(self) -> None:
         """Fuse the small element-wise kernels of a decode step (norms, RoPE, SiLU, residual adds) with

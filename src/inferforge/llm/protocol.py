@@ -1,6 +1,7 @@
 """Typed messages between the LLM engine and whatever drives it (the OpenAI server, the CLI, benchmarks).
 
-The HTTP layer depends only on these and on `EngineClient`; it never reaches into the engine's scheduler or cache.
+The HTTP layer depends only on these and on `EngineClient`; it never reaches into the engine's scheduler or
+cache.
 No web framework may be imported here or anywhere under `inferforge.llm`.
 """
 
@@ -98,7 +99,8 @@ class EngineStats:
 
 
 class EngineClient(Protocol):
-    """What a server may use of an engine. Cancelling the iterator (client gone) aborts the request and frees it."""
+    """What a server may use of an engine. Cancelling the iterator (client gone) aborts the request and frees
+    it."""
 
     model_name: str
     max_model_len: int
