@@ -16,6 +16,13 @@ from inferforge.serve.engine.errors import DeadlineExceeded, ModelNotReady, Shut
 from inferforge.serve.engine.runner import EngineObserver, ModelRunner
 from inferforge.serve.engine.types import BatcherConfig, InferRequest, InferResponse
 
+_EXPIRED = object()
+
+
+def _settle(waiter: asyncio.Future[object], outcome: object) -> None:
+    if not waiter.done():
+        waiter.set_result(outcome)
+
 
 def version_order(version: str) -> tuple[int, int | str]:
     """Numeric versions sort as numbers, others after them by name."""
@@ -72,18 +79,36 @@ class Engine:
         return self.runner(name, version).submit(request)
 
     async def infer(self, name: str, version: str | None, request: InferRequest) -> InferResponse:
-        """Await the answer without blocking the loop; past the deadline it raises `DeadlineExceeded`."""
+        """Await the answer without blocking the loop; past the deadline it raises `DeadlineExceeded`.
+
+        One loop future, settled from the worker thread through `call_soon_threadsafe`, and one timer: the
+        fewest hops between the worker and the loop (`asyncio.wait_for(wrap_future(...))` adds a second
+        future and a task switch per request)."""
         future = self.submit(name, version, request)
         assert request.deadline is not None  # set by submit
-        remaining = request.deadline - time.monotonic()
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[object] = loop.create_future()
+
+        def deliver(done: Future[InferResponse]) -> None:  # in the worker thread (or here, if already done)
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_settle, waiter, done)
+
+        timer = loop.call_later(max(request.deadline - time.monotonic(), 0.0), _settle, waiter, _EXPIRED)
+        future.add_done_callback(deliver)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=max(remaining, 0.0))
-        except TimeoutError:
+            outcome = await waiter
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        finally:
+            timer.cancel()
+        if outcome is _EXPIRED:
             future.cancel()  # frees its queue slot if it has not started; a running batch just discards it
             raise DeadlineExceeded(
                 f"request {request.id!r} to model {name!r} was not answered within its deadline "
                 f"({request.deadline - request.arrival:.3f} s); raise the timeout or lower the load"
-            ) from None
+            )
+        return future.result()  # the engine's own error, if the batch failed or expired in the queue
 
     def shutdown(self, drain_timeout_s: float = 30.0) -> None:
         """Refuse new requests, finish the queued ones, free every model."""

@@ -46,6 +46,8 @@ class ModelRunner:
         self.name = self.servable.name
         self.version = str(self.servable.version)
         self.config = config
+        self.input_specs: dict[str, TensorSpec] = {s.name: s for s in self.servable.inputs}
+        self._output_names = frozenset(s.name for s in self.servable.outputs)
         self._instances = list(instances)
         self._observer = observer
         self._queue = BatchQueue(config, f"{self.name!r} version {self.version}")
@@ -74,7 +76,7 @@ class ModelRunner:
         return pending.future
 
     def validate(self, request: InferRequest) -> None:
-        specs = {s.name: s for s in self.servable.inputs}
+        specs = self.input_specs
         label = f"model {self.name!r}"
         for name in request.inputs:
             if name not in specs:
@@ -94,7 +96,7 @@ class ModelRunner:
                 f"{label}: batch size {n} is outside 1..{self.config.max_batch_size} (the max batch size); "
                 "split the request"
             )
-        known = {s.name for s in self.servable.outputs}
+        known = self._output_names
         for name in request.outputs or ():
             if name not in known:
                 raise InvalidRequest(f"{label} has no output {name!r}; its outputs are {sorted(known)}")
@@ -138,6 +140,10 @@ class ModelRunner:
                 p.future.set_exception(error)
             return
         compute_s = time.monotonic() - start
+        # Metrics first, answers last: setting a result wakes the event loop, which then needs the GIL this
+        # thread would otherwise still hold for the observer.
+        if self._observer is not None:
+            self._observer.on_batch(self.name, self.version, rows, padded, compute_s, queue_s)
         for p, outs, q in zip(batch, parts, queue_s, strict=True):
             p.future.set_result(
                 InferResponse(
@@ -150,8 +156,6 @@ class ModelRunner:
                     batch_size=rows,
                 )
             )
-        if self._observer is not None:
-            self._observer.on_batch(self.name, self.version, rows, padded, compute_s, queue_s)
 
     def _report_depth(self) -> None:
         if self._observer is not None:

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import itertools
 import signal
 import threading
-import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
@@ -22,14 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 import inferforge
 from inferforge.serve.engine import (
     Engine,
-    InferRequest,
     InvalidRequest,
     ModelNotReady,
+    ModelRunner,
     ServeError,
     ShuttingDown,
 )
 from inferforge.serve.http import errors
-from inferforge.serve.http.codec import HEADER_LENGTH, decode_request, encode_response
+from inferforge.serve.http.infer import V2App
 from inferforge.serve.metrics import ServeMetrics
 from inferforge.serve.repository import ModelRepository, ModelState
 from inferforge.serve.workers import mark_ready, ready_workers
@@ -57,9 +55,6 @@ class HttpOptions:
             raise ValueError("model control (load/unload) needs API keys: pass --api-key-file")
 
 
-_ANON = itertools.count()  # ids for requests that bring none (cheaper than uuid4 on the hot path)
-
-
 class ServerState:
     """Shared by the routes: the engine, the repository, the metrics, and whether the server is draining."""
 
@@ -69,11 +64,35 @@ class ServerState:
         self.engine, self.repository, self.metrics, self.options = engine, repository, metrics, options
         self.draining = False
 
+    def authorize(self, header: str | None, *, always: bool = False) -> None:
+        """Check an `Authorization` header against the keys (only where keys are set, unless `always`)."""
+        keys = self.options.api_keys
+        if not keys and not always:
+            return
+        scheme, _, token = (header or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token or not any(hmac.compare_digest(token, k) for k in keys):
+            raise errors.Unauthorized("missing or unknown API key: send 'Authorization: Bearer <key>'")
+
+    def runner_for(self, name: str, version: str | None) -> ModelRunner:
+        """The runner of a READY version; `ModelNotFound` or `ModelNotReady` (with the reason) otherwise."""
+        status = self.repository.status(name, version)
+        if status.state is not ModelState.READY:
+            detail = f": {status.reason}" if status.reason else ""
+            raise ModelNotReady(
+                f"model {name!r} version {status.version or '-'} is {status.state.value}{detail}"
+            )
+        return self.engine.runner(name, status.version)
+
+    def record_failure(self, labels: tuple[str, str], seconds: float) -> None:
+        """A request that ended in an error, for the statistics extension."""
+
 
 def create_app(
     engine: Engine, repository: ModelRepository, metrics: ServeMetrics, options: HttpOptions | None = None
-) -> FastAPI:
-    """Build the app. Models load in a background thread at startup, so liveness answers while they do."""
+) -> V2App:
+    """Build the app. Models load in a background thread at startup, so liveness answers while they do.
+    Infer requests take a plain ASGI path (`infer.py`); FastAPI serves the other routes and the lifespan."""
     state = ServerState(engine, repository, metrics, options or HttpOptions())
 
     @asynccontextmanager
@@ -103,7 +122,7 @@ def create_app(
     _add_health_routes(app, state)
     _add_model_routes(app, state)
     _add_repository_routes(app, state)
-    return app
+    return V2App(app, state)
 
 
 def _load_and_mark(state: ServerState) -> None:
@@ -127,16 +146,6 @@ def _drain_on_signals(state: ServerState) -> None:
             previous(signum, frame)
 
         signal.signal(sig, handler)
-
-
-def _authorize(state: ServerState, request: Request, *, always: bool = False) -> None:
-    keys = state.options.api_keys
-    if not keys and not always:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    token = token.strip()
-    if scheme.lower() != "bearer" or not token or not any(hmac.compare_digest(token, k) for k in keys):
-        raise errors.Unauthorized("missing or unknown API key: send 'Authorization: Bearer <key>'")
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -197,15 +206,9 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
 
 
 def _add_model_routes(app: FastAPI, state: ServerState) -> None:
-    def runner_for(request: Request, name: str, version: str | None):  # type: ignore[no-untyped-def]
-        _authorize(state, request)
-        status = state.repository.status(name, version)
-        if status.state is not ModelState.READY:
-            detail = f": {status.reason}" if status.reason else ""
-            raise ModelNotReady(
-                f"model {name!r} version {status.version or '-'} is {status.state.value}{detail}"
-            )
-        return state.engine.runner(name, status.version)
+    def runner_for(request: Request, name: str, version: str | None) -> ModelRunner:
+        state.authorize(request.headers.get("authorization"))
+        return state.runner_for(name, version)
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
@@ -255,73 +258,11 @@ def _add_model_routes(app: FastAPI, state: ServerState) -> None:
             ],
         }
 
-    @app.post("/v2/models/{name}/infer")
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def infer(request: Request, name: str, version: str | None = None) -> Response:
-        return await _infer(state, request, name, version, runner_for)
-
-
-async def _infer(
-    state: ServerState, request: Request, name: str, version: str | None, runner_for
-) -> Response:  # type: ignore[no-untyped-def]
-    start = time.monotonic()
-    metrics = state.metrics
-    labels = ("_unknown", "")
-    inflight = None
-    try:
-        if state.draining:
-            raise ShuttingDown(
-                "the server is shutting down and takes no new requests; retry on another replica"
-            )
-        runner = runner_for(request, name, version)
-        labels = (name, runner.version)
-        inflight = metrics.inflight.labels(name)
-        inflight.inc()
-        payload, header_len = await _run_infer(state, request, runner, start)
-    except ServeError as exc:
-        metrics.requests.labels(*labels, errors.classify(exc)[1]).inc()
-        return errors.error_response(exc)
-    finally:
-        if inflight is not None:
-            inflight.dec()
-    metrics.requests.labels(*labels, "success").inc()
-    metrics.latency.labels(*labels).observe(time.monotonic() - start)
-    if header_len is None:
-        return Response(payload, media_type="application/json")
-    return Response(
-        payload,
-        media_type="application/octet-stream",
-        headers={"Inference-Header-Content-Length": str(header_len)},
-    )
-
-
-async def _run_infer(state: ServerState, request: Request, runner, start: float) -> tuple[bytes, int | None]:  # type: ignore[no-untyped-def]
-    body = await _read_body(request, state.options.max_body_bytes)
-    specs = {s.name: s for s in runner.servable.inputs}
-    decoded = decode_request(body, request.headers.get(HEADER_LENGTH), specs)
-    deadline = start + runner.config.timeout_s
-    if decoded.timeout_us is not None:
-        deadline = min(deadline, start + decoded.timeout_us / 1e6)
-    wanted = None if decoded.outputs is None else tuple(o.name for o in decoded.outputs)
-    req = InferRequest(
-        id=decoded.id or f"anon-{next(_ANON)}",
-        inputs=decoded.inputs,
-        outputs=wanted,
-        deadline=deadline,
-        arrival=start,
-    )
-    result = await state.engine.infer(runner.name, runner.version, req)
-    if decoded.outputs is None:
-        binary = dict.fromkeys(result.outputs, decoded.binary_default)
-    else:
-        binary = {o.name: o.binary for o in decoded.outputs}
-    return encode_response(runner.name, result.model_version, decoded.id, result.outputs, binary)
-
 
 def _add_repository_routes(app: FastAPI, state: ServerState) -> None:
     @app.post("/v2/repository/index")
     async def index(request: Request) -> list[dict]:
-        _authorize(state, request)
+        state.authorize(request.headers.get("authorization"))
         body = await _read_body(request, 64 * 1024)
         only_ready = False
         if body.strip():
@@ -341,7 +282,7 @@ def _add_repository_routes(app: FastAPI, state: ServerState) -> None:
             raise errors.Forbidden(
                 "model load/unload is disabled; start the server with --enable-model-control"
             )
-        _authorize(state, request, always=True)
+        state.authorize(request.headers.get("authorization"), always=True)
         if state.draining:
             raise ShuttingDown("the server is shutting down")
 

@@ -27,6 +27,10 @@ class Forbidden(ServeError):
     """The endpoint is switched off on this server."""
 
 
+class MethodNotAllowed(ServeError):
+    """The route exists but not for this HTTP method."""
+
+
 class PayloadTooLarge(ServeError):
     """The body is larger than the server's limit."""
 
@@ -36,6 +40,7 @@ STATUS: list[tuple[type[ServeError], int, str]] = [
     (Unauthorized, 401, "unauthorized"),
     (Forbidden, 403, "forbidden"),
     (ModelNotFound, 404, "not_found"),
+    (MethodNotAllowed, 405, "invalid"),
     (PayloadTooLarge, 413, "too_large"),
     (Overloaded, 503, "rejected"),
     (ShuttingDown, 503, "shutting_down"),
