@@ -12,7 +12,7 @@ Typical use (the async wrapper in `async_engine.py` does this on a background th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +24,7 @@ from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed,
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
 from inferforge.llm.runner import ModelRunner
-from inferforge.llm.sampler import SampleResult, SamplingBatch, prepare, sample, to_device
+from inferforge.llm.sampler import PreparedBatch, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence
 from inferforge.llm.weights import load_model
 
@@ -51,6 +51,7 @@ class EngineConfig:
     fused_kernels: bool = True  # on CUDA, Triton kernels for norms+residual, RoPE+cache write, SiLU x up
     compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
     decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
+    overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
 
     def __post_init__(self) -> None:
@@ -72,6 +73,17 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.float32 if self.device == "cpu" else torch.bfloat16
         return DTYPES[self.dtype]
+
+
+@dataclass
+class _InFlight:
+    """A decode step launched on the device and not yet read back by the host."""
+
+    rows: list[Sequence]
+    prep: PreparedBatch
+    ids: torch.Tensor  # [B] sampled ids on the device: the next step's inputs
+    host_ids: torch.Tensor  # their copy in pinned memory, valid once `done` has fired
+    done: torch.cuda.Event | None = field(default=None)
 
 
 class LLMEngine:
@@ -157,6 +169,9 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.generated_total = 0
+        self._inflight: _InFlight | None = None
+        pinned = self.device.type == "cuda"
+        self._host_ids = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -192,10 +207,15 @@ class LLMEngine:
             if not s.finished:
                 s.finish_reason = "abort"
                 outs.append(self._output(s))
+        flight = self._inflight
+        if flight is not None and all(s.finished for s in flight.rows):
+            if flight.done is not None:
+                flight.done.synchronize()  # its pinned buffer is reused by the next launch
+            self._inflight = None
         return outs
 
     def has_unfinished(self) -> bool:
-        return bool(self.scheduler.waiting or self.scheduler.running)
+        return bool(self.scheduler.waiting or self.scheduler.running or self._inflight)
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -208,6 +228,13 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
+        """One step. While the same sequences keep decoding, step k launches decode k+1 on the device
+        (its input tokens are step k's samples, still on the device) before it reads step k back, so the
+        host's bookkeeping, detokenization and stop checks overlap the GPU instead of idling it. A sequence
+        that stops (EOS, stop string) is computed one step too many, within its own reserved blocks, and
+        that result is dropped. Any change (an arrival, a finish, an abort) reads back, then plain steps."""
+        if self._inflight is not None:
+            return self._step_overlapped(self._inflight)
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
@@ -215,6 +242,9 @@ class LLMEngine:
         done = [seq for seq, n in plan.prefill if seq.num_computed + n >= len(seq.token_ids)]
         rows = [*plan.decode, *(s for seq in done for s in seq.group.seqs)]
         prep = prepare(self._sampling_batch(rows), self.device, self.model.cfg.vocab_size) if rows else None
+        if prep is not None and not plan.prefill and self._may_overlap(prep):
+            self._inflight = self._launch(plan.decode, prep, None, 0)
+            return []
         index = to_device([j for j, seq in enumerate(done) for _ in seq.group.seqs], self.device, torch.long)
         parts: list[torch.Tensor] = []
         if plan.decode:
@@ -230,7 +260,51 @@ class LLMEngine:
         outputs: list[EngineOutput] = []
         if prep is not None:
             result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
-            outputs = self._update(rows, result, n_decode=len(plan.decode))
+            lps = result.logprobs.tolist() if result.logprobs is not None else None
+            top = None
+            if result.top_ids is not None and result.top_logprobs is not None:
+                top = (result.top_ids.tolist(), result.top_logprobs.tolist())
+            outputs = self._update(rows, result.token_ids.tolist(), lps, top, n_decode=len(plan.decode))
+        self.scheduler.free_finished()
+        return outputs
+
+    # ---- overlapped decode ----------------------------------------------------------------------
+    def _may_overlap(self, prep: PreparedBatch) -> bool:
+        """Rows needing host state of the newest token (repetition penalty) or logprobs stay plain."""
+        return self.config.overlap_decode and prep.seen is None and prep.batch.num_logprobs < 0
+
+    def _launch(
+        self, rows: list[Sequence], prep: PreparedBatch, next_ids: torch.Tensor | None, slot: int
+    ) -> _InFlight:
+        ids = sample(self.runner.decode(rows, next_ids), prep).token_ids
+        host = self._host_ids[slot][: len(rows)]
+        host.copy_(ids, non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return _InFlight(rows, prep, ids, host, done)
+
+    def _unchanged(self, rows: list[Sequence]) -> bool:
+        """True when the next plan would be exactly `rows` decoding again, none of them at its length limit
+        once the token in flight lands."""
+        sched = self.scheduler
+        if sched.can_admit() or not all(r.prefilled for r in sched.running):
+            return False
+        current = [s for r in sched.running for s in r.seqs if not s.finished]
+        if len(current) != len(rows) or any(a is not b for a, b in zip(current, rows, strict=True)):
+            return False
+        return all(s.num_output + 1 < s.group.max_tokens for s in rows)
+
+    def _step_overlapped(self, flight: _InFlight) -> list[EngineOutput]:
+        nxt = None
+        if self._unchanged(flight.rows):
+            slot = 1 if flight.host_ids.data_ptr() == self._host_ids[0].data_ptr() else 0
+            nxt = self._launch(flight.rows, flight.prep, flight.ids, slot)
+        if flight.done is not None:
+            flight.done.synchronize()
+        outputs = self._update(flight.rows, flight.host_ids.tolist(), None, None, n_decode=len(flight.rows))
+        self._inflight = nxt
         self.scheduler.free_finished()
         return outputs
 
@@ -247,14 +321,22 @@ class LLMEngine:
         seen = [s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(rows, params, strict=True)]
         return SamplingBatch(params, [s.generator for s in rows], seen)
 
-    def _update(self, rows: list[Sequence], result: SampleResult, n_decode: int) -> list[EngineOutput]:
-        ids = result.token_ids.tolist()  # the step's one device-to-host read
-        lps = result.logprobs.tolist() if result.logprobs is not None else None
-        top_ids = result.top_ids.tolist() if result.top_ids is not None else None
-        top_lp = result.top_logprobs.tolist() if result.top_logprobs is not None else None
+    def _update(
+        self,
+        rows: list[Sequence],
+        ids: list[int],
+        lps: list[float] | None,
+        top: tuple[list[list[int]], list[list[float]]] | None,
+        n_decode: int,
+    ) -> list[EngineOutput]:
+        """Append each row's new token; rows already finished (aborted, or stopped while their next step
+        was in flight) are skipped."""
+        top_ids, top_lp = top if top is not None else (None, None)
         now = time.monotonic()
         outputs = []
         for i, (seq, tok) in enumerate(zip(rows, ids, strict=True)):
+            if seq.finished:
+                continue
             if i < n_decode:
                 seq.num_computed += 1
             params = seq.group.request.params

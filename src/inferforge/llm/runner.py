@@ -100,32 +100,39 @@ class ModelRunner:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
-    def _fill(self, seqs: list[Sequence], b: int) -> None:
+    def _fill(self, seqs: list[Sequence], b: int, ahead: int = 0) -> None:
         """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
-        copy."""
+        copy. `ahead=1`: each sequence's last token is still on the device (sampled by the step in flight),
+        so positions move one further and the caller supplies the ids on the device."""
         n, h = self.buckets[-1], self._host_np
         h[: 4 * n] = 0
         h[3 * n : 4 * n] = 1  # padded rows attend to one (scratch) slot
         bt = h[4 * n :].reshape(n, self.max_blocks)
         bt[:b] = 0
         for i, s in enumerate(seqs):
-            pos = len(s.token_ids) - 1
+            pos = len(s.token_ids) - 1 + ahead
             h[i], h[n + i], h[2 * n + i], h[3 * n + i] = s.token_ids[-1], pos, _slot(s, pos), pos + 1
             bt[i, : len(s.blocks)] = s.blocks
         self._dev.copy_(self._host, non_blocking=True)
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence]) -> torch.Tensor:
-        """Logits [len(seqs), vocab] for the next token of each decoding sequence."""
+    def decode(self, seqs: list[Sequence], next_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [len(seqs), vocab] for the next token of each decoding sequence. `next_ids` (device,
+        [len(seqs)]): the input tokens, sampled by the previous step and not yet read by the host."""
         b = next((x for x in self.buckets if x >= len(seqs)), None)
         if b is None:
             raise RuntimeError(f"{len(seqs)} decoding sequences exceed the largest bucket {self.buckets[-1]}")
+        ahead = 0 if next_ids is None else 1
         if b in self.graphs:
-            self._fill(seqs, b)
+            self._fill(seqs, b, ahead)
+            if next_ids is not None:
+                self._dev[: len(seqs)].copy_(next_ids)
             graph, out = self.graphs[b]
             graph.replay()
             return out[: len(seqs)]
-        self._fill(seqs, len(seqs))
+        self._fill(seqs, len(seqs), ahead)
+        if next_ids is not None:
+            self._dev[: len(seqs)].copy_(next_ids)
         return self._decode_forward(len(seqs))
 
     @torch.inference_mode()
