@@ -47,8 +47,10 @@ class ModelRunner:
         b = self.buckets[-1]
         self._width = 4 * b + b * self.max_blocks
         on_gpu = device.type == "cuda"
-        self._host = torch.zeros(self._width, dtype=torch.long, pin_memory=on_gpu)
-        self._host_np = self._host.numpy()
+        # Two pinned staging buffers, used in turn: with overlapped decode the host fills step k+1's inputs
+        # while step k's copy out of the other buffer may not have run yet.
+        self._hosts = [torch.zeros(self._width, dtype=torch.long, pin_memory=on_gpu) for _ in "ab"]
+        self._turn = 0
         self._dev = torch.zeros(self._width, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_error: str | None = None
@@ -104,7 +106,9 @@ class ModelRunner:
         """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
         copy. `ahead=1`: each sequence's last token is still on the device (sampled by the step in flight),
         so positions move one further and the caller supplies the ids on the device."""
-        n, h = self.buckets[-1], self._host_np
+        self._turn ^= 1
+        host = self._hosts[self._turn]
+        n, h = self.buckets[-1], host.numpy()
         h[: 4 * n] = 0
         h[3 * n : 4 * n] = 1  # padded rows attend to one (scratch) slot
         bt = h[4 * n :].reshape(n, self.max_blocks)
@@ -113,7 +117,7 @@ class ModelRunner:
             pos = len(s.token_ids) - 1 + ahead
             h[i], h[n + i], h[2 * n + i], h[3 * n + i] = s.token_ids[-1], pos, _slot(s, pos), pos + 1
             bt[i, : len(s.blocks)] = s.blocks
-        self._dev.copy_(self._host, non_blocking=True)
+        self._dev.copy_(host, non_blocking=True)
 
     @torch.inference_mode()
     def decode(self, seqs: list[Sequence], next_ids: torch.Tensor | None = None) -> torch.Tensor:
