@@ -105,9 +105,10 @@ def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: i
 
 
 def engine_numbers(
-    folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = False
+    folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = False, **knobs: bool
 ) -> dict:
     label = (quant or "bf16") + (" (compiled block)" if compile_decode else "")
+    label += "".join(f" {k}={v}" for k, v in knobs.items())
     clk = Clock()
     eng = LLMEngine(
         folder,
@@ -121,9 +122,11 @@ def engine_numbers(
             decode_buckets=batches,
             compile_decode=compile_decode,
             experimental_quant=True,
+            **knobs,
         ),
     )
     out: dict = {
+        "fused_kernels": eng.model.fused_ops is not None,
         "load_and_capture_s": clk(),
         "kernel": eng.decode_kernel,
         "compile_error": eng.runner.compile_error,
@@ -230,7 +233,7 @@ def hf_peer(folder: Path, compiled: bool) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="check,engine,load,hf,quant,compile,attention,profile")
+    ap.add_argument("--sections", default="check,engine,ablation,load,hf,quant,compile,attention,profile")
     ap.add_argument("--quants", default="int8,fp8,int4")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
@@ -244,6 +247,16 @@ def main() -> None:
             lambda: RESULTS.__setitem__("bf16_compiled", engine_numbers(folder, None, (1, 64), True)),
         ),
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
+        (
+            "ablation",
+            lambda: [
+                RESULTS.__setitem__(
+                    f"bf16_fused={f}_overlap={o}",
+                    engine_numbers(folder, None, (1, 64), fused_kernels=f, overlap_decode=o),
+                )
+                for f, o in ((False, False), (True, False))
+            ],
+        ),
         ("hf", lambda: RESULTS.__setitem__("hf_generate_tok_s", hf_peer(folder, False))),
         ("quant", lambda: [RESULTS.__setitem__(q, engine_numbers(folder, q, (1, 64))) for q in quants]),
         ("compile", lambda: RESULTS.__setitem__("hf_static_compile_tok_s", hf_peer(folder, True))),

@@ -83,7 +83,10 @@ def encode(tok, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def train(data: torch.Tensor, seconds: float, vocab: int) -> tuple[object, dict]:
+def train(data: torch.Tensor, seconds: float, vocab: int, epochs: float) -> tuple[object, dict]:
+    """AdamW with warm-up and cosine decay over `epochs` passes of the text (or `seconds`, if shorter).
+    The standard library is ~4M tokens: past ~3 epochs a 30M model memorises it (held-out perplexity rose
+    from 24 to 62 between 0.4 and 12 epochs on the H100), so the budget is counted in epochs."""
     import transformers
 
     cfg = transformers.LlamaConfig(
@@ -106,9 +109,10 @@ def train(data: torch.Tensor, seconds: float, vocab: int) -> tuple[object, dict]
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
     data = data.cuda()
     batch, steps, losses = 64, 0, []
+    total = max(1, int(epochs * data.numel() / (batch * SEQ)))
     t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        frac = (time.perf_counter() - t0) / seconds
+    while steps < total and time.perf_counter() - t0 < seconds:
+        frac = steps / total
         for g in opt.param_groups:
             g["lr"] = 2e-3 * min(1.0, steps / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         starts = torch.randint(0, data.numel() - SEQ - 1, (batch,), device="cuda")
@@ -127,7 +131,8 @@ def train(data: torch.Tensor, seconds: float, vocab: int) -> tuple[object, dict]
         "steps": steps,
         "tokens_seen": steps * batch * SEQ,
         "loss_every_100": losses,
-        "train_seconds": seconds,
+        "train_seconds": time.perf_counter() - t0,
+        "epochs": steps * batch * SEQ / data.numel(),
     }
     return model, info
 
@@ -190,6 +195,8 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120)
+    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--formats", default="bf16,int8,fp8,int4")
     args = ap.parse_args()
     from inferforge.llm.quant import quantize_model
     from inferforge.llm.weights import load_model
@@ -203,7 +210,7 @@ def main() -> None:
         "heldout_tokens": held.numel(),
         "prep_s": time.perf_counter() - t0,
     }
-    model, info = train(data, args.seconds, tok.get_vocab_size())
+    model, info = train(data, args.seconds, tok.get_vocab_size(), args.epochs)
     result.update(info)
     model.to(torch.bfloat16).save_pretrained(SAVE, safe_serialization=True)
     del model
@@ -216,8 +223,9 @@ def main() -> None:
         f"trained {info['params'] / 1e6:.1f}M params, {info['steps']} steps, losses {info['loss_every_100']}",
         flush=True,
     )
-    for fmt in ("bf16", "int8", "int4", "fp8"):
+    for fmt in args.formats.split(","):
         quant = None if fmt == "bf16" else fmt
+        t_fmt = time.perf_counter()
         m = load_model(
             SAVE,
             device="cuda",
@@ -233,9 +241,10 @@ def main() -> None:
         result[fmt] = {"heldout_ppl": ppl, "greedy_agreement_with_bf16": agreement(out, base)}
         print(
             f"{fmt:5s} held-out perplexity {ppl:8.3f}   "
-            f"greedy agreement with bf16 {agreement(out, base):.3f}",
+            f"greedy agreement with bf16 {agreement(out, base):.3f}   ({time.perf_counter() - t_fmt:.0f} s)",
             flush=True,
         )
+        write_json("small_llama_quality.json", result)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(SAVE, dtype=torch.float32).cuda().eval()
