@@ -132,7 +132,7 @@ def engine_numbers(
         "compile_error": eng.runner.compile_error,
         "compiled": eng.model.compiled_block is not None,
     }
-    row(f"engine {label} compiled decode block", f"{out['compiled']} {out['compile_error'] or ''}")
+    row(f"engine {label} fused kernels", f"{out['fused_kernels']} (compiled block {out['compiled']})")
     decode_rate(eng, 1, new_tokens=32)  # warm-up
     for b in batches:
         out[f"decode_tok_s_b{b}"] = rate = decode_rate(eng, b)
