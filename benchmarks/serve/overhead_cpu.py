@@ -110,6 +110,16 @@ def closed_loop(
     return times
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux): the server's work, less sensitive than latency
+    to what else the machine is running."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def predict_ms(n: int) -> float:
     servable = MeanServable()
     x = np.frombuffer(request_body()[0][-4 * int(np.prod(SHAPE)) :], dtype=np.float32).reshape(1, *SHAPE)
@@ -239,8 +249,11 @@ def measure(args: argparse.Namespace) -> dict:
     try:
         for _ in range(args.reps):
             report["predict_ms"].append(predict_ms(args.requests))
+            cpu = cpu_seconds(proc.pid)
             lat = closed_loop(port, "/v2/models/overhead/infer", body, headers, args.requests, args.warmup)
+            cpu = cpu_seconds(proc.pid) - cpu
             report["server_ms"].append(statistics.median(lat))
+            report.setdefault("server_cpu_us", []).append(cpu / (args.requests + args.warmup) * 1e6)
             report.setdefault("server_p99_ms", []).append(float(np.percentile(lat, 99)))
         conn = http.client.HTTPConnection("127.0.0.1", port)
         conn.request("POST", "/v2/models/overhead/infer", body, headers)
@@ -260,8 +273,11 @@ def measure(args: argparse.Namespace) -> dict:
     proc = start(trivial_cmd, tport, "/", work / "trivial.log")
     try:
         for _ in range(args.reps):
+            cpu = cpu_seconds(proc.pid)
             lat = closed_loop(tport, "/infer", body, headers, args.requests, args.warmup)
+            cpu = cpu_seconds(proc.pid) - cpu
             report["trivial_ms"].append(statistics.median(lat))
+            report.setdefault("trivial_cpu_us", []).append(cpu / (args.requests + args.warmup) * 1e6)
     finally:
         stop(proc)
     report["response_bytes"] = response_size
@@ -295,12 +311,16 @@ def main() -> None:
     report["cpu"] = f"{os.cpu_count()} cores"
     report["src"] = args.src or str(ROOT / "src")
     print(f"request {report['request_bytes']} B, response {report['response_bytes']} B")
-    print(f"{'rep':>3} {'predict':>8} {'server':>8} {'overhead':>9} {'trivial':>8} {'beyond':>8}  (p50, ms)")
+    print(
+        f"{'rep':>3} {'predict':>8} {'server':>8} {'overhead':>9} {'trivial':>8} {'beyond':>8}  (p50, ms)"
+        f"  {'server CPU':>10} {'trivial CPU':>11} (us/request)"
+    )
     for i in range(args.reps):
         print(
             f"{i:>3} {report['predict_ms'][i]:>8.3f} {report['server_ms'][i]:>8.3f}"
             f" {report['overhead_ms'][i]:>9.3f} {report['trivial_ms'][i]:>8.3f}"
             f" {report['beyond_trivial_ms'][i]:>8.3f}"
+            f"  {report['server_cpu_us'][i]:>19.0f} {report['trivial_cpu_us'][i]:>11.0f}"
         )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2))

@@ -158,6 +158,8 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
     import uvicorn
 
+    from inferforge.serve.http.protocol import protocol_spec
+
     if config.http_workers > 1:
         # uvicorn's supervisor binds the port and spawns the processes; each builds its app from the config.
         # prometheus-client picks file-backed values when first imported, so the folder must be in the
@@ -171,6 +173,7 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
                 f"{__name__}:app_from_env",
                 factory=True,
                 workers=config.http_workers,
+                http=protocol_spec(),
                 host=config.host,
                 port=config.port,
                 log_level="warning",
@@ -189,6 +192,7 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
         access_log=False,
         timeout_graceful_shutdown=int(config.graceful_timeout_s),
         lifespan="on",
+        http=protocol_spec(),
     )
     uvicorn.Server(uv_config).run()
 

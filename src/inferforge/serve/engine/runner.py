@@ -19,6 +19,7 @@ from inferforge.registry.servable import Servable, TensorSpec
 from inferforge.serve.engine.batcher import BatchQueue, Pending, concat_inputs, pad_size, split_outputs
 from inferforge.serve.engine.errors import InvalidRequest, ModelExecutionError
 from inferforge.serve.engine.staging import StagingBuffers, wants_pinned
+from inferforge.serve.engine.stats import ModelStats
 from inferforge.serve.engine.types import BatcherConfig, InferRequest, InferResponse
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,7 @@ class ModelRunner:
         self.config = config
         self.input_specs: dict[str, TensorSpec] = {s.name: s for s in self.servable.inputs}
         self._output_names = frozenset(s.name for s in self.servable.outputs)
+        self.stats = ModelStats()
         self._instances = list(instances)
         self._observer = observer
         self._queue = BatchQueue(config, f"{self.name!r} version {self.version}")
@@ -124,11 +126,16 @@ class ModelRunner:
 
     def _run(self, servable: Servable, batch: list[Pending], staging: StagingBuffers) -> None:
         start = time.monotonic()
+        t0 = time.perf_counter_ns()
         queue_s = [start - p.enqueued for p in batch]
         rows = sum(p.rows for p in batch)
         padded = pad_size(rows, self.config.pad_batch_sizes)
         try:
-            outputs = staging.detach(servable.predict(concat_inputs(batch, padded, staging)))
+            inputs = concat_inputs(batch, padded, staging)
+            t1 = time.perf_counter_ns()
+            raw = servable.predict(inputs)
+            t2 = time.perf_counter_ns()
+            outputs = staging.detach(raw)
             bad = {k: v.shape for k, v in outputs.items() if v.ndim == 0 or v.shape[0] != padded}
             if bad:
                 raise RuntimeError(f"outputs {bad} do not have the batch size {padded} on dim 0")
@@ -139,7 +146,9 @@ class ModelRunner:
             for p in batch:
                 p.future.set_exception(error)
             return
-        compute_s = time.monotonic() - start
+        t3 = time.perf_counter_ns()
+        compute_s = (t3 - t0) / 1e9
+        self.stats.record_batch(rows, [int(q * 1e9) for q in queue_s], t1 - t0, t2 - t1, t3 - t2)
         # Metrics first, answers last: setting a result wakes the event loop, which then needs the GIL this
         # thread would otherwise still hold for the observer.
         if self._observer is not None:

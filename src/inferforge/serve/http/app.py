@@ -84,9 +84,6 @@ class ServerState:
             )
         return self.engine.runner(name, status.version)
 
-    def record_failure(self, labels: tuple[str, str], seconds: float) -> None:
-        """A request that ended in an error, for the statistics extension."""
-
 
 def create_app(
     engine: Engine, repository: ModelRepository, metrics: ServeMetrics, options: HttpOptions | None = None
@@ -193,7 +190,7 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
         return {
             "name": "inferforge",
             "version": inferforge.__version__,
-            "extensions": ["binary_tensor_data", "model_repository"],
+            "extensions": ["binary_tensor_data", "model_repository", "statistics"],
         }
 
     @app.get("/metrics")
@@ -209,6 +206,33 @@ def _add_model_routes(app: FastAPI, state: ServerState) -> None:
     def runner_for(request: Request, name: str, version: str | None) -> ModelRunner:
         state.authorize(request.headers.get("authorization"))
         return state.runner_for(name, version)
+
+    def stats_of(versions: list[tuple[str, str]]) -> dict:
+        rows = []
+        for n, v in versions:
+            try:
+                rows.append(state.engine.runner(n, v).stats.to_json(n, v))
+            except ModelNotReady:  # unloaded since it was listed
+                continue
+        return {"model_stats": rows}
+
+    # Before the metadata route, which would take "stats" for a model name.
+    @app.get("/v2/models/stats")
+    async def all_stats(request: Request) -> dict:
+        state.authorize(request.headers.get("authorization"))
+        return stats_of(state.engine.served())
+
+    @app.get("/v2/models/{name}/stats")
+    @app.get("/v2/models/{name}/versions/{version}/stats")
+    async def model_stats(request: Request, name: str, version: str | None = None) -> dict:
+        """Triton's statistics extension (per process: each --http-workers process has its own models)."""
+        state.authorize(request.headers.get("authorization"))
+        if version:
+            return stats_of([(name, state.runner_for(name, version).version)])
+        served = [(n, v) for n, v in state.engine.served() if n == name]
+        if not served:
+            state.runner_for(name, None)  # raises the reason: unknown, loading, failed, unloaded
+        return stats_of(served)
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")

@@ -86,7 +86,7 @@ async def handle_infer(
     start = time.monotonic()
     metrics = state.metrics
     labels = ("_unknown", "")
-    inflight = None
+    inflight = runner = None
     try:
         try:
             if scope["method"] != "POST":
@@ -110,7 +110,8 @@ async def handle_infer(
             payload, out_header_len = await _run(state, runner, body, header_len, start)
         except ServeError as exc:
             metrics.requests.labels(*labels, errors.classify(exc)[1]).inc()
-            state.record_failure(labels, time.monotonic() - start)
+            if runner is not None:
+                runner.stats.record_request(False, int((time.monotonic() - start) * 1e9))
             await errors.error_response(exc)(scope, receive, send)
             return
         finally:
@@ -119,6 +120,7 @@ async def handle_infer(
         elapsed = time.monotonic() - start
         metrics.requests.labels(*labels, "success").inc()
         metrics.latency.labels(*labels).observe(elapsed)
+        runner.stats.record_request(True, int(elapsed * 1e9))
         if out_header_len is None:
             await send_bytes(send, 200, payload, [(b"content-type", b"application/json")])
         else:
