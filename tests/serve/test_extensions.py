@@ -1,10 +1,13 @@
-"""The statistics extension and the plain ASGI infer path, through `tritonclient.http` and the real server."""
+"""Statistics, BF16 and BYTES, and the plain ASGI infer path: `tritonclient.http` against the real server."""
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator
 
 import httpx
+import ml_dtypes
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
@@ -16,10 +19,11 @@ from .tiny import write
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """tiny versions 1 and 2; a body limit above the protocol's 4 MiB collection step."""
+    """tiny versions 1 and 2, types (BF16 and BYTES); a body limit above the protocol's 4 MiB step."""
     tmp = tmp_path_factory.mktemp("extensions")
     for version in ("1", "2"):
         (write(tmp / "repo" / "tiny" / version, seed=int(version)) / "manifest.json").write_text("{}")
+    (write(tmp / "repo" / "types" / "1", kind="types") / "manifest.json").write_text("{}")
     server = start_server(tmp / "repo", tmp, "--version-policy", "all", "--max-body-mib", "16")
     yield server
     server.stop()
@@ -60,7 +64,7 @@ def test_statistics_count_requests_rows_batches_and_failures(server: Server) -> 
     assert [s["version"] for s in both] == ["1", "2"]
     assert both[1]["inference_count"] == 0
     everything = client.get_inference_statistics()["model_stats"]
-    assert {(s["name"], s["version"]) for s in everything} == {("tiny", "1"), ("tiny", "2")}
+    assert {(s["name"], s["version"]) for s in everything} == {("tiny", "1"), ("tiny", "2"), ("types", "1")}
     assert "statistics" in client.get_server_metadata()["extensions"]
     with pytest.raises(InferenceServerException) as info:
         client.get_inference_statistics("nope")
@@ -96,3 +100,107 @@ def test_a_body_larger_than_one_collection_step_arrives_whole(server: Server) ->
     json_len = int(response.headers["inference-header-content-length"])
     got = np.frombuffer(response.content[json_len:], dtype=np.float32).reshape(16, 4)
     np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def _types_inputs(x: np.ndarray, text: np.ndarray, binary: bool) -> list[httpclient.InferInput]:
+    a = httpclient.InferInput("x", list(x.shape), "BF16")
+    a.set_data_from_numpy(x, binary_data=True)  # BF16 only travels in binary
+    b = httpclient.InferInput("text", list(text.shape), "BYTES")
+    b.set_data_from_numpy(text, binary_data=binary)
+    return [a, b]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_bf16_and_bytes_round_trip_through_tritonclient(server: Server, binary: bool) -> None:
+    bf16 = ml_dtypes.bfloat16
+    x = np.random.default_rng(3).standard_normal((3, 4)).astype(bf16)
+    text = np.array([b"abc", "h\u00e9llo w\u00f6rld".encode(), b""], dtype=object)
+    outputs = [
+        httpclient.InferRequestedOutput("x_plus_one", binary_data=True),
+        httpclient.InferRequestedOutput("x_sum", binary_data=binary),
+        httpclient.InferRequestedOutput("upper", binary_data=binary),
+        httpclient.InferRequestedOutput("length", binary_data=binary),
+    ]
+    client = httpclient.InferenceServerClient(server.address)
+    result = client.infer("types", _types_inputs(x, text, binary), outputs=outputs)
+    expected_plus = (x.astype(np.float32) + 1).astype(bf16)  # bf16 + 1, rounded to bf16, like torch
+    np.testing.assert_array_equal(
+        result.as_numpy("x_plus_one").view(np.uint16), expected_plus.view(np.uint16)
+    )
+    np.testing.assert_allclose(result.as_numpy("x_sum"), x.astype(np.float32).sum(axis=1), rtol=1e-6)
+    got = [t if isinstance(t, bytes) else t.encode() for t in result.as_numpy("upper")]
+    assert got == [t.upper() for t in text]
+    np.testing.assert_array_equal(result.as_numpy("length"), [len(t) for t in text])
+    meta = client.get_model_metadata("types")
+    assert [i["datatype"] for i in meta["inputs"]] == ["BF16", "BYTES"]
+    assert client.get_model_config("types")["input"][1]["data_type"] == "TYPE_STRING"
+
+
+def _raw(server: Server, doc: dict, tail: bytes = b"") -> httpx.Response:
+    header = json.dumps(doc).encode()
+    return httpx.post(
+        server.url + "/v2/models/types/infer",
+        content=header + tail,
+        headers={"Inference-Header-Content-Length": str(len(header))} if tail else {},
+    )
+
+
+def test_bf16_and_bytes_are_checked_with_clear_400s(server: Server) -> None:
+    x_bits = np.zeros((1, 4), np.uint16).tobytes()
+    x_bin = {"name": "x", "datatype": "BF16", "shape": [1, 4], "parameters": {"binary_data_size": 8}}
+
+    def text(size: int) -> dict:
+        return {"name": "text", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": size}}
+
+    ok = _raw(server, {"inputs": [x_bin, text(7)]}, x_bits + struct.pack("<I", 3) + b"abc")
+    assert ok.status_code == 200, ok.text
+    assert (
+        json.loads(ok.content[: int(ok.headers["inference-header-content-length"])])["outputs"][0][
+            "parameters"
+        ]["binary_data_size"]
+        == 8
+    )  # unnamed BF16 outputs come back binary
+    cases = {
+        "BF16 in JSON": (
+            {"inputs": [{"name": "x", "datatype": "BF16", "shape": [1, 4], "data": [1, 2, 3, 4]}]},
+            b"",
+            "binary",
+        ),
+        "length past the end": (
+            {"inputs": [x_bin, text(7)]},
+            x_bits + struct.pack("<I", 9) + b"abc",
+            "declares 9 bytes",
+        ),
+        "bytes left over": ({"inputs": [x_bin, text(8)]}, x_bits + struct.pack("<I", 3) + b"abcd", "use 7"),
+        "no length prefix": ({"inputs": [x_bin, text(2)]}, x_bits + b"ab", "length prefix"),
+        "non-string JSON": (
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", 3]}]},
+            b"",
+            "must be strings",
+        ),
+        "element count": (
+            {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [3], "data": ["a", "b"]}]},
+            b"",
+            "needs 3",
+        ),
+        "too many elements": (
+            {"inputs": [x_bin, {**text(4), "shape": [10**9]}]},
+            x_bits + struct.pack("<I", 0),
+            "over the server's limit",
+        ),
+        "FP32 for BYTES": (
+            {"inputs": [{"name": "text", "datatype": "FP32", "shape": [1], "data": [1.0]}]},
+            b"",
+            "expects BYTES",
+        ),
+    }
+    for label, (doc, tail, words) in cases.items():
+        response = _raw(server, doc, tail)
+        assert response.status_code == 400, (label, response.text)
+        assert words in response.json()["error"], (label, response.json())
+    as_json = {
+        "inputs": [x_bin, text(7)],
+        "outputs": [{"name": "x_plus_one", "parameters": {"binary_data": False}}],
+    }
+    response = _raw(server, as_json, x_bits + struct.pack("<I", 3) + b"abc")
+    assert response.status_code == 400 and "binary" in response.json()["error"]

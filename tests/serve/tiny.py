@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from inferforge.registry.servable import BatchingHints, TensorSpec
+from inferforge.serve.datatypes import ServeTensorSpec
 
 
 class TinyServable:
@@ -57,6 +58,40 @@ class TinyServable:
         self.closed = True
 
 
+class TypesServable:
+    """BF16 and BYTES in and out: x + 1 computed in bfloat16 by torch, a float32 row sum, and each string
+    upper-cased with its length, so every answer can be checked against an independent computation."""
+
+    platform = "pytorch"
+
+    def __init__(self, name: str, version: str, max_batch_size: int = 16) -> None:
+        self.name, self.version, self.device = name, version, "cpu"
+        self.inputs = (ServeTensorSpec("x", "BF16", (-1, 4)), ServeTensorSpec("text", "BYTES", (-1,)))
+        self.outputs = (
+            ServeTensorSpec("x_plus_one", "BF16", (-1, 4)),
+            TensorSpec("x_sum", "FP32", (-1,)),
+            ServeTensorSpec("upper", "BYTES", (-1,)),
+            TensorSpec("length", "INT64", (-1,)),
+        )
+        self.batching = BatchingHints(max_batch_size=max_batch_size)
+
+    def predict(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        x = torch.from_numpy(inputs["x"]).view(torch.bfloat16)  # uint16 bits -> bfloat16, no copy
+        plus = (x + 1).view(torch.int16).numpy().view(np.uint16)
+        text = inputs["text"]
+        upper = np.empty(len(text), dtype=object)
+        upper[:] = [t.upper() for t in text]
+        return {
+            "x_plus_one": plus,
+            "x_sum": x.float().sum(dim=1).numpy(),
+            "upper": upper,
+            "length": np.array([len(t) for t in text], dtype=np.int64),
+        }
+
+    def close(self) -> None:
+        pass
+
+
 def write(folder: Path, **options: object) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "tiny.json").write_text(json.dumps(options))
@@ -68,4 +103,6 @@ def load(
 ) -> TinyServable:
     options = json.loads((Path(path) / "tiny.json").read_text())
     time.sleep(float(options.pop("load_delay_s", 0.0)))
+    if options.pop("kind", None) == "types":
+        return TypesServable(name or Path(path).name, version, **options)  # type: ignore[return-value]
     return TinyServable(name or Path(path).name, version, **options)

@@ -94,8 +94,16 @@ def build_body(metadata: dict, batch_size: int, binary: bool, seed: int = 0) -> 
                 f"input {spec['name']!r} has a variable inner dimension {spec['shape']}; "
                 "the load generator needs fixed shapes"
             )
-        dtype = V2_TO_NUMPY[spec["datatype"]]
-        arr = (rng.standard_normal(shape) * 3).astype(dtype)
+        datatype = spec["datatype"]
+        if datatype == "BF16" and binary:  # bfloat16 bits: the upper half of float32
+            arr = ((rng.standard_normal(shape, dtype=np.float32) * 3).view(np.uint32) >> 16).astype(np.uint16)
+        elif datatype in V2_TO_NUMPY:
+            arr = (rng.standard_normal(shape) * 3).astype(V2_TO_NUMPY[datatype])
+        else:
+            raise InferforgeError(
+                f"input {spec['name']!r} is {datatype}, which the load generator cannot make up"
+                + (" (BF16 needs --binary)" if datatype == "BF16" else "")
+            )
         entry: dict = {"name": spec["name"], "datatype": spec["datatype"], "shape": shape}
         if binary:
             raw = arr.tobytes()

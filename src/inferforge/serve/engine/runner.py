@@ -49,6 +49,7 @@ class ModelRunner:
         self.config = config
         self.input_specs: dict[str, TensorSpec] = {s.name: s for s in self.servable.inputs}
         self._output_names = frozenset(s.name for s in self.servable.outputs)
+        self.output_datatypes: dict[str, str] = {s.name: s.datatype for s in self.servable.outputs}
         self.stats = ModelStats()
         self._instances = list(instances)
         self._observer = observer

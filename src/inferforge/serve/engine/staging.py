@@ -38,7 +38,7 @@ class StagingBuffers:
         }
 
     def _allocate(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-        if self._pinned:
+        if self._pinned and dtype.kind != "O":  # BYTES stay in pageable memory: torch cannot hold them
             torch = sys.modules.get("torch")
             try:
                 empty = torch.from_numpy(np.empty(0, dtype=dtype))  # type: ignore[union-attr]

@@ -260,7 +260,8 @@ def _add_model_routes(app: FastAPI, state: ServerState) -> None:
         s, cfg = runner.servable, runner.config
 
         def dims(spec) -> dict:  # type: ignore[no-untyped-def]
-            return {"name": spec.name, "data_type": f"TYPE_{spec.datatype}", "dims": list(spec.shape[1:])}
+            kind = "STRING" if spec.datatype == "BYTES" else spec.datatype  # Triton's config name for BYTES
+            return {"name": spec.name, "data_type": f"TYPE_{kind}", "dims": list(spec.shape[1:])}
 
         return {
             "name": name,

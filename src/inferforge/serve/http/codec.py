@@ -11,7 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inferforge.registry.servable import NUMPY_TO_V2, V2_TO_NUMPY, TensorSpec
+from inferforge.registry.servable import NUMPY_TO_V2, TensorSpec
+from inferforge.serve import datatypes as dt
 from inferforge.serve.engine import InvalidRequest
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -99,7 +100,7 @@ def _decode_input(
         raise InvalidRequest(f"input {name!r} is not an input of this model; its inputs are {sorted(specs)}")
     datatype, shape = item.get("datatype"), item.get("shape")
     if datatype != spec.datatype:
-        known = "" if datatype in V2_TO_NUMPY else f" (known datatypes: {sorted(V2_TO_NUMPY)})"
+        known = "" if datatype in dt.WIRE_TO_NUMPY else f" (known datatypes: {sorted(dt.WIRE_TO_NUMPY)})"
         raise InvalidRequest(
             f"input {name!r} has datatype {datatype!r}, the model expects {spec.datatype}{known}"
         )
@@ -107,10 +108,12 @@ def _decode_input(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise InvalidRequest(f"input {name!r}: shape must be a list of non-negative integers, got {shape!r}")
-    dtype = spec.numpy_dtype
+    dtype = dt.wire_dtype(spec)
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     p = _as_dict(item.get("parameters"), f'input {name!r} "parameters"')
+    if "binary_data_size" in p and datatype == "BYTES":
+        return _decode_bytes_input(name, shape, p["binary_data_size"], binary, offset)
     if "binary_data_size" in p:
         size = p["binary_data_size"]
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
@@ -130,6 +133,10 @@ def _decode_input(
         return arr, size
     if "data" not in item:
         raise InvalidRequest(f'input {name!r} has neither "data" nor a binary_data_size parameter')
+    if datatype in dt.BINARY_ONLY:
+        raise InvalidRequest(f"input {name!r}: {datatype} travels only in the binary tensor extension")
+    if datatype == "BYTES":
+        return dt.bytes_from_json(name, item["data"], count).reshape(shape), 0
     try:
         arr = np.asarray(item["data"], dtype=dtype)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -137,6 +144,21 @@ def _decode_input(
     if arr.size != count:
         raise InvalidRequest(f"input {name!r}: data has {arr.size} elements but shape {shape} needs {count}")
     return arr.reshape(shape), 0
+
+
+def _decode_bytes_input(
+    name: str, shape: list[int], size: object, binary: memoryview, offset: int
+) -> tuple[np.ndarray, int]:
+    """BYTES elements carry their own lengths, so binary_data_size only bounds them."""
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidRequest(f"input {name!r}: binary_data_size must be a non-negative integer, got {size!r}")
+    if offset + size > len(binary):
+        raise InvalidRequest(
+            f"input {name!r}: binary_data_size {size} runs past the end of the body "
+            f"({len(binary) - offset} bytes left)"
+        )
+    arr = dt.decode_bytes(name, binary[offset : offset + size], math.prod(shape))
+    return arr.reshape(shape), size
 
 
 def _decode_outputs(outputs: object) -> tuple[OutputRequest, ...] | None:
@@ -161,16 +183,26 @@ def encode_response(
     request_id: str,
     outputs: dict[str, np.ndarray],
     binary: dict[str, bool],
+    datatypes: dict[str, str] | None = None,
 ) -> tuple[bytes, int | None]:
-    """The body and, when any output is binary, the JSON header's length (Inference-Header-Content-Length)."""
+    """The body and, when any output is binary, the JSON header's length (Inference-Header-Content-Length).
+    `datatypes`: the outputs' declared V2 datatypes (needed for BF16 and BYTES; else read off the arrays)."""
     entries: list[dict] = []
     chunks: list[bytes] = []
+    declared = datatypes or {}
     for name, arr in outputs.items():
-        entry: dict = {"name": name, "datatype": NUMPY_TO_V2[arr.dtype], "shape": list(arr.shape)}
+        datatype = declared.get(name) or NUMPY_TO_V2[arr.dtype]
+        entry: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if binary.get(name, False):
-            raw = np.ascontiguousarray(arr).tobytes()
+            raw = _output_bytes(name, datatype, arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
+        elif datatype in dt.BINARY_ONLY:
+            raise InvalidRequest(
+                f'output {name!r} is {datatype}, which travels only in binary: ask with "binary_data": true'
+            )
+        elif datatype == "BYTES":
+            entry["data"] = dt.bytes_to_json(name, arr)
         else:
             entry["data"] = arr.reshape(-1).tolist()
         entries.append(entry)
@@ -181,3 +213,11 @@ def encode_response(
     if not chunks:
         return header, None
     return b"".join([header, *chunks]), len(header)
+
+
+def _output_bytes(name: str, datatype: str, arr: np.ndarray) -> bytes:
+    if datatype == "BYTES":
+        return dt.encode_bytes(name, arr)
+    if datatype == "BF16":
+        arr = dt.bf16_bits(name, arr)
+    return np.ascontiguousarray(arr).tobytes()

@@ -13,6 +13,7 @@ import logging
 import time
 from typing import Any
 
+from inferforge.serve.datatypes import BINARY_ONLY
 from inferforge.serve.engine import InferRequest, ServeError, ShuttingDown
 from inferforge.serve.http import errors
 from inferforge.serve.http.codec import decode_request, encode_response
@@ -157,11 +158,14 @@ async def _run(
         arrival=start,
     )
     result = await state.engine.infer(runner.name, runner.version, request)
-    if decoded.outputs is None:
-        binary = dict.fromkeys(result.outputs, decoded.binary_default)
+    if decoded.outputs is None:  # BF16 has no JSON form: unnamed BF16 outputs come back binary
+        types = runner.output_datatypes
+        binary = {n: decoded.binary_default or types.get(n) in BINARY_ONLY for n in result.outputs}
     else:
         binary = {o.name: o.binary for o in decoded.outputs}
-    return encode_response(runner.name, result.model_version, decoded.id, result.outputs, binary)
+    return encode_response(
+        runner.name, result.model_version, decoded.id, result.outputs, binary, runner.output_datatypes
+    )
 
 
 class V2App:

@@ -28,7 +28,7 @@ def protocol_spec() -> str:
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # no httptools: uvicorn falls back to h11
-    HttpToolsProtocol = None
+    HttpToolsProtocol = None  # type: ignore[misc, assignment]
 
 if HttpToolsProtocol is not None:
 
