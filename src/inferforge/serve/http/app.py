@@ -6,6 +6,7 @@ engine and turns its answers and errors into V2 responses. It never runs a model
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import signal
 import threading
@@ -124,6 +125,10 @@ def create_app(
 
 def _load_and_mark(state: ServerState) -> None:
     state.repository.load_all()
+    # Everything alive now (frameworks, models) lives as long as the server: keep it out of the cyclic
+    # collector's scans, which otherwise walk the whole heap on the request path (about a tenth of the
+    # event loop's CPU per request at low load under `perf`, benchmarks/serve/overhead_cpu.py).
+    gc.freeze()
     if state.options.workers > 1 and state.options.shared_dir and state.repository.ready():
         mark_ready(state.options.shared_dir)
 
