@@ -208,3 +208,12 @@ def test_out_of_vocabulary_prompt_ids_are_refused(engine: LLMEngine) -> None:
     with pytest.raises(InferforgeError, match="vocabulary"):
         engine.add_request(EngineRequest("oov", (1, 10**6), GREEDY))
     assert not engine.has_unfinished()
+
+
+def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
+    """Fresh prompts in one step are attended in padded groups (lengths 3 and 4: masked; 7 and 7: plainly
+    causal; 12: alone); each must generate what it generates alone."""
+    reqs = [EngineRequest(f"p{n}-{i}", tuple(range(20 + i, 20 + i + n)), GREEDY)
+            for i, n in enumerate((3, 4, 7, 7, 12))]  # fmt: skip
+    alone = {r.request_id: _run(engine, [r])[r.request_id] for r in reqs}
+    assert _run(engine, reqs) == alone

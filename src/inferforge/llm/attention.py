@@ -20,7 +20,21 @@ class PrefillSeq:
     q_start: int
     q_len: int
     ctx_len: int  # tokens in the cache for this sequence after this chunk is written
-    block_ids: torch.Tensor  # long, the blocks holding its first ctx_len tokens
+    block_ids: torch.Tensor | None  # long, the blocks holding its first ctx_len tokens (None when fresh)
+
+
+@dataclass
+class FreshGroup:
+    """Fresh prompts (nothing cached before them) of similar length, attended in one padded call.
+
+    idx [n, L]: the flat row of each (prompt, position), padding repeats a prompt's last row; lens [n] (None
+    when all n prompts have length L, so the call is plainly causal); rows: the flat rows of all real
+    positions; take: where each of them sits in the padded [n * L] output."""
+
+    idx: torch.Tensor
+    lens: torch.Tensor | None
+    rows: torch.Tensor
+    take: torch.Tensor
 
 
 @dataclass
@@ -28,7 +42,8 @@ class AttnMeta:
     """Where the step's new keys go (slot_mapping) and what each query may attend to."""
 
     slot_mapping: torch.Tensor  # [T] long: flat cache slot of each new token
-    prefill: list[PrefillSeq] | None = None  # set for a prefill step
+    prefill: list[PrefillSeq] | None = None  # set for a prefill step: the sequences attended one by one
+    fresh_groups: list[FreshGroup] | None = None  # prefill: fresh prompts attended in padded groups
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, decode step
     context_lens: torch.Tensor | None = None  # [B] int32, decode step (including the new token)
     decode_fn: Callable[..., torch.Tensor] | None = (
@@ -44,6 +59,52 @@ def write_cache(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v)
 
 
+def fresh_groups(seqs: list[PrefillSeq], device: torch.device) -> tuple[list[FreshGroup], list[PrefillSeq]]:
+    """Group fresh prompts whose lengths round up to the same power of two (padding wastes < 2x of their
+    attention, none of the matrix products); returns the groups and the sequences left to attend alone.
+    One SDPA call per group instead of one per prompt: a step of 16 fresh prompts was launch-bound."""
+    buckets: dict[int, list[PrefillSeq]] = {}
+    alone: list[PrefillSeq] = []
+    for s in seqs:
+        if s.ctx_len == s.q_len and s.q_len > 1:
+            buckets.setdefault(1 << (s.q_len - 1).bit_length(), []).append(s)
+        else:
+            alone.append(s)
+    groups = []
+    for members in buckets.values():
+        if len(members) == 1:
+            alone.extend(members)
+            continue
+        width = max(s.q_len for s in members)
+        idx = [s.q_start + min(j, s.q_len - 1) for s in members for j in range(width)]
+        rows = [s.q_start + j for s in members for j in range(s.q_len)]
+        take = [g * width + j for g, s in enumerate(members) for j in range(s.q_len)]
+        lens = [s.q_len for s in members]
+        flat = torch.tensor(idx + rows + take + lens, dtype=torch.long)
+        if device.type == "cuda":
+            flat = flat.pin_memory().to(device, non_blocking=True)
+        a, b, c = len(idx), len(idx) + len(rows), len(idx) + 2 * len(rows)
+        equal = all(n == width for n in lens)
+        groups.append(FreshGroup(flat[:a].view(len(members), width), None if equal else flat[c:], flat[a:b],
+                                 flat[b:c]))  # fmt: skip
+    return groups, alone
+
+
+def _attend_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: FreshGroup, scale: float,
+                  out: torch.Tensor) -> None:  # fmt: skip
+    n, width = g.idx.shape
+    qs, ks, vs = (x[g.idx].transpose(1, 2) for x in (q, k, v))  # [n, heads, L, d]
+    if g.lens is None:
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+    else:
+        pos = torch.arange(width, device=q.device)
+        mask = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < g.lens[:, None, None])
+        group = qs.shape[1] // ks.shape[1]  # the masked kernels want as many key heads as query heads
+        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], scale=scale)
+    out[g.rows] = o.transpose(1, 2).reshape(n * width, *q.shape[1:])[g.take]
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_new: torch.Tensor,
@@ -52,10 +113,13 @@ def prefill_attention(
     v_cache: torch.Tensor,
     seqs: list[PrefillSeq],
     scale: float,
+    groups: list[FreshGroup] | None = None,
 ) -> torch.Tensor:
-    """q: [T, heads, d]. A fresh prompt attends to its own new keys (causal); a later chunk reads the
-    cache."""
+    """q: [T, heads, d]. Fresh prompts attend to their own new keys (causal), in padded groups where given;
+    a later chunk reads the cache."""
     out = torch.empty_like(q)
+    for g in groups or ():
+        _attend_group(q, k_new, v_new, g, scale, out)
     for s in seqs:
         qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
         if s.ctx_len == s.q_len:
@@ -63,6 +127,7 @@ def prefill_attention(
             vs = v_new[s.q_start : s.q_start + s.q_len]
             mask, causal = None, True
         else:
+            assert s.block_ids is not None
             ks = k_cache[s.block_ids].flatten(0, 1)[: s.ctx_len]
             vs = v_cache[s.block_ids].flatten(0, 1)[: s.ctx_len]
             q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)

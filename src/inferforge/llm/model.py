@@ -55,7 +55,9 @@ class Attention(nn.Module):
         q, k = qk[:, :heads], qk[:, heads:]
         write_cache(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         if meta.prefill is not None:
-            o = prefill_attention(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+            o = prefill_attention(
+                q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, meta.fresh_groups
+            )
         else:
             assert meta.block_tables is not None and meta.context_lens is not None
             fn = meta.decode_fn or decode_attention_torch
@@ -72,7 +74,9 @@ class Attention(nn.Module):
             self.num_heads, self.num_kv_heads, self.rope, meta.prefill is not None,
         )  # fmt: skip
         if meta.prefill is not None:
-            o = prefill_attention(q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale)
+            o = prefill_attention(
+                q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, meta.fresh_groups
+            )
         else:
             assert meta.block_tables is not None and meta.context_lens is not None
             fn = meta.decode_fn or decode_attention_torch

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import torch
 
-from inferforge.llm.attention import AttnMeta, PrefillSeq
+from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
 from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.sampler import to_device
@@ -154,13 +154,17 @@ class ModelRunner:
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
             slots.extend(_slot(seq, p) for p in range(start, end))
-            block_ids = to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
+            fresh = start == 0
+            block_ids = (
+                None if fresh else to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
+            )
             metas.append(PrefillSeq(q_start, n, end, block_ids))
             if end >= len(seq.token_ids):
                 rows.append(len(ids) - 1)
                 done.append(seq)
         dev = to_device([ids, pos, slots], self.device, torch.long)
-        meta = AttnMeta(slot_mapping=dev[2], prefill=metas)
+        groups, alone = fresh_groups(metas, self.device)
+        meta = AttnMeta(slot_mapping=dev[2], prefill=alone, fresh_groups=groups)
         hidden = self.model(dev[0], dev[1], meta)
         if not rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
