@@ -211,8 +211,8 @@ def test_out_of_vocabulary_prompt_ids_are_refused(engine: LLMEngine) -> None:
 
 
 def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
-    """Fresh prompts in one step are attended in padded groups (lengths 3 and 4: masked; 7 and 7: plainly
-    causal; 12: alone); each must generate what it generates alone."""
+    """Fresh prompts in one step are attended in padded groups (lengths 3 and 4: padded; 7 and 7: not;
+    12: alone); each must generate what it generates alone."""
     reqs = [EngineRequest(f"p{n}-{i}", tuple(range(20 + i, 20 + i + n)), GREEDY)
             for i, n in enumerate((3, 4, 7, 7, 12))]  # fmt: skip
     alone = {r.request_id: _run(engine, [r])[r.request_id] for r in reqs}

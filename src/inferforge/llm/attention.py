@@ -27,12 +27,12 @@ class PrefillSeq:
 class FreshGroup:
     """Fresh prompts (nothing cached before them) of similar length, attended in one padded call.
 
-    idx [n, L]: the flat row of each (prompt, position), padding repeats a prompt's last row; lens [n] (None
-    when all n prompts have length L, so the call is plainly causal); rows: the flat rows of all real
-    positions; take: where each of them sits in the padded [n * L] output."""
+    idx [n, L]: the flat row of each (prompt, position), padding repeats a prompt's last row; rows: the flat
+    rows of all real positions; take: where each of them sits in the padded [n * L] output. A causal mask is
+    all a group needs: a real query at position i < len sees keys 0..i, never the padding after len; padded
+    queries see padding, and their outputs are dropped."""
 
     idx: torch.Tensor
-    lens: torch.Tensor | None
     rows: torch.Tensor
     take: torch.Tensor
 
@@ -79,14 +79,11 @@ def fresh_groups(seqs: list[PrefillSeq], device: torch.device) -> tuple[list[Fre
         idx = [s.q_start + min(j, s.q_len - 1) for s in members for j in range(width)]
         rows = [s.q_start + j for s in members for j in range(s.q_len)]
         take = [g * width + j for g, s in enumerate(members) for j in range(s.q_len)]
-        lens = [s.q_len for s in members]
-        flat = torch.tensor(idx + rows + take + lens, dtype=torch.long)
+        flat = torch.tensor(idx + rows + take, dtype=torch.long)
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        a, b, c = len(idx), len(idx) + len(rows), len(idx) + 2 * len(rows)
-        equal = all(n == width for n in lens)
-        groups.append(FreshGroup(flat[:a].view(len(members), width), None if equal else flat[c:], flat[a:b],
-                                 flat[b:c]))  # fmt: skip
+        a, b = len(idx), len(idx) + len(rows)
+        groups.append(FreshGroup(flat[:a].view(len(members), width), flat[a:b], flat[b:]))
     return groups, alone
 
 
@@ -94,14 +91,7 @@ def _attend_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: FreshGro
                   out: torch.Tensor) -> None:  # fmt: skip
     n, width = g.idx.shape
     qs, ks, vs = (x[g.idx].transpose(1, 2) for x in (q, k, v))  # [n, heads, L, d]
-    if g.lens is None:
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-    else:
-        pos = torch.arange(width, device=q.device)
-        mask = (pos[None, :] <= pos[:, None])[None] & (pos[None, None, :] < g.lens[:, None, None])
-        group = qs.shape[1] // ks.shape[1]  # the masked kernels want as many key heads as query heads
-        ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], scale=scale)
+    o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
     out[g.rows] = o.transpose(1, 2).reshape(n * width, *q.shape[1:])[g.take]
 
 
