@@ -3,14 +3,16 @@
 One run measures, on one GPU:
   1. offline: `Servable.predict` on batches of `--max-batch` (numpy in, numpy out: the copies the server
      also pays), median over rotating inputs; and `predict` at batch 1, one request's compute time;
-  2. low load: one closed-loop client, batch-1 requests, binary tensors: the server's p50 over that time;
+  2. low load: one closed-loop client, batch-1 requests, binary tensors, `--low-reps` times per server
+     config: the server's p50 over that time, and (one process) the server's own split of a request's time
+     from the statistics extension (queue, input, infer, output, and the HTTP layer around them);
   3. saturation: closed-loop load from several client processes (binary tensors) for each request size and
      instance count: the server's rows/s against the offline rows/s; then a no-op model of the same
      signature, the HTTP layer's own ceiling.
 The model comes from `export_artifact("torchvision.models:resnet50", recipe=bf16+channels_last)` when it
 builds, else from the wrapper in `resnet_servable.py` (the report says which). Random weights; no downloads.
 
-    python benchmarks/serve/bench_resnet50.py --out $OUT
+    python benchmarks/serve/bench_resnet50.py --out $OUT --http-workers 1,8 --instances 1 --no-ceiling
 """
 
 from __future__ import annotations
@@ -207,6 +209,40 @@ def delta_means(before: dict[str, float], after: dict[str, float]) -> dict[str, 
     }
 
 
+def stats(url: str) -> dict[str, float]:
+    """The statistics extension's cumulative counts for the model (one process's view)."""
+    doc = json.loads(urllib.request.urlopen(url + "/v2/models/resnet50/stats", timeout=5).read())
+    s = doc["model_stats"][0]["inference_stats"]
+    return {k: float(v["ns"]) for k, v in s.items()} | {f"{k}_count": float(v["count"]) for k, v in s.items()}
+
+
+def per_request_ms(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean ms per request of each phase between two `stats` readings; `http` is the server's time around
+    the engine (reading, parsing, answering), `success` minus queue and compute."""
+    n = after["success_count"] - before["success_count"]
+    if not n:
+        return {}
+    phases = ("success", "queue", "compute_input", "compute_infer", "compute_output")
+    out = {k: (after[k] - before[k]) / n / 1e6 for k in phases}
+    out["http"] = out["success"] - sum(out[k] for k in phases[1:])
+    return out
+
+
+def low_load(url: str, args: argparse.Namespace, instances: int, workers: int) -> dict:
+    """One closed-loop client, batch 1, `--low-reps` times; with one process, the server's own split of each
+    request's time (statistics extension) too."""
+    reps = []
+    for _ in range(args.low_reps):
+        before = scrape(url)
+        split_before = stats(url) if workers == 1 else None
+        low = load(url, concurrency=1, duration=args.low_seconds, batch_size=1)
+        low["server"] = delta_means(before, scrape(url))
+        if split_before is not None:
+            low["server_split_ms"] = per_request_ms(split_before, stats(url))
+        reps.append(low)
+    return {"instances": instances, "http_workers": workers, "reps": reps}
+
+
 def load(url: str, **kwargs) -> dict:  # type: ignore[no-untyped-def]
     from inferforge.serve.loadtest import LoadTestConfig, run
 
@@ -225,6 +261,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=128)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--low-seconds", type=float, default=6.0)
+    parser.add_argument("--low-reps", type=int, default=3, help="low-load repetitions per server config")
     parser.add_argument("--sat-seconds", type=float, default=10.0)
     parser.add_argument("--processes", type=int, default=8)
     parser.add_argument("--instances", default="1,2")
@@ -266,20 +303,17 @@ def main() -> None:
     servable.close()
     del servable
     report["runs"] = []
+    report["low_load"] = []
     configs = [(int(i), int(w)) for w in args.http_workers.split(",") for i in args.instances.split(",")]
     for instances, workers in configs:
         proc, url = start_server(
             path, loader, args, instances, out / f"server_i{instances}_w{workers}.log", workers
         )
         try:
-            load(url, concurrency=4, duration=3.0, batch_size=1)  # warm-up: discarded
-            load(url, concurrency=2, duration=2.0, batch_size=args.max_batch)
-            if "low_load" not in report:
-                before = scrape(url)
-                low = load(url, concurrency=1, duration=args.low_seconds, batch_size=1)
-                low["server"] = delta_means(before, scrape(url))
-                low["http_workers"] = workers
-                report["low_load"] = low
+            # Warm-up, discarded: enough connections that every HTTP worker process gets some.
+            load(url, concurrency=4 * workers, duration=3.0, batch_size=1)
+            load(url, concurrency=2 * workers, duration=2.0, batch_size=args.max_batch)
+            report["low_load"].append(low_load(url, args, instances, workers))
             for rows in [int(r) for r in args.request_batches.split(",")]:
                 conc = max(args.processes, 2 * args.max_batch // rows)
                 before = scrape(url)
@@ -339,7 +373,7 @@ def main() -> None:
 
 
 def print_table(report: dict) -> None:
-    off, low = report["offline"], report["low_load"]
+    off = report["offline"]
     print(f"\n{report['gpu']}  torch {report['torch']}  model: {report['model_source']}")
     if report["export_error"]:
         print(f"export_artifact failed: {report['export_error'][:300]}")
@@ -348,11 +382,22 @@ def print_table(report: dict) -> None:
         f" (GPU forward alone {off['gpu_forward_ms'] or float('nan'):.2f} ms);"
         f" predict b=1: {off['predict_b1_ms']:.2f} ms"
     )
-    p50 = low["latency_ms"]["p50"]
-    print(
-        f"low load (1 client, b=1): p50 {p50:.2f} ms, p99 {low['latency_ms']['p99']:.2f} ms; "
-        f"overhead over predict b=1: {p50 - off['predict_b1_ms']:.2f} ms"
-    )
+    for low in report["low_load"]:
+        for i, rep in enumerate(low["reps"]):
+            p50 = rep["latency_ms"]["p50"]
+            split = rep.get("server_split_ms") or {}
+            inside = (
+                f"; in the server {split['success']:.2f} ms = queue {split['queue']:.2f} + input "
+                f"{split['compute_input']:.2f} + infer {split['compute_infer']:.2f} + output "
+                f"{split['compute_output']:.2f} + http {split['http']:.2f}"
+                if split
+                else ""
+            )
+            print(
+                f"low load, {low['http_workers']} process(es), rep {i}: p50 {p50:.2f} ms, p99 "
+                f"{rep['latency_ms']['p99']:.2f} ms, over predict b=1 {p50 - off['predict_b1_ms']:+.2f} ms"
+                + inside
+            )
     print(
         f"{'inst':>4} {'req rows':>8} {'conc':>5} {'rows/s':>9} {'vs offline':>10} {'p50 ms':>8}"
         f" {'p99 ms':>8} {'batch':>6} {'compute ms':>10} {'queue ms':>9} {'errors':>7}"
