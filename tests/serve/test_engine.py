@@ -232,6 +232,43 @@ def test_past_deadline_requests_are_answered_not_dropped() -> None:
     assert isinstance(late, DeadlineExceeded) and "'late'" in str(late)
 
 
+def test_a_cancelled_caller_frees_its_queue_slot_and_the_batch_never_runs_it() -> None:
+    model = TinyServable("m", "1", delay_s=0.3, max_batch_size=1)
+    engine = Engine()
+    engine.add([model], BatcherConfig(max_batch_size=1))
+
+    async def run():  # type: ignore[no-untyped-def]
+        first = asyncio.create_task(engine.infer("m", None, InferRequest("first", _inputs(1, 0))))
+        await asyncio.sleep(0.1)  # first is running; second waits in the queue
+        second = asyncio.create_task(engine.infer("m", None, InferRequest("second", _inputs(1, 1))))
+        await asyncio.sleep(0.05)
+        second.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await second
+        return await first
+
+    assert asyncio.run(run()).id == "first"
+    engine.shutdown()
+    assert model.batch_sizes_seen == [1], "the cancelled request still ran"
+
+
+def test_statistics_split_each_batch_into_input_infer_and_output() -> None:
+    engine = Engine()
+    runner = engine.add(
+        [TinyServable("m", "1", delay_s=0.02, max_batch_size=4)], BatcherConfig(max_batch_size=4)
+    )
+    asyncio.run(_gather(engine, "m", [InferRequest(str(i), _inputs(1, i)) for i in range(3)]))
+    engine.shutdown()
+    doc = runner.stats.to_json("m", "1")
+    inference = doc["inference_stats"]
+    assert doc["inference_count"] == 3 and inference["queue"]["count"] == 3
+    assert inference["compute_infer"]["count"] == 3  # each request is charged its batch's time
+    assert sum(b["compute_infer"]["count"] for b in doc["batch_stats"]) == doc["execution_count"]
+    per_execution = sum(b["compute_infer"]["ns"] for b in doc["batch_stats"]) / doc["execution_count"]
+    assert per_execution >= 0.02e9  # the model's sleep is inside compute_infer
+    assert inference["success"]["count"] == 0  # outcomes are the protocol adapter's to record
+
+
 def test_queued_request_past_deadline_gets_an_error_from_the_engine() -> None:
     engine = Engine()
     engine.add([TinyServable("m", "1", delay_s=0.2, max_batch_size=1)], BatcherConfig(max_batch_size=1))
