@@ -40,9 +40,16 @@ def check_tiny() -> None:
     error."""
     from transformers import AutoModelForCausalLM
 
-    from inferforge.llm import triton_attn
+    from inferforge.llm import fused, triton_attn
+    from inferforge.llm.sampler import argmax_rows
     from inferforge.llm.tiny import make_tiny_llama
 
+    x = torch.randn(4, 128256, device="cuda")
+    x[1] = 0.0
+    x[2, [7, 128000]] = 50.0
+    x[3, [128254, 128255]] = 50.0
+    row("two-pass argmax == torch.argmax on cuda (ties)", str(torch.equal(argmax_rows(x), x.argmax(-1))))
+    row("fused kernels rel. error vs eager (bf16)", str(fused.check_against_reference(torch.device("cuda"))))
     row(
         "triton paged decode max abs err vs torch (bf16)",
         f"{triton_attn.check_against_reference(torch.device('cuda')):.2e}",

@@ -122,11 +122,27 @@ def _random_choice(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
     return order.gather(1, choice[:, None]).squeeze(1)
 
 
+def argmax_rows(x: torch.Tensor, chunks: int = 64) -> torch.Tensor:
+    """argmax over the last dim, ties to the first index like `torch.argmax`, in two passes when there are
+    few rows: one row of a 128k vocabulary is a single-block reduction on the GPU (27 us on the H100 at
+    batch 1, profiled), while 64 chunks reduce in parallel and a second pass picks the first chunk holding the
+    maximum."""
+    rows, width = x.shape
+    if rows * chunks > 4096 or width < 16 * chunks:
+        return x.argmax(dim=-1)
+    size = -(-width // chunks)
+    if size * chunks != width:
+        x = torch.nn.functional.pad(x, (0, size * chunks - width), value=float("-inf"))
+    vals, idx = x.view(rows, chunks, size).max(dim=-1)
+    first = vals.argmax(dim=-1, keepdim=True)
+    return idx.gather(1, first).squeeze(1) + first.squeeze(1) * size
+
+
 def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
     """logits: [B, V] fp32 rows in the batch's order. Logprobs are of the model's own distribution."""
     raw = logits
     logits = _apply_repetition_penalty(logits, prep)
-    ids = logits.argmax(dim=-1)
+    ids = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
     if not prep.all_greedy:
         assert prep.greedy is not None
         ids = torch.where(prep.greedy, ids, _random_choice(logits, prep))
