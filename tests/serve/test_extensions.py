@@ -13,6 +13,9 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from inferforge.errors import InferforgeError
+from inferforge.serve.loadtest import LoadTestConfig, run
+
 from .conftest import Server, start_server
 from .tiny import write
 
@@ -204,3 +207,8 @@ def test_bf16_and_bytes_are_checked_with_clear_400s(server: Server) -> None:
     }
     response = _raw(server, as_json, x_bits + struct.pack("<I", 3) + b"abc")
     assert response.status_code == 400 and "binary" in response.json()["error"]
+
+
+def test_loadtest_refuses_a_datatype_it_cannot_make_up(server: Server) -> None:
+    with pytest.raises(InferforgeError, match="'text' is BYTES"):
+        run(LoadTestConfig(url=server.url, model="types", duration=1.0))
