@@ -174,6 +174,7 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
                 factory=True,
                 workers=config.http_workers,
                 http=protocol_spec(),
+                proxy_headers=False,  # nothing reads the client address; saves a middleware per request
                 host=config.host,
                 port=config.port,
                 log_level="warning",
@@ -193,6 +194,7 @@ def serve(config: ServerConfig, loader: Loader | None = None) -> None:
         timeout_graceful_shutdown=int(config.graceful_timeout_s),
         lifespan="on",
         http=protocol_spec(),
+        proxy_headers=False,
     )
     uvicorn.Server(uv_config).run()
 
