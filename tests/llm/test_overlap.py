@@ -51,15 +51,43 @@ def test_overlapped_equals_plain(tiny_llama: Path, arrive_every: int) -> None:
     assert overlapped["stops"][0][2] == "stop" and overlapped["greedy"][0][2] == "length"
 
 
-def test_steady_decode_runs_overlapped(tiny_llama: Path) -> None:
-    """The overlap must actually engage: in steady decode most steps find a step already in flight."""
+def test_overlap_engages_through_arrivals_and_finishes(tiny_llama: Path) -> None:
+    """Requests join every 4 steps and leave at different lengths; nearly every step must still find the
+    previous one in flight (only the first step and the drain at the end may not)."""
     eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096))
-    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
-    for i in range(3):
-        eng.add_request(EngineRequest(str(i), (5 + i, 6, 7), params))
+    pending = [
+        EngineRequest(
+            str(i), (5 + i, 6, 7), SamplingParams(max_tokens=10 + 3 * i, temperature=0.0, ignore_eos=True)
+        )
+        for i in range(6)
+    ]
     in_flight_at_start = steps = 0
-    while eng.has_unfinished():
+    while pending or eng.has_unfinished():
+        if pending and steps % 4 == 0:
+            eng.add_request(pending.pop(0))
         in_flight_at_start += eng._inflight is not None
         eng.step()
         steps += 1
-    assert in_flight_at_start >= steps - 4
+    assert in_flight_at_start >= steps - 3
+
+
+def test_logprobs_and_penalty_requests_make_steps_plain(tiny_llama: Path) -> None:
+    eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096))
+    plain = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096, overlap_decode=False))
+    reqs = [
+        EngineRequest("lp", (5, 6, 7), SamplingParams(max_tokens=12, temperature=0.0, logprobs=2)),
+        EngineRequest(
+            "pen", (9, 6, 7), SamplingParams(max_tokens=12, temperature=0.0, repetition_penalty=1.3)
+        ),
+        EngineRequest("g", (8, 6), SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)),
+    ]
+
+    def content(res: dict) -> dict:
+        return {
+            rid: [[(o.new_token_ids, o.new_text, o.logprobs, o.finish_reason) for o in outs] for outs in seqs]
+            for rid, seqs in res.items()
+        }
+
+    got, want = content(eng.generate(reqs)), content(plain.generate(reqs))
+    assert got == want and got["lp"][0][0][2]
+    assert eng._inflight is None and eng.stats().kv_blocks_used == 0

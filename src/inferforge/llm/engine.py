@@ -24,8 +24,8 @@ from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed,
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
 from inferforge.llm.runner import ModelRunner
-from inferforge.llm.sampler import PreparedBatch, SamplingBatch, prepare, sample, to_device
-from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence
+from inferforge.llm.sampler import SampleResult, SamplingBatch, prepare, sample, to_device
+from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
 from inferforge.llm.weights import load_model
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,8 +80,8 @@ class _InFlight:
     """A decode step launched on the device and not yet read back by the host."""
 
     rows: list[Sequence]
-    prep: PreparedBatch
-    ids: torch.Tensor  # [B] sampled ids on the device: the next step's inputs
+    row_of: dict[int, int]  # id(sequence) -> its row
+    result: SampleResult  # token_ids on the device: the next step's inputs
     host_ids: torch.Tensor  # their copy in pinned memory, valid once `done` has fired
     done: torch.cuda.Event | None = field(default=None)
 
@@ -171,7 +171,9 @@ class LLMEngine:
         self.generated_total = 0
         self._inflight: _InFlight | None = None
         pinned = self.device.type == "cuda"
+        # Two pinned buffers in turn: step k+1's samples are copied out while step k's are still read.
         self._host_ids = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
+        self._turn = 0
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -228,27 +230,52 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
-        """One step. While the same sequences keep decoding, step k launches decode k+1 on the device
-        (its input tokens are step k's samples, still on the device) before it reads step k back, so the
-        host's bookkeeping, detokenization and stop checks overlap the GPU instead of idling it. A sequence
-        that stops (EOS, stop string) is computed one step too many, within its own reserved blocks, and
-        that result is dropped. Any change (an arrival, a finish, an abort) reads back, then plain steps."""
-        if self._inflight is not None:
-            return self._step_overlapped(self._inflight)
+        """Schedule and launch one step, then read back the step before it.
+
+        Decode rows whose last token is still on the device (sampled by the step in flight) take it from
+        there, so the host's bookkeeping, detokenization and stop checks for step k run while the device
+        computes step k+1, whatever joins or leaves in between. A sequence that stops on EOS or a stop string
+        is computed one step too many, inside its own reserved blocks, and that row is dropped; one that
+        reaches max_tokens is known in advance and not fed again. Requests that need the newest token on the
+        host before sampling (repetition penalty) or logprobs make their steps synchronous."""
+        outputs: list[EngineOutput] = []
+        flight = self._inflight
+        if flight is not None and not self._may_overlap():
+            outputs, flight = self._read_back(flight), None
+            self.scheduler.free_finished()
         plan = self.scheduler.schedule()
+        if flight is not None:
+            plan.decode = [
+                s for s in plan.decode if id(s) not in flight.row_of or s.num_output + 1 < s.group.max_tokens
+            ]
         if plan.empty:
-            return []
+            if flight is not None:
+                outputs += self._read_back(flight)
+                self.scheduler.free_finished()
+            return outputs
+        new = self._launch(plan, flight)
+        if flight is not None:
+            outputs += self._read_back(flight)
+        if new is not None:
+            if self._may_overlap():
+                self._inflight = new
+            else:
+                outputs += self._read_back(new)
+        self.scheduler.free_finished()
+        return outputs
+
+    def _launch(self, plan: StepPlan, flight: _InFlight | None) -> _InFlight | None:
+        """Run the plan's forward passes and sampling on the device; nothing here waits for the device."""
         # Rows to sample are known before the forward pass: stage their parameters now, asynchronously.
         done = [seq for seq, n in plan.prefill if seq.num_computed + n >= len(seq.token_ids)]
         rows = [*plan.decode, *(s for seq in done for s in seq.group.seqs)]
         prep = prepare(self._sampling_batch(rows), self.device, self.model.cfg.vocab_size) if rows else None
-        if prep is not None and not plan.prefill and self._may_overlap(prep):
-            self._inflight = self._launch(plan.decode, prep, None, 0)
-            return []
         index = to_device([j for j, seq in enumerate(done) for _ in seq.group.seqs], self.device, torch.long)
         parts: list[torch.Tensor] = []
         if plan.decode:
-            parts.append(self.runner.decode(plan.decode))
+            parts.append(self._decode(plan.decode, flight))
+            for seq in plan.decode:
+                seq.num_computed += 1
         if plan.prefill:
             logits, _ = self.runner.prefill(plan.prefill)
             for seq, n in plan.prefill:
@@ -257,56 +284,59 @@ class LLMEngine:
                 self._fork(seq)
             if done:
                 parts.append(logits[index])
-        outputs: list[EngineOutput] = []
-        if prep is not None:
-            result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
-            lps = result.logprobs.tolist() if result.logprobs is not None else None
-            top = None
-            if result.top_ids is not None and result.top_logprobs is not None:
-                top = (result.top_ids.tolist(), result.top_logprobs.tolist())
-            outputs = self._update(rows, result.token_ids.tolist(), lps, top, n_decode=len(plan.decode))
-        self.scheduler.free_finished()
-        return outputs
-
-    # ---- overlapped decode ----------------------------------------------------------------------
-    def _may_overlap(self, prep: PreparedBatch) -> bool:
-        """Rows needing host state of the newest token (repetition penalty) or logprobs stay plain."""
-        return self.config.overlap_decode and prep.seen is None and prep.batch.num_logprobs < 0
-
-    def _launch(
-        self, rows: list[Sequence], prep: PreparedBatch, next_ids: torch.Tensor | None, slot: int
-    ) -> _InFlight:
-        ids = sample(self.runner.decode(rows, next_ids), prep).token_ids
-        host = self._host_ids[slot][: len(rows)]
-        host.copy_(ids, non_blocking=True)
-        done = None
+        if prep is None:
+            return None
+        result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
+        self._turn ^= 1
+        host = self._host_ids[self._turn][: len(rows)]
+        host.copy_(result.token_ids, non_blocking=True)
+        event = None
         if self.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-        return _InFlight(rows, prep, ids, host, done)
+            event = torch.cuda.Event()
+            event.record()
+        return _InFlight(rows, {id(s): i for i, s in enumerate(rows)}, result, host, event)
 
-    def _unchanged(self, rows: list[Sequence]) -> bool:
-        """True when the next plan would be exactly `rows` decoding again, none of them at its length limit
-        once the token in flight lands."""
-        sched = self.scheduler
-        if sched.can_admit() or not all(r.prefilled for r in sched.running):
-            return False
-        current = [s for r in sched.running for s in r.seqs if not s.finished]
-        if len(current) != len(rows) or any(a is not b for a, b in zip(current, rows, strict=True)):
-            return False
-        return all(s.num_output + 1 < s.group.max_tokens for s in rows)
+    def _decode(self, rows: list[Sequence], flight: _InFlight | None) -> torch.Tensor:
+        """Decode logits; rows whose newest token is in flight read it from the device."""
+        if flight is None:
+            return self.runner.decode(rows)
+        ahead, src, dst = [], [], []
+        for i, s in enumerate(rows):
+            j = flight.row_of.get(id(s))
+            ahead.append(j is not None)
+            if j is not None:
+                src.append(j)
+                dst.append(i)
+        if not src:
+            return self.runner.decode(rows)
+        ids = flight.result.token_ids
+        if src == dst and len(src) == len(rows):
+            return self.runner.decode(rows, ahead, None, ids[: len(src)])
+        idx = to_device(src + dst, self.device, torch.long)
+        return self.runner.decode(rows, ahead, idx[len(src) :], ids[idx[: len(src)]])
 
-    def _step_overlapped(self, flight: _InFlight) -> list[EngineOutput]:
-        nxt = None
-        if self._unchanged(flight.rows):
-            slot = 1 if flight.host_ids.data_ptr() == self._host_ids[0].data_ptr() else 0
-            nxt = self._launch(flight.rows, flight.prep, flight.ids, slot)
+    def _read_back(self, flight: _InFlight) -> list[EngineOutput]:
+        """Wait for a launched step's samples and apply them (the step's one device-to-host read)."""
+        if self._inflight is flight:
+            self._inflight = None
         if flight.done is not None:
             flight.done.synchronize()
-        outputs = self._update(flight.rows, flight.host_ids.tolist(), None, None, n_decode=len(flight.rows))
-        self._inflight = nxt
-        self.scheduler.free_finished()
-        return outputs
+        result = flight.result
+        lps = result.logprobs.tolist() if result.logprobs is not None else None
+        top = None
+        if result.top_ids is not None and result.top_logprobs is not None:
+            top = (result.top_ids.tolist(), result.top_logprobs.tolist())
+        return self._update(flight.rows, flight.host_ids.tolist(), lps, top)
+
+    def _may_overlap(self) -> bool:
+        """Overlap unless a request that may be scheduled needs host state of its newest token."""
+        if not self.config.overlap_decode:
+            return False
+        states = [*self.scheduler.running, *self.scheduler.waiting]
+        return not any(
+            r.request.params.repetition_penalty != 1.0 or r.request.params.logprobs is not None
+            for r in states
+        )
 
     def _fork(self, parent: Sequence) -> None:
         """After the prompt of sequence 0 is cached, copy its blocks to the request's other sequences."""
@@ -327,7 +357,6 @@ class LLMEngine:
         ids: list[int],
         lps: list[float] | None,
         top: tuple[list[list[int]], list[list[float]]] | None,
-        n_decode: int,
     ) -> list[EngineOutput]:
         """Append each row's new token; rows already finished (aborted, or stopped while their next step
         was in flight) are skipped."""
@@ -337,8 +366,6 @@ class LLMEngine:
         for i, (seq, tok) in enumerate(zip(rows, ids, strict=True)):
             if seq.finished:
                 continue
-            if i < n_decode:
-                seq.num_computed += 1
             params = seq.group.request.params
             seq.token_ids.append(tok)
             seq.pending_ids.append(tok)

@@ -85,7 +85,7 @@ class ModelRunner:
     @torch.inference_mode()
     def _capture(self) -> None:
         """One graph per bucket, largest first, sharing one memory pool."""
-        self._fill([], self.buckets[-1])
+        self._fill([], self.buckets[-1], None)
         torch.cuda.synchronize()
         pool = None
         stream = torch.cuda.Stream()
@@ -102,10 +102,10 @@ class ModelRunner:
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
-    def _fill(self, seqs: list[Sequence], b: int, ahead: int = 0) -> None:
+    def _fill(self, seqs: list[Sequence], b: int, ahead: list[bool] | None) -> None:
         """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
-        copy. `ahead=1`: each sequence's last token is still on the device (sampled by the step in flight),
-        so positions move one further and the caller supplies the ids on the device."""
+        copy. `ahead[i]`: row i's newest token is still on the device (sampled by the step in flight), so
+        its position moves one further and the caller supplies its id on the device."""
         self._turn ^= 1
         host = self._hosts[self._turn]
         n, h = self.buckets[-1], host.numpy()
@@ -114,30 +114,41 @@ class ModelRunner:
         bt = h[4 * n :].reshape(n, self.max_blocks)
         bt[:b] = 0
         for i, s in enumerate(seqs):
-            pos = len(s.token_ids) - 1 + ahead
+            pos = len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0)
             h[i], h[n + i], h[2 * n + i], h[3 * n + i] = s.token_ids[-1], pos, _slot(s, pos), pos + 1
             bt[i, : len(s.blocks)] = s.blocks
         self._dev.copy_(host, non_blocking=True)
 
     @torch.inference_mode()
-    def decode(self, seqs: list[Sequence], next_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits [len(seqs), vocab] for the next token of each decoding sequence. `next_ids` (device,
-        [len(seqs)]): the input tokens, sampled by the previous step and not yet read by the host."""
+    def decode(
+        self,
+        seqs: list[Sequence],
+        ahead: list[bool] | None = None,
+        carry_rows: torch.Tensor | None = None,
+        carry_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [len(seqs), vocab] for the next token of each decoding sequence. Rows marked in `ahead`
+        take their input token from `carry_ids` (device), written to rows `carry_rows` (None: rows 0..k-1)."""
         b = next((x for x in self.buckets if x >= len(seqs)), None)
         if b is None:
             raise RuntimeError(f"{len(seqs)} decoding sequences exceed the largest bucket {self.buckets[-1]}")
-        ahead = 0 if next_ids is None else 1
         if b in self.graphs:
             self._fill(seqs, b, ahead)
-            if next_ids is not None:
-                self._dev[: len(seqs)].copy_(next_ids)
+            self._carry(carry_rows, carry_ids)
             graph, out = self.graphs[b]
             graph.replay()
             return out[: len(seqs)]
         self._fill(seqs, len(seqs), ahead)
-        if next_ids is not None:
-            self._dev[: len(seqs)].copy_(next_ids)
+        self._carry(carry_rows, carry_ids)
         return self._decode_forward(len(seqs))
+
+    def _carry(self, rows: torch.Tensor | None, ids: torch.Tensor | None) -> None:
+        if ids is None:
+            return
+        if rows is None:
+            self._dev[: ids.shape[0]].copy_(ids)
+        else:
+            self._dev.index_copy_(0, rows, ids)
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
