@@ -117,6 +117,21 @@ class ServeMetrics:
         )
         # Read from the answering process at scrape time; other processes' memory cannot be read from here.
         self.registry.register(DeviceMemoryCollector())
+        self._series: dict[tuple[str, str], tuple] = {}  # type: ignore[type-arg]
+
+    def request_series(self, model: str, version: str) -> tuple:  # type: ignore[type-arg]
+        """(in-flight gauge, success counter, latency histogram) of a model version, looked up once: the infer
+        path reads them on every request and `labels()` takes a lock and builds a key each time."""
+        key = (model, version)
+        series = self._series.get(key)
+        if series is None:
+            series = (
+                self.inflight.labels(model),
+                self.requests.labels(model, version, "success"),
+                self.latency.labels(model, version),
+            )
+            self._series[key] = series
+        return series
 
     def on_batch(
         self, model: str, version: str, rows: int, padded: int, compute_s: float, queue_s: Sequence[float]

@@ -105,7 +105,7 @@ async def handle_infer(
             state.authorize(auth)
             runner = state.runner_for(name, version)
             labels = (name, runner.version)
-            inflight = metrics.inflight.labels(name)
+            inflight, success, latency = metrics.request_series(*labels)
             inflight.inc()
             body = await read_body(receive, length, state.options.max_body_bytes)
             payload, out_header_len = await _run(state, runner, body, header_len, start)
@@ -119,8 +119,8 @@ async def handle_infer(
             if inflight is not None:
                 inflight.dec()
         elapsed = time.monotonic() - start
-        metrics.requests.labels(*labels, "success").inc()
-        metrics.latency.labels(*labels).observe(elapsed)
+        success.inc()
+        latency.observe(elapsed)
         runner.stats.record_request(True, int(elapsed * 1e9))
         if out_header_len is None:
             await send_bytes(send, 200, payload, [(b"content-type", b"application/json")])
