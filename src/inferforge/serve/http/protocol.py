@@ -2,8 +2,8 @@
 
 uvicorn hands a body to the app in pieces: every read from the socket (up to 256 KiB with uvloop) sets the
 request's event, wakes the app's task and, past 64 KiB buffered, pauses reading until the app has taken the
-piece. A 602 KB tensor thus costs four task wake-ups, four `receive` calls and their copies; at low load
-that is a tenth of the server's time per request (`benchmarks/serve/overhead_cpu.py`). Here the body
+piece. A 602 KB tensor thus costs four task wake-ups, four `receive` calls, pauses and resumes, and two
+copies of the whole body (into uvicorn's bytearray, then out of it). Here the body
 collects in the protocol until the request is complete or `BODY_CHUNK` bytes have gathered, whichever is
 first, so the app normally wakes once. Memory per connection stays bounded by `BODY_CHUNK` plus one read,
 and the app still refuses a declared length over `--max-body-mib` before reading anything. The pieces are
