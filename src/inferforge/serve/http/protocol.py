@@ -13,6 +13,8 @@ Where httptools is missing, uvicorn's pure-Python h11 protocol is used unchanged
 
 from __future__ import annotations
 
+import asyncio
+
 BODY_CHUNK = 4 * 1024 * 1024
 """Bytes collected before the app is woken even though the body goes on."""
 
@@ -37,7 +39,7 @@ if HttpToolsProtocol is not None:
         """Body pieces wait in a list and are joined once, into `bytes` (which uvicorn's `receive` then
         hands on without the copy it makes of its own bytearray)."""
 
-        def connection_made(self, transport):  # type: ignore[no-untyped-def]
+        def connection_made(self, transport: asyncio.Transport) -> None:
             self._parts: list[bytes] = []
             self._held = 0
             super().connection_made(transport)
@@ -62,4 +64,5 @@ if HttpToolsProtocol is not None:
                 return
             joined = parts[0] if len(parts) == 1 else b"".join(parts)
             cycle = self.cycle
-            cycle.body = bytes(cycle.body) + joined if cycle.body else joined
+            # bytes where uvicorn keeps a bytearray: its `receive` passes bytes on as they are
+            cycle.body = bytes(cycle.body) + joined if cycle.body else joined  # type: ignore[assignment]
