@@ -39,7 +39,7 @@ if HttpToolsProtocol is not None:
         """Body pieces wait in a list and are joined once, into `bytes` (which uvicorn's `receive` then
         hands on without the copy it makes of its own bytearray)."""
 
-        def connection_made(self, transport: asyncio.Transport) -> None:
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._parts: list[bytes] = []
             self._held = 0
             super().connection_made(transport)
