@@ -195,7 +195,7 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120)
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--epochs", type=float, default=8.0)
     ap.add_argument("--formats", default="bf16,int8,fp8,int4")
     args = ap.parse_args()
     from inferforge.llm.quant import quantize_model
@@ -223,6 +223,12 @@ def main() -> None:
         f"trained {info['params'] / 1e6:.1f}M params, {info['steps']} steps, losses {info['loss_every_100']}",
         flush=True,
     )
+    if args.formats != "bf16":
+        import gemlite
+
+        # One default kernel config per shape instead of autotuning each new batch size (minutes of
+        # compiles on this small model); quality does not depend on the tile sizes.
+        gemlite.set_autotune("default")
     for fmt in args.formats.split(","):
         quant = None if fmt == "bf16" else fmt
         t_fmt = time.perf_counter()
