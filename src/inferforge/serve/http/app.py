@@ -125,12 +125,20 @@ def create_app(
 
 def _load_and_mark(state: ServerState) -> None:
     state.repository.load_all()
-    # Everything alive now (frameworks, models) lives as long as the server: keep it out of the cyclic
-    # collector's scans, which otherwise walk the whole heap on the request path (about a tenth of the
-    # event loop's CPU per request at low load under `perf`, benchmarks/serve/overhead_cpu.py).
-    gc.freeze()
+    refreeze()
     if state.options.workers > 1 and state.options.shared_dir and state.repository.ready():
         mark_ready(state.options.shared_dir)
+
+
+def refreeze() -> None:
+    """Keep what is alive now (frameworks, models) out of the cyclic collector's scans, which otherwise walk
+    the whole heap on the request path (about a tenth of the event loop's CPU per request at low load under
+    `perf`, benchmarks/serve/overhead_cpu.py). Called again after a load or unload: frozen objects are never
+    collected, so an unloaded model's reference cycles (and the device memory they hold) must be unfrozen
+    and collected first."""
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def _drain_on_signals(state: ServerState) -> None:
@@ -325,6 +333,7 @@ def _add_repository_routes(app: FastAPI, state: ServerState) -> None:
                 "loading with a config or file override is not supported; add a version folder"
             )
         await asyncio.to_thread(state.repository.load, name)
+        await asyncio.to_thread(refreeze)
         failed = [
             s
             for s in state.repository.index()
@@ -338,4 +347,5 @@ def _add_repository_routes(app: FastAPI, state: ServerState) -> None:
     async def unload(request: Request, name: str) -> Response:
         control(request)
         await asyncio.to_thread(state.repository.unload, name)
+        await asyncio.to_thread(refreeze)
         return Response(status_code=200)
