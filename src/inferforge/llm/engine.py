@@ -24,7 +24,7 @@ from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed,
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
 from inferforge.llm.runner import ModelRunner
-from inferforge.llm.sampler import SampleResult, SamplingBatch, prepare, sample, to_device
+from inferforge.llm.sampler import PreparedBatch, SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
 from inferforge.llm.weights import load_model
 
@@ -81,9 +81,14 @@ class _InFlight:
 
     rows: list[Sequence]
     row_of: dict[int, int]  # id(sequence) -> its row
+    prep: PreparedBatch  # the rows' sampling parameters on the device (reused while the rows stay)
     result: SampleResult  # token_ids on the device: the next step's inputs
     host_ids: torch.Tensor  # their copy in pinned memory, valid once `done` has fired
     done: torch.cuda.Event | None = field(default=None)
+
+
+def _same(a: list[Sequence], b: list[Sequence]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 class LLMEngine:
@@ -269,8 +274,15 @@ class LLMEngine:
         # Rows to sample are known before the forward pass: stage their parameters now, asynchronously.
         done = [seq for seq, n in plan.prefill if seq.num_computed + n >= len(seq.token_ids)]
         rows = [*plan.decode, *(s for seq in done for s in seq.group.seqs)]
-        prep = prepare(self._sampling_batch(rows), self.device, self.model.cfg.vocab_size) if rows else None
-        index = to_device([j for j, seq in enumerate(done) for _ in seq.group.seqs], self.device, torch.long)
+        steady = flight is not None and _same(rows, flight.rows)
+        if steady:  # the same rows as the step in flight: reuse its staged parameters and row map
+            assert flight is not None
+            prep, row_of = flight.prep, flight.row_of
+        else:
+            prep = (
+                prepare(self._sampling_batch(rows), self.device, self.model.cfg.vocab_size) if rows else None
+            )
+            row_of = {id(s): i for i, s in enumerate(rows)}
         parts: list[torch.Tensor] = []
         if plan.decode:
             parts.append(self._decode(plan.decode, flight))
@@ -283,7 +295,8 @@ class LLMEngine:
             for seq in done:
                 self._fork(seq)
             if done:
-                parts.append(logits[index])
+                index = [j for j, seq in enumerate(done) for _ in seq.group.seqs]
+                parts.append(logits[to_device(index, self.device, torch.long)])
         if prep is None:
             return None
         result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
@@ -294,12 +307,15 @@ class LLMEngine:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return _InFlight(rows, {id(s): i for i, s in enumerate(rows)}, result, host, event)
+        return _InFlight(rows, row_of, prep, result, host, event)
 
     def _decode(self, rows: list[Sequence], flight: _InFlight | None) -> torch.Tensor:
         """Decode logits; rows whose newest token is in flight read it from the device."""
         if flight is None:
             return self.runner.decode(rows)
+        ids = flight.result.token_ids
+        if _same(rows, flight.rows):  # steady decode: every row's token is in flight, in the same order
+            return self.runner.decode(rows, [True] * len(rows), None, ids)
         ahead, src, dst = [], [], []
         for i, s in enumerate(rows):
             j = flight.row_of.get(id(s))
@@ -309,9 +325,6 @@ class LLMEngine:
                 dst.append(i)
         if not src:
             return self.runner.decode(rows)
-        ids = flight.result.token_ids
-        if src == dst and len(src) == len(rows):
-            return self.runner.decode(rows, ahead, None, ids[: len(src)])
         idx = to_device(src + dst, self.device, torch.long)
         return self.runner.decode(rows, ahead, idx[len(src) :], ids[idx[: len(src)]])
 
