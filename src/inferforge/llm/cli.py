@@ -15,7 +15,7 @@ def generate(
     max_new_tokens: int = typer.Option(128, min=1, help="Tokens to generate at most."),
     quant: str = typer.Option(
         "none",
-        help="Weight quantization: none or int8 (CUDA; fp8/int4 are not offered until measured faster).",
+        help="Weight-only quantization (CUDA, gemlite): none, int8, fp8 (compute capability 8.9+) or int4.",
     ),
     device: str = typer.Option("auto", help="cpu, cuda, or auto (cuda when available)."),
     temperature: float = typer.Option(0.0, min=0.0, max=2.0, help="0 is greedy."),

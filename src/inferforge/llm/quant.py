@@ -2,10 +2,11 @@
 
 Batch-1 decode is bound by reading weights, so fewer bytes per weight is speed: int8 and fp8 (per output
 channel) halve them, int4 (groups of 64, asymmetric, min-max) quarters them. torchao's eager weight-only paths
-are slower than bf16 at batch 1 on this project's H100 (see docs/llm-engine.md); gemlite reaches bandwidth, so
-it is used. Only formats measured faster than bf16 end to end are offered (`OFFERED`): int8 (1.44x at batch 1
-on the H100, docs/llm-engine.md). fp8 and int4 are implemented but not yet measured end to end, so the engine
-refuses them unless a benchmark asks for them explicitly (`experimental=True`).
+are slower than bf16 at batch 1 on this project's H100 (docs/llm-engine.md); gemlite reaches bandwidth for
+int8 and fp8, so it is used. A format is offered (`OFFERED`) only once measured faster than bf16 end to end
+at batch 1 through the engine: on the H100 (2026-11-22, 1.2B Llama shape) int8 1.70x, fp8 1.69x, int4 1.43x
+(gemlite's int4 GEMVs are latency-bound on these shapes). All three are slower than bf16 at batch 64 (0.71x,
+0.92x, 0.64x): they are for latency-bound serving, not for throughput at large batch.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch import nn
 from inferforge.errors import NotApplicable
 from inferforge.llm.model import DecoderLM
 
-OFFERED = ("int8",)
+OFFERED = ("int8", "fp8", "int4")
 IMPLEMENTED = ("int8", "fp8", "int4")
 INT4_GROUP = 64
 
@@ -60,6 +61,8 @@ def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experime
         raise NotApplicable(
             f"--quant {fmt} needs a CUDA device (gemlite kernels); use --device cuda or no quant"
         )
+    if fmt == "fp8" and torch.cuda.get_device_capability(model.embed.weight.device) < (8, 9):
+        raise NotApplicable("--quant fp8 needs a GPU with fp8 support (compute capability 8.9+: Ada, Hopper)")
     for layer in model.blocks():
         layer.attn.qkv = quantize_linear(layer.attn.qkv, fmt)
         layer.attn.o = quantize_linear(layer.attn.o, fmt)

@@ -45,7 +45,7 @@ def serve_llm(
     host: str = typer.Option("127.0.0.1", help="Address to bind."),
     port: int = typer.Option(8000, min=0, max=65535, help="Port to bind."),
     device: str = typer.Option("cuda", help="cuda, cuda:N or cpu."),
-    quant: str = typer.Option("none", help="Weight quantization: none, int8, int4 (as the engine offers)."),
+    quant: str = typer.Option("none", help="Weight-only quantization (CUDA): none, int8, fp8 or int4."),
     api_key_file: Path | None = typer.Option(None, help="File with one API key per line; none means open."),
     served_model_name: str | None = typer.Option(
         None, help="Model name clients send; default: the engine's."
