@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -76,18 +75,14 @@ def fresh_groups(seqs: list[PrefillSeq], device: torch.device) -> tuple[list[Fre
         if len(members) == 1:
             alone.extend(members)
             continue
-        starts = np.array([s.q_start for s in members])[:, None]
-        lens = np.array([s.q_len for s in members])[:, None]
-        width = int(lens.max())
-        j = np.arange(width)[None, :]
-        real = j < lens
-        idx = starts + np.minimum(j, lens - 1)  # padding repeats each prompt's last row
-        rows = (starts + j)[real]
-        take = (np.arange(len(members))[:, None] * width + j)[real]
-        flat = torch.from_numpy(np.concatenate([idx.ravel(), rows, take]))
+        width = max(s.q_len for s in members)
+        idx = [s.q_start + min(j, s.q_len - 1) for s in members for j in range(width)]
+        rows = [s.q_start + j for s in members for j in range(s.q_len)]
+        take = [g * width + j for g, s in enumerate(members) for j in range(s.q_len)]
+        flat = torch.tensor(idx + rows + take, dtype=torch.long)
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
-        a, b = idx.size, idx.size + rows.size
+        a, b = len(idx), len(idx) + len(rows)
         groups.append(FreshGroup(flat[:a].view(len(members), width), flat[a:b], flat[b:]))
     return groups, alone
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
@@ -153,41 +152,31 @@ class ModelRunner:
 
     @torch.inference_mode()
     def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete.
-
-        The step's ids, positions, cache slots and sampled rows are built with numpy and sent in one copy
-        (a Python loop per token took milliseconds for an 8,192-token step while the device waited)."""
-        parts: list[np.ndarray] = []
+        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete."""
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
         metas: list[PrefillSeq] = []
         rows: list[int] = []
         done: list[Sequence] = []
-        total = 0
         for seq, n in chunks:
             start, end = seq.num_computed, seq.num_computed + n
-            pos = np.arange(start, end)
-            blocks = np.asarray(seq.blocks[: blocks_needed(end)], dtype=np.int64)
-            slots = blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
-            parts.append(np.stack([np.asarray(seq.token_ids[start:end], dtype=np.int64), pos, slots]))
-            block_ids = None if start == 0 else to_device(blocks.tolist(), self.device, torch.long)
-            metas.append(PrefillSeq(total, n, end, block_ids))
-            total += n
+            q_start = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            pos.extend(range(start, end))
+            slots.extend(_slot(seq, p) for p in range(start, end))
+            fresh = start == 0
+            block_ids = (
+                None if fresh else to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
+            )
+            metas.append(PrefillSeq(q_start, n, end, block_ids))
             if end >= len(seq.token_ids):
-                rows.append(total - 1)
+                rows.append(len(ids) - 1)
                 done.append(seq)
-        flat = torch.from_numpy(
-            np.concatenate([np.concatenate(parts, axis=1).ravel(), np.asarray(rows, np.int64)])
-        )
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-        ids, pos_t, slot_t, row_t = (
-            flat[:total],
-            flat[total : 2 * total],
-            flat[2 * total : 3 * total],
-            flat[3 * total :],
-        )
+        dev = to_device([ids, pos, slots], self.device, torch.long)
         groups, alone = fresh_groups(metas, self.device)
-        meta = AttnMeta(slot_mapping=slot_t, prefill=alone, fresh_groups=groups)
-        hidden = self.model(ids, pos_t, meta)
+        meta = AttnMeta(slot_mapping=dev[2], prefill=alone, fresh_groups=groups)
+        hidden = self.model(dev[0], dev[1], meta)
         if not rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
-        return self.model.logits(hidden[row_t]), done
+        return self.model.logits(hidden[to_device(rows, self.device, torch.long)]), done
