@@ -14,12 +14,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from inferforge.errors import InferforgeError, NotApplicable
 from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
+from inferforge.llm.engine_config import EngineConfig
 from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed, copy_blocks, plan_cache
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
@@ -27,52 +27,6 @@ from inferforge.llm.runner import ModelRunner
 from inferforge.llm.sampler import PreparedBatch, SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
 from inferforge.llm.weights import load_model
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Everything that shapes one engine; the CLI and the server fill it from their flags."""
-
-    device: str = "cpu"  # "cpu" or "cuda"
-    dtype: str = "auto"  # auto: float32 on CPU, bfloat16 on CUDA
-    quant: Literal["int8", "fp8", "int4"] | None = (
-        None  # weight-only quantization of the linear layers (CUDA)
-    )
-    max_num_seqs: int = 64  # sequences decoding together
-    max_model_len: int | None = None  # None: the model's own limit, capped at 4096
-    max_waiting: int = 256  # queued requests before new ones are refused
-    max_num_batched_tokens: int = 2048  # tokens per step (decodes + prefill chunks)
-    kv_cache_tokens: int | None = None  # KV cache size in tokens; None: from free device memory
-    kv_cache_memory_fraction: float = 0.9  # share of free device memory given to the KV cache
-    cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
-    triton_attention: bool = True  # on CUDA, the Triton paged-decode kernel (if it matches the reference)
-    fused_kernels: bool = True  # on CUDA, Triton kernels for norms+residual, RoPE+cache write, SiLU x up
-    compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
-    decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
-    overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
-    experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
-
-    def __post_init__(self) -> None:
-        if self.device.split(":")[0] not in ("cpu", "cuda"):
-            raise InferforgeError(f"device must be cpu or cuda, got {self.device!r}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise InferforgeError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.quant not in (None, "int8", "fp8", "int4"):
-            raise InferforgeError(f"quant must be int8, fp8, int4 or None, got {self.quant!r}")
-        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
-            raise InferforgeError(
-                f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
-            )
-        if self.device == "cpu" and self.kv_cache_tokens is None:
-            object.__setattr__(self, "kv_cache_tokens", 8192)
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        if self.dtype == "auto":
-            return torch.float32 if self.device == "cpu" else torch.bfloat16
-        return DTYPES[self.dtype]
 
 
 @dataclass
