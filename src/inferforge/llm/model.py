@@ -54,15 +54,20 @@ class Attention(nn.Module):
             qk = qk * cos.unsqueeze(1) + swapped * sin.unsqueeze(1)
         q, k = qk[:, :heads], qk[:, heads:]
         write_cache(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
+        return self.o(self._attend(q, k, v, meta).reshape(t, -1))
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: AttnMeta
+    ) -> torch.Tensor:
+        """Attention over the cache, the new keys and values already written into it."""
         if meta.prefill is not None:
-            o = prefill_attention(
+            assert k is not None
+            return prefill_attention(
                 q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, meta.fresh_groups
             )
-        else:
-            assert meta.block_tables is not None and meta.context_lens is not None
-            fn = meta.decode_fn or decode_attention_torch
-            o = fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
-        return self.o(o.reshape(t, -1))
+        assert meta.block_tables is not None and meta.context_lens is not None
+        fn = meta.decode_fn or decode_attention_torch
+        return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
 
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       meta: AttnMeta, ops: ModuleType) -> torch.Tensor:  # fmt: skip
@@ -73,15 +78,7 @@ class Attention(nn.Module):
             self.qkv(x), cos, sin, positions, meta.slot_mapping, self.k_cache, self.v_cache,
             self.num_heads, self.num_kv_heads, self.rope, meta.prefill is not None,
         )  # fmt: skip
-        if meta.prefill is not None:
-            o = prefill_attention(
-                q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, meta.fresh_groups
-            )
-        else:
-            assert meta.block_tables is not None and meta.context_lens is not None
-            fn = meta.decode_fn or decode_attention_torch
-            o = fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
-        return self.o(o.reshape(t, -1))
+        return self.o(self._attend(q, k, v, meta).reshape(t, -1))
 
 
 class MLP(nn.Module):
