@@ -205,6 +205,23 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048) -> di
     return out
 
 
+def decode_seconds(run, long: int, short: int, warm: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """Seconds of `run(long)` minus `run(short)` (the difference is decode alone: prefill and set-up cancel),
+    after two warm-up calls; also the warm-up's seconds (compilation, for the compiled peer)."""
+    clk = Clock()
+    run(warm)
+    run(warm)
+    warm_s = clk()
+    times = []
+    for k in (long, short):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(k)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return times[0] - times[1], warm_s
+
+
 def hf_peer(folder: Path, compiled: bool) -> float:
     from transformers import AutoModelForCausalLM
 
@@ -219,19 +236,8 @@ def hf_peer(folder: Path, compiled: bool) -> float:
     def run(k: int) -> None:
         model.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=0, **kw)
 
-    clk = Clock()
-    run(n)
-    run(n)
-    compile_s = clk()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run(n)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    run(1)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    rate = (n - 1) / ((t1 - t0) - (t2 - t1))
+    seconds, compile_s = decode_seconds(run, n, 1, warm=n)
+    rate = (n - 1) / seconds
     row(
         f"peer HF generate {'static cache + torch.compile' if compiled else 'default'} batch 1 (tokens/s)",
         f"{rate:,.0f} (warm-up {compile_s:.0f}s)",
@@ -266,19 +272,8 @@ def static_compile_peer(folder: Path, batch: int = 1, new_tokens: int = 128) -> 
             torch.compiler.cudagraph_mark_step_begin()
             tok = step(tok, torch.tensor([prompt + i], device="cuda")).clone()
 
-    clk = Clock()
-    run(8)
-    run(8)
-    compile_s = clk()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    run(new_tokens)
-    torch.cuda.synchronize()
-    t1 = time.perf_counter()
-    run(0)
-    torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    rate = batch * new_tokens / ((t1 - t0) - (t2 - t1))
+    seconds, compile_s = decode_seconds(run, new_tokens, 0, warm=8)
+    rate = batch * new_tokens / seconds
     row(
         f"peer static cache + torch.compile loop, batch {batch} (tokens/s)",
         f"{rate:,.0f} (warm-up {compile_s:.0f}s)",
