@@ -49,6 +49,9 @@ class AttnMeta:
     decode_fn: Callable[..., torch.Tensor] | None = (
         None  # a faster kernel with decode_attention_torch's contract
     )
+    num_decode: int = (
+        0  # prefill step: its first rows are decode rows (block_tables, context_lens cover them)
+    )
 
 
 def write_cache(

@@ -238,19 +238,23 @@ class LLMEngine:
             )
             row_of = {id(s): i for i, s in enumerate(rows)}
         parts: list[torch.Tensor] = []
-        if plan.decode:
-            parts.append(self._decode(plan.decode, flight))
-            for seq in plan.decode:
-                seq.num_computed += 1
-        if plan.prefill:
-            logits, _ = self.runner.prefill(plan.prefill)
+        carried = self._carried(plan.decode, flight) if plan.decode else (None, None, None)
+        if plan.decode and not plan.prefill:
+            parts.append(self.runner.decode(plan.decode, *carried))
+        if plan.prefill:  # decode rows, if any, ride in the same pass (one read of the weights)
+            logits, _ = self.runner.prefill(plan.prefill, plan.decode, *carried)
+            d = len(plan.decode)
+            if d:
+                parts.append(logits[:d])
             for seq, n in plan.prefill:
                 seq.num_computed += n
             for seq in done:
                 self._fork(seq)
             if done:
-                index = [j for j, seq in enumerate(done) for _ in seq.group.seqs]
+                index = [d + j for j, seq in enumerate(done) for _ in seq.group.seqs]
                 parts.append(logits[to_device(index, self.device, torch.long)])
+        for seq in plan.decode:
+            seq.num_computed += 1
         if prep is None:
             return None
         result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
@@ -263,13 +267,16 @@ class LLMEngine:
             event.record()
         return _InFlight(rows, row_of, prep, result, host, event)
 
-    def _decode(self, rows: list[Sequence], flight: _InFlight | None) -> torch.Tensor:
-        """Decode logits; rows whose newest token is in flight read it from the device."""
+    def _carried(
+        self, rows: list[Sequence], flight: _InFlight | None
+    ) -> tuple[list[bool] | None, torch.Tensor | None, torch.Tensor | None]:
+        """(ahead, carry_rows, carry_ids) for decode rows: those whose newest token is in flight read it on
+        the device (carry_rows None: all rows, in the flight's order)."""
         if flight is None:
-            return self.runner.decode(rows)
+            return None, None, None
         ids = flight.result.token_ids
         if _same(rows, flight.rows):  # steady decode: every row's token is in flight, in the same order
-            return self.runner.decode(rows, [True] * len(rows), None, ids)
+            return [True] * len(rows), None, ids
         ahead, src, dst = [], [], []
         for i, s in enumerate(rows):
             j = flight.row_of.get(id(s))
@@ -278,9 +285,9 @@ class LLMEngine:
                 src.append(j)
                 dst.append(i)
         if not src:
-            return self.runner.decode(rows)
+            return None, None, None
         idx = to_device(src + dst, self.device, torch.long)
-        return self.runner.decode(rows, ahead, idx[len(src) :], ids[idx[: len(src)]])
+        return ahead, idx[len(src) :], ids[idx[: len(src)]]
 
     def _read_back(self, flight: _InFlight) -> list[EngineOutput]:
         """Wait for a launched step's samples and apply them (the step's one device-to-host read)."""

@@ -60,13 +60,20 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: AttnMeta
     ) -> torch.Tensor:
         """Attention over the cache, the new keys and values already written into it."""
+        fn = meta.decode_fn or decode_attention_torch
         if meta.prefill is not None:
             assert k is not None
-            return prefill_attention(
+            o = prefill_attention(
                 q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, meta.fresh_groups
             )
+            if meta.num_decode:  # a mixed step: its first rows decode
+                assert meta.block_tables is not None and meta.context_lens is not None
+                d = meta.num_decode
+                o[:d] = fn(
+                    q[:d], self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
+                )
+            return o
         assert meta.block_tables is not None and meta.context_lens is not None
-        fn = meta.decode_fn or decode_attention_torch
         return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
 
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -151,13 +151,35 @@ class ModelRunner:
             self._dev.index_copy_(0, rows, ids)
 
     @torch.inference_mode()
-    def prefill(self, chunks: list[tuple[Sequence, int]]) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete."""
+    def prefill(
+        self,
+        chunks: list[tuple[Sequence, int]],
+        decode: list[Sequence] | None = None,
+        ahead: list[bool] | None = None,
+        carry_rows: torch.Tensor | None = None,
+        carry_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, list[Sequence]]:
+        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete.
+
+        With `decode` rows (and their carried ids, as in `decode`), one eager pass computes them first and
+        then the chunks, and the logits start with one row per decoding sequence: a step that ran the decode
+        graph and then a separate prefill read every weight twice, and with requests arriving continuously
+        nearly every step is such a step."""
+        decode = decode or []
         ids: list[int] = []
         pos: list[int] = []
         slots: list[int] = []
+        ctx: list[int] = []
+        tables: list[list[int]] = []
+        for i, s in enumerate(decode):
+            p = len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0)
+            ids.append(s.token_ids[-1])
+            pos.append(p)
+            slots.append(_slot(s, p))
+            ctx.append(p + 1)
+            tables.append(s.blocks + [0] * (self.max_blocks - len(s.blocks)))
         metas: list[PrefillSeq] = []
-        rows: list[int] = []
+        rows: list[int] = list(range(len(decode)))
         done: list[Sequence] = []
         for seq, n in chunks:
             start, end = seq.num_computed, seq.num_computed + n
@@ -174,8 +196,17 @@ class ModelRunner:
                 rows.append(len(ids) - 1)
                 done.append(seq)
         dev = to_device([ids, pos, slots], self.device, torch.long)
+        if carry_ids is not None:
+            if carry_rows is None:
+                dev[0, : carry_ids.shape[0]] = carry_ids
+            else:
+                dev[0].index_copy_(0, carry_rows, carry_ids)
         groups, alone = fresh_groups(metas, self.device)
-        meta = AttnMeta(slot_mapping=dev[2], prefill=alone, fresh_groups=groups)
+        meta = AttnMeta(slot_mapping=dev[2], prefill=alone, fresh_groups=groups, num_decode=len(decode))
+        if decode:
+            meta.block_tables = to_device(tables, self.device, torch.long)
+            meta.context_lens = to_device(ctx, self.device, torch.long)
+            meta.decode_fn = self.decode_fn
         hidden = self.model(dev[0], dev[1], meta)
         if not rows:
             return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
