@@ -96,6 +96,36 @@ def check_tiny() -> None:
             free()
 
 
+def check_mixed_steps() -> None:
+    """Requests joining while others decode (mixed steps: decode rows and prompt chunks in one pass, tokens
+    carried on the device) must generate what each generates alone, through graphs and fused kernels."""
+    from inferforge.llm.tiny import make_tiny_llama
+
+    folder = make_tiny_llama(Path("/tmp/tiny_mixed"), family="llama")
+    for dtype in ("float32", "bfloat16"):
+        eng = LLMEngine(
+            folder, EngineConfig(device="cuda", dtype=dtype, kv_cache_tokens=4096, max_num_seqs=8)
+        )
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        reqs = [EngineRequest(f"m{i}", tuple(range(30 + 7 * i, 40 + 9 * i)), params) for i in range(5)]
+        alone = {
+            r.request_id: [t for o in eng.generate([r])[r.request_id][0] for t in o.new_token_ids]
+            for r in reqs
+        }
+        got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+        pending, step = list(reqs), 0
+        while pending or eng.has_unfinished():
+            if pending and step % 3 == 0:
+                eng.add_request(pending.pop(0))
+            for o in eng.step():
+                got[o.request_id].extend(o.new_token_ids)
+            step += 1
+        row(f"tiny llama cuda {dtype}: staggered arrivals == each alone", str(got == alone))
+        RESULTS[f"check_mixed_{dtype}"] = got == alone
+        del eng
+        free()
+
+
 def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: int = 16) -> float:
     """Generated tokens/s over the decode phase (after every prompt is prefilled)."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -291,6 +321,7 @@ def main() -> None:
     folder = make_random_1b(Path("/tmp/llama1b_random"))
     steps = [
         ("check", check_tiny),
+        ("mixed", check_mixed_steps),
         ("engine", lambda: RESULTS.__setitem__("bf16", engine_numbers(folder, None, (1, 64)))),
         (
             "compiled",
