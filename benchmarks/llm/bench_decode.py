@@ -187,7 +187,7 @@ def engine_numbers(
     return out
 
 
-def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048) -> dict:
+def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: bool) -> dict:
     """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
     eng = LLMEngine(
         folder,
@@ -199,6 +199,7 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048) -> di
             max_model_len=1024,
             max_num_batched_tokens=batched_tokens,
             decode_buckets=(64,),
+            **knobs,
         ),
     )
     g = torch.Generator().manual_seed(0)
@@ -216,7 +217,8 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048) -> di
             n += sum(len(o.new_token_ids) for o in eng.step())
         out["tok_s"] = n / (time.perf_counter() - t0)
     row(
-        f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s, {batched_tokens} tokens/step",
+        f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s, {batched_tokens} tokens/step"
+        + "".join(f" {k}={v}" for k, v in knobs.items()),
         f"{out['tok_s']:,.0f}",
     )
     ttft = []
@@ -250,6 +252,42 @@ def decode_seconds(run, long: int, short: int, warm: int) -> tuple[float, float]
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return times[0] - times[1], warm_s
+
+
+def closed_loop(folder: Path, mixed: bool, total: int = 384, conc: int = 64) -> float:
+    """Generated tokens/s with `conc` requests always in flight: a new one (128 random prompt tokens, 64-192
+    generated) joins as soon as one finishes, so arrivals and finishes are spread over the steps as in a
+    server, and most steps carry a prompt chunk beside the decodes."""
+    eng = LLMEngine(
+        folder,
+        EngineConfig(device="cuda", max_num_seqs=conc, kv_cache_tokens=conc * 400, max_model_len=1024,
+                     mixed_steps=mixed),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+
+    def request(i: int) -> EngineRequest:
+        n = int(torch.randint(64, 193, (1,), generator=g))
+        ids = tuple(torch.randint(100, 500, (128,), generator=g).tolist())
+        return EngineRequest(f"c{i}", ids, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+
+    rates = []
+    for _ in range(2):  # the first round warms up
+        sent = 0
+        for _ in range(conc):
+            eng.add_request(request(sent))
+            sent += 1
+        t0, n = time.perf_counter(), 0
+        while eng.has_unfinished():
+            for o in eng.step():
+                n += len(o.new_token_ids)
+                if o.finished and sent < total:
+                    eng.add_request(request(sent))
+                    sent += 1
+        rates.append(n / (time.perf_counter() - t0))
+    row(f"engine bf16 closed loop, {conc} in flight, mixed_steps={mixed} (tokens/s)", f"{rates[-1]:,.0f}")
+    del eng
+    free()
+    return rates[-1]
 
 
 def hf_peer(folder: Path, compiled: bool) -> float:
@@ -329,6 +367,22 @@ def main() -> None:
         ),
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
         ("load8k", lambda: RESULTS.__setitem__("load_bf16_8192", load_test(folder, None, 8192))),
+        (
+            "closedab",
+            lambda: [
+                RESULTS.__setitem__(f"closed_loop_mixed={m}_{k}", closed_loop(folder, m))
+                for k in range(2)
+                for m in (False, True)
+            ],
+        ),
+        (
+            "mixedab",
+            lambda: [
+                RESULTS.__setitem__(f"load_{n}_mixed={m}", load_test(folder, None, n, mixed_steps=m))
+                for n in (2048, 8192)
+                for m in (False, True, False, True)
+            ],
+        ),
         (
             "ablation",
             lambda: [

@@ -239,11 +239,13 @@ class LLMEngine:
             row_of = {id(s): i for i, s in enumerate(rows)}
         parts: list[torch.Tensor] = []
         carried = self._carried(plan.decode, flight) if plan.decode else (None, None, None)
-        if plan.decode and not plan.prefill:
+        mixed = self.config.mixed_steps and bool(plan.prefill)
+        if plan.decode and not mixed:
             parts.append(self.runner.decode(plan.decode, *carried))
-        if plan.prefill:  # decode rows, if any, ride in the same pass (one read of the weights)
-            logits, _ = self.runner.prefill(plan.prefill, plan.decode, *carried)
-            d = len(plan.decode)
+        if plan.prefill:  # with mixed_steps, decode rows ride in the same pass (one read of the weights)
+            riders = plan.decode if mixed else []
+            logits, _ = self.runner.prefill(plan.prefill, riders, *(carried if mixed else (None, None, None)))
+            d = len(riders)
             if d:
                 parts.append(logits[:d])
             for seq, n in plan.prefill:

@@ -33,6 +33,9 @@ class EngineConfig:
     fused_kernels: bool = True  # on CUDA, Triton kernels for norms+residual, RoPE+cache write, SiLU x up
     compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
     decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
+    mixed_steps: bool = (
+        True  # decode rows and prompt chunks of one step in one eager pass (else graph + prefill)
+    )
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
 
