@@ -96,6 +96,20 @@ def test_unknown_models_and_versions_are_not_found(tmp_path: Path) -> None:
             call()
 
 
+def test_status_of_unknown_names_does_not_walk_the_disk(tmp_path: Path) -> None:
+    """Status answers from the last scan; a model copied in later is seen after an index or load, as with
+    Triton's explicit model control."""
+    _version(tmp_path, "m", "1")
+    repo = ModelRepository(tmp_path, Engine(), load)
+    repo.load_all()
+    _version(tmp_path, "late", "1")
+    with pytest.raises(ModelNotFound):
+        repo.status("late")
+    assert any(s.name == "late" for s in repo.index())
+    assert repo.status("late").state is ModelState.UNAVAILABLE
+    repo.engine.shutdown()
+
+
 def test_a_single_artifact_or_run_folder_is_a_repository_of_one(tmp_path: Path) -> None:
     run = tmp_path / "runs" / "mymodel"
     artifact = write(run / "artifact")

@@ -131,9 +131,19 @@ class ModelRepository:
         self._lock = threading.RLock()
         self._model_locks: dict[str, threading.Lock] = {}
         self.startup_done = False
+        self._last_scan: dict[str, dict[str, Path]] | None = None
+
+    def known(self) -> dict[str, dict[str, Path]]:
+        """The models and versions as of the last scan (startup, index, load): a request naming an unknown
+        model must not make the server walk the repository folder, or a client could keep it on the disk."""
+        return self._last_scan if self._last_scan is not None else self.scan()
 
     def scan(self) -> dict[str, dict[str, Path]]:
         """Every model and version on disk now (not only those served)."""
+        self._last_scan = found = self._scan()
+        return found
+
+    def _scan(self) -> dict[str, dict[str, Path]]:
         if self._single is not None:
             return {self._single: {"1": self.root}}
         own = _versions(self.root)
@@ -196,11 +206,11 @@ class ModelRepository:
         if version:
             if version in mine:
                 return mine[version]
-            if version in self.scan().get(name, {}):
+            if version in self.known().get(name, {}):
                 return VersionStatus(name, version, ModelState.UNAVAILABLE, "unloaded")
             raise ModelNotFound(f"model {name!r} has no version {version!r} in the repository")
         if not mine:
-            if name in self.scan():
+            if name in self.known():
                 return VersionStatus(name, "", ModelState.UNAVAILABLE, "unloaded")
             raise ModelNotFound(f"model {name!r} is not in the repository {str(self.root)!r}")
         ready = [v for v, s in mine.items() if s.state is ModelState.READY]
