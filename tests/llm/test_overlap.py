@@ -91,3 +91,19 @@ def test_logprobs_and_penalty_requests_make_steps_plain(tiny_llama: Path) -> Non
     got, want = content(eng.generate(reqs)), content(plain.generate(reqs))
     assert got == want and got["lp"][0][0][2]
     assert eng._inflight is None and eng.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_mixed_chunked_steps_equal_alone_for_every_family(tiny_dirs: dict[str, Path], family: str) -> None:
+    """Requests join every 3 steps under a 12-token budget: steps mix decode rows with prompt chunks (one
+    pass) and chunks continue over later steps; each request must generate what it generates alone."""
+    eng = LLMEngine(
+        tiny_dirs[family], EngineConfig(kv_cache_tokens=4096, max_num_seqs=8, max_num_batched_tokens=12)
+    )
+    params = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"m{i}", tuple(range(30 + 7 * i, 40 + 9 * i)), params) for i in range(5)]
+    alone = {
+        r.request_id: [t for o in eng.generate([r])[r.request_id][0] for t in o.new_token_ids] for r in reqs
+    }
+    got = _texts(eng, reqs, arrive_every=3)
+    assert {rid: rows[0][0] for rid, rows in got.items()} == alone
