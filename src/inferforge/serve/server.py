@@ -37,6 +37,8 @@ class ServerConfig:
     """File with one bearer API key per line; when given, inference and management need one."""
     enable_model_control: bool = False
     """Turn on the repository's load/unload endpoints (needs --api-key-file)."""
+    enable_shared_memory: bool = False
+    """Turn on the system shared-memory extension (tensors in /dev/shm regions that clients register)."""
     version_policy: str = "latest:1"
     """Versions served per model: latest:N, specific:1,3 or all."""
     device: str | None = None
@@ -82,6 +84,11 @@ class ServerConfig:
             )
         if self.http_workers < 1:
             raise InferforgeError(f"--http-workers {self.http_workers} must be >= 1")
+        if self.http_workers > 1 and self.enable_shared_memory:
+            raise InferforgeError(
+                "--http-workers > 1 cannot be combined with --enable-shared-memory: a region registered "
+                "with one process would be unknown to the others"
+            )
         if self.http_workers > 1 and self.enable_model_control:
             raise InferforgeError(
                 "--http-workers > 1 cannot be combined with --enable-model-control: each "
@@ -147,6 +154,7 @@ def build_app(  # type: ignore[no-untyped-def]
     options = HttpOptions(
         api_keys=config.api_keys(),
         model_control=config.enable_model_control,
+        shared_memory=config.enable_shared_memory,
         max_body_bytes=int(config.max_body_mib * 1024 * 1024),
         workers=config.http_workers if multiprocess_dir else 1,
         shared_dir=multiprocess_dir,

@@ -31,6 +31,7 @@ from inferforge.serve.http import errors
 from inferforge.serve.http.infer import V2App
 from inferforge.serve.metrics import ServeMetrics
 from inferforge.serve.repository import ModelRepository, ModelState
+from inferforge.serve.shm import SharedMemoryRegions
 from inferforge.serve.workers import mark_ready, ready_workers
 
 
@@ -48,6 +49,8 @@ class HttpOptions:
     """HTTP processes serving the port; above 1, readiness waits for all of them (see `serve/workers.py`)."""
     shared_dir: str | None = None
     """The folder the processes share (the metrics folder) where each marks itself ready."""
+    shared_memory: bool = False
+    """Whether the system shared-memory extension is on (`serve/shm.py`)."""
 
     def __post_init__(self) -> None:
         if self.max_body_bytes < 1024:
@@ -64,6 +67,7 @@ class ServerState:
     ) -> None:
         self.engine, self.repository, self.metrics, self.options = engine, repository, metrics, options
         self.draining = False
+        self.shm = SharedMemoryRegions() if options.shared_memory else None
 
     def authorize(self, header: str | None, *, always: bool = False) -> None:
         """Check an `Authorization` header against the keys (only where keys are set, unless `always`)."""
@@ -103,6 +107,8 @@ def create_app(
         yield
         state.draining = True
         await asyncio.to_thread(engine.shutdown)
+        if state.shm is not None:
+            state.shm.unregister()
 
     app = FastAPI(
         title="inferforge V2 server",
@@ -120,6 +126,7 @@ def create_app(
     _add_health_routes(app, state)
     _add_model_routes(app, state)
     _add_repository_routes(app, state)
+    _add_shared_memory_routes(app, state)
     return V2App(app, state)
 
 
@@ -203,7 +210,8 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
         return {
             "name": "inferforge",
             "version": inferforge.__version__,
-            "extensions": ["binary_tensor_data", "model_repository", "statistics"],
+            "extensions": ["binary_tensor_data", "model_repository", "statistics"]
+            + (["system_shared_memory"] if state.shm is not None else []),
         }
 
     @app.get("/metrics")
@@ -348,4 +356,42 @@ def _add_repository_routes(app: FastAPI, state: ServerState) -> None:
         control(request)
         await asyncio.to_thread(state.repository.unload, name)
         await asyncio.to_thread(refreeze)
+        return Response(status_code=200)
+
+
+def _add_shared_memory_routes(app: FastAPI, state: ServerState) -> None:
+    """Triton's system shared-memory extension (status, register, unregister), so `tritonclient`'s
+    `register_system_shared_memory` and friends work; off unless --enable-shared-memory."""
+
+    def regions(request: Request) -> SharedMemoryRegions:
+        state.authorize(request.headers.get("authorization"))
+        if state.shm is None:
+            raise errors.Forbidden(
+                "the shared memory extension is off; start the server with --enable-shared-memory"
+            )
+        return state.shm
+
+    @app.get("/v2/systemsharedmemory/status")
+    @app.get("/v2/systemsharedmemory/region/{name}/status")
+    async def shm_status(request: Request, name: str | None = None) -> list[dict]:
+        return regions(request).status(name)
+
+    @app.post("/v2/systemsharedmemory/region/{name}/register")
+    async def shm_register(request: Request, name: str) -> Response:
+        shm = regions(request)
+        import json
+
+        try:
+            doc = json.loads(await _read_body(request, 64 * 1024))
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if not isinstance(doc, dict):
+            raise InvalidRequest('register takes a JSON object {"key": ..., "offset": ..., "byte_size": ...}')
+        shm.register(name, doc.get("key"), doc.get("offset", 0), doc.get("byte_size"))
+        return Response(status_code=200)
+
+    @app.post("/v2/systemsharedmemory/unregister")
+    @app.post("/v2/systemsharedmemory/region/{name}/unregister")
+    async def shm_unregister(request: Request, name: str | None = None) -> Response:
+        regions(request).unregister(name)
         return Response(status_code=200)

@@ -14,6 +14,7 @@ import numpy as np
 from inferforge.registry.servable import NUMPY_TO_V2, TensorSpec
 from inferforge.serve import datatypes as dt
 from inferforge.serve.engine import InvalidRequest
+from inferforge.serve.shm import SharedMemoryRegions
 
 HEADER_LENGTH = "inference-header-content-length"
 
@@ -22,6 +23,7 @@ HEADER_LENGTH = "inference-header-content-length"
 class OutputRequest:
     name: str
     binary: bool
+    shm: tuple[str, int, object] | None = None  # (region, byte_size, offset): write it there, not in the body
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,12 @@ def _as_dict(value: object, what: str) -> dict:
     return value
 
 
-def decode_request(body: bytes, header_length: str | None, specs: dict[str, TensorSpec]) -> DecodedRequest:
+def decode_request(
+    body: bytes,
+    header_length: str | None,
+    specs: dict[str, TensorSpec],
+    shm: SharedMemoryRegions | None = None,
+) -> DecodedRequest:
     """Parse and check one infer body against the model's declared inputs (names and datatypes)."""
     if header_length is None:
         json_end = len(body)
@@ -63,7 +70,7 @@ def decode_request(body: bytes, header_length: str | None, specs: dict[str, Tens
     offset = 0
     inputs: dict[str, np.ndarray] = {}
     for item in doc["inputs"]:
-        arr, used = _decode_input(item, specs, binary, offset)
+        arr, used = _decode_input(item, specs, binary, offset, shm)
         if arr is None:
             continue
         offset += used
@@ -90,7 +97,11 @@ def decode_request(body: bytes, header_length: str | None, specs: dict[str, Tens
 
 
 def _decode_input(
-    item: object, specs: dict[str, TensorSpec], binary: memoryview, offset: int
+    item: object,
+    specs: dict[str, TensorSpec],
+    binary: memoryview,
+    offset: int,
+    shm: SharedMemoryRegions | None = None,
 ) -> tuple[np.ndarray | None, int]:
     if not isinstance(item, dict) or not isinstance(item.get("name"), str):
         raise InvalidRequest('every entry of "inputs" must be an object with a string "name"')
@@ -112,6 +123,8 @@ def _decode_input(
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     p = _as_dict(item.get("parameters"), f'input {name!r} "parameters"')
+    if "shared_memory_region" in p:
+        return _shm_input(name, shape, dtype, nbytes, p, shm), 0
     if "binary_data_size" in p and datatype == "BYTES":
         return _decode_bytes_input(name, shape, p["binary_data_size"], binary, offset)
     if "binary_data_size" in p:
@@ -146,6 +159,27 @@ def _decode_input(
     return arr.reshape(shape), 0
 
 
+def _shm_input(
+    name: str, shape: list[int], dtype: np.dtype, nbytes: int, p: dict, shm: SharedMemoryRegions | None
+) -> np.ndarray:
+    if shm is None:
+        raise InvalidRequest(
+            f"input {name!r} names a shared memory region, but the extension is off: start the server with "
+            "--enable-shared-memory"
+        )
+    size = p.get("shared_memory_byte_size")
+    if dtype == np.dtype(object):
+        raise InvalidRequest(
+            f"input {name!r}: BYTES inputs are not read from shared memory; send them inline"
+        )
+    if size != nbytes:
+        raise InvalidRequest(
+            f"input {name!r}: shared_memory_byte_size is {size!r} but shape {shape} needs {nbytes}"
+        )
+    raw = shm.read(name, p["shared_memory_region"], p.get("shared_memory_offset"), nbytes)
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
 def _decode_bytes_input(
     name: str, shape: list[int], size: object, binary: memoryview, offset: int
 ) -> tuple[np.ndarray, int]:
@@ -173,7 +207,16 @@ def _decode_outputs(outputs: object) -> tuple[OutputRequest, ...] | None:
         p = _as_dict(item.get("parameters"), f'output {item["name"]!r} "parameters"')
         if "classification" in p:
             raise InvalidRequest(f"output {item['name']!r}: the classification extension is not supported")
-        wanted.append(OutputRequest(item["name"], bool(p.get("binary_data", False))))
+        region = None
+        if "shared_memory_region" in p:
+            size = p.get("shared_memory_byte_size")
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise InvalidRequest(
+                    f"output {item['name']!r}: shared_memory_byte_size must be a positive integer, "
+                    f"got {size!r}"
+                )
+            region = (p["shared_memory_region"], size, p.get("shared_memory_offset"))
+        wanted.append(OutputRequest(item["name"], bool(p.get("binary_data", False)), region))
     return tuple(wanted)
 
 
@@ -184,16 +227,32 @@ def encode_response(
     outputs: dict[str, np.ndarray],
     binary: dict[str, bool],
     datatypes: dict[str, str] | None = None,
+    shm_out: dict[str, tuple[str, int, object]] | None = None,
+    shm: SharedMemoryRegions | None = None,
 ) -> tuple[bytes, int | None]:
     """The body and, when any output is binary, the JSON header's length (Inference-Header-Content-Length).
-    `datatypes`: the outputs' declared V2 datatypes (needed for BF16 and BYTES; else read off the arrays)."""
+    `datatypes`: the outputs' declared V2 datatypes (needed for BF16 and BYTES; else read off the arrays).
+    `shm_out`: outputs to write into shared memory regions (region, byte_size, offset) instead."""
     entries: list[dict] = []
     chunks: list[bytes] = []
     declared = datatypes or {}
     for name, arr in outputs.items():
         datatype = declared.get(name) or NUMPY_TO_V2[arr.dtype]
         entry: dict = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
-        if binary.get(name, False):
+        if shm_out and name in shm_out:
+            region, size, offset = shm_out[name]
+            raw = _output_bytes(name, datatype, arr)
+            if shm is None:
+                raise InvalidRequest(
+                    f"output {name!r}: the shared memory extension is off (--enable-shared-memory)"
+                )
+            if len(raw) > size:
+                raise InvalidRequest(
+                    f"output {name!r} is {len(raw)} bytes, more than its shared_memory_byte_size {size}"
+                )
+            shm.write(name, region, offset, raw)
+            entry["parameters"] = {"shared_memory_region": region, "shared_memory_byte_size": len(raw)}
+        elif binary.get(name, False):
             raw = _output_bytes(name, datatype, arr)
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)

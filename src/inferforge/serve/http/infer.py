@@ -146,7 +146,7 @@ async def handle_infer(
 async def _run(
     state: Any, runner: Any, body: bytes, header_len: str | None, start: float
 ) -> tuple[bytes, int | None]:
-    decoded = decode_request(body, header_len, runner.input_specs)
+    decoded = decode_request(body, header_len, runner.input_specs, state.shm)
     deadline = start + runner.config.timeout_s
     if decoded.timeout_us is not None:
         deadline = min(deadline, start + decoded.timeout_us / 1e6)
@@ -164,8 +164,16 @@ async def _run(
         binary = {n: decoded.binary_default or types.get(n) in BINARY_ONLY for n in result.outputs}
     else:
         binary = {o.name: o.binary for o in decoded.outputs}
+    shm_out = {o.name: o.shm for o in decoded.outputs or () if o.shm is not None}
     return encode_response(
-        runner.name, result.model_version, decoded.id, result.outputs, binary, runner.output_datatypes
+        runner.name,
+        result.model_version,
+        decoded.id,
+        result.outputs,
+        binary,
+        runner.output_datatypes,
+        shm_out,
+        state.shm,
     )
 
 
