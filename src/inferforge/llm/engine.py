@@ -199,7 +199,8 @@ class LLMEngine:
         host before sampling (repetition penalty) or logprobs make their steps synchronous."""
         outputs: list[EngineOutput] = []
         flight = self._inflight
-        if flight is not None and not self._may_overlap():
+        overlap = self._may_overlap()  # one scan of the requests per step
+        if flight is not None and not overlap:
             outputs, flight = self._read_back(flight), None
             self.scheduler.free_finished()
         plan = self.scheduler.schedule()
@@ -216,7 +217,7 @@ class LLMEngine:
         if flight is not None:
             outputs += self._read_back(flight)
         if new is not None:
-            if self._may_overlap():
+            if overlap:
                 self._inflight = new
             else:
                 outputs += self._read_back(new)
