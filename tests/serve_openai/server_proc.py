@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,3 +82,23 @@ def start_server(model_dir: Path, log: Path, *args: str) -> ServerProc:
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"server not healthy after {STARTUP_TIMEOUT_S}s:\n{server.log_tail()}")
+
+
+def stream_in_background(url: str, payload: dict) -> tuple[threading.Thread, list[str], threading.Event]:
+    """One streaming completion on a thread: (the thread, the SSE data lines so far, set at the first)."""
+    chunks: list[str] = []
+    started = threading.Event()
+
+    def stream() -> None:
+        with (
+            httpx.Client(base_url=url, timeout=60) as c,
+            c.stream("POST", "/v1/completions", json=payload) as r,
+        ):
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    started.set()
+
+    thread = threading.Thread(target=stream)
+    thread.start()
+    return thread, chunks, started

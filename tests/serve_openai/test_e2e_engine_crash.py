@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import pytest
 
-from .server_proc import start_server
+from .server_proc import start_server, stream_in_background
 
 
 def engine_pids(pid: int) -> list[int]:
@@ -32,22 +31,8 @@ def test_engine_process_death_is_answered_not_hung(long_llama: Path, tmp_path: P
     srv = start_server(long_llama, tmp_path / "server.log", "--engine-mode", "process")
     try:
         model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
-        chunks: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            payload = {"model": model, "prompt": [7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
-            with (
-                httpx.Client(base_url=srv.url, timeout=60) as c,
-                c.stream("POST", "/v1/completions", json=payload) as r,
-            ):
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        chunks.append(line[6:])
-                        started.set()
-
-        t = threading.Thread(target=stream)
-        t.start()
+        payload = {"model": model, "prompt": [7], "max_tokens": 2000, "ignore_eos": True, "stream": True}
+        t, chunks, started = stream_in_background(srv.url, payload)
         assert started.wait(30)
         (engine_pid,) = engine_pids(srv.proc.pid)
         os.kill(engine_pid, signal.SIGKILL)

@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from .server_proc import ServerProc, start_server
+from .server_proc import ServerProc, start_server, stream_in_background
 from .test_e2e_lifecycle import LONG, Holder, body, settle, wait_for
 
 
@@ -80,22 +80,8 @@ def test_disconnect_frees_slot_and_full_queue_is_429(server: ServerProc) -> None
 
 def test_sigterm_drains_an_inflight_stream(server: ServerProc) -> None:
     model = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
-    chunks: list[str] = []
-    started = threading.Event()
-
-    def stream() -> None:
-        payload = {**body(model, 300), "stream_options": {"include_usage": True}}
-        with (
-            httpx.Client(base_url=server.url, timeout=60) as c,
-            c.stream("POST", "/v1/completions", json=payload) as r,
-        ):
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    chunks.append(line[6:])
-                    started.set()
-
-    t = threading.Thread(target=stream)
-    t.start()
+    payload = {**body(model, 300), "stream_options": {"include_usage": True}}
+    t, chunks, started = stream_in_background(server.url, payload)
     assert started.wait(30)
     server.proc.send_signal(signal.SIGTERM)
     t.join(60)
