@@ -141,27 +141,29 @@ def decode_rate(eng: LLMEngine, batch: int, new_tokens: int = 256, prompt_len: i
     return n / (time.perf_counter() - t0)
 
 
+def bench_engine(folder: Path, quant: str | None = None, **overrides: object) -> LLMEngine:
+    """The engine every speed section measures: 64 sequences, a 1,024-token context, 2,048 tokens per step;
+    sections change only what they study."""
+    config = {
+        "device": "cuda",
+        "quant": quant,
+        "max_num_seqs": 64,
+        "kv_cache_tokens": 64 * 640,
+        "max_model_len": 1024,
+        "max_num_batched_tokens": 2048,
+        "experimental_quant": True,
+        **overrides,
+    }
+    return LLMEngine(folder, EngineConfig(**config))  # type: ignore[arg-type]
+
+
 def engine_numbers(
     folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = False, **knobs: bool
 ) -> dict:
     label = (quant or "bf16") + (" (compiled block)" if compile_decode else "")
     label += "".join(f" {k}={v}" for k, v in knobs.items())
     clk = Clock()
-    eng = LLMEngine(
-        folder,
-        EngineConfig(
-            device="cuda",
-            quant=quant,
-            max_num_seqs=64,
-            kv_cache_tokens=64 * 640,
-            max_model_len=1024,
-            max_num_batched_tokens=2048,
-            decode_buckets=batches,
-            compile_decode=compile_decode,
-            experimental_quant=True,
-            **knobs,
-        ),
-    )
+    eng = bench_engine(folder, quant, decode_buckets=batches, compile_decode=compile_decode, **knobs)
     out: dict = {
         "fused_kernels": eng.model.fused_ops is not None,
         "load_and_capture_s": clk(),
@@ -189,19 +191,7 @@ def engine_numbers(
 
 def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: bool) -> dict:
     """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
-    eng = LLMEngine(
-        folder,
-        EngineConfig(
-            device="cuda",
-            quant=quant,
-            max_num_seqs=64,
-            kv_cache_tokens=64 * 640,
-            max_model_len=1024,
-            max_num_batched_tokens=batched_tokens,
-            decode_buckets=(64,),
-            **knobs,
-        ),
-    )
+    eng = bench_engine(folder, quant, max_num_batched_tokens=batched_tokens, decode_buckets=(64,), **knobs)
     g = torch.Generator().manual_seed(0)
     out = {}
     for rep in range(2):  # the first round warms up prefill shapes
@@ -258,11 +248,7 @@ def closed_loop(folder: Path, mixed: bool, total: int = 384, conc: int = 64) -> 
     """Generated tokens/s with `conc` requests always in flight: a new one (128 random prompt tokens, 64-192
     generated) joins as soon as one finishes, so arrivals and finishes are spread over the steps as in a
     server, and most steps carry a prompt chunk beside the decodes."""
-    eng = LLMEngine(
-        folder,
-        EngineConfig(device="cuda", max_num_seqs=conc, kv_cache_tokens=conc * 400, max_model_len=1024,
-                     mixed_steps=mixed),
-    )  # fmt: skip
+    eng = bench_engine(folder, max_num_seqs=conc, kv_cache_tokens=conc * 400, mixed_steps=mixed)
     g = torch.Generator().manual_seed(1)
 
     def request(i: int) -> EngineRequest:
