@@ -354,6 +354,15 @@ def main() -> None:
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
         ("load8k", lambda: RESULTS.__setitem__("load_bf16_8192", load_test(folder, None, 8192))),
         (
+            "gemvab",
+            lambda: [
+                RESULTS.__setitem__(
+                    f"bf16_gemv={g}_pdl={p}", engine_numbers(folder, None, (1, 64), gemv_decode=g, pdl=p)
+                )
+                for g, p in ((False, False), (True, False), (True, True), (False, True))
+            ],
+        ),
+        (
             "closedab",
             lambda: [
                 RESULTS.__setitem__(f"closed_loop_mixed={m}_{k}", closed_loop(folder, m))

@@ -92,8 +92,14 @@ class LLMEngine:
         if self.device.type == "cuda" and config.fused_kernels and self.model.can_fuse():
             from inferforge.llm import fused
 
+            fused.enable_pdl(config.pdl and torch.cuda.get_device_capability(self.device) >= (9, 0))
             if fused.verified(self.device, config.torch_dtype):
                 self.model.fused_ops = fused
+            if self.model.fused_ops is not None and config.gemv_decode and self.model.gemv_ready():
+                from inferforge.llm import gemv
+
+                if gemv.verified(self.device, config.torch_dtype):
+                    self.model.gemv_ops = gemv
         if self.device.type == "cuda" and config.compile_decode:
             self.model.compile_decode()
         self.tokenizer = Tokenizer(self.folder)

@@ -31,6 +31,8 @@ class EngineConfig:
     cuda_graphs: bool = True  # capture decode steps per batch bucket on CUDA
     triton_attention: bool = True  # on CUDA, the Triton paged-decode kernel (if it matches the reference)
     fused_kernels: bool = True  # on CUDA, Triton kernels for norms+residual, RoPE+cache write, SiLU x up
+    gemv_decode: bool = True  # on CUDA, batch-1 decode through `llm/gemv.py` (fused prologues)
+    pdl: bool = True  # on Hopper+, programmatic dependent launch for the Triton kernels
     compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
     decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
     mixed_steps: bool = (

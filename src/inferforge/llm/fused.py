@@ -21,6 +21,23 @@ import torch
 import triton
 import triton.language as tl
 
+_LAUNCH = {"pdl": False}
+
+
+def enable_pdl(on: bool) -> None:
+    """Launch this package's Triton kernels with programmatic dependent launch (Hopper+): each kernel waits
+    (`griddepcontrol.wait`) before reading what the previous kernel wrote, so the next one may start early;
+    kernels that only read weights first (`gemv`) do that before the wait."""
+    _LAUNCH["pdl"] = on
+
+
+def pdl_on() -> bool:
+    return _LAUNCH["pdl"]
+
+
+def launch_options() -> dict[str, bool]:
+    return {"launch_pdl": True} if _LAUNCH["pdl"] else {}
+
 
 @triton.jit
 def _add_rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps, HAS_RES: tl.constexpr,
@@ -71,7 +88,11 @@ def add_rmsnorm_reference(
 @triton.jit
 def _rope_cache_kernel(QKV, COS, SIN, POS, SLOT, Q_OUT, K_OUT, KC, VC, stride_qkv, stride_qo_t, stride_qo_h,
                        stride_ko_t, stride_ko_h, stride_c_slot, stride_c_h, H: tl.constexpr, KV: tl.constexpr,
-                       D: tl.constexpr, ROPE: tl.constexpr, WRITE_K: tl.constexpr):  # fmt: skip
+                       D: tl.constexpr, ROPE: tl.constexpr, WRITE_K: tl.constexpr,
+                       PDL: tl.constexpr):  # fmt: skip
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     h = tl.program_id(1)  # 0..H-1 query heads, H..H+KV-1 key (and value) heads
     half = tl.arange(0, D // 2)
@@ -133,7 +154,7 @@ def rope_write_cache(
     _rope_cache_kernel[(t, heads + kv_heads)](
         qkv, cos, sin, positions, slots, q, k, kc, vc, qkv.stride(0), q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), kc.stride(0), kc.stride(1), H=heads, KV=kv_heads, D=d, ROPE=rope,
-        WRITE_K=need_k, num_warps=1,
+        WRITE_K=need_k, PDL=pdl_on(), num_warps=1, **launch_options(),
     )  # fmt: skip
     v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
     return q, (k if need_k else None), v

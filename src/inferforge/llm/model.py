@@ -136,6 +136,7 @@ class DecoderLM(nn.Module):
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.compiled_block: Callable[..., torch.Tensor] | None = None
         self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
+        self.gemv_ops: ModuleType | None = None  # `inferforge.llm.gemv` once verified (batch-1 decode)
 
     def can_fuse(self) -> bool:
         """The fused kernels cover RMSNorm, gated-SiLU models with RoPE (Llama, Mistral, Qwen2) whose head
@@ -209,3 +210,34 @@ class DecoderLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
+
+    def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """fp32 logits of a decode step; one sequence runs through `gemv` (norms and SiLU inside the
+        products, the final norm inside the LM head: 6 kernels per layer instead of 9)."""
+        gv, ops = self.gemv_ops, self.fused_ops
+        if gv is None or ops is None or input_ids.shape[0] != 1 or meta.prefill is not None:
+            return self.logits(self(input_ids, positions, meta))
+        eps, norm = self.cfg.norm_eps, gv.NORM
+        x, residual = self.embed(input_ids), None
+        for layer in self.blocks():
+            attn, mlp = layer.attn, layer.mlp
+            qkv, residual = gv.linear(x, attn.qkv, prologue=norm, residual=residual,
+                                      norm_weight=layer.norm1.weight, eps=eps)  # fmt: skip
+            q, _, v = ops.rope_write_cache(
+                qkv, self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache, attn.v_cache,
+                attn.num_heads, attn.num_kv_heads, attn.rope, False,
+            )  # fmt: skip
+            o, _ = gv.linear(attn._attend(q, None, v, meta).reshape(1, -1), attn.o)
+            h, residual = gv.linear(o, mlp.up, prologue=norm, residual=residual,
+                                    norm_weight=layer.norm2.weight, eps=eps)  # fmt: skip
+            x, _ = gv.linear(h, mlp.down, prologue=gv.SILU)
+        return gv.linear(x, self.lm_head, prologue=norm, residual=residual, norm_weight=self.norm.weight,
+                         eps=eps, out_dtype=torch.float32)[0]  # fmt: skip
+
+    def gemv_ready(self) -> bool:
+        """Every product of the decode step can run through `gemv` (plain bf16/fp16 layers, RoPE models)."""
+        from inferforge.llm import gemv
+
+        layers = [self.lm_head]
+        layers += [m for b in self.blocks() for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
+        return self.can_fuse() and all(gemv.can_run(m) for m in layers)

@@ -67,7 +67,7 @@ class ModelRunner:
     def _decode_forward(self, b: int) -> torch.Tensor:
         ids, pos, slots, ctx, bt = self._views(b)
         meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx, decode_fn=self.decode_fn)
-        return self.model.logits(self.model(ids, pos, meta))
+        return self.model.decode_logits(ids, pos, meta)
 
     def capture(self) -> None:
         """Capture every bucket; if the compiled decode block fails to build, fall back to eager kernels."""

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from inferforge.llm import attention
+from inferforge.llm import attention, fused
 
 
 @triton.jit
@@ -37,7 +37,11 @@ def _paged_decode_kernel(
     D: tl.constexpr,
     BS: tl.constexpr,
     TILE: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     ctx = tl.load(CTX + b)
@@ -110,7 +114,9 @@ def _paged_decode_op(
         D=d,
         BS=block_size,
         TILE=64,
+        PDL=fused.pdl_on(),
         num_warps=4,
+        **fused.launch_options(),
     )
     return out
 

@@ -1,0 +1,219 @@
+"""Batch-1 decode GEMVs in Triton, with the layer's small work fused in and programmatic dependent launch.
+
+At batch 1 a decode step is ~100 kernels of a few microseconds each: cuBLAS reads the large matrices near
+bandwidth, but the small ones (q/k/v 12 MB, o 8 MB) are latency-bound (7.5 and 6.4 us where bandwidth allows
+4.2 and 2.8; decode-kernels.md), and every kernel boundary in the graph is a gap in which no weight is read.
+This kernel does three things cuBLAS cannot:
+
+- the work before a product runs in its prologue: the residual add and RMSNorm before q/k/v and gate/up
+  (the first program writes the new residual), SiLU(gate) x up before down, the final norm before the LM head;
+  three fewer kernels per layer;
+- each program loads its first weight tile *before* `griddepcontrol.wait`: launched with programmatic
+  dependent launch (Hopper), the next kernel's weight reads start while the previous kernel finishes, which
+  is what hides the boundaries (weights never depend on the previous kernel; activations do);
+- int8 and fp8 weights with a per-output-channel scale in the epilogue, the same fusions for quantized models.
+
+One program owns `BLOCK_N` output rows and walks K in `BLOCK_K` tiles, the next tile's load issued before the
+current tile's product. Only one activation row (batch 1): larger batches keep cuBLAS / gemlite. Each op
+has a torch reference; the model switches to them only after `verified()` on the live device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from inferforge.llm import fused
+
+PLAIN, NORM, SILU = 0, 1, 2  # prologues
+
+
+@triton.jit
+def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, K: tl.constexpr,
+                 PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = offs_n < N
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = W + offs_n[:, None].to(tl.int64) * stride_wn
+    w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (offs_k[None, :] < K), other=0.0)
+    if PDL:  # everything above reads only weights; everything below may read the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    act_ty = X.dtype.element_ty
+    if PROLOGUE == 1:  # residual add + RMSNorm over the whole row (the wrapper checks K <= BLOCK_K)
+        kmask = offs_k < K
+        x = tl.load(X + offs_k, mask=kmask, other=0.0)
+        if HAS_RES:
+            x = (x.to(tl.float32) + tl.load(R + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(act_ty)
+            if pid == 0:
+                tl.store(RES_OUT + offs_k, x, mask=kmask)
+        xf = x.to(tl.float32)
+        inv = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
+        normed = (xf * inv).to(act_ty).to(tl.float32)
+        g = tl.load(G + offs_k, mask=kmask, other=0.0).to(tl.float32)
+        xin = (normed * g).to(act_ty).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * xin[None, :], 1)
+    else:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for i in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
+            kk = i * BLOCK_K + offs_k
+            kmask = kk < K
+            if PROLOGUE == 2:  # SiLU(gate) x up, X holds gate then up (width 2K)
+                gate = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+                up = tl.load(X + K + kk, mask=kmask, other=0.0).to(tl.float32)
+                act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
+                xin = (act * up).to(act_ty).to(tl.float32)
+            else:
+                xin = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
+            nk = kk + BLOCK_K
+            w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
+    if HAS_SCALE:
+        acc = acc * tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc = acc + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    block_n: int
+    block_k: int
+    num_warps: int
+
+
+# Chosen on the H100 by `benchmarks/llm/bench_gemv.py` (keyed by (N, K, weight bytes per element)); shapes
+# not listed take `default_tiles`.
+TUNED: dict[tuple[int, int, int], TileConfig] = {}
+
+
+def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:
+    """About 32 KB of weights per tile, the whole row when it fits (so the norm prologue can use it)."""
+    block_k = min(triton.next_power_of_2(k), 2048 if elem_bytes >= 2 else 4096)
+    block_n = max(2, min(64, 32768 // (block_k * elem_bytes)))
+    return TileConfig(block_n, block_k, 4)
+
+
+def tiles_for(n: int, k: int, elem_bytes: int) -> TileConfig:
+    return TUNED.get((n, k, elem_bytes)) or default_tiles(n, k, elem_bytes)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    prologue: int = PLAIN,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    tiles: TileConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """y = prologue(x) @ weight.T (* scale) (+ bias) for one row x [1, K] (SILU: [1, 2K]).
+
+    Returns (y [1, N], new residual): with NORM the residual is x + residual (a fresh tensor, never written in
+    place: every program reads the old one), or x itself without a residual; otherwise x.
+    """
+    n, k = weight.shape
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, got {x.shape[0]}")
+    elem = weight.element_size()
+    cfg = tiles or tiles_for(n, k, elem)
+    if prologue == NORM and cfg.block_k < k:
+        cfg = TileConfig(max(1, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
+    y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+    res_out = torch.empty_like(x) if prologue == NORM and residual is not None else x
+    dummy = x
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
+        x, residual if residual is not None else dummy, norm_weight if norm_weight is not None else dummy,
+        res_out, weight, scale if scale is not None else dummy, bias if bias is not None else dummy, y,
+        n, weight.stride(0), eps, k,
+        PROLOGUE=prologue, HAS_RES=residual is not None, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
+        **fused.launch_options(),
+    )  # fmt: skip
+    return y, res_out
+
+
+def gemv_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    prologue: int = PLAIN,
+    residual: torch.Tensor | None = None,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same contract in eager torch (the unfused kernels' rounding: sum, norm and activation each rounded
+    to the activation dtype)."""
+    import torch.nn.functional as F
+
+    res_out = x
+    if prologue == NORM:
+        assert norm_weight is not None
+        res = residual.clone() if residual is not None else None
+        x, res_out = fused.add_rmsnorm_reference(x, res, norm_weight, eps)
+    elif prologue == SILU:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    w = weight.to(x.dtype) if scale is None else weight.float()
+    y = (x.float() @ w.float().T) if scale is not None else F.linear(x, w).float()
+    if scale is not None:
+        y = y * scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype), res_out
+
+
+def can_run(module: torch.nn.Module) -> bool:
+    """Plain floating-point `nn.Linear` layers (quantized layers keep their own kernels)."""
+    return type(module) is torch.nn.Linear and module.weight.is_floating_point()
+
+
+def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+    """`gemv` with a layer's own weight and bias (see `can_run`)."""
+    assert isinstance(module, torch.nn.Linear)
+    return gemv(x, module.weight, bias=module.bias, **kw)  # type: ignore[arg-type]
+
+
+def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
+    """Largest difference to `gemv_reference` relative to the reference's largest magnitude, for each
+    prologue on 1.2B-like shapes (one bf16 rounding step is about 4e-3; summation order adds a little)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
+
+    err: dict[str, float] = {}
+    x, r, g, w = rand(1, 2048), rand(1, 2048), rand(2048), rand(3072, 2048) * 0.02
+    y, res = gemv(x, w, prologue=NORM, residual=r, norm_weight=g, eps=1e-5)
+    y_ref, res_ref = gemv_reference(x, w, prologue=NORM, residual=r, norm_weight=g, eps=1e-5)
+    err["norm"] = max(rel(y, y_ref), rel(res, res_ref))
+    h, w2, b = rand(1, 2 * 2000), rand(1000, 2000) * 0.02, rand(1000)
+    got = gemv(h, w2, prologue=SILU, bias=b)[0]
+    err["silu_bias"] = rel(got, gemv_reference(h, w2, prologue=SILU, bias=b)[0])
+    w3 = rand(5000, 8192) * 0.02
+    x3 = rand(1, 8192)
+    err["plain_fp32_out"] = rel(
+        gemv(x3, w3, out_dtype=torch.float32)[0], gemv_reference(x3, w3, out_dtype=torch.float32)[0]
+    )
+    return err
+
+
+def verified(device: torch.device, dtype: torch.dtype, tolerance: float = 2e-2) -> bool:
+    return all(e <= tolerance for e in check_against_reference(device, dtype).values())
