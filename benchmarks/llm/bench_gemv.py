@@ -72,11 +72,14 @@ def graph_us(calls, reps: int = 20) -> float:
 
 
 def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
-    top = 127.0 if fmt == "int8" else 448.0
+    """Per-channel int8 (uint8: stored + 128, `gemv._weights_f32` mode 1) or fp8 e4m3."""
+    top = 448.0 if fmt == "fp8" else 127.0
     scale = (w.float().abs().amax(1) / top).clamp(min=1e-8)
     q = w.float() / scale[:, None]
-    q = q.round().clamp(-127, 127).to(torch.int8) if fmt == "int8" else q.to(torch.float8_e4m3fn)
-    return q, scale
+    if fmt == "fp8":
+        return q.to(torch.float8_e4m3fn), scale
+    q = q.round().clamp(-127, 127)
+    return (q + 128).to(torch.uint8) if fmt == "uint8" else q.to(torch.int8), scale
 
 
 def bench_shape(name: str, n: int, k: int, copies: int, quick: bool) -> dict:
@@ -104,8 +107,9 @@ def bench_shape(name: str, n: int, k: int, copies: int, quick: bool) -> dict:
     out["best_pdl"] = {"us": best[0], "tiles": best[1].__dict__}
     del ws
     free()
-    for fmt in ("int8", "fp8"):
+    for fmt in ("int8", "int8-f16", "uint8", "fp8"):
         qs = [quantize(torch.randn(n, k, device=dev, dtype=torch.bfloat16), fmt) for _ in range(copies)]
+        gemv.INT8_MODE["mode"] = 2 if fmt == "int8-f16" else 0
         qbest = None
         for bn, bk, warps in Q_CANDIDATES[k][: 2 if quick else None]:
             cfg = gemv.TileConfig(bn, bk, warps)
@@ -120,6 +124,30 @@ def bench_shape(name: str, n: int, k: int, copies: int, quick: bool) -> dict:
         out[f"{fmt}_best_pdl"] = {"us": qbest[0], "tiles": qbest[1].__dict__}
         del qs
         free()
+    gemv.INT8_MODE["mode"] = 0
+    fused.enable_pdl(False)
+    return out
+
+
+def bench_attention() -> dict:
+    """The paged decode kernel at batch 1 per keys-per-iteration tile and context, 16 layers' caches in one
+    graph with PDL (as in the decode step)."""
+    from inferforge.llm import triton_attn
+
+    dev, dt, out = torch.device("cuda"), torch.bfloat16, {}
+    caches = [tuple(torch.randn(129, 16, 8, 64, device=dev, dtype=dt) for _ in "kv") for _ in range(16)]
+    q = torch.randn(1, 32, 64, device=dev, dtype=dt)
+    bt = torch.randperm(128, device=dev)[:64].add(1).view(1, 64)
+    fused.enable_pdl(True)
+    for ctx in (272, 1024):
+        lens = torch.tensor([ctx], device=dev)
+        for tile in (32, 64, 128, 256):
+            triton_attn.TILE["small_batch"] = tile
+            us = graph_us([lambda k=k, v=v, n=lens: triton_attn.paged_decode_attention(q, k, v, bt, n, 0.125)
+                           for k, v in caches])  # fmt: skip
+            out[f"ctx{ctx}_tile{tile}_us"] = us
+            row(f"paged decode attention batch 1, context {ctx:4d}, tile {tile:3d}   {us:7.1f} us")
+    triton_attn.TILE["small_batch"] = 64
     fused.enable_pdl(False)
     return out
 
@@ -134,6 +162,7 @@ def main() -> None:
     results["check_bf16"] = gemv.check_against_reference(dev, torch.bfloat16)
     results["check_fp32"] = gemv.check_against_reference(dev, torch.float32)
     row(f"gemv rel. error vs reference: bf16 {results['check_bf16']}, fp32 {results['check_fp32']}")
+    results["attention"] = bench_attention()
     for name, (n, k) in SHAPES.items():
         copies = 4 if name == "lm_head" else 16  # 4 x 525 MB already exceeds the L2 tenfold
         results[name] = bench_shape(name, n, k, copies, args.quick)

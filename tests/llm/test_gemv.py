@@ -90,3 +90,54 @@ def test_model_decodes_the_same_tokens_through_gemv(tiny_dirs: dict[str, Path]) 
     assert run() == want
     gpt2 = LLMEngine(tiny_dirs["gpt2"], EngineConfig(device=DEVICE, kv_cache_tokens=1024, cuda_graphs=False))
     assert not gpt2.model.gemv_ready()
+
+
+def _rope_case(t_dtype: torch.dtype = torch.float32) -> tuple:
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, d, k = 4, 2, 16, 64
+    n = (heads + 2 * kv_heads) * d
+    w, x, r, nw = (torch.randn(*s, generator=g).to(t_dtype) for s in ((n, k), (1, k), (1, k), (k,)))
+    cos, sin = torch.randn(50, d, generator=g).to(t_dtype), torch.randn(50, d, generator=g).to(t_dtype)
+    caches = [torch.randn(3, 16, kv_heads, d, generator=g).to(t_dtype) for _ in range(2)]
+    return heads, kv_heads, w, x, r, nw, cos, sin, caches
+
+
+@pytest.mark.parametrize("block_n", [2, 8, 16, 64])
+def test_rope_cache_epilogue_equals_gemv_then_the_rope_kernel(block_n: int) -> None:
+    """q rotated, k rotated into its slot, v copied into its slot: the same as the separate q/k/v product
+    followed by `fused.rope_write_cache`, for every way the rows of a head split over programs."""
+    heads, kv_heads, w, x, r, nw, cos, sin, (kc, vc) = _rope_case()
+    pos, slot = torch.tensor([37]), torch.tensor([21])
+    kc2, vc2 = kc.clone(), vc.clone()
+    rc = gemv.RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
+    kw = {"prologue": gemv.NORM, "residual": r, "norm_weight": nw, "eps": 1e-5}
+    q, res = gemv.gemv(x, w, rope_cache=rc, tiles=gemv.TileConfig(block_n, 64, 1), **kw)  # type: ignore[arg-type]
+    qkv, res2 = gemv.gemv(x, w, **kw)  # type: ignore[arg-type]
+    q2, _, _ = fused.rope_write_cache(qkv, cos, sin, pos, slot, kc2, vc2, heads, kv_heads, True, False)
+    torch.testing.assert_close(q, q2)
+    torch.testing.assert_close(kc, kc2)
+    torch.testing.assert_close(vc, vc2)
+    torch.testing.assert_close(res, res2)
+    assert not torch.equal(kc.view(-1, kv_heads, 16)[21], _rope_case()[8][0].view(-1, kv_heads, 16)[21])
+
+
+def test_rope_cache_refuses_a_layout_that_is_not_q_k_v_heads() -> None:
+    heads, kv_heads, w, x, _, _, cos, sin, (kc, vc) = _rope_case()
+    rc = gemv.RopeCache(cos, sin, torch.tensor([1]), torch.tensor([1]), kc, vc, heads + 1, kv_heads)
+    with pytest.raises(ValueError, match="rope_cache needs N"):
+        gemv.gemv(x, w, rope_cache=rc)
+
+
+@pytest.mark.parametrize("mode", [0, 2])
+def test_int8_conversions_agree(mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 by conversion (direct or through fp16) and uint8 holding q + 128 (rebuilt by bits) give the same
+    product."""
+    monkeypatch.setitem(gemv.INT8_MODE, "mode", mode)
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (24, 256), generator=g, dtype=torch.int16).to(torch.int8)
+    scale, x = torch.rand(24, generator=g) / 100, torch.randn(1, 256, generator=g)
+    want = (x @ q.float().T) * scale
+    biased = (q.to(torch.int16) + 128).to(torch.uint8)
+    for w in (q, biased):
+        got, _ = gemv.gemv(x, w, scale=scale, tiles=gemv.TileConfig(8, 128, 1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -32,12 +32,33 @@ PLAIN, NORM, SILU = 0, 1, 2  # prologues
 
 
 @triton.jit
-def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, K: tl.constexpr,
-                 PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):  # fmt: skip
+def _weights_f32(w, W_MODE: tl.constexpr):
+    """A weight tile in fp32: 0 float types (bf16, fp16, fp32, fp8) and int8 by conversion; 1 uint8 holding
+    q + 128, rebuilt as fp16 by bits (0x6400 | u is 1024 + u, exact) so no int-to-float instruction runs;
+    2 int8 through fp16."""
+    if W_MODE == 1:
+        return ((w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
+    elif W_MODE == 2:
+        return w.to(tl.float16).to(tl.float32)
+    else:
+        return w.to(tl.float32)
+
+
+@triton.jit
+def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC,
+                 stride_c_slot, K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, ROPE_CACHE: tl.constexpr, H: tl.constexpr,
+                 KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    if ROPE_CACHE:  # rows j and j + D/2 of one head together, so the epilogue can rotate them
+        HALF: tl.constexpr = BLOCK_N // 2
+        head = pid // (D // BLOCK_N)
+        j0 = (pid % (D // BLOCK_N)) * HALF
+        idx = tl.arange(0, BLOCK_N)
+        offs_n = head * D + (idx // HALF) * (D // 2) + j0 + idx % HALF
+    else:
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     rows = W + offs_n[:, None].to(tl.int64) * stride_wn
@@ -58,7 +79,7 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, K: tl.c
         normed = (xf * inv).to(act_ty).to(tl.float32)
         g = tl.load(G + offs_k, mask=kmask, other=0.0).to(tl.float32)
         xin = (normed * g).to(act_ty).to(tl.float32)
-        acc = tl.sum(w.to(tl.float32) * xin[None, :], 1)
+        acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for i in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
@@ -71,14 +92,46 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, K: tl.c
                 xin = (act * up).to(act_ty).to(tl.float32)
             else:
                 xin = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-            acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
+            acc += tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
             nk = kk + BLOCK_K
             w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
     if HAS_SCALE:
         acc = acc * tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         acc = acc + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+    if ROPE_CACHE:
+        _rope_cache_epilogue(acc.to(act_ty).to(tl.float32), head, j0, COS, SIN, POS, SLOT, Y, KC, VC,
+                             stride_c_slot, HALF, H, KV, D)  # fmt: skip
+    else:
+        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _rope_cache_epilogue(acc, head, j0, COS, SIN, POS, SLOT, Q_OUT, KC, VC, stride_c_slot, HALF: tl.constexpr,
+                         H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """q/k rows rotated (sign-folded sin table, as `fused.rope_write_cache`), q stored [H, D], k and v
+    written into their cache slot ([slots, KV, D] views)."""
+    x1, x2 = tl.split(tl.permute(tl.reshape(acc, [2, HALF]), (1, 0)))
+    j = j0 + tl.arange(0, HALF)
+    if head < H + KV:
+        pos = tl.load(POS)
+        c1 = tl.load(COS + pos * D + j).to(tl.float32)
+        c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
+        s1 = tl.load(SIN + pos * D + j).to(tl.float32)
+        s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
+        y1 = x1 * c1 + x2 * s1
+        y2 = x2 * c2 + x1 * s2
+        if head < H:
+            tl.store(Q_OUT + head * D + j, y1.to(Q_OUT.dtype.element_ty))
+            tl.store(Q_OUT + head * D + D // 2 + j, y2.to(Q_OUT.dtype.element_ty))
+        else:
+            dst = KC + tl.load(SLOT) * stride_c_slot + (head - H) * D
+            tl.store(dst + j, y1.to(KC.dtype.element_ty))
+            tl.store(dst + D // 2 + j, y2.to(KC.dtype.element_ty))
+    else:
+        dst = VC + tl.load(SLOT) * stride_c_slot + (head - H - KV) * D
+        tl.store(dst + j, x1.to(VC.dtype.element_ty))
+        tl.store(dst + D // 2 + j, x2.to(VC.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -88,9 +141,28 @@ class TileConfig:
     num_warps: int
 
 
-# Chosen on the H100 by `benchmarks/llm/bench_gemv.py` (keyed by (N, K, weight bytes per element)); shapes
-# not listed take `default_tiles`.
-TUNED: dict[tuple[int, int, int], TileConfig] = {}
+@dataclass
+class RopeCache:
+    """What the q/k/v product's epilogue needs to rotate q and k and write k and v into the paged cache."""
+
+    cos: torch.Tensor  # [max_len, D], whole tables (sin sign-folded, `DecoderLM.init_rope`)
+    sin: torch.Tensor
+    positions: torch.Tensor  # [1]
+    slots: torch.Tensor  # [1]
+    k_cache: torch.Tensor  # [blocks, block_size, kv_heads, D]
+    v_cache: torch.Tensor
+    heads: int
+    kv_heads: int
+
+
+# Measured on the H100 (`benchmarks/llm/bench_gemv.py`, results/h100_2026-11-23_gemv1.json), keyed by (N, K,
+# weight bytes per element); other shapes take `default_tiles`.
+TUNED: dict[tuple[int, int, int], TileConfig] = {
+    (2048, 2048, 2): TileConfig(16, 2048, 8),  # o: 4.0 us (cuBLAS 6.3)
+    (2048, 8192, 2): TileConfig(4, 4096, 8),  # down: 12.3 us (cuBLAS 15.4)
+    (2048, 8192, 1): TileConfig(4, 4096, 4),  # down, int8/fp8
+}
+INT8_MODE = {"mode": 0}  # how int8 weights become fp32 in the kernel (see `_weights_f32`); benchmarks set it
 
 
 def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:
@@ -115,12 +187,15 @@ def gemv(
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
+    rope_cache: RopeCache | None = None,
     tiles: TileConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """y = prologue(x) @ weight.T (* scale) (+ bias) for one row x [1, K] (SILU: [1, 2K]).
 
     Returns (y [1, N], new residual): with NORM the residual is x + residual (a fresh tensor, never written in
-    place: every program reads the old one), or x itself without a residual; otherwise x.
+    place: every program reads the old one), or x itself without a residual; otherwise x. With `rope_cache`
+    (the q/k/v product) y is q [1, heads, D], rotated, and k and v are written into the cache instead.
+    A uint8 weight holds int8 values + 128 (`_weights_f32`).
     """
     n, k = weight.shape
     if x.shape[0] != 1:
@@ -129,16 +204,30 @@ def gemv(
     cfg = tiles or tiles_for(n, k, elem)
     if prologue == NORM and cfg.block_k < k:
         cfg = TileConfig(max(1, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
-    y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     res_out = torch.empty_like(x) if prologue == NORM and residual is not None else x
-    dummy = x
+    w_mode = 1 if weight.dtype == torch.uint8 else INT8_MODE["mode"] if weight.dtype == torch.int8 else 0
+    rc = rope_cache
+    if rc is None:
+        y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+        cache_args: tuple = (x, x, x, x, x, x, 0)
+        heads = kv_heads = d = 1
+    else:
+        d = rc.k_cache.shape[-1]
+        heads, kv_heads = rc.heads, rc.kv_heads
+        if n != (heads + 2 * kv_heads) * d:
+            raise ValueError(
+                f"rope_cache needs N = (heads + 2 kv_heads) * D = {(heads + 2 * kv_heads) * d}, got {n}"
+            )
+        cfg = TileConfig(min(cfg.block_n, d), cfg.block_k, cfg.num_warps)  # a program stays inside one head
+        y = torch.empty(1, heads, d, dtype=x.dtype, device=x.device)
+        kc, vc = rc.k_cache.view(-1, kv_heads, d), rc.v_cache.view(-1, kv_heads, d)
+        cache_args = (rc.cos, rc.sin, rc.positions, rc.slots, kc, vc, kc.stride(0))
     _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, residual if residual is not None else dummy, norm_weight if norm_weight is not None else dummy,
-        res_out, weight, scale if scale is not None else dummy, bias if bias is not None else dummy, y,
-        n, weight.stride(0), eps, k,
-        PROLOGUE=prologue, HAS_RES=residual is not None, HAS_SCALE=scale is not None,
-        HAS_BIAS=bias is not None,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
+        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, res_out,
+        weight, scale if scale is not None else x, bias if bias is not None else x, y, n, weight.stride(0),
+        eps, *cache_args, K=k, PROLOGUE=prologue, HAS_RES=residual is not None, HAS_SCALE=scale is not None,
+        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_MODE=w_mode,
+        ROPE_CACHE=rc is not None, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y, res_out
@@ -168,6 +257,8 @@ def gemv_reference(
     elif prologue == SILU:
         gate, up = x.chunk(2, dim=-1)
         x = F.silu(gate) * up
+    if weight.dtype == torch.uint8:
+        weight = (weight.to(torch.int16) - 128).to(torch.int8)
     w = weight.to(x.dtype) if scale is None else weight.float()
     y = (x.float() @ w.float().T) if scale is not None else F.linear(x, w).float()
     if scale is not None:
@@ -212,6 +303,21 @@ def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfl
     err["plain_fp32_out"] = rel(
         gemv(x3, w3, out_dtype=torch.float32)[0], gemv_reference(x3, w3, out_dtype=torch.float32)[0]
     )
+    heads, kv_heads, d = 32, 8, 64
+    wq = rand((heads + 2 * kv_heads) * d, 2048) * 0.02
+    cos, sin, pos, slot = (
+        rand(100, d),
+        rand(100, d),
+        torch.tensor([57], device=device),
+        torch.tensor([9], device=device),
+    )
+    kc, vc = rand(2, 16, kv_heads, d), rand(2, 16, kv_heads, d)
+    kc2, vc2 = kc.clone(), vc.clone()
+    kw: dict = {"prologue": NORM, "residual": r, "norm_weight": g, "eps": 1e-5}
+    q, _ = gemv(x, wq, rope_cache=RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads), **kw)
+    qkv = gemv(x, wq, **kw)[0]
+    q2, _, _ = fused.rope_write_cache(qkv, cos, sin, pos, slot, kc2, vc2, heads, kv_heads, True, False)
+    err["rope_cache"] = max(rel(q, q2), rel(kc, kc2), rel(vc, vc2))
     return err
 
 

@@ -56,25 +56,25 @@ class Attention(nn.Module):
         write_cache(self.k_cache, self.v_cache, k, v, meta.slot_mapping)
         return self.o(self._attend(q, k, v, meta).reshape(t, -1))
 
+    def decode(self, q: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """Decode attention of q [B, heads, d] over the cache (this step's keys and values already in it)."""
+        assert meta.block_tables is not None and meta.context_lens is not None
+        fn = meta.decode_fn or decode_attention_torch
+        return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
+
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: AttnMeta
     ) -> torch.Tensor:
         """Attention over the cache, the new keys and values already written into it."""
-        fn = meta.decode_fn or decode_attention_torch
         if meta.prefill is not None:
             assert k is not None
             o = prefill_attention(
                 q, k, v, self.k_cache, self.v_cache, meta.prefill, self.scale, meta.fresh_groups
             )
             if meta.num_decode:  # a mixed step: its first rows decode
-                assert meta.block_tables is not None and meta.context_lens is not None
-                d = meta.num_decode
-                o[:d] = fn(
-                    q[:d], self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale
-                )
+                o[: meta.num_decode] = self.decode(q[: meta.num_decode], meta)
             return o
-        assert meta.block_tables is not None and meta.context_lens is not None
-        return fn(q, self.k_cache, self.v_cache, meta.block_tables, meta.context_lens, self.scale)
+        return self.decode(q, meta)
 
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                       meta: AttnMeta, ops: ModuleType) -> torch.Tensor:  # fmt: skip
@@ -213,7 +213,8 @@ class DecoderLM(nn.Module):
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         """fp32 logits of a decode step; one sequence runs through `gemv` (norms and SiLU inside the
-        products, the final norm inside the LM head: 6 kernels per layer instead of 9)."""
+        products, RoPE and the cache writes after the q/k/v product, the final norm inside the LM head: 5
+        kernels per layer instead of 9)."""
         gv, ops = self.gemv_ops, self.fused_ops
         if gv is None or ops is None or input_ids.shape[0] != 1 or meta.prefill is not None:
             return self.logits(self(input_ids, positions, meta))
@@ -221,13 +222,11 @@ class DecoderLM(nn.Module):
         x, residual = self.embed(input_ids), None
         for layer in self.blocks():
             attn, mlp = layer.attn, layer.mlp
-            qkv, residual = gv.linear(x, attn.qkv, prologue=norm, residual=residual,
-                                      norm_weight=layer.norm1.weight, eps=eps)  # fmt: skip
-            q, _, v = ops.rope_write_cache(
-                qkv, self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache, attn.v_cache,
-                attn.num_heads, attn.num_kv_heads, attn.rope, False,
-            )  # fmt: skip
-            o, _ = gv.linear(attn._attend(q, None, v, meta).reshape(1, -1), attn.o)
+            rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
+                              attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
+            q, residual = gv.linear(x, attn.qkv, prologue=norm, residual=residual,
+                                    norm_weight=layer.norm1.weight, eps=eps, rope_cache=rc)  # fmt: skip
+            o, _ = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o)
             h, residual = gv.linear(o, mlp.up, prologue=norm, residual=residual,
                                     norm_weight=layer.norm2.weight, eps=eps)  # fmt: skip
             x, _ = gv.linear(h, mlp.down, prologue=gv.SILU)

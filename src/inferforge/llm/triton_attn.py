@@ -79,6 +79,11 @@ def _paged_decode_kernel(
     )
 
 
+# Keys per loop iteration by batch size: at batch 1 the kernel runs only one program per KV head, so its time
+# is the latency of its sequential tiles; larger tiles mean fewer round trips (bench_gemv.py, attention).
+TILE = {"small_batch": 64, "large_batch": 64}
+
+
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
 def _paged_decode_op(
     q: torch.Tensor,
@@ -113,7 +118,7 @@ def _paged_decode_op(
         GP=max(16, triton.next_power_of_2(group)),
         D=d,
         BS=block_size,
-        TILE=64,
+        TILE=TILE["small_batch"] if b <= 4 else TILE["large_batch"],
         PDL=fused.pdl_on(),
         num_warps=4,
         **fused.launch_options(),
