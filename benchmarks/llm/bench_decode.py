@@ -158,9 +158,14 @@ def bench_engine(folder: Path, quant: str | None = None, **overrides: object) ->
 
 
 def engine_numbers(
-    folder: Path, quant: str | None, batches: tuple[int, ...], compile_decode: bool = False, **knobs: bool
+    folder: Path,
+    quant: str | None,
+    batches: tuple[int, ...],
+    compile_decode: bool = False,
+    note: str = "",
+    **knobs: bool,
 ) -> dict:
-    label = (quant or "bf16") + (" (compiled block)" if compile_decode else "")
+    label = (quant or "bf16") + note + (" (compiled block)" if compile_decode else "")
     label += "".join(f" {k}={v}" for k, v in knobs.items())
     clk = Clock()
     eng = bench_engine(folder, quant, decode_buckets=batches, compile_decode=compile_decode, **knobs)
@@ -187,6 +192,21 @@ def engine_numbers(
     del eng
     free()
     return out
+
+
+def quant_gemv(folder: Path) -> None:
+    """int8 and fp8 (gemlite layers) at batch 1, the decode GEMVs reading the same bytes, for each way int8
+    becomes fp32 in the kernel (`gemv._weights_f32`); gemlite's own batch-1 kernels as the peer."""
+    from inferforge.llm import gemv
+
+    for mode in (3, 0):
+        gemv.INT8_MODE["mode"] = mode
+        RESULTS[f"int8_gemv_mode{mode}"] = engine_numbers(
+            folder, "int8", (1,), note=f" gemv int8 mode {mode}"
+        )
+    gemv.INT8_MODE["mode"] = 3
+    RESULTS["fp8_gemv"] = engine_numbers(folder, "fp8", (1,))
+    RESULTS["int8_gemlite"] = engine_numbers(folder, "int8", (1,), gemv_decode=False)
 
 
 def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: bool) -> dict:
@@ -359,9 +379,10 @@ def main() -> None:
                 RESULTS.__setitem__(
                     f"bf16_gemv={g}_pdl={p}", engine_numbers(folder, None, (1, 64), gemv_decode=g, pdl=p)
                 )
-                for g, p in ((False, False), (True, False), (True, True), (False, True))
+                for g, p in ((False, False), (True, True))
             ],
         ),
+        ("quantgemv", lambda: quant_gemv(folder)),
         (
             "closedab",
             lambda: [

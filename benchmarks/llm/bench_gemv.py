@@ -107,9 +107,9 @@ def bench_shape(name: str, n: int, k: int, copies: int, quick: bool) -> dict:
     out["best_pdl"] = {"us": best[0], "tiles": best[1].__dict__}
     del ws
     free()
-    for fmt in ("int8", "int8-f16", "uint8", "fp8"):
+    for fmt in ("int8", "int8-f16", "int8-bits", "uint8", "fp8"):
         qs = [quantize(torch.randn(n, k, device=dev, dtype=torch.bfloat16), fmt) for _ in range(copies)]
-        gemv.INT8_MODE["mode"] = 2 if fmt == "int8-f16" else 0
+        gemv.INT8_MODE["mode"] = {"int8-f16": 2, "int8-bits": 3}.get(fmt, 0)
         qbest = None
         for bn, bk, warps in Q_CANDIDATES[k][: 2 if quick else None]:
             cfg = gemv.TileConfig(bn, bk, warps)

@@ -128,7 +128,7 @@ def test_rope_cache_refuses_a_layout_that_is_not_q_k_v_heads() -> None:
         gemv.gemv(x, w, rope_cache=rc)
 
 
-@pytest.mark.parametrize("mode", [0, 2])
+@pytest.mark.parametrize("mode", [0, 2, 3])
 def test_int8_conversions_agree(mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 by conversion (direct or through fp16) and uint8 holding q + 128 (rebuilt by bits) give the same
     product."""
@@ -141,3 +141,27 @@ def test_int8_conversions_agree(mode: int, monkeypatch: pytest.MonkeyPatch) -> N
     for w in (q, biased):
         got, _ = gemv.gemv(x, w, scale=scale, tiles=gemv.TileConfig(8, 128, 1))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+class _Gemlite8Bit(torch.nn.Module):
+    """The attributes gemlite's 8-bit channel-wise layers carry (`GemLiteLinearTriton.pack`: `W_q` is the
+    transposed [N, K] weight, `scales` [1, N], no zeros); gemlite itself needs a GPU."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, per_sample: int = 1):
+        super().__init__()
+        self.W_nbits, self.elements_per_sample = 8, per_sample
+        self.W_q, self.scales, self.bias = q.t(), scale.view(-1, 1).t(), bias
+        self.zeros = torch.tensor([[]], dtype=torch.int32)
+
+
+def test_gemlite_8bit_layers_run_on_their_own_bytes() -> None:
+    g = torch.Generator().manual_seed(9)
+    w, b, x = torch.randn(40, 96, generator=g), torch.randn(40, generator=g), torch.randn(1, 96, generator=g)
+    scale = w.abs().amax(1) / 127
+    q = (w / scale[:, None]).round().to(torch.int8)
+    layer = _Gemlite8Bit(q, scale, b)
+    assert gemv.can_run(layer)
+    got, _ = gemv.linear(x, layer)
+    torch.testing.assert_close(got, x @ (q.float() * scale[:, None]).T + b, rtol=1e-4, atol=1e-4)
+    assert not gemv.can_run(_Gemlite8Bit(q, scale, b, per_sample=4))  # packed (int4): not this kernel
+    assert gemv.can_run(torch.nn.Linear(4, 4))

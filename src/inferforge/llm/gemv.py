@@ -35,9 +35,12 @@ PLAIN, NORM, SILU = 0, 1, 2  # prologues
 def _weights_f32(w, W_MODE: tl.constexpr):
     """A weight tile in fp32: 0 float types (bf16, fp16, fp32, fp8) and int8 by conversion; 1 uint8 holding
     q + 128, rebuilt as fp16 by bits (0x6400 | u is 1024 + u, exact) so no int-to-float instruction runs;
-    2 int8 through fp16."""
+    2 int8 through fp16; 3 int8 made q + 128 by flipping its sign bit, then as 1."""
     if W_MODE == 1:
         return ((w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
+    elif W_MODE == 3:
+        u = w.to(tl.uint8, bitcast=True) ^ 0x80
+        return ((u.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
     elif W_MODE == 2:
         return w.to(tl.float16).to(tl.float32)
     else:
@@ -268,15 +271,38 @@ def gemv_reference(
     return y.to(out_dtype or x.dtype), res_out
 
 
+def _operands(
+    module: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """(weight [N, K], per-channel scale or None, bias or None) of a layer this kernel can run: a plain
+    floating-point `nn.Linear`, or gemlite's 8-bit channel-wise layers (int8 / fp8 weight-only,
+    `llm/quant.py`), whose `W_q` is the transpose of the [N, K] weight and `scales` one value per output
+    channel, so the same bytes serve gemlite's kernels at larger batches and this one at batch 1. None
+    otherwise (int4 is packed)."""
+    if type(module) is torch.nn.Linear:
+        return (module.weight, None, module.bias) if module.weight.is_floating_point() else None
+    w_q, scales = getattr(module, "W_q", None), getattr(module, "scales", None)
+    if getattr(module, "W_nbits", None) != 8 or getattr(module, "elements_per_sample", None) != 1:
+        return None
+    if not isinstance(w_q, torch.Tensor) or not isinstance(scales, torch.Tensor) or w_q.element_size() != 1:
+        return None
+    weight = w_q.t()
+    n = weight.shape[0]
+    if weight.stride(1) != 1 or scales.numel() != n or getattr(module, "zeros", torch.empty(0)).numel():
+        return None
+    return weight, scales.reshape(n), getattr(module, "bias", None)
+
+
 def can_run(module: torch.nn.Module) -> bool:
-    """Plain floating-point `nn.Linear` layers (quantized layers keep their own kernels)."""
-    return type(module) is torch.nn.Linear and module.weight.is_floating_point()
+    return _operands(module) is not None
 
 
 def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
-    """`gemv` with a layer's own weight and bias (see `can_run`)."""
-    assert isinstance(module, torch.nn.Linear)
-    return gemv(x, module.weight, bias=module.bias, **kw)  # type: ignore[arg-type]
+    """`gemv` with a layer's own weight, scale and bias (see `_operands`)."""
+    ops = _operands(module)
+    assert ops is not None, f"gemv cannot run {type(module).__name__}"
+    weight, scale, bias = ops
+    return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]
 
 
 def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:

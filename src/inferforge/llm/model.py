@@ -234,7 +234,8 @@ class DecoderLM(nn.Module):
                          eps=eps, out_dtype=torch.float32)[0]  # fmt: skip
 
     def gemv_ready(self) -> bool:
-        """Every product of the decode step can run through `gemv` (plain bf16/fp16 layers, RoPE models)."""
+        """Every product of the decode step can run through `gemv` (float layers, or gemlite's int8 / fp8
+        ones), in a model the fused kernels cover (RMSNorm, gated SiLU, RoPE)."""
         from inferforge.llm import gemv
 
         layers = [self.lm_head]
