@@ -194,6 +194,73 @@ def engine_numbers(
     return out
 
 
+def batch1_ab(folder: Path) -> None:
+    """Batch-1 bf16 decode, one change at a time, twice in turn: RoPE in the q/k/v epilogue or a kernel of
+    its own, tuned tiles or the defaults, attention tile 128 or 64."""
+    from inferforge.llm import gemv, triton_attn
+
+    tuned = dict(gemv.TUNED)
+    variants = {
+        "all": (True, True, 128),
+        "rope kernel": (False, True, 128),
+        "default tiles": (True, False, 128),
+        "attn tile 64": (True, True, 64),
+    }
+    for rep in range(2):
+        for name, (rope, use_tuned, tile) in variants.items():
+            gemv.OPTIONS["rope_in_qkv"] = rope
+            gemv.TUNED.clear()
+            gemv.TUNED.update(tuned if use_tuned else {})
+            triton_attn.TILE["small_batch"] = tile
+            RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
+    gemv.OPTIONS["rope_in_qkv"] = True
+    gemv.TUNED.update(tuned)
+    triton_attn.TILE["small_batch"] = 128
+
+
+def graph_profile(folder: Path) -> None:
+    """Kernel timeline of the batch-1 decode graph (CUPTI through torch.profiler): per kernel, its time on
+    the device and the time it adds to the step (its end minus the previous kernel's end)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = bench_engine(folder, None, decode_buckets=(1,))
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    eng.add_request(EngineRequest("p", tuple(range(100, 116)), params))
+    for _ in range(200):
+        eng.step()
+    graph = eng.runner.graphs[1][0]
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type.name == "CUDA" and e.time_range.end > e.time_range.start
+    )
+    per_step = len(kernels) // 3
+    step = kernels[per_step : 2 * per_step]
+    summary: dict = {}
+    prev_end = step[0][0]
+    for start, end, name in step:
+        key = name[:60]
+        d = summary.setdefault(key, {"count": 0, "busy_us": 0.0, "adds_us": 0.0})
+        d["count"] += 1
+        d["busy_us"] += end - start
+        d["adds_us"] += end - max(prev_end, start) if end > prev_end else 0.0
+        prev_end = max(prev_end, end)
+    timeline = [(a, b, n[:40]) for a, b, n in step]
+    span = step[-1][1] - step[0][0]
+    RESULTS["graph_profile"] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary,
+                                "timeline": timeline}  # fmt: skip
+    row("batch-1 graph: kernels per step, span (us)", f"{per_step}, {span:.0f}")
+    for key, d in sorted(summary.items(), key=lambda kv: -kv[1]["adds_us"])[:12]:
+        row(f"  {key[:50]}", f"n={d['count']} busy {d['busy_us']:.0f} us, adds {d['adds_us']:.0f} us")
+    del eng
+    free()
+
+
 def quant_gemv(folder: Path) -> None:
     """int8 and fp8 (gemlite layers) at batch 1, the decode GEMVs reading the same bytes, for each way int8
     becomes fp32 in the kernel (`gemv._weights_f32`); gemlite's own batch-1 kernels as the peer."""
@@ -383,6 +450,8 @@ def main() -> None:
             ],
         ),
         ("quantgemv", lambda: quant_gemv(folder)),
+        ("b1ab", lambda: batch1_ab(folder)),
+        ("graphprof", lambda: graph_profile(folder)),
         (
             "closedab",
             lambda: [

@@ -66,7 +66,23 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SI
     offs_k = tl.arange(0, BLOCK_K)
     rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (offs_k[None, :] < K), other=0.0)
-    if PDL:  # everything above reads only weights; everything below may read the previous kernel's output
+    # Before the wait: everything that no kernel of this step writes (weights, the norm's weight, scales,
+    # bias, this step's position / slot and its cos / sin rows, sent before the graph ran).
+    if PROLOGUE == 1:
+        g = tl.load(G + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        scale = tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if ROPE_CACHE:
+        j = j0 + tl.arange(0, HALF)
+        pos = tl.load(POS)
+        slot = tl.load(SLOT)
+        c1 = tl.load(COS + pos * D + j).to(tl.float32)
+        c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
+        s1 = tl.load(SIN + pos * D + j).to(tl.float32)
+        s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
+    if PDL:  # everything below may read the previous kernel's output
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     act_ty = X.dtype.element_ty
@@ -80,7 +96,6 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SI
         xf = x.to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
         normed = (xf * inv).to(act_ty).to(tl.float32)
-        g = tl.load(G + offs_k, mask=kmask, other=0.0).to(tl.float32)
         xin = (normed * g).to(act_ty).to(tl.float32)
         acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
     else:
@@ -99,42 +114,29 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SI
             nk = kk + BLOCK_K
             w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
     if HAS_SCALE:
-        acc = acc * tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc = acc * scale
     if HAS_BIAS:
-        acc = acc + tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc = acc + bias
     if ROPE_CACHE:
-        _rope_cache_epilogue(acc.to(act_ty).to(tl.float32), head, j0, COS, SIN, POS, SLOT, Y, KC, VC,
-                             stride_c_slot, HALF, H, KV, D)  # fmt: skip
+        # q/k rows rotated (sign-folded sin table, as `fused.rope_write_cache`), q stored [H, D], k and v
+        # written into their cache slot ([slots, KV, D] views).
+        x1, x2 = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
+        if head < H + KV:
+            y1 = x1 * c1 + x2 * s1
+            y2 = x2 * c2 + x1 * s2
+            if head < H:
+                tl.store(Y + head * D + j, y1.to(Y.dtype.element_ty))
+                tl.store(Y + head * D + D // 2 + j, y2.to(Y.dtype.element_ty))
+            else:
+                dst = KC + slot * stride_c_slot + (head - H) * D
+                tl.store(dst + j, y1.to(KC.dtype.element_ty))
+                tl.store(dst + D // 2 + j, y2.to(KC.dtype.element_ty))
+        else:
+            dst = VC + slot * stride_c_slot + (head - H - KV) * D
+            tl.store(dst + j, x1.to(VC.dtype.element_ty))
+            tl.store(dst + D // 2 + j, x2.to(VC.dtype.element_ty))
     else:
         tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
-def _rope_cache_epilogue(acc, head, j0, COS, SIN, POS, SLOT, Q_OUT, KC, VC, stride_c_slot, HALF: tl.constexpr,
-                         H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):  # fmt: skip
-    """q/k rows rotated (sign-folded sin table, as `fused.rope_write_cache`), q stored [H, D], k and v
-    written into their cache slot ([slots, KV, D] views)."""
-    x1, x2 = tl.split(tl.permute(tl.reshape(acc, [2, HALF]), (1, 0)))
-    j = j0 + tl.arange(0, HALF)
-    if head < H + KV:
-        pos = tl.load(POS)
-        c1 = tl.load(COS + pos * D + j).to(tl.float32)
-        c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
-        s1 = tl.load(SIN + pos * D + j).to(tl.float32)
-        s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
-        y1 = x1 * c1 + x2 * s1
-        y2 = x2 * c2 + x1 * s2
-        if head < H:
-            tl.store(Q_OUT + head * D + j, y1.to(Q_OUT.dtype.element_ty))
-            tl.store(Q_OUT + head * D + D // 2 + j, y2.to(Q_OUT.dtype.element_ty))
-        else:
-            dst = KC + tl.load(SLOT) * stride_c_slot + (head - H) * D
-            tl.store(dst + j, y1.to(KC.dtype.element_ty))
-            tl.store(dst + D // 2 + j, y2.to(KC.dtype.element_ty))
-    else:
-        dst = VC + tl.load(SLOT) * stride_c_slot + (head - H - KV) * D
-        tl.store(dst + j, x1.to(VC.dtype.element_ty))
-        tl.store(dst + D // 2 + j, x2.to(VC.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,8 @@ TUNED: dict[tuple[int, int, int], TileConfig] = {
     (2048, 8192, 1): TileConfig(4, 4096, 4),  # down, int8/fp8
 }
 INT8_MODE = {"mode": 0}  # how int8 weights become fp32 in the kernel (see `_weights_f32`); benchmarks set it
+# RoPE + cache writes in the q/k/v product's epilogue (else `fused.rope_write_cache` after it)
+OPTIONS = {"rope_in_qkv": True}
 
 
 def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:

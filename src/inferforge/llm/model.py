@@ -222,10 +222,17 @@ class DecoderLM(nn.Module):
         x, residual = self.embed(input_ids), None
         for layer in self.blocks():
             attn, mlp = layer.attn, layer.mlp
-            rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
-                              attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
-            q, residual = gv.linear(x, attn.qkv, prologue=norm, residual=residual,
-                                    norm_weight=layer.norm1.weight, eps=eps, rope_cache=rc)  # fmt: skip
+            kw = {"prologue": norm, "residual": residual, "norm_weight": layer.norm1.weight, "eps": eps}
+            if gv.OPTIONS["rope_in_qkv"]:
+                rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
+                                  attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
+                q, residual = gv.linear(x, attn.qkv, rope_cache=rc, **kw)
+            else:
+                qkv, residual = gv.linear(x, attn.qkv, **kw)
+                q, _, _ = ops.rope_write_cache(
+                    qkv, self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
+                    attn.v_cache, attn.num_heads, attn.num_kv_heads, attn.rope, False,
+                )  # fmt: skip
             o, _ = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o)
             h, residual = gv.linear(o, mlp.up, prologue=norm, residual=residual,
                                     norm_weight=layer.norm2.weight, eps=eps)  # fmt: skip

@@ -39,36 +39,53 @@ def _paged_decode_kernel(
     TILE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    # Before the wait (programmatic dependent launch): the context length and block table (sent before the
+    # graph ran) and the first tile of keys and values except this step's own token, which the kernel just
+    # before writes; it is read after the wait and patched in.
+    ctx = tl.load(CTX + b)
+    last = ctx - 1
+    offs_d = tl.arange(0, D)
+    offs_t = tl.arange(0, TILE)
+    blk = tl.load(BT + b * stride_btb + offs_t // BS, mask=offs_t < ctx, other=0)
+    base = blk[:, None] * stride_kb + (offs_t % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+    old = (offs_t < last)[:, None]
+    k = tl.load(K + base, mask=old, other=0.0)
+    v = tl.load(V + base, mask=old, other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    ctx = tl.load(CTX + b)
     offs_g = tl.arange(0, GP)
-    offs_d = tl.arange(0, D)
     gmask = offs_g < G
     heads = kvh * G + offs_g
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0
     )
+    lblk = tl.load(BT + b * stride_btb + last // BS)
+    lbase = lblk * stride_kb + (last % BS) * stride_ks + kvh * stride_kh + offs_d
+    is_last = (offs_t == last)[:, None]
+    k = tl.where(is_last, tl.load(K + lbase)[None, :], k)
+    v = tl.where(is_last, tl.load(V + lbase)[None, :], v)
     m = tl.full([GP], float("-inf"), tl.float32)
     l_sum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
-    offs_t = tl.arange(0, TILE)
     for start in range(0, ctx, TILE):
         tok = start + offs_t
         tmask = tok < ctx
-        blk = tl.load(BT + b * stride_btb + tok // BS, mask=tmask, other=0)
-        base = blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
-        k = tl.load(K + base, mask=tmask[:, None], other=0.0)
+        if start > 0:
+            blk = tl.load(BT + b * stride_btb + tok // BS, mask=tmask, other=0)
+            base = (
+                blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+            )
+            k = tl.load(K + base, mask=tmask[:, None], other=0.0)
+            v = tl.load(V + base, mask=tmask[:, None], other=0.0)
         s = (tl.dot(q, tl.trans(k)) * scale).to(tl.float32)
         s = tl.where(tmask[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, 1))
         p = tl.exp(s - m_new[:, None])
         alpha = tl.exp(m - m_new)
         l_sum = l_sum * alpha + tl.sum(p, 1)
-        v = tl.load(V + base, mask=tmask[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
     out = acc / l_sum[:, None]
@@ -81,7 +98,7 @@ def _paged_decode_kernel(
 
 # Keys per loop iteration by batch size: at batch 1 the kernel runs only one program per KV head, so its time
 # is the latency of its sequential tiles; larger tiles mean fewer round trips (bench_gemv.py, attention).
-TILE = {"small_batch": 64, "large_batch": 64}
+TILE = {"small_batch": 128, "large_batch": 64}
 
 
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
