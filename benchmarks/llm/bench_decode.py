@@ -195,27 +195,22 @@ def engine_numbers(
 
 
 def batch1_ab(folder: Path) -> None:
-    """Batch-1 bf16 decode, one change at a time, twice in turn: RoPE in the q/k/v epilogue or a kernel of
-    its own, tuned tiles or the defaults, attention tile 128 or 64."""
-    from inferforge.llm import gemv, triton_attn
+    """Batch-1 bf16 decode, one change at a time, twice in turn: the attention tile (keys per iteration,
+    warps), programmatic dependent launch off, the gemv path off."""
+    from inferforge.llm import triton_attn
 
-    tuned = dict(gemv.TUNED)
     variants = {
-        "all": (True, True, 128),
-        "rope kernel": (False, True, 128),
-        "default tiles": (True, False, 128),
-        "attn tile 64": (True, True, 64),
+        "default": ((128, 4), {}),
+        "attn tile 256 w8": ((256, 8), {}),
+        "attn tile 64": ((64, 4), {}),
+        "pdl off": ((128, 4), {"pdl": False}),
+        "gemv off": ((128, 4), {"gemv_decode": False}),
     }
     for rep in range(2):
-        for name, (rope, use_tuned, tile) in variants.items():
-            gemv.OPTIONS["rope_in_qkv"] = rope
-            gemv.TUNED.clear()
-            gemv.TUNED.update(tuned if use_tuned else {})
-            triton_attn.TILE["small_batch"] = tile
-            RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
-    gemv.OPTIONS["rope_in_qkv"] = True
-    gemv.TUNED.update(tuned)
-    triton_attn.TILE["small_batch"] = 128
+        for name, ((tile, warps), knobs) in variants.items():
+            triton_attn.TILE["small_batch"], triton_attn.WARPS["small_batch"] = tile, warps
+            RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]", **knobs)
+    triton_attn.TILE["small_batch"], triton_attn.WARPS["small_batch"] = 128, 4
 
 
 def graph_profile(folder: Path) -> None:
@@ -274,6 +269,7 @@ def quant_gemv(folder: Path) -> None:
     gemv.INT8_MODE["mode"] = 3
     RESULTS["fp8_gemv"] = engine_numbers(folder, "fp8", (1,))
     RESULTS["int8_gemlite"] = engine_numbers(folder, "int8", (1,), gemv_decode=False)
+    RESULTS["fp8_gemlite"] = engine_numbers(folder, "fp8", (1,), gemv_decode=False)
 
 
 def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: bool) -> dict:

@@ -5,17 +5,18 @@ bandwidth, but the small ones (q/k/v 12 MB, o 8 MB) are latency-bound (7.5 and 6
 4.2 and 2.8; decode-kernels.md), and every kernel boundary in the graph is a gap in which no weight is read.
 This kernel does three things cuBLAS cannot:
 
-- the work before a product runs in its prologue: the residual add and RMSNorm before q/k/v and gate/up
-  (the first program writes the new residual), SiLU(gate) x up before down, the final norm before the LM head;
-  three fewer kernels per layer;
-- each program loads its first weight tile *before* `griddepcontrol.wait`: launched with programmatic
-  dependent launch (Hopper), the next kernel's weight reads start while the previous kernel finishes, which
-  is what hides the boundaries (weights never depend on the previous kernel; activations do);
-- int8 and fp8 weights with a per-output-channel scale in the epilogue, the same fusions for quantized models.
+- the layer's small work runs inside the products: RMSNorm in the prologue of q/k/v, gate/up and the LM head;
+  the residual add in the epilogue of o and down (each program adds its own rows); RoPE and both cache writes
+  in the epilogue of q/k/v; SiLU(gate) x up in the epilogue of gate/up (a program owns matching gate and up
+  rows). A layer is 4 products and the attention kernel, nothing else;
+- each program loads its first weight tile (and the norm weight, scales, bias, cos/sin rows) *before*
+  `griddepcontrol.wait`: launched with programmatic dependent launch (Hopper), the next kernel's weight reads
+  start while the previous kernel finishes (weights never depend on the previous kernel; activations do);
+- int8 and fp8 weights with a per-output-channel scale (gemlite's 8-bit layers, read in place).
 
 One program owns `BLOCK_N` output rows and walks K in `BLOCK_K` tiles, the next tile's load issued before the
-current tile's product. Only one activation row (batch 1): larger batches keep cuBLAS / gemlite. Each op
-has a torch reference; the model switches to them only after `verified()` on the live device.
+current tile's product. One activation row only (batch 1): larger batches keep cuBLAS / gemlite. The model
+switches to it only after `verified()` compared it with `gemv_reference` on the live device.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import triton.language as tl
 
 from inferforge.llm import fused
 
-PLAIN, NORM, SILU = 0, 1, 2  # prologues
+PLAIN, NORM = 0, 1  # prologues
+STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # epilogues
 
 
 @triton.jit
@@ -48,34 +50,37 @@ def _weights_f32(w, W_MODE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC,
-                 stride_c_slot, K: tl.constexpr, PROLOGUE: tl.constexpr, HAS_RES: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, ROPE_CACHE: tl.constexpr, H: tl.constexpr,
-                 KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
+                 K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
+                 PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0)
-    if ROPE_CACHE:  # rows j and j + D/2 of one head together, so the epilogue can rotate them
-        HALF: tl.constexpr = BLOCK_N // 2
+    HALF: tl.constexpr = BLOCK_N // 2
+    if EPILOGUE == 2:  # rows j and j + D/2 of one head, so the epilogue can rotate them
         head = pid // (D // BLOCK_N)
-        j0 = (pid % (D // BLOCK_N)) * HALF
-        idx = tl.arange(0, BLOCK_N)
-        offs_n = head * D + (idx // HALF) * (D // 2) + j0 + idx % HALF
+        j0 = head * D + (pid % (D // BLOCK_N)) * HALF
+    else:  # SiLU pairs: gate row j with up row j + N/2
+        j0 = pid * HALF
+    idx = tl.arange(0, BLOCK_N)
+    if EPILOGUE >= 2:  # noqa: SIM108 (Triton: a constexpr branch)
+        offs_n = j0 + (idx // HALF) * PAIR_GAP + idx % HALF
     else:
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_n = pid * BLOCK_N + idx
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     rows = W + offs_n[:, None].to(tl.int64) * stride_wn
     w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (offs_k[None, :] < K), other=0.0)
-    # Before the wait: everything that no kernel of this step writes (weights, the norm's weight, scales,
-    # bias, this step's position / slot and its cos / sin rows, sent before the graph ran).
+    # Before the wait: everything no kernel of this step writes (weights, the norm's weight, scales, bias,
+    # this step's position and slot and their cos / sin rows, sent before the graph ran).
     if PROLOGUE == 1:
         g = tl.load(G + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
     if HAS_SCALE:
         scale = tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if ROPE_CACHE:
-        j = j0 + tl.arange(0, HALF)
+    if EPILOGUE == 2:
+        j = (pid % (D // BLOCK_N)) * HALF + tl.arange(0, HALF)
         pos = tl.load(POS)
         slot = tl.load(SLOT)
         c1 = tl.load(COS + pos * D + j).to(tl.float32)
@@ -86,30 +91,16 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SI
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     act_ty = X.dtype.element_ty
-    if PROLOGUE == 1:  # residual add + RMSNorm over the whole row (the wrapper checks K <= BLOCK_K)
-        kmask = offs_k < K
-        x = tl.load(X + offs_k, mask=kmask, other=0.0)
-        if HAS_RES:
-            x = (x.to(tl.float32) + tl.load(R + offs_k, mask=kmask, other=0.0).to(tl.float32)).to(act_ty)
-            if pid == 0:
-                tl.store(RES_OUT + offs_k, x, mask=kmask)
-        xf = x.to(tl.float32)
+    if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
+        xf = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
-        normed = (xf * inv).to(act_ty).to(tl.float32)
-        xin = (normed * g).to(act_ty).to(tl.float32)
+        xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
         acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for i in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
             kk = i * BLOCK_K + offs_k
-            kmask = kk < K
-            if PROLOGUE == 2:  # SiLU(gate) x up, X holds gate then up (width 2K)
-                gate = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
-                up = tl.load(X + K + kk, mask=kmask, other=0.0).to(tl.float32)
-                act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
-                xin = (act * up).to(act_ty).to(tl.float32)
-            else:
-                xin = tl.load(X + kk, mask=kmask, other=0.0).to(tl.float32)
+            xin = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             acc += tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
             nk = kk + BLOCK_K
             w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
@@ -117,26 +108,41 @@ def _gemv_kernel(X, R, G, RES_OUT, W, SCALE, BIAS, Y, N, stride_wn, eps, COS, SI
         acc = acc * scale
     if HAS_BIAS:
         acc = acc + bias
-    if ROPE_CACHE:
-        # q/k rows rotated (sign-folded sin table, as `fused.rope_write_cache`), q stored [H, D], k and v
-        # written into their cache slot ([slots, KV, D] views).
-        x1, x2 = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
-        if head < H + KV:
-            y1 = x1 * c1 + x2 * s1
-            y2 = x2 * c2 + x1 * s2
-            if head < H:
-                tl.store(Y + head * D + j, y1.to(Y.dtype.element_ty))
-                tl.store(Y + head * D + D // 2 + j, y2.to(Y.dtype.element_ty))
-            else:
-                dst = KC + slot * stride_c_slot + (head - H) * D
-                tl.store(dst + j, y1.to(KC.dtype.element_ty))
-                tl.store(dst + D // 2 + j, y2.to(KC.dtype.element_ty))
-        else:
-            dst = VC + slot * stride_c_slot + (head - H - KV) * D
-            tl.store(dst + j, x1.to(VC.dtype.element_ty))
-            tl.store(dst + D // 2 + j, x2.to(VC.dtype.element_ty))
+    if EPILOGUE == 1:  # the residual add, rounded as the unfused model rounds it
+        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
+    elif EPILOGUE == 2:
+        _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
+                          stride_c_slot, HALF, H, KV, D)  # fmt: skip
+    elif EPILOGUE == 3:
+        gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
+        act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
+        out = j0 + tl.arange(0, HALF)
+        tl.store(Y + out, (act * up).to(Y.dtype.element_ty), mask=out < N // 2)
     else:
         tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _rope_cache_store(acc, head, j, c1, c2, s1, s2, slot, Q_OUT, KC, VC, stride_c_slot, HALF: tl.constexpr,
+                      H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr):  # fmt: skip
+    """q/k rows rotated (sign-folded sin table, as `fused.rope_write_cache`), q stored [H, D], k and v
+    written into their cache slot ([slots, KV, D] views)."""
+    x1, x2 = tl.split(tl.permute(tl.reshape(acc, [2, HALF]), (1, 0)))
+    if head < H + KV:
+        y1 = x1 * c1 + x2 * s1
+        y2 = x2 * c2 + x1 * s2
+        if head < H:
+            tl.store(Q_OUT + head * D + j, y1.to(Q_OUT.dtype.element_ty))
+            tl.store(Q_OUT + head * D + D // 2 + j, y2.to(Q_OUT.dtype.element_ty))
+        else:
+            dst = KC + slot * stride_c_slot + (head - H) * D
+            tl.store(dst + j, y1.to(KC.dtype.element_ty))
+            tl.store(dst + D // 2 + j, y2.to(KC.dtype.element_ty))
+    else:
+        dst = VC + slot * stride_c_slot + (head - H - KV) * D
+        tl.store(dst + j, x1.to(VC.dtype.element_ty))
+        tl.store(dst + D // 2 + j, x2.to(VC.dtype.element_ty))
 
 
 @dataclass(frozen=True)
@@ -160,16 +166,11 @@ class RopeCache:
     kv_heads: int
 
 
-# Measured on the H100 (`benchmarks/llm/bench_gemv.py`, results/h100_2026-11-23_gemv1.json), keyed by (N, K,
-# weight bytes per element); other shapes take `default_tiles`.
-TUNED: dict[tuple[int, int, int], TileConfig] = {
-    (2048, 2048, 2): TileConfig(16, 2048, 8),  # o: 4.0 us (cuBLAS 6.3)
-    (2048, 8192, 2): TileConfig(4, 4096, 8),  # down: 12.3 us (cuBLAS 15.4)
-    (2048, 8192, 1): TileConfig(4, 4096, 4),  # down, int8/fp8
-}
+# Tiles measured faster alone (bench_gemv.py) ran slower inside the decode step on the H100 (run 3 of
+# 2026-11-23: 976 tok/s with them, 1,011 with the defaults, same run), so nothing is listed; keyed by
+# (N, K, weight bytes per element).
+TUNED: dict[tuple[int, int, int], TileConfig] = {}
 INT8_MODE = {"mode": 0}  # how int8 weights become fp32 in the kernel (see `_weights_f32`); benchmarks set it
-# RoPE + cache writes in the q/k/v product's epilogue (else `fused.rope_write_cache` after it)
-OPTIONS = {"rope_in_qkv": True}
 
 
 def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:
@@ -187,92 +188,94 @@ def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    prologue: int = PLAIN,
-    residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    out_dtype: torch.dtype | None = None,
+    residual: torch.Tensor | None = None,
     rope_cache: RopeCache | None = None,
+    silu_pair: bool = False,
+    out_dtype: torch.dtype | None = None,
     tiles: TileConfig | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """y = prologue(x) @ weight.T (* scale) (+ bias) for one row x [1, K] (SILU: [1, 2K]).
+) -> torch.Tensor:
+    """y = rmsnorm(x) @ weight.T (* scale) (+ bias), then one epilogue, for one row x [1, K].
 
-    Returns (y [1, N], new residual): with NORM the residual is x + residual (a fresh tensor, never written in
-    place: every program reads the old one), or x itself without a residual; otherwise x. With `rope_cache`
-    (the q/k/v product) y is q [1, heads, D], rotated, and k and v are written into the cache instead.
-    A uint8 weight holds int8 values + 128 (`_weights_f32`).
+    `norm_weight`: RMSNorm x first. Epilogues: `residual` returns y + residual [1, N]; `rope_cache` (the
+    q/k/v product) returns q [1, heads, D] rotated and writes k and v into the cache; `silu_pair` (the
+    gate/up product, gate rows then up rows) returns SiLU(gate) x up [1, N/2]; otherwise y [1, N]. A uint8
+    weight holds int8 values + 128 (`_weights_f32`).
     """
     n, k = weight.shape
     if x.shape[0] != 1:
         raise ValueError(f"gemv takes one row, got {x.shape[0]}")
     elem = weight.element_size()
     cfg = tiles or tiles_for(n, k, elem)
-    if prologue == NORM and cfg.block_k < k:
-        cfg = TileConfig(max(1, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
-    res_out = torch.empty_like(x) if prologue == NORM and residual is not None else x
+    if norm_weight is not None and cfg.block_k < k:
+        cfg = TileConfig(max(2, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
+    epilogue = STORE if residual is None else RESIDUAL
     w_mode = 1 if weight.dtype == torch.uint8 else INT8_MODE["mode"] if weight.dtype == torch.int8 else 0
+    cache_args: tuple = (x, x, x, x, x, x, 0)
+    heads = kv_heads = d = gap = 1
     rc = rope_cache
-    if rc is None:
-        y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
-        cache_args: tuple = (x, x, x, x, x, x, 0)
-        heads = kv_heads = d = 1
-    else:
-        d = rc.k_cache.shape[-1]
-        heads, kv_heads = rc.heads, rc.kv_heads
+    if rc is not None:
+        epilogue, d, heads, kv_heads = ROPE_CACHE, rc.k_cache.shape[-1], rc.heads, rc.kv_heads
         if n != (heads + 2 * kv_heads) * d:
             raise ValueError(
                 f"rope_cache needs N = (heads + 2 kv_heads) * D = {(heads + 2 * kv_heads) * d}, got {n}"
             )
-        cfg = TileConfig(min(cfg.block_n, d), cfg.block_k, cfg.num_warps)  # a program stays inside one head
+        cfg, gap = TileConfig(min(cfg.block_n, d), cfg.block_k, cfg.num_warps), d // 2  # inside one head
         y = torch.empty(1, heads, d, dtype=x.dtype, device=x.device)
         kc, vc = rc.k_cache.view(-1, kv_heads, d), rc.v_cache.view(-1, kv_heads, d)
         cache_args = (rc.cos, rc.sin, rc.positions, rc.slots, kc, vc, kc.stride(0))
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n),)](
-        x, residual if residual is not None else x, norm_weight if norm_weight is not None else x, res_out,
-        weight, scale if scale is not None else x, bias if bias is not None else x, y, n, weight.stride(0),
-        eps, *cache_args, K=k, PROLOGUE=prologue, HAS_RES=residual is not None, HAS_SCALE=scale is not None,
-        HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, W_MODE=w_mode,
-        ROPE_CACHE=rc is not None, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
+    elif silu_pair:
+        if n % 2:
+            raise ValueError(f"silu_pair needs gate and up rows of equal count, got N = {n}")
+        epilogue, gap = SILU_PAIR, n // 2
+        cfg = TileConfig(max(2, cfg.block_n), cfg.block_k, cfg.num_warps)
+        y = torch.empty(1, n // 2, dtype=x.dtype, device=x.device)
+    else:
+        y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+    grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
+    _gemv_kernel[(grid,)](
+        x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
+        bias if bias is not None else x, residual if residual is not None else x, y, n, weight.stride(0), eps,
+        *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
-    return y, res_out
+    return y
 
 
 def gemv_reference(
     x: torch.Tensor,
     weight: torch.Tensor,
     *,
-    prologue: int = PLAIN,
-    residual: torch.Tensor | None = None,
     norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
     scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    silu_pair: bool = False,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The same contract in eager torch (the unfused kernels' rounding: sum, norm and activation each rounded
-    to the activation dtype)."""
+) -> torch.Tensor:
+    """`gemv` in eager torch, with the unfused model's rounding (norm, product, sum and activation each
+    rounded to the activation dtype). RoPE and the cache writes are `fused.rope_write_cache`'s."""
     import torch.nn.functional as F
 
-    res_out = x
-    if prologue == NORM:
-        assert norm_weight is not None
-        res = residual.clone() if residual is not None else None
-        x, res_out = fused.add_rmsnorm_reference(x, res, norm_weight, eps)
-    elif prologue == SILU:
-        gate, up = x.chunk(2, dim=-1)
-        x = F.silu(gate) * up
+    if norm_weight is not None:
+        x = fused.add_rmsnorm_reference(x, None, norm_weight, eps)[0]
     if weight.dtype == torch.uint8:
         weight = (weight.to(torch.int16) - 128).to(torch.int8)
-    w = weight.to(x.dtype) if scale is None else weight.float()
-    y = (x.float() @ w.float().T) if scale is not None else F.linear(x, w).float()
-    if scale is not None:
-        y = y * scale.float()
+    y = F.linear(x, weight.to(x.dtype)).float() if scale is None else (x.float() @ weight.float().T) * scale
     if bias is not None:
         y = y + bias.float()
-    return y.to(out_dtype or x.dtype), res_out
+    if residual is not None:
+        return y.to(x.dtype) + residual
+    if silu_pair:
+        gate, up = y.to(x.dtype).chunk(2, dim=-1)
+        return F.silu(gate) * up
+    return y.to(out_dtype or x.dtype)
 
 
 def _operands(
@@ -297,11 +300,12 @@ def _operands(
     return weight, scales.reshape(n), getattr(module, "bias", None)
 
 
-def can_run(module: torch.nn.Module) -> bool:
-    return _operands(module) is not None
+def can_run(module: torch.nn.Module, quantized: bool = True) -> bool:
+    ops = _operands(module)
+    return ops is not None and (quantized or ops[1] is None)
 
 
-def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> tuple[torch.Tensor, torch.Tensor]:
+def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tensor:
     """`gemv` with a layer's own weight, scale and bias (see `_operands`)."""
     ops = _operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
@@ -310,8 +314,8 @@ def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> tuple[torc
 
 
 def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> dict[str, float]:
-    """Largest difference to `gemv_reference` relative to the reference's largest magnitude, for each
-    prologue on 1.2B-like shapes (one bf16 rounding step is about 4e-3; summation order adds a little)."""
+    """Largest difference to `gemv_reference` (and, for RoPE, to `fused.rope_write_cache`) relative to the
+    reference's largest magnitude, on 1.2B-like shapes (one bf16 rounding step is about 4e-3)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -321,33 +325,28 @@ def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfl
         return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12)).item()
 
     err: dict[str, float] = {}
-    x, r, g, w = rand(1, 2048), rand(1, 2048), rand(2048), rand(3072, 2048) * 0.02
-    y, res = gemv(x, w, prologue=NORM, residual=r, norm_weight=g, eps=1e-5)
-    y_ref, res_ref = gemv_reference(x, w, prologue=NORM, residual=r, norm_weight=g, eps=1e-5)
-    err["norm"] = max(rel(y, y_ref), rel(res, res_ref))
-    h, w2, b = rand(1, 2 * 2000), rand(1000, 2000) * 0.02, rand(1000)
-    got = gemv(h, w2, prologue=SILU, bias=b)[0]
-    err["silu_bias"] = rel(got, gemv_reference(h, w2, prologue=SILU, bias=b)[0])
-    w3 = rand(5000, 8192) * 0.02
-    x3 = rand(1, 8192)
-    err["plain_fp32_out"] = rel(
-        gemv(x3, w3, out_dtype=torch.float32)[0], gemv_reference(x3, w3, out_dtype=torch.float32)[0]
+    x, r, g = rand(1, 2048), rand(1, 2048), rand(2048)
+    w, w13, w2 = rand(2048, 2048) * 0.02, rand(2 * 3000, 2048) * 0.02, rand(5000, 8192) * 0.02
+    err["norm_residual"] = rel(gemv(x, w, residual=r), gemv_reference(x, w, residual=r))
+    kw: dict = {"norm_weight": g, "eps": 1e-5}
+    err["norm_silu_pair"] = rel(
+        gemv(x, w13, silu_pair=True, **kw), gemv_reference(x, w13, silu_pair=True, **kw)
+    )
+    x3, b = rand(1, 8192), rand(5000)
+    err["plain_bias_fp32_out"] = rel(
+        gemv(x3, w2, bias=b, out_dtype=torch.float32), gemv_reference(x3, w2, bias=b, out_dtype=torch.float32)
     )
     heads, kv_heads, d = 32, 8, 64
     wq = rand((heads + 2 * kv_heads) * d, 2048) * 0.02
-    cos, sin, pos, slot = (
-        rand(100, d),
-        rand(100, d),
-        torch.tensor([57], device=device),
-        torch.tensor([9], device=device),
-    )
+    cos, sin = rand(100, d), rand(100, d)
+    pos, slot = torch.tensor([57], device=device), torch.tensor([9], device=device)
     kc, vc = rand(2, 16, kv_heads, d), rand(2, 16, kv_heads, d)
     kc2, vc2 = kc.clone(), vc.clone()
-    kw: dict = {"prologue": NORM, "residual": r, "norm_weight": g, "eps": 1e-5}
-    q, _ = gemv(x, wq, rope_cache=RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads), **kw)
-    qkv = gemv(x, wq, **kw)[0]
-    q2, _, _ = fused.rope_write_cache(qkv, cos, sin, pos, slot, kc2, vc2, heads, kv_heads, True, False)
-    err["rope_cache"] = max(rel(q, q2), rel(kc, kc2), rel(vc, vc2))
+    q = gemv(x, wq, rope_cache=RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads), **kw)
+    q2, _, _ = fused.rope_write_cache(
+        gemv(x, wq, **kw), cos, sin, pos, slot, kc2, vc2, heads, kv_heads, True, False
+    )
+    err["norm_rope_cache"] = max(rel(q, q2), rel(kc, kc2), rel(vc, vc2))
     return err
 
 

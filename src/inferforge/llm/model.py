@@ -212,33 +212,22 @@ class DecoderLM(nn.Module):
         return self.lm_head(hidden).float()
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-        """fp32 logits of a decode step; one sequence runs through `gemv` (norms and SiLU inside the
-        products, RoPE and the cache writes after the q/k/v product, the final norm inside the LM head: 5
-        kernels per layer instead of 9)."""
-        gv, ops = self.gemv_ops, self.fused_ops
-        if gv is None or ops is None or input_ids.shape[0] != 1 or meta.prefill is not None:
+        """fp32 logits of a decode step; one sequence runs through `gemv`: norms, residual adds, RoPE with
+        the cache writes and SiLU x up all inside the products, so a layer is 5 kernels (9 unfused)."""
+        gv = self.gemv_ops
+        if gv is None or input_ids.shape[0] != 1 or meta.prefill is not None:
             return self.logits(self(input_ids, positions, meta))
-        eps, norm = self.cfg.norm_eps, gv.NORM
-        x, residual = self.embed(input_ids), None
+        eps = self.cfg.norm_eps
+        x = self.embed(input_ids)  # the residual stream; each product's epilogue adds into it
         for layer in self.blocks():
             attn, mlp = layer.attn, layer.mlp
-            kw = {"prologue": norm, "residual": residual, "norm_weight": layer.norm1.weight, "eps": eps}
-            if gv.OPTIONS["rope_in_qkv"]:
-                rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
-                                  attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
-                q, residual = gv.linear(x, attn.qkv, rope_cache=rc, **kw)
-            else:
-                qkv, residual = gv.linear(x, attn.qkv, **kw)
-                q, _, _ = ops.rope_write_cache(
-                    qkv, self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
-                    attn.v_cache, attn.num_heads, attn.num_kv_heads, attn.rope, False,
-                )  # fmt: skip
-            o, _ = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o)
-            h, residual = gv.linear(o, mlp.up, prologue=norm, residual=residual,
-                                    norm_weight=layer.norm2.weight, eps=eps)  # fmt: skip
-            x, _ = gv.linear(h, mlp.down, prologue=gv.SILU)
-        return gv.linear(x, self.lm_head, prologue=norm, residual=residual, norm_weight=self.norm.weight,
-                         eps=eps, out_dtype=torch.float32)[0]  # fmt: skip
+            rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
+                              attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
+            q = gv.linear(x, attn.qkv, norm_weight=layer.norm1.weight, eps=eps, rope_cache=rc)
+            x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x)
+            h = gv.linear(x, mlp.up, norm_weight=layer.norm2.weight, eps=eps, silu_pair=True)
+            x = gv.linear(h, mlp.down, residual=x)
+        return gv.linear(x, self.lm_head, norm_weight=self.norm.weight, eps=eps, out_dtype=torch.float32)
 
     def gemv_ready(self) -> bool:
         """Every product of the decode step can run through `gemv` (float layers, or gemlite's int8 / fp8

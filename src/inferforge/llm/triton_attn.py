@@ -99,6 +99,7 @@ def _paged_decode_kernel(
 # Keys per loop iteration by batch size: at batch 1 the kernel runs only one program per KV head, so its time
 # is the latency of its sequential tiles; larger tiles mean fewer round trips (bench_gemv.py, attention).
 TILE = {"small_batch": 128, "large_batch": 64}
+WARPS = {"small_batch": 4, "large_batch": 4}
 
 
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
@@ -137,7 +138,7 @@ def _paged_decode_op(
         BS=block_size,
         TILE=TILE["small_batch"] if b <= 4 else TILE["large_batch"],
         PDL=fused.pdl_on(),
-        num_warps=4,
+        num_warps=WARPS["small_batch"] if b <= 4 else WARPS["large_batch"],
         **fused.launch_options(),
     )
     return out
