@@ -87,10 +87,22 @@ def check_tiny() -> None:
                 f"tiny {fam} cuda {dtype} greedy == HF fp32 CPU",
                 f"{ours == refs} (agree {agree:.3f}, first diff {first_diff})",
             )
+            alone = [  # one sequence: the batch-1 graph, through `gemv` where the model allows it
+                [
+                    t
+                    for o in eng.generate([EngineRequest(f"a{i}", p, params)])[f"a{i}"][0]
+                    for t in o.new_token_ids
+                ]
+                for i, p in enumerate(prompts)
+            ]
+            gemv_on = eng.model.gemv_ops is not None
+            row(f"tiny {fam} cuda {dtype} batch 1 (gemv {gemv_on}) == HF fp32 CPU", str(alone == refs))
             RESULTS[f"check_{fam}_{dtype}"] = {
                 "identical": ours == refs,
                 "agreement": agree,
                 "kernel": eng.decode_kernel,
+                "batch1_identical": alone == refs,
+                "batch1_gemv": gemv_on,
             }
             del eng
             free()
