@@ -207,35 +207,51 @@ def engine_numbers(
 
 
 def batch1_ab(folder: Path) -> None:
-    """Batch-1 bf16 decode, one change at a time, twice in turn: the attention tile (keys per iteration,
-    warps), programmatic dependent launch off, the gemv path off."""
-    from inferforge.llm import triton_attn
+    """Batch-1 bf16 decode, one change at a time, twice in turn: when a kernel lets the next one launch
+    (at its start or after its wait), the down product's tiles."""
+    from inferforge.llm import fused, gemv
 
     variants = {
-        "default": ((128, 4), {}),
-        "attn tile 256 w8": ((256, 8), {}),
-        "attn tile 64": ((64, 4), {}),
-        "pdl off": ((128, 4), {"pdl": False}),
-        "gemv off": ((128, 4), {"gemv_decode": False}),
+        "default": (True, None),
+        "trigger after wait": (False, None),
+        "down tiles 4x4096 w8": (True, gemv.TileConfig(4, 4096, 8)),
+        "down tiles 16x1024 w4": (True, gemv.TileConfig(16, 1024, 4)),
     }
     for rep in range(2):
-        for name, ((tile, warps), knobs) in variants.items():
-            triton_attn.TILE["small_batch"], triton_attn.WARPS["small_batch"] = tile, warps
-            RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]", **knobs)
-    triton_attn.TILE["small_batch"], triton_attn.WARPS["small_batch"] = 128, 4
+        for name, (early, down) in variants.items():
+            fused._LAUNCH["early_trigger"] = early
+            gemv.TUNED.clear()
+            if down is not None:
+                gemv.TUNED[(2048, 8192, 2)] = down
+            RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
+    fused._LAUNCH["early_trigger"] = True
+    gemv.TUNED.clear()
 
 
-def graph_profile(folder: Path) -> None:
-    """Kernel timeline of the batch-1 decode graph (CUPTI through torch.profiler): per kernel, its time on
+def batch64_ab(folder: Path) -> None:
+    """Batch-64 bf16 decode: the attention tile and warps for large batches, and PDL off."""
+    from inferforge.llm import triton_attn
+
+    variants = {"tile 64 w4": (64, 4, True), "tile 128 w4": (128, 4, True), "tile 32 w4": (32, 4, True),
+                "tile 64 w4 pdl off": (64, 4, False)}  # fmt: skip
+    for name, (tile, warps, pdl) in variants.items():
+        triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = tile, warps
+        RESULTS[f"b64ab {name}"] = engine_numbers(folder, None, (64,), note=f" [{name}]", pdl=pdl)
+    triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = 64, 4
+
+
+def graph_profile(folder: Path, batch: int = 1) -> None:
+    """Kernel timeline of a decode graph (CUPTI through torch.profiler): per kernel, its time on
     the device and the time it adds to the step (its end minus the previous kernel's end)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng = bench_engine(folder, None, decode_buckets=(1,))
+    eng = bench_engine(folder, None, decode_buckets=(batch,))
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
-    eng.add_request(EngineRequest("p", tuple(range(100, 116)), params))
+    for i in range(batch):
+        eng.add_request(EngineRequest(f"p{i}", tuple(range(100 + i, 116 + i)), params))
     for _ in range(200):
         eng.step()
-    graph = eng.runner.graphs[1][0]
+    graph = eng.runner.graphs[batch][0]
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
@@ -259,9 +275,9 @@ def graph_profile(folder: Path) -> None:
         prev_end = max(prev_end, end)
     timeline = [(a, b, n[:40]) for a, b, n in step]
     span = step[-1][1] - step[0][0]
-    RESULTS["graph_profile"] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary,
+    RESULTS[f"graph_profile_b{batch}"] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary,
                                 "timeline": timeline}  # fmt: skip
-    row("batch-1 graph: kernels per step, span (us)", f"{per_step}, {span:.0f}")
+    row(f"batch-{batch} graph: kernels per step, span (us)", f"{per_step}, {span:.0f}")
     for key, d in sorted(summary.items(), key=lambda kv: -kv[1]["adds_us"])[:12]:
         row(f"  {key[:50]}", f"n={d['count']} busy {d['busy_us']:.0f} us, adds {d['adds_us']:.0f} us")
     del eng
@@ -460,6 +476,8 @@ def main() -> None:
         ("quantgemv", lambda: quant_gemv(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
+        ("graphprof64", lambda: graph_profile(folder, 64)),
+        ("b64ab", lambda: batch64_ab(folder)),
         (
             "closedab",
             lambda: [

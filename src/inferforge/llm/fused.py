@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-_LAUNCH = {"pdl": False}
+_LAUNCH = {"pdl": False, "early_trigger": True}
 
 
 def enable_pdl(on: bool) -> None:
@@ -31,8 +31,13 @@ def enable_pdl(on: bool) -> None:
     _LAUNCH["pdl"] = on
 
 
-def pdl_on() -> bool:
-    return _LAUNCH["pdl"]
+def pdl_on() -> int:
+    """The kernels' PDL constexpr: 0 off; 1 let the next kernel launch once this one passed its wait; 2 at
+    once (the next kernel may then prefetch its weights while this one still waits: all kernels of a chain
+    wait for their predecessor to finish before reading its output, so correctness holds either way)."""
+    if not _LAUNCH["pdl"]:
+        return 0
+    return 2 if _LAUNCH["early_trigger"] else 1
 
 
 def launch_options() -> dict[str, bool]:
@@ -90,8 +95,11 @@ def _rope_cache_kernel(QKV, COS, SIN, POS, SLOT, Q_OUT, K_OUT, KC, VC, stride_qk
                        stride_ko_t, stride_ko_h, stride_c_slot, stride_c_h, H: tl.constexpr, KV: tl.constexpr,
                        D: tl.constexpr, ROPE: tl.constexpr, WRITE_K: tl.constexpr,
                        PDL: tl.constexpr):  # fmt: skip
-    if PDL:
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     t = tl.program_id(0)
     h = tl.program_id(1)  # 0..H-1 query heads, H..H+KV-1 key (and value) heads

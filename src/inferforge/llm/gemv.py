@@ -55,6 +55,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
                  PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
                  PDL: tl.constexpr):  # fmt: skip
+    if PDL == 2:  # `fused.pdl_on`
+        tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
     HALF: tl.constexpr = BLOCK_N // 2
     if EPILOGUE == 2:  # rows j and j + D/2 of one head, so the epilogue can rotate them
@@ -87,8 +89,9 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
         s1 = tl.load(SIN + pos * D + j).to(tl.float32)
         s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
-    if PDL:  # everything below may read the previous kernel's output
+    if PDL > 0:  # everything below may read the previous kernel's output
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
@@ -170,7 +173,7 @@ class RopeCache:
 # 2026-11-23: 976 tok/s with them, 1,011 with the defaults, same run), so nothing is listed; keyed by
 # (N, K, weight bytes per element).
 TUNED: dict[tuple[int, int, int], TileConfig] = {}
-INT8_MODE = {"mode": 0}  # how int8 weights become fp32 in the kernel (see `_weights_f32`); benchmarks set it
+INT8_MODE = {"mode": 3}  # how int8 weights become fp32 (`_weights_f32`); 3 measured fastest (run 4)
 
 
 def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:

@@ -39,6 +39,8 @@ def _paged_decode_kernel(
     TILE: tl.constexpr,
     PDL: tl.constexpr,
 ):
+    if PDL == 2:  # `fused.pdl_on`
+        tl.extra.cuda.gdc_launch_dependents()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     # Before the wait (programmatic dependent launch): the context length and block table (sent before the
@@ -53,8 +55,10 @@ def _paged_decode_kernel(
     old = (offs_t < last)[:, None]
     k = tl.load(K + base, mask=old, other=0.0)
     v = tl.load(V + base, mask=old, other=0.0)
-    if PDL:
+    lblk = tl.load(BT + b * stride_btb + last // BS)
+    if PDL > 0:
         tl.extra.cuda.gdc_wait()
+    if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
@@ -62,7 +66,6 @@ def _paged_decode_kernel(
     q = tl.load(
         Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0
     )
-    lblk = tl.load(BT + b * stride_btb + last // BS)
     lbase = lblk * stride_kb + (last % BS) * stride_ks + kvh * stride_kh + offs_d
     is_last = (offs_t == last)[:, None]
     k = tl.where(is_last, tl.load(K + lbase)[None, :], k)
@@ -98,8 +101,8 @@ def _paged_decode_kernel(
 
 # Keys per loop iteration by batch size: at batch 1 the kernel runs only one program per KV head, so its time
 # is the latency of its sequential tiles; larger tiles mean fewer round trips (bench_gemv.py, attention).
-TILE = {"small_batch": 128, "large_batch": 64}
-WARPS = {"small_batch": 4, "large_batch": 4}
+TILE = {"small_batch": 256, "large_batch": 64}
+WARPS = {"small_batch": 8, "large_batch": 4}
 
 
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
