@@ -224,20 +224,24 @@ def batch1_ab(folder: Path) -> None:
             if down is not None:
                 gemv.TUNED[(2048, 8192, 2)] = down
             RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
-    fused._LAUNCH["early_trigger"] = True
+    fused._LAUNCH["early_trigger"] = False
     gemv.TUNED.clear()
 
 
 def batch64_ab(folder: Path) -> None:
-    """Batch-64 bf16 decode: the attention tile and warps for large batches, and PDL off."""
+    """Batch-64 bf16 decode, twice in turn: attention pipelined or not, logits written as fp32 by the GEMM
+    or converted."""
     from inferforge.llm import triton_attn
 
-    variants = {"tile 64 w4": (64, 4, True), "tile 128 w4": (128, 4, True), "tile 32 w4": (32, 4, True),
-                "tile 64 w4 pdl off": (64, 4, False)}  # fmt: skip
-    for name, (tile, warps, pdl) in variants.items():
-        triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = tile, warps
-        RESULTS[f"b64ab {name}"] = engine_numbers(folder, None, (64,), note=f" [{name}]", pdl=pdl)
-    triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = 64, 4
+    variants = {"default": (True, {}), "attention not pipelined": (False, {}),
+                "logits bf16 then fp32": (True, {"fp32_logits_mm": False})}  # fmt: skip
+    for rep in range(2):
+        for name, (pipe, knobs) in variants.items():
+            triton_attn.PIPELINE["large_batch"] = pipe
+            RESULTS[f"b64ab {name} rep{rep}"] = engine_numbers(
+                folder, None, (64,), note=f" [{name}]", **knobs
+            )
+    triton_attn.PIPELINE["large_batch"] = True
 
 
 def graph_profile(folder: Path, batch: int = 1) -> None:

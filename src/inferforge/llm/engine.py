@@ -100,6 +100,8 @@ class LLMEngine:
 
                 if gemv.verified(self.device, config.torch_dtype):
                     self.model.gemv_ops = gemv
+        if self.device.type == "cuda" and config.fp32_logits_mm:
+            self.model.enable_fp32_logits_mm()
         if self.device.type == "cuda" and config.compile_decode:
             self.model.compile_decode()
         self.tokenizer = Tokenizer(self.folder)

@@ -137,6 +137,7 @@ class DecoderLM(nn.Module):
         self.compiled_block: Callable[..., torch.Tensor] | None = None
         self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
         self.gemv_ops: ModuleType | None = None  # `inferforge.llm.gemv` once verified (batch-1 decode)
+        self.fp32_logits_mm = False
 
     def can_fuse(self) -> bool:
         """The fused kernels cover RMSNorm, gated-SiLU models with RoPE (Llama, Mistral, Qwen2) whose head
@@ -209,7 +210,24 @@ class DecoderLM(nn.Module):
         self.compiled_block = torch.compile(Block.forward, dynamic=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.fp32_logits_mm:  # cuBLAS writes fp32 itself: no bf16 logits and no conversion kernel
+            return torch.mm(hidden, self.lm_head.weight.t(), out_dtype=torch.float32)  # type: ignore[call-overload]
         return self.lm_head(hidden).float()
+
+    def enable_fp32_logits_mm(self) -> bool:
+        """Use `torch.mm(..., out_dtype=float32)` for the LM head where it exists (CUDA) and agrees with the
+        bf16 product; returns whether it is on."""
+        head = self.lm_head
+        if type(head) is not nn.Linear or head.bias is not None or head.weight.device.type != "cuda":
+            return False
+        x = torch.randn(3, head.weight.shape[1], device=head.weight.device, dtype=head.weight.dtype)
+        try:
+            got = torch.mm(x, head.weight.t(), out_dtype=torch.float32)  # type: ignore[call-overload]
+        except (RuntimeError, TypeError):
+            return False
+        want = head(x).float()
+        self.fp32_logits_mm = bool(((got - want).abs().max() <= 1e-2 * want.abs().max()).item())
+        return self.fp32_logits_mm
 
     def decode_logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
         """fp32 logits of a decode step; one sequence runs through `gemv`: norms, residual adds, RoPE with
