@@ -38,7 +38,6 @@ def _paged_decode_kernel(
     BS: tl.constexpr,
     TILE: tl.constexpr,
     PDL: tl.constexpr,
-    PIPELINE: tl.constexpr,
 ):
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
@@ -77,19 +76,7 @@ def _paged_decode_kernel(
     for start in range(0, ctx, TILE):
         tok = start + offs_t
         tmask = tok < ctx
-        if PIPELINE:  # the next tile's loads go out before this tile's math (two tiles in flight)
-            nxt = tok + TILE
-            nmask = nxt < ctx
-            nblk = tl.load(BT + b * stride_btb + nxt // BS, mask=nmask, other=0)
-            nbase = (
-                nblk[:, None] * stride_kb
-                + (nxt % BS)[:, None] * stride_ks
-                + kvh * stride_kh
-                + offs_d[None, :]
-            )
-            k_next = tl.load(K + nbase, mask=nmask[:, None], other=0.0)
-            v_next = tl.load(V + nbase, mask=nmask[:, None], other=0.0)
-        elif start > 0:
+        if start > 0:
             blk = tl.load(BT + b * stride_btb + tok // BS, mask=tmask, other=0)
             base = (
                 blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
@@ -104,8 +91,6 @@ def _paged_decode_kernel(
         l_sum = l_sum * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m = m_new
-        if PIPELINE:
-            k, v = k_next, v_next
     out = acc / l_sum[:, None]
     tl.store(
         Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -117,10 +102,10 @@ def _paged_decode_kernel(
 # Keys per loop iteration, warps and software pipelining by batch size. At batch <= 4 the kernel runs a few
 # programs, so its time is the latency of its sequential tiles: one large tile (bench_decode.py b1ab, run 4:
 # 256 keys / 8 warps 1,041 tok/s, 128 / 4 1,029, 64 / 4 997). At larger batches there are programs enough to
-# fill the GPU; 64 keys measured best (b64ab, run 5), each program keeping two tiles in flight.
+# fill the GPU; 64 keys measured best (b64ab, run 5); keeping the next tile's loads in flight while computing
+# this one measured no faster (run 6) and was removed.
 TILE = {"small_batch": 256, "large_batch": 64}
 WARPS = {"small_batch": 8, "large_batch": 4}
-PIPELINE = {"small_batch": False, "large_batch": True}
 
 
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
@@ -159,7 +144,6 @@ def _paged_decode_op(
         BS=block_size,
         TILE=TILE["small_batch"] if b <= 4 else TILE["large_batch"],
         PDL=fused.pdl_on(),
-        PIPELINE=PIPELINE["small_batch"] if b <= 4 else PIPELINE["large_batch"],
         num_warps=WARPS["small_batch"] if b <= 4 else WARPS["large_batch"],
         **fused.launch_options(),
     )
