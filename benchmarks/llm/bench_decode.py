@@ -231,15 +231,12 @@ def batch1_ab(folder: Path) -> None:
 def batch64_ab(folder: Path) -> None:
     """Batch-64 bf16 decode, twice in turn: logits written as fp32 by the GEMM or converted after it
     (run 6 also compared a pipelined attention loop: no faster, removed)."""
-    variants = {"default": (True, {}), "attention not pipelined": (False, {}),
-                "logits bf16 then fp32": (True, {"fp32_logits_mm": False})}  # fmt: skip
+    variants = {"default": {}, "logits bf16 then fp32": {"fp32_logits_mm": False}}
     for rep in range(2):
-        for name, (pipe, knobs) in variants.items():
-            triton_attn.PIPELINE["large_batch"] = pipe
+        for name, knobs in variants.items():
             RESULTS[f"b64ab {name} rep{rep}"] = engine_numbers(
                 folder, None, (64,), note=f" [{name}]", **knobs
             )
-    triton_attn.PIPELINE["large_batch"] = True
 
 
 def graph_profile(folder: Path, batch: int = 1) -> None:
