@@ -120,6 +120,7 @@ def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]], float]) -
         url=url, concurrency=concurrency, max_tokens=gen, requests=requests, duration_s=600, ignore_eos=True
     )
     time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
+    cpu0 = time.process_time()
     samples, _ = asyncio.run(run_samples(cfg, [{"prompt": list(r)} for r in rows]))
     return {
         "end": time.time(),
@@ -128,6 +129,7 @@ def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]], float]) -
         "ok": sum(s.ok for s in samples),
         "ttft": [s.ttft for s in samples if s.ok],
         "itl": [g for s in samples if s.ok for g in s.itl],
+        "cpu_s": time.process_time() - cpu0,
     }
 
 
@@ -137,7 +139,24 @@ def _client_init() -> None:
     import inferforge.serve.openai.loadtest  # noqa: F401
 
 
-def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any) -> dict:
+def cpu_seconds(pid: int) -> dict[str, float]:
+    """user + system CPU seconds of a process and of each of its child processes (Linux /proc): which side
+    of the server (HTTP process, engine process) runs out of cores."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def one(p: int) -> float:
+        fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    out = {"server": one(pid)}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            out[f"child {child}"] = one(int(child))
+    return out
+
+
+def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any, pid: int | None = None) -> dict:
+    cpu0 = cpu_seconds(pid) if pid else {}
     rows = prompts(a.requests, a.prompt_len, seed)
     per = a.concurrency // a.client_procs
     n = a.requests // a.client_procs
@@ -146,6 +165,8 @@ def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any) -> 
     parts = pool.map(client_proc, jobs)
     wall = max(p["end"] for p in parts) - start_at
     tokens = sum(p["tokens"] for p in parts)
+    cpu1 = cpu_seconds(pid) if pid else {}
+    busy = {k: round((cpu1[k] - cpu0.get(k, 0.0)) / wall, 2) for k in cpu1}  # cores in use
     ttft = [t for p in parts for t in p["ttft"]]
     itl = [t for p in parts for t in p["itl"]]
     return {
@@ -157,6 +178,8 @@ def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any) -> 
         "ttft_p50_ms": pct(ttft, 0.5) * 1e3,
         "itl_p50_ms": pct(itl, 0.5) * 1e3,
         "itl_p99_ms": pct(itl, 0.99) * 1e3,
+        "cores_busy": busy,
+        "client_cores_busy": round(sum(p["cpu_s"] for p in parts) / wall, 2),
     }
 
 
@@ -309,8 +332,12 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
         warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
         with mp.get_context("spawn").Pool(a.client_procs, initializer=_client_init) as pool:
             server_throughput(url, warm, 1, pool)
-            res["throughput"] = [server_throughput(url, a, 10 + r, pool) for r in range(a.reps)]
+            res["throughput"] = [server_throughput(url, a, 10 + r, pool, proc.pid) for r in range(a.reps)]
         phase(f"server throughput: {[round(r['tokens_per_s']) for r in res['throughput']]} tok/s")
+        phase(
+            f"cores busy (server, engine child): {[r['cores_busy'] for r in res['throughput']]}; "
+            f"clients: {[r['client_cores_busy'] for r in res['throughput']]}"
+        )
         if measure_ttft:
             server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up
             client_s, header_ms = server_ttft(url, prompts(a.ttft_reps, a.ttft_prompt, 3), model)

@@ -283,14 +283,20 @@ def gemv_reference(
 
 def _operands(
     module: torch.nn.Module,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """(weight [N, K], per-channel scale or None, bias or None) of a layer this kernel can run: a plain
+) -> tuple[torch.Tensor | object, torch.Tensor | None, torch.Tensor | None] | None:
+    """(weight, per-channel scale or None, bias or None) of a layer this kernel can run: a plain
     floating-point `nn.Linear`, or gemlite's 8-bit channel-wise layers (int8 / fp8 weight-only,
     `llm/quant.py`), whose `W_q` is the transpose of the [N, K] weight and `scales` one value per output
-    channel, so the same bytes serve gemlite's kernels at larger batches and this one at batch 1. None
-    otherwise (int4 is packed)."""
+    channel, so the same bytes serve gemlite's kernels at larger batches and this one at batch 1. gemlite's
+    packed int4 layers give a `gemv_int4.Int4Weight` (their group scales and zeros inside it) and run through
+    `gemv_int4`. None otherwise."""
     if type(module) is torch.nn.Linear:
         return (module.weight, None, module.bias) if module.weight.is_floating_point() else None
+    if getattr(module, "W_nbits", None) == 4:
+        from inferforge.llm import gemv_int4
+
+        w4 = gemv_int4.int4_weight(module)
+        return None if w4 is None else (w4, None, getattr(module, "bias", None))
     w_q, scales = getattr(module, "W_q", None), getattr(module, "scales", None)
     if getattr(module, "W_nbits", None) != 8 or getattr(module, "elements_per_sample", None) != 1:
         return None
@@ -304,15 +310,20 @@ def _operands(
 
 
 def can_run(module: torch.nn.Module, quantized: bool = True) -> bool:
+    """Whether `linear` can run the layer; `quantized=False` admits unquantized (float) weights only."""
     ops = _operands(module)
-    return ops is not None and (quantized or ops[1] is None)
+    return ops is not None and (quantized or (ops[1] is None and isinstance(ops[0], torch.Tensor)))
 
 
 def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tensor:
-    """`gemv` with a layer's own weight, scale and bias (see `_operands`)."""
+    """`gemv` (or `gemv_int4.gemv_int4` for int4) with a layer's own weight, scale and bias (`_operands`)."""
     ops = _operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
+    if not isinstance(weight, torch.Tensor):
+        from inferforge.llm import gemv_int4
+
+        return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]
 
 

@@ -1,0 +1,310 @@
+"""Batch-1 decode GEMV for gemlite's packed int4 weights (`A16Wn`, W_nbits=4), read in place.
+
+gemlite's own int4 kernels are latency-bound at batch 1 on the 1.2B shapes (int4 gained 1.43x over bf16 end
+to end where int8, with twice the bytes, gained 1.70x through `gemv.py`). This kernel has `gemv.gemv`'s
+contract (RMSNorm prologue; store, residual, RoPE + cache, SiLU-pair epilogues; the first weight tile, its
+scales and zeros, the norm weight, bias and cos / sin loaded before `griddepcontrol.wait`) and reads the bytes
+gemlite's `GemLiteLinearTriton.pack` leaves (so gemlite keeps them for larger batches and no copy is made):
+
+- `W_q` [K/8, N] int32, contiguous (packed over K, then transposed): weight (n, k) is bits 4*(k % 8) .. +3 of
+  `W_q[k // 8, n]`, so a tile of packed rows is read coalesced along N;
+- `scales`, `zeros` [K/group, N], contiguous; `W_group_mode` 4 (fma): W = q * scale + zeros, zeros holding
+  -zero * scale; 3: W = (q - zero) * scale (gemlite's choice when group_size == K).
+
+A tile of packed rows r holds 8 nibble planes; plane i multiplies x[8r + i] (a strided load of x). The
+product is summed per group first and scaled once per group: sum_k W x = sum_g s_g (sum q x) + z_g (sum x).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from inferforge.llm import fused
+from inferforge.llm.gemv import (
+    NORM,
+    PLAIN,
+    RESIDUAL,
+    ROPE_CACHE,
+    SILU_PAIR,
+    STORE,
+    RopeCache,
+    TileConfig,
+    _rope_cache_store,
+)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A gemlite int4 layer's tensors, as stored (see the module docstring)."""
+
+    packed: torch.Tensor  # [K/8, N] int32
+    scales: torch.Tensor  # [K/group, N]
+    zeros: torch.Tensor  # [K/group, N]: -zero * scale when `fma`, else zero
+    group: int
+    fma: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(N, K), as a [N, K] weight's."""
+        return self.packed.shape[1], self.packed.shape[0] * 8
+
+
+def int4_weight(module: torch.nn.Module) -> Int4Weight | None:
+    """The layer's `Int4Weight` if it has exactly the layout this kernel reads, else None (other bit widths,
+    MX formats, channel-wise post-scales, scaled activations, integer zeros, other packings or strides)."""
+    w, s, z, group = (getattr(module, a, None) for a in ("W_q", "scales", "zeros", "group_size"))
+    if getattr(module, "W_nbits", None) != 4 or getattr(module, "elements_per_sample", None) != 8:
+        return None
+    mode = getattr(module, "W_group_mode", None)
+    if mode not in (3, 4) or getattr(module, "channel_scale_mode", None) != 0:
+        return None
+    if getattr(module, "scaled_activations", False) or getattr(module, "unpack_mask", 15) != 15:
+        return None
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.stride(1) == 1 for t in (w, s, z)):
+        return None
+    assert isinstance(w, torch.Tensor) and isinstance(s, torch.Tensor) and isinstance(z, torch.Tensor)
+    if w.dtype != torch.int32 or not s.is_floating_point() or not z.is_floating_point():
+        return None
+    k, n = w.shape[0] * 8, w.shape[1]
+    if not isinstance(group, int) or group < 8 or group & (group - 1) or k % group:
+        return None
+    if s.shape != (k // group, n) or z.shape != s.shape:
+        return None
+    if (getattr(module, "in_features", k), getattr(module, "out_features", n)) != (k, n):
+        return None
+    return Int4Weight(w, s, z, group, mode == 4)
+
+
+@triton.jit
+def _ld(p, m):
+    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _planes(P, rows, KP: tl.constexpr):
+    """P[8 r + i] for the packed rows r, i = 0..7, in fp32: what nibble plane i multiplies."""
+    m = rows < KP
+    p = P + rows * 8
+    return (_ld(p, m), _ld(p + 1, m), _ld(p + 2, m), _ld(p + 3, m),
+            _ld(p + 4, m), _ld(p + 5, m), _ld(p + 6, m), _ld(p + 7, m))  # fmt: skip
+
+
+@triton.jit
+def _normed(x, g, inv, X):
+    """RMSNorm of one plane with transformers' rounding (as `gemv`'s prologue)."""
+    act_ty = X.dtype.element_ty
+    return ((x * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
+
+
+@triton.jit
+def _norm_planes(xs, gs, X, eps, K: tl.constexpr):
+    ss = 0.0
+    for i in tl.static_range(8):
+        ss += tl.sum(xs[i] * xs[i], 0)
+    inv = tl.rsqrt(ss / K + eps)
+    return (_normed(xs[0], gs[0], inv, X), _normed(xs[1], gs[1], inv, X), _normed(xs[2], gs[2], inv, X),
+            _normed(xs[3], gs[3], inv, X), _normed(xs[4], gs[4], inv, X), _normed(xs[5], gs[5], inv, X),
+            _normed(xs[6], gs[6], inv, X), _normed(xs[7], gs[7], inv, X))  # fmt: skip
+
+
+@triton.jit
+def _load_tile(W, S, Z, t, offs_n, nmask, stride_w, stride_s, stride_z, K: tl.constexpr, GROUP: tl.constexpr,
+               BLOCK_K: tl.constexpr, TG: tl.constexpr):  # fmt: skip
+    """K tile t: packed weights [BLOCK_K/8, BLOCK_N] and the scales and zeros of its TG groups [TG, BLOCK_N]
+    (one group when a group spans several tiles)."""
+    rows = t * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+    wmask = (rows < K // 8)[:, None] & nmask[None, :]
+    w = tl.load(W + rows[:, None].to(tl.int64) * stride_w + offs_n[None, :], mask=wmask, other=0)
+    g = (t * BLOCK_K + tl.arange(0, TG) * (BLOCK_K // TG)) // GROUP
+    gmask = (g < K // GROUP)[:, None] & nmask[None, :]
+    s = tl.load(S + g[:, None] * stride_s + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+    z = tl.load(Z + g[:, None] * stride_z + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+    return w, s, z
+
+
+@triton.jit
+def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr):
+    """sum_k W[n, k] x[k] over one tile: nibble plane i of each packed row times x[8 r + i], summed per group,
+    then the group's scale and zero applied once."""
+    t = tl.zeros(w.shape, tl.float32)
+    xsum = tl.zeros(xs[0].shape, tl.float32)
+    for i in tl.static_range(8):
+        # q | 0x4B000000 is the fp32 2^23 + q (exact): no int-to-float instruction
+        q = (((w >> (4 * i)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        t += q * xs[i][:, None]
+        xsum += xs[i]
+    tg = tl.sum(tl.reshape(t, [TG, w.shape[0] // TG, w.shape[1]]), 1)
+    xg = tl.sum(tl.reshape(xsum, [TG, w.shape[0] // TG]), 1)[:, None]
+    if FMA:
+        return tl.sum(tg * s + z * xg, 0)
+    else:
+        return tl.sum((tg - z * xg) * s, 0)
+
+
+@triton.jit
+def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.constexpr, D: tl.constexpr):
+    """This program's output rows, as `gemv._gemv_kernel` assigns them (pairs for RoPE and SiLU)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    head = pid
+    if EPILOGUE == 2:  # rows j and j + D/2 of one head
+        head = pid // (D // BLOCK_N)
+        j0 = head * D + (pid % (D // BLOCK_N)) * HALF
+    else:  # SiLU pairs: gate row j with up row j + N/2
+        j0 = pid * HALF
+    idx = tl.arange(0, BLOCK_N)
+    if EPILOGUE >= 2:  # noqa: SIM108 (Triton: a constexpr branch)
+        offs_n = j0 + (idx // HALF) * PAIR_GAP + idx % HALF
+    else:
+        offs_n = pid * BLOCK_N + idx
+    return offs_n, j0, head
+
+
+@triton.jit
+def _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE: tl.constexpr, HALF: tl.constexpr):
+    """Epilogues other than RoPE, rounded as `gemv._gemv_kernel` rounds them."""
+    act_ty = X.dtype.element_ty
+    if EPILOGUE == 1:
+        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) - res).to(Y.dtype.element_ty), mask=nmask)
+    elif EPILOGUE == 3:
+        gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
+        act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
+        out = j0 + tl.arange(0, HALF)
+        tl.store(Y + out, (act * up).to(Y.dtype.element_ty), mask=out < N // 2)
+    else:
+        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z, eps, COS, SIN, POS, SLOT,
+                      KC, VC, stride_c_slot, K: tl.constexpr, GROUP: tl.constexpr, FMA: tl.constexpr,
+                      PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
+                      H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    if PDL == 2:  # `fused.pdl_on`
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = BLOCK_N // 2
+    offs_n, j0, head = _rows(pid, BLOCK_N, EPILOGUE, PAIR_GAP, D)
+    nmask = offs_n < N
+    r = tl.arange(0, BLOCK_K // 8)
+    w, s, z = _load_tile(W, S, Z, 0, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP, BLOCK_K, TG)
+    # Before the wait: everything no kernel of this step writes (as `gemv._gemv_kernel`).
+    if PROLOGUE == 1:
+        gs = _planes(G, r, K // 8)
+    if HAS_BIAS:
+        bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    if EPILOGUE == 2:
+        j = (pid % (D // BLOCK_N)) * HALF + tl.arange(0, HALF)
+        pos = tl.load(POS)
+        slot = tl.load(SLOT)
+        c1 = tl.load(COS + pos * D + j).to(tl.float32)
+        c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
+        s1 = tl.load(SIN + pos * D + j).to(tl.float32)
+        s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
+    if PDL > 0:  # everything below may read the previous kernel's output
+        tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PROLOGUE == 1:  # the whole row in one tile (the wrapper makes BLOCK_K >= K)
+        acc = _tile_dot(w, s, z, _norm_planes(_planes(X, r, K // 8), gs, X, eps, K), TG, FMA)
+    else:
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for t in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
+            acc += _tile_dot(w, s, z, _planes(X, t * (BLOCK_K // 8) + r, K // 8), TG, FMA)
+            w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
+                                 BLOCK_K, TG)  # fmt: skip
+    if HAS_BIAS:
+        acc = acc + bias
+    if EPILOGUE == 2:
+        act_ty = X.dtype.element_ty
+        _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
+                          stride_c_slot, HALF, H, KV, D)  # fmt: skip
+    else:
+        _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
+
+
+# Keyed by (N, K); empty until measured inside the decode step (tiles faster alone were not, `gemv.TUNED`).
+TUNED: dict[tuple[int, int], TileConfig] = {}
+
+
+def default_tiles(n: int, k: int) -> TileConfig:
+    """About 16K weights (8 KB) per tile, as many rows per program as `gemv` gives bf16 for the same K (so as
+    many programs), the whole row when it fits (the norm prologue needs it)."""
+    block_k = min(triton.next_power_of_2(k), 4096)
+    return TileConfig(max(2, min(64, 16384 // block_k)), block_k, 4)
+
+
+def gemv_int4(
+    x: torch.Tensor,
+    weight: Int4Weight,
+    *,
+    norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    rope_cache: RopeCache | None = None,
+    silu_pair: bool = False,
+    out_dtype: torch.dtype | None = None,
+    tiles: TileConfig | None = None,
+) -> torch.Tensor:
+    """`gemv.gemv` (same arguments, results and errors) for an int4 weight; `tiles.block_k` counts weights
+    (unpacked) and must be a power of two of at least 8."""
+    n, k = weight.shape
+    if x.shape[0] != 1:
+        raise ValueError(f"gemv takes one row, got {x.shape[0]}")
+    cfg = tiles or TUNED.get((n, k)) or default_tiles(n, k)
+    if norm_weight is not None and cfg.block_k < k:
+        block_k = triton.next_power_of_2(k)
+        cfg = TileConfig(max(2, 16384 // block_k), block_k, 4)
+    if cfg.block_k < 8 or cfg.block_k & (cfg.block_k - 1):
+        raise ValueError(f"block_k must be a power of two >= 8, got {cfg.block_k}")
+    out = _outputs(x, n, cfg, residual is not None, rope_cache, silu_pair, out_dtype)
+    y, epilogue, gap, cfg, cache_args, (heads, kv_heads, d) = out
+    grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
+    w = weight
+    _gemv_int4_kernel[(grid,)](
+        x, norm_weight if norm_weight is not None else x, w.packed, w.scales, w.zeros,
+        bias if bias is not None else x, residual if residual is not None else x, y, n, w.packed.stride(0),
+        w.scales.stride(0), w.zeros.stride(0), eps, *cache_args, K=k, GROUP=w.group, FMA=w.fma,
+        PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
+        KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps, **fused.launch_options(),
+    )  # fmt: skip
+    return y
+
+
+def _outputs(
+    x: torch.Tensor,
+    n: int,
+    cfg: TileConfig,
+    residual: bool,
+    rc: RopeCache | None,
+    silu_pair: bool,
+    out_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, int, int, TileConfig, tuple, tuple[int, int, int]]:
+    """Output, epilogue, pair gap, tiles, cache arguments and (heads, kv heads, D), by `gemv.gemv`'s rules."""
+    if rc is not None:
+        d, heads, kv_heads = rc.k_cache.shape[-1], rc.heads, rc.kv_heads
+        if n != (heads + 2 * kv_heads) * d:
+            raise ValueError(
+                f"rope_cache needs N = (heads + 2 kv_heads) * D = {(heads + 2 * kv_heads) * d}, got {n}"
+            )
+        y = torch.empty(1, heads, d, dtype=x.dtype, device=x.device)
+        kc, vc = rc.k_cache.view(-1, kv_heads, d), rc.v_cache.view(-1, kv_heads, d)
+        cfg = TileConfig(min(cfg.block_n, d), cfg.block_k, cfg.num_warps)  # inside one head
+        cache_args = (rc.cos, rc.sin, rc.positions, rc.slots, kc, vc, kc.stride(0))
+        return y, ROPE_CACHE, d // 2, cfg, cache_args, (heads, kv_heads, d)
+    none = (x, x, x, x, x, x, 0)
+    if silu_pair:
+        if n % 2:
+            raise ValueError(f"silu_pair needs gate and up rows of equal count, got N = {n}")
+        cfg = TileConfig(max(2, cfg.block_n), cfg.block_k, cfg.num_warps)
+        y = torch.empty(1, n // 2, dtype=x.dtype, device=x.device)
+        return y, SILU_PAIR, n // 2, cfg, none, (1, 1, 1)
+    y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
+    return y, RESIDUAL if residual else STORE, 1, cfg, none, (1, 1, 1)
