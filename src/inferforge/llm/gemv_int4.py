@@ -169,7 +169,7 @@ def _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE: tl.constexpr, HALF: tl.
     act_ty = X.dtype.element_ty
     if EPILOGUE == 1:
         res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) - res).to(Y.dtype.element_ty), mask=nmask)
+        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
     elif EPILOGUE == 3:
         gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
         act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
