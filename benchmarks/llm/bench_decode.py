@@ -228,6 +228,43 @@ def batch1_ab(folder: Path) -> None:
     gemv.TUNED.clear()
 
 
+def prefill_profile(folder: Path) -> None:
+    """The load test's prefill (64 prompts of 128 tokens in one 8,192-token step): wall time of the step
+    against the summed time of its CUDA kernels, and the kernels that take the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = bench_engine(folder, None, max_num_batched_tokens=8192, decode_buckets=(64,))
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for rep in range(3):
+        for i in range(64):
+            ids = tuple(torch.randint(100, 500, (128,), generator=g).tolist())
+            eng.add_request(EngineRequest(f"pp{rep}-{i}", ids, params))
+        torch.cuda.synchronize()
+        if rep < 2:  # warm-up
+            while eng.has_unfinished():
+                eng.step()
+            continue
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            eng.step()
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            kernels[e.name[:50]] = kernels.get(e.name[:50], 0.0) + (e.time_range.end - e.time_range.start)
+    busy = sum(kernels.values()) / 1e3
+    RESULTS["prefill_profile"] = {"wall_ms": wall * 1e3, "kernels_ms": busy, "by_kernel_us": kernels}
+    row("prefill step 64 x 128 tokens: wall / CUDA kernels (ms)", f"{wall * 1e3:.1f} / {busy:.1f}")
+    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
+        row(f"  {name}", f"{us / 1e3:.2f} ms")
+    while eng.has_unfinished():
+        eng.step()
+    del eng
+    free()
+
+
 def batch64_ab(folder: Path) -> None:
     """Batch-64 bf16 decode, twice in turn: logits written as fp32 by the GEMM or converted after it
     (run 6 also compared a pipelined attention loop: no faster, removed)."""
@@ -312,14 +349,21 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
                     f"l{rep}-{i}", tuple(torch.randint(100, 500, (128,), generator=g).tolist()), params
                 )
             )
-        t0, n = time.perf_counter(), 0
+        t0, n, first, t_first = time.perf_counter(), 0, set(), 0.0
         while eng.has_unfinished():
-            n += sum(len(o.new_token_ids) for o in eng.step())
-        out["tok_s"] = n / (time.perf_counter() - t0)
+            outs = eng.step()
+            n += sum(len(o.new_token_ids) for o in outs)
+            first.update(o.request_id for o in outs)
+            if len(first) == 64 and not t_first:
+                t_first = time.perf_counter() - t0  # every request has its first token: prefill is over
+        wall = time.perf_counter() - t0
+        out["tok_s"], out["prefill_ms"] = n / wall, t_first * 1e3
+        out["decode_after_prefill_tok_s"] = (n - 64) / (wall - t_first)
     row(
         f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s, {batched_tokens} tokens/step"
         + "".join(f" {k}={v}" for k, v in knobs.items()),
-        f"{out['tok_s']:,.0f}",
+        f"{out['tok_s']:,.0f} (first tokens after {out['prefill_ms']:.1f} ms, then "
+        f"{out['decode_after_prefill_tok_s']:,.0f} tok/s)",
     )
     ttft = []
     for rep in range(6):
@@ -477,6 +521,7 @@ def main() -> None:
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
         ("b64ab", lambda: batch64_ab(folder)),
+        ("prefillprof", lambda: prefill_profile(folder)),
         (
             "closedab",
             lambda: [
