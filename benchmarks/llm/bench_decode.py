@@ -228,6 +228,31 @@ def batch1_ab(folder: Path) -> None:
     gemv.TUNED.clear()
 
 
+def quant_start(folder: Path, fmt: str = "int8") -> None:
+    """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
+    kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import time; t0 = time.perf_counter(); from inferforge.llm.engine import EngineConfig, LLMEngine; "
+        f"LLMEngine({str(folder)!r}, EngineConfig(device='cuda', quant={fmt!r}, max_num_seqs=64, "
+        "kv_cache_tokens=64 * 640, max_model_len=1024, experimental_quant=True)); "
+        "print(f'START {time.perf_counter() - t0:.1f}')"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "INFERFORGE_CACHE": cache}
+        for label in ("cold (tunes, writes the file)", "warm (reads the file)"):
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            seconds = next(
+                (ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("START")), "failed"
+            )
+            RESULTS[f"quant_start_{fmt}_{label.split()[0]}_s"] = seconds
+            row(f"engine {fmt} start, {label} (s)", seconds if seconds != "failed" else res.stderr[-300:])
+
+
 def prefill_profile(folder: Path) -> None:
     """The load test's prefill (64 prompts of 128 tokens in one 8,192-token step): wall time of the step
     against the summed time of its CUDA kernels, and the kernels that take the most."""
@@ -522,6 +547,7 @@ def main() -> None:
         ("graphprof64", lambda: graph_profile(folder, 64)),
         ("b64ab", lambda: batch64_ab(folder)),
         ("prefillprof", lambda: prefill_profile(folder)),
+        ("quantstart", lambda: quant_start(folder)),
         (
             "closedab",
             lambda: [

@@ -72,6 +72,9 @@ class LLMEngine:
             fmt: str = config.quant
 
             def transform(m: DecoderLM) -> None:
+                from inferforge.llm.quant import load_tuned_configs
+
+                load_tuned_configs(self.device)
                 quantize_model(m, fmt, experimental=config.experimental_quant)
 
         self.model = load_model(
@@ -132,6 +135,10 @@ class LLMEngine:
             decode_fn=decode_fn,
             buckets=config.decode_buckets,
         )
+        if config.quant is not None:  # the decode graphs are captured: their shapes are tuned now
+            from inferforge.llm.quant import save_tuned_configs
+
+            save_tuned_configs(self.device)
         self.eos_ids = set(self.model.cfg.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)

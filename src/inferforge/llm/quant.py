@@ -11,6 +11,10 @@ at batch 1 through the engine: on the H100 (2026-11-22, 1.2B Llama shape) int8 1
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -75,3 +79,43 @@ def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experime
         head.weight = nn.Parameter(weight.data, requires_grad=False)  # quantizing makes a copy when tied
         model.lm_head = quantize_linear(head, fmt)
     torch.cuda.empty_cache()
+
+
+def tuned_config_path(device: torch.device) -> Path:
+    """Where gemlite's autotuned kernel configurations for this GPU are kept (JSON, `INFERFORGE_CACHE` or
+    ~/.cache/inferforge): gemlite autotunes every new shape on first use, which made a quantized engine take
+    60-90 s to start on the H100."""
+    import gemlite
+
+    root = os.environ.get("INFERFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "inferforge")
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", torch.cuda.get_device_name(device)).strip("-")
+    version = re.sub(r"[^A-Za-z0-9.]+", "-", getattr(gemlite, "__version__", "unknown"))
+    return Path(root) / f"gemlite-{gpu}-{version}-triton{_triton_version()}.json"
+
+
+def _triton_version() -> str:
+    import triton
+
+    return str(triton.__version__)
+
+
+def load_tuned_configs(device: torch.device) -> bool:
+    """Reuse the configurations an earlier engine tuned on this kind of GPU (a JSON file gemlite reads)."""
+    import gemlite
+
+    path = tuned_config_path(device)
+    return path.is_file() and bool(gemlite.load_config(str(path), print_error=False))
+
+
+def save_tuned_configs(device: torch.device) -> Path | None:
+    """Write the configurations tuned so far (merged with the file's); a failure to write only costs the
+    next start its tuning time, so it is reported, not raised."""
+    import gemlite
+
+    path = tuned_config_path(device)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gemlite.cache_config(str(path))
+    except OSError:
+        return None
+    return path
