@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from inferforge.llm import fused, gemv
+from inferforge.llm import fused, gemv, gemv_int4
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 from inferforge.llm.quant import INT4_GROUP, _int4_pack
@@ -103,7 +103,6 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     _, layer = _layer(n, k, group, seed=n + k)
     cases: list[dict[str, object]] = [
         {},
-        {"norm_weight": nw, "eps": 1e-5},
         {"norm_weight": nw, "eps": 0.5},  # eps as large as the mean square, so using it shows
         {"residual": r},
         {"norm_weight": nw, "eps": 1e-5, "silu_pair": True},
@@ -139,8 +138,7 @@ def _rope_case(group: int) -> tuple:
     return heads, kv_heads, layer, x, nw, cos, sin, caches
 
 
-@pytest.mark.parametrize("group", [32, 128])
-@pytest.mark.parametrize("block_n", [2, 8, 16])
+@pytest.mark.parametrize(("block_n", "group"), [(2, 32), (8, 128), (16, 64)])
 def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(block_n: int, group: int) -> None:
     """q rotated, k rotated into its slot, v copied into its slot, for every way a head's rows split over
     programs: as the dequantized product followed by `fused.rope_write_cache`."""
@@ -228,13 +226,17 @@ def _int4(linear: torch.nn.Module) -> _GemliteInt4:
     return _GemliteInt4(*_int4_pack(linear.weight.data, INT4_GROUP), INT4_GROUP, bias=linear.bias)
 
 
-def test_model_decodes_the_same_tokens_through_gemv_int4(tiny_dirs: dict[str, Path]) -> None:
+def test_model_decodes_the_same_tokens_through_gemv_int4(
+    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """fp32, every product int4 (`quant.quantize_model`'s layers; hidden 64 makes q/k/v, o, gate/up and the
     LM head channel-wise (W_group_mode 3), down grouped (4)): batch-1 decode through `gemv` generates exactly
     the tokens of the eager model running the same dequantized weights."""
     config = EngineConfig(device=DEVICE, dtype="float32", kv_cache_tokens=2048, cuda_graphs=False,
                           fused_kernels=False)  # fmt: skip
     eng = LLMEngine(tiny_dirs["qwen2"], config)  # q/k/v bias
+    if not torch.cuda.is_available():  # 8 times fewer programs: the interpreter runs them one by one
+        monkeypatch.setattr(gemv_int4, "default_tiles", lambda n, k: gemv.TileConfig(64, 2048, 4))
     for layer in eng.model.blocks():
         layer.attn.qkv, layer.attn.o = _int4(layer.attn.qkv), _int4(layer.attn.o)
         layer.mlp.up, layer.mlp.down = _int4(layer.mlp.up), _int4(layer.mlp.down)

@@ -11,8 +11,10 @@ gemlite's `GemLiteLinearTriton.pack` leaves (so gemlite keeps them for larger ba
 - `scales`, `zeros` [K/group, N], contiguous; `W_group_mode` 4 (fma): W = q * scale + zeros, zeros holding
   -zero * scale; 3: W = (q - zero) * scale (gemlite's choice when group_size == K).
 
-A tile of packed rows r holds 8 nibble planes; plane i multiplies x[8r + i] (a strided load of x). The
-product is summed per group first and scaled once per group: sum_k W x = sum_g s_g (sum q x) + z_g (sum x).
+A tile of packed rows r holds 8 nibble planes; plane i multiplies x[8r + i], column i of x read as a
+[rows, 8] tile (one 16-byte load a row; the columns are picked in registers). The product is summed per
+group first and scaled once per group: sum_k W x = sum_g s_g (sum q x) + z_g (sum x). Tiles are 8 output
+rows wide (`default_tiles` says why).
 """
 
 from __future__ import annotations
@@ -80,17 +82,19 @@ def int4_weight(module: torch.nn.Module) -> Int4Weight | None:
 
 
 @triton.jit
-def _ld(p, m):
-    return tl.load(p, mask=m, other=0.0).to(tl.float32)
+def _planes(P, rows, KP: tl.constexpr):
+    """P[8 r + i] for the packed rows r, i = 0..7, in fp32: what nibble plane i multiplies. One [rows, 8] load
+    (each thread gets whole rows), then the columns: selects the compiler folds (no shuffles, no shared
+    memory), where eight strided loads each went through shared memory to reach the weight tile's layout."""
+    i8 = tl.arange(0, 8)
+    xt = tl.load(P + rows[:, None] * 8 + i8[None, :], mask=(rows < KP)[:, None], other=0.0).to(tl.float32)
+    return (_col(xt, i8, 0), _col(xt, i8, 1), _col(xt, i8, 2), _col(xt, i8, 3),
+            _col(xt, i8, 4), _col(xt, i8, 5), _col(xt, i8, 6), _col(xt, i8, 7))  # fmt: skip
 
 
 @triton.jit
-def _planes(P, rows, KP: tl.constexpr):
-    """P[8 r + i] for the packed rows r, i = 0..7, in fp32: what nibble plane i multiplies."""
-    m = rows < KP
-    p = P + rows * 8
-    return (_ld(p, m), _ld(p + 1, m), _ld(p + 2, m), _ld(p + 3, m),
-            _ld(p + 4, m), _ld(p + 5, m), _ld(p + 6, m), _ld(p + 7, m))  # fmt: skip
+def _col(xt, i8, i: tl.constexpr):
+    return tl.sum(tl.where(i8[None, :] == i, xt, 0.0), 1)
 
 
 @triton.jit
@@ -127,15 +131,19 @@ def _load_tile(W, S, Z, t, offs_n, nmask, stride_w, stride_s, stride_z, K: tl.co
 
 
 @triton.jit
+def _nibble(w, i: tl.constexpr):
+    """Nibble plane i in fp32: q | 0x4B000000 is the fp32 2^23 + q (exact), so no int-to-float instruction."""
+    return (((w >> (4 * i)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+
+@triton.jit
 def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr):
     """sum_k W[n, k] x[k] over one tile: nibble plane i of each packed row times x[8 r + i], summed per group,
     then the group's scale and zero applied once."""
-    t = tl.zeros(w.shape, tl.float32)
-    xsum = tl.zeros(xs[0].shape, tl.float32)
-    for i in tl.static_range(8):
-        # q | 0x4B000000 is the fp32 2^23 + q (exact): no int-to-float instruction
-        q = (((w >> (4 * i)) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-        t += q * xs[i][:, None]
+    t = _nibble(w, 0) * xs[0][:, None]
+    xsum = xs[0]
+    for i in tl.static_range(1, 8):
+        t += _nibble(w, i) * xs[i][:, None]
         xsum += xs[i]
     tg = tl.sum(tl.reshape(t, [TG, w.shape[0] // TG, w.shape[1]]), 1)
     xg = tl.sum(tl.reshape(xsum, [TG, w.shape[0] // TG]), 1)[:, None]
@@ -233,10 +241,11 @@ TUNED: dict[tuple[int, int], TileConfig] = {}
 
 
 def default_tiles(n: int, k: int) -> TileConfig:
-    """About 16K weights (8 KB) per tile, as many rows per program as `gemv` gives bf16 for the same K (so as
-    many programs), the whole row when it fits (the norm prologue needs it)."""
-    block_k = min(triton.next_power_of_2(k), 4096)
-    return TileConfig(max(2, min(64, 16384 // block_k)), block_k, 4)
+    """8 output rows (one 32-byte sector of each packed row) by up to 2048 weights: 8 KB a tile, as many
+    programs as `gemv` runs for bf16 at K = 2048. Other BLOCK_N compile worse for sm_90 (Triton 3.6, read
+    offline): x's [rows, 8] tile and the weight tile then get different layouts and every nibble plane goes
+    through shared memory; 4096 weights a tile doubles the registers (93 -> 162 at K = 8192)."""
+    return TileConfig(8, min(triton.next_power_of_2(k), 2048), 4)
 
 
 def gemv_int4(
@@ -259,8 +268,7 @@ def gemv_int4(
         raise ValueError(f"gemv takes one row, got {x.shape[0]}")
     cfg = tiles or TUNED.get((n, k)) or default_tiles(n, k)
     if norm_weight is not None and cfg.block_k < k:
-        block_k = triton.next_power_of_2(k)
-        cfg = TileConfig(max(2, 16384 // block_k), block_k, 4)
+        cfg = TileConfig(cfg.block_n, triton.next_power_of_2(k), cfg.num_warps)
     if cfg.block_k < 8 or cfg.block_k & (cfg.block_k - 1):
         raise ValueError(f"block_k must be a power of two >= 8, got {cfg.block_k}")
     out = _outputs(x, n, cfg, residual is not None, rope_cache, silu_pair, out_dtype)
