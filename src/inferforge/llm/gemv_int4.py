@@ -12,7 +12,7 @@ gemlite's `GemLiteLinearTriton.pack` leaves (so gemlite keeps them for larger ba
   -zero * scale; 3: W = (q - zero) * scale (gemlite's choice when group_size == K).
 
 A tile of packed rows r holds 8 nibble planes; plane i multiplies x[8r + i], column i of x read as a
-[rows, 8] tile (one 16-byte load a row; the columns are picked in registers). The product is summed per
+[rows, 8] tile (`_row_tile`). The product is summed per
 group first and scaled once per group: sum_k W x = sum_g s_g (sum q x) + z_g (sum x). Tiles are 8 output
 rows wide (`default_tiles` says why).
 """
@@ -82,37 +82,24 @@ def int4_weight(module: torch.nn.Module) -> Int4Weight | None:
 
 
 @triton.jit
-def _planes(P, rows, KP: tl.constexpr):
-    """P[8 r + i] for the packed rows r, i = 0..7, in fp32: what nibble plane i multiplies. One [rows, 8] load
-    (each thread gets whole rows), then the columns: selects the compiler folds (no shuffles, no shared
-    memory), where eight strided loads each went through shared memory to reach the weight tile's layout."""
+def _row_tile(P, rows, KP: tl.constexpr):
+    """P[8 r + i] for the packed rows r as a [rows, 8] fp32 tile: column i is what nibble plane i multiplies.
+    One 16-byte load a row (each thread gets whole rows, so `_columns` picks columns in registers), where
+    eight strided loads each went through shared memory to reach the weight tile's layout (sm_90, read
+    offline)."""
     i8 = tl.arange(0, 8)
-    xt = tl.load(P + rows[:, None] * 8 + i8[None, :], mask=(rows < KP)[:, None], other=0.0).to(tl.float32)
-    return (_col(xt, i8, 0), _col(xt, i8, 1), _col(xt, i8, 2), _col(xt, i8, 3),
-            _col(xt, i8, 4), _col(xt, i8, 5), _col(xt, i8, 6), _col(xt, i8, 7))  # fmt: skip
+    return tl.load(P + rows[:, None] * 8 + i8[None, :], mask=(rows < KP)[:, None], other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _col(xt, i8, i: tl.constexpr):
-    return tl.sum(tl.where(i8[None, :] == i, xt, 0.0), 1)
+def _columns(xt):
+    return (_col(xt, 0), _col(xt, 1), _col(xt, 2), _col(xt, 3), _col(xt, 4), _col(xt, 5), _col(xt, 6),
+            _col(xt, 7))  # fmt: skip
 
 
 @triton.jit
-def _normed(x, g, inv, X):
-    """RMSNorm of one plane with transformers' rounding (as `gemv`'s prologue)."""
-    act_ty = X.dtype.element_ty
-    return ((x * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
-
-
-@triton.jit
-def _norm_planes(xs, gs, X, eps, K: tl.constexpr):
-    ss = 0.0
-    for i in tl.static_range(8):
-        ss += tl.sum(xs[i] * xs[i], 0)
-    inv = tl.rsqrt(ss / K + eps)
-    return (_normed(xs[0], gs[0], inv, X), _normed(xs[1], gs[1], inv, X), _normed(xs[2], gs[2], inv, X),
-            _normed(xs[3], gs[3], inv, X), _normed(xs[4], gs[4], inv, X), _normed(xs[5], gs[5], inv, X),
-            _normed(xs[6], gs[6], inv, X), _normed(xs[7], gs[7], inv, X))  # fmt: skip
+def _col(xt, i: tl.constexpr):
+    return tl.sum(tl.where(tl.arange(0, 8)[None, :] == i, xt, 0.0), 1)
 
 
 @triton.jit
@@ -203,7 +190,7 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
     w, s, z = _load_tile(W, S, Z, 0, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP, BLOCK_K, TG)
     # Before the wait: everything no kernel of this step writes (as `gemv._gemv_kernel`).
     if PROLOGUE == 1:
-        gs = _planes(G, r, K // 8)
+        g = _row_tile(G, r, K // 8)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
@@ -218,18 +205,21 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         tl.extra.cuda.gdc_wait()
     if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-    if PROLOGUE == 1:  # the whole row in one tile (the wrapper makes BLOCK_K >= K)
-        acc = _tile_dot(w, s, z, _norm_planes(_planes(X, r, K // 8), gs, X, eps, K), TG, FMA)
+    act_ty = X.dtype.element_ty
+    if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
+        xf = _row_tile(X, r, K // 8)
+        inv = tl.rsqrt(tl.sum(tl.sum(xf * xf, 1), 0) / K + eps)
+        xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
+        acc = _tile_dot(w, s, z, _columns(xin), TG, FMA)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for t in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            acc += _tile_dot(w, s, z, _planes(X, t * (BLOCK_K // 8) + r, K // 8), TG, FMA)
+            acc += _tile_dot(w, s, z, _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8)), TG, FMA)
             w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
                                  BLOCK_K, TG)  # fmt: skip
     if HAS_BIAS:
         acc = acc + bias
     if EPILOGUE == 2:
-        act_ty = X.dtype.element_ty
         _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
                           stride_c_slot, HALF, H, KV, D)  # fmt: skip
     else:
