@@ -79,9 +79,13 @@ def _dequantize(w_q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, grou
     return w_q.float() * s + zs
 
 
+def _randn(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=g).to(DEVICE)
+
+
 def _layer(n: int, k: int, group: int, seed: int, dtype: torch.dtype = torch.float32, **kw: object) -> tuple:
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g)
+    w = _randn(g, n, k)
     w_q, scale, zero = _int4_pack(w, group)
     layer = _GemliteInt4(w_q, scale.to(dtype), zero.to(dtype), group, **kw)  # type: ignore[arg-type]
     return w, layer
@@ -99,7 +103,7 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     """Through `gemv.linear` on the layer's packed bytes: ragged N, K in several tiles and groups, the norm
     prologue, bias, residual add, SiLU pairs (gate rows then up rows), wider output."""
     g = torch.Generator().manual_seed(n * k + group)
-    x, r, nw, b = (torch.randn(*s, generator=g) for s in ((1, k), (1, n), (k,), (n,)))
+    x, r, nw, b = (_randn(g, *s) for s in ((1, k), (1, n), (k,), (n,)))
     _, layer = _layer(n, k, group, seed=n + k)
     cases: list[dict[str, object]] = [
         {},
@@ -123,7 +127,7 @@ def test_the_product_is_the_float_layer_up_to_int4_rounding() -> None:
     min-max int4 over groups of 64 Gaussian weights leaves ~9% relative error; a misread nibble order or
     group, ~120%."""
     w, layer = _layer(64, 512, 64, seed=1)
-    x = torch.randn(1, 512, generator=torch.Generator().manual_seed(2))
+    x = _randn(torch.Generator().manual_seed(2), 1, 512)
     got, exact = gemv.linear(x, layer), x @ w.T
     assert (got - exact).norm() < 0.15 * exact.norm()
 
@@ -131,9 +135,8 @@ def test_the_product_is_the_float_layer_up_to_int4_rounding() -> None:
 def _rope_case(group: int) -> tuple:
     g = torch.Generator().manual_seed(3)
     heads, kv_heads, d, k = 4, 2, 16, 128
-    x, nw = torch.randn(1, k, generator=g), torch.randn(k, generator=g)
-    cos, sin = torch.randn(50, d, generator=g), torch.randn(50, d, generator=g)
-    caches = [torch.randn(3, 16, kv_heads, d, generator=g) for _ in range(2)]
+    x, nw, cos, sin = _randn(g, 1, k), _randn(g, k), _randn(g, 50, d), _randn(g, 50, d)
+    caches = [_randn(g, 3, 16, kv_heads, d) for _ in range(2)]
     _, layer = _layer((heads + 2 * kv_heads) * d, k, group, seed=4)
     return heads, kv_heads, layer, x, nw, cos, sin, caches
 
@@ -143,7 +146,7 @@ def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(block_n: 
     """q rotated, k rotated into its slot, v copied into its slot, for every way a head's rows split over
     programs: as the dequantized product followed by `fused.rope_write_cache`."""
     heads, kv_heads, layer, x, nw, cos, sin, (kc, vc) = _rope_case(group)
-    pos, slot = torch.tensor([37]), torch.tensor([21])
+    pos, slot = torch.tensor([37], device=DEVICE), torch.tensor([21], device=DEVICE)
     kc2, vc2, kc0 = kc.clone(), vc.clone(), kc.clone()
     rc = gemv.RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
     tiles = gemv.TileConfig(block_n, 64, 1)
@@ -158,13 +161,14 @@ def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(block_n: 
 
 def test_errors_are_gemv_s() -> None:
     heads, kv_heads, layer, x, _, cos, sin, (kc, vc) = _rope_case(64)
-    rc = gemv.RopeCache(cos, sin, torch.tensor([1]), torch.tensor([1]), kc, vc, heads + 1, kv_heads)
+    one = torch.tensor([1], device=DEVICE)
+    rc = gemv.RopeCache(cos, sin, one, one, kc, vc, heads + 1, kv_heads)
     with pytest.raises(ValueError, match="rope_cache needs N"):
         gemv.linear(x, layer, rope_cache=rc)
     with pytest.raises(ValueError, match="one row"):
-        gemv.linear(torch.randn(2, 128), layer)
+        gemv.linear(torch.randn(2, 128, device=DEVICE), layer)
     with pytest.raises(ValueError, match="silu_pair"):
-        gemv.linear(torch.randn(1, 64), _layer(7, 64, 64, seed=0)[1], silu_pair=True)
+        gemv.linear(torch.randn(1, 64, device=DEVICE), _layer(7, 64, 64, seed=0)[1], silu_pair=True)
 
 
 def _spoiled(change: str) -> torch.nn.Module:
@@ -211,7 +215,7 @@ def test_bf16_matches_the_reference_to_bf16_rounding() -> None:
     """The model's dtype: bf16 activations, scales and zeros (the fma zeros rounded to bf16 as gemlite does);
     the reference multiplies bf16-rounded weights, the kernel fp32 ones (measured: 1-3 bf16 steps apart)."""
     g = torch.Generator().manual_seed(6)
-    x, r, nw = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((1, 256), (1, 96), (256,)))
+    x, r, nw = (_randn(g, *s).to(torch.bfloat16) for s in ((1, 256), (1, 96), (256,)))
     _, layer = _layer(96, 256, 64, seed=7, dtype=torch.bfloat16)
     for kw in ({}, {"residual": r}, {"norm_weight": nw, "eps": 1e-5, "silu_pair": True}):
         got = gemv.linear(x, layer, **kw)
