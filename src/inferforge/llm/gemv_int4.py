@@ -144,7 +144,7 @@ def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr):
 def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.constexpr, D: tl.constexpr):
     """This program's output rows, as `gemv._gemv_kernel` assigns them (pairs for RoPE and SiLU)."""
     HALF: tl.constexpr = BLOCK_N // 2
-    head = pid
+    head = pid  # used by RoPE only
     if EPILOGUE == 2:  # rows j and j + D/2 of one head
         head = pid // (D // BLOCK_N)
         j0 = head * D + (pid % (D // BLOCK_N)) * HALF
@@ -233,8 +233,8 @@ TUNED: dict[tuple[int, int], TileConfig] = {}
 def default_tiles(n: int, k: int) -> TileConfig:
     """8 output rows (one 32-byte sector of each packed row) by up to 2048 weights: 8 KB a tile, as many
     programs as `gemv` runs for bf16 at K = 2048. Other BLOCK_N compile worse for sm_90 (Triton 3.6, read
-    offline): x's [rows, 8] tile and the weight tile then get different layouts and every nibble plane goes
-    through shared memory; 4096 weights a tile doubles the registers (93 -> 162 at K = 8192)."""
+    offline, not timed): x's [rows, 8] tile and the weight tile then get different layouts and every nibble
+    plane goes through shared memory; 4096 weights a tile takes ~160 registers a thread instead of ~95."""
     return TileConfig(8, min(triton.next_power_of_2(k), 2048), 4)
 
 
