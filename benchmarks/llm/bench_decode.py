@@ -187,8 +187,12 @@ def engine_numbers(
         "kernel": eng.decode_kernel,
         "compile_error": eng.runner.compile_error,
         "compiled": eng.model.compiled_block is not None,
+        "gemv": eng.model.gemv_ops is not None,
+        "gemv_error": eng.gemv_error,
     }
-    row(f"engine {label} fused kernels", f"{out['fused_kernels']} (compiled block {out['compiled']})")
+    row(
+        f"engine {label} fused kernels", f"{out['fused_kernels']} (gemv {out['gemv']} {eng.gemv_error or ''})"
+    )
     decode_rate(eng, 1, new_tokens=32)  # warm-up
     for b in batches:
         out[f"decode_tok_s_b{b}"] = rate = decode_rate(eng, b)
@@ -542,6 +546,19 @@ def main() -> None:
             ],
         ),
         ("quantgemv", lambda: quant_gemv(folder)),
+        (
+            "int4ab",
+            lambda: [
+                RESULTS.__setitem__(
+                    f"int4ab {name}", engine_numbers(folder, q, (1,), note=f" [{name}]", **kn)
+                )
+                for name, q, kn in (
+                    ("bf16", None, {}),
+                    ("int4 gemv", "int4", {}),
+                    ("int4 gemlite", "int4", {"gemv_decode": False}),
+                )
+            ],
+        ),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),

@@ -146,6 +146,10 @@ class _Gemlite8Bit(torch.nn.Module):
         self.W_q, self.scales, self.bias = q.t(), scale.view(-1, 1).t(), bias
         self.zeros = torch.tensor([[]], dtype=torch.int32)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x @ (self.W_q.float() * self.scales)
+        return y if self.bias is None else y + self.bias
+
 
 def test_gemlite_8bit_layers_run_on_their_own_bytes() -> None:
     g = torch.Generator().manual_seed(9)
@@ -158,3 +162,19 @@ def test_gemlite_8bit_layers_run_on_their_own_bytes() -> None:
     torch.testing.assert_close(got, x @ (q.float() * scale[:, None]).T + b, rtol=1e-4, atol=1e-4)
     assert not gemv.can_run(_Gemlite8Bit(q, scale, b, per_sample=4))  # packed (int4): not this kernel
     assert gemv.can_run(torch.nn.Linear(4, 4))
+
+
+def test_layers_are_checked_against_their_own_forward() -> None:
+    """The engine's check on the model's real layers: a layer read as it means itself passes; one whose
+    bytes mean something else (here its own forward scales differently) is refused with the reason."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 64, generator=g)
+    scale = w.abs().amax(1) / 127
+    q = (w / scale[:, None]).round().to(torch.int8)
+    good, plain = _Gemlite8Bit(q, scale, None), torch.nn.Linear(64, 24)
+    errors = gemv.matches_layers([good, plain], torch.float32)
+    assert max(errors.values()) < 1e-4
+    bad = _Gemlite8Bit(q, scale, None)
+    bad.forward = lambda x: x @ (bad.W_q.float() * bad.scales * 1.1)  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="gemv disagrees with _Gemlite8Bit"):
+        gemv.matches_layers([bad], torch.float32)

@@ -92,6 +92,7 @@ class LLMEngine:
 
             decode_fn = triton_attn.verified_kernel(self.device)
         self.decode_kernel = "torch" if decode_fn is None else "triton"
+        self.gemv_error: str | None = None
         if self.device.type == "cuda" and config.fused_kernels and self.model.can_fuse():
             from inferforge.llm import fused
 
@@ -102,7 +103,13 @@ class LLMEngine:
                 from inferforge.llm import gemv
 
                 if gemv.verified(self.device, config.torch_dtype):
-                    self.model.gemv_ops = gemv
+                    layer = self.model.blocks()[0]
+                    mods = [layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down, self.model.lm_head]
+                    try:
+                        gemv.matches_layers(mods, config.torch_dtype)
+                        self.model.gemv_ops = gemv
+                    except RuntimeError as exc:  # keep the layers' own kernels; say why
+                        self.gemv_error = str(exc)
         if self.device.type == "cuda" and config.fp32_logits_mm:
             self.model.enable_fp32_logits_mm()
         if self.device.type == "cuda" and config.compile_decode:

@@ -364,5 +364,28 @@ def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfl
     return err
 
 
+def matches_layers(
+    layers: list[torch.nn.Module], dtype: torch.dtype, tolerance: float = 2e-2
+) -> dict[str, float]:
+    """`linear` against each layer's own forward (cuBLAS, or gemlite's kernels for quantized layers) on a
+    random row, relative to the largest output: the check that the bytes are read as the layer means them
+    (packing, scales, zeros), on the model's real weights. Raises if one is off by more than `tolerance`."""
+    errors: dict[str, float] = {}
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    for i, layer in enumerate(layers):
+        ref_w = _operands(layer)
+        assert ref_w is not None, f"gemv cannot run {type(layer).__name__}"
+        k = ref_w[0].shape[1]
+        weight = ref_w[0]
+        dev = weight.device if isinstance(weight, torch.Tensor) else weight.packed.device  # type: ignore[attr-defined]
+        x = torch.randn(1, k, generator=gen).to(dev, dtype)
+        want = layer(x).float()
+        got = linear(x, layer).float()
+        errors[f"{i}:{type(layer).__name__}"] = err = ((got - want).abs().max() / want.abs().max()).item()
+        if not err <= tolerance:
+            raise RuntimeError(f"gemv disagrees with {type(layer).__name__} {tuple(want.shape)}: {err:.3g}")
+    return errors
+
+
 def verified(device: torch.device, dtype: torch.dtype, tolerance: float = 2e-2) -> bool:
     return all(e <= tolerance for e in check_against_reference(device, dtype).values())
