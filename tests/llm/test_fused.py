@@ -53,3 +53,26 @@ def test_fused_model_generates_the_same_tokens(tiny_dirs: dict[str, Path], famil
 def test_gpt2_is_not_fused(tiny_dirs: dict[str, Path]) -> None:
     eng = LLMEngine(tiny_dirs["gpt2"], EngineConfig(device=DEVICE, kv_cache_tokens=1024, cuda_graphs=False))
     assert not eng.model.can_fuse() and eng.model.fused_ops is None
+
+
+def test_rope_write_cache_in_token_blocks_for_prompts() -> None:
+    """More than 64 tokens run in blocks of 32 per program (a ragged last block): q and k rotated as
+    transformers does, k and v written at their slots."""
+    heads, kv, d, t = 4, 2, 16, 100
+    g = torch.Generator().manual_seed(0)
+    qkv = torch.randn(t, (heads + 2 * kv) * d, generator=g)
+    cos, sin = torch.randn(200, d, generator=g), torch.randn(200, d, generator=g)
+    pos, slots = torch.randperm(200, generator=g)[:t], torch.randperm(160, generator=g)[:t]
+    dev = torch.device(DEVICE)
+    qkv, cos, sin, pos, slots = (x.to(dev) for x in (qkv, cos, sin, pos, slots))
+    kc, vc = torch.zeros(10, 16, kv, d, device=dev), torch.zeros(10, 16, kv, d, device=dev)
+    q, k, _ = fused.rope_write_cache(qkv, cos, sin, pos, slots, kc, vc, heads, kv, True, True)
+    qk = qkv[:, : (heads + kv) * d].view(t, heads + kv, d)
+    ref = qk * cos[pos].unsqueeze(1) + qk.unflatten(-1, (2, d // 2)).flip(-2).flatten(-2) * sin[
+        pos
+    ].unsqueeze(1)
+    assert k is not None
+    torch.testing.assert_close(q, ref[:, :heads])
+    torch.testing.assert_close(k, ref[:, heads:])
+    torch.testing.assert_close(kc.view(-1, kv, d)[slots], ref[:, heads:])
+    torch.testing.assert_close(vc.view(-1, kv, d)[slots], qkv[:, (heads + kv) * d :].view(t, kv, d))

@@ -91,51 +91,53 @@ def add_rmsnorm_reference(
 
 
 @triton.jit
-def _rope_cache_kernel(QKV, COS, SIN, POS, SLOT, Q_OUT, K_OUT, KC, VC, stride_qkv, stride_qo_t, stride_qo_h,
-                       stride_ko_t, stride_ko_h, stride_c_slot, stride_c_h, H: tl.constexpr, KV: tl.constexpr,
-                       D: tl.constexpr, ROPE: tl.constexpr, WRITE_K: tl.constexpr,
-                       PDL: tl.constexpr):  # fmt: skip
+def _rope_cache_kernel(QKV, COS, SIN, POS, SLOT, Q_OUT, K_OUT, KC, VC, T, stride_qkv, stride_qo_t,
+                       stride_qo_h, stride_ko_t, stride_ko_h, stride_c_slot, stride_c_h, H: tl.constexpr,
+                       KV: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, WRITE_K: tl.constexpr,
+                       BT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """One program per block of BT tokens and one head (0..H-1 query heads, H..H+KV-1 key and value)."""
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     if PDL > 0:
         tl.extra.cuda.gdc_wait()
     if PDL == 1:
         tl.extra.cuda.gdc_launch_dependents()
-    t = tl.program_id(0)
-    h = tl.program_id(1)  # 0..H-1 query heads, H..H+KV-1 key (and value) heads
-    half = tl.arange(0, D // 2)
-    src = QKV + t * stride_qkv + h * D
-    x1 = tl.load(src + half).to(tl.float32)
-    x2 = tl.load(src + D // 2 + half).to(tl.float32)
+    t = tl.program_id(0) * BT + tl.arange(0, BT)
+    tmask = (t < T)[:, None]
+    h = tl.program_id(1)
+    half = tl.arange(0, D // 2)[None, :]
+    src = QKV + t[:, None] * stride_qkv + h * D
+    x1 = tl.load(src + half, mask=tmask, other=0.0).to(tl.float32)
+    x2 = tl.load(src + D // 2 + half, mask=tmask, other=0.0).to(tl.float32)
     if ROPE:
-        pos = tl.load(POS + t)
-        c1 = tl.load(COS + pos * D + half).to(tl.float32)
-        c2 = tl.load(COS + pos * D + D // 2 + half).to(tl.float32)
-        s1 = tl.load(SIN + pos * D + half).to(tl.float32)
-        s2 = tl.load(SIN + pos * D + D // 2 + half).to(tl.float32)
+        pos = tl.load(POS + t, mask=t < T, other=0)[:, None]
+        c1 = tl.load(COS + pos * D + half, mask=tmask, other=0.0).to(tl.float32)
+        c2 = tl.load(COS + pos * D + D // 2 + half, mask=tmask, other=0.0).to(tl.float32)
+        s1 = tl.load(SIN + pos * D + half, mask=tmask, other=0.0).to(tl.float32)
+        s2 = tl.load(SIN + pos * D + D // 2 + half, mask=tmask, other=0.0).to(tl.float32)
         y1 = x1 * c1 + x2 * s1
         y2 = x2 * c2 + x1 * s2
     else:
         y1 = x1
         y2 = x2
     if h < H:
-        dst = Q_OUT + t * stride_qo_t + h * stride_qo_h
-        tl.store(dst + half, y1.to(Q_OUT.dtype.element_ty))
-        tl.store(dst + D // 2 + half, y2.to(Q_OUT.dtype.element_ty))
+        dst = Q_OUT + t[:, None] * stride_qo_t + h * stride_qo_h
+        tl.store(dst + half, y1.to(Q_OUT.dtype.element_ty), mask=tmask)
+        tl.store(dst + D // 2 + half, y2.to(Q_OUT.dtype.element_ty), mask=tmask)
     else:
-        slot = tl.load(SLOT + t)
+        slot = tl.load(SLOT + t, mask=t < T, other=0)[:, None]
         kvh = h - H
         kdst = KC + slot * stride_c_slot + kvh * stride_c_h
-        tl.store(kdst + half, y1.to(KC.dtype.element_ty))
-        tl.store(kdst + D // 2 + half, y2.to(KC.dtype.element_ty))
+        tl.store(kdst + half, y1.to(KC.dtype.element_ty), mask=tmask)
+        tl.store(kdst + D // 2 + half, y2.to(KC.dtype.element_ty), mask=tmask)
         if WRITE_K:
-            kout = K_OUT + t * stride_ko_t + kvh * stride_ko_h
-            tl.store(kout + half, y1.to(K_OUT.dtype.element_ty))
-            tl.store(kout + D // 2 + half, y2.to(K_OUT.dtype.element_ty))
-        vsrc = QKV + t * stride_qkv + (H + KV + kvh) * D
+            kout = K_OUT + t[:, None] * stride_ko_t + kvh * stride_ko_h
+            tl.store(kout + half, y1.to(K_OUT.dtype.element_ty), mask=tmask)
+            tl.store(kout + D // 2 + half, y2.to(K_OUT.dtype.element_ty), mask=tmask)
+        vsrc = QKV + t[:, None] * stride_qkv + (H + KV + kvh) * D
         vdst = VC + slot * stride_c_slot + kvh * stride_c_h
-        tl.store(vdst + half, tl.load(vsrc + half))
-        tl.store(vdst + D // 2 + half, tl.load(vsrc + D // 2 + half))
+        tl.store(vdst + half, tl.load(vsrc + half, mask=tmask, other=0.0), mask=tmask)
+        tl.store(vdst + D // 2 + half, tl.load(vsrc + D // 2 + half, mask=tmask, other=0.0), mask=tmask)
 
 
 def rope_write_cache(
@@ -159,10 +161,13 @@ def rope_write_cache(
     q = torch.empty(t, heads, d, dtype=qkv.dtype, device=qkv.device)
     k = torch.empty(t, kv_heads, d, dtype=qkv.dtype, device=qkv.device) if need_k else q
     kc, vc = k_cache.view(-1, kv_heads, d), v_cache.view(-1, kv_heads, d)
-    _rope_cache_kernel[(t, heads + kv_heads)](
-        qkv, cos, sin, positions, slots, q, k, kc, vc, qkv.stride(0), q.stride(0), q.stride(1),
+    # One token per program at decode sizes; blocks of 32 for prompts (one program per token and head took
+    # 0.39 ms per layer for 8,192 tokens on the H100, run E10).
+    bt = 1 if t <= 64 else 32
+    _rope_cache_kernel[(triton.cdiv(t, bt), heads + kv_heads)](
+        qkv, cos, sin, positions, slots, q, k, kc, vc, t, qkv.stride(0), q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), kc.stride(0), kc.stride(1), H=heads, KV=kv_heads, D=d, ROPE=rope,
-        WRITE_K=need_k, PDL=pdl_on(), num_warps=1, **launch_options(),
+        WRITE_K=need_k, BT=bt, PDL=pdl_on(), num_warps=1 if bt == 1 else 4, **launch_options(),
     )  # fmt: skip
     v = qkv[:, (heads + kv_heads) * d :].view(t, kv_heads, d)
     return q, (k if need_k else None), v

@@ -365,11 +365,13 @@ def check_against_reference(device: torch.device, dtype: torch.dtype = torch.bfl
 
 
 def matches_layers(
-    layers: list[torch.nn.Module], dtype: torch.dtype, tolerance: float = 2e-2
+    layers: list[torch.nn.Module], dtype: torch.dtype, tolerance: float = 2e-2, int4_tolerance: float = 6e-2
 ) -> dict[str, float]:
     """`linear` against each layer's own forward (cuBLAS, or gemlite's kernels for quantized layers) on a
     random row, relative to the largest output: the check that the bytes are read as the layer means them
-    (packing, scales, zeros), on the model's real weights. Raises if one is off by more than `tolerance`."""
+    (packing, scales, zeros), on the model's real weights; a misread layout is off by O(1). Raises if one is
+    off by more than `tolerance` (`int4_tolerance` for gemlite's int4 layers: its batch-1 kernel sums in
+    the activation dtype and differed by 2.9% from this one, which sums in fp32, on the H100, run E10)."""
     errors: dict[str, float] = {}
     gen = torch.Generator(device="cpu").manual_seed(1)
     for i, layer in enumerate(layers):
@@ -382,7 +384,7 @@ def matches_layers(
         want = layer(x).float()
         got = linear(x, layer).float()
         errors[f"{i}:{type(layer).__name__}"] = err = ((got - want).abs().max() / want.abs().max()).item()
-        if not err <= tolerance:
+        if not err <= (int4_tolerance if getattr(layer, "W_nbits", None) == 4 else tolerance):
             raise RuntimeError(f"gemv disagrees with {type(layer).__name__} {tuple(want.shape)}: {err:.3g}")
     return errors
 

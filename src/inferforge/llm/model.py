@@ -210,7 +210,7 @@ class DecoderLM(nn.Module):
         self.compiled_block = torch.compile(Block.forward, dynamic=True)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        if self.fp32_logits_mm:  # cuBLAS writes fp32 itself: no bf16 logits and no conversion kernel
+        if self.fp32_logits_mm and type(self.lm_head) is nn.Linear:  # cuBLAS writes fp32 itself
             return torch.mm(hidden, self.lm_head.weight.t(), out_dtype=torch.float32)  # type: ignore[call-overload]
         return self.lm_head(hidden).float()
 
