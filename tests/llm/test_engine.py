@@ -211,9 +211,10 @@ def test_out_of_vocabulary_prompt_ids_are_refused(engine: LLMEngine) -> None:
 
 
 def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
-    """Fresh prompts in one step are attended in padded groups (lengths 3 and 4: padded; 7 and 7: not;
-    12: alone); each must generate what it generates alone."""
+    """Fresh prompts in one step are attended in groups by length bucket: 3 and 4 padded, 12, 16 and 9
+    padded (others between them in the batch); 7 and 7 back to back, a dense group (views, no gather); 2
+    alone; 60 tokens, all in one step. Each must generate what it generates alone."""
     reqs = [EngineRequest(f"p{n}-{i}", tuple(range(20 + i, 20 + i + n)), GREEDY)
-            for i, n in enumerate((3, 4, 7, 7, 12))]  # fmt: skip
+            for i, n in enumerate((3, 12, 4, 7, 7, 16, 9, 2))]  # fmt: skip
     alone = {r.request_id: _run(engine, [r])[r.request_id] for r in reqs}
     assert _run(engine, reqs) == alone

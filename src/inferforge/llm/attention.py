@@ -30,11 +30,14 @@ class FreshGroup:
     idx [n, L]: the flat row of each (prompt, position), padding repeats a prompt's last row; rows: the flat
     rows of all real positions; take: where each of them sits in the padded [n * L] output. A causal mask is
     all a group needs: a real query at position i < len sees keys 0..i, never the padding after len; padded
-    queries see padding, and their outputs are dropped."""
+    queries see padding, and their outputs are dropped. A dense group (prompts of one length, back to back
+    in the batch) is a plain view instead: `start` is its first row, `shape` (n, L), and no index exists."""
 
-    idx: torch.Tensor
-    rows: torch.Tensor
-    take: torch.Tensor
+    idx: torch.Tensor | None
+    rows: torch.Tensor | None
+    take: torch.Tensor | None
+    start: int | None = None
+    shape: tuple[int, int] = (0, 0)
 
 
 @dataclass
@@ -79,6 +82,11 @@ def fresh_groups(seqs: list[PrefillSeq], device: torch.device) -> tuple[list[Fre
             alone.extend(members)
             continue
         width = max(s.q_len for s in members)
+        if all(
+            s.q_len == width and s.q_start == members[0].q_start + i * width for i, s in enumerate(members)
+        ):
+            groups.append(FreshGroup(None, None, None, members[0].q_start, (len(members), width)))
+            continue
         idx = [s.q_start + min(j, s.q_len - 1) for s in members for j in range(width)]
         rows = [s.q_start + j for s in members for j in range(s.q_len)]
         take = [g * width + j for g, s in enumerate(members) for j in range(s.q_len)]
@@ -86,16 +94,27 @@ def fresh_groups(seqs: list[PrefillSeq], device: torch.device) -> tuple[list[Fre
         if device.type == "cuda":
             flat = flat.pin_memory().to(device, non_blocking=True)
         a, b = len(idx), len(idx) + len(rows)
-        groups.append(FreshGroup(flat[:a].view(len(members), width), flat[a:b], flat[b:]))
+        groups.append(
+            FreshGroup(flat[:a].view(len(members), width), flat[a:b], flat[b:], shape=(len(members), width))
+        )
     return groups, alone
 
 
 def _attend_group(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: FreshGroup, scale: float,
                   out: torch.Tensor) -> None:  # fmt: skip
-    n, width = g.idx.shape
-    qs, ks, vs = (x[g.idx].transpose(1, 2) for x in (q, k, v))  # [n, heads, L, d]
+    n, width = g.shape
+    if g.start is not None:  # a dense group: views, no gather and no scatter (8,192 rows: 2.4 ms a step)
+        rows = slice(g.start, g.start + n * width)
+        qs, ks, vs = (x[rows].view(n, width, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+    else:
+        assert g.idx is not None and g.rows is not None and g.take is not None
+        qs, ks, vs = (x[g.idx].transpose(1, 2) for x in (q, k, v))  # [n, heads, L, d]
     o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
-    out[g.rows] = o.transpose(1, 2).reshape(n * width, *q.shape[1:])[g.take]
+    flat = o.transpose(1, 2).reshape(n * width, *q.shape[1:])
+    if g.start is not None:
+        out[g.start : g.start + n * width] = flat
+    else:
+        out[g.rows] = flat[g.take]
 
 
 def prefill_attention(
