@@ -218,3 +218,13 @@ def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
             for i, n in enumerate((3, 12, 4, 7, 7, 16, 9, 2))]  # fmt: skip
     alone = {r.request_id: _run(engine, [r])[r.request_id] for r in reqs}
     assert _run(engine, reqs) == alone
+
+
+def test_prompt_slots_a_block_at_a_time_equal_slot_by_slot() -> None:
+    from types import SimpleNamespace
+
+    from inferforge.llm.runner import _slot, _slots
+
+    seq = SimpleNamespace(blocks=[7, 3, 9, 1, 12])
+    for start, end in [(0, 1), (0, 16), (5, 40), (15, 17), (16, 32), (3, 80), (79, 80)]:
+        assert _slots(seq, start, end) == [_slot(seq, p) for p in range(start, end)]  # type: ignore[arg-type]

@@ -29,6 +29,16 @@ def _slot(seq: Sequence, pos: int) -> int:
     return seq.blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
 
 
+def _slots(seq: Sequence, start: int, end: int) -> list[int]:
+    """Cache slots of positions start..end-1, a block at a time (a prompt's 8,192 slots were 8,192 calls)."""
+    first = start // BLOCK_SIZE
+    out: list[int] = []
+    for b in seq.blocks[first : (end - 1) // BLOCK_SIZE + 1]:
+        out.extend(range(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE))
+    offset = start - first * BLOCK_SIZE
+    return out[offset : offset + end - start]
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -186,7 +196,7 @@ class ModelRunner:
             q_start = len(ids)
             ids.extend(seq.token_ids[start:end])
             pos.extend(range(start, end))
-            slots.extend(_slot(seq, p) for p in range(start, end))
+            slots.extend(_slots(seq, start, end))
             fresh = start == 0
             block_ids = (
                 None if fresh else to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
