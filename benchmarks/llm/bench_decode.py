@@ -243,7 +243,7 @@ def quant_start(folder: Path, fmt: str = "int8") -> None:
     code = (
         "import time; t0 = time.perf_counter(); from inferforge.llm.engine import EngineConfig, LLMEngine; "
         f"LLMEngine({str(folder)!r}, EngineConfig(device='cuda', quant={fmt!r}, max_num_seqs=64, "
-        "kv_cache_tokens=64 * 640, max_model_len=1024, experimental_quant=True)); "
+        "kv_cache_tokens=64 * 640, max_model_len=1024, experimental_quant=True, decode_buckets=(1, 64))); "
         "print(f'START {time.perf_counter() - t0:.1f}')"
     )
     with tempfile.TemporaryDirectory() as cache:
