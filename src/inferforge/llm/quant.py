@@ -2,11 +2,12 @@
 
 Batch-1 decode is bound by reading weights, so fewer bytes per weight is speed: int8 and fp8 (per output
 channel) halve them, int4 (groups of 64, asymmetric, min-max) quarters them. torchao's eager weight-only paths
-are slower than bf16 at batch 1 on this project's H100 (docs/llm-engine.md); gemlite reaches bandwidth for
-int8 and fp8, so it is used. A format is offered (`OFFERED`) only once measured faster than bf16 end to end
-at batch 1 through the engine: on the H100 (2026-11-22, 1.2B Llama shape) int8 1.70x, fp8 1.69x, int4 1.43x
-(gemlite's int4 GEMVs are latency-bound on these shapes). All three are slower than bf16 at batch 64 (0.71x,
-0.92x, 0.64x): they are for latency-bound serving, not for throughput at large batch.
+are slower than bf16 at batch 1 on this project's H100 (docs/llm-engine.md); gemlite's layers hold the
+weights and serve every batch size above 1, and at batch 1 `gemv.py` / `gemv_int4.py` read the same bytes
+(faster than gemlite's own batch-1 kernels). A format is offered (`OFFERED`) only once measured faster than
+bf16 end to end at batch 1 through the engine: on the H100 (2026-11-23, 1.2B Llama shape, bf16 itself at
+1,040-1,047 tok/s) int8 1.34x, fp8 1.39x, int4 1.12x. All three are slower than bf16 at batch 64 (0.79x,
+0.89x, 0.65x): they are for latency-bound serving and smaller memory, not for throughput at large batch.
 """
 
 from __future__ import annotations
