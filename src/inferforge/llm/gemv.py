@@ -50,16 +50,12 @@ def _weights_f32(w, W_MODE: tl.constexpr):
 
 
 @triton.jit
-def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
-                 K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
-                 PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
-                 PDL: tl.constexpr):  # fmt: skip
-    if PDL == 2:  # `fused.pdl_on`
-        tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
+def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.constexpr, D: tl.constexpr):
+    """This program's output rows (pairs for RoPE: rows j and j + D/2 of a head; for SiLU: gate row j and up
+    row j + N/2), shared by `_gemv_kernel` and `gemv_int4`."""
     HALF: tl.constexpr = BLOCK_N // 2
-    if EPILOGUE == 2:  # rows j and j + D/2 of one head, so the epilogue can rotate them
+    head = pid  # used by RoPE only
+    if EPILOGUE == 2:  # rows j and j + D/2 of one head
         head = pid // (D // BLOCK_N)
         j0 = head * D + (pid % (D // BLOCK_N)) * HALF
     else:  # SiLU pairs: gate row j with up row j + N/2
@@ -69,6 +65,60 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         offs_n = j0 + (idx // HALF) * PAIR_GAP + idx % HALF
     else:
         offs_n = pid * BLOCK_N + idx
+    return offs_n, j0, head
+
+
+@triton.jit
+def _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE: tl.constexpr, HALF: tl.constexpr):
+    """Epilogues other than RoPE: the residual add and SiLU x up rounded as the unfused model rounds them."""
+    act_ty = X.dtype.element_ty
+    if EPILOGUE == 1:
+        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
+    elif EPILOGUE == 3:
+        gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
+        act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
+        out = j0 + tl.arange(0, HALF)
+        tl.store(Y + out, (act * up).to(Y.dtype.element_ty), mask=out < N // 2)
+    else:
+        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
+def _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """This program's columns j of its head, this step's cache slot and the cos / sin values of its rows
+    (host-sent inputs, so a kernel reads them before its wait)."""
+    HALF: tl.constexpr = BLOCK_N // 2
+    j = (pid % (D // BLOCK_N)) * HALF + tl.arange(0, HALF)
+    pos = tl.load(POS)
+    slot = tl.load(SLOT)
+    c1 = tl.load(COS + pos * D + j).to(tl.float32)
+    c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
+    s1 = tl.load(SIN + pos * D + j).to(tl.float32)
+    s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
+    return j, slot, c1, c2, s1, s2
+
+
+@triton.jit
+def _wait_for_inputs(PDL: tl.constexpr):
+    """With programmatic dependent launch, block until the previous kernel finished (see `fused.pdl_on`)."""
+    if PDL > 0:
+        tl.extra.cuda.gdc_wait()
+    if PDL == 1:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
+def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
+                 K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
+                 PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    if PDL == 2:  # `fused.pdl_on`
+        tl.extra.cuda.gdc_launch_dependents()
+    pid = tl.program_id(0)
+    HALF: tl.constexpr = BLOCK_N // 2
+    offs_n, j0, head = _rows(pid, BLOCK_N, EPILOGUE, PAIR_GAP, D)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
     rows = W + offs_n[:, None].to(tl.int64) * stride_wn
@@ -82,17 +132,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
-        j = (pid % (D // BLOCK_N)) * HALF + tl.arange(0, HALF)
-        pos = tl.load(POS)
-        slot = tl.load(SLOT)
-        c1 = tl.load(COS + pos * D + j).to(tl.float32)
-        c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
-        s1 = tl.load(SIN + pos * D + j).to(tl.float32)
-        s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
-    if PDL > 0:  # everything below may read the previous kernel's output
-        tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
+        j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
+    _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
         xf = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
@@ -111,19 +152,11 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         acc = acc * scale
     if HAS_BIAS:
         acc = acc + bias
-    if EPILOGUE == 1:  # the residual add, rounded as the unfused model rounds it
-        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
-    elif EPILOGUE == 2:
+    if EPILOGUE == 2:
         _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
                           stride_c_slot, HALF, H, KV, D)  # fmt: skip
-    elif EPILOGUE == 3:
-        gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
-        act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
-        out = j0 + tl.arange(0, HALF)
-        tl.store(Y + out, (act * up).to(Y.dtype.element_ty), mask=out < N // 2)
     else:
-        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
+        _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 
 
 @triton.jit

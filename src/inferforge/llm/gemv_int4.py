@@ -36,6 +36,10 @@ from inferforge.llm.gemv import (
     RopeCache,
     TileConfig,
     _rope_cache_store,
+    _rope_prefetch,
+    _rows,
+    _store,
+    _wait_for_inputs,
 )
 
 
@@ -141,40 +145,6 @@ def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr):
 
 
 @triton.jit
-def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.constexpr, D: tl.constexpr):
-    """This program's output rows, as `gemv._gemv_kernel` assigns them (pairs for RoPE and SiLU)."""
-    HALF: tl.constexpr = BLOCK_N // 2
-    head = pid  # used by RoPE only
-    if EPILOGUE == 2:  # rows j and j + D/2 of one head
-        head = pid // (D // BLOCK_N)
-        j0 = head * D + (pid % (D // BLOCK_N)) * HALF
-    else:  # SiLU pairs: gate row j with up row j + N/2
-        j0 = pid * HALF
-    idx = tl.arange(0, BLOCK_N)
-    if EPILOGUE >= 2:  # noqa: SIM108 (Triton: a constexpr branch)
-        offs_n = j0 + (idx // HALF) * PAIR_GAP + idx % HALF
-    else:
-        offs_n = pid * BLOCK_N + idx
-    return offs_n, j0, head
-
-
-@triton.jit
-def _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE: tl.constexpr, HALF: tl.constexpr):
-    """Epilogues other than RoPE, rounded as `gemv._gemv_kernel` rounds them."""
-    act_ty = X.dtype.element_ty
-    if EPILOGUE == 1:
-        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
-    elif EPILOGUE == 3:
-        gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
-        act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
-        out = j0 + tl.arange(0, HALF)
-        tl.store(Y + out, (act * up).to(Y.dtype.element_ty), mask=out < N // 2)
-    else:
-        tl.store(Y + offs_n, acc.to(Y.dtype.element_ty), mask=nmask)
-
-
-@triton.jit
 def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z, eps, COS, SIN, POS, SLOT,
                       KC, VC, stride_c_slot, K: tl.constexpr, GROUP: tl.constexpr, FMA: tl.constexpr,
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -194,17 +164,8 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
-        j = (pid % (D // BLOCK_N)) * HALF + tl.arange(0, HALF)
-        pos = tl.load(POS)
-        slot = tl.load(SLOT)
-        c1 = tl.load(COS + pos * D + j).to(tl.float32)
-        c2 = tl.load(COS + pos * D + D // 2 + j).to(tl.float32)
-        s1 = tl.load(SIN + pos * D + j).to(tl.float32)
-        s2 = tl.load(SIN + pos * D + D // 2 + j).to(tl.float32)
-    if PDL > 0:  # everything below may read the previous kernel's output
-        tl.extra.cuda.gdc_wait()
-    if PDL == 1:
-        tl.extra.cuda.gdc_launch_dependents()
+        j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
+    _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
         xf = _row_tile(X, r, K // 8)
