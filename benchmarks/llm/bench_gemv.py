@@ -23,7 +23,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).parent))
 from common import free, write_json
 
-from inferforge.llm import fused, gemv
+from inferforge.llm import fused, gemv, gemv_check
 
 SHAPES = {
     "qkv": (3072, 2048), "o": (2048, 2048), "w13": (16384, 2048), "w2": (2048, 8192),
@@ -159,8 +159,8 @@ def main() -> None:
     t0 = time.perf_counter()
     results: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     dev = torch.device("cuda")
-    results["check_bf16"] = gemv.check_against_reference(dev, torch.bfloat16)
-    results["check_fp32"] = gemv.check_against_reference(dev, torch.float32)
+    results["check_bf16"] = gemv_check.check_against_reference(dev, torch.bfloat16)
+    results["check_fp32"] = gemv_check.check_against_reference(dev, torch.float32)
     row(f"gemv rel. error vs reference: bf16 {results['check_bf16']}, fp32 {results['check_fp32']}")
     results["attention"] = bench_attention()
     for name, (n, k) in SHAPES.items():

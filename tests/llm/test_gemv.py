@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from inferforge.llm import fused, gemv
+from inferforge.llm import fused, gemv, gemv_check
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 
@@ -41,7 +41,7 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     ]
     for kw in cases:
         got = gemv.gemv(x, w, tiles=tiles, **kw)  # type: ignore[arg-type]
-        want = gemv.gemv_reference(x, w, **kw)  # type: ignore[arg-type]
+        want = gemv_check.gemv_reference(x, w, **kw)  # type: ignore[arg-type]
         assert got.shape == want.shape and got.dtype == want.dtype, kw
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -57,7 +57,7 @@ def test_int8_weights_with_a_scale() -> None:
     q = (w / scale[:, None]).round().to(torch.int8)
     x = torch.randn(1, 128)
     got = gemv.gemv(x, q, scale=scale, tiles=gemv.TileConfig(8, 64, 1))
-    torch.testing.assert_close(got, gemv.gemv_reference(x, q, scale=scale), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got, gemv_check.gemv_reference(x, q, scale=scale), rtol=1e-4, atol=1e-4)
     assert (got - x @ w.T).abs().max() < 0.03 * (x @ w.T).abs().max()  # int8 rounding only
 
 
@@ -172,9 +172,22 @@ def test_layers_are_checked_against_their_own_forward() -> None:
     scale = w.abs().amax(1) / 127
     q = (w / scale[:, None]).round().to(torch.int8)
     good, plain = _Gemlite8Bit(q, scale, None), torch.nn.Linear(64, 24)
-    errors = gemv.matches_layers([good, plain], torch.float32)
+    errors = gemv_check.matches_layers([good, plain], torch.float32)
     assert max(errors.values()) < 1e-4
     bad = _Gemlite8Bit(q, scale, None)
     bad.forward = lambda x: x @ (bad.W_q.float() * bad.scales * 1.1)  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="gemv disagrees with _Gemlite8Bit"):
-        gemv.matches_layers([bad], torch.float32)
+        gemv_check.matches_layers([bad], torch.float32)
+
+
+def test_the_engines_gate_turns_gemv_on_for_a_model_it_can_run(tiny_dirs: dict[str, Path]) -> None:
+    """`kernels._enable_gemv`, the engine's path on CUDA, run here on the CPU: the reference check and the
+    real-layer check pass, and the model decodes through gemv."""
+    from inferforge.llm import kernels
+
+    config = EngineConfig(device=DEVICE, dtype="float32", kv_cache_tokens=1024, cuda_graphs=False,
+                          fused_kernels=False)  # fmt: skip
+    eng = LLMEngine(tiny_dirs["llama"], config)
+    assert eng.model.gemv_ops is None
+    assert kernels._enable_gemv(eng.model, config, torch.device(DEVICE)) is None
+    assert eng.model.gemv_ops is gemv

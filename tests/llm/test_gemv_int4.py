@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from inferforge.llm import fused, gemv, gemv_int4
+from inferforge.llm import fused, gemv, gemv_check, gemv_int4
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 from inferforge.llm.quant import INT4_GROUP, _int4_pack
@@ -114,11 +114,11 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     ]
     for kw in cases:
         got = gemv.linear(x, layer, tiles=tiles, **kw)
-        want = gemv.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
+        want = gemv_check.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
         assert got.shape == want.shape and got.dtype == want.dtype, kw
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     layer.bias = b
-    want = gemv.gemv_reference(x, layer.dequantized, bias=b, residual=r)
+    want = gemv_check.gemv_reference(x, layer.dequantized, bias=b, residual=r)
     torch.testing.assert_close(gemv.linear(x, layer, tiles=tiles, residual=r), want, rtol=1e-4, atol=1e-4)
 
 
@@ -151,7 +151,7 @@ def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(block_n: 
     rc = gemv.RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
     tiles = gemv.TileConfig(block_n, 64, 1)
     q = gemv.linear(x, layer, norm_weight=nw, eps=1e-5, rope_cache=rc, tiles=tiles)
-    qkv = gemv.gemv_reference(x, layer.dequantized, norm_weight=nw, eps=1e-5)
+    qkv = gemv_check.gemv_reference(x, layer.dequantized, norm_weight=nw, eps=1e-5)
     q2, _, _ = fused.rope_write_cache(qkv, cos, sin, pos, slot, kc2, vc2, heads, kv_heads, True, False)
     torch.testing.assert_close(q, q2, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(kc, kc2, rtol=1e-4, atol=1e-4)
@@ -219,7 +219,7 @@ def test_bf16_matches_the_reference_to_bf16_rounding() -> None:
     _, layer = _layer(96, 256, 64, seed=7, dtype=torch.bfloat16)
     for kw in ({}, {"residual": r}, {"norm_weight": nw, "eps": 1e-5, "silu_pair": True}):
         got = gemv.linear(x, layer, **kw)
-        want = gemv.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
+        want = gemv_check.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
         assert got.dtype == want.dtype == torch.bfloat16, kw
         # one bf16 step is 0.4-0.8% of a value; the weights' rounding and the SiLU product compound a few
         assert (got.float() - want.float()).abs().max() <= 3e-2 * want.float().abs().max(), kw

@@ -20,6 +20,7 @@ import torch
 from inferforge.errors import InferforgeError, NotApplicable
 from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
 from inferforge.llm.engine_config import EngineConfig
+from inferforge.llm.kernels import choose_kernels
 from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed, copy_blocks, plan_cache
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
@@ -86,34 +87,12 @@ class LLMEngine:
             default_cap=4096,
         )
         self.max_model_len = self.model.max_model_len
-        decode_fn = None
-        if self.device.type == "cuda" and config.triton_attention and config.torch_dtype != torch.float32:
-            from inferforge.llm import triton_attn
-
-            decode_fn = triton_attn.verified_kernel(self.device)
-        self.decode_kernel = "torch" if decode_fn is None else "triton"
-        self.gemv_error: str | None = None
-        if self.device.type == "cuda" and config.fused_kernels and self.model.can_fuse():
-            from inferforge.llm import fused
-
-            fused.enable_pdl(config.pdl and torch.cuda.get_device_capability(self.device) >= (9, 0))
-            if fused.verified(self.device, config.torch_dtype):
-                self.model.fused_ops = fused
-            if self.model.fused_ops is not None and config.gemv_decode and self.model.gemv_ready():
-                from inferforge.llm import gemv
-
-                if gemv.verified(self.device, config.torch_dtype):
-                    layer = self.model.blocks()[0]
-                    mods = [layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down, self.model.lm_head]
-                    try:
-                        gemv.matches_layers(mods, config.torch_dtype)
-                        self.model.gemv_ops = gemv
-                    except RuntimeError as exc:  # keep the layers' own kernels; say why
-                        self.gemv_error = str(exc)
-        if self.device.type == "cuda" and config.fp32_logits_mm:
-            self.model.enable_fp32_logits_mm()
-        if self.device.type == "cuda" and config.compile_decode:
-            self.model.compile_decode()
+        choice = choose_kernels(self.model, config, self.device)
+        decode_fn, self.decode_kernel, self.gemv_error = (
+            choice.decode_fn,
+            choice.decode_kernel,
+            choice.gemv_error,
+        )
         self.tokenizer = Tokenizer(self.folder)
         spec = plan_cache(
             self.model,

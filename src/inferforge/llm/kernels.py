@@ -1,0 +1,59 @@
+"""Which kernels an engine runs on its device: each optional kernel is switched on only after it matched its
+reference on the live device, so a kernel that misbehaves on some GPU costs speed, never correctness."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from inferforge.llm.engine_config import EngineConfig
+from inferforge.llm.model import DecoderLM
+
+
+@dataclass
+class KernelChoice:
+    decode_fn: Callable[..., torch.Tensor] | None  # paged decode attention (None: the torch reference)
+    decode_kernel: str  # "triton" or "torch", for stats and benchmarks
+    gemv_error: str | None  # why the batch-1 GEMVs were refused on this model, if they were
+
+
+def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device) -> KernelChoice:
+    """Paged decode attention, the fused norm/RoPE/SiLU kernels, programmatic dependent launch (Hopper), the
+    batch-1 GEMVs (checked against each decode layer's own forward on the real weights), the fp32-logits LM
+    head, and the compiled decode block if asked for; the model is set up in place."""
+    decode_fn = None
+    if device.type == "cuda" and config.triton_attention and config.torch_dtype != torch.float32:
+        from inferforge.llm import triton_attn
+
+        decode_fn = triton_attn.verified_kernel(device)
+    gemv_error = None
+    if device.type == "cuda" and config.fused_kernels and model.can_fuse():
+        from inferforge.llm import fused
+
+        fused.enable_pdl(config.pdl and torch.cuda.get_device_capability(device) >= (9, 0))
+        if fused.verified(device, config.torch_dtype):
+            model.fused_ops = fused
+        if model.fused_ops is not None and config.gemv_decode and model.gemv_ready():
+            gemv_error = _enable_gemv(model, config, device)
+    if device.type == "cuda" and config.fp32_logits_mm:
+        model.enable_fp32_logits_mm()
+    if device.type == "cuda" and config.compile_decode:
+        model.compile_decode()
+    return KernelChoice(decode_fn, "torch" if decode_fn is None else "triton", gemv_error)
+
+
+def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -> str | None:
+    from inferforge.llm import gemv, gemv_check
+
+    if not gemv_check.verified(device, config.torch_dtype):
+        return "gemv did not match its reference on this device"
+    layer = model.blocks()[0]
+    try:
+        gemv_check.matches_layers([layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down, model.lm_head],
+                            config.torch_dtype)  # fmt: skip
+    except RuntimeError as exc:  # keep the layers' own kernels; say why
+        return str(exc)
+    model.gemv_ops = gemv
+    return None
