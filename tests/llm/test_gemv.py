@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from inferforge.llm import fused, gemv, gemv_check
+from inferforge.llm import decode_gemv, fused, gemv, gemv_check
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 
@@ -79,7 +79,7 @@ def test_model_decodes_the_same_tokens_through_gemv(tiny_dirs: dict[str, Path]) 
         return [t for o in res["a"][0] for t in o.new_token_ids]
 
     want = run()
-    eng.model.gemv_ops = gemv
+    eng.model.gemv_ops = decode_gemv
     assert eng.model.gemv_ready()
     assert run() == want
     gpt2 = LLMEngine(tiny_dirs["gpt2"], EngineConfig(device=DEVICE, kv_cache_tokens=1024, cuda_graphs=False))
@@ -157,11 +157,11 @@ def test_gemlite_8bit_layers_run_on_their_own_bytes() -> None:
     scale = w.abs().amax(1) / 127
     q = (w / scale[:, None]).round().to(torch.int8)
     layer = _Gemlite8Bit(q, scale, b)
-    assert gemv.can_run(layer)
-    got = gemv.linear(x, layer)
+    assert decode_gemv.can_run(layer)
+    got = decode_gemv.linear(x, layer)
     torch.testing.assert_close(got, x @ (q.float() * scale[:, None]).T + b, rtol=1e-4, atol=1e-4)
-    assert not gemv.can_run(_Gemlite8Bit(q, scale, b, per_sample=4))  # packed (int4): not this kernel
-    assert gemv.can_run(torch.nn.Linear(4, 4))
+    assert not decode_gemv.can_run(_Gemlite8Bit(q, scale, b, per_sample=4))  # packed (int4): not this kernel
+    assert decode_gemv.can_run(torch.nn.Linear(4, 4))
 
 
 def test_layers_are_checked_against_their_own_forward() -> None:
@@ -190,4 +190,4 @@ def test_the_engines_gate_turns_gemv_on_for_a_model_it_can_run(tiny_dirs: dict[s
     eng = LLMEngine(tiny_dirs["llama"], config)
     assert eng.model.gemv_ops is None
     assert kernels._enable_gemv(eng.model, config, torch.device(DEVICE)) is None
-    assert eng.model.gemv_ops is gemv
+    assert eng.model.gemv_ops is decode_gemv

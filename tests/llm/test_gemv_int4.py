@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from inferforge.llm import fused, gemv, gemv_check, gemv_int4
+from inferforge.llm import decode_gemv, fused, gemv, gemv_check, gemv_int4
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 from inferforge.llm.quant import INT4_GROUP, _int4_pack
@@ -100,8 +100,8 @@ TILES = [gemv.TileConfig(8, 32, 1), gemv.TileConfig(4, 128, 2), None]  # a tile 
 def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     n: int, k: int, group: int, tiles: gemv.TileConfig | None
 ) -> None:
-    """Through `gemv.linear` on the layer's packed bytes: ragged N, K in several tiles and groups, the norm
-    prologue, bias, residual add, SiLU pairs (gate rows then up rows), wider output."""
+    """Through `decode_gemv.linear` on the layer's packed bytes: ragged N, K in several tiles and groups, the
+    norm prologue, bias, residual add, SiLU pairs (gate rows then up rows), wider output."""
     g = torch.Generator().manual_seed(n * k + group)
     x, r, nw, b = (_randn(g, *s) for s in ((1, k), (1, n), (k,), (n,)))
     _, layer = _layer(n, k, group, seed=n + k)
@@ -113,13 +113,15 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
         {"out_dtype": torch.float64},
     ]
     for kw in cases:
-        got = gemv.linear(x, layer, tiles=tiles, **kw)
+        got = decode_gemv.linear(x, layer, tiles=tiles, **kw)
         want = gemv_check.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
         assert got.shape == want.shape and got.dtype == want.dtype, kw
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     layer.bias = b
     want = gemv_check.gemv_reference(x, layer.dequantized, bias=b, residual=r)
-    torch.testing.assert_close(gemv.linear(x, layer, tiles=tiles, residual=r), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        decode_gemv.linear(x, layer, tiles=tiles, residual=r), want, rtol=1e-4, atol=1e-4
+    )
 
 
 def test_the_product_is_the_float_layer_up_to_int4_rounding() -> None:
@@ -128,7 +130,7 @@ def test_the_product_is_the_float_layer_up_to_int4_rounding() -> None:
     group, ~120%."""
     w, layer = _layer(64, 512, 64, seed=1)
     x = _randn(torch.Generator().manual_seed(2), 1, 512)
-    got, exact = gemv.linear(x, layer), x @ w.T
+    got, exact = decode_gemv.linear(x, layer), x @ w.T
     assert (got - exact).norm() < 0.15 * exact.norm()
 
 
@@ -150,7 +152,7 @@ def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(block_n: 
     kc2, vc2, kc0 = kc.clone(), vc.clone(), kc.clone()
     rc = gemv.RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
     tiles = gemv.TileConfig(block_n, 64, 1)
-    q = gemv.linear(x, layer, norm_weight=nw, eps=1e-5, rope_cache=rc, tiles=tiles)
+    q = decode_gemv.linear(x, layer, norm_weight=nw, eps=1e-5, rope_cache=rc, tiles=tiles)
     qkv = gemv_check.gemv_reference(x, layer.dequantized, norm_weight=nw, eps=1e-5)
     q2, _, _ = fused.rope_write_cache(qkv, cos, sin, pos, slot, kc2, vc2, heads, kv_heads, True, False)
     torch.testing.assert_close(q, q2, rtol=1e-4, atol=1e-4)
@@ -164,11 +166,11 @@ def test_errors_are_gemv_s() -> None:
     one = torch.tensor([1], device=DEVICE)
     rc = gemv.RopeCache(cos, sin, one, one, kc, vc, heads + 1, kv_heads)
     with pytest.raises(ValueError, match="rope_cache needs N"):
-        gemv.linear(x, layer, rope_cache=rc)
+        decode_gemv.linear(x, layer, rope_cache=rc)
     with pytest.raises(ValueError, match="one row"):
-        gemv.linear(torch.randn(2, 128, device=DEVICE), layer)
+        decode_gemv.linear(torch.randn(2, 128, device=DEVICE), layer)
     with pytest.raises(ValueError, match="silu_pair"):
-        gemv.linear(torch.randn(1, 64, device=DEVICE), _layer(7, 64, 64, seed=0)[1], silu_pair=True)
+        decode_gemv.linear(torch.randn(1, 64, device=DEVICE), _layer(7, 64, 64, seed=0)[1], silu_pair=True)
 
 
 def _spoiled(change: str) -> torch.nn.Module:
@@ -203,12 +205,12 @@ SPOILS = [
 
 @pytest.mark.parametrize("change", SPOILS)
 def test_layouts_it_does_not_read_are_refused(change: str) -> None:
-    assert gemv.can_run(_layer(16, 192, 64, seed=5)[1])
-    assert not gemv.can_run(_spoiled(change))
+    assert decode_gemv.can_run(_layer(16, 192, 64, seed=5)[1])
+    assert not decode_gemv.can_run(_spoiled(change))
 
 
 def test_int4_is_not_offered_as_unquantized() -> None:
-    assert not gemv.can_run(_layer(16, 192, 64, seed=5)[1], quantized=False)
+    assert not decode_gemv.can_run(_layer(16, 192, 64, seed=5)[1], quantized=False)
 
 
 def test_bf16_matches_the_reference_to_bf16_rounding() -> None:
@@ -218,7 +220,7 @@ def test_bf16_matches_the_reference_to_bf16_rounding() -> None:
     x, r, nw = (_randn(g, *s).to(torch.bfloat16) for s in ((1, 256), (1, 96), (256,)))
     _, layer = _layer(96, 256, 64, seed=7, dtype=torch.bfloat16)
     for kw in ({}, {"residual": r}, {"norm_weight": nw, "eps": 1e-5, "silu_pair": True}):
-        got = gemv.linear(x, layer, **kw)
+        got = decode_gemv.linear(x, layer, **kw)
         want = gemv_check.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
         assert got.dtype == want.dtype == torch.bfloat16, kw
         # one bf16 step is 0.4-0.8% of a value; the weights' rounding and the SiLU product compound a few
@@ -252,6 +254,6 @@ def test_model_decodes_the_same_tokens_through_gemv_int4(
         return [t for o in res["a"][0] for t in o.new_token_ids]
 
     want = run()
-    eng.model.gemv_ops = gemv
+    eng.model.gemv_ops = decode_gemv
     assert eng.model.gemv_ready()
     assert run() == want

@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 
 from inferforge.llm import fused
-from inferforge.llm.gemv import RopeCache, _operands, gemv, linear
+from inferforge.llm.decode_gemv import linear, operands
+from inferforge.llm.gemv import RopeCache, gemv
 
 
 def gemv_reference(
@@ -52,7 +53,7 @@ def matches_layers(
     errors: dict[str, float] = {}
     gen = torch.Generator(device="cpu").manual_seed(1)
     for i, layer in enumerate(layers):
-        ref_w = _operands(layer)
+        ref_w = operands(layer)
         assert ref_w is not None, f"gemv cannot run {type(layer).__name__}"
         k = ref_w[0].shape[1]
         weight = ref_w[0]

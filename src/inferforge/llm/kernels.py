@@ -45,7 +45,7 @@ def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device)
 
 
 def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -> str | None:
-    from inferforge.llm import gemv, gemv_check
+    from inferforge.llm import decode_gemv, gemv_check
 
     if not gemv_check.verified(device, config.torch_dtype):
         return "gemv did not match its reference on this device"
@@ -55,5 +55,5 @@ def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -
                             config.torch_dtype)  # fmt: skip
     except RuntimeError as exc:  # keep the layers' own kernels; say why
         return str(exc)
-    model.gemv_ops = gemv
+    model.gemv_ops = decode_gemv
     return None

@@ -250,8 +250,8 @@ class DecoderLM(nn.Module):
     def gemv_ready(self) -> bool:
         """Every product of the decode step can run through `gemv` (float layers, or gemlite's int8 / fp8
         ones), in a model the fused kernels cover (RMSNorm, gated SiLU, RoPE)."""
-        from inferforge.llm import gemv
+        from inferforge.llm import decode_gemv
 
         layers = [self.lm_head]
         layers += [m for b in self.blocks() for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
-        return self.can_fuse() and all(gemv.can_run(m) for m in layers)
+        return self.can_fuse() and all(decode_gemv.can_run(m) for m in layers)
