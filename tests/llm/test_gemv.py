@@ -1,7 +1,7 @@
 """The batch-1 decode GEMV (`llm/gemv.py`) against its torch reference and inside the model.
 
-Runs on a CUDA device, or on the CPU through Triton's interpreter where Triton is installed (CI's CPU
-environment has none, so there these tests skip).
+Runs on a CUDA device (every tensor on `DEVICE`), or on the CPU through Triton's interpreter where Triton is
+installed (CI's CPU environment has none, so there these tests skip).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     """Ragged N and K (masks), K in several tiles, the norm prologue, bias, residual add, SiLU pairs (gate
     rows then up rows), fp32 logits out."""
     g = torch.Generator().manual_seed(n * k)
-    x, r, nw, w, b = (torch.randn(*s, generator=g) for s in ((1, k), (1, n), (k,), (n, k), (n,)))
+    x, r, nw, w, b = (torch.randn(*s, generator=g).to(DEVICE) for s in ((1, k), (1, n), (k,), (n, k), (n,)))
     cases = [
         {},
         {"norm_weight": nw, "eps": 1e-5},
@@ -48,14 +48,14 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
 
 def test_silu_pair_refuses_an_odd_width() -> None:
     with pytest.raises(ValueError, match="silu_pair"):
-        gemv.gemv(torch.randn(1, 16), torch.randn(7, 16), silu_pair=True)
+        gemv.gemv(torch.randn(1, 16, device=DEVICE), torch.randn(7, 16, device=DEVICE), silu_pair=True)
 
 
 def test_int8_weights_with_a_scale() -> None:
-    w = torch.randn(33, 128)
+    w = torch.randn(33, 128, device=DEVICE)
     scale = w.abs().amax(1) / 127
     q = (w / scale[:, None]).round().to(torch.int8)
-    x = torch.randn(1, 128)
+    x = torch.randn(1, 128, device=DEVICE)
     got = gemv.gemv(x, q, scale=scale, tiles=gemv.TileConfig(8, 64, 1))
     torch.testing.assert_close(got, gemv_check.gemv_reference(x, q, scale=scale), rtol=1e-4, atol=1e-4)
     assert (got - x @ w.T).abs().max() < 0.03 * (x @ w.T).abs().max()  # int8 rounding only
@@ -63,7 +63,7 @@ def test_int8_weights_with_a_scale() -> None:
 
 def test_one_row_only() -> None:
     with pytest.raises(ValueError, match="one row"):
-        gemv.gemv(torch.randn(2, 16), torch.randn(8, 16))
+        gemv.gemv(torch.randn(2, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE))
 
 
 def test_model_decodes_the_same_tokens_through_gemv(tiny_dirs: dict[str, Path]) -> None:
@@ -90,9 +90,9 @@ def _rope_case(t_dtype: torch.dtype = torch.float32) -> tuple:
     g = torch.Generator().manual_seed(3)
     heads, kv_heads, d, k = 4, 2, 16, 64
     n = (heads + 2 * kv_heads) * d
-    w, x, r, nw = (torch.randn(*s, generator=g).to(t_dtype) for s in ((n, k), (1, k), (1, k), (k,)))
-    cos, sin = torch.randn(50, d, generator=g).to(t_dtype), torch.randn(50, d, generator=g).to(t_dtype)
-    caches = [torch.randn(3, 16, kv_heads, d, generator=g).to(t_dtype) for _ in range(2)]
+    w, x, r, nw = (torch.randn(*s, generator=g).to(DEVICE, t_dtype) for s in ((n, k), (1, k), (1, k), (k,)))
+    cos, sin = (torch.randn(50, d, generator=g).to(DEVICE, t_dtype) for _ in range(2))
+    caches = [torch.randn(3, 16, kv_heads, d, generator=g).to(DEVICE, t_dtype) for _ in range(2)]
     return heads, kv_heads, w, x, r, nw, cos, sin, caches
 
 
@@ -101,7 +101,7 @@ def test_rope_cache_epilogue_equals_gemv_then_the_rope_kernel(block_n: int) -> N
     """q rotated, k rotated into its slot, v copied into its slot: the same as the separate q/k/v product
     followed by `fused.rope_write_cache`, for every way the rows of a head split over programs."""
     heads, kv_heads, w, x, _, nw, cos, sin, (kc, vc) = _rope_case()
-    pos, slot = torch.tensor([37]), torch.tensor([21])
+    pos, slot = torch.tensor([37], device=DEVICE), torch.tensor([21], device=DEVICE)
     kc2, vc2 = kc.clone(), vc.clone()
     rc = gemv.RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
     kw = {"norm_weight": nw, "eps": 1e-5}
@@ -116,7 +116,8 @@ def test_rope_cache_epilogue_equals_gemv_then_the_rope_kernel(block_n: int) -> N
 
 def test_rope_cache_refuses_a_layout_that_is_not_q_k_v_heads() -> None:
     heads, kv_heads, w, x, _, _, cos, sin, (kc, vc) = _rope_case()
-    rc = gemv.RopeCache(cos, sin, torch.tensor([1]), torch.tensor([1]), kc, vc, heads + 1, kv_heads)
+    one = torch.tensor([1], device=DEVICE)
+    rc = gemv.RopeCache(cos, sin, one, one, kc, vc, heads + 1, kv_heads)
     with pytest.raises(ValueError, match="rope_cache needs N"):
         gemv.gemv(x, w, rope_cache=rc)
 
@@ -127,8 +128,8 @@ def test_int8_conversions_agree(mode: int, monkeypatch: pytest.MonkeyPatch) -> N
     product."""
     monkeypatch.setitem(gemv.INT8_MODE, "mode", mode)
     g = torch.Generator().manual_seed(5)
-    q = torch.randint(-127, 128, (24, 256), generator=g, dtype=torch.int16).to(torch.int8)
-    scale, x = torch.rand(24, generator=g) / 100, torch.randn(1, 256, generator=g)
+    q = torch.randint(-127, 128, (24, 256), generator=g, dtype=torch.int16).to(DEVICE, torch.int8)
+    scale, x = torch.rand(24, generator=g).to(DEVICE) / 100, torch.randn(1, 256, generator=g).to(DEVICE)
     want = (x @ q.float().T) * scale
     biased = (q.to(torch.int16) + 128).to(torch.uint8)
     for w in (q, biased):
@@ -153,7 +154,7 @@ class _Gemlite8Bit(torch.nn.Module):
 
 def test_gemlite_8bit_layers_run_on_their_own_bytes() -> None:
     g = torch.Generator().manual_seed(9)
-    w, b, x = torch.randn(40, 96, generator=g), torch.randn(40, generator=g), torch.randn(1, 96, generator=g)
+    w, b, x = (torch.randn(*s, generator=g).to(DEVICE) for s in ((40, 96), (40,), (1, 96)))
     scale = w.abs().amax(1) / 127
     q = (w / scale[:, None]).round().to(torch.int8)
     layer = _Gemlite8Bit(q, scale, b)
@@ -168,10 +169,10 @@ def test_layers_are_checked_against_their_own_forward() -> None:
     """The engine's check on the model's real layers: a layer read as it means itself passes; one whose
     bytes mean something else (here its own forward scales differently) is refused with the reason."""
     g = torch.Generator().manual_seed(4)
-    w = torch.randn(24, 64, generator=g)
+    w = torch.randn(24, 64, generator=g).to(DEVICE)
     scale = w.abs().amax(1) / 127
     q = (w / scale[:, None]).round().to(torch.int8)
-    good, plain = _Gemlite8Bit(q, scale, None), torch.nn.Linear(64, 24)
+    good, plain = _Gemlite8Bit(q, scale, None), torch.nn.Linear(64, 24).to(DEVICE)
     errors = gemv_check.matches_layers([good, plain], torch.float32)
     assert max(errors.values()) < 1e-4
     bad = _Gemlite8Bit(q, scale, None)
