@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .server_proc import CLI_MODULE, ServerProc, start_server
+from .server_proc import CLI_MODULE, ServerProc, start_server, stream_in_background
 
 LONG = 2000  # tokens: seconds of CPU decoding, so the tests act while the request surely runs
 
@@ -152,40 +152,19 @@ def test_full_queue_is_429(server: ServerProc, model: str) -> None:
     settle(server.url)
 
 
-def _stream_in_thread(url: str, payload: dict, out: dict, started: threading.Event) -> threading.Thread:
-    def run() -> None:
-        chunks = []
-        with (
-            httpx.Client(base_url=url, timeout=60) as c,
-            c.stream("POST", "/v1/completions", json=payload) as r,
-        ):
-            for line in r.iter_lines():
-                if line.startswith("data: "):
-                    chunks.append(line[6:])
-                    started.set()
-        out["chunks"] = chunks
-
-    t = threading.Thread(target=run)
-    t.start()
-    return t
-
-
 @pytest.mark.parametrize(("drain", "finish"), [("30", "length"), ("0", "abort")])
 def test_sigterm_drains_then_exits_zero(long_llama: Path, tmp_path: Path, drain: str, finish: str) -> None:
     srv = start_server(long_llama, tmp_path / "server.log", "--drain-timeout", drain)
     try:
         model = httpx.get(srv.url + "/v1/models").json()["data"][0]["id"]
-        out: dict = {}
-        started = threading.Event()
         n = 400 if finish == "length" else LONG  # drained in full: long enough to be in flight, short to wait
-        t = _stream_in_thread(
-            srv.url, {**body(model, n), "stream_options": {"include_usage": True}}, out, started
+        t, chunks, started = stream_in_background(
+            srv.url, {**body(model, n), "stream_options": {"include_usage": True}}
         )
         assert started.wait(30)
         srv.proc.send_signal(signal.SIGTERM)
         t.join(60)
         assert srv.proc.wait(30) == 0, srv.log_tail()
-        chunks = out["chunks"]
         assert chunks[-1] == "[DONE]"
         finishes = [c["choices"][0]["finish_reason"] for c in map(json.loads, chunks[:-1]) if c["choices"]]
         assert finishes[-1] == finish
