@@ -8,6 +8,7 @@ with -1.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -32,14 +33,17 @@ class TensorSpec:
     name: str
     datatype: str  # a V2 datatype name: "FP32", "INT64", ...
     shape: tuple[int, ...]  # batch dimension first; -1 where a dimension varies
+    DATATYPES: ClassVar[dict[str, np.dtype]] = (
+        V2_TO_NUMPY  # the datatypes this spec admits (a subclass widens it)
+    )
 
     def __post_init__(self) -> None:
-        if self.datatype not in V2_TO_NUMPY:
+        if self.datatype not in self.DATATYPES:
             raise ValueError(f"TensorSpec {self.name!r}: unknown datatype {self.datatype!r}")
 
     @property
     def numpy_dtype(self) -> np.dtype:
-        return V2_TO_NUMPY[self.datatype]
+        return self.DATATYPES[self.datatype]
 
     def fits(self, shape: tuple[int, ...]) -> bool:
         """True when a concrete shape matches this spec (same rank, fixed dimensions equal)."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
@@ -39,13 +40,7 @@ _LENGTH = struct.Struct("<I")
 class ServeTensorSpec(TensorSpec):
     """A `TensorSpec` that may also be BF16 or BYTES (see the module docstring for how they are carried)."""
 
-    def __post_init__(self) -> None:
-        if self.datatype not in WIRE_TO_NUMPY:
-            raise ValueError(f"TensorSpec {self.name!r}: unknown datatype {self.datatype!r}")
-
-    @property
-    def numpy_dtype(self) -> np.dtype:
-        return WIRE_TO_NUMPY[self.datatype]
+    DATATYPES: ClassVar[dict[str, np.dtype]] = WIRE_TO_NUMPY
 
 
 def wire_dtype(spec: TensorSpec) -> np.dtype:
