@@ -354,13 +354,19 @@ def quant_gemv(folder: Path) -> None:
     becomes fp32 in the kernel (`gemv._weights_f32`); gemlite's own batch-1 kernels as the peer."""
     from inferforge.llm import gemv
 
-    for mode in (3, 0):
+    from inferforge.llm import gemv_int4
+
+    for mode in (6, 3):
         gemv.INT8_MODE["mode"] = mode
         RESULTS[f"int8_gemv_mode{mode}"] = engine_numbers(
             folder, "int8", (1,), note=f" gemv int8 mode {mode}"
         )
-    gemv.INT8_MODE["mode"] = 3
+    gemv.INT8_MODE["mode"] = 6
     RESULTS["fp8_gemv"] = engine_numbers(folder, "fp8", (1,))
+    for ptx in (True, False):
+        gemv_int4.PTX_NIBBLES["on"] = ptx
+        RESULTS[f"int4_gemv_ptx{ptx}"] = engine_numbers(folder, "int4", (1,), note=f" gemv int4 ptx {ptx}")
+    gemv_int4.PTX_NIBBLES["on"] = True
     RESULTS["int8_gemlite"] = engine_numbers(folder, "int8", (1,), gemv_decode=False)
     RESULTS["fp8_gemlite"] = engine_numbers(folder, "fp8", (1,), gemv_decode=False)
 

@@ -38,7 +38,8 @@ STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # epilogues
 def _weights_f32(w, W_MODE: tl.constexpr):
     """A weight tile in fp32: 0 float types (bf16, fp16, fp32, fp8) and int8 by conversion; 1 uint8 holding
     q + 128, rebuilt as fp16 by bits (0x6400 | u is 1024 + u, exact) so no int-to-float instruction runs;
-    2 int8 through fp16; 3 int8 made q + 128 by flipping its sign bit, then as 1."""
+    2 int8 through fp16; 3 int8 made q + 128 by flipping its sign bit, then as 1; 5 int8 made q + 128 the same
+    way, then the fp32 2^23 + q + 128 by bits; 6 as 5 in PTX (a byte permute a weight, one xor for four)."""
     if W_MODE == 1:
         return ((w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
     elif W_MODE == 3:
@@ -46,6 +47,17 @@ def _weights_f32(w, W_MODE: tl.constexpr):
         return ((u.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
     elif W_MODE == 2:
         return w.to(tl.float16).to(tl.float32)
+    elif W_MODE == 5:  # int8: 0x4B000000 | (q + 128) is the fp32 2^23 + q + 128 (exact), no conversion
+        u = (w.to(tl.uint8, bitcast=True) ^ 0x80).to(tl.uint32) | 0x4B000000
+        return u.to(tl.float32, bitcast=True) - 8388736.0
+    elif W_MODE == 6:  # the same in PTX, four weights a call: one xor for four, one prmt and one sub each
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 t; xor.b32 t, $4, 0x80808080;"
+            " prmt.b32 $0, t, 0x4B000000, 0x7440; prmt.b32 $1, t, 0x4B000000, 0x7441;"
+            " prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443;"
+            " sub.f32 $0, $0, 0f4B000080; sub.f32 $1, $1, 0f4B000080;"
+            " sub.f32 $2, $2, 0f4B000080; sub.f32 $3, $3, 0f4B000080; }",
+            "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
     else:
         return w.to(tl.float32)
 
@@ -207,7 +219,15 @@ class RopeCache:
 # 2026-11-23: 976 tok/s with them, 1,011 with the defaults, same run), so nothing is listed; keyed by
 # (N, K, weight bytes per element).
 TUNED: dict[tuple[int, int, int], TileConfig] = {}
-INT8_MODE = {"mode": 3}  # how int8 weights become fp32 (`_weights_f32`); 3 measured fastest (run 4)
+# How int8 weights become fp32 (`_weights_f32`): 3 measured fastest of 0-3 (run 4); 6 (PTX) takes 4.4 SASS
+# instructions a weight where 3 takes 7.0 (sm_90, Triton 3.6, read offline); the interpreter runs no PTX and
+# takes 5, the same arithmetic.
+INT8_MODE = {"mode": 6}
+
+
+def _int8_mode(x: torch.Tensor) -> int:
+    mode = INT8_MODE["mode"]
+    return 5 if mode == 6 and not x.is_cuda else mode
 
 
 def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:
@@ -250,7 +270,7 @@ def gemv(
     if norm_weight is not None and cfg.block_k < k:
         cfg = TileConfig(max(2, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
     epilogue = STORE if residual is None else RESIDUAL
-    w_mode = 1 if weight.dtype == torch.uint8 else INT8_MODE["mode"] if weight.dtype == torch.int8 else 0
+    w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
     cache_args: tuple = (x, x, x, x, x, x, 0)
     heads = kv_heads = d = gap = 1
     rc = rope_cache

@@ -97,13 +97,17 @@ def _row_tile(P, rows, KP: tl.constexpr):
 
 @triton.jit
 def _columns(xt):
-    return (_col(xt, 0), _col(xt, 1), _col(xt, 2), _col(xt, 3), _col(xt, 4), _col(xt, 5), _col(xt, 6),
-            _col(xt, 7))  # fmt: skip
-
-
-@triton.jit
-def _col(xt, i: tl.constexpr):
-    return tl.sum(tl.where(tl.arange(0, 8)[None, :] == i, xt, 0.0), 1)
+    """Columns 0..7 of a [rows, 8] tile, split apart (register moves: each thread holds whole rows; a masked
+    sum per column cost ~1 add a weight, sm_90 read offline)."""
+    R: tl.constexpr = xt.shape[0]
+    even, odd = tl.split(tl.reshape(xt, [R, 4, 2]))  # columns 0 2 4 6 / 1 3 5 7
+    c04, c26 = tl.split(tl.reshape(even, [R, 2, 2]))
+    c15, c37 = tl.split(tl.reshape(odd, [R, 2, 2]))
+    c0, c4 = tl.split(c04)
+    c2, c6 = tl.split(c26)
+    c1, c5 = tl.split(c15)
+    c3, c7 = tl.split(c37)
+    return c0, c1, c2, c3, c4, c5, c6, c7
 
 
 @triton.jit
@@ -128,16 +132,45 @@ def _nibble(w, i: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr):
+def _nibbles_ptx(w):
+    """All 8 nibble planes of a packed word as fp32 1024 + q, in PTX: two nibbles at a time become fp16
+    1024 + q by bits (one lop3), then one conversion each (the 1024 comes off once per group, `_tile_dot`):
+    ~1.9 instructions a weight where `_nibble` takes ~4 and Triton adds sign extensions."""
+    return tl.inline_asm_elementwise(
+        "{ .reg .b32 p, q, a, b, c, d; .reg .b16 l0, h0, l1, h1, l2, h2, l3, h3;"
+        " shr.b32 p, $8, 4; shr.b32 q, $8, 8;"
+        " lop3.b32 a, $8, 0x000F000F, 0x64006400, 0xEA; lop3.b32 b, p, 0x000F000F, 0x64006400, 0xEA;"
+        " lop3.b32 c, q, 0x000F000F, 0x64006400, 0xEA; shr.b32 p, $8, 12;"
+        " lop3.b32 d, p, 0x000F000F, 0x64006400, 0xEA;"
+        " mov.b32 {l0, h0}, a; mov.b32 {l1, h1}, b; mov.b32 {l2, h2}, c; mov.b32 {l3, h3}, d;"
+        " cvt.f32.f16 $0, l0; cvt.f32.f16 $4, h0; cvt.f32.f16 $1, l1; cvt.f32.f16 $5, h1;"
+        " cvt.f32.f16 $2, l2; cvt.f32.f16 $6, h2; cvt.f32.f16 $3, l3; cvt.f32.f16 $7, h3; }",
+        "=r,=r,=r,=r,=r,=r,=r,=r,r", [w], dtype=(tl.float32,) * 8, is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr, PTX: tl.constexpr):
     """sum_k W[n, k] x[k] over one tile: nibble plane i of each packed row times x[8 r + i], summed per group,
-    then the group's scale and zero applied once."""
-    t = _nibble(w, 0) * xs[0][:, None]
-    xsum = xs[0]
-    for i in tl.static_range(1, 8):
-        t += _nibble(w, i) * xs[i][:, None]
-        xsum += xs[i]
+    then the group's scale and zero applied once. PTX: the planes by `_nibbles_ptx` (not in the interpreter),
+    1024 + q each, so 1024 x the group's sum of x comes off the group's sum (fp32: the products are exact, the
+    ~2^-24 relative rounding of a 64-term sum stays below bf16's resolution)."""
+    if PTX:
+        planes = _nibbles_ptx(w)
+        t = planes[0] * xs[0][:, None]
+        xsum = xs[0]
+        for i in tl.static_range(1, 8):
+            t += planes[i] * xs[i][:, None]
+            xsum += xs[i]
+    else:
+        t = _nibble(w, 0) * xs[0][:, None]
+        xsum = xs[0]
+        for i in tl.static_range(1, 8):
+            t += _nibble(w, i) * xs[i][:, None]
+            xsum += xs[i]
     tg = tl.sum(tl.reshape(t, [TG, w.shape[0] // TG, w.shape[1]]), 1)
     xg = tl.sum(tl.reshape(xsum, [TG, w.shape[0] // TG]), 1)[:, None]
+    if PTX:
+        tg = tg - 1024.0 * xg
     if FMA:
         return tl.sum(tg * s + z * xg, 0)
     else:
@@ -149,7 +182,8 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
                       KC, VC, stride_c_slot, K: tl.constexpr, GROUP: tl.constexpr, FMA: tl.constexpr,
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
-                      H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                      H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
+                      PTX: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -171,11 +205,11 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         xf = _row_tile(X, r, K // 8)
         inv = tl.rsqrt(tl.sum(tl.sum(xf * xf, 1), 0) / K + eps)
         xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
-        acc = _tile_dot(w, s, z, _columns(xin), TG, FMA)
+        acc = _tile_dot(w, s, z, _columns(xin), TG, FMA, PTX)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for t in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            acc += _tile_dot(w, s, z, _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8)), TG, FMA)
+            acc += _tile_dot(w, s, z, _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8)), TG, FMA, PTX)
             w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
                                  BLOCK_K, TG)  # fmt: skip
     if HAS_BIAS:
@@ -186,6 +220,8 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
     else:
         _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 
+
+PTX_NIBBLES = {"on": True}  # `_nibbles_ptx` on the GPU (the interpreter runs no PTX)
 
 # Keyed by (N, K); empty until measured inside the decode step (tiles faster alone were not, `gemv.TUNED`).
 TUNED: dict[tuple[int, int], TileConfig] = {}
@@ -232,7 +268,8 @@ def gemv_int4(
         w.scales.stride(0), w.zeros.stride(0), eps, *cache_args, K=k, GROUP=w.group, FMA=w.fma,
         PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
-        KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps, **fused.launch_options(),
+        KV=kv_heads, D=d, PDL=fused.pdl_on(), PTX=PTX_NIBBLES["on"] and x.is_cuda,
+        num_warps=cfg.num_warps, **fused.launch_options(),
     )  # fmt: skip
     return y
 
