@@ -352,9 +352,7 @@ def graph_profile(folder: Path, batch: int = 1) -> None:
 def quant_gemv(folder: Path) -> None:
     """int8 and fp8 (gemlite layers) at batch 1, the decode GEMVs reading the same bytes, for each way int8
     becomes fp32 in the kernel (`gemv._weights_f32`); gemlite's own batch-1 kernels as the peer."""
-    from inferforge.llm import gemv
-
-    from inferforge.llm import gemv_int4
+    from inferforge.llm import gemv, gemv_int4
 
     for mode in (6, 3):
         gemv.INT8_MODE["mode"] = mode

@@ -125,7 +125,8 @@ def test_rope_cache_refuses_a_layout_that_is_not_q_k_v_heads() -> None:
 @pytest.mark.parametrize("mode", [0, 2, 3, 5, 6])
 def test_int8_conversions_agree(mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 by conversion (direct or through fp16), by bits (3, 5, 6: the PTX one on a GPU, 5 in the
-    interpreter) and uint8 holding q + 128 (rebuilt by bits) give the same product, every int8 value included."""
+    interpreter) and uint8 holding q + 128 (rebuilt by bits) give the same product, every int8 value
+    included."""
     monkeypatch.setitem(gemv.INT8_MODE, "mode", mode)
     g = torch.Generator().manual_seed(5)
     q = torch.randint(-128, 128, (24, 256), generator=g, dtype=torch.int16).to(DEVICE, torch.int8)
