@@ -139,20 +139,20 @@ def _paged_decode_kernel(
     l_sum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
     for start in range(lo, hi, TILE):
-        tok = start + offs_t
-        tmask = tok < hi
+        t = start + offs_t
+        tmask = t < hi
         if start > lo:
             if PREFETCH:  # noqa: SIM108 (a constexpr branch, compiled out)
                 blk = nblk
             else:
-                blk = tl.load(bt_row + tok // BS, mask=tmask, other=0)
+                blk = tl.load(bt_row + t // BS, mask=tmask, other=0)
             base = (
-                blk[:, None] * stride_kb + (tok % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
+                blk[:, None] * stride_kb + (t % BS)[:, None] * stride_ks + kvh * stride_kh + offs_d[None, :]
             )
             k = tl.load(K + base, mask=tmask[:, None], other=0.0)
             v = tl.load(V + base, mask=tmask[:, None], other=0.0)
             if PREFETCH:
-                nblk = tl.load(bt_row + (tok + TILE) // BS, mask=tok + TILE < hi, other=0)
+                nblk = tl.load(bt_row + (t + TILE) // BS, mask=t + TILE < hi, other=0)
         m, l_sum, acc = _attend(q, k, v, tmask, m, l_sum, acc, scale)
     out_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     if n_active > 1:
