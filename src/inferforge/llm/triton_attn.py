@@ -219,10 +219,10 @@ def _scratch(device: torch.device, b: int, kv: int, s: int, gp: int, d: int) -> 
                 f"paged_decode_attention: no split-KV scratch for batch {b} yet; call it once outside "
                 "CUDA-graph capture for this batch size before capturing (a warm-up call)"
             )
-        f32 = {"device": device, "dtype": torch.float32}
-        _SCRATCH[key] = (
-            torch.empty(b * kv * s * 2 * gp, **f32),
-            torch.empty(b * kv * s * gp * d, **f32),
+        nan = {"fill_value": float("nan"), "device": device, "dtype": torch.float32}
+        _SCRATCH[key] = (  # NaN until written: a partial merged before it was written cannot pass the check
+            torch.full((b * kv * s * 2 * gp,), **nan),
+            torch.full((b * kv * s * gp * d,), **nan),
             torch.zeros(b * kv, device=device, dtype=torch.int32),
         )
     return _SCRATCH[key]
