@@ -27,23 +27,47 @@ def _graphed(fn):
 
 
 def attention_section(row) -> dict:
-    """us per layer call; 1.2B shape: 32 query heads, 8 KV heads, head dim 64, max_model_len 1024."""
-    out = {}
-    dev, dt = torch.device("cuda"), torch.bfloat16
+    """us per layer call; 1.2B shape: 32 query heads, 8 KV heads, head dim 64. Batch 1 and 64 at contexts
+    256, 1,024 and 4,096, each captured in a CUDA graph: the torch reference (peer; its table as wide as the
+    context needs, at least 64 blocks as before) and the Triton kernel with split-KV and the block-table
+    prefetch each off and on (split-KV off is MAX_SPLITS=1; at batch 64 the grid fills the GPU unsplit)."""
+    from inferforge.llm import fused
+
+    def timed(fn, args, max_splits: int, prefetch: bool) -> float:
+        """Knobs are read at launch, so the captured graph keeps them; put back after capture."""
+        saved = triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE
+        triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE = max_splits, prefetch
+        try:
+            replay = _graphed(lambda: fn(*args))
+        finally:
+            triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE = saved
+        return cuda_time(replay, iters=50) * 1e6
+
+    out: dict = {"pdl": fused.pdl_on()}
+    dev, dt, on = torch.device("cuda"), torch.bfloat16, triton_attn.MAX_SPLITS
+    variants = {"": (on, True), " no-split": (1, True), " no-prefetch": (on, False), " neither": (1, False)}
+    max_blocks = 4096 // 16
     for b in (1, 64):
-        for ctx in (256, 1024):
-            blocks = b * 64 + 1
-            k = torch.randn(blocks, 16, 8, 64, device=dev, dtype=dt)
-            v = torch.randn_like(k)
-            q = torch.randn(b, 32, 64, device=dev, dtype=dt)
-            bt = torch.randperm(blocks - 1, device=dev)[: b * 64].add(1).view(b, 64)
+        out[f"splits b{b}"] = splits = triton_attn.num_splits(b, 8, dev)
+        blocks = b * max_blocks + 1
+        k = torch.randn(blocks, 16, 8, 64, device=dev, dtype=dt)
+        v = torch.randn_like(k)
+        q = torch.randn(b, 32, 64, device=dev, dtype=dt)
+        bt = torch.randperm(blocks - 1, device=dev)[: b * max_blocks].add(1).view(b, max_blocks)
+        for ctx in (256, 1024, 4096):
             lens = torch.full((b,), ctx, device=dev)
-            for name, fn in (("torch gather", attention.decode_attention_torch),
-                             ("triton paged", triton_attn.paged_decode_attention)):  # fmt: skip
-                args = (q, k, v, bt, lens, 0.125)
-                us = cuda_time(_graphed(lambda fn=fn, args=args: fn(*args)), iters=50) * 1e6
-                out[f"{name} b{b} ctx{ctx}"] = us
-                row(f"decode attention {name}, batch {b}, context {ctx} (us/layer)", f"{us:.1f}")
+            peer = (q, k, v, bt[:, : max(64, ctx // 16)], lens, 0.125)
+            us = timed(attention.decode_attention_torch, peer, on, True)
+            out[f"torch gather b{b} ctx{ctx}"] = us
+            row(f"decode attention torch gather, batch {b}, context {ctx} (us/layer)", f"{us:.1f}")
+            for suffix, (max_splits, prefetch) in variants.items():
+                us = timed(
+                    triton_attn.paged_decode_attention, (q, k, v, bt, lens, 0.125), max_splits, prefetch
+                )
+                out[f"triton paged{suffix} b{b} ctx{ctx}"] = us
+                label = f"triton paged{suffix or f' (splits {splits})'}"
+                row(f"decode attention {label}, batch {b}, context {ctx} (us/layer)", f"{us:.1f}")
+        free()
     return out
 
 
