@@ -58,6 +58,7 @@ def test_every_split_path_matches_the_reference(
     monkeypatch.setattr(triton_attn, "MAX_SPLITS", max_splits)
     monkeypatch.setattr(triton_attn, "MIN_SPLIT_TOKENS", min_tokens)
     monkeypatch.setattr(triton_attn, "PREFETCH_TABLE", prefetch)
+    monkeypatch.setitem(triton_attn.TILE, "small_batch", 64)  # splits are whole tiles: 64 lets 300 split in 5
     contexts = (1, 17, 300, 777)
     assert triton_attn.check_against_reference(DEVICE, DTYPE, contexts) < TOL
     merged = any(not partials.isnan().all() for _, partials, _ in fresh_scratch.values())
@@ -80,6 +81,7 @@ def test_repeated_calls_reuse_the_counters(fresh_scratch: dict, monkeypatch: pyt
     """Three calls of one shape share one scratch set; new queries, keys and lengths each time still match
     the reference, which they cannot unless the merging program put every counter back to zero."""
     monkeypatch.setattr(triton_attn, "MIN_SPLIT_TOKENS", 16)
+    monkeypatch.setitem(triton_attn.TILE, "small_batch", 16)
     gen = torch.Generator(device="cpu").manual_seed(1)
     for contexts in ((200, 9, 130), (64, 250, 17), (250, 250, 250)):
         q, k, v, bt, ctx = _paged_case(gen, contexts)
@@ -87,7 +89,8 @@ def test_repeated_calls_reuse_the_counters(fresh_scratch: dict, monkeypatch: pyt
         got = triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
         assert (ref.float() - got.float()).abs().max().item() < TOL
     assert len(fresh_scratch) == 1
-    (_, _, counters), *_ = fresh_scratch.values()
+    (_, partials, counters), *_ = fresh_scratch.values()
+    assert not partials.isnan().all()  # the long contexts were split
     assert counters.count_nonzero().item() == 0
 
 
@@ -114,6 +117,7 @@ def test_graph_replays_with_new_lengths_match_the_reference(monkeypatch: pytest.
     """As the engine runs it: one eager call (allocates the scratch), capture, then replays whose context
     lengths and queries change in place; every replay matches the reference."""
     monkeypatch.setattr(triton_attn, "MIN_SPLIT_TOKENS", 32)
+    monkeypatch.setitem(triton_attn.TILE, "small_batch", 32)
     gen = torch.Generator(device="cpu").manual_seed(2)
     q, k, v, bt, ctx = _paged_case(gen, (500, 3, 333), n_blocks=128)
     triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
