@@ -1,9 +1,14 @@
-"""A Triton paged-attention kernel for decode: one program per (sequence, KV head), reading only live blocks.
+"""A Triton paged-attention kernel for decode: programs per (sequence, KV head), reading only live blocks.
 
 The torch reference in `attention.py` gathers every block of the table, so its cost grows with max_model_len
 and batch; this kernel walks each sequence's blocks up to its context length with an online softmax, the query
 heads of one KV group together (grouped-query attention) so each key block is read once. CUDA only; the engine
 uses it only after `verified_kernel` checked it against the reference on the live device.
+
+Split-KV (flash-decoding) in the same launch: small batches get several programs per (sequence, KV head),
+each a slice of the context; each writes its partial (max, sum, unnormalised output) and counts itself in on
+an atomic counter, and the last to arrive merges them and zeroes the counter, so CUDA-graph replays need no
+reset kernel. Contexts shorter than MIN_SPLIT_TOKENS keep one program and write their output directly.
 """
 
 from __future__ import annotations
@@ -219,10 +224,10 @@ def _scratch(device: torch.device, b: int, kv: int, s: int, gp: int, d: int) -> 
                 f"paged_decode_attention: no split-KV scratch for batch {b} yet; call it once outside "
                 "CUDA-graph capture for this batch size before capturing (a warm-up call)"
             )
-        nan = {"fill_value": float("nan"), "device": device, "dtype": torch.float32}
+        nan, f32 = float("nan"), torch.float32
         _SCRATCH[key] = (  # NaN until written: a partial merged before it was written cannot pass the check
-            torch.full((b * kv * s * 2 * gp,), **nan),
-            torch.full((b * kv * s * gp * d,), **nan),
+            torch.full((b * kv * s * 2 * gp,), nan, device=device, dtype=f32),
+            torch.full((b * kv * s * gp * d,), nan, device=device, dtype=f32),
             torch.zeros(b * kv, device=device, dtype=torch.int32),
         )
     return _SCRATCH[key]
