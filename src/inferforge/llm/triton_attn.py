@@ -100,7 +100,7 @@ def _paged_decode_kernel(
     if SPLIT:
         # This sequence's splits: as many as its context fills with min_split_tokens each (at most the
         # grid's), each a multiple of TILE long; the programs past them have nothing to do.
-        n_want = tl.minimum(tl.num_programs(2), tl.cdiv(ctx, min_split_tokens))
+        n_want = tl.maximum(tl.minimum(tl.num_programs(2), tl.cdiv(ctx, min_split_tokens)), 1)
         chunk = tl.maximum(tl.cdiv(tl.cdiv(ctx, n_want), TILE), 1) * TILE
         n_active = tl.maximum(tl.cdiv(ctx, chunk), 1)
         if split >= n_active:
