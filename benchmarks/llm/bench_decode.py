@@ -232,6 +232,28 @@ def batch1_ab(folder: Path) -> None:
     gemv.TUNED.clear()
 
 
+def split_ab(folder: Path) -> None:
+    """Batch-1 bf16 decode with split-KV attention off (one program per KV head) and on, twice in turn, at a
+    short context (16-token prompts, as `decode_rate`) and a long one (3,000-token prompts): tokens/s of 256
+    generated tokens. One engine per setting (the split count is fixed when a graph is captured)."""
+    from inferforge.llm import triton_attn
+
+    default = triton_attn.MAX_SPLITS
+    for rep in range(2):
+        for name, splits in (("split off", 1), ("split on", default)):
+            triton_attn.MAX_SPLITS = splits
+            eng = bench_engine(folder, None, decode_buckets=(1,), max_model_len=4096,
+                               kv_cache_tokens=16 * 4096, max_num_batched_tokens=4096)  # fmt: skip
+            decode_rate(eng, 1, new_tokens=32)  # warm-up
+            short = decode_rate(eng, 1)
+            long = decode_rate(eng, 1, prompt_len=3000)
+            RESULTS[f"splitab {name} rep{rep}"] = {"short_tok_s": short, "long3000_tok_s": long}
+            row(f"b1 bf16 [{name}] ctx 16-272 / 3000-3256 (tok/s)", f"{short:,.0f} / {long:,.0f}")
+            del eng
+            free()
+    triton_attn.MAX_SPLITS = default
+
+
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -257,6 +279,16 @@ def quant_start(folder: Path, fmt: str = "int8") -> None:
             row(f"engine {fmt} start, {label} (s)", seconds if seconds != "failed" else res.stderr[-300:])
 
 
+def _timeline_gaps(spans: list[tuple[float, float]], start: float, end: float) -> dict[str, float]:
+    """Where the device idled during a host-timed range (us timestamps of one clock): before its first
+    kernel, between kernels, after its last."""
+    idle, reach = 0.0, spans[0][1]
+    for a, b in spans[1:]:
+        idle += max(0.0, a - reach)
+        reach = max(reach, b)
+    return {"lead_ms": (spans[0][0] - start) / 1e3, "idle_ms": idle / 1e3, "tail_ms": (end - reach) / 1e3}
+
+
 def prefill_profile(folder: Path) -> None:
     """The load test's prefill (64 prompts of 128 tokens in one 8,192-token step): wall time of the step
     against the summed time of its CUDA kernels, and the kernels that take the most."""
@@ -274,18 +306,25 @@ def prefill_profile(folder: Path) -> None:
             while eng.has_unfinished():
                 eng.step()
             continue
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            eng.step()
-            torch.cuda.synchronize()
+            with torch.profiler.record_function("engine.step"):
+                eng.step()
+                torch.cuda.synchronize()
             wall = time.perf_counter() - t0
     kernels: dict[str, float] = {}
+    spans = []
     for e in prof.events():
         if e.device_type.name == "CUDA":
             kernels[e.name[:50]] = kernels.get(e.name[:50], 0.0) + (e.time_range.end - e.time_range.start)
+            spans.append((e.time_range.start, e.time_range.end))
     busy = sum(kernels.values()) / 1e3
-    RESULTS["prefill_profile"] = {"wall_ms": wall * 1e3, "kernels_ms": busy, "by_kernel_us": kernels}
+    step_ev = next(e for e in prof.events() if e.name == "engine.step")
+    gaps = _timeline_gaps(sorted(spans), step_ev.time_range.start, step_ev.time_range.end)
+    RESULTS["prefill_profile"] = {"wall_ms": wall * 1e3, "kernels_ms": busy, "by_kernel_us": kernels, **gaps}
     row("prefill step 64 x 128 tokens: wall / CUDA kernels (ms)", f"{wall * 1e3:.1f} / {busy:.1f}")
+    row("  before the first kernel / idle between kernels / after the last (ms)",
+        f"{gaps['lead_ms']:.1f} / {gaps['idle_ms']:.1f} / {gaps['tail_ms']:.1f}")  # fmt: skip
     for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
         row(f"  {name}", f"{us / 1e3:.2f} ms")
     while eng.has_unfinished():
@@ -550,6 +589,7 @@ def main() -> None:
             ],
         ),
         ("quantgemv", lambda: quant_gemv(folder)),
+        ("splitab", lambda: split_ab(folder)),
         (
             "int4ab",
             lambda: [

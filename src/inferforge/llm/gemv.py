@@ -219,10 +219,11 @@ class RopeCache:
 # 2026-11-23: 976 tok/s with them, 1,011 with the defaults, same run), so nothing is listed; keyed by
 # (N, K, weight bytes per element).
 TUNED: dict[tuple[int, int, int], TileConfig] = {}
-# How int8 weights become fp32 (`_weights_f32`): 3 measured fastest of 0-3 (run 4); 6 (PTX) takes 4.4 SASS
-# instructions a weight where 3 takes 7.0 (sm_90, Triton 3.6, read offline); the interpreter runs no PTX and
-# takes 5, the same arithmetic.
-INT8_MODE = {"mode": 6}
+# How int8 weights become fp32 (`_weights_f32`): 3 measured fastest of 0-3 (run 4). 6 (PTX) takes 4.4 SASS
+# instructions a weight where 3 takes 7.0 (sm_90, Triton 3.6, read offline) and was no faster in the decode
+# step (F2 of 2026-11-23: 1,385 tok/s against 1,409, same run): the int8 GEMVs are not bound by instruction
+# issue. The interpreter runs no PTX and takes 5 (the same arithmetic) for 6.
+INT8_MODE = {"mode": 3}
 
 
 def _int8_mode(x: torch.Tensor) -> int:
