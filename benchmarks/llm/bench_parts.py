@@ -33,19 +33,24 @@ def attention_section(row) -> dict:
     prefetch each off and on (split-KV off is MAX_SPLITS=1; at batch 64 the grid fills the GPU unsplit)."""
     from inferforge.llm import fused
 
-    def timed(fn, args, max_splits: int, prefetch: bool) -> float:
+    min_split = triton_attn.MIN_SPLIT_TOKENS
+
+    def timed(fn, args, max_splits: int, prefetch: bool, min_tokens: int = min_split) -> float:
         """Knobs are read at launch, so the captured graph keeps them; put back after capture."""
-        saved = triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE
+        saved = triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE, triton_attn.MIN_SPLIT_TOKENS
         triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE = max_splits, prefetch
+        triton_attn.MIN_SPLIT_TOKENS = min_tokens
         try:
             replay = _graphed(lambda: fn(*args))
         finally:
-            triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE = saved
+            triton_attn.MAX_SPLITS, triton_attn.PREFETCH_TABLE, triton_attn.MIN_SPLIT_TOKENS = saved
         return cuda_time(replay, iters=50) * 1e6
 
     out: dict = {"pdl": fused.pdl_on()}
     dev, dt, on = torch.device("cuda"), torch.bfloat16, triton_attn.MAX_SPLITS
-    variants = {"": (on, True), " no-split": (1, True), " no-prefetch": (on, False), " neither": (1, False)}
+    variants = {"": (on, True, min_split), " no-split": (1, True, min_split),
+                " no-prefetch": (on, False, min_split), " neither": (1, False, min_split),
+                " min-split 128": (on, True, 128), " min-split 512": (on, True, 512)}  # fmt: skip
     max_blocks = 4096 // 16
     for b in (1, 64):
         out[f"splits b{b}"] = splits = triton_attn.num_splits(b, 8, dev)
@@ -60,10 +65,13 @@ def attention_section(row) -> dict:
             us = timed(attention.decode_attention_torch, peer, on, True)
             out[f"torch gather b{b} ctx{ctx}"] = us
             row(f"decode attention torch gather, batch {b}, context {ctx} (us/layer)", f"{us:.1f}")
-            for suffix, (max_splits, prefetch) in variants.items():
+            for suffix, (max_splits, prefetch, min_tokens) in variants.items():
+                if b > 1 and "min-split" in suffix:
+                    continue
                 us = timed(
-                    triton_attn.paged_decode_attention, (q, k, v, bt, lens, 0.125), max_splits, prefetch
-                )
+                    triton_attn.paged_decode_attention, (q, k, v, bt, lens, 0.125), max_splits, prefetch,
+                    min_tokens,
+                )  # fmt: skip
                 out[f"triton paged{suffix} b{b} ctx{ctx}"] = us
                 label = f"triton paged{suffix or f' (splits {splits})'}"
                 row(f"decode attention {label}, batch {b}, context {ctx} (us/layer)", f"{us:.1f}")

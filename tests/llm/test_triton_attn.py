@@ -67,9 +67,9 @@ def test_every_split_path_matches_the_reference(
         assert counters.count_nonzero().item() == 0
 
 
-def _paged_case(gen: torch.Generator, contexts: tuple[int, ...], n_blocks: int = 64):
+def _paged_case(gen: torch.Generator, contexts: tuple[int, ...], n_blocks: int = 64, table_blocks: int = 0):
     b, heads, kv_heads, d, bs = len(contexts), 8, 2, 32, 16
-    max_blocks = -(-max(contexts) // bs)
+    max_blocks = table_blocks or -(-max(contexts) // bs)
     k = torch.randn(n_blocks, bs, kv_heads, d, generator=gen).to(DEVICE, DTYPE)
     v = torch.randn(n_blocks, bs, kv_heads, d, generator=gen).to(DEVICE, DTYPE)
     q = torch.randn(b, heads, d, generator=gen).to(DEVICE, DTYPE)
@@ -84,7 +84,7 @@ def test_repeated_calls_reuse_the_counters(fresh_scratch: dict, monkeypatch: pyt
     monkeypatch.setitem(triton_attn.TILE, "small_batch", 16)
     gen = torch.Generator(device="cpu").manual_seed(1)
     for contexts in ((200, 9, 130), (64, 250, 17), (250, 250, 250)):
-        q, k, v, bt, ctx = _paged_case(gen, contexts)
+        q, k, v, bt, ctx = _paged_case(gen, contexts, table_blocks=16)  # one table width: one split count
         ref = attention.decode_attention_torch(q, k, v, bt, ctx, 0.2)
         got = triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
         assert (ref.float() - got.float()).abs().max().item() < TOL
@@ -131,3 +131,20 @@ def test_graph_replays_with_new_lengths_match_the_reference(monkeypatch: pytest.
         graph.replay()
         ref = attention.decode_attention_torch(q, k, v, bt, ctx, 0.2)
         assert (ref.float() - out.float()).abs().max().item() < TOL
+
+
+def test_no_more_splits_than_the_table_can_fill(fresh_scratch: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A table of 16 blocks (256 tokens) fills one split of 256 tokens: batch 1 launches one program per KV
+    head and allocates no scratch, however many splits the GPU's size would allow; at 64-token splits it
+    takes four."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    q, k, v, bt, ctx = _paged_case(gen, (250,), table_blocks=16)
+    ref = attention.decode_attention_torch(q, k, v, bt, ctx, 0.2)
+    got = triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
+    assert (ref.float() - got.float()).abs().max().item() < TOL
+    assert fresh_scratch == {}
+    monkeypatch.setattr(triton_attn, "MIN_SPLIT_TOKENS", 64)
+    monkeypatch.setitem(triton_attn.TILE, "small_batch", 16)
+    got = triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
+    assert (ref.float() - got.float()).abs().max().item() < TOL
+    assert [key[3] for key in fresh_scratch] == [4]  # (device, b, kv, splits, gp, d)
