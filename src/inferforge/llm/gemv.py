@@ -57,7 +57,12 @@ def _weights_f32(w, W_MODE: tl.constexpr):
             " prmt.b32 $2, t, 0x4B000000, 0x7442; prmt.b32 $3, t, 0x4B000000, 0x7443;"
             " sub.f32 $0, $0, 0f4B000080; sub.f32 $1, $1, 0f4B000080;"
             " sub.f32 $2, $2, 0f4B000080; sub.f32 $3, $3, 0f4B000080; }",
-            "=r,=r,=r,=r,r", [w], dtype=tl.float32, is_pure=True, pack=4)
+            "=r,=r,=r,=r,r",
+            [w],
+            dtype=tl.float32,
+            is_pure=True,
+            pack=4,
+        )
     else:
         return w.to(tl.float32)
 
