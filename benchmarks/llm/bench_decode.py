@@ -289,44 +289,56 @@ def _timeline_gaps(spans: list[tuple[float, float]], start: float, end: float) -
     return {"lead_ms": (spans[0][0] - start) / 1e3, "idle_ms": idle / 1e3, "tail_ms": (end - reach) / 1e3}
 
 
-def prefill_profile(folder: Path) -> None:
-    """The load test's prefill (64 prompts of 128 tokens in one 8,192-token step): wall time of the step
-    against the summed time of its CUDA kernels, and the kernels that take the most."""
+def _profile_steps(eng: LLMEngine, steps: int) -> dict:
+    """Run `steps` engine steps under CUPTI: wall time, device busy time (kernels and copies), where the
+    device idled (before the first kernel, between kernels, after the last) and the busiest kernels."""
     from torch.profiler import ProfilerActivity, profile
 
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        with torch.profiler.record_function("bench.steps"):
+            for _ in range(steps):
+                eng.step()
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    kernels: dict[str, float] = {}
+    spans = []
+    for e in prof.events():
+        if e.device_type.name == "CUDA" and e.name != "bench.steps":
+            kernels[e.name[:50]] = kernels.get(e.name[:50], 0.0) + (e.time_range.end - e.time_range.start)
+            spans.append((e.time_range.start, e.time_range.end))
+    host = next(e for e in prof.events() if e.name == "bench.steps" and e.device_type.name == "CPU")
+    gaps = _timeline_gaps(sorted(spans), host.time_range.start, host.time_range.end)
+    top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:12])
+    return {"wall_ms": wall * 1e3, "busy_ms": sum(kernels.values()) / 1e3, "top_us": top, **gaps}
+
+
+def prefill_profile(folder: Path) -> None:
+    """The load test's first step (64 prompts of 128 tokens in one 8,192-token step) and then 32 of its
+    decode steps: wall time against the device's busy time, where the device idled, the busiest kernels."""
     eng = bench_engine(folder, None, max_num_batched_tokens=8192, decode_buckets=(64,))
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
     for rep in range(3):
+        params = SamplingParams(max_tokens=2 if rep < 2 else 40, temperature=0.0, ignore_eos=True)
         for i in range(64):
             ids = tuple(torch.randint(100, 500, (128,), generator=g).tolist())
             eng.add_request(EngineRequest(f"pp{rep}-{i}", ids, params))
-        torch.cuda.synchronize()
         if rep < 2:  # warm-up
             while eng.has_unfinished():
                 eng.step()
             continue
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            t0 = time.perf_counter()
-            with torch.profiler.record_function("engine.step"):
-                eng.step()
-                torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
-    kernels: dict[str, float] = {}
-    spans = []
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            kernels[e.name[:50]] = kernels.get(e.name[:50], 0.0) + (e.time_range.end - e.time_range.start)
-            spans.append((e.time_range.start, e.time_range.end))
-    busy = sum(kernels.values()) / 1e3
-    step_ev = next(e for e in prof.events() if e.name == "engine.step")
-    gaps = _timeline_gaps(sorted(spans), step_ev.time_range.start, step_ev.time_range.end)
-    RESULTS["prefill_profile"] = {"wall_ms": wall * 1e3, "kernels_ms": busy, "by_kernel_us": kernels, **gaps}
-    row("prefill step 64 x 128 tokens: wall / CUDA kernels (ms)", f"{wall * 1e3:.1f} / {busy:.1f}")
-    row("  before the first kernel / idle between kernels / after the last (ms)",
-        f"{gaps['lead_ms']:.1f} / {gaps['idle_ms']:.1f} / {gaps['tail_ms']:.1f}")  # fmt: skip
-    for name, us in sorted(kernels.items(), key=lambda kv: -kv[1])[:8]:
-        row(f"  {name}", f"{us / 1e3:.2f} ms")
+        for name, steps in (("prefill", 1), ("decode", 2), ("decode", 32)):
+            res = _profile_steps(eng, steps)
+            if steps == 2:
+                continue  # the steps that finish the overlap with the prefill step
+            RESULTS[f"profile_{name}"] = res
+            row(f"{name}: {steps} step(s) 64 x 128-token prompts: wall / device busy (ms)",
+                f"{res['wall_ms']:.1f} / {res['busy_ms']:.1f}")  # fmt: skip
+            row("  device idle before the first kernel / between kernels / after the last (ms)",
+                f"{res['lead_ms']:.2f} / {res['idle_ms']:.2f} / {res['tail_ms']:.2f}")  # fmt: skip
+            for kname, us in list(res["top_us"].items())[:8]:
+                row(f"  {kname}", f"{us / 1e3:.2f} ms")
     while eng.has_unfinished():
         eng.step()
     del eng
