@@ -18,6 +18,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from inferforge.errors import InferforgeError
 from inferforge.llm import fused, gemm_small, gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,12 +120,25 @@ def test_fp32_weight_with_bf16_rows_is_rounded_as_the_model_would() -> None:
     _check(got, *reference(x, w), "fp32 weight")
 
 
-def test_strided_rows_of_x() -> None:
-    """x as a column slice of a wider buffer (row stride > K), as a view of a fused output would be."""
+def test_strided_rows_of_x_and_a_transposed_residual() -> None:
+    """x as a column slice of a wider buffer (row stride > K), as the q part of a fused q/k/v output is;
+    a residual whose columns are not contiguous (copied, not misread)."""
     g = torch.Generator().manual_seed(9)
     wide, w = torch.randn(6, 200, generator=g).to(DEVICE), torch.randn(32, 64, generator=g).to(DEVICE)
-    x = wide[:, 10:74]
-    _check(gemm_small.gemm_small(x, w, tiles=gemm_small.GemmTiles(16, 32)), *reference(x, w), "strided")
+    x, r = wide[:, 10:74], torch.randn(32, 6, generator=g).to(DEVICE).t()
+    tiles = gemm_small.GemmTiles(16, 32)
+    _check(gemm_small.gemm_small(x, w, tiles=tiles), *reference(x, w), "strided x")
+    _check(gemm_small.gemm_small(x, w, residual=r, tiles=tiles), *reference(x, w, residual=r), "residual.t()")
+
+
+def test_tuned_table_is_consulted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `TUNED` entry replaces the default for its (N, K) only; an invalid one is refused when built."""
+    monkeypatch.setitem(gemm_small.TUNED, (48, 80), gemm_small.GemmTiles(16, 16, swap_ab=True, split_k=2))
+    assert gemm_small.tiles_for(48, 80, 4).split_k == 2
+    assert gemm_small.tiles_for(48, 96, 4) == gemm_small.default_tiles(48, 96, 4)
+    g = torch.Generator().manual_seed(10)
+    x, w = torch.randn(3, 80, generator=g).to(DEVICE), torch.randn(48, 80, generator=g).to(DEVICE)
+    _check(gemm_small.gemm_small(x, w), *reference(x, w), "tuned")
 
 
 @pytest.mark.parametrize("m", [1, 65])
@@ -134,6 +148,8 @@ def test_refuses_row_counts_outside_2_to_64(m: int) -> None:
 
 
 def test_refuses_bad_arguments_naming_them() -> None:
+    """Each error names the argument; they are InferforgeErrors (a server answers them with a 4xx)."""
+    assert issubclass(gemm_small.GemmSmallError, InferforgeError)
     x, w = torch.randn(4, 32, device=DEVICE), torch.randn(18, 32, device=DEVICE)
     with pytest.raises(ValueError, match="silu_pair needs an even N"):
         gemm_small.gemm_small(x, w[:17], silu_pair=True)
@@ -151,3 +167,44 @@ def test_refuses_bad_arguments_naming_them() -> None:
         gemm_small.GemmTiles(block_n=8)
     with pytest.raises(ValueError, match="split_k"):
         gemm_small.GemmTiles(split_k=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="PDL and CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("early", [False, True])
+def test_a_layer_chain_under_pdl_in_a_cuda_graph_equals_it_without(
+    early: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two layers' four products (norm + q/k/v, o + residual, norm + gate/up + SiLU, down + residual)
+    captured in one graph with programmatic dependent launch: each kernel reads its weights before the
+    wait and x after it, so the replay equals the same chain run without PDL, bit for bit."""
+    g = torch.Generator().manual_seed(11)
+    hidden, m = 256, 48
+
+    def rand(*s: int) -> torch.Tensor:
+        return (torch.randn(*s, generator=g) / 8).to("cuda", torch.bfloat16)
+
+    shapes = ((384, hidden), (hidden, hidden), (1024, hidden), (hidden, 512), (hidden,), (hidden,))
+    layers = [[rand(*s) + (len(s) == 1) for s in shapes] for _ in range(2)]  # norm weights near 1
+    h0 = torch.randn(m, hidden, generator=g).to("cuda", torch.bfloat16)
+
+    def chain() -> torch.Tensor:
+        h = h0
+        for qkv_w, o_w, up_w, down_w, n1, n2 in layers:
+            qkv = gemm_small.gemm_small(h, qkv_w, norm_weight=n1)
+            h = gemm_small.gemm_small(qkv[:, :hidden], o_w, residual=h)
+            a = gemm_small.gemm_small(h, up_w, norm_weight=n2, silu_pair=True)
+            h = gemm_small.gemm_small(a, down_w, residual=h, tiles=gemm_small.GemmTiles(32, 64, split_k=4))
+        return h
+
+    want = chain()
+    monkeypatch.setitem(fused._LAUNCH, "pdl", True)
+    monkeypatch.setitem(fused._LAUNCH, "early_trigger", early)
+    chain()  # compiles the PDL variants outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = chain()
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(got, want)

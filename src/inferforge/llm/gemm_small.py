@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from inferforge.errors import InferforgeError
 from inferforge.llm import fused
 from inferforge.llm.gemv import TileConfig, _rows, _wait_for_inputs
 
@@ -35,6 +36,10 @@ PLAIN, NORM = 0, 1  # prologues (as gemv)
 STORE, RESIDUAL, SILU_PAIR = 0, 1, 3  # epilogues (gemv's numbers, `_rows` reads them)
 MIN_ROWS, MAX_ROWS = 2, 64
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+
+
+class GemmSmallError(InferforgeError, ValueError):
+    """An argument `gemm_small` cannot run (shape, dtype, device, tile configuration); names it."""
 
 
 @dataclass(frozen=True)
@@ -53,13 +58,13 @@ class GemmTiles:
         for name in ("block_n", "block_k"):
             v = getattr(self, name)
             if v < 16 or v & (v - 1):
-                raise ValueError(f"GemmTiles.{name} must be a power of two >= 16 (tl.dot), got {v}")
+                raise GemmSmallError(f"GemmTiles.{name} must be a power of two >= 16 (tl.dot), got {v}")
         if self.num_warps not in (1, 2, 4, 8, 16):
-            raise ValueError(f"GemmTiles.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+            raise GemmSmallError(f"GemmTiles.num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
         if not 1 <= self.num_stages <= 8:
-            raise ValueError(f"GemmTiles.num_stages must be 1 to 8, got {self.num_stages}")
+            raise GemmSmallError(f"GemmTiles.num_stages must be 1 to 8, got {self.num_stages}")
         if self.split_k < 1:
-            raise ValueError(f"GemmTiles.split_k must be >= 1, got {self.split_k}")
+            raise GemmSmallError(f"GemmTiles.split_k must be >= 1, got {self.split_k}")
 
 
 # Keyed by (N, K); empty until the lead's H100 run (bench_gemm_small.py) says which configurations win.
@@ -243,29 +248,31 @@ def _check(x: torch.Tensor, weight: torch.Tensor, norm_weight: torch.Tensor | No
            residual: torch.Tensor | None, silu_pair: bool) -> None:  # fmt: skip
     """Errors a caller can make, each naming the argument."""
     if x.dim() != 2 or not MIN_ROWS <= x.shape[0] <= MAX_ROWS:
-        raise ValueError(
+        raise GemmSmallError(
             f"x must be [M, K] with {MIN_ROWS} <= M <= {MAX_ROWS}, got shape {tuple(x.shape)}; "
             "use gemv for one row and F.linear for larger batches"
         )
     if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
-        raise ValueError(
+        raise GemmSmallError(
             f"weight must be [N, K] with K = {x.shape[1]} (x's width), got {tuple(weight.shape)}"
         )
     if weight.dtype not in _FLOATS or x.dtype not in _FLOATS:
-        raise ValueError(f"x and weight must be bf16, fp16 or fp32, got {x.dtype} and {weight.dtype}")
+        raise GemmSmallError(f"x and weight must be bf16, fp16 or fp32, got {x.dtype} and {weight.dtype}")
     if norm_weight is not None and tuple(norm_weight.shape) != (x.shape[1],):
-        raise ValueError(f"norm_weight must be [K] = [{x.shape[1]}], got {tuple(norm_weight.shape)}")
+        raise GemmSmallError(f"norm_weight must be [K] = [{x.shape[1]}], got {tuple(norm_weight.shape)}")
     n = weight.shape[0]
     if silu_pair and (n % 2 or residual is not None):
-        raise ValueError(f"silu_pair needs an even N (gate rows then up rows) and no residual, got N = {n}")
+        raise GemmSmallError(
+            f"silu_pair needs an even N (gate rows then up rows) and no residual, got N = {n}"
+        )
     if residual is not None and (tuple(residual.shape) != (x.shape[0], n) or residual.dtype != x.dtype):
-        raise ValueError(
+        raise GemmSmallError(
             f"residual must be [M, N] = [{x.shape[0]}, {n}] of {x.dtype}, got {tuple(residual.shape)} "
             f"of {residual.dtype}"
         )
     for name, t in (("weight", weight), ("norm_weight", norm_weight), ("residual", residual)):
         if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}: move them to one device")
+            raise GemmSmallError(f"{name} is on {t.device}, x on {x.device}: move them to one device")
 
 
 def gemm_small(
@@ -288,8 +295,11 @@ def gemm_small(
     _check(x, weight, norm_weight, residual, silu_pair)
     m, k = x.shape
     n = weight.shape[0]
-    x = x if x.stride(1) == 1 else x.contiguous()
-    weight = weight if weight.stride(1) == 1 else weight.contiguous()
+    x, weight = (t if t.stride(1) == 1 else t.contiguous() for t in (x, weight))  # rows may be strided
+    if residual is not None and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    if norm_weight is not None:
+        norm_weight = norm_weight.contiguous()
     cfg = tiles or tiles_for(n, k, weight.element_size())
     if isinstance(cfg, TileConfig):  # gemv's table entries: keep their sizes, raised to tl.dot's minimum
         cfg = GemmTiles(max(16, cfg.block_n), max(16, cfg.block_k), cfg.num_warps)
