@@ -140,7 +140,8 @@ def check(dev: torch.device, shapes: dict[str, tuple[int, int]], ms: tuple[int, 
             ws, x, nw, r = operands(n, k, m, dev, 1, gen)
             want = peer(name, x, ws[0], nw, r)
             for cfg in [None, *CANDIDATES.get(name, [])]:
-                out[f"{name}_m{m}_{cfg or 'default'}"] = rel(ours(name, x, ws[0], nw, r, cfg), want)
+                key = label(cfg).replace(" ", "_") if cfg else "default"
+                out[f"{name}_m{m}_{key}"] = rel(ours(name, x, ws[0], nw, r, cfg), want)
     return out
 
 
@@ -155,10 +156,11 @@ def bench_shape(name: str, n: int, k: int, m: int, quick: bool) -> dict:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
     ws, x, nw, r = operands(n, k, m, dev, 16, gen)
-    mb, out = n * k * 2 / 1e6, {}
+    mb = n * k * 2 / 1e6
+    out: dict = {}
     head = f"{name:4s} {n:5d}x{k:4d} M={m:2d} {ROLE[name]:9s}"
     fused.enable_pdl(False)
-    us = graph_us([lambda w=w: peer(name, x, w, nw, r) for w in ws])
+    us = graph_us([lambda w=w: peer(name, x, w, nw, r) for w in ws])  # type: ignore[misc]
     out["cublas_fused_us"] = us
     row(f"{head} cuBLAS + fused kernel        {us:7.1f} us  {mb / us:5.2f} TB/s")
     default = default_tiles(n, k, 2)
@@ -166,7 +168,7 @@ def bench_shape(name: str, n: int, k: int, m: int, quick: bool) -> dict:
     configs = [(default, False), *[(c, True) for c in [default, *CANDIDATES[name]][: 3 if quick else None]]]
     for cfg, pdl in configs:
         fused.enable_pdl(pdl)
-        us = graph_us([lambda w=w, c=cfg: ours(name, x, w, nw, r, c) for w in ws])
+        us = graph_us([lambda w=w, c=cfg: ours(name, x, w, nw, r, c) for w in ws])  # type: ignore[misc]
         out[f"gemm_small_{label(cfg).replace(' ', '_')}_pdl{int(pdl)}_us"] = us
         row(f"{head} gemm_small {label(cfg):22s} pdl={int(pdl)} {us:7.1f} us  {mb / us:5.2f} TB/s")
         if pdl and (best is None or us < best[0]):
