@@ -84,6 +84,15 @@ def tiles_for(n: int, k: int, elem_bytes: int) -> GemmTiles:
 
 
 @triton.jit
+def _valid_rows(offs_n, j0, N, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr):
+    """Rows this program computes: for SiLU pairs, only pairs j < N/2 (a ragged last tile's gate half
+    would otherwise reach into the up rows, which another program owns)."""
+    if EPILOGUE == 3:
+        return (j0 + tl.arange(0, BLOCK_N) % (BLOCK_N // 2)) < N // 2
+    return offs_n < N
+
+
+@triton.jit
 def _x_tile(X, offs_m, mmask, kk, kmask, stride_xm):
     return tl.load(
         X + offs_m[:, None] * stride_xm + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0
@@ -170,7 +179,7 @@ def _gemm_small_kernel(X, G, W, R, Y, P, M, N, stride_xm, stride_wn, stride_rm, 
     HALF: tl.constexpr = BLOCK_N // 2
     NT: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
     offs_n, j0, _ = _rows(pid, BLOCK_N, EPILOGUE, PAIR_GAP, 1)
-    nmask = offs_n < N
+    nmask = _valid_rows(offs_n, j0, N, BLOCK_N, EPILOGUE)
     offs_m = tl.arange(0, BLOCK_M)
     mmask = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
@@ -232,7 +241,7 @@ def _reduce_kernel(X, R, Y, P, M, N, stride_rm, stride_ym, SPLITS: tl.constexpr,
     if PDL == 2:
         tl.extra.cuda.gdc_launch_dependents()
     offs_n, j0, _ = _rows(tl.program_id(0), BLOCK_N, EPILOGUE, PAIR_GAP, 1)
-    nmask = offs_n < N
+    nmask = _valid_rows(offs_n, j0, N, BLOCK_N, EPILOGUE)
     offs_m = tl.arange(0, BLOCK_M)
     mmask = offs_m < M
     _wait_for_inputs(PDL)
