@@ -152,6 +152,15 @@ def label(cfg: GemmTiles) -> str:
     )
 
 
+def x_reads_mb(name: str, n: int, k: int, m: int, cfg: GemmTiles) -> float:
+    """MB of x each call reads from L2 (every program reads x's rows over its K range; the norm's first
+    pass reads whole rows in each split): arithmetic, not a measurement, beside the weights' n k 2."""
+    grid_n, tiles = -(-n // cfg.block_n), -(-k // cfg.block_k)
+    splits = -(-tiles // -(-tiles // min(cfg.split_k, tiles)))  # as `gemm_small` splits
+    norm_pass = grid_n * splits if ROLE[name].startswith("norm") else 0
+    return (grid_n + norm_pass) * m * k * 2 / 1e6
+
+
 def bench_shape(name: str, n: int, k: int, m: int, quick: bool) -> dict:
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(1)
@@ -162,15 +171,17 @@ def bench_shape(name: str, n: int, k: int, m: int, quick: bool) -> dict:
     fused.enable_pdl(False)
     us = graph_us([lambda w=w: peer(name, x, w, nw, r) for w in ws])  # type: ignore[misc]
     out["cublas_fused_us"] = us
-    row(f"{head} cuBLAS + fused kernel        {us:7.1f} us  {mb / us:5.2f} TB/s")
+    row(f"{head} cuBLAS + fused kernel {'':27s} {us:7.1f} us  {mb / us:5.2f} TB/s  (W {mb:.1f} MB)")
     default = default_tiles(n, k, 2)
     best: tuple[float, GemmTiles] | None = None
     configs = [(default, False), *[(c, True) for c in [default, *CANDIDATES[name]][: 3 if quick else None]]]
     for cfg, pdl in configs:
         fused.enable_pdl(pdl)
         us = graph_us([lambda w=w, c=cfg: ours(name, x, w, nw, r, c) for w in ws])  # type: ignore[misc]
-        out[f"gemm_small_{label(cfg).replace(' ', '_')}_pdl{int(pdl)}_us"] = us
-        row(f"{head} gemm_small {label(cfg):22s} pdl={int(pdl)} {us:7.1f} us  {mb / us:5.2f} TB/s")
+        key, xr = label(cfg).replace(" ", "_"), x_reads_mb(name, n, k, m, cfg)
+        out[f"gemm_small_{key}_pdl{int(pdl)}_us"], out[f"x_reads_mb_{key}"] = us, xr
+        text = f"{head} gemm_small {label(cfg):28s} pdl={int(pdl)} {us:7.1f} us  {mb / us:5.2f} TB/s"
+        row(f"{text}  x {xr:5.1f} MB")
         if pdl and (best is None or us < best[0]):
             best = (us, cfg)
     assert best is not None
