@@ -254,18 +254,6 @@ def split_ab(folder: Path) -> None:
     triton_attn.MAX_SPLITS = default
 
 
-def rope_ab(folder: Path) -> None:
-    """Decode batch 64 and the 64 x 128/128 load test (8,192 tokens a step) with RoPE + cache writes in their
-    own kernel or inside the attention kernel (`EngineConfig.rope_attention`), twice in turn."""
-    for rep in range(2):
-        for on in (False, True):
-            name = f"rope_attention={on}"
-            RESULTS[f"ropeab {name} rep{rep}"] = {
-                "engine": engine_numbers(folder, None, (64,), note=f" [{name}]", rope_attention=on),
-                "load": load_test(folder, None, 8192, rope_attention=on),
-            }
-
-
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -614,7 +602,6 @@ def main() -> None:
         ),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
-        ("ropeab", lambda: rope_ab(folder)),
         (
             "int4ab",
             lambda: [

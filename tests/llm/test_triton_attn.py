@@ -148,18 +148,3 @@ def test_no_more_splits_than_the_table_can_fill(fresh_scratch: dict, monkeypatch
     got = triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
     assert (ref.float() - got.float()).abs().max().item() < TOL
     assert [key[3] for key in fresh_scratch] == [4]  # (device, b, kv, splits, gp, d)
-
-
-@pytest.mark.parametrize("min_split", [256, 16])
-def test_rope_in_the_kernel_equals_rope_kernel_then_attention(
-    min_split: int, fresh_scratch: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The decode kernel fed the step's un-rotated q/k/v rows (RoPE, both cache writes and attention in one
-    kernel) gives the outputs and caches of `fused.rope_write_cache` followed by the kernel, unsplit and with
-    contexts split over several programs (only the split holding the new token writes it)."""
-    monkeypatch.setattr(triton_attn, "MIN_SPLIT_TOKENS", min_split)
-    monkeypatch.setitem(triton_attn.TILE, "small_batch", 16)
-    monkeypatch.setitem(triton_attn.TILE, "large_batch", 16)
-    err = triton_attn.check_rope_against_reference(DEVICE, DTYPE, contexts=(1, 17, 40, 77))
-    assert err < TOL
-    assert (min_split == 16) == bool(fresh_scratch)  # the small split length did split

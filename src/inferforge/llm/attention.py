@@ -52,7 +52,6 @@ class AttnMeta:
     decode_fn: Callable[..., torch.Tensor] | None = (
         None  # a faster kernel with decode_attention_torch's contract
     )
-    rope_decode_fn: Callable[..., torch.Tensor] | None = None  # RoPE + cache writes + attention, decode only
     num_decode: int = (
         0  # prefill step: its first rows are decode rows (block_tables, context_lens cover them)
     )

@@ -37,15 +37,6 @@ def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device)
             model.fused_ops = fused
         if model.fused_ops is not None and config.gemv_decode and model.gemv_ready():
             gemv_error = _enable_gemv(model, config, device)
-    if (
-        decode_fn is not None
-        and model.fused_ops is not None
-        and config.rope_attention
-        and model.cfg.positions == "rope"
-    ):
-        from inferforge.llm import triton_attn
-
-        model.rope_decode_fn = triton_attn.verified_rope_kernel(device)
     if device.type == "cuda" and config.fp32_logits_mm:
         model.enable_fp32_logits_mm()
     if device.type == "cuda" and config.compile_decode:

@@ -81,11 +81,6 @@ class Attention(nn.Module):
         """As `forward`, with RoPE and both cache writes in one kernel (`fused.rope_write_cache`); cos/sin
         are the whole tables, indexed by `positions` inside the kernel."""
         t = x.shape[0]
-        if meta.prefill is None and meta.rope_decode_fn is not None:  # one kernel (`triton_attn`)
-            o = meta.rope_decode_fn(self.qkv(x), cos, sin, positions, meta.slot_mapping, self.k_cache,
-                                    self.v_cache, meta.block_tables, meta.context_lens, self.scale,
-                                    self.num_heads)  # fmt: skip
-            return self.o(o.reshape(t, -1))
         q, k, v = ops.rope_write_cache(
             self.qkv(x), cos, sin, positions, meta.slot_mapping, self.k_cache, self.v_cache,
             self.num_heads, self.num_kv_heads, self.rope, meta.prefill is not None,
@@ -142,7 +137,6 @@ class DecoderLM(nn.Module):
         self.compiled_block: Callable[..., torch.Tensor] | None = None
         self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
         self.gemv_ops: ModuleType | None = None  # `inferforge.llm.gemv` once verified (batch-1 decode)
-        self.rope_decode_fn: Callable[..., torch.Tensor] | None = None  # `triton_attn`, once verified
         self.fp32_logits_mm = False
 
     def can_fuse(self) -> bool:

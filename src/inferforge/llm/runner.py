@@ -76,8 +76,7 @@ class ModelRunner:
 
     def _decode_forward(self, b: int) -> torch.Tensor:
         ids, pos, slots, ctx, bt = self._views(b)
-        meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx, decode_fn=self.decode_fn,
-                        rope_decode_fn=self.model.rope_decode_fn)  # fmt: skip
+        meta = AttnMeta(slot_mapping=slots, block_tables=bt, context_lens=ctx, decode_fn=self.decode_fn)
         return self.model.decode_logits(ids, pos, meta)
 
     def capture(self) -> None:
