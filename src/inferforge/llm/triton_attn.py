@@ -58,38 +58,6 @@ def _combine(ML, ACC, first, n_active, offs_g, gmask, offs_d, GP: tl.constexpr, 
 
 
 @triton.jit
-def _rope_rows(COS, SIN, pos, D: tl.constexpr):
-    """cos / sin of both halves of a head at `pos` (whole tables, sin sign-folded, as `fused` reads them)."""
-    half = tl.arange(0, D // 2)
-    c1 = tl.load(COS + pos * D + half).to(tl.float32)
-    c2 = tl.load(COS + pos * D + D // 2 + half).to(tl.float32)
-    s1 = tl.load(SIN + pos * D + half).to(tl.float32)
-    s2 = tl.load(SIN + pos * D + D // 2 + half).to(tl.float32)
-    return c1, c2, s1, s2
-
-
-@triton.jit
-def _rope_qkv(row, heads, gmask, kvh, c1, c2, s1, s2, dtype: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
-              H: tl.constexpr, KV: tl.constexpr):  # fmt: skip
-    """From one token's qkv row: this group's q [GP, D] and the KV head's k [D] rotated, v [D]; rounded to
-    the cache dtype as `fused.rope_write_cache` rounds what it stores (so the results are the same bits)."""
-    half = tl.arange(0, D // 2)
-    qa = tl.load(row + heads[:, None] * D + half[None, :], mask=gmask[:, None], other=0.0).to(tl.float32)
-    qb = tl.load(row + heads[:, None] * D + D // 2 + half[None, :], mask=gmask[:, None], other=0.0)
-    qb = qb.to(tl.float32)
-    q1 = qa * c1[None, :] + qb * s1[None, :]
-    q2 = qb * c2[None, :] + qa * s2[None, :]
-    q = tl.reshape(tl.permute(tl.join(q1.to(dtype), q2.to(dtype)), (0, 2, 1)), [GP, D])
-    ka = tl.load(row + (H + kvh) * D + half).to(tl.float32)
-    kb = tl.load(row + (H + kvh) * D + D // 2 + half).to(tl.float32)
-    k1 = ka * c1 + kb * s1
-    k2 = kb * c2 + ka * s2
-    k = tl.reshape(tl.permute(tl.join(k1.to(dtype), k2.to(dtype)), (1, 0)), [D])
-    v = tl.load(row + (H + KV + kvh) * D + tl.arange(0, D)).to(dtype)
-    return q, k, v
-
-
-@triton.jit
 def _paged_decode_kernel(
     Q,
     K,
@@ -100,10 +68,6 @@ def _paged_decode_kernel(
     ML,
     ACC,
     CNT,
-    COS,
-    SIN,
-    POS,
-    SLOT,
     scale,
     min_split_tokens,
     stride_qb,
@@ -122,9 +86,6 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
-    ROPE_IN: tl.constexpr = False,
-    H: tl.constexpr = 1,
-    KV: tl.constexpr = 1,
 ):
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
@@ -164,12 +125,7 @@ def _paged_decode_kernel(
         nblk = tl.load(bt_row + (tok + TILE) // BS, mask=tok + TILE < hi, other=0)
     else:
         nblk = blk
-    if ROPE_IN:  # this step's position, slot and cos / sin rows (host-sent: read before the wait)
-        pos = tl.load(POS + b)
-        slot = tl.load(SLOT + b)
-        c1, c2, s1, s2 = _rope_rows(COS, SIN, pos, D)
-    else:
-        lblk = tl.load(bt_row + last // BS)
+    lblk = tl.load(bt_row + last // BS)
     if PDL > 0:
         tl.extra.cuda.gdc_wait()
     if PDL == 1:
@@ -177,24 +133,13 @@ def _paged_decode_kernel(
     offs_g = tl.arange(0, GP)
     gmask = offs_g < G
     heads = kvh * G + offs_g
-    if not ROPE_IN:
-        q = tl.load(
-            Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0
-        )
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gmask[:, None], other=0.0
+    )
+    lbase = lblk * stride_kb + (last % BS) * stride_ks + kvh * stride_kh + offs_d
     is_last = (tok == last)[:, None]
-    if ROPE_IN:  # q and this token's k rotated here, k and v written into the cache by the last split
-        q, k_new, v_new = _rope_qkv(Q + b * stride_qb, heads, gmask, kvh, c1, c2, s1, s2, K.dtype.element_ty,
-                                    GP, D, H, KV)  # fmt: skip
-        if split == n_active - 1:
-            dst = (slot // BS) * stride_kb + (slot % BS) * stride_ks + kvh * stride_kh + offs_d
-            tl.store(K + dst, k_new)
-            tl.store(V + dst, v_new)
-        k = tl.where(is_last, k_new[None, :], k)
-        v = tl.where(is_last, v_new[None, :], v)
-    else:
-        lbase = lblk * stride_kb + (last % BS) * stride_ks + kvh * stride_kh + offs_d
-        k = tl.where(is_last, tl.load(K + lbase)[None, :], k)
-        v = tl.where(is_last, tl.load(V + lbase)[None, :], v)
+    k = tl.where(is_last, tl.load(K + lbase)[None, :], k)
+    v = tl.where(is_last, tl.load(V + lbase)[None, :], v)
     m = tl.full([GP], float("-inf"), tl.float32)
     l_sum = tl.zeros([GP], tl.float32)
     acc = tl.zeros([GP, D], tl.float32)
@@ -288,42 +233,6 @@ def _scratch(device: torch.device, b: int, kv: int, s: int, gp: int, d: int) -> 
     return _SCRATCH[key]
 
 
-def _launch(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    heads: int,
-    rope: tuple[torch.Tensor, ...] | None = None,
-) -> torch.Tensor:
-    """Launch the kernel on q [B, heads, d], or with `rope` (cos, sin, positions, slots) on the step's
-    un-rotated qkv rows [B, (heads + 2 kv_heads) d]; returns the attention output [B, heads, d]."""
-    b, d = q.shape[0], k_cache.shape[-1]
-    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
-    group = heads // kv_heads
-    gp = max(16, triton.next_power_of_2(group))
-    q = q.contiguous()
-    out = torch.empty(b, heads, d, dtype=q.dtype, device=q.device)
-    small = "small_batch" if b <= 4 else "large_batch"
-    # No more splits than the table's capacity can fill (a 1,024-token engine: 4 at most), so a short context
-    # does not launch programs that exit at once (F2: 128 programs for 8 cost 0.8 us a call).
-    capacity = -(-block_tables.shape[1] * block_size // MIN_SPLIT_TOKENS)
-    splits = max(1, min(num_splits(b, kv_heads, q.device), capacity))
-    ml, acc, cnt = _scratch(q.device, b, kv_heads, splits, gp, d) if splits > 1 else (out, out, context_lens)
-    cos, sin, pos, slots = rope if rope is not None else (out, out, context_lens, context_lens)
-    _paged_decode_kernel[(b, kv_heads, splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, ml, acc, cnt, cos, sin, pos, slots, scale,
-        MIN_SPLIT_TOKENS, q.stride(0), d if rope is not None else q.stride(1), k_cache.stride(0),
-        k_cache.stride(1), k_cache.stride(2), block_tables.stride(0), out.stride(0), out.stride(1), G=group,
-        GP=gp, D=d, BS=block_size, TILE=TILE[small], SPLIT=splits > 1, PREFETCH=PREFETCH_TABLE,
-        PDL=fused.pdl_on(), ROPE_IN=rope is not None, H=heads, KV=kv_heads, num_warps=WARPS[small],
-        **fused.launch_options(),
-    )  # fmt: skip
-    return out
-
-
 @torch.library.custom_op("inferforge::paged_decode_attention", mutates_args=())
 def _paged_decode_op(
     q: torch.Tensor,
@@ -333,7 +242,50 @@ def _paged_decode_op(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    return _launch(q, k_cache, v_cache, block_tables, context_lens, scale, q.shape[1])
+    b, heads, d = q.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    group = heads // kv_heads
+    gp = max(16, triton.next_power_of_2(group))
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    small = "small_batch" if b <= 4 else "large_batch"
+    # No more splits than the table's capacity can fill (a 1,024-token engine: 4 at most), so a short context
+    # does not launch programs that exit at once (F2: 128 programs for 8 cost 0.8 us a call).
+    capacity = -(-block_tables.shape[1] * block_size // MIN_SPLIT_TOKENS)
+    splits = max(1, min(num_splits(b, kv_heads, q.device), capacity))
+    ml, acc, cnt = _scratch(q.device, b, kv_heads, splits, gp, d) if splits > 1 else (out, out, context_lens)
+    _paged_decode_kernel[(b, kv_heads, splits)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        context_lens,
+        out,
+        ml,
+        acc,
+        cnt,
+        scale,
+        MIN_SPLIT_TOKENS,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0),
+        out.stride(1),
+        G=group,
+        GP=gp,
+        D=d,
+        BS=block_size,
+        TILE=TILE[small],
+        SPLIT=splits > 1,
+        PREFETCH=PREFETCH_TABLE,
+        PDL=fused.pdl_on(),
+        num_warps=WARPS[small],
+        **fused.launch_options(),
+    )
+    return out
 
 
 @_paged_decode_op.register_fake
@@ -354,51 +306,6 @@ def paged_decode_attention(
     A custom op, so torch.compile treats the kernel as one opaque call inside the fused decode graph.
     """
     return _paged_decode_op(q, k_cache, v_cache, block_tables, context_lens, float(scale))
-
-
-@torch.library.custom_op("inferforge::paged_decode_attention_rope", mutates_args=("k_cache", "v_cache"))
-def _paged_decode_rope_op(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    slots: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    heads: int,
-) -> torch.Tensor:
-    rope = (cos, sin, positions, slots)
-    return _launch(qkv, k_cache, v_cache, block_tables, context_lens, scale, heads, rope)
-
-
-@_paged_decode_rope_op.register_fake
-def _(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables, context_lens, scale, heads):
-    return qkv.new_empty(qkv.shape[0], heads, k_cache.shape[-1])
-
-
-def paged_decode_attention_rope(
-    qkv: torch.Tensor,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-    slots: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,
-    context_lens: torch.Tensor,
-    scale: float,
-    heads: int,
-) -> torch.Tensor:
-    """`fused.rope_write_cache` and `paged_decode_attention` in one kernel, for decode steps of several
-    sequences (one sequence has them in `gemv`'s q/k/v epilogue): qkv [B, (heads + 2 kv_heads) d] as the
-    q/k/v product left it; each program rotates its group's q and its KV head's new k, the last split writes k
-    and v into the cache, and the new token is attended from registers. A layer of a batch-64 step is a
-    kernel and its gap shorter (F4: the RoPE kernel took 60 us of a 1.54 ms step)."""
-    return _paged_decode_rope_op(qkv, cos, sin, positions, slots, k_cache, v_cache, block_tables,
-                                 context_lens, float(scale), heads)  # fmt: skip
 
 
 CHECK_CONTEXTS = (1, 17, 64, 100, 192, 300, 777, 1024)
@@ -425,46 +332,6 @@ def check_against_reference(
     return max(
         (ref - paged_decode_attention(q, k, v, bt, ctx, d**-0.5).float()).abs().max().item() for _ in "ab"
     )
-
-
-def check_rope_against_reference(
-    device: torch.device, dtype: torch.dtype = torch.bfloat16, contexts: tuple[int, ...] = CHECK_CONTEXTS
-) -> float:
-    """`paged_decode_attention_rope` against `fused.rope_write_cache` + `paged_decode_attention` on random
-    data: the largest difference of the outputs and of the caches (each step's new k and v), twice."""
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    b, heads, kv_heads, d, bs = len(contexts), 32, 8, 64, 16
-    max_blocks = -(-max(contexts) // bs)
-    n_blocks = b * max_blocks + 1
-    k = torch.randn(n_blocks, bs, kv_heads, d, generator=gen).to(device, dtype)
-    v = torch.randn(n_blocks, bs, kv_heads, d, generator=gen).to(device, dtype)
-    bt = torch.randperm(n_blocks - 1, generator=gen).add(1).view(b, max_blocks)
-    pos = torch.tensor(contexts) - 1
-    slots = (bt[torch.arange(b), pos // bs] * bs + pos % bs).to(device)
-    bt, pos, ctx = bt.to(device), pos.to(device), (pos + 1).to(device)
-    angles = torch.outer(
-        torch.arange(max(contexts), dtype=torch.float32), 10000.0 ** -(torch.arange(d // 2) / (d // 2))
-    )
-    cos = torch.cat((angles, angles), -1).cos().to(device, dtype)
-    sin = torch.cat((-angles.sin(), angles.sin()), -1).to(device, dtype)
-    worst = 0.0
-    for _ in "ab":
-        qkv = torch.randn(b, (heads + 2 * kv_heads) * d, generator=gen).to(device, dtype)
-        k_ref, v_ref = k.clone(), v.clone()
-        q, _, _ = fused.rope_write_cache(
-            qkv, cos, sin, pos, slots, k_ref, v_ref, heads, kv_heads, True, False
-        )
-        ref = paged_decode_attention(q, k_ref, v_ref, bt, ctx, d**-0.5).float()
-        got = paged_decode_attention_rope(qkv, cos, sin, pos, slots, k, v, bt, ctx, d**-0.5, heads).float()
-        caches = max((k - k_ref).abs().max().item(), (v - v_ref).abs().max().item())
-        worst = max(worst, (ref - got).abs().max().item(), caches)
-    return worst
-
-
-def verified_rope_kernel(device: torch.device, tolerance: float = 2e-2):  # -> Callable | None
-    """`paged_decode_attention_rope` if it matches RoPE + cache writes + attention on this device, else None
-    (the engine keeps the two kernels)."""
-    return paged_decode_attention_rope if check_rope_against_reference(device) <= tolerance else None
 
 
 def verified_kernel(device: torch.device, tolerance: float = 2e-2):  # -> DecodeFn | None
