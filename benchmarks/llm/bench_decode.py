@@ -254,6 +254,30 @@ def split_ab(folder: Path) -> None:
     triton_attn.MAX_SPLITS = default
 
 
+INT4_TILES = {
+    "bn16": {(3072, 2048): (16, 2048, 4), (2048, 2048): (16, 1024, 4), (16384, 2048): (16, 2048, 4),
+             (2048, 8192): (16, 1024, 4), (128256, 2048): (16, 2048, 4)},
+    "bn32": {(3072, 2048): (32, 2048, 8), (2048, 2048): (32, 512, 4), (16384, 2048): (32, 2048, 8),
+             (2048, 8192): (32, 512, 4), (128256, 2048): (32, 2048, 8)},
+}  # fmt: skip
+
+
+def int4_tiles_ab(folder: Path) -> None:
+    """int4 batch-1 decode with `gemv_int4`'s default 8-column tiles (32 bytes of each packed row) against 16
+    and 32 columns (64 and 128 bytes: whole sectors / lines of the [K/8, N] layout), twice in turn; bf16 once
+    for the ratio. Tiles that compile without spills for sm_90 (read offline)."""
+    from inferforge.llm import gemv, gemv_int4
+
+    RESULTS["int4tiles bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep in range(2):
+        for name in ("default", *INT4_TILES):
+            gemv_int4.TUNED.clear()
+            for key, (bn, bk, w) in INT4_TILES.get(name, {}).items():
+                gemv_int4.TUNED[key] = gemv.TileConfig(bn, bk, w)
+            RESULTS[f"int4tiles {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    gemv_int4.TUNED.clear()
+
+
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -615,6 +639,7 @@ def main() -> None:
                 )
             ],
         ),
+        ("int4tiles", lambda: int4_tiles_ab(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
