@@ -230,7 +230,9 @@ def default_tiles(n: int, k: int) -> TileConfig:
     """8 output rows (one 32-byte sector of each packed row) by up to 2048 weights: 8 KB a tile, as many
     programs as `gemv` runs for bf16 at K = 2048. Other BLOCK_N compile worse for sm_90 (Triton 3.6, read
     offline, not timed): x's [rows, 8] tile and the weight tile then get different layouts and every nibble
-    plane goes through shared memory; 4096 weights a tile takes ~160 registers a thread instead of ~95."""
+    plane goes through shared memory; 4096 weights a tile takes ~160 registers a thread instead of ~95.
+    Measured on the H100 (F9 of 2026-11-23, batch-1 graph, same run): 8 columns 742-758 us, 16 columns 997,
+    32 columns 1,780."""
     return TileConfig(8, min(triton.next_power_of_2(k), 2048), 4)
 
 
