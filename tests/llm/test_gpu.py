@@ -53,3 +53,43 @@ def test_int8_engine_runs_and_stays_close_to_bf16(tiny_llama: Path) -> None:
     b = q8.generate([EngineRequest("b", prompt, params)])["b"][0]
     assert a[0].logprobs and b[0].logprobs
     assert abs(a[0].logprobs[0].logprob - b[0].logprobs[0].logprob) < 0.1
+
+
+@needs_cuda
+def test_argmax_inside_the_graph_gives_the_samplers_tokens(
+    tiny_llama: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Greedy steps read the argmax the decode graph took; with it off the sampler takes it: the same tokens
+    for a batch of greedy requests, a request alone, and a batch that mixes in seeded sampling (which must
+    still go through the sampler)."""
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    seeded = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
+    batches = [
+        [EngineRequest(f"g{i}", (5 + i, 17, 99, 3 + i), greedy) for i in range(6)],
+        [EngineRequest("alone", (8, 6, 4), greedy)],
+        [
+            EngineRequest("s", (9, 9, 2), seeded),
+            *(EngineRequest(f"m{i}", (1 + i, 2, 3), greedy) for i in range(3)),
+        ],
+    ]
+    from inferforge.llm import engine as engine_module
+
+    calls = {True: 0, False: 0}
+    real_sample = engine_module.sample
+    tokens: dict[bool, list] = {}
+    for on in (True, False):
+
+        def counted(*args, on=on, **kwargs):
+            calls[on] += 1
+            return real_sample(*args, **kwargs)
+
+        monkeypatch.setattr(engine_module, "sample", counted)
+        config = EngineConfig(device="cuda", kv_cache_tokens=2048, max_num_seqs=8, graph_argmax=on)
+        eng = LLMEngine(tiny_llama, config)
+        assert all((ids is not None) == on for _, _, ids in eng.runner.graphs.values())
+        tokens[on] = [
+            {rid: [t for o in seq for t in o.new_token_ids] for rid, (seq,) in eng.generate(reqs).items()}
+            for reqs in batches
+        ]
+    assert tokens[True] == tokens[False]
+    assert calls[True] < calls[False] / 2  # the greedy decode steps skipped the sampler
