@@ -278,18 +278,6 @@ def int4_tiles_ab(folder: Path) -> None:
     gemv_int4.TUNED.clear()
 
 
-def argmax_ab(folder: Path) -> None:
-    """bf16 decode at batch 1 and 64 and the 64 x 128/128 load test with the greedy argmax taken inside the
-    decode graph or by the sampler after it (`EngineConfig.graph_argmax`), twice in turn."""
-    for rep in range(2):
-        for on in (False, True):
-            name = f"graph_argmax={on}"
-            RESULTS[f"argmaxab {name} rep{rep}"] = {
-                "engine": engine_numbers(folder, None, (1, 64), note=f" [{name}]", graph_argmax=on),
-                "load": load_test(folder, None, 8192, graph_argmax=on),
-            }
-
-
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -652,7 +640,6 @@ def main() -> None:
             ],
         ),
         ("int4tiles", lambda: int4_tiles_ab(folder)),
-        ("argmaxab", lambda: argmax_ab(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),

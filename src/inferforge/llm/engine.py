@@ -120,7 +120,6 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             decode_fn=decode_fn,
             buckets=config.decode_buckets,
-            graph_argmax=config.graph_argmax,
         )
         if config.quant is not None:  # the decode graphs are captured: their shapes are tuned now
             from inferforge.llm.quant import save_tuned_configs
@@ -262,13 +261,7 @@ class LLMEngine:
             seq.num_computed += 1
         if prep is None:
             return None
-        greedy = self.runner.greedy_ids if plan.decode and not plan.prefill else None
-        if greedy is not None and prep.all_greedy and prep.seen is None and prep.batch.num_logprobs < 0:
-            # The graph took the argmax. `greedy` is a view of the graph's output: every reader (the host copy
-            # below, the next step's carried ids) is queued on this stream before the next replay.
-            result = SampleResult(greedy, None, None, None)
-        else:
-            result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
+        result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
         self._turn ^= 1
         host = self._host_ids[self._turn][: len(rows)]
         host.copy_(result.token_ids, non_blocking=True)

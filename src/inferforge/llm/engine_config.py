@@ -34,7 +34,6 @@ class EngineConfig:
     gemv_decode: bool = True  # on CUDA, batch-1 decode through `llm/gemv.py` (fused prologues)
     pdl: bool = True  # on Hopper+, programmatic dependent launch for the Triton kernels
     fp32_logits_mm: bool = True  # on CUDA, the LM head's GEMM writes fp32 logits itself
-    graph_argmax: bool = True  # decode graphs also take the argmax (greedy steps skip the sampler)
     compile_decode: bool = False  # on CUDA, torch.compile the decode block (measured slower so far: see docs)
     decode_buckets: tuple[int, ...] | None = None  # batch sizes to capture; None: 1, 2, 4, ... max_num_seqs
     mixed_steps: bool = (

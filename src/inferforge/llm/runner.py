@@ -14,7 +14,7 @@ import torch
 from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
 from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
 from inferforge.llm.model import DecoderLM
-from inferforge.llm.sampler import argmax_rows, to_device
+from inferforge.llm.sampler import to_device
 from inferforge.llm.scheduler import Sequence
 
 
@@ -50,7 +50,6 @@ class ModelRunner:
         cuda_graphs: bool,
         decode_fn: Callable[..., torch.Tensor] | None = None,
         buckets: tuple[int, ...] | None = None,
-        graph_argmax: bool = True,
     ) -> None:
         self.model, self.device, self.decode_fn = model, device, decode_fn
         self.max_blocks = blocks_needed(max_model_len)
@@ -63,11 +62,7 @@ class ModelRunner:
         self._hosts = [torch.zeros(self._width, dtype=torch.long, pin_memory=on_gpu) for _ in "ab"]
         self._turn = 0
         self._dev = torch.zeros(self._width, dtype=torch.long, device=device)
-        # Each graph also takes the argmax of its logits: greedy steps then skip the sampler's kernels, each a
-        # launch and a gap on the device after the graph.
-        self.graph_argmax = graph_argmax
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor | None]] = {}
-        self.greedy_ids: torch.Tensor | None = None  # the last replay's argmax rows, if it took them
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_error: str | None = None
         if cuda_graphs and on_gpu:
             self.capture()
@@ -112,9 +107,8 @@ class ModelRunner:
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool, stream=stream):
                     out = self._decode_forward(b)
-                    ids = argmax_rows(out) if self.graph_argmax else None
                 pool = graph.pool()
-                self.graphs[b] = (graph, out, ids)
+                self.graphs[b] = (graph, out)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
@@ -151,11 +145,9 @@ class ModelRunner:
         if b in self.graphs:
             self._fill(seqs, b, ahead)
             self._carry(carry_rows, carry_ids)
-            graph, out, ids = self.graphs[b]
+            graph, out = self.graphs[b]
             graph.replay()
-            self.greedy_ids = None if ids is None else ids[: len(seqs)]
             return out[: len(seqs)]
-        self.greedy_ids = None
         self._fill(seqs, len(seqs), ahead)
         self._carry(carry_rows, carry_ids)
         return self._decode_forward(len(seqs))
