@@ -11,6 +11,7 @@ Peers in the same run: Hugging Face `generate` (default cache, `hf`) and `genera
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 import time
 import traceback
@@ -24,6 +25,7 @@ from common import Clock, cuda_time, free, make_random_1b, write_json
 
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
+from inferforge.serve.heap import refreeze
 
 T0 = time.perf_counter()
 RESULTS: dict = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
@@ -449,6 +451,7 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
     eng = bench_engine(folder, quant, max_num_batched_tokens=batched_tokens, decode_buckets=(64,), **knobs)
     g = torch.Generator().manual_seed(0)
     out = {}
+    refreeze()  # as the server's engine process does once loaded (a full collection stalled a step ~0.1 s)
     for rep in range(2):  # the first round warms up prefill shapes
         params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
         for i in range(64):
@@ -467,6 +470,7 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
         wall = time.perf_counter() - t0
         out["tok_s"], out["prefill_ms"] = n / wall, t_first * 1e3
         out["decode_after_prefill_tok_s"] = (n - 64) / (wall - t_first)
+    gc.unfreeze()  # the next section's engines must be collectable
     row(
         f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s, {batched_tokens} tokens/step"
         + "".join(f" {k}={v}" for k, v in knobs.items()),

@@ -95,6 +95,9 @@ def engine_mode(a: argparse.Namespace) -> None:
         max_waiting=1024,
         max_model_len=a.max_model_len,
     )
+    from inferforge.serve.heap import refreeze
+
+    refreeze()  # as the server's engine process does once loaded: the same engine on both sides
 
     async def main() -> dict:
         res: dict = {}

@@ -6,7 +6,6 @@ engine and turns its answers and errors into V2 responses. It never runs a model
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import signal
 import threading
@@ -27,6 +26,7 @@ from inferforge.serve.engine import (
     ServeError,
     ShuttingDown,
 )
+from inferforge.serve.heap import refreeze
 from inferforge.serve.http import errors
 from inferforge.serve.http.infer import V2App
 from inferforge.serve.metrics import ServeMetrics
@@ -135,17 +135,6 @@ def _load_and_mark(state: ServerState) -> None:
     refreeze()
     if state.options.workers > 1 and state.options.shared_dir and state.repository.ready():
         mark_ready(state.options.shared_dir)
-
-
-def refreeze() -> None:
-    """Keep what is alive now (frameworks, models) out of the cyclic collector's scans, which otherwise walk
-    the whole heap on the request path (about a tenth of the event loop's CPU per request at low load under
-    `perf`, benchmarks/serve/overhead_cpu.py). Called again after a load or unload: frozen objects are never
-    collected, so an unloaded model's reference cycles (and the device memory they hold) must be unfrozen
-    and collected first."""
-    gc.unfreeze()
-    gc.collect()
-    gc.freeze()
 
 
 def _drain_on_signals(state: ServerState) -> None:

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferforge.errors import InferforgeError
 from inferforge.llm.protocol import EngineClient, EngineOutput
+from inferforge.serve.heap import refreeze
 from inferforge.serve.openai.convert import Plan, plan_chat, plan_completion
 from inferforge.serve.openai.engine_io import Tracker, run_requests
 from inferforge.serve.openai.errors import APIError, error_body
@@ -253,6 +254,7 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(refreeze)  # the loaded process out of the collector's full scans
         yield
         state.draining = True
         await engine.shutdown(shutdown_grace_s)
