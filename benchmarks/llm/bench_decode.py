@@ -620,6 +620,14 @@ def main() -> None:
         ("load", lambda: RESULTS.__setitem__("load_bf16", load_test(folder, None))),
         ("load8k", lambda: RESULTS.__setitem__("load_bf16_8192", load_test(folder, None, 8192))),
         (
+            "loadab",
+            lambda: [
+                RESULTS.__setitem__(f"load_bf16_{t}_rep{r}", load_test(folder, None, t))
+                for r in range(2)
+                for t in (4096, 8192)
+            ],
+        ),
+        (
             "gemvab",
             lambda: [
                 RESULTS.__setitem__(
