@@ -3,7 +3,8 @@
     python benchmarks/llm/bench_decode.py --sections attention,profile
 
 `attention`: the torch reference (gathers every block of the table) against the Triton paged kernel, per
-layer, at batch 1 and 64 and two context lengths, each captured in a CUDA graph. `profile`: the top CUDA
+layer, at batch 1 and 64 and contexts of 256, 1,024 and 4,096 tokens, with split-KV, the block-table prefetch
+and the split length varied, each captured in a CUDA graph. `profile`: the top CUDA
 kernels of eager batch-1 decode steps, plain and with `compile_decode`, from `torch.profiler`.
 """
 
