@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from inferforge.llm.tiny import make_tiny_llama
 
@@ -25,3 +26,31 @@ def engine(tiny_llama: Path):
     from inferforge.llm.engine import EngineConfig, LLMEngine
 
     return LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096, max_num_batched_tokens=64, max_waiting=8))
+
+
+@pytest.fixture
+def qwen2_fp32_eager(tiny_dirs: dict[str, Path]):
+    """The tiny Qwen2 (q/k/v bias) in fp32 with eager kernels, fresh for each test (tests swap its layers)."""
+    from inferforge.llm.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(dtype="float32", kv_cache_tokens=2048, cuda_graphs=False, fused_kernels=False,
+                          device="cuda" if torch.cuda.is_available() else "cpu")  # fmt: skip
+    return LLMEngine(tiny_dirs["qwen2"], config)
+
+
+def greedy_without_and_with_gemv(eng) -> tuple[list[int], list[int]]:
+    """10 greedy tokens of one prompt through the model's own decode, then through `decode_gemv` (which the
+    model must accept)."""
+    from inferforge.llm import decode_gemv
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+    def run() -> list[int]:
+        res = eng.generate([EngineRequest("a", tuple(range(5, 25)), params)])
+        return [t for o in res["a"][0] for t in o.new_token_ids]
+
+    want = run()
+    eng.model.gemv_ops = decode_gemv
+    assert eng.model.gemv_ready()
+    return want, run()

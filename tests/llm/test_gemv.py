@@ -16,9 +16,10 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from tests.llm.conftest import greedy_without_and_with_gemv
+
 from inferforge.llm import decode_gemv, fused, gemv, gemv_check
 from inferforge.llm.engine import EngineConfig, LLMEngine
-from inferforge.llm.protocol import EngineRequest, SamplingParams
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -66,22 +67,11 @@ def test_one_row_only() -> None:
         gemv.gemv(torch.randn(2, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE))
 
 
-def test_model_decodes_the_same_tokens_through_gemv(tiny_dirs: dict[str, Path]) -> None:
+def test_model_decodes_the_same_tokens_through_gemv(tiny_dirs: dict[str, Path], qwen2_fp32_eager) -> None:
     """fp32: batch-1 decode through gemv (norms, SiLU and the final norm fused) generates exactly the eager
     model's greedy tokens; `gemv_ready` refuses GPT-2 (LayerNorm, GELU)."""
-    config = EngineConfig(device=DEVICE, dtype="float32", kv_cache_tokens=2048, cuda_graphs=False,
-                          fused_kernels=False)  # fmt: skip
-    eng = LLMEngine(tiny_dirs["qwen2"], config)  # q/k/v bias
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-    def run() -> list[int]:
-        res = eng.generate([EngineRequest("a", tuple(range(5, 25)), params)])
-        return [t for o in res["a"][0] for t in o.new_token_ids]
-
-    want = run()
-    eng.model.gemv_ops = decode_gemv
-    assert eng.model.gemv_ready()
-    assert run() == want
+    want, got = greedy_without_and_with_gemv(qwen2_fp32_eager)
+    assert got == want
     gpt2 = LLMEngine(tiny_dirs["gpt2"], EngineConfig(device=DEVICE, kv_cache_tokens=1024, cuda_graphs=False))
     assert not gpt2.model.gemv_ready()
 

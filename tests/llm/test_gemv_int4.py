@@ -10,7 +10,6 @@ environment has none, so there these tests skip).
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
+from tests.llm.conftest import greedy_without_and_with_gemv
+
 from inferforge.llm import decode_gemv, fused, gemv, gemv_check, gemv_int4
-from inferforge.llm.engine import EngineConfig, LLMEngine
-from inferforge.llm.protocol import EngineRequest, SamplingParams
 from inferforge.llm.quant import INT4_GROUP, _int4_pack
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -233,27 +232,17 @@ def _int4(linear: torch.nn.Module) -> _GemliteInt4:
 
 
 def test_model_decodes_the_same_tokens_through_gemv_int4(
-    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+    qwen2_fp32_eager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp32, every product int4 (`quant.quantize_model`'s layers; hidden 64 makes q/k/v, o, gate/up and the
     LM head channel-wise (W_group_mode 3), down grouped (4)): batch-1 decode through `gemv` generates exactly
     the tokens of the eager model running the same dequantized weights."""
-    config = EngineConfig(device=DEVICE, dtype="float32", kv_cache_tokens=2048, cuda_graphs=False,
-                          fused_kernels=False)  # fmt: skip
-    eng = LLMEngine(tiny_dirs["qwen2"], config)  # q/k/v bias
+    eng = qwen2_fp32_eager
     if not torch.cuda.is_available():  # 8 times fewer programs: the interpreter runs them one by one
         monkeypatch.setattr(gemv_int4, "default_tiles", lambda n, k: gemv.TileConfig(64, 2048, 4))
     for layer in eng.model.blocks():
         layer.attn.qkv, layer.attn.o = _int4(layer.attn.qkv), _int4(layer.attn.o)
         layer.mlp.up, layer.mlp.down = _int4(layer.mlp.up), _int4(layer.mlp.down)
     eng.model.lm_head = _int4(eng.model.lm_head)
-    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
-
-    def run() -> list[int]:
-        res = eng.generate([EngineRequest("a", tuple(range(5, 25)), params)])
-        return [t for o in res["a"][0] for t in o.new_token_ids]
-
-    want = run()
-    eng.model.gemv_ops = decode_gemv
-    assert eng.model.gemv_ready()
-    assert run() == want
+    want, got = greedy_without_and_with_gemv(eng)
+    assert got == want
