@@ -220,11 +220,16 @@ def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
     assert _run(engine, reqs) == alone
 
 
-def test_prompt_slots_a_block_at_a_time_equal_slot_by_slot() -> None:
+def test_chunk_slots_computed_together_equal_slot_by_slot() -> None:
     from types import SimpleNamespace
 
-    from inferforge.llm.runner import _slot, _slots
+    from inferforge.llm.runner import _chunk_positions_and_slots, _slot
 
-    seq = SimpleNamespace(blocks=[7, 3, 9, 1, 12])
-    for start, end in [(0, 1), (0, 16), (5, 40), (15, 17), (16, 32), (3, 80), (79, 80)]:
-        assert _slots(seq, start, end) == [_slot(seq, p) for p in range(start, end)]  # type: ignore[arg-type]
+    cases = [([7, 3, 9, 1, 12], 0, 1), ([7, 3, 9, 1, 12], 5, 35), ([4, 2], 15, 2),
+             ([8, 6, 5, 11, 10], 16, 16), ([2, 13, 14, 15, 16, 17], 3, 77), ([1, 2, 3], 40, 1)]  # fmt: skip
+    chunks = [(SimpleNamespace(blocks=b, num_computed=start), n) for b, start, n in cases]
+    got = _chunk_positions_and_slots(chunks)  # type: ignore[arg-type]
+    want_pos = [p for _, start, n in cases for p in range(start, start + n)]
+    want_slots = [_slot(seq, p) for seq, n in chunks for p in range(seq.num_computed, seq.num_computed + n)]  # type: ignore[arg-type]
+    assert got[0].tolist() == want_pos
+    assert got[1].tolist() == want_slots

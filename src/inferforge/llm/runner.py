@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
@@ -29,14 +30,22 @@ def _slot(seq: Sequence, pos: int) -> int:
     return seq.blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
 
 
-def _slots(seq: Sequence, start: int, end: int) -> list[int]:
-    """Cache slots of positions start..end-1, a block at a time (a prompt's 8,192 slots were 8,192 calls)."""
-    first = start // BLOCK_SIZE
-    out: list[int] = []
-    for b in seq.blocks[first : (end - 1) // BLOCK_SIZE + 1]:
-        out.extend(range(b * BLOCK_SIZE, (b + 1) * BLOCK_SIZE))
-    offset = start - first * BLOCK_SIZE
-    return out[offset : offset + end - start]
+def _chunk_positions_and_slots(chunks: list[tuple[Sequence, int]]) -> np.ndarray:
+    """[2, T]: positions and cache slots of every token of the prompt chunks, in a few numpy calls for all
+    chunks (per chunk, numpy's call overhead made 64 chunks cost 0.37 ms on the CPU box)."""
+    starts = np.fromiter((s.num_computed for s, _ in chunks), np.int64, len(chunks))
+    lengths = np.fromiter((n for _, n in chunks), np.int64, len(chunks))
+    owner = np.repeat(np.arange(len(chunks)), lengths)
+    total = int(lengths.sum())
+    pos = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(lengths) - lengths - starts, lengths)
+    last = (starts + lengths - 1) // BLOCK_SIZE + 1  # blocks each chunk reaches into
+    table = np.zeros((len(chunks), int(last.max(initial=1))), dtype=np.int64)
+    for i, (seq, _) in enumerate(chunks):
+        table[i, : last[i]] = seq.blocks[: last[i]]
+    out = np.empty((2, total), dtype=np.int64)
+    out[0] = pos
+    out[1] = table[owner, pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+    return out
 
 
 class ModelRunner:
@@ -195,8 +204,6 @@ class ModelRunner:
             start, end = seq.num_computed, seq.num_computed + n
             q_start = len(ids)
             ids.extend(seq.token_ids[start:end])
-            pos.extend(range(start, end))
-            slots.extend(_slots(seq, start, end))
             fresh = start == 0
             block_ids = (
                 None if fresh else to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
@@ -205,7 +212,14 @@ class ModelRunner:
             if end >= len(seq.token_ids):
                 rows.append(len(ids) - 1)
                 done.append(seq)
-        dev = to_device([ids, pos, slots], self.device, torch.long)
+        # One [3, T] array, one host-to-device copy: 3 x 8,192 Python ints through `np.array` of lists took
+        # 0.58 ms of the 1.3 ms before a 64 x 128-token prefill's first kernel (CPU box); now ids only.
+        flat = np.empty((3, len(ids)), dtype=np.int64)
+        flat[0] = ids
+        d = len(decode)
+        flat[1, :d], flat[2, :d] = pos, slots
+        flat[1:, d:] = _chunk_positions_and_slots(chunks)
+        dev = to_device(flat, self.device, torch.long)
         if carry_ids is not None:
             if carry_rows is None:
                 dev[0, : carry_ids.shape[0]] = carry_ids

@@ -19,12 +19,12 @@ from inferforge.llm.protocol import SamplingParams
 _NUMPY = {torch.long: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 
 
-def to_device(data: list, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def to_device(data: list | np.ndarray, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A host list on the device without a synchronising copy (pinned staging on CUDA). Through numpy: a
     prefill step's 3 x 8,192 ids, positions and slots took 1.7 ms in `torch.tensor`, 0.5 through numpy
     (this project's CPU box)."""
     t = (
-        torch.from_numpy(np.array(data, dtype=_NUMPY[dtype]))
+        torch.from_numpy(np.asarray(data, dtype=_NUMPY[dtype]))
         if dtype in _NUMPY
         else torch.tensor(data, dtype=dtype)
     )
