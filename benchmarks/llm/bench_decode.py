@@ -488,9 +488,22 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
         ttft.append(time.perf_counter() - t0)
     out["ttft_512_ms"] = sorted(ttft[1:])[2] * 1e3
     row(f"engine {quant or 'bf16'} time to first token, 512-token prompt (ms)", f"{out['ttft_512_ms']:.1f}")
+    if 64 in eng.runner.graphs:
+        out["graph_b64_us"] = cuda_time(eng.runner.graphs[64][0].replay, iters=50) * 1e6
+        row("  its batch-64 decode graph replay (GPU us/step)", f"{out['graph_b64_us']:.0f}")
     del eng
     free()
     return out
+
+
+def blas_ab(folder: Path) -> None:
+    """The load test with cuBLAS and with cuBLASLt as torch's GEMM library (each picks its own kernels for
+    the batch-64 products, e.g. split-K with a separate reduce or not), twice in turn."""
+    for rep in range(2):
+        for lib in ("cublas", "cublaslt"):
+            torch.backends.cuda.preferred_blas_library(lib)
+            RESULTS[f"blasab {lib} rep{rep}"] = load_test(folder, None, 8192)
+    torch.backends.cuda.preferred_blas_library("cublas")
 
 
 def decode_seconds(run, long: int, short: int, warm: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -636,6 +649,7 @@ def main() -> None:
                 for g, p in ((False, False), (True, True))
             ],
         ),
+        ("blasab", lambda: blas_ab(folder)),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
         (
