@@ -446,7 +446,7 @@ def quant_gemv(folder: Path) -> None:
     RESULTS["fp8_gemlite"] = engine_numbers(folder, "fp8", (1,), gemv_decode=False)
 
 
-def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: bool) -> dict:
+def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: object) -> dict:
     """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
     eng = bench_engine(folder, quant, max_num_batched_tokens=batched_tokens, decode_buckets=(64,), **knobs)
     g = torch.Generator().manual_seed(0)
@@ -501,9 +501,22 @@ def blas_ab(folder: Path) -> None:
     the batch-64 products, e.g. split-K with a separate reduce or not), twice in turn."""
     for rep in range(2):
         for lib in ("cublas", "cublaslt"):
-            torch.backends.cuda.preferred_blas_library(lib)
-            RESULTS[f"blasab {lib} rep{rep}"] = load_test(folder, None, 8192)
-    torch.backends.cuda.preferred_blas_library("cublas")
+            RESULTS[f"blasab {lib} rep{rep}"] = load_test(folder, None, 8192, gemm_library=lib)
+
+
+def attn64_ab(folder: Path) -> None:
+    """The load test (cuBLASLt, the engine's default) with batch-64 decode attention unsplit (two grid waves:
+    one program per sequence and KV head) and split over 2 or 3 programs per (sequence, KV head) down to 64
+    tokens each, twice in turn."""
+    from inferforge.llm import triton_attn
+
+    variants = {"unsplit": (2, 0), "waves 6 min 64": (6, 64), "waves 8 min 64": (8, 64)}
+    for rep in range(2):
+        for name, (waves, tokens) in variants.items():
+            triton_attn.LARGE_BATCH_SPLIT.update(waves=waves, min_tokens=tokens)
+            RESULTS[f"attn64ab {name} rep{rep}"] = load_test(folder, None, 8192)
+            row(f"  [{name}]", "")
+    triton_attn.LARGE_BATCH_SPLIT.update(waves=2, min_tokens=0)
 
 
 def decode_seconds(run, long: int, short: int, warm: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
@@ -650,6 +663,7 @@ def main() -> None:
             ],
         ),
         ("blasab", lambda: blas_ab(folder)),
+        ("attn64ab", lambda: attn64_ab(folder)),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
         (

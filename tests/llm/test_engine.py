@@ -210,6 +210,14 @@ def test_out_of_vocabulary_prompt_ids_are_refused(engine: LLMEngine) -> None:
     assert not engine.has_unfinished()
 
 
+def test_engine_config_names_a_bad_gemm_library() -> None:
+    from inferforge.errors import InferforgeError
+
+    with pytest.raises(InferforgeError, match="gemm_library must be cublas, cublaslt or None, got 'mkl'"):
+        EngineConfig(gemm_library="mkl")  # type: ignore[arg-type]
+    assert EngineConfig().gemm_library == "cublaslt"
+
+
 def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
     """Fresh prompts in one step are attended in groups by length bucket: 3 and 4 padded, 12, 16 and 9
     padded (others between them in the batch); 7 and 7 back to back, a dense group (views, no gather); 2

@@ -94,6 +94,24 @@ def test_repeated_calls_reuse_the_counters(fresh_scratch: dict, monkeypatch: pyt
     assert counters.count_nonzero().item() == 0
 
 
+def test_large_batches_split_by_their_own_knobs(fresh_scratch: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batches over 4 split by LARGE_BATCH_SPLIT (more grid waves, shorter splits) and still match the
+    reference; at the default two waves the same batch stays unsplit (no partials written)."""
+    monkeypatch.setitem(triton_attn.TILE, "large_batch", 16)
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    contexts = (40, 200, 9, 130, 64, 250, 17, 100)
+    for waves, tokens, split in ((2, 0, False), (200, 32, True)):
+        fresh_scratch.clear()
+        monkeypatch.setitem(triton_attn.LARGE_BATCH_SPLIT, "waves", waves)
+        monkeypatch.setitem(triton_attn.LARGE_BATCH_SPLIT, "min_tokens", tokens)
+        q, k, v, bt, ctx = _paged_case(gen, contexts, n_blocks=160, table_blocks=16)
+        ref = attention.decode_attention_torch(q, k, v, bt, ctx, 0.2)
+        got = triton_attn.paged_decode_attention(q, k, v, bt, ctx, 0.2)
+        assert (ref.float() - got.float()).abs().max().item() < TOL
+        assert any(not p.isnan().all() for _, p, _ in fresh_scratch.values()) == split
+        assert all(c.count_nonzero().item() == 0 for _, _, c in fresh_scratch.values())
+
+
 def test_split_count_covers_the_gpu_and_respects_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
     """Small batches get enough programs for about two waves of SMs, capped by MAX_SPLITS; large batches
     fill the GPU alone and keep one program per (sequence, KV head)."""

@@ -20,10 +20,13 @@ class KernelChoice:
 
 
 def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device) -> KernelChoice:
-    """Paged decode attention, the fused norm/RoPE/SiLU kernels, programmatic dependent launch (Hopper), the
-    batch-1 GEMVs (checked against each decode layer's own forward on the real weights), the fp32-logits LM
-    head, and the compiled decode block if asked for; the model is set up in place."""
+    """The GEMM library, paged decode attention, the fused norm/RoPE/SiLU kernels, programmatic dependent
+    launch (Hopper), the batch-1 GEMVs (checked against each decode layer's own forward on the real
+    weights), the fp32-logits LM head, and the compiled decode block if asked for; the model is set up in
+    place."""
     decode_fn = None
+    if device.type == "cuda" and config.gemm_library is not None:
+        torch.backends.cuda.preferred_blas_library(config.gemm_library)
     if device.type == "cuda" and config.triton_attention and config.torch_dtype != torch.float32:
         from inferforge.llm import triton_attn
 

@@ -193,6 +193,10 @@ WARPS = {"small_batch": 8, "large_batch": 4}
 # context fills with MIN_SPLIT_TOKENS each, so short contexts keep one program and the direct path.
 MAX_SPLITS = 16
 MIN_SPLIT_TOKENS = 256
+# Batches over 4 (their own tiles): grid waves and tokens per split. Two waves leave batch 64 x 8 KV heads
+# unsplit (512 programs); more waves split its contexts of a few hundred tokens too (min_tokens 0: the
+# small batches' MIN_SPLIT_TOKENS).
+LARGE_BATCH_SPLIT = {"waves": 2, "min_tokens": 0}
 # Load the next tile's block-table entries one iteration ahead (one dependent round trip per tile, not two).
 PREFETCH_TABLE = True
 _SMS_OFF_GPU = 132  # the interpreter has no SMs: split as on an H100 so it runs the same paths
@@ -200,14 +204,14 @@ _SMS: dict[torch.device, int] = {}
 _SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
-def num_splits(batch: int, kv_heads: int, device: torch.device) -> int:
+def num_splits(batch: int, kv_heads: int, device: torch.device, waves: int = 2) -> int:
     """Programs per (sequence, KV head) in the grid, fixed at launch (and so at CUDA-graph capture)."""
     if device not in _SMS:
         cuda = device.type == "cuda"
         _SMS[device] = (
             torch.cuda.get_device_properties(device).multi_processor_count if cuda else _SMS_OFF_GPU
         )
-    wanted = -(-2 * _SMS[device] // (batch * kv_heads))
+    wanted = -(-waves * _SMS[device] // (batch * kv_heads))
     return max(1, min(MAX_SPLITS, wanted))
 
 
@@ -251,8 +255,11 @@ def _paged_decode_op(
     small = "small_batch" if b <= 4 else "large_batch"
     # No more splits than the table's capacity can fill (a 1,024-token engine: 4 at most), so a short context
     # does not launch programs that exit at once (F2: 128 programs for 8 cost 0.8 us a call).
-    capacity = -(-block_tables.shape[1] * block_size // MIN_SPLIT_TOKENS)
-    splits = max(1, min(num_splits(b, kv_heads, q.device), capacity))
+    waves, min_tokens = 2, MIN_SPLIT_TOKENS
+    if small == "large_batch":
+        waves, min_tokens = LARGE_BATCH_SPLIT["waves"], LARGE_BATCH_SPLIT["min_tokens"] or MIN_SPLIT_TOKENS
+    capacity = -(-block_tables.shape[1] * block_size // min_tokens)
+    splits = max(1, min(num_splits(b, kv_heads, q.device, waves), capacity))
     ml, acc, cnt = _scratch(q.device, b, kv_heads, splits, gp, d) if splits > 1 else (out, out, context_lens)
     _paged_decode_kernel[(b, kv_heads, splits)](
         q,
@@ -265,7 +272,7 @@ def _paged_decode_op(
         acc,
         cnt,
         scale,
-        MIN_SPLIT_TOKENS,
+        min_tokens,
         q.stride(0),
         q.stride(1),
         k_cache.stride(0),
