@@ -519,6 +519,19 @@ def attn64_ab(folder: Path) -> None:
     triton_attn.LARGE_BATCH_SPLIT.update(waves=2, min_tokens=0)
 
 
+def mlp_chunk_ab(folder: Path) -> None:
+    """The load test with its 8,192-token prefill's MLP in one pass and in chunks of 2,048 and 1,024 tokens
+    (`model.MLP_CHUNK`), twice in turn; its `prefill_ms` is what changes."""
+    from inferforge.llm import model
+
+    for rep in range(2):
+        for tokens in (0, 2048, 1024):
+            model.MLP_CHUNK["tokens"] = tokens
+            RESULTS[f"mlpchunk {tokens} rep{rep}"] = load_test(folder, None, 8192)
+            row(f"  [MLP chunk {tokens}]", "")
+    model.MLP_CHUNK["tokens"] = 0
+
+
 def decode_seconds(run, long: int, short: int, warm: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """Seconds of `run(long)` minus `run(short)` (the difference is decode alone: prefill and set-up cancel),
     after two warm-up calls; also the warm-up's seconds (compilation, for the compiled peer)."""
@@ -664,6 +677,7 @@ def main() -> None:
         ),
         ("blasab", lambda: blas_ab(folder)),
         ("attn64ab", lambda: attn64_ab(folder)),
+        ("mlpchunk", lambda: mlp_chunk_ab(folder)),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
         (

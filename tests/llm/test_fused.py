@@ -50,6 +50,30 @@ def test_fused_model_generates_the_same_tokens(tiny_dirs: dict[str, Path], famil
     assert run(eager) == want
 
 
+def test_prefill_mlp_in_token_chunks_equals_one_pass(
+    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`MLP_CHUNK`: a 16-token prefill step's MLP in chunks of 5 (a ragged last chunk) writes the same rows
+    as one pass (fp32, exact), so greedy tokens are unchanged."""
+    from inferforge.llm import model
+
+    config = EngineConfig(device=DEVICE, dtype="float32", kv_cache_tokens=2048, max_num_batched_tokens=16,
+                          cuda_graphs=False, fused_kernels=False)  # fmt: skip
+    eng = LLMEngine(tiny_dirs["llama"], config)
+    eng.model.fused_ops = fused
+    mlp = eng.model.blocks()[0].mlp
+    assert type(mlp.down) is torch.nn.Linear and mlp.down.bias is None  # the chunked path applies
+    x = torch.randn(16, mlp.up.in_features, device=DEVICE)
+    whole = mlp.forward_fused(x, fused)
+    monkeypatch.setitem(model.MLP_CHUNK, "tokens", 5)
+    assert (mlp.forward_fused(x, fused) - whole).abs().max().item() < 1e-5
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    chunked = eng.generate([EngineRequest("a", tuple(range(5, 25)), params)])["a"][0]
+    monkeypatch.setitem(model.MLP_CHUNK, "tokens", 0)
+    one_pass = eng.generate([EngineRequest("a", tuple(range(5, 25)), params)])["a"][0]
+    assert [o.new_token_ids for o in chunked] == [o.new_token_ids for o in one_pass]
+
+
 def test_gpt2_is_not_fused(tiny_dirs: dict[str, Path]) -> None:
     eng = LLMEngine(tiny_dirs["gpt2"], EngineConfig(device=DEVICE, kv_cache_tokens=1024, cuda_graphs=False))
     assert not eng.model.can_fuse() and eng.model.fused_ops is None
