@@ -457,8 +457,9 @@ class PersistentDecoder:
             _persistent_kernel[(self.nprog,)](*args, **kw)
         return out
 
-    def barriers_only(self) -> None:
-        """The 4 L - 1 grid barriers of one step with no work: their cost alone."""
+    def barriers_only(self, layers: int | None = None) -> None:
+        """The 4 L - 1 grid barriers of `layers` (default the stack's) with no work: their cost alone."""
         x = torch.empty(1, self.stack.dims[1], dtype=self.stack.norm1.dtype, device=self.stack.qkv.device)
         args, kw = self._args(x, x, -1, 0, True)
+        args = (*args[:15], layers or self.stack.dims[0], *args[16:])
         _persistent_kernel[(self.nprog,)](*args, **kw)
