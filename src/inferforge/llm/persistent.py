@@ -120,9 +120,9 @@ def _norm(SRC, g, eps, H: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(KIND: tl.constexpr, acc, rb, first_layer, X_IN, X, T, U, F: tl.constexpr, BN: tl.constexpr):
-    """Store a finished row block: t (QKV), SiLU(gate) x up (GU, `gemv._store`'s rounding), or the residual
-    add into x (O, DOWN; the residual read through L2, from x_in in the first layer's O)."""
+def _epilogue(KIND: tl.constexpr, acc, res, rb, X, T, U, F: tl.constexpr, BN: tl.constexpr):
+    """Store a finished row block: t (QKV), SiLU(gate) x up (GU, `gemv._store`'s rounding), or x + the
+    residual `res` (O, DOWN; loaded one row block ahead, so no load waits here)."""
     act_ty = X.dtype.element_ty
     rows = rb * BN + tl.arange(0, BN)
     if KIND == 0:
@@ -130,11 +130,17 @@ def _epilogue(KIND: tl.constexpr, acc, rb, first_layer, X_IN, X, T, U, F: tl.con
     elif KIND == 2:
         _store(acc, X, X, U, rows, rows >= 0, rb * (BN // 2), 2 * F, 3, BN // 2)
     else:
-        if KIND == 1 and first_layer:
-            res = tl.load(X_IN + rows, cache_modifier=".cg").to(tl.float32)
-        else:
-            res = tl.load(X + rows, cache_modifier=".cg").to(tl.float32)
         tl.store(X + rows, (acc.to(act_ty).to(tl.float32) + res).to(act_ty))
+
+
+@triton.jit
+def _residual(R, rb, valid, KIND: tl.constexpr, BN: tl.constexpr):
+    """Row block `rb` of the residual x (O and DOWN only), through L2."""
+    if KIND == 1 or KIND == 3:
+        rows = rb * BN + tl.arange(0, BN)
+        return tl.load(R + rows, mask=valid, other=0.0, cache_modifier=".cg").to(tl.float32)
+    else:
+        return tl.zeros([BN], tl.float32)
 
 
 @triton.jit
@@ -174,6 +180,11 @@ def _phase(KIND: tl.constexpr, NEXT: tl.constexpr, lyr, lyr_next, has_next, targ
         xin = _norm(X, g, eps, H)
     else:
         xin = tl.load(U + offs_h, cache_modifier=".cg").to(tl.float32)
+    R = X
+    if KIND == 1:  # noqa: SIM102 (Triton: a constexpr branch around a runtime one)
+        if first_layer:
+            R = X_IN
+    res = _residual(R, pid, True, KIND, BN)
     acc = tl.zeros([BN], tl.float32)
     for idx in range(0, n_items):
         nxt = idx + 1
@@ -182,14 +193,15 @@ def _phase(KIND: tl.constexpr, NEXT: tl.constexpr, lyr, lyr_next, has_next, targ
         w_n, s_n = _load_tile(wt, st, k, gap, in_phase, H, BN, HAS_SCALE)  # the next tile, issued first
         if KCH > 1:  # the down product's next u chunk (this phase's input, so ready)
             u_n = tl.load(U + (nxt % KCH) * H + offs_h, mask=in_phase, other=0.0, cache_modifier=".cg")
+        res_n = _residual(R, pid + (nxt // KCH) * nprog, in_phase, KIND, BN)
         c = idx % KCH
         part = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
         acc = tl.where(c == 0, part, acc + part)
         if c == KCH - 1:
-            _epilogue(KIND, acc * s, pid + (idx // KCH) * nprog, first_layer, X_IN, X, T, U, F, BN)
+            _epilogue(KIND, acc * s, res, pid + (idx // KCH) * nprog, X, T, U, F, BN)
         if KCH > 1:
             xin = u_n.to(tl.float32)
-        w, s = w_n, s_n
+        w, s, res = w_n, s_n, res_n
     # The next phase's first tile never depends on this phase: in flight across the barrier.
     wt, st, k, gap = _tile_args(NEXT, lyr_next, pid, 0, Ws, H, NQ, F, BN)
     if PREFETCH == 1:
