@@ -339,11 +339,10 @@ class LayerStack:
         mats = (self.qkv, self.o, self.gu, self.down) + (self.scales or ())
         return sum(m.numel() * m.element_size() for m in mats)
 
-    def layer(self, i: int) -> tuple[torch.Tensor, ...]:
-        """Layer i's (qkv, o, gu, down, norm1, norm2, and the four scales or Nones)."""
-        sc = self.scales or (None,) * 4
-        return (self.qkv[i], self.o[i], self.gu[i], self.down[i], self.norm1[i], self.norm2[i],
-                *(s[i] if s is not None else None for s in sc))  # fmt: skip
+    def layer(self, i: int) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Layer i's [qkv, o, gu, down, norm1, norm2] and its four scales (Nones for float weights)."""
+        sc: list[torch.Tensor | None] = [s[i] for s in self.scales] if self.scales is not None else [None] * 4
+        return [self.qkv[i], self.o[i], self.gu[i], self.down[i], self.norm1[i], self.norm2[i]], sc
 
 
 def quantize(stack: LayerStack) -> LayerStack:
@@ -353,9 +352,8 @@ def quantize(stack: LayerStack) -> LayerStack:
         scale = w.float().abs().amax(-1).clamp_min(1e-8) / 127
         return (w.float() / scale[..., None]).round().clamp(-127, 127).to(torch.int8), scale.contiguous()
 
-    pairs = [q(m) for m in (stack.qkv, stack.o, stack.gu, stack.down)]
-    return LayerStack(*(p[0] for p in pairs), stack.norm1, stack.norm2,
-                      scales=tuple(p[1] for p in pairs), eps=stack.eps)  # type: ignore[arg-type]  # fmt: skip
+    (wq, sq), (wo, so), (wg, sg), (wd, sd) = (q(m) for m in (stack.qkv, stack.o, stack.gu, stack.down))
+    return LayerStack(wq, wo, wg, wd, stack.norm1, stack.norm2, scales=(sq, so, sg, sd), eps=stack.eps)
 
 
 def chain(x: torch.Tensor, stack: LayerStack) -> torch.Tensor:
@@ -363,7 +361,7 @@ def chain(x: torch.Tensor, stack: LayerStack) -> torch.Tensor:
     epilogues), x [1, H]."""
     L, h, _, _ = stack.dims
     for i in range(L):
-        wq, wo, wg, wd, g1, g2, sq, so, sg, sd = stack.layer(i)
+        (wq, wo, wg, wd, g1, g2), (sq, so, sg, sd) = stack.layer(i)
         t = gemv.gemv(x, wq, norm_weight=g1, eps=stack.eps, scale=sq)
         x = gemv.gemv(t[:, :h], wo, scale=so, residual=x)
         u = gemv.gemv(x, wg, norm_weight=g2, eps=stack.eps, scale=sg, silu_pair=True)
@@ -377,7 +375,7 @@ def reference(x: torch.Tensor, stack: LayerStack) -> torch.Tensor:
 
     L, h, _, _ = stack.dims
     for i in range(L):
-        wq, wo, wg, wd, g1, g2, sq, so, sg, sd = stack.layer(i)
+        (wq, wo, wg, wd, g1, g2), (sq, so, sg, sd) = stack.layer(i)
         t = ref(x, wq, norm_weight=g1, eps=stack.eps, scale=sq)
         x = ref(t[:, :h], wo, scale=so, residual=x)
         u = ref(x, wg, norm_weight=g2, eps=stack.eps, scale=sg, silu_pair=True)
