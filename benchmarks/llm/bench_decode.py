@@ -460,22 +460,26 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
                     f"l{rep}-{i}", tuple(torch.randint(100, 500, (128,), generator=g).tolist()), params
                 )
             )
-        t0, n, first, t_first = time.perf_counter(), 0, set(), 0.0
+        t0, n, first, t_first, wait0 = time.perf_counter(), 0, set(), 0.0, 0.0
         while eng.has_unfinished():
             outs = eng.step()
             n += sum(len(o.new_token_ids) for o in outs)
             first.update(o.request_id for o in outs)
             if len(first) == 64 and not t_first:
                 t_first = time.perf_counter() - t0  # every request has its first token: prefill is over
+                wait0 = eng.stats().device_wait_s_total
         wall = time.perf_counter() - t0
         out["tok_s"], out["prefill_ms"] = n / wall, t_first * 1e3
         out["decode_after_prefill_tok_s"] = (n - 64) / (wall - t_first)
+        # Share of the decode phase the host loop spent waiting for the device: near 0, the host set the pace.
+        out["decode_device_wait_frac"] = (eng.stats().device_wait_s_total - wait0) / (wall - t_first)
     gc.unfreeze()  # the next section's engines must be collectable
     row(
         f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s, {batched_tokens} tokens/step"
         + "".join(f" {k}={v}" for k, v in knobs.items()),
         f"{out['tok_s']:,.0f} (first tokens after {out['prefill_ms']:.1f} ms, then "
-        f"{out['decode_after_prefill_tok_s']:,.0f} tok/s)",
+        f"{out['decode_after_prefill_tok_s']:,.0f} tok/s, host waited on the device "
+        f"{out['decode_device_wait_frac']:.0%} of it)",
     )
     ttft = []
     for rep in range(6):

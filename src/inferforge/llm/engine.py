@@ -129,6 +129,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         self.generated_total = 0
+        self.device_wait_s = 0.0
         self._inflight: _InFlight | None = None
         pinned = self.device.type == "cuda"
         # Two pinned buffers in turn: step k+1's samples are copied out while step k's are still read.
@@ -186,6 +187,7 @@ class LLMEngine:
             kv_blocks_total=self.allocator.num_blocks - 1,
             kv_blocks_used=self.allocator.num_used,
             generated_tokens_total=self.generated_total,
+            device_wait_s_total=self.device_wait_s,
         )
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -298,7 +300,9 @@ class LLMEngine:
         if self._inflight is flight:
             self._inflight = None
         if flight.done is not None:
+            t0 = time.perf_counter()
             flight.done.synchronize()
+            self.device_wait_s += time.perf_counter() - t0
         result = flight.result
         lps = result.logprobs.tolist() if result.logprobs is not None else None
         top = None
@@ -341,27 +345,29 @@ class LLMEngine:
         top_ids, top_lp = top if top is not None else (None, None)
         now = time.monotonic()
         outputs = []
+        eos, output = self.eos_ids, self._output  # per row per step: locals, not attribute lookups
         for i, (seq, tok) in enumerate(zip(rows, ids, strict=True)):
-            if seq.finished:
+            if seq.finish_reason is not None:
                 continue
-            params = seq.group.request.params
+            group = seq.group
+            params = group.request.params
             seq.token_ids.append(tok)
             seq.pending_ids.append(tok)
-            self.generated_total += 1
-            if seq.group.first_token is None:
-                seq.group.first_token = now
+            if group.first_token is None:
+                group.first_token = now
             if lps is not None and params.logprobs is not None:
                 k = params.logprobs
                 top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if top_ids and top_lp else ()
                 seq.pending_logprobs.append(TokenLogprob(tok, lps[i], top))
             hit_stop = seq.detok.add(tok)
-            if hit_stop or tok in params.stop_token_ids or (tok in self.eos_ids and not params.ignore_eos):
+            if hit_stop or tok in params.stop_token_ids or (tok in eos and not params.ignore_eos):
                 seq.finish_reason = "stop"
-            elif seq.num_output >= seq.group.max_tokens:
+            elif len(seq.token_ids) - group.prompt_len >= group.max_tokens:
                 seq.finish_reason = "length"
-            if seq.group.finished:
-                seq.group.finished_at = now
-            outputs.append(self._output(seq))
+            if seq.finish_reason is not None and group.finished:
+                group.finished_at = now
+            outputs.append(output(seq))
+        self.generated_total += len(outputs)
         return outputs
 
     def _output(self, seq: Sequence) -> EngineOutput:

@@ -63,7 +63,10 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) of the most likely alternatives
 
 
-@dataclass(frozen=True)
+# RequestTiming and EngineOutput are made per row per step: plain slotted dataclasses construct in 0.3 us
+# where frozen ones take 0.8 and 1.5 (CPU box), ~115 us of a 64-row decode step's host work. Treat them
+# as read-only all the same.
+@dataclass(slots=True)
 class RequestTiming:
     """Seconds on the engine's monotonic clock; the server turns them into histograms and response headers."""
 
@@ -73,7 +76,7 @@ class RequestTiming:
     finished: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EngineOutput:
     """A delta for one of a request's `n` sequences: the tokens and text produced since the last output."""
 
@@ -96,6 +99,9 @@ class EngineStats:
     kv_blocks_total: int
     kv_blocks_used: int
     generated_tokens_total: int
+    # Seconds the engine loop spent blocked on the device (reading a step back): where it is small against
+    # the loop's wall time, the host, not the GPU, sets the pace.
+    device_wait_s_total: float = 0.0
 
 
 class EngineClient(Protocol):

@@ -82,10 +82,12 @@ class RequestState:
     first_token: float | None = None
     finished_at: float | None = None
     max_tokens: int = 0
+    # The prompt is immutable: its length is read per row per step (a property cost ~3% of a decode step's
+    # host work at 64 rows).
+    prompt_len: int = field(init=False)
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.request.prompt_ids)
 
     @property
     def prefilled(self) -> bool:
@@ -93,7 +95,7 @@ class RequestState:
 
     @property
     def finished(self) -> bool:
-        return all(s.finished for s in self.seqs)
+        return all(s.finish_reason is not None for s in self.seqs)
 
 
 @dataclass
@@ -143,7 +145,7 @@ class Scheduler:
         self.waiting.append(state)
 
     def num_running_seqs(self) -> int:
-        return sum(len([s for s in r.seqs if not s.finished]) for r in self.running)
+        return sum(1 for r in self.running for s in r.seqs if s.finish_reason is None)
 
     def can_admit(self) -> bool:
         """Whether the next schedule() would take the first waiting request in (the same test it applies)."""
@@ -156,7 +158,7 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
-        decode = [s for r in self.running if r.prefilled for s in r.seqs if not s.finished]
+        decode = [s for r in self.running if r.prefilled for s in r.seqs if s.finish_reason is None]
         budget -= len(decode)
         prefill: list[tuple[Sequence, int]] = []
         for r in self.running:
