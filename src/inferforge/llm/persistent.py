@@ -12,20 +12,21 @@ and walks the phases of each layer:
 
 Every phase's output rows are cut into tiles of `BN` rows x `H` columns (the down product's K = F in F / H
 chunks), ONE tile shape for all phases, so the prefetched tile is one loop-carried register tensor: program
-`pid` takes row blocks pid, pid + nprog, ...; the next tile's weights (at a phase's last tile: the NEXT
-phase's first tile, which never depends on this phase's output) are loaded before this tile's math, so they
-are in flight across the grid barrier. Activations other SMs wrote are read with `.cg` (L2, not a stale L1).
+`pid` takes row blocks pid, pid + nprog, ...; the next tile's weights are loaded before this tile's math,
+and after a phase's last tile the NEXT phase's first tile (which never depends on this phase's output) is
+loaded between this program's arrive and its wait, so it is in flight across the grid barrier. Activations
+other SMs wrote are read with `.cg` (L2, not a stale L1).
 
 The grid barrier: a monotonically increasing int32 counter. Each program issues its stores
-(`debug_barrier`), adds 1 with release semantics (gpu scope), spins on an acquire read-modify-write until the
-counter reaches (phase index) * nprog, then `debug_barrier` so no thread reads before the spinning thread saw
-the count. Triton lowers a scalar atomic to one thread plus a shared-memory broadcast, as cooperative groups'
-grid sync does. Graph-safe: at the end every program adds 1 to a second counter; the one that draws the last
-ticket resets both to 0 (every program has left its last spin by then), so every launch and every CUDA-graph
-replay starts from zero.
+(`debug_barrier`), adds 1 with release semantics (gpu scope), spins on an acquire add of 0 (an acquire load
+once compiled) until the counter reaches (phase index) * nprog, then `debug_barrier` so no thread reads
+before the spinning thread saw the count. Triton lowers a scalar atomic to one thread plus a shared-memory
+broadcast, as cooperative groups' grid sync does. Graph-safe: at the end every program adds 1 to a second
+counter; the one that draws the last ticket resets both to 0 (every program has left its last spin by
+then), so every launch and every CUDA-graph replay starts from zero.
 
-A grid barrier deadlocks unless every program is resident: the host checks the compiled kernel's registers
-and shared memory against the SM before launching more than one program per SM, and the grid never exceeds
+A grid barrier deadlocks unless every program is resident: the host compiles first and refuses a grid
+larger than the SMs hold by the kernel's registers, shared memory and threads, and the grid never exceeds
 the smallest phase's row-block count (so every program owns at least one tile of every phase and the
 cross-phase prefetch never has to skip a phase). Under `TRITON_INTERPRET=1` programs run one after another:
 use `nprog=1` (every barrier passes at once), or `split=True` (one launch per phase, no barrier) to run
@@ -57,8 +58,8 @@ QKV, OPROJ, GU, DOWN = 0, 1, 2, 3  # the phases of a layer
 @triton.jit
 def _arrive(CTR):
     """Count this program in: its threads' stores issued (`debug_barrier`), then one release add (in sm_90
-    SASS a MEMBAR.GPU and a REDG from one thread; the fence also waits for that thread's loads in flight, so
-    a prefetch must be issued after it, not before)."""
+    SASS a MEMBAR.ALL.GPU and a REDG from one thread; the fence also waits for that thread's loads in
+    flight, so a prefetch must be issued after it, not before)."""
     tl.debug_barrier()
     tl.atomic_add(CTR, 1, sem="release", scope="gpu")
 
@@ -100,8 +101,6 @@ def _load_tile(Wt, St, stride, gap, valid, H: tl.constexpr, BN: tl.constexpr, HA
     HALF: tl.constexpr = BN // 2
     i = tl.arange(0, BN)
     rows = (i // HALF) * gap + i % HALF
-    Wt = tl.multiple_of(Wt, 16)  # every row starts 16-byte aligned (H is a power of 2 >= 16 elements):
-    stride = tl.multiple_of(stride, 16)  # the selects hide it from Triton, and unaligned loads are 2 bytes
     w = tl.load(Wt + rows[:, None].to(tl.int64) * stride + tl.arange(0, H)[None, :], mask=valid, other=0.0)
     if HAS_SCALE:
         s = tl.load(St + rows, mask=valid, other=0.0).to(tl.float32)
