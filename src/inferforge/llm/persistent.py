@@ -1,43 +1,19 @@
 """A persistent batch-1 decode kernel: the GEMV part of L decoder layers in ONE launch, phases joined by grid
-barriers (an experiment measured against the per-kernel chain of `gemv.gemv` calls; not in the engine).
+barriers (an experiment measured against the per-kernel chain of `gemv.gemv` calls; not in the engine;
+design and checks in docs/persistent.md).
 
-The chain pays a fixed ~2-3 us per GEMV (first loads, the PDL wait, the tail wave), ~65 times a token. Here
-one program per SM (or two, where the compiler's resource report proves both fit) lives for the whole step
-and walks the phases of each layer:
-
-    QKV   t = W_qkv @ rmsnorm(x; g1)                 (rows split in tiles, t stored)
-    O     x = x + W_o @ t[:H]                        (t[:H] stands in for the attention output)
-    GU    u = silu(W_gu[:F] @ n) * (W_gu[F:] @ n),   n = rmsnorm(x; g2)
-    DOWN  x = x + W_down @ u
-
-Every phase's output rows are cut into tiles of `BN` rows x `H` columns (the down product's K = F in F / H
-chunks), ONE tile shape for all phases, so the prefetched tile is one loop-carried register tensor: program
-`pid` takes row blocks pid, pid + nprog, ...; the next tile's weights are loaded before this tile's math,
-and after a phase's last tile the NEXT phase's first tile (which never depends on this phase's output) is
-loaded between this program's arrive and its wait, so it is in flight across the grid barrier. Activations
-other SMs wrote are read with `.cg` (L2, not a stale L1).
-
-The grid barrier: a monotonically increasing int32 counter. Each program issues its stores
-(`debug_barrier`), adds 1 with release semantics (gpu scope), spins on an acquire add of 0 (an acquire load
-once compiled) until the counter reaches (phase index) * nprog, then `debug_barrier` so no thread reads
-before the spinning thread saw the count. Triton lowers a scalar atomic to one thread plus a shared-memory
-broadcast, as cooperative groups' grid sync does. Graph-safe: at the end every program adds 1 to a second
-counter; the one that draws the last ticket resets both to 0 (every program has left its last spin by
-then), so every launch and every CUDA-graph replay starts from zero.
-
-A grid barrier deadlocks unless every program is resident: the host compiles first and refuses a grid
-larger than the SMs hold by the kernel's registers, shared memory and threads, and the grid never exceeds
-the smallest phase's row-block count (so every program owns at least one tile of every phase and the
-cross-phase prefetch never has to skip a phase). Under `TRITON_INTERPRET=1` programs run one after another:
-use `nprog=1` (every barrier passes at once), or `split=True` (one launch per phase, no barrier) to run
-several programs' tiling on the CPU.
-
-Rounding is `gemv.gemv`'s: the norm in fp32 rounded to the activation dtype before and after the weight
-product, products summed in fp32, each phase's output rounded to the activation dtype.
-
-Weights are stacked [L, N, K] tensors, one per matrix kind: a layer is a constant offset (no dependent load
-of a pointer table before the first weight load), and the engine can make its per-layer parameters views of
-one stack at load time.
+The chain pays a fixed cost per GEMV (first loads, the PDL wait, the tail wave), ~65 times a token. Here one
+program per SM (or more where the compiled kernel provably fits) lives for the whole step and walks each
+layer's phases: QKV `t = W_qkv @ rmsnorm(x; g1)`; O `x += W_o @ t[:H]` (t[:H] stands in for attention);
+GU `u = silu(W_g @ n) * (W_u @ n)`, `n = rmsnorm(x; g2)`; DOWN `x += W_down @ u`, rounded as `gemv` rounds.
+One tile shape for every phase (`BN` rows x H columns; the down product's K in F / H chunks), so the
+prefetched tile is one loop-carried register tensor: the next tile is loaded before this tile's math, and
+the NEXT phase's first tile (weights never depend on the previous phase) between this program's arrive and
+its wait, in flight across the barrier. The barrier is a monotonically increasing int32 counter (release add,
+acquire spin); the last program to finish resets it, so every launch and graph replay starts from zero.
+Under `TRITON_INTERPRET=1` programs run one after another: use `nprog=1`, or `split=True` (one launch per
+phase, no barrier) to run several programs on the CPU. Weights are stacked [L, N, K] tensors, one per
+matrix kind: a layer is a constant offset, no pointer-table load before the first weight load.
 """
 
 from __future__ import annotations
@@ -442,6 +418,7 @@ class PersistentDecoder:
         x = torch.empty(1, self.stack.dims[1], dtype=self.stack.norm1.dtype, device=dev)
         args, kw = self._args(x, x, -1, 0, False)
         compiled = _persistent_kernel.warmup(*args, grid=(self.nprog,), **kw)
+        compiled = compiled.result() if hasattr(compiled, "result") else compiled  # async compile mode
         per_sm = resident_per_sm(compiled, self.config.num_warps, dev)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
         if self.nprog > per_sm * sms:
