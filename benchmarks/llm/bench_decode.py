@@ -536,22 +536,6 @@ def mlp_chunk_ab(folder: Path) -> None:
     model.MLP_CHUNK["tokens"] = 0
 
 
-def prefetch_ab(folder: Path) -> None:
-    """Batch-1 decode with later weights asked of L2 from earlier products (`gemv.PREFETCH_L2`: gate/up from
-    q/k/v, while the attention waits on latency; down from o as well) and without: int8 twice in turn, bf16
-    once."""
-    from inferforge.llm import gemv
-
-    runs = [(q, m, r) for r in range(2) for q in ("int8",) for m in ("", "gate_up", "gate_up+down")]
-    runs += [(None, m, 0) for m in ("", "gate_up")]
-    for quant, mode, rep in runs:
-        gemv.PREFETCH_L2["mode"] = mode
-        RESULTS[f"pfab {quant or 'bf16'} {mode or 'off'} rep{rep}"] = engine_numbers(
-            folder, quant, (1,), note=f" [prefetch {mode or 'off'}]"
-        )
-    gemv.PREFETCH_L2["mode"] = ""
-
-
 def decode_seconds(run, long: int, short: int, warm: int) -> tuple[float, float]:  # type: ignore[no-untyped-def]
     """Seconds of `run(long)` minus `run(short)` (the difference is decode alone: prefill and set-up cancel),
     after two warm-up calls; also the warm-up's seconds (compilation, for the compiled peer)."""
@@ -698,7 +682,6 @@ def main() -> None:
         ("blasab", lambda: blas_ab(folder)),
         ("attn64ab", lambda: attn64_ab(folder)),
         ("mlpchunk", lambda: mlp_chunk_ab(folder)),
-        ("pfab", lambda: prefetch_ab(folder)),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
         (

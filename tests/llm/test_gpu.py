@@ -53,26 +53,3 @@ def test_int8_engine_runs_and_stays_close_to_bf16(tiny_llama: Path) -> None:
     b = q8.generate([EngineRequest("b", prompt, params)])["b"][0]
     assert a[0].logprobs and b[0].logprobs
     assert abs(a[0].logprobs[0].logprob - b[0].logprobs[0].logprob) < 0.1
-
-
-@needs_cuda
-@pytest.mark.parametrize("mode", ["gate_up", "gate_up+down"])
-def test_l2_prefetch_leaves_batch1_greedy_tokens_unchanged(
-    tiny_llama: Path, mode: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`gemv.PREFETCH_L2` only asks L2 for later weights: the batch-1 decode (through `gemv`, captured in
-    graphs) must produce the same greedy tokens with it as without."""
-    from inferforge.llm import gemv
-
-    config = EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=1024, max_num_seqs=1)
-    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-
-    def run() -> list[int]:
-        eng = LLMEngine(tiny_llama, config)
-        assert eng.model.gemv_ops is not None
-        outs = eng.generate([EngineRequest("p", (5, 17, 99, 3), params)])["p"][0]
-        return [t for o in outs for t in o.new_token_ids]
-
-    want = run()
-    monkeypatch.setitem(gemv.PREFETCH_L2, "mode", mode)
-    assert run() == want

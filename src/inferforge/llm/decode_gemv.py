@@ -10,9 +10,9 @@ from __future__ import annotations
 import torch
 
 from inferforge.llm import gemv_int4
-from inferforge.llm.gemv import PREFETCH_L2, RopeCache, gemv
+from inferforge.llm.gemv import RopeCache, gemv
 
-__all__ = ["RopeCache", "can_run", "linear", "operands", "prefetch_targets"]
+__all__ = ["RopeCache", "can_run", "linear", "operands"]
 
 
 def operands(
@@ -47,25 +47,11 @@ def can_run(module: torch.nn.Module, quantized: bool = True) -> bool:
     return ops is not None and (quantized or (ops[1] is None and isinstance(ops[0], torch.Tensor)))
 
 
-def prefetch_targets(mlp: torch.nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """The weights the q/k/v and o products ask L2 to fetch (`gemv.PREFETCH_L2`): gate/up, and down."""
-    mode = PREFETCH_L2["mode"]
-    if not mode:
-        return None, None
-
-    def weight(m: torch.nn.Module) -> torch.Tensor | None:
-        ops = operands(m)
-        return ops[0] if ops is not None and isinstance(ops[0], torch.Tensor) else None
-
-    return weight(mlp.up), weight(mlp.down) if mode == "gate_up+down" else None
-
-
 def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tensor:
     """`gemv` (or `gemv_int4.gemv_int4` for int4) with a layer's own weight, scale and bias (`operands`)."""
     ops = operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
-        kw.pop("prefetch", None)
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]

@@ -127,35 +127,14 @@ def _wait_for_inputs(PDL: tl.constexpr):
 
 
 @triton.jit
-def _prefetch_l2(PF, nbytes, pid, nprog):
-    """This program's share of the bytes [PF, PF + nbytes) into L2 by the copy engine (Hopper's bulk L2
-    prefetch: no registers, nothing waits for it), 16 pieces of a multiple of 16 bytes each."""
-    per = tl.cdiv(tl.cdiv(nbytes, nprog), 256) * 256
-    piece = per // 16
-    offs = pid.to(tl.int64) * per + tl.arange(0, 16).to(tl.int64) * piece
-    size = tl.minimum(tl.maximum(nbytes - offs, 0), piece).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0;"
-        " @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r",
-        [PF.to(tl.pointer_type(tl.uint8)) + offs, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
 def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
-                 PF, pf_bytes, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
-                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
-                 KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, PF_ON: tl.constexpr):  # fmt: skip
+                 K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
+                 PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
-    if PF_ON:  # a later product's weights, so memory keeps streaming while the attention waits on latency
-        _prefetch_l2(PF, pf_bytes, pid, tl.num_programs(0))
     HALF: tl.constexpr = BLOCK_N // 2
     offs_n, j0, head = _rows(pid, BLOCK_N, EPILOGUE, PAIR_GAP, D)
     nmask = offs_n < N
@@ -252,15 +231,6 @@ TUNED: dict[tuple[int, int, int], TileConfig] = {}
 INT8_MODE = {"mode": 3}
 
 
-# Ask L2 for a later product's weights from an earlier one (`gemv(prefetch=)`, `DecoderLM.decode_logits`):
-# "gate_up" from q/k/v (fetched while the attention runs), "down" from o as well. A knob until measured.
-PREFETCH_L2 = {"mode": ""}
-
-
-def can_prefetch(x: torch.Tensor) -> bool:
-    return x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)
-
-
 def _int8_mode(x: torch.Tensor) -> int:
     mode = INT8_MODE["mode"]
     return 5 if mode == 6 and not x.is_cuda else mode
@@ -290,15 +260,13 @@ def gemv(
     silu_pair: bool = False,
     out_dtype: torch.dtype | None = None,
     tiles: TileConfig | None = None,
-    prefetch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = rmsnorm(x) @ weight.T (* scale) (+ bias), then one epilogue, for one row x [1, K].
 
     `norm_weight`: RMSNorm x first. Epilogues: `residual` returns y + residual [1, N]; `rope_cache` (the
     q/k/v product) returns q [1, heads, D] rotated and writes k and v into the cache; `silu_pair` (the
     gate/up product, gate rows then up rows) returns SiLU(gate) x up [1, N/2]; otherwise y [1, N]. A uint8
-    weight holds int8 values + 128 (`_weights_f32`). `prefetch`: a contiguous tensor (a later product's
-    weight) whose bytes the programs ask L2 to fetch (CUDA, compute capability 9.0+ only; else ignored).
+    weight holds int8 values + 128 (`_weights_f32`).
     """
     n, k = weight.shape
     if x.shape[0] != 1:
@@ -331,15 +299,12 @@ def gemv(
     else:
         y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
-    pf = prefetch if prefetch is not None and can_prefetch(x) else None
     _gemv_kernel[(grid,)](
         x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y, n, weight.stride(0), eps,
-        *cache_args, pf if pf is not None else x, pf.numel() * pf.element_size() if pf is not None else 0,
-        K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
+        *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(), PF_ON=pf is not None,
-        num_warps=cfg.num_warps,
+        W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y

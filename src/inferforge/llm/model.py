@@ -253,9 +253,8 @@ class DecoderLM(nn.Module):
             attn, mlp = layer.attn, layer.mlp
             rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
                               attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
-            pf_up, pf_down = gv.prefetch_targets(mlp)
-            q = gv.linear(x, attn.qkv, norm_weight=layer.norm1.weight, eps=eps, rope_cache=rc, prefetch=pf_up)
-            x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x, prefetch=pf_down)
+            q = gv.linear(x, attn.qkv, norm_weight=layer.norm1.weight, eps=eps, rope_cache=rc)
+            x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x)
             h = gv.linear(x, mlp.up, norm_weight=layer.norm2.weight, eps=eps, silu_pair=True)
             x = gv.linear(h, mlp.down, residual=x)
         return gv.linear(x, self.lm_head, norm_weight=self.norm.weight, eps=eps, out_dtype=torch.float32)
