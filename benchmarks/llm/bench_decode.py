@@ -280,6 +280,34 @@ def int4_tiles_ab(folder: Path) -> None:
     gemv_int4.TUNED.clear()
 
 
+# int8 (1-byte) tiles tried inside the batch-1 decode step: (rows, K columns, warps) for K = 2048 shapes and
+# for down (K = 8192); the default is `gemv.default_tiles` (16 x 2048 / 8 x 4096, 4 warps).
+INT8_TILES = {
+    "default": None,
+    "8 warps": ((16, 2048, 8), (8, 4096, 8)),
+    "half tiles": ((8, 2048, 4), (4, 4096, 4)),
+    "double tiles 8 warps": ((32, 2048, 8), (16, 4096, 8)),
+}
+
+
+def int8_tiles_ab(folder: Path) -> None:
+    """int8 batch-1 decode with `gemv`'s default 1-byte tiles and three others applied to every product
+    (q/k/v, o, gate/up, down, LM head), twice in turn; never tried inside the step before (the bf16 sweep of
+    bench_gemv.py picked the defaults)."""
+    from inferforge.llm import gemv
+
+    shapes = {(3072, 2048), (2048, 2048), (16384, 2048), (128256, 2048)}
+    for rep in range(2):
+        for name, tiles in INT8_TILES.items():
+            gemv.TUNED.clear()
+            if tiles is not None:
+                (bn, bk, w), (dn, dk, dw) = tiles
+                gemv.TUNED.update({(n, k, 1): gemv.TileConfig(bn, bk, w) for n, k in shapes})
+                gemv.TUNED[(2048, 8192, 1)] = gemv.TileConfig(dn, dk, dw)
+            RESULTS[f"int8tiles {name} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
+    gemv.TUNED.clear()
+
+
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -698,6 +726,7 @@ def main() -> None:
             ],
         ),
         ("int4tiles", lambda: int4_tiles_ab(folder)),
+        ("int8tiles", lambda: int8_tiles_ab(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
