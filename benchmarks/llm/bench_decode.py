@@ -410,12 +410,12 @@ def batch64_ab(folder: Path) -> None:
             )
 
 
-def graph_profile(folder: Path, batch: int = 1) -> None:
+def graph_profile(folder: Path, batch: int = 1, quant: str | None = None) -> None:
     """Kernel timeline of a decode graph (CUPTI through torch.profiler): per kernel, its time on
     the device and the time it adds to the step (its end minus the previous kernel's end)."""
     from torch.profiler import ProfilerActivity, profile
 
-    eng = bench_engine(folder, None, decode_buckets=(batch,))
+    eng = bench_engine(folder, quant, decode_buckets=(batch,))
     params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
     for i in range(batch):
         eng.add_request(EngineRequest(f"p{i}", tuple(range(100 + i, 116 + i)), params))
@@ -445,9 +445,9 @@ def graph_profile(folder: Path, batch: int = 1) -> None:
         prev_end = max(prev_end, end)
     timeline = [(a, b, n[:40]) for a, b, n in step]
     span = step[-1][1] - step[0][0]
-    RESULTS[f"graph_profile_b{batch}"] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary,
-                                "timeline": timeline}  # fmt: skip
-    row(f"batch-{batch} graph: kernels per step, span (us)", f"{per_step}, {span:.0f}")
+    key = f"graph_profile_b{batch}{quant or ''}"
+    RESULTS[key] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary, "timeline": timeline}
+    row(f"batch-{batch} {quant or 'bf16'} graph: kernels per step, span (us)", f"{per_step}, {span:.0f}")
     for key, d in sorted(summary.items(), key=lambda kv: -kv[1]["adds_us"])[:12]:
         row(f"  {key[:50]}", f"n={d['count']} busy {d['busy_us']:.0f} us, adds {d['adds_us']:.0f} us")
     del eng
@@ -730,6 +730,7 @@ def main() -> None:
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
+        ("graphprofq", lambda: [graph_profile(folder, 1, q) for q in ("int8", "int4")]),
         ("b64ab", lambda: batch64_ab(folder)),
         ("prefillprof", lambda: prefill_profile(folder)),
         ("quantstart", lambda: quant_start(folder)),
