@@ -308,6 +308,37 @@ def int8_tiles_ab(folder: Path) -> None:
     gemv.TUNED.clear()
 
 
+# Per-shape tiles for the small products (G8's timeline: int8's o product adds 5.0 us to the step against
+# bf16's 2.5, q/k/v 3.8 against 2.8: each program converts twice bf16's weights a thread after its wait).
+SMALL_TILES = {
+    ("int8", "qkv+o 8 rows"): {(3072, 2048, 1): (8, 2048, 4), (2048, 2048, 1): (8, 2048, 4)},
+    ("int8", "qkv+o 4 rows"): {(3072, 2048, 1): (4, 2048, 4), (2048, 2048, 1): (4, 2048, 4)},
+    ("int8", "qkv+o 8 rows, down 4 rows"): {(3072, 2048, 1): (8, 2048, 4), (2048, 2048, 1): (8, 2048, 4),
+                                            (2048, 8192, 1): (4, 4096, 4)},
+    ("int4", "qkv+o 8 warps"): {(3072, 2048): (8, 2048, 8), (2048, 2048): (8, 2048, 8)},
+}  # fmt: skip
+
+
+def small_tiles_ab(folder: Path) -> None:
+    """int8 and int4 batch-1 decode with the default tiles and with smaller ones (or more warps) for the q/k/v
+    and o products only, twice in turn."""
+    from inferforge.llm import gemv, gemv_int4
+
+    for rep in range(2):
+        for quant in ("int8", "int4"):
+            for name in ("default", *(n for q, n in SMALL_TILES if q == quant)):
+                gemv.TUNED.clear()
+                gemv_int4.TUNED.clear()
+                table = gemv.TUNED if quant == "int8" else gemv_int4.TUNED
+                for key, (bn, bk, w) in SMALL_TILES.get((quant, name), {}).items():
+                    table[key] = gemv.TileConfig(bn, bk, w)  # type: ignore[index]
+                RESULTS[f"smalltiles {quant} {name} rep{rep}"] = engine_numbers(
+                    folder, quant, (1,), note=f" [{name}]"
+                )
+    gemv.TUNED.clear()
+    gemv_int4.TUNED.clear()
+
+
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -727,6 +758,7 @@ def main() -> None:
         ),
         ("int4tiles", lambda: int4_tiles_ab(folder)),
         ("int8tiles", lambda: int8_tiles_ab(folder)),
+        ("smalltiles", lambda: small_tiles_ab(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
