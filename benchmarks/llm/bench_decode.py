@@ -339,6 +339,21 @@ def small_tiles_ab(folder: Path) -> None:
     gemv_int4.TUNED.clear()
 
 
+def pre_convert_ab(folder: Path) -> None:
+    """int8 and fp8 batch-1 decode with each program's first weight tile rebuilt as fp16 before its wait
+    (`gemv.PRE_CONVERT`) and after it, twice in turn."""
+    from inferforge.llm import gemv
+
+    for rep in range(2):
+        for quant in ("int8", "fp8"):
+            for on in (False, True):
+                gemv.PRE_CONVERT["on"] = on
+                RESULTS[f"preab {quant} {on} rep{rep}"] = engine_numbers(
+                    folder, quant, (1,), note=f" [convert before wait {on}]"
+                )
+    gemv.PRE_CONVERT["on"] = False
+
+
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
@@ -759,6 +774,7 @@ def main() -> None:
         ("int4tiles", lambda: int4_tiles_ab(folder)),
         ("int8tiles", lambda: int8_tiles_ab(folder)),
         ("smalltiles", lambda: small_tiles_ab(folder)),
+        ("preab", lambda: pre_convert_ab(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),

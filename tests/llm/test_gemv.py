@@ -112,12 +112,15 @@ def test_rope_cache_refuses_a_layout_that_is_not_q_k_v_heads() -> None:
         gemv.gemv(x, w, rope_cache=rc)
 
 
+@pytest.mark.parametrize("pre", [False, True])
 @pytest.mark.parametrize("mode", [0, 2, 3, 5, 6])
-def test_int8_conversions_agree(mode: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_int8_conversions_agree(mode: int, pre: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 by conversion (direct or through fp16), by bits (3, 5, 6: the PTX one on a GPU, 5 in the
     interpreter) and uint8 holding q + 128 (rebuilt by bits) give the same product, every int8 value
-    included."""
+    included; also with the first tile rebuilt as fp16 before the wait (`PRE_CONVERT`, the two-tile K here
+    runs both the pre-converted first tile and a converted second one)."""
     monkeypatch.setitem(gemv.INT8_MODE, "mode", mode)
+    monkeypatch.setitem(gemv.PRE_CONVERT, "on", pre)
     g = torch.Generator().manual_seed(5)
     q = torch.randint(-128, 128, (24, 256), generator=g, dtype=torch.int16).to(DEVICE, torch.int8)
     scale, x = torch.rand(24, generator=g).to(DEVICE) / 100, torch.randn(1, 256, generator=g).to(DEVICE)

@@ -68,6 +68,22 @@ def _weights_f32(w, W_MODE: tl.constexpr):
 
 
 @triton.jit
+def _weights_f16(w, W_MODE: tl.constexpr):
+    """A weight tile made fp16 before the wait (`PRE_CONVERT`): int8 (modes 1 and 3, by bits, exact) and fp8
+    (exact in fp16), so that after the wait only fp16 -> fp32 and the product are left; other types as they
+    are."""
+    if W_MODE == 1:
+        return (w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0
+    elif W_MODE == 3:
+        u = w.to(tl.uint8, bitcast=True) ^ 0x80
+        return (u.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0
+    elif w.dtype.is_fp8():
+        return w.to(tl.float16)
+    else:
+        return w
+
+
+@triton.jit
 def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.constexpr, D: tl.constexpr):
     """This program's output rows (pairs for RoPE: rows j and j + D/2 of a head; for SiLU: gate row j and up
     row j + N/2), shared by `_gemv_kernel` and `gemv_int4`."""
@@ -131,7 +147,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
                  PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
-                 PDL: tl.constexpr):  # fmt: skip
+                 PDL: tl.constexpr, PRE: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -151,19 +167,27 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
         j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
+    if PRE:  # the first tile's conversion overlaps the previous kernel too
+        w = _weights_f16(w, W_MODE)
     _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
         xf = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
         xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
-        acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
+        if PRE:
+            acc = tl.sum(w.to(tl.float32) * xin[None, :], 1)
+        else:
+            acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for i in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
             kk = i * BLOCK_K + offs_k
             xin = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
-            acc += tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
+            if PRE and i == 0:
+                acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
+            else:
+                acc += tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
             nk = kk + BLOCK_K
             w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
     if HAS_SCALE:
@@ -229,6 +253,9 @@ TUNED: dict[tuple[int, int, int], TileConfig] = {}
 # step (F2 of 2026-11-23: 1,385 tok/s against 1,409, same run): the int8 GEMVs are not bound by instruction
 # issue. The interpreter runs no PTX and takes 5 (the same arithmetic) for 6.
 INT8_MODE = {"mode": 3}
+# Rebuild 1-byte weights (int8, uint8, fp8) as fp16 before `griddepcontrol.wait`, the conversion overlapping
+# the previous kernel (G8: int8's o product adds 5.0 us to the step, bf16's 2.5). A knob until measured.
+PRE_CONVERT = {"on": False}
 
 
 def _int8_mode(x: torch.Tensor) -> int:
@@ -304,7 +331,8 @@ def gemv(
         bias if bias is not None else x, residual if residual is not None else x, y, n, weight.stride(0), eps,
         *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(), num_warps=cfg.num_warps,
+        W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
+        PRE=PRE_CONVERT["on"] and weight.element_size() == 1, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
