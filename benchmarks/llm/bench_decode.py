@@ -344,14 +344,15 @@ def pre_convert_ab(folder: Path) -> None:
     (`gemv.PRE_CONVERT`) and after it, twice in turn."""
     from inferforge.llm import gemv
 
+    default = dict(gemv.PRE_CONVERT)
     for rep in range(2):
         for quant in ("int8", "fp8"):
             for on in (False, True):
-                gemv.PRE_CONVERT["on"] = on
+                gemv.PRE_CONVERT[quant] = on
                 RESULTS[f"preab {quant} {on} rep{rep}"] = engine_numbers(
                     folder, quant, (1,), note=f" [convert before wait {on}]"
                 )
-    gemv.PRE_CONVERT["on"] = False
+    gemv.PRE_CONVERT.update(default)
 
 
 def quant_start(folder: Path, fmt: str = "int8") -> None:

@@ -120,7 +120,7 @@ def test_int8_conversions_agree(mode: int, pre: bool, monkeypatch: pytest.Monkey
     included; also with the first tile rebuilt as fp16 before the wait (`PRE_CONVERT`, the two-tile K here
     runs both the pre-converted first tile and a converted second one)."""
     monkeypatch.setitem(gemv.INT8_MODE, "mode", mode)
-    monkeypatch.setitem(gemv.PRE_CONVERT, "on", pre)
+    monkeypatch.setitem(gemv.PRE_CONVERT, "int8", pre)
     g = torch.Generator().manual_seed(5)
     q = torch.randint(-128, 128, (24, 256), generator=g, dtype=torch.int16).to(DEVICE, torch.int8)
     scale, x = torch.rand(24, generator=g).to(DEVICE) / 100, torch.randn(1, 256, generator=g).to(DEVICE)
@@ -128,6 +128,19 @@ def test_int8_conversions_agree(mode: int, pre: bool, monkeypatch: pytest.Monkey
     biased = (q.to(torch.int16) + 128).to(torch.uint8)
     for w in (q, biased):
         got = gemv.gemv(x, w, scale=scale, tiles=gemv.TileConfig(8, 128, 1))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="fp8 weights in a Triton kernel need a GPU")
+@pytest.mark.parametrize("pre", [False, True])
+def test_fp8_weights_rebuilt_before_or_after_the_wait_agree(pre: bool, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setitem(gemv.PRE_CONVERT, "fp8", pre)
+    g = torch.Generator().manual_seed(6)
+    w = (torch.randn(40, 512, generator=g) * 8).to(DEVICE, torch.float8_e4m3fn)
+    scale, x = torch.rand(40, generator=g).to(DEVICE) / 100, torch.randn(1, 512, generator=g).to(DEVICE)
+    want = (x @ w.float().T) * scale
+    for tiles in (gemv.TileConfig(8, 128, 1), None):  # a 4-tile K and the default one-tile K
+        got = gemv.gemv(x, w, scale=scale, tiles=tiles)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 

@@ -253,9 +253,16 @@ TUNED: dict[tuple[int, int, int], TileConfig] = {}
 # step (F2 of 2026-11-23: 1,385 tok/s against 1,409, same run): the int8 GEMVs are not bound by instruction
 # issue. The interpreter runs no PTX and takes 5 (the same arithmetic) for 6.
 INT8_MODE = {"mode": 3}
-# Rebuild 1-byte weights (int8, uint8, fp8) as fp16 before `griddepcontrol.wait`, the conversion overlapping
-# the previous kernel (G8: int8's o product adds 5.0 us to the step, bf16's 2.5). A knob until measured.
-PRE_CONVERT = {"on": False}
+# Rebuild a 1-byte weight tile as fp16 before `griddepcontrol.wait`, so the conversion overlaps the previous
+# kernel. fp8: batch-1 graph 681 / 678 -> 651 / 651 us (G10, in turn), on. int8: 703 / 723 against 706 / 716
+# with it, no gain, off (selectable).
+PRE_CONVERT = {"fp8": True, "int8": False}
+
+
+def _pre_convert(weight: torch.Tensor) -> bool:
+    if weight.element_size() != 1:
+        return False
+    return PRE_CONVERT["fp8" if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else "int8"]
 
 
 def _int8_mode(x: torch.Tensor) -> int:
@@ -332,7 +339,7 @@ def gemv(
         *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
-        PRE=PRE_CONVERT["on"] and weight.element_size() == 1, num_warps=cfg.num_warps,
+        PRE=_pre_convert(weight), num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
