@@ -339,24 +339,20 @@ def small_tiles_ab(folder: Path) -> None:
     gemv_int4.TUNED.clear()
 
 
-def pre_convert_ab(folder: Path, quants: tuple[str, ...] = ("int8", "fp8")) -> None:
-    """Batch-1 decode with each program's first weight tile rebuilt as fp16 before its wait
-    (`gemv.PRE_CONVERT` for int8 / fp8, `gemv_int4.PRE_CONVERT` for int4) and after it, twice in turn."""
-    from inferforge.llm import gemv, gemv_int4
+def pre_convert_ab(folder: Path) -> None:
+    """int8 and fp8 batch-1 decode with each program's first weight tile rebuilt as fp16 before its wait
+    (`gemv.PRE_CONVERT`) and after it, twice in turn."""
+    from inferforge.llm import gemv
 
-    default, default4 = dict(gemv.PRE_CONVERT), dict(gemv_int4.PRE_CONVERT)
+    default = dict(gemv.PRE_CONVERT)
     for rep in range(2):
-        for quant in quants:
+        for quant in ("int8", "fp8"):
             for on in (False, True):
-                if quant == "int4":
-                    gemv_int4.PRE_CONVERT["on"] = on
-                else:
-                    gemv.PRE_CONVERT[quant] = on
+                gemv.PRE_CONVERT[quant] = on
                 RESULTS[f"preab {quant} {on} rep{rep}"] = engine_numbers(
                     folder, quant, (1,), note=f" [convert before wait {on}]"
                 )
     gemv.PRE_CONVERT.update(default)
-    gemv_int4.PRE_CONVERT.update(default4)
 
 
 def quant_start(folder: Path, fmt: str = "int8") -> None:
@@ -780,7 +776,6 @@ def main() -> None:
         ("int8tiles", lambda: int8_tiles_ab(folder)),
         ("smalltiles", lambda: small_tiles_ab(folder)),
         ("preab", lambda: pre_convert_ab(folder)),
-        ("preab4", lambda: pre_convert_ab(folder, ("int4",))),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),

@@ -123,24 +123,6 @@ def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
     )
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="PRE_CONVERT runs PTX (the interpreter runs none)")
-@pytest.mark.parametrize(("n", "k", "group"), SHAPES)
-def test_nibbles_made_fp16_before_the_wait_match_the_reference(
-    n: int, k: int, group: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`PRE_CONVERT`: the first tile's nibbles rebuilt before the wait, later tiles after it (K in 1-8
-    tiles), with and without the norm prologue."""
-    monkeypatch.setitem(gemv_int4.PRE_CONVERT, "on", True)
-    g = torch.Generator().manual_seed(n + k)
-    x, r, nw = (_randn(g, *s) for s in ((1, k), (1, n), (k,)))
-    _, layer = _layer(n, k, group, seed=n * k)
-    for tiles in TILES:
-        for kw in ({"residual": r}, {"norm_weight": nw, "eps": 1e-5}):
-            got = decode_gemv.linear(x, layer, tiles=tiles, **kw)
-            want = gemv_check.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
-            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
 def test_the_product_is_the_float_layer_up_to_int4_rounding() -> None:
     """The packed path approximates the unquantized weight (a check on the reference's own dequantization):
     min-max int4 over groups of 64 Gaussian weights leaves ~9% relative error; a misread nibble order or

@@ -151,45 +151,6 @@ def _nibbles_ptx(w):
 
 
 @triton.jit
-def _nibbles_f16x2(w):
-    """`_nibbles_ptx`'s first half, run before the wait (`PRE_CONVERT`): the 8 nibbles of each word as 4
-    packed fp16 pairs, planes (0, 4), (1, 5), (2, 6), (3, 7), exact; `_planes_f32` finishes them after it."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 p, q, m; shr.b32 p, $4, 4; shr.b32 q, $4, 8;"
-        " lop3.b32 $0, $4, 0x000F000F, 0x64006400, 0xEA; lop3.b32 $1, p, 0x000F000F, 0x64006400, 0xEA;"
-        " lop3.b32 $2, q, 0x000F000F, 0x64006400, 0xEA; shr.b32 p, $4, 12;"
-        " lop3.b32 $3, p, 0x000F000F, 0x64006400, 0xEA; mov.b32 m, 0x64006400;"
-        " sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; sub.f16x2 $2, $2, m; sub.f16x2 $3, $3, m; }",
-        "=r,=r,=r,=r,r", [w], dtype=(tl.int32,) * 4, is_pure=True, pack=1)  # fmt: skip
-
-
-@triton.jit
-def _planes_f32(a, b, c, d):
-    """The 8 nibble planes in fp32 from `_nibbles_f16x2`'s packed pairs (one conversion each)."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b16 l0, h0, l1, h1, l2, h2, l3, h3;"
-        " mov.b32 {l0, h0}, $8; mov.b32 {l1, h1}, $9; mov.b32 {l2, h2}, $10; mov.b32 {l3, h3}, $11;"
-        " cvt.f32.f16 $0, l0; cvt.f32.f16 $4, h0; cvt.f32.f16 $1, l1; cvt.f32.f16 $5, h1;"
-        " cvt.f32.f16 $2, l2; cvt.f32.f16 $6, h2; cvt.f32.f16 $3, l3; cvt.f32.f16 $7, h3; }",
-        "=r,=r,=r,=r,=r,=r,=r,=r,r,r,r,r", [a, b, c, d], dtype=(tl.float32,) * 8, is_pure=True,
-        pack=1)  # fmt: skip
-
-
-@triton.jit
-def _dot_planes(p0, p1, p2, p3, p4, p5, p6, p7, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr):
-    """`_tile_dot` from nibble planes already in fp32."""
-    t = p0 * xs[0][:, None] + p1 * xs[1][:, None] + p2 * xs[2][:, None] + p3 * xs[3][:, None]
-    t += p4 * xs[4][:, None] + p5 * xs[5][:, None] + p6 * xs[6][:, None] + p7 * xs[7][:, None]
-    xsum = xs[0] + xs[1] + xs[2] + xs[3] + xs[4] + xs[5] + xs[6] + xs[7]
-    tg = tl.sum(tl.reshape(t, [TG, t.shape[0] // TG, t.shape[1]]), 1)
-    xg = tl.sum(tl.reshape(xsum, [TG, t.shape[0] // TG]), 1)[:, None]
-    if FMA:
-        return tl.sum(tg * s + z * xg, 0)
-    else:
-        return tl.sum((tg - z * xg) * s, 0)
-
-
-@triton.jit
 def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr, PTX: tl.constexpr):
     """sum_k W[n, k] x[k] over one tile: nibble plane i of each packed row times x[8 r + i], summed per group,
     then the group's scale and zero applied once. PTX: the planes by `_nibbles_ptx` (the interpreter runs no
@@ -221,7 +182,7 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
                       H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                      PTX: tl.constexpr, PRE: tl.constexpr):  # fmt: skip
+                      PTX: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -237,28 +198,17 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
         j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
-    if PRE:  # the first tile's nibbles made fp16 pairs while the previous kernel finishes
-        ha, hb, hc, hd = _nibbles_f16x2(w)
     _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
         xf = _row_tile(X, r, K // 8)
         inv = tl.rsqrt(tl.sum(tl.sum(xf * xf, 1), 0) / K + eps)
         xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
-        if PRE:
-            p0, p1, p2, p3, p4, p5, p6, p7 = _planes_f32(ha, hb, hc, hd)
-            acc = _dot_planes(p0, p1, p2, p3, p4, p5, p6, p7, s, z, _columns(xin), TG, FMA)
-        else:
-            acc = _tile_dot(w, s, z, _columns(xin), TG, FMA, PTX)
+        acc = _tile_dot(w, s, z, _columns(xin), TG, FMA, PTX)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for t in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            xs = _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8))
-            if PRE and t == 0:
-                p0, p1, p2, p3, p4, p5, p6, p7 = _planes_f32(ha, hb, hc, hd)
-                acc += _dot_planes(p0, p1, p2, p3, p4, p5, p6, p7, s, z, xs, TG, FMA)
-            else:
-                acc += _tile_dot(w, s, z, xs, TG, FMA, PTX)
+            acc += _tile_dot(w, s, z, _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8)), TG, FMA, PTX)
             w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
                                  BLOCK_K, TG)  # fmt: skip
     if HAS_BIAS:
@@ -271,9 +221,6 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
 
 
 PTX_NIBBLES = {"on": True}  # `_nibbles_ptx` on the GPU (the interpreter runs no PTX)
-# The first tile's nibbles made fp16 pairs before the wait (as `gemv.PRE_CONVERT` does for fp8), PTX only.
-# A knob until measured.
-PRE_CONVERT = {"on": False}
 
 # Keyed by (N, K); empty until measured inside the decode step (tiles faster alone were not, `gemv.TUNED`).
 TUNED: dict[tuple[int, int], TileConfig] = {}
@@ -323,7 +270,6 @@ def gemv_int4(
         PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
         KV=kv_heads, D=d, PDL=fused.pdl_on(), PTX=PTX_NIBBLES["on"] and x.is_cuda,
-        PRE=PRE_CONVERT["on"] and PTX_NIBBLES["on"] and x.is_cuda,
         num_warps=cfg.num_warps, **fused.launch_options(),
     )  # fmt: skip
     return y
