@@ -355,6 +355,23 @@ def pre_convert_ab(folder: Path) -> None:
     gemv.PRE_CONVERT.update(default)
 
 
+def splitk_ab(folder: Path) -> None:
+    """int8 and fp8 engines at batch 64 with gemlite's own kernel choice and with split-K for the narrow
+    products (`quant.SPLITK_NARROW`), twice in turn; bf16 once for the ratio."""
+    from inferforge.llm import quant
+
+    RESULTS["splitk bf16"] = engine_numbers(folder, None, (64,), note=" [bf16]")
+    default = quant.SPLITK_NARROW["on"]
+    for rep in range(2):
+        for fmt in ("int8", "fp8"):
+            for on in (False, True):
+                quant.SPLITK_NARROW["on"] = on
+                RESULTS[f"splitk {fmt} {on} rep{rep}"] = engine_numbers(
+                    folder, fmt, (64,), note=f" [split-K narrow {on}]"
+                )
+    quant.SPLITK_NARROW["on"] = default
+
+
 def quant_start(folder: Path, fmt: str = "int8") -> None:
     """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
     kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
