@@ -793,6 +793,7 @@ def main() -> None:
         ("int8tiles", lambda: int8_tiles_ab(folder)),
         ("smalltiles", lambda: small_tiles_ab(folder)),
         ("preab", lambda: pre_convert_ab(folder)),
+        ("splitkab", lambda: splitk_ab(folder)),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
