@@ -6,8 +6,9 @@ are slower than bf16 at batch 1 on this project's H100 (docs/llm-engine.md); gem
 weights and serve every batch size above 1, and at batch 1 `gemv.py` / `gemv_int4.py` read the same bytes
 (faster than gemlite's own batch-1 kernels). A format is offered (`OFFERED`) only once measured faster than
 bf16 end to end at batch 1 through the engine: on the H100 (2026-11-23, 1.2B Llama shape, bf16 itself at
-1,040-1,047 tok/s) int8 1.34x, fp8 1.39x, int4 1.12x. All three are slower than bf16 at batch 64 (0.79x,
-0.89x, 0.65x): they are for latency-bound serving and smaller memory, not for throughput at large batch.
+1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph). At batch 64 (G14, engine loop, same run as bf16)
+fp8 runs at 1.06x bf16 and int8 at 0.95x, with the narrow products on gemlite's split-K kernel
+(`SPLITK_NARROW`); int4 at 0.58x (G11): int4 is for latency-bound serving and smaller memory.
 """
 
 from __future__ import annotations
@@ -42,9 +43,10 @@ def _int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 # call, int8 / fp8) GEMM ran the narrow products 1.2-2.2x slower than GEMM_SPLITK: o 19.0 / 14.5 against
 # 8.5 / 7.7, down 39.0 / 30.6 against 20.2 / 17.7, q/k/v 11.9 / 10.2 against 9.9 / 10.0. On the wide ones
 # GEMM was faster: gate/up 26.7 / 20.6 against 32.0 / 25.1, LM head 156 / 145 against 216 / 175. So 8-bit
-# layers with at most `max_n` outputs take GEMM_SPLITK up to `max_rows` rows. A knob until measured in the
-# engine.
-SPLITK_NARROW = {"on": False, "max_rows": 64, "max_n": 8192}
+# layers with at most `max_n` outputs take GEMM_SPLITK up to `max_rows` rows. In the engine at batch 64
+# (G14, graphs, in turn): int8 2,217 / 2,221 -> 1,707 / 1,704 us, fp8 1,883 / 1,892 -> 1,539 / 1,538 us
+# (bf16 1,619 in the same run).
+SPLITK_NARROW = {"on": True, "max_rows": 64, "max_n": 8192}
 
 
 def _split_k_when_narrow(layer: nn.Module) -> nn.Module:
