@@ -355,21 +355,21 @@ def pre_convert_ab(folder: Path) -> None:
     gemv.PRE_CONVERT.update(default)
 
 
-def splitk_ab(folder: Path) -> None:
+def splitk_ab(folder: Path, formats: tuple[str, ...] = ("int8", "fp8")) -> None:
     """int8 and fp8 engines at batch 64 with gemlite's own kernel choice and with split-K for the narrow
     products (`quant.SPLITK_NARROW`), twice in turn; bf16 once for the ratio."""
     from inferforge.llm import quant
 
     RESULTS["splitk bf16"] = engine_numbers(folder, None, (64,), note=" [bf16]")
-    default = quant.SPLITK_NARROW["on"]
+    default = dict(quant.SPLITK_NARROW)
     for rep in range(2):
-        for fmt in ("int8", "fp8"):
+        for fmt in formats:
             for on in (False, True):
-                quant.SPLITK_NARROW["on"] = on
+                quant.SPLITK_NARROW.update(on=on, formats=(fmt,))
                 RESULTS[f"splitk {fmt} {on} rep{rep}"] = engine_numbers(
                     folder, fmt, (64,), note=f" [split-K narrow {on}]"
                 )
-    quant.SPLITK_NARROW["on"] = default
+    quant.SPLITK_NARROW.update(default)
 
 
 def quant_start(folder: Path, fmt: str = "int8") -> None:
@@ -794,6 +794,7 @@ def main() -> None:
         ("smalltiles", lambda: small_tiles_ab(folder)),
         ("preab", lambda: pre_convert_ab(folder)),
         ("splitkab", lambda: splitk_ab(folder)),
+        ("splitkab4", lambda: splitk_ab(folder, ("int4",))),
         ("b1ab", lambda: batch1_ab(folder)),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),

@@ -46,18 +46,19 @@ def _int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 # layers with at most `max_n` outputs take GEMM_SPLITK up to `max_rows` rows. In the engine at batch 64
 # (G14, graphs, in turn): int8 2,217 / 2,221 -> 1,707 / 1,704 us, fp8 1,883 / 1,892 -> 1,539 / 1,538 us
 # (bf16 1,619 in the same run).
-SPLITK_NARROW = {"on": True, "max_rows": 64, "max_n": 8192}
+SPLITK_NARROW: dict = {"on": True, "max_rows": 64, "max_n": 8192, "formats": ("int8", "fp8")}
 
 
-def _split_k_when_narrow(layer: nn.Module) -> nn.Module:
-    """Route this 8-bit layer's calls of up to `max_rows` rows to gemlite's split-K kernel when it is narrow
-    (`SPLITK_NARROW`); other calls keep gemlite's own choice."""
-    if not SPLITK_NARROW["on"] or getattr(layer, "out_features", 1 << 30) > SPLITK_NARROW["max_n"]:
+def _split_k_when_narrow(layer: nn.Module, fmt: str = "int8") -> nn.Module:
+    """Route this layer's calls of up to `max_rows` rows to gemlite's split-K kernel when it is narrow and
+    its format is listed (`SPLITK_NARROW`); other calls keep gemlite's own choice."""
+    cfg = SPLITK_NARROW
+    if not cfg["on"] or fmt not in cfg["formats"] or getattr(layer, "out_features", 1 << 30) > cfg["max_n"]:
         return layer
     auto, max_rows = layer.forward, SPLITK_NARROW["max_rows"]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 2 and 2 < x.shape[0] <= max_rows:
+        if x.dim() == 2 and 4 < x.shape[0] <= max_rows:  # gemlite's own GEMV choice up to 2 (8-bit), 4 (int4)
             return layer.forward_manual(x, "GEMM_SPLITK")
         return auto(x)
 
@@ -72,15 +73,16 @@ def quantize_linear(linear: nn.Module, fmt: str) -> nn.Module:
     device, dtype = linear.weight.device, linear.weight.dtype
     if fmt == "int8":
         layer = helper.A16W8_INT8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
-        return _split_k_when_narrow(layer)
+        return _split_k_when_narrow(layer, fmt)
     if fmt == "fp8":
         layer = helper.A16W8_FP8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
-        return _split_k_when_narrow(layer)
+        return _split_k_when_narrow(layer, fmt)
     w_q, scale, zero = _int4_pack(linear.weight.data, INT4_GROUP)
     bias = linear.bias.data if linear.bias is not None else None
-    return helper.A16Wn(device=device, dtype=dtype).from_weights(
+    layer = helper.A16Wn(device=device, dtype=dtype).from_weights(
         w_q, scale.to(dtype), zero.to(dtype), W_nbits=4, group_size=INT4_GROUP, bias=bias
     )
+    return _split_k_when_narrow(layer, fmt)
 
 
 def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experimental: bool = False) -> None:
