@@ -8,7 +8,7 @@ weights and serve every batch size above 1, and at batch 1 `gemv.py` / `gemv_int
 bf16 end to end at batch 1 through the engine: on the H100 (2026-11-23, 1.2B Llama shape, bf16 itself at
 1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph). At batch 64 (G14, engine loop, same run as bf16)
 fp8 runs at 1.06x bf16 and int8 at 0.95x, with the narrow products on gemlite's split-K kernel
-(`SPLITK_NARROW`); int4 at 0.58x (G11): int4 is for latency-bound serving and smaller memory.
+(`SPLITK_NARROW`), int4 at 0.78x (G15): int4 is for latency-bound serving and smaller memory.
 """
 
 from __future__ import annotations
@@ -45,8 +45,8 @@ def _int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Te
 # GEMM was faster: gate/up 26.7 / 20.6 against 32.0 / 25.1, LM head 156 / 145 against 216 / 175. So 8-bit
 # layers with at most `max_n` outputs take GEMM_SPLITK up to `max_rows` rows. In the engine at batch 64
 # (G14, graphs, in turn): int8 2,217 / 2,221 -> 1,707 / 1,704 us, fp8 1,883 / 1,892 -> 1,539 / 1,538 us
-# (bf16 1,619 in the same run).
-SPLITK_NARROW: dict = {"on": True, "max_rows": 64, "max_n": 8192, "formats": ("int8", "fp8")}
+# (bf16 1,619 in the same run); int4 (G15) 2,542 / 2,541 -> 2,056 / 2,066 us (bf16 1,624).
+SPLITK_NARROW: dict = {"on": True, "max_rows": 64, "max_n": 8192, "formats": ("int8", "fp8", "int4")}
 
 
 def _split_k_when_narrow(layer: nn.Module, fmt: str = "int8") -> nn.Module:
