@@ -19,24 +19,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import cuda_time, write_json
+from common import capture_graph, cuda_time, write_json
 
 from inferforge.llm.quant import load_tuned_configs, quantize_linear
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate/up": (16384, 2048), "down": (2048, 8192),
           "lm_head": (128256, 2048)}  # fmt: skip
 ROWS = 64
-
-
-def graph_of(calls: list) -> torch.cuda.CUDAGraph:  # type: ignore[type-arg]
-    for fn in calls:  # warm-up (gemlite autotunes a new shape here)
-        fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for fn in calls:
-            fn()
-    return graph
 
 
 def main() -> None:
@@ -52,7 +41,7 @@ def main() -> None:
             torch.nn.init.normal_(lin.weight, std=0.02)
         x = torch.randn(ROWS, k, device=dev, dtype=torch.bfloat16)
         res: dict = {}
-        g = graph_of([lambda lin=lin, x=x: torch.mm(x, lin.weight.t()) for lin in linears])
+        g = capture_graph([lambda lin=lin, x=x: torch.mm(x, lin.weight.t()) for lin in linears])
         us = cuda_time(g.replay) * 1e6 / copies
         res["cublas_bf16_us"], res["cublas_bf16_tbs"] = us, n * k * 2 / us / 1e6
         for fmt in ("int8", "fp8"):
@@ -62,7 +51,7 @@ def main() -> None:
                 try:
                     got = layers[0].forward_manual(x, mt).float()
                     res[f"{fmt}_{mt}_rel_err"] = ((got - want).norm() / want.norm()).item()
-                    g = graph_of([lambda q=q, x=x, mt=mt: q.forward_manual(x, mt) for q in layers])
+                    g = capture_graph([lambda q=q, x=x, mt=mt: q.forward_manual(x, mt) for q in layers])
                     us = cuda_time(g.replay) * 1e6 / copies
                     res[f"{fmt}_{mt}_us"], res[f"{fmt}_{mt}_tbs"] = us, n * k / us / 1e6
                 except Exception as exc:  # a kernel that fails on a shape is a result, not the end of the run

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import free, write_json
+from common import capture_graph, free, write_json
 
 from inferforge.llm import fused, gemv, gemv_check
 
@@ -49,13 +49,7 @@ def row(text: str) -> None:
 
 def graph_us(calls, reps: int = 20) -> float:
     """us per call: the calls captured in one graph, replayed `reps` times between events."""
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
+    graph = capture_graph(calls)
     graph.replay()
     torch.cuda.synchronize()
     times = []

@@ -71,6 +71,18 @@ def free() -> None:
     torch.cuda.empty_cache()
 
 
+def capture_graph(calls: list) -> torch.cuda.CUDAGraph:  # type: ignore[type-arg]
+    """The calls run once (warm-up: compilation, autotuning), then captured in order in one CUDA graph."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    return graph
+
+
 def cuda_time(fn, iters: int = 20, warmup: int = 3) -> float:
     """Median seconds per call, CUDA events around each call after warm-up."""
     for _ in range(warmup):
