@@ -1,0 +1,264 @@
+"""The A/B sections of `bench_decode.py`: one change at a time, each setting in its own engine, repeated in
+turn; every figure of docs/llm-engine.md's runs that compares two settings comes from one of these.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import free
+from engine_bench import RESULTS, bench_engine, decode_rate, engine_numbers, load_test, row
+
+
+def batch1_ab(folder: Path) -> None:
+    """Batch-1 bf16 decode, one change at a time, twice in turn: when a kernel lets the next one launch
+    (at its start or after its wait), the down product's tiles."""
+    from inferforge.llm import fused, gemv
+
+    variants = {
+        "default": (True, None),
+        "trigger after wait": (False, None),
+        "down tiles 4x4096 w8": (True, gemv.TileConfig(4, 4096, 8)),
+        "down tiles 16x1024 w4": (True, gemv.TileConfig(16, 1024, 4)),
+    }
+    for rep in range(2):
+        for name, (early, down) in variants.items():
+            fused._LAUNCH["early_trigger"] = early
+            gemv.TUNED.clear()
+            if down is not None:
+                gemv.TUNED[(2048, 8192, 2)] = down
+            RESULTS[f"b1ab {name} rep{rep}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
+    fused._LAUNCH["early_trigger"] = False
+    gemv.TUNED.clear()
+
+
+def split_ab(folder: Path) -> None:
+    """Batch-1 bf16 decode with split-KV attention off (one program per KV head) and on, twice in turn, at a
+    short context (16-token prompts, as `decode_rate`) and a long one (3,000-token prompts): tokens/s of 256
+    generated tokens. One engine per setting (the split count is fixed when a graph is captured)."""
+    from inferforge.llm import triton_attn
+
+    default = triton_attn.MAX_SPLITS
+    for rep in range(2):
+        for name, splits in (("split off", 1), ("split on", default)):
+            triton_attn.MAX_SPLITS = splits
+            eng = bench_engine(folder, None, decode_buckets=(1,), max_model_len=4096,
+                               kv_cache_tokens=16 * 4096, max_num_batched_tokens=4096)  # fmt: skip
+            decode_rate(eng, 1, new_tokens=32)  # warm-up
+            short = decode_rate(eng, 1)
+            long = decode_rate(eng, 1, prompt_len=3000)
+            RESULTS[f"splitab {name} rep{rep}"] = {"short_tok_s": short, "long3000_tok_s": long}
+            row(f"b1 bf16 [{name}] ctx 16-272 / 3000-3256 (tok/s)", f"{short:,.0f} / {long:,.0f}")
+            del eng
+            free()
+    triton_attn.MAX_SPLITS = default
+
+
+INT4_TILES = {
+    "bn16": {(3072, 2048): (16, 2048, 4), (2048, 2048): (16, 1024, 4), (16384, 2048): (16, 2048, 4),
+             (2048, 8192): (16, 1024, 4), (128256, 2048): (16, 2048, 4)},
+    "bn32": {(3072, 2048): (32, 2048, 8), (2048, 2048): (32, 512, 4), (16384, 2048): (32, 2048, 8),
+             (2048, 8192): (32, 512, 4), (128256, 2048): (32, 2048, 8)},
+}  # fmt: skip
+
+
+def int4_tiles_ab(folder: Path) -> None:
+    """int4 batch-1 decode with `gemv_int4`'s default 8-column tiles (32 bytes of each packed row) against 16
+    and 32 columns (64 and 128 bytes: whole sectors / lines of the [K/8, N] layout), twice in turn; bf16 once
+    for the ratio. Tiles that compile without spills for sm_90 (read offline)."""
+    from inferforge.llm import gemv, gemv_int4
+
+    RESULTS["int4tiles bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep in range(2):
+        for name in ("default", *INT4_TILES):
+            gemv_int4.TUNED.clear()
+            for key, (bn, bk, w) in INT4_TILES.get(name, {}).items():
+                gemv_int4.TUNED[key] = gemv.TileConfig(bn, bk, w)
+            RESULTS[f"int4tiles {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    gemv_int4.TUNED.clear()
+
+
+# int8 (1-byte) tiles tried inside the batch-1 decode step: (rows, K columns, warps) for K = 2048 shapes and
+# for down (K = 8192); the default is `gemv.default_tiles` (16 x 2048 / 8 x 4096, 4 warps).
+INT8_TILES = {
+    "default": None,
+    "8 warps": ((16, 2048, 8), (8, 4096, 8)),
+    "half tiles": ((8, 2048, 4), (4, 4096, 4)),
+    "double tiles 8 warps": ((32, 2048, 8), (16, 4096, 8)),
+}
+
+
+def int8_tiles_ab(folder: Path) -> None:
+    """int8 batch-1 decode with `gemv`'s default 1-byte tiles and three others applied to every product
+    (q/k/v, o, gate/up, down, LM head), twice in turn; never tried inside the step before (the bf16 sweep of
+    bench_gemv.py picked the defaults)."""
+    from inferforge.llm import gemv
+
+    shapes = {(3072, 2048), (2048, 2048), (16384, 2048), (128256, 2048)}
+    for rep in range(2):
+        for name, tiles in INT8_TILES.items():
+            gemv.TUNED.clear()
+            if tiles is not None:
+                (bn, bk, w), (dn, dk, dw) = tiles
+                gemv.TUNED.update({(n, k, 1): gemv.TileConfig(bn, bk, w) for n, k in shapes})
+                gemv.TUNED[(2048, 8192, 1)] = gemv.TileConfig(dn, dk, dw)
+            RESULTS[f"int8tiles {name} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
+    gemv.TUNED.clear()
+
+
+# Per-shape tiles for the small products (G8's timeline: int8's o product adds 5.0 us to the step against
+# bf16's 2.5, q/k/v 3.8 against 2.8: each program converts twice bf16's weights a thread after its wait).
+SMALL_TILES = {
+    ("int8", "qkv+o 8 rows"): {(3072, 2048, 1): (8, 2048, 4), (2048, 2048, 1): (8, 2048, 4)},
+    ("int8", "qkv+o 4 rows"): {(3072, 2048, 1): (4, 2048, 4), (2048, 2048, 1): (4, 2048, 4)},
+    ("int8", "qkv+o 8 rows, down 4 rows"): {(3072, 2048, 1): (8, 2048, 4), (2048, 2048, 1): (8, 2048, 4),
+                                            (2048, 8192, 1): (4, 4096, 4)},
+    ("int4", "qkv+o 8 warps"): {(3072, 2048): (8, 2048, 8), (2048, 2048): (8, 2048, 8)},
+}  # fmt: skip
+
+
+def small_tiles_ab(folder: Path) -> None:
+    """int8 and int4 batch-1 decode with the default tiles and with smaller ones (or more warps) for the q/k/v
+    and o products only, twice in turn."""
+    from inferforge.llm import gemv, gemv_int4
+
+    for rep in range(2):
+        for quant in ("int8", "int4"):
+            for name in ("default", *(n for q, n in SMALL_TILES if q == quant)):
+                gemv.TUNED.clear()
+                gemv_int4.TUNED.clear()
+                table = gemv.TUNED if quant == "int8" else gemv_int4.TUNED
+                for key, (bn, bk, w) in SMALL_TILES.get((quant, name), {}).items():
+                    table[key] = gemv.TileConfig(bn, bk, w)  # type: ignore[index]
+                RESULTS[f"smalltiles {quant} {name} rep{rep}"] = engine_numbers(
+                    folder, quant, (1,), note=f" [{name}]"
+                )
+    gemv.TUNED.clear()
+    gemv_int4.TUNED.clear()
+
+
+def pre_convert_ab(folder: Path) -> None:
+    """int8 and fp8 batch-1 decode with each program's first weight tile rebuilt as fp16 before its wait
+    (`gemv.PRE_CONVERT`) and after it, twice in turn."""
+    from inferforge.llm import gemv
+
+    default = dict(gemv.PRE_CONVERT)
+    for rep in range(2):
+        for quant in ("int8", "fp8"):
+            for on in (False, True):
+                gemv.PRE_CONVERT[quant] = on
+                RESULTS[f"preab {quant} {on} rep{rep}"] = engine_numbers(
+                    folder, quant, (1,), note=f" [convert before wait {on}]"
+                )
+    gemv.PRE_CONVERT.update(default)
+
+
+def splitk_ab(folder: Path, formats: tuple[str, ...] = ("int8", "fp8")) -> None:
+    """int8 and fp8 engines at batch 64 with gemlite's own kernel choice and with split-K for the narrow
+    products (`quant.SPLITK_NARROW`), twice in turn; bf16 once for the ratio."""
+    from inferforge.llm import quant
+
+    RESULTS["splitk bf16"] = engine_numbers(folder, None, (64,), note=" [bf16]")
+    default = dict(quant.SPLITK_NARROW)
+    for rep in range(2):
+        for fmt in formats:
+            for on in (False, True):
+                quant.SPLITK_NARROW.update(on=on, formats=(fmt,))
+                RESULTS[f"splitk {fmt} {on} rep{rep}"] = engine_numbers(
+                    folder, fmt, (64,), note=f" [split-K narrow {on}]"
+                )
+    quant.SPLITK_NARROW.update(default)
+
+
+def quant_start(folder: Path, fmt: str = "int8") -> None:
+    """Start a quantized engine in a fresh process twice with an empty cache folder: the first tunes gemlite's
+    kernels and writes their configurations, the second reads them (`llm/quant.py`)."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    code = (
+        "import time; t0 = time.perf_counter(); from inferforge.llm.engine import EngineConfig, LLMEngine; "
+        f"LLMEngine({str(folder)!r}, EngineConfig(device='cuda', quant={fmt!r}, max_num_seqs=64, "
+        "kv_cache_tokens=64 * 640, max_model_len=1024, experimental_quant=True, decode_buckets=(1, 64))); "
+        "print(f'START {time.perf_counter() - t0:.1f}')"
+    )
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "INFERFORGE_CACHE": cache}
+        for label in ("cold (tunes, writes the file)", "warm (reads the file)"):
+            res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            seconds = next(
+                (ln.split()[1] for ln in res.stdout.splitlines() if ln.startswith("START")), "failed"
+            )
+            RESULTS[f"quant_start_{fmt}_{label.split()[0]}_s"] = seconds
+            row(f"engine {fmt} start, {label} (s)", seconds if seconds != "failed" else res.stderr[-300:])
+
+
+def batch64_ab(folder: Path) -> None:
+    """Batch-64 bf16 decode, twice in turn: logits written as fp32 by the GEMM or converted after it
+    (run 6 also compared a pipelined attention loop: no faster, removed)."""
+    variants = {"default": {}, "logits bf16 then fp32": {"fp32_logits_mm": False}}
+    for rep in range(2):
+        for name, knobs in variants.items():
+            RESULTS[f"b64ab {name} rep{rep}"] = engine_numbers(
+                folder, None, (64,), note=f" [{name}]", **knobs
+            )
+
+
+def quant_gemv(folder: Path) -> None:
+    """int8 and fp8 (gemlite layers) at batch 1, the decode GEMVs reading the same bytes, for each way int8
+    becomes fp32 in the kernel (`gemv._weights_f32`); gemlite's own batch-1 kernels as the peer."""
+    from inferforge.llm import gemv, gemv_int4
+
+    for mode in (6, 3):
+        gemv.INT8_MODE["mode"] = mode
+        RESULTS[f"int8_gemv_mode{mode}"] = engine_numbers(
+            folder, "int8", (1,), note=f" gemv int8 mode {mode}"
+        )
+    gemv.INT8_MODE["mode"] = 6
+    RESULTS["fp8_gemv"] = engine_numbers(folder, "fp8", (1,))
+    for ptx in (True, False):
+        gemv_int4.PTX_NIBBLES["on"] = ptx
+        RESULTS[f"int4_gemv_ptx{ptx}"] = engine_numbers(folder, "int4", (1,), note=f" gemv int4 ptx {ptx}")
+    gemv_int4.PTX_NIBBLES["on"] = True
+    RESULTS["int8_gemlite"] = engine_numbers(folder, "int8", (1,), gemv_decode=False)
+    RESULTS["fp8_gemlite"] = engine_numbers(folder, "fp8", (1,), gemv_decode=False)
+
+
+def blas_ab(folder: Path) -> None:
+    """The load test with cuBLAS and with cuBLASLt as torch's GEMM library (each picks its own kernels for
+    the batch-64 products, e.g. split-K with a separate reduce or not), twice in turn."""
+    for rep in range(2):
+        for lib in ("cublas", "cublaslt"):
+            RESULTS[f"blasab {lib} rep{rep}"] = load_test(folder, None, 8192, gemm_library=lib)
+
+
+def attn64_ab(folder: Path) -> None:
+    """The load test (cuBLASLt, the engine's default) with batch-64 decode attention unsplit (two grid waves:
+    one program per sequence and KV head) and split over 2 or 3 programs per (sequence, KV head) down to 64
+    tokens each, twice in turn."""
+    from inferforge.llm import triton_attn
+
+    variants = {"unsplit": (2, 0), "waves 6 min 64": (6, 64), "waves 8 min 64": (8, 64)}
+    for rep in range(2):
+        for name, (waves, tokens) in variants.items():
+            triton_attn.LARGE_BATCH_SPLIT.update(waves=waves, min_tokens=tokens)
+            RESULTS[f"attn64ab {name} rep{rep}"] = load_test(folder, None, 8192)
+            row(f"  [{name}]", "")
+    triton_attn.LARGE_BATCH_SPLIT.update(waves=2, min_tokens=0)
+
+
+def mlp_chunk_ab(folder: Path) -> None:
+    """The load test with its 8,192-token prefill's MLP in one pass and in chunks of 2,048 and 1,024 tokens
+    (`model.MLP_CHUNK`), twice in turn; its `prefill_ms` is what changes."""
+    from inferforge.llm import model
+
+    for rep in range(2):
+        for tokens in (0, 2048, 1024):
+            model.MLP_CHUNK["tokens"] = tokens
+            RESULTS[f"mlpchunk {tokens} rep{rep}"] = load_test(folder, None, 8192)
+            row(f"  [MLP chunk {tokens}]", "")
+    model.MLP_CHUNK["tokens"] = 0
