@@ -233,6 +233,7 @@ class LLMEngine:
         done = [seq for seq, n in plan.prefill if seq.num_computed + n >= len(seq.token_ids)]
         rows = [*plan.decode, *(s for seq in done for s in seq.group.seqs)]
         steady = flight is not None and _same(rows, flight.rows)
+        prep: PreparedBatch | None
         if steady:  # the same rows as the step in flight: reuse its staged parameters and row map
             assert flight is not None
             prep, row_of = flight.prep, flight.row_of
@@ -357,8 +358,8 @@ class LLMEngine:
                 group.first_token = now
             if lps is not None and params.logprobs is not None:
                 k = params.logprobs
-                top = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if top_ids and top_lp else ()
-                seq.pending_logprobs.append(TokenLogprob(tok, lps[i], top))
+                alts = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if top_ids and top_lp else ()
+                seq.pending_logprobs.append(TokenLogprob(tok, lps[i], alts))
             hit_stop = seq.detok.add(tok)
             if hit_stop or tok in params.stop_token_ids or (tok in eos and not params.ignore_eos):
                 seq.finish_reason = "stop"

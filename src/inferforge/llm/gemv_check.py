@@ -55,8 +55,8 @@ def matches_layers(
     for i, layer in enumerate(layers):
         ref_w = operands(layer)
         assert ref_w is not None, f"gemv cannot run {type(layer).__name__}"
-        k = ref_w[0].shape[1]
         weight = ref_w[0]
+        k = weight.shape[1]  # type: ignore[attr-defined]  # a tensor or an `Int4Weight`, both [N, K] shaped
         dev = weight.device if isinstance(weight, torch.Tensor) else weight.packed.device  # type: ignore[attr-defined]
         x = torch.randn(1, k, generator=gen).to(dev, dtype)
         want = layer(x).float()

@@ -59,7 +59,7 @@ def _split_k_when_narrow(layer: nn.Module, fmt: str = "int8") -> nn.Module:
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and 4 < x.shape[0] <= max_rows:  # gemlite's own GEMV choice up to 2 (8-bit), 4 (int4)
-            return layer.forward_manual(x, "GEMM_SPLITK")
+            return layer.forward_manual(x, "GEMM_SPLITK")  # type: ignore[operator]
         return auto(x)
 
     layer.forward = forward  # an instance attribute: nn.Module.__call__ looks it up on the instance first
