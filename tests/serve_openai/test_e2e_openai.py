@@ -18,7 +18,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .server_proc import CLI_MODULE, ServerProc, start_server
+from .server_proc import CLI_MODULE, EXTRA_ARGS, ServerProc, start_server
 
 PROMPT = "The quick brown fox jumps over the lazy dog."
 
@@ -228,6 +228,15 @@ def test_timing_headers_and_metrics(client: openai.OpenAI, model: str, server: S
     ):
         assert samples[f"inferforge_llm_{h}_count"] > 0, h
     assert samples["inferforge_llm_generation_tokens_total"] >= 8
+    if "thread" not in EXTRA_ARGS:  # the process engine (the default) reports its loop by phase
+        loop = {
+            s.labels["phase"]: s.value
+            for fam in text_string_to_metric_families(text)
+            if fam.name == "inferforge_llm_engine_loop_seconds"
+            for s in fam.samples
+            if s.name.endswith("_total")
+        }
+        assert loop["step"] > 0 and loop["ipc_out"] > 0 and set(loop) == {"step", "ipc_in", "ipc_out", "idle"}
     assert samples["inferforge_llm_kv_cache_usage_ratio"] == 0.0  # idle: every block free again
     assert "inferforge_llm_num_requests_waiting" in samples
     families = {f.name: f for f in text_string_to_metric_families(text)}

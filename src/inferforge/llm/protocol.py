@@ -102,6 +102,9 @@ class EngineStats:
     # Seconds the engine loop spent blocked on the device (reading a step back): where it is small against
     # the loop's wall time, the host, not the GPU, sets the pace.
     device_wait_s_total: float = 0.0
+    # Seconds of the loop that drives the engine, by phase, since it started (the process engine's child:
+    # step, ipc_in, ipc_out, idle); empty where nothing measures them.
+    loop_seconds: tuple[tuple[str, float], ...] = ()
 
 
 class EngineClient(Protocol):

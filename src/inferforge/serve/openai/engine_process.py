@@ -58,6 +58,40 @@ def _unpack(rows: list[tuple]) -> list[EngineOutput]:
     return [EngineOutput(*r[:9], RequestTiming(*r[9:])) for r in rows]  # type: ignore[call-arg]
 
 
+class _LoopClock:
+    """Cumulative seconds of the child's loop by phase, sent with each step's stats: where the engine
+    process's one core goes (stepping the engine, reading requests, sending outputs, waiting for work)."""
+
+    def __init__(self) -> None:
+        self.seconds = {"step": 0.0, "ipc_in": 0.0, "ipc_out": 0.0, "idle": 0.0}
+        self._mark = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        now = time.perf_counter()
+        self.seconds[phase] += now - self._mark
+        self._mark = now
+
+    def stats(self, eng: Any) -> EngineStats:
+        return replace(eng.stats(), loop_seconds=tuple(self.seconds.items()))
+
+
+def _handle(msg: tuple, eng: Any, conn: Any) -> bool:
+    """One message from the parent; True when it asks the engine to shut down."""
+    if msg[0] == "add":
+        try:
+            eng.add_request(msg[1])
+        except Exception as exc:
+            conn.send(("reject", msg[1].request_id, type(exc).__name__, str(exc)))
+    elif msg[0] == "abort":
+        conn.send(("outs", _pack(eng.abort(msg[1])), None))
+    elif msg[0] == "shutdown":
+        sched = eng.scheduler
+        for rid in [r.request.request_id for r in (*sched.waiting, *sched.running)]:
+            conn.send(("outs", _pack(eng.abort(rid)), None))
+        return True
+    return False
+
+
 def _child_main(conn: Any, folder: str, config: dict[str, Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when the engine stops
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -72,28 +106,23 @@ def _child_main(conn: Any, folder: str, config: dict[str, Any]) -> None:
     # of which walked ~400k objects (151 ms on the CPU box) and stalled a step when it came.
     refreeze()
     conn.send(("ready", eng.max_model_len, eng.model.cfg.vocab_size, eng.stats()))
-    stopping = False
+    stopping, clock = False, _LoopClock()
     while True:
         busy = eng.has_unfinished()
         handled = False
-        while conn.poll(0 if busy or handled else _IDLE_POLL_S):
+        while True:
+            waiting = not (busy or handled)
+            ready = conn.poll(_IDLE_POLL_S if waiting else 0)
+            clock.lap("idle" if waiting else "ipc_in")
+            if not ready:
+                break
             try:
                 msg = conn.recv()
             except EOFError:
                 return  # the parent is gone
             handled = True
-            if msg[0] == "add":
-                try:
-                    eng.add_request(msg[1])
-                except Exception as exc:
-                    conn.send(("reject", msg[1].request_id, type(exc).__name__, str(exc)))
-            elif msg[0] == "abort":
-                conn.send(("outs", _pack(eng.abort(msg[1])), None))
-            elif msg[0] == "shutdown":
-                stopping = True
-                sched = eng.scheduler
-                for rid in [r.request.request_id for r in (*sched.waiting, *sched.running)]:
-                    conn.send(("outs", _pack(eng.abort(rid)), None))
+            stopping = _handle(msg, eng, conn) or stopping
+            clock.lap("ipc_in")
             busy = eng.has_unfinished()
         if busy:
             try:
@@ -101,9 +130,12 @@ def _child_main(conn: Any, folder: str, config: dict[str, Any]) -> None:
             except Exception as exc:  # a device fault must not leave clients hanging
                 conn.send(("fail", f"engine step failed: {type(exc).__name__}: {exc}"))
                 return
-            conn.send(("outs", _pack(outs), eng.stats()))
+            clock.lap("step")
+            conn.send(("outs", _pack(outs), clock.stats(eng)))
+            clock.lap("ipc_out")
         elif handled:
-            conn.send(("outs", [], eng.stats()))
+            conn.send(("outs", [], clock.stats(eng)))
+            clock.lap("ipc_out")
         if stopping and not eng.has_unfinished():
             conn.send(("bye",))
             return

@@ -84,6 +84,16 @@ class ServerMetrics:
         self.kv_used = Gauge(p + "kv_cache_blocks_used", "KV-cache blocks in use.", registry=r)
         self.running = Gauge(p + "num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue.", registry=r)
+        self.loop = Counter(
+            p + "engine_loop_seconds",
+            "Seconds of the engine process's loop by phase (step, ipc_in, ipc_out, idle).",
+            ["phase"],
+            registry=r,
+        )
+        self.device_wait = Counter(
+            p + "engine_device_wait_seconds", "Seconds the engine loop was blocked on the GPU.", registry=r
+        )
+        self._seen: dict[str, float] = {}  # the engine's cumulative figures already counted
 
     def observe_timing(self, t: RequestTiming, completion_tokens: int) -> None:
         if t.scheduled is not None:
@@ -105,7 +115,17 @@ class ServerMetrics:
         self.kv_usage.set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
         self.running.set(s.running)
         self.waiting.set(s.waiting)
+        self._count_up(self.device_wait, "device_wait", s.device_wait_s_total)
+        for phase, seconds in s.loop_seconds:
+            self._count_up(self.loop.labels(phase=phase), phase, seconds)
         return generate_latest(self.registry)
+
+    def _count_up(self, counter: Counter, key: str, total: float) -> None:
+        """Counters only go up: add what the engine's cumulative figure gained since the last scrape."""
+        gain = total - self._seen.get(key, 0.0)
+        if gain > 0:
+            counter.inc(gain)
+            self._seen[key] = total
 
 
 class ITLClock:
