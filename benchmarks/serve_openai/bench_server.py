@@ -158,8 +158,24 @@ def cpu_seconds(pid: int) -> dict[str, float]:
     return out
 
 
+def loop_seconds(url: str) -> dict[str, float]:
+    """The engine process's cumulative loop seconds by phase and its device wait, from /metrics."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for smp in fam.samples:
+            if smp.name == "inferforge_llm_engine_loop_seconds_total":
+                out[smp.labels["phase"]] = smp.value
+            elif smp.name == "inferforge_llm_engine_device_wait_seconds_total":
+                out["device_wait"] = smp.value
+    return out
+
+
 def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any, pid: int | None = None) -> dict:
     cpu0 = cpu_seconds(pid) if pid else {}
+    loop0 = loop_seconds(url)
     rows = prompts(a.requests, a.prompt_len, seed)
     per = a.concurrency // a.client_procs
     n = a.requests // a.client_procs
@@ -170,6 +186,10 @@ def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any, pid
     tokens = sum(p["tokens"] for p in parts)
     cpu1 = cpu_seconds(pid) if pid else {}
     busy = {k: round((cpu1[k] - cpu0.get(k, 0.0)) / wall, 2) for k in cpu1}  # cores in use
+    # Share of the wall time the engine loop spent in each busy phase. Idle is left out: the child sends its
+    # figures with outputs only, so idle time from before the run is counted when the run's first step lands.
+    loop1 = loop_seconds(url)
+    loop_share = {k: round((v - loop0.get(k, 0.0)) / wall, 3) for k, v in loop1.items() if k != "idle"}
     ttft = [t for p in parts for t in p["ttft"]]
     itl = [t for p in parts for t in p["itl"]]
     return {
@@ -182,6 +202,7 @@ def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any, pid
         "itl_p50_ms": pct(itl, 0.5) * 1e3,
         "itl_p99_ms": pct(itl, 0.99) * 1e3,
         "cores_busy": busy,
+        "engine_loop_share": loop_share,
         "client_cores_busy": round(sum(p["cpu_s"] for p in parts) / wall, 2),
     }
 
@@ -341,6 +362,7 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
             f"cores busy (server, engine child): {[r['cores_busy'] for r in res['throughput']]}; "
             f"clients: {[r['client_cores_busy'] for r in res['throughput']]}"
         )
+        phase(f"engine loop share by phase: {[r['engine_loop_share'] for r in res['throughput']]}")
         if measure_ttft:
             server_ttft(url, prompts(3, a.ttft_prompt, 2), model)  # warm-up
             client_s, header_ms = server_ttft(url, prompts(a.ttft_reps, a.ttft_prompt, 3), model)

@@ -86,7 +86,8 @@ class ServerMetrics:
         self.waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue.", registry=r)
         self.loop = Counter(
             p + "engine_loop_seconds",
-            "Seconds of the engine process's loop by phase (step, ipc_in, ipc_out, idle).",
+            "Seconds of the engine process's loop by phase (step, ipc_in, ipc_out, idle); sent with each "
+            "step's outputs, so idle time shows once the next step lands.",
             ["phase"],
             registry=r,
         )
