@@ -241,3 +241,34 @@ def test_chunk_slots_computed_together_equal_slot_by_slot() -> None:
     want_slots = [_slot(seq, p) for seq, n in chunks for p in range(seq.num_computed, seq.num_computed + n)]  # type: ignore[arg-type]
     assert got[0].tolist() == want_pos
     assert got[1].tolist() == want_slots
+
+
+def test_decode_inputs_rewrite_block_table_rows_only_where_they_change(engine: LLMEngine) -> None:
+    """`ModelRunner._fill` keeps each staging buffer's block-table rows and rewrites a row only when its
+    blocks change; whatever the sequence of batches, each buffer must hold exactly this batch's tables, and
+    rows past the batch (padding up to the bucket) zero."""
+    from types import SimpleNamespace
+
+    runner = engine.runner
+    n, width = runner.buckets[-1], runner.max_blocks
+
+    def seq(blocks: list[int], length: int) -> SimpleNamespace:
+        return SimpleNamespace(blocks=blocks, token_ids=list(range(length)))
+
+    batches = [
+        [seq([3, 4], 20), seq([7], 5)],
+        [seq([3, 4], 21), seq([7], 6)],  # same blocks: rows kept
+        [seq([9, 10, 11], 40)],  # fewer rows, different blocks; the old second row must be cleared
+        [seq([7], 7), seq([3, 4, 12], 33), seq([5], 2)],
+        [seq([5], 3)],
+    ]
+    for batch in batches:
+        for bucket in (len(batch), min(n, len(batch) + 1)):
+            runner._fill(batch, bucket, None)  # type: ignore[arg-type]
+            h = runner._hosts[runner._turn].numpy()
+            tables = h[4 * n :].reshape(n, width)[:bucket]
+            for i in range(bucket):
+                want = batch[i].blocks if i < len(batch) else []
+                assert tables[i, : len(want)].tolist() == want and not tables[i, len(want) :].any()
+            assert h[: len(batch)].tolist() == [s.token_ids[-1] for s in batch]
+            assert h[n : n + len(batch)].tolist() == [len(s.token_ids) - 1 for s in batch]
