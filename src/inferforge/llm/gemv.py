@@ -35,16 +35,29 @@ STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # epilogues
 
 
 @triton.jit
+def _weights_f16(w, W_MODE: tl.constexpr):
+    """A weight tile made fp16 before the wait (`PRE_CONVERT`): int8 (modes 1 and 3, by bits, exact) and fp8
+    (exact in fp16), so that after the wait only fp16 -> fp32 and the product are left; other types as they
+    are."""
+    if W_MODE == 1:
+        return (w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0
+    elif W_MODE == 3:
+        u = w.to(tl.uint8, bitcast=True) ^ 0x80
+        return (u.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0
+    elif w.dtype.is_fp8():
+        return w.to(tl.float16)
+    else:
+        return w
+
+
+@triton.jit
 def _weights_f32(w, W_MODE: tl.constexpr):
     """A weight tile in fp32: 0 float types (bf16, fp16, fp32, fp8) and int8 by conversion; 1 uint8 holding
     q + 128, rebuilt as fp16 by bits (0x6400 | u is 1024 + u, exact) so no int-to-float instruction runs;
     2 int8 through fp16; 3 int8 made q + 128 by flipping its sign bit, then as 1; 5 int8 made q + 128 the same
     way, then the fp32 2^23 + q + 128 by bits; 6 as 5 in PTX (a byte permute a weight, one xor for four)."""
-    if W_MODE == 1:
-        return ((w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
-    elif W_MODE == 3:
-        u = w.to(tl.uint8, bitcast=True) ^ 0x80
-        return ((u.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0).to(tl.float32)
+    if W_MODE == 1 or W_MODE == 3:
+        return _weights_f16(w, W_MODE).to(tl.float32)
     elif W_MODE == 2:
         return w.to(tl.float16).to(tl.float32)
     elif W_MODE == 5:  # int8: 0x4B000000 | (q + 128) is the fp32 2^23 + q + 128 (exact), no conversion
@@ -65,22 +78,6 @@ def _weights_f32(w, W_MODE: tl.constexpr):
         )
     else:
         return w.to(tl.float32)
-
-
-@triton.jit
-def _weights_f16(w, W_MODE: tl.constexpr):
-    """A weight tile made fp16 before the wait (`PRE_CONVERT`): int8 (modes 1 and 3, by bits, exact) and fp8
-    (exact in fp16), so that after the wait only fp16 -> fp32 and the product are left; other types as they
-    are."""
-    if W_MODE == 1:
-        return (w.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0
-    elif W_MODE == 3:
-        u = w.to(tl.uint8, bitcast=True) ^ 0x80
-        return (u.to(tl.uint16) + 25600).to(tl.float16, bitcast=True) - 1152.0
-    elif w.dtype.is_fp8():
-        return w.to(tl.float16)
-    else:
-        return w
 
 
 @triton.jit
