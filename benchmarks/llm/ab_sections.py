@@ -262,3 +262,25 @@ def mlp_chunk_ab(folder: Path) -> None:
             RESULTS[f"mlpchunk {tokens} rep{rep}"] = load_test(folder, None, 8192)
             row(f"  [MLP chunk {tokens}]", "")
     model.MLP_CHUNK["tokens"] = 0
+
+
+def int8_mode_tiles_ab(folder: Path) -> None:
+    """int8 batch-1 decode with gemv's int8 conversion (`gemv.INT8_MODE`: 3, or 6 in PTX) crossed with the
+    default tiles and 8-row tiles for every product but the LM head, twice in turn. bench_int8_diag.py (run
+    H2 of 2026-11-23, no PDL): gate/up took 17.5 us in mode 3 at 16 rows, 14.1 in mode 6 at 8 rows; the raw
+    bytes alone 13.0; F2 had tried mode 6 at the default tiles only."""
+    from inferforge.llm import gemv
+
+    eight = {(n, k, 1): gemv.TileConfig(8, 2048, 4) for n, k in ((3072, 2048), (2048, 2048), (16384, 2048))}
+    eight[(2048, 8192, 1)] = gemv.TileConfig(8, 2048, 4)
+    default_mode = gemv.INT8_MODE["mode"]
+    for rep in range(2):
+        for mode, tiles in ((3, None), (6, None), (6, "8 rows"), (3, "8 rows")):
+            gemv.INT8_MODE["mode"] = mode
+            gemv.TUNED.clear()
+            if tiles:
+                gemv.TUNED.update(eight)
+            note = f" [mode {mode}, {tiles or 'default tiles'}]"
+            RESULTS[f"int8mode {mode} {tiles} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=note)
+    gemv.INT8_MODE["mode"] = default_mode
+    gemv.TUNED.clear()

@@ -37,10 +37,10 @@ def main() -> None:
         qs = [quantize(w, "int8") for w in ws]
         x = torch.randn(1, k, device=dev, dtype=torch.bfloat16)
         mb = n * k / 1e6
-        us = graph_us([lambda w=w: gemv.gemv(x, w) for w in ws])
+        us = graph_us([lambda w=w, x=x: gemv.gemv(x, w) for w in ws])
         print(f"{name} bf16 gemv {us:7.1f} us {2 * mb / us:5.2f} TB/s (bf16 bytes)", flush=True)
         out[f"{name}_bf16_gemv"] = us
-        us = graph_us([lambda q=q, s=s: gemv.gemv(x, q, scale=s) for q, s in qs])
+        us = graph_us([lambda q=q, s=s, x=x: gemv.gemv(x, q, scale=s) for q, s in qs])
         print(f"{name} int8 gemv {us:7.1f} us {mb / us:5.2f} TB/s", flush=True)
         out[f"{name}_int8_gemv"] = us
         y = torch.empty(1, n, device=dev, dtype=torch.bfloat16)
@@ -50,7 +50,7 @@ def main() -> None:
             label = f"op{op} {bn}x{bk} w{warps}"
             try:
 
-                def call(q, op=op, bn=bn, bk=bk, warps=warps):
+                def call(q, op=op, bn=bn, bk=bk, warps=warps, x=x, y=y, n=n, k=k):
                     diag_kernel[(n // bn,)](x, q, y, K=k, BLOCK_N=bn, BLOCK_K=bk, OP=op, num_warps=warps)
 
                 call(qs[0][0])

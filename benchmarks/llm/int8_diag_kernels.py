@@ -11,8 +11,9 @@ from inferforge.llm.gemv import _weights_f16, _weights_f32
 @triton.jit
 def diag_kernel(X, W, Y, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, OP: tl.constexpr):
     """One program per BLOCK_N rows, K in BLOCK_K chunks, the next chunk loaded before the current one is
-    reduced (as gemv). OP 0: integer sum of the raw bytes (no conversion, no float work); 3 / 6: gemv's int8
-    modes (fp32 FMAs); 10: weights made fp16 by bits, then a tensor-core dot with x broadcast to 16 columns."""
+    reduced (as gemv). OP 0: integer sum of the raw bytes (no conversion, no float work); 3 / 6: gemv's
+    int8 modes (fp32 FMAs); 10: weights made fp16 by bits, then a tensor-core dot with x broadcast to 16
+    columns."""
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
