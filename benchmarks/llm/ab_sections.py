@@ -284,3 +284,42 @@ def int8_mode_tiles_ab(folder: Path) -> None:
             RESULTS[f"int8mode {mode} {tiles} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=note)
     gemv.INT8_MODE["mode"] = default_mode
     gemv.TUNED.clear()
+
+
+def _rows_tiles(rows: int, down: tuple[int, int], lm_head: bool = False) -> dict:
+    from inferforge.llm import gemv
+
+    shapes = [(3072, 2048), (2048, 2048), (16384, 2048)] + ([(128256, 2048)] if lm_head else [])
+    tiles = {(n, k, 1): gemv.TileConfig(rows, 2048, 4) for n, k in shapes}
+    tiles[(2048, 8192, 1)] = gemv.TileConfig(down[0], down[1], 4)
+    return tiles
+
+
+def one_byte_tiles_ab(folder: Path) -> None:
+    """After int8modeab (H3): int8 in mode 6 with 8-row tiles (the LM head at its default 16), against the LM
+    head at 8 rows too, 4-row tiles for the 2048-wide products, 4-row tiles for down; fp8 at its default and
+    at 8-row tiles; twice in turn. Then the int8 timeline of the first."""
+    from inferforge.llm import gemv
+
+    variants = {
+        ("int8", "8 rows"): _rows_tiles(8, (8, 2048)),
+        ("int8", "8 rows + LM head"): _rows_tiles(8, (8, 2048), lm_head=True),
+        ("int8", "4 rows, down 8"): _rows_tiles(4, (8, 2048)),
+        ("int8", "8 rows, down 4"): _rows_tiles(8, (4, 2048)),
+        ("fp8", "default"): {},
+        ("fp8", "8 rows"): _rows_tiles(8, (8, 2048)),
+    }
+    default_mode = gemv.INT8_MODE["mode"]
+    gemv.INT8_MODE["mode"] = 6
+    for rep in range(2):
+        for (quant, name), tiles in variants.items():
+            gemv.TUNED.clear()
+            gemv.TUNED.update(tiles)
+            RESULTS[f"1btiles {quant} {name} rep{rep}"] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
+    gemv.TUNED.clear()
+    gemv.TUNED.update(variants[("int8", "8 rows")])
+    from profiles import graph_profile
+
+    graph_profile(folder, 1, "int8")
+    gemv.TUNED.clear()
+    gemv.INT8_MODE["mode"] = default_mode
