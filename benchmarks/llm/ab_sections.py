@@ -315,7 +315,8 @@ def one_byte_tiles_ab(folder: Path) -> None:
         for (quant, name), tiles in variants.items():
             gemv.TUNED.clear()
             gemv.TUNED.update(tiles)
-            RESULTS[f"1btiles {quant} {name} rep{rep}"] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
+            key = f"1btiles {quant} {name} rep{rep}"
+            RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
     gemv.TUNED.clear()
     gemv.TUNED.update(variants[("int8", "8 rows")])
     from profiles import graph_profile

@@ -245,11 +245,16 @@ class RopeCache:
 # 2026-11-23: 976 tok/s with them, 1,011 with the defaults, same run), so nothing is listed; keyed by
 # (N, K, weight bytes per element).
 TUNED: dict[tuple[int, int, int], TileConfig] = {}
-# How int8 weights become fp32 (`_weights_f32`): 3 measured fastest of 0-3 (run 4). 6 (PTX) takes 4.4 SASS
-# instructions a weight where 3 takes 7.0 (sm_90, Triton 3.6, read offline) and was no faster in the decode
-# step (F2 of 2026-11-23: 1,385 tok/s against 1,409, same run): the int8 GEMVs are not bound by instruction
-# issue. The interpreter runs no PTX and takes 5 (the same arithmetic) for 6.
-INT8_MODE = {"mode": 3}
+# How int8 weights become fp32 (`_weights_f32`). 6 (PTX: 4.4 SASS instructions a weight where 3 takes 7.0)
+# was no faster than 3 at the default tiles (F2 of 2026-11-23: 1,385 tok/s against 1,409), but with int8
+# tiles of 8 rows (`INT8_TILE_BYTES`) the int8 batch-1 graph took 673 / 671 us against mode 3's 702 / 719 at
+# its default tiles and 716 / 713 at 8 rows (H3 of 2026-11-23, in turn): 6 it is. The interpreter runs no
+# PTX and takes 5 (the same arithmetic) for 6.
+INT8_MODE = {"mode": 6}
+# int8 weight tiles of 16 KB (8 rows of K = 2048; 8 x 2048 for down) instead of 32 KB: half the conversion
+# work per program after its wait (see `INT8_MODE` for the measurement). fp8 gained nothing from them (H4: 657
+# / 663 us against 653 / 661) and keeps `default_tiles`.
+INT8_TILE_BYTES = 16384
 # Rebuild a 1-byte weight tile as fp16 before `griddepcontrol.wait`, so the conversion overlaps the previous
 # kernel. fp8: batch-1 graph 681 / 678 -> 651 / 651 us (G10, in turn), on. int8: 703 / 723 against 706 / 716
 # with it, no gain, off (selectable).
@@ -267,15 +272,17 @@ def _int8_mode(x: torch.Tensor) -> int:
     return 5 if mode == 6 and not x.is_cuda else mode
 
 
-def default_tiles(n: int, k: int, elem_bytes: int) -> TileConfig:
-    """About 32 KB of weights per tile, the whole row when it fits (so the norm prologue can use it)."""
-    block_k = min(triton.next_power_of_2(k), 2048 if elem_bytes >= 2 else 4096)
-    block_n = max(2, min(64, 32768 // (block_k * elem_bytes)))
+def default_tiles(n: int, k: int, elem_bytes: int, tile_bytes: int = 32768) -> TileConfig:
+    """About `tile_bytes` of weights per tile, the whole row when it fits (so the norm prologue can use
+    it)."""
+    block_k = min(triton.next_power_of_2(k), 2048 if elem_bytes >= 2 or tile_bytes < 32768 else 4096)
+    block_n = max(2, min(64, tile_bytes // (block_k * elem_bytes)))
     return TileConfig(block_n, block_k, 4)
 
 
-def tiles_for(n: int, k: int, elem_bytes: int) -> TileConfig:
-    return TUNED.get((n, k, elem_bytes)) or default_tiles(n, k, elem_bytes)
+def tiles_for(n: int, k: int, elem_bytes: int, int8: bool = False) -> TileConfig:
+    tuned = TUNED.get((n, k, elem_bytes))
+    return tuned or default_tiles(n, k, elem_bytes, INT8_TILE_BYTES if int8 else 32768)
 
 
 def gemv(
@@ -303,7 +310,7 @@ def gemv(
     if x.shape[0] != 1:
         raise ValueError(f"gemv takes one row, got {x.shape[0]}")
     elem = weight.element_size()
-    cfg = tiles or tiles_for(n, k, elem)
+    cfg = tiles or tiles_for(n, k, elem, int8=weight.dtype in (torch.int8, torch.uint8))
     if norm_weight is not None and cfg.block_k < k:
         cfg = TileConfig(max(2, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
     epilogue = STORE if residual is None else RESIDUAL
