@@ -324,3 +324,18 @@ def one_byte_tiles_ab(folder: Path) -> None:
     graph_profile(folder, 1, "int8")
     gemv.TUNED.clear()
     gemv.INT8_MODE["mode"] = default_mode
+
+
+def early_next_tile_ab(folder: Path) -> None:
+    """Batch-1 decode with the next K tile's load issued before (`gemv.EARLY_NEXT_TILE` on) or after the
+    current tile's product, for bf16, int8, fp8 and int4, twice in turn (down is the product of several
+    tiles; the others have one)."""
+    from inferforge.llm import gemv
+
+    for rep in range(2):
+        for quant in (None, "int8", "fp8", "int4"):
+            for on in (False, True):
+                gemv.EARLY_NEXT_TILE["on"] = on
+                key = f"earlyab {quant or 'bf16'} {on} rep{rep}"
+                RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [early next tile {on}]")
+    gemv.EARLY_NEXT_TILE["on"] = True

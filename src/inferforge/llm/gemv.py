@@ -144,7 +144,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
                  PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
-                 PDL: tl.constexpr, PRE: tl.constexpr):  # fmt: skip
+                 PDL: tl.constexpr, PRE: tl.constexpr, EARLY: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -178,15 +178,21 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
             acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
-        for i in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
+        TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
+        for i in tl.static_range(0, TILES):
             kk = i * BLOCK_K + offs_k
+            nk = kk + BLOCK_K
+            if EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
+                w_next = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
             xin = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
             if PRE and i == 0:
                 acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
             else:
                 acc += tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
-            nk = kk + BLOCK_K
-            w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
+            if EARLY and i + 1 < TILES:
+                w = w_next
+            elif not EARLY:
+                w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
     if HAS_SCALE:
         acc = acc * scale
     if HAS_BIAS:
@@ -259,6 +265,10 @@ INT8_TILE_BYTES = 16384
 # kernel. fp8: batch-1 graph 681 / 678 -> 651 / 651 us (G10, in turn), on. int8: 703 / 723 against 706 / 716
 # with it, no gain, off (selectable).
 PRE_CONVERT = {"fp8": True, "int8": False}
+# Products of several K tiles (down): issue the next tile's load before this tile's product instead of after
+# it, so one tile is in flight while another is reduced (sm_90 SASS read offline: before, each tile's loads
+# went out only after the previous tile's last FMA).
+EARLY_NEXT_TILE = {"on": True}
 
 
 def _pre_convert(weight: torch.Tensor) -> bool:
@@ -343,7 +353,7 @@ def gemv(
         *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
-        PRE=_pre_convert(weight), num_warps=cfg.num_warps,
+        PRE=_pre_convert(weight), EARLY=EARLY_NEXT_TILE["on"], num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
