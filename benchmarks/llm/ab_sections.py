@@ -328,14 +328,15 @@ def one_byte_tiles_ab(folder: Path) -> None:
 
 def early_next_tile_ab(folder: Path) -> None:
     """Batch-1 decode with the next K tile's load issued before (`gemv.EARLY_NEXT_TILE` on) or after the
-    current tile's product, for bf16, int8, fp8 and int4, twice in turn (down is the product of several
-    tiles; the others have one)."""
+    current tile's product, for bf16, int8 and fp8, twice in turn (down is the product of several tiles; the
+    others have one). H5 also had int4, with the same change in `gemv_int4` (at 6b529d9)."""
     from inferforge.llm import gemv
 
+    default = dict(gemv.EARLY_NEXT_TILE)
     for rep in range(2):
-        for quant in (None, "int8", "fp8", "int4"):
+        for quant in (None, "int8", "fp8"):
             for on in (False, True):
-                gemv.EARLY_NEXT_TILE["on"] = on
+                gemv.EARLY_NEXT_TILE[quant or "bf16"] = on
                 key = f"earlyab {quant or 'bf16'} {on} rep{rep}"
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [early next tile {on}]")
-    gemv.EARLY_NEXT_TILE["on"] = True
+    gemv.EARLY_NEXT_TILE.update(default)

@@ -266,9 +266,17 @@ INT8_TILE_BYTES = 16384
 # with it, no gain, off (selectable).
 PRE_CONVERT = {"fp8": True, "int8": False}
 # Products of several K tiles (down): issue the next tile's load before this tile's product instead of after
-# it, so one tile is in flight while another is reduced (sm_90 SASS read offline: before, each tile's loads
-# went out only after the previous tile's last FMA).
-EARLY_NEXT_TILE = {"on": True}
+# it (sm_90 SASS read offline: each tile's loads went out only after the previous tile's last FMA). Batch-1
+# graphs, off / on, twice in turn (H5 of 2026-11-23): int8 669 / 665 and 677 / 656 us, on; bf16 962 / 963 and
+# 956 / 953, fp8 650 / 672 and 651 / 650, no gain, off. (int4, the same change in `gemv_int4`: 749 / 761 and
+# 744 / 767, not kept.)
+EARLY_NEXT_TILE = {"int8": True, "fp8": False, "bf16": False}
+
+
+def _early_next_tile(weight: torch.Tensor) -> bool:
+    if weight.dtype in (torch.int8, torch.uint8):
+        return EARLY_NEXT_TILE["int8"]
+    return EARLY_NEXT_TILE["fp8" if weight.element_size() == 1 else "bf16"]
 
 
 def _pre_convert(weight: torch.Tensor) -> bool:
@@ -353,7 +361,7 @@ def gemv(
         *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
-        PRE=_pre_convert(weight), EARLY=EARLY_NEXT_TILE["on"], num_warps=cfg.num_warps,
+        PRE=_pre_convert(weight), EARLY=_early_next_tile(weight), num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y

@@ -27,7 +27,6 @@ import triton.language as tl
 
 from inferforge.llm import fused
 from inferforge.llm.gemv import (
-    EARLY_NEXT_TILE,
     NORM,
     PLAIN,
     RESIDUAL,
@@ -183,7 +182,7 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
                       H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                      PTX: tl.constexpr, EARLY: tl.constexpr):  # fmt: skip
+                      PTX: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -208,17 +207,10 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         acc = _tile_dot(w, s, z, _columns(xin), TG, FMA, PTX)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
-        TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-        for t in tl.static_range(0, TILES):
-            if EARLY and t + 1 < TILES:  # the next tile's loads go out before this tile's product
-                wn, sn, zn = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
-                                        BLOCK_K, TG)  # fmt: skip
+        for t in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
             acc += _tile_dot(w, s, z, _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8)), TG, FMA, PTX)
-            if EARLY and t + 1 < TILES:
-                w, s, z = wn, sn, zn
-            elif not EARLY:
-                w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
-                                     BLOCK_K, TG)  # fmt: skip
+            w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
+                                 BLOCK_K, TG)  # fmt: skip
     if HAS_BIAS:
         acc = acc + bias
     if EPILOGUE == 2:
@@ -278,7 +270,7 @@ def gemv_int4(
         PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
         KV=kv_heads, D=d, PDL=fused.pdl_on(), PTX=PTX_NIBBLES["on"] and x.is_cuda,
-        EARLY=EARLY_NEXT_TILE["on"], num_warps=cfg.num_warps, **fused.launch_options(),
+        num_warps=cfg.num_warps, **fused.launch_options(),
     )  # fmt: skip
     return y
 
