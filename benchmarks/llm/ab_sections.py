@@ -340,3 +340,31 @@ def early_next_tile_ab(folder: Path) -> None:
                 key = f"earlyab {quant or 'bf16'} {on} rep{rep}"
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [early next tile {on}]")
     gemv.EARLY_NEXT_TILE.update(default)
+
+
+# Whole-row tiles for down (K = 8192): every program's weights in one tile, loaded before its wait, instead of
+# four tiles of 2048 whose last three are fetched one after another after it; smaller tiles for o.
+ROW_TILES = {
+    ("int8", "default"): {},
+    ("int8", "down 2 x 8192"): {(2048, 8192, 1): (2, 8192, 4)},
+    ("int8", "down 4 x 8192"): {(2048, 8192, 1): (4, 8192, 4)},
+    ("int8", "down 4 x 8192 w8"): {(2048, 8192, 1): (4, 8192, 8)},
+    ("int8", "o 4 rows"): {(2048, 2048, 1): (4, 2048, 4)},
+    ("int8", "o 2 rows, down 2 x 8192"): {(2048, 2048, 1): (2, 2048, 4), (2048, 8192, 1): (2, 8192, 4)},
+    ("bf16", "default"): {},
+    ("bf16", "down 2 x 8192"): {(2048, 8192, 2): (2, 8192, 4)},
+    ("bf16", "down 2 x 8192 w8"): {(2048, 8192, 2): (2, 8192, 8)},
+}
+
+
+def row_tiles_ab(folder: Path) -> None:
+    """int8 and bf16 batch-1 decode with `ROW_TILES`, twice in turn."""
+    from inferforge.llm import gemv
+
+    for rep in range(2):
+        for (quant, name), tiles in ROW_TILES.items():
+            gemv.TUNED.clear()
+            gemv.TUNED.update({key: gemv.TileConfig(*cfg) for key, cfg in tiles.items()})
+            key = f"rowtiles {quant} {name} rep{rep}"
+            RESULTS[key] = engine_numbers(folder, None if quant == "bf16" else quant, (1,), note=f" [{name}]")
+    gemv.TUNED.clear()
