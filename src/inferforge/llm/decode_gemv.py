@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from inferforge.llm import gemv_int4, gemv_stream
+from inferforge.llm import gemv_int4
 from inferforge.llm.gemv import RopeCache, gemv
 
 __all__ = ["RopeCache", "can_run", "linear", "operands"]
@@ -54,20 +54,4 @@ def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tens
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
-    stream = (
-        None
-        if bias is not None or "rope_cache" in kw
-        else gemv_stream.config_for(*weight.shape, weight.element_size())
-    )
-    if stream is not None:
-        return gemv_stream.stream_gemv(
-            x,
-            weight,
-            scale=scale,
-            block_n=stream.block_n,
-            stages=stream.stages,
-            programs=stream.programs,
-            num_warps=stream.num_warps,
-            **kw,  # type: ignore[arg-type]
-        )
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]
