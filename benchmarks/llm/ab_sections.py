@@ -368,3 +368,17 @@ def row_tiles_ab(folder: Path) -> None:
             key = f"rowtiles {quant} {name} rep{rep}"
             RESULTS[key] = engine_numbers(folder, None if quant == "bf16" else quant, (1,), note=f" [{name}]")
     gemv.TUNED.clear()
+
+
+def residual_ab(folder: Path) -> None:
+    """Batch-1 decode with o's and down's residual read before their wait (`gemv.RESIDUAL_BEFORE_WAIT`) and
+    after it, for bf16, int8, fp8 and int4, twice in turn."""
+    from inferforge.llm import gemv
+
+    for rep in range(2):
+        for quant in (None, "int8", "fp8", "int4"):
+            for on in (False, True):
+                gemv.RESIDUAL_BEFORE_WAIT["on"] = on
+                key = f"resab {quant or 'bf16'} {on} rep{rep}"
+                RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [residual before wait {on}]")
+    gemv.RESIDUAL_BEFORE_WAIT["on"] = True

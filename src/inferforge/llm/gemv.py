@@ -144,7 +144,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
                  PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
-                 PDL: tl.constexpr, PRE: tl.constexpr, EARLY: tl.constexpr):  # fmt: skip
+                 PDL: tl.constexpr, PRE: tl.constexpr, EARLY: tl.constexpr,
+                 EARLY_RES: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -164,6 +165,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
         j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
+    if EPILOGUE == 1 and EARLY_RES:  # `RESIDUAL_BEFORE_WAIT` says why this may come before the wait
+        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if PRE:  # the first tile's conversion overlaps the previous kernel too
         w = _weights_f16(w, W_MODE)
     _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
@@ -200,6 +203,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     if EPILOGUE == 2:
         _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
                           stride_c_slot, HALF, H, KV, D)  # fmt: skip
+    elif EPILOGUE == 1 and EARLY_RES:
+        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
     else:
         _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 
@@ -271,6 +276,15 @@ PRE_CONVERT = {"fp8": True, "int8": False}
 # 956 / 953, fp8 650 / 672 and 651 / 650, no gain, off. (int4, the same change in `gemv_int4`: 749 / 761 and
 # 744 / 767, not kept.)
 EARLY_NEXT_TILE = {"int8": True, "fp8": False, "bf16": False}
+
+
+# Read the residual (o's and down's) before `griddepcontrol.wait`. In the decode chain it is never the
+# previous kernel's output: o adds the layer's input, written by the previous layer's down three kernels
+# earlier; down adds o's output, two kernels earlier. A kernel passes its wait only after its predecessor
+# completed, and a kernel is launched (PDL 1: `fused.pdl_on`) only after its predecessor passed its wait, so
+# when o or down starts, the kernel that wrote its residual has completed. With PDL 2 (dependents launched at
+# once) that chain breaks and the residual is read after the wait.
+RESIDUAL_BEFORE_WAIT = {"on": True}
 
 
 def _early_next_tile(weight: torch.Tensor) -> bool:
@@ -361,7 +375,8 @@ def gemv(
         *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
-        PRE=_pre_convert(weight), EARLY=_early_next_tile(weight), num_warps=cfg.num_warps,
+        PRE=_pre_convert(weight), EARLY=_early_next_tile(weight),
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y

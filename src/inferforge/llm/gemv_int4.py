@@ -30,6 +30,7 @@ from inferforge.llm.gemv import (
     NORM,
     PLAIN,
     RESIDUAL,
+    RESIDUAL_BEFORE_WAIT,
     ROPE_CACHE,
     SILU_PAIR,
     STORE,
@@ -182,7 +183,7 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
                       H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                      PTX: tl.constexpr):  # fmt: skip
+                      PTX: tl.constexpr, EARLY_RES: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -198,6 +199,8 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if EPILOGUE == 2:
         j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
+    if EPILOGUE == 1 and EARLY_RES:  # `gemv.RESIDUAL_BEFORE_WAIT` says why this may come before the wait
+        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
     _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
@@ -216,6 +219,8 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
     if EPILOGUE == 2:
         _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
                           stride_c_slot, HALF, H, KV, D)  # fmt: skip
+    elif EPILOGUE == 1 and EARLY_RES:
+        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
     else:
         _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 
@@ -270,7 +275,8 @@ def gemv_int4(
         PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
         KV=kv_heads, D=d, PDL=fused.pdl_on(), PTX=PTX_NIBBLES["on"] and x.is_cuda,
-        num_warps=cfg.num_warps, **fused.launch_options(),
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, num_warps=cfg.num_warps,
+        **fused.launch_options(),
     )  # fmt: skip
     return y
 
