@@ -301,6 +301,11 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
     p.add_argument("--variants", default="process:5", help="server runs: engine mode:switch ms, ...")
+    p.add_argument(
+        "--profile-engine",
+        action="store_true",
+        help="cProfile the engine process (INFERFORGE_ENGINE_PROFILE), print where its time goes; slows it",
+    )
     a = p.parse_args()
     a.variants = [(v.split(":")[0], float(v.split(":")[1])) for v in str(a.variants).split(",")]
     if a.mode == "engine":
@@ -349,6 +354,9 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
     import httpx
 
     res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms}
+    prof = out / f"engine_{mode}_{switch_ms}.prof"
+    if a.profile_engine:
+        os.environ["INFERFORGE_ENGINE_PROFILE"] = str(prof)
     proc, url = start_server(a, out / f"server_{mode}_{switch_ms}.log", mode, switch_ms)
     phase(f"server up (engine {mode}, switch interval {switch_ms} ms)")
     try:
@@ -371,7 +379,19 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
     finally:
         proc.send_signal(signal.SIGTERM)
         res["exit_code"] = proc.wait(120)
+        os.environ.pop("INFERFORGE_ENGINE_PROFILE", None)
+    if a.profile_engine and prof.exists():
+        print_profile(prof)
     return res
+
+
+def print_profile(path: Path) -> None:
+    """The engine process's top functions by own time and by cumulative time."""
+    import pstats
+
+    for key in ("tottime", "cumulative"):
+        print(f"---- engine process profile by {key} ({path.name})", flush=True)
+        pstats.Stats(str(path)).sort_stats(key).print_stats(30)
 
 
 def report(res: dict, out: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import multiprocessing as mp
+import os
 import signal
 import threading
 import time
@@ -106,6 +107,23 @@ def _child_main(conn: Any, folder: str, config: dict[str, Any]) -> None:
     # of which walked ~400k objects (151 ms on the CPU box) and stalled a step when it came.
     refreeze()
     conn.send(("ready", eng.max_model_len, eng.model.cfg.vocab_size, eng.stats()))
+    profile_path = os.environ.get("INFERFORGE_ENGINE_PROFILE")
+    if not profile_path:
+        _serve(conn, eng)
+        return
+    import cProfile  # where the engine process's one core goes, for diagnosis (docs/openai-server.md)
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        _serve(conn, eng)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(profile_path)
+
+
+def _serve(conn: Any, eng: Any) -> None:
+    """The child's loop: take the parent's messages, step the engine, send each step's outputs."""
     stopping, clock = False, _LoopClock()
     while True:
         busy = eng.has_unfinished()
