@@ -335,7 +335,7 @@ def main() -> None:
     cmd += [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(a).items()
-        if k not in ("mode", "json", "tiny", "variants", "budget_s") and v
+        if k not in ("mode", "json", "tiny", "variants", "budget_s", "profile_engine") and v
     ]
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
