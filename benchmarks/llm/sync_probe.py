@@ -67,7 +67,7 @@ def closed_loop_syncs(folder: Path) -> dict:
         eng.step()
     stacks: collections.Counter[str] = collections.Counter()
 
-    def record(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001, ARG001
+    def record(message, category, filename, lineno, file=None, line=None):
         frames = [f for f in traceback.extract_stack()[:-1] if "inferforge" in f.filename]
         key = " <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(frames[-4:]))
         stacks[f"{str(message)[:60]} @ {key}"] += 1
@@ -75,7 +75,7 @@ def closed_loop_syncs(folder: Path) -> dict:
     warnings.showwarning = record
     warnings.simplefilter("always")
     started, done, steps, t0 = 0, 0, 0, time.perf_counter()
-    for i in range(64):
+    for _ in range(64):
         eng.add_request(EngineRequest(f"r{started}", prompt(), params))
         started += 1
     torch.cuda.set_sync_debug_mode("warn")
