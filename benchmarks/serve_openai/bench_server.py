@@ -94,6 +94,7 @@ def engine_mode(a: argparse.Namespace) -> None:
         max_num_seqs=a.max_num_seqs,
         max_waiting=1024,
         max_model_len=a.max_model_len,
+        admit_delay_steps=a.admit_delay_steps,
     )
     from inferforge.serve.heap import refreeze
 
@@ -260,6 +261,8 @@ def start_server(
         str(switch_ms),
         "--engine-mode",
         mode,
+        "--admit-delay-steps",
+        str(a.admit_delay_steps),
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -301,6 +304,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
     p.add_argument("--variants", default="process:5", help="server runs: engine mode:switch ms, ...")
+    p.add_argument("--admit-delay-steps", type=int, default=0, help="admit_delay_steps of both engines")
     p.add_argument(
         "--profile-engine",
         action="store_true",

@@ -272,3 +272,49 @@ def test_decode_inputs_rewrite_block_table_rows_only_where_they_change(engine: L
                 assert tables[i, : len(want)].tolist() == want and not tables[i, len(want) :].any()
             assert h[: len(batch)].tolist() == [s.token_ids[-1] for s in batch]
             assert h[n : n + len(batch)].tolist() == [len(s.token_ids) - 1 for s in batch]
+
+
+def _admitted_after(engine: LLMEngine, late: EngineRequest, steps_before: int) -> tuple[int, list[int]]:
+    """Steps after `late` joined until the scheduler took it in, and its greedy tokens."""
+    for _ in range(steps_before):
+        engine.step()
+    engine.add_request(late)
+    tokens: list[int] = []
+    admitted = None
+    for step in range(1, 200):
+        for out in engine.step():
+            if out.request_id == late.request_id:
+                tokens.extend(out.new_token_ids)
+        running = {r.request.request_id for r in engine.scheduler.running}
+        if admitted is None and (late.request_id in running or tokens):
+            admitted = step
+        if not engine.has_unfinished():
+            break
+    assert admitted is not None
+    return admitted, tokens
+
+
+def test_admit_delay_holds_arrivals_while_others_decode(tiny_llama: Path) -> None:
+    """`admit_delay_steps`: an arrival waits up to that many steps while another request decodes; at once
+    when the engine is idle or when the arrivals fill every free slot; its tokens are unchanged."""
+    first = EngineRequest("first", (5, 6, 7, 8), GREEDY)
+    late = EngineRequest("late", (9, 10, 11), GREEDY)
+
+    def engine_with(delay: int, seqs: int = 4) -> LLMEngine:
+        cfg = EngineConfig(kv_cache_tokens=4096, max_num_batched_tokens=64, max_num_seqs=seqs,
+                           admit_delay_steps=delay)  # fmt: skip
+        return LLMEngine(tiny_llama, cfg)
+
+    alone = _run(engine_with(3), [late])["late"][0]  # idle engine: admitted at its first step
+    eng = engine_with(3)
+    eng.add_request(first)
+    held, tokens = _admitted_after(eng, late, steps_before=3)
+    assert held == 4 and tokens == alone
+    eng = engine_with(0)
+    eng.add_request(first)
+    assert _admitted_after(eng, late, steps_before=3) == (1, alone)
+    eng = engine_with(3, seqs=2)  # one free slot, one arrival: it fills them all, no wait
+    eng.add_request(first)
+    assert _admitted_after(eng, late, steps_before=3) == (1, alone)
+    with pytest.raises(Exception, match="admit_delay_steps"):
+        engine_with(-1)

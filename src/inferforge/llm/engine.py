@@ -109,6 +109,7 @@ class LLMEngine:
                 max(config.max_num_batched_tokens, config.max_num_seqs),
                 config.max_waiting,
                 self.max_model_len,
+                config.admit_delay_steps,
             ),
             self.allocator,
         )

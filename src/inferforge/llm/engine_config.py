@@ -44,6 +44,7 @@ class EngineConfig:
         True  # decode rows and prompt chunks of one step in one eager pass (else graph + prefill)
     )
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
+    admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
 
     def __post_init__(self) -> None:

@@ -37,11 +37,18 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512  # tokens per step: decodes plus prefill chunks
     max_waiting: int = 256  # queued requests before add_request refuses
     max_model_len: int = 2048  # prompt + generated tokens of one sequence
+    # While sequences decode, hold arriving prompts for up to this many steps unless they can fill every
+    # free slot now, so that arrivals spread over a few milliseconds share one prompt step (each costs a
+    # full read of the weights outside the decode graphs) instead of one each; an idle engine admits at
+    # once. TGI's router waits the same way (max_waiting_tokens). 0: admit at once.
+    admit_delay_steps: int = 0
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
             if getattr(self, name) < 1:
                 raise InferforgeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.admit_delay_steps < 0:
+            raise InferforgeError(f"admit_delay_steps must be >= 0, got {self.admit_delay_steps}")
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise InferforgeError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
@@ -82,6 +89,7 @@ class RequestState:
     first_token: float | None = None
     finished_at: float | None = None
     max_tokens: int = 0
+    queued_step: int = 0  # the scheduler's step count when it joined the waiting queue
     # The prompt is immutable: its length is read per row per step (a property cost ~3% of a decode step's
     # host work at 64 rows).
     prompt_len: int = field(init=False)
@@ -113,6 +121,7 @@ class Scheduler:
         self.config, self.allocator = config, allocator
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
+        self.steps = 0  # schedule() calls so far: the clock of `admit_delay_steps`
 
     def check(self, request: EngineRequest) -> int:
         """Refuse what can never run; returns the effective max_tokens."""
@@ -142,6 +151,7 @@ class Scheduler:
                 f"the waiting queue is full ({self.config.max_waiting} requests); "
                 "retry later or raise max_waiting"
             )
+        state.queued_step = self.steps
         self.waiting.append(state)
 
     def num_running_seqs(self) -> int:
@@ -168,7 +178,9 @@ class Scheduler:
                 prefill.append((seq, chunk))
                 budget -= chunk
         running = self.num_running_seqs()  # once: per admission it made 64 admissions quadratic (~1 ms)
-        while self.waiting and budget > 0:
+        self.steps += 1
+        hold = bool(decode) and self._hold(running)
+        while self.waiting and budget > 0 and not hold:
             r = self.waiting[0]
             if running + len(r.seqs) > self.config.max_num_seqs:
                 break
@@ -185,6 +197,18 @@ class Scheduler:
             prefill.append((r.seqs[0], chunk))
             budget -= chunk
         return StepPlan(decode, prefill)
+
+    def _hold(self, running: int) -> bool:
+        """`admit_delay_steps`: keep the waiting prompts out of this step (sequences are decoding)."""
+        delay = self.config.admit_delay_steps
+        if not delay or not self.waiting or self.steps - self.waiting[0].queued_step > delay:
+            return False
+        free, waiting = self.config.max_num_seqs - running, 0
+        for r in self.waiting:
+            waiting += len(r.seqs)
+            if waiting >= free:
+                return False
+        return True
 
     def free_finished(self) -> list[RequestState]:
         done = [r for r in self.running if r.finished]

@@ -53,6 +53,9 @@ def serve_llm(
     max_num_seqs: int = typer.Option(64, min=1, help="Most sequences in the running batch."),
     max_model_len: int | None = typer.Option(None, min=2, help="Context length; default: the model's."),
     max_waiting: int = typer.Option(1024, min=1, help="Waiting-queue bound; beyond it requests get 429."),
+    admit_delay_steps: int = typer.Option(
+        0, min=0, help="Steps an arriving prompt may wait while others decode, to share one prompt step."
+    ),
     max_tokens_cap: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
     max_n: int = typer.Option(8, min=1, help="Largest n per request."),
     max_logprobs: int = typer.Option(20, min=0, max=20, help="Largest logprobs / top_logprobs."),
@@ -89,6 +92,7 @@ def serve_llm(
         "max_num_seqs": max_num_seqs,
         "max_model_len": max_model_len,
         "max_waiting": max_waiting,
+        "admit_delay_steps": admit_delay_steps,
     }
     engine: EngineClient
     if engine_mode == "process":
