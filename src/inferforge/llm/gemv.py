@@ -267,8 +267,9 @@ INT8_MODE = {"mode": 6}
 # / 663 us against 653 / 661) and keeps `default_tiles`.
 INT8_TILE_BYTES = 16384
 # Rebuild a 1-byte weight tile as fp16 before `griddepcontrol.wait`, so the conversion overlaps the previous
-# kernel. fp8: batch-1 graph 681 / 678 -> 651 / 651 us (G10, in turn), on. int8: 703 / 723 against 706 / 716
-# with it, no gain, off (selectable).
+# kernel. fp8: batch-1 graph 681 / 678 -> 651 / 651 us (G10, in turn), on. int8 (mode 3): 703 / 723 against
+# 706 / 716 with it, no gain, off (selectable; in modes 5 and 6 `_weights_f16` leaves the tile int8, so it is
+# made float after the wait, still exact).
 PRE_CONVERT = {"fp8": True, "int8": False}
 # Products of several K tiles (down): issue the next tile's load before this tile's product instead of after
 # it (sm_90 SASS read offline: each tile's loads went out only after the previous tile's last FMA). Batch-1
