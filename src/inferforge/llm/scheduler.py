@@ -40,7 +40,8 @@ class SchedulerConfig:
     # While sequences decode, hold arriving prompts for up to this many steps unless they can fill every
     # free slot now, so that arrivals spread over a few milliseconds share one prompt step (each costs a
     # full read of the weights outside the decode graphs) instead of one each; an idle engine admits at
-    # once. TGI's router waits the same way (max_waiting_tokens). 0: admit at once.
+    # once. TGI's router waits the same way (max_waiting_tokens). 0: admit at once. No gain measured on the
+    # H100 in interleaved runs, and a TTFT cost under light load (docs/llm-engine.md, H12 / H13): off.
     admit_delay_steps: int = 0
 
     def __post_init__(self) -> None:
