@@ -110,6 +110,7 @@ class LLMEngine:
                 config.max_waiting,
                 self.max_model_len,
                 config.admit_delay_steps,
+                config.enable_prefix_caching,
             ),
             self.allocator,
         )
@@ -189,6 +190,7 @@ class LLMEngine:
             kv_blocks_used=self.allocator.num_used,
             generated_tokens_total=self.generated_total,
             device_wait_s_total=self.device_wait_s,
+            prefix_cached_tokens_total=self.scheduler.cached_tokens_total,
         )
 
     # ---- the loop --------------------------------------------------------------------------------
@@ -256,6 +258,7 @@ class LLMEngine:
                 parts.append(logits[:d])
             for seq, n in plan.prefill:
                 seq.num_computed += n
+                self.scheduler.computed(seq, seq.num_computed - n)
             for seq in done:
                 self._fork(seq)
             if done:

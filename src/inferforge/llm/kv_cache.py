@@ -3,10 +3,17 @@
 Paging means memory is reserved 16 tokens at a time as a sequence grows, so many sequences of unknown length
 share one preallocated pool without fragmentation; finishing or aborting a sequence returns its blocks at
 once. Block 0 is never handed out: padded rows of a captured decode graph write their junk there.
+
+Prefix caching (optional): a full block of prompt tokens is registered under a key that digests every token
+up to its end (`prompt_block_keys`), so a later prompt that starts with the same tokens takes the block
+instead of computing it again. Blocks count references; a freed block that holds a registered prefix stays
+cached, least recently freed first to be reused, until a new allocation needs it.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -72,34 +79,91 @@ def attach_cache(model: DecoderLM, spec: CacheSpec, device: torch.device) -> Non
 
 
 class BlockAllocator:
-    """A free list of block ids; block 0 is reserved as the scratch block."""
+    """A free list of block ids with reference counts; block 0 is reserved as the scratch block. Blocks
+    registered as prompt prefixes (`register`) stay matchable (`match`, `acquire`) after their last user
+    frees them, until `allocate` needs them (least recently freed first)."""
 
     def __init__(self, num_blocks: int) -> None:
         self.num_blocks = num_blocks
         self._free = list(range(num_blocks - 1, 0, -1))
+        self._refs: dict[int, int] = {}
+        self._block_of: dict[bytes, int] = {}  # prefix key -> block holding it
+        self._key_of: dict[int, bytes] = {}
+        self._cached: OrderedDict[int, None] = OrderedDict()  # unreferenced blocks that hold a prefix
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached)
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - 1 - len(self._free)
+        return self.num_blocks - 1 - self.num_free
 
-    def can_allocate(self, n: int) -> bool:
-        return n <= len(self._free)
+    def can_allocate(self, n: int, reuse: list[int] | None = None) -> bool:
+        """Whether `n` new blocks fit after taking `reuse` (matched prefix blocks) out of the pool."""
+        taken = sum(1 for b in reuse or () if b in self._cached)
+        return n <= self.num_free - taken
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(
-                f"asked for {n} KV blocks with {len(self._free)} free; the scheduler must check"
-            )
-        out = [self._free.pop() for _ in range(n)]
+        if n > self.num_free:
+            raise RuntimeError(f"asked for {n} KV blocks with {self.num_free} free; the scheduler must check")
+        out = [self._free.pop() if self._free else self._evict() for _ in range(n)]
+        for b in out:
+            self._refs[b] = 1
         return out
 
     def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):
+            left = self._refs.pop(b) - 1
+            if left:
+                self._refs[b] = left
+            elif b in self._key_of:
+                self._cached[b] = None
+            else:
+                self._free.append(b)
         blocks.clear()
+
+    def match(self, keys: list[bytes]) -> list[int]:
+        """The blocks holding the longest registered prefix of `keys` (nothing is taken)."""
+        out = []
+        for key in keys:
+            b = self._block_of.get(key)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def acquire(self, blocks: list[int]) -> None:
+        """Take matched prefix blocks for one more user."""
+        for b in blocks:
+            if b in self._cached:
+                del self._cached[b]
+                self._refs[b] = 1
+            else:
+                self._refs[b] += 1
+
+    def register(self, block: int, key: bytes) -> None:
+        """`block` now holds the prefix `key` (a block already registered under it keeps it)."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
+    def _evict(self) -> int:
+        b, _ = self._cached.popitem(last=False)
+        del self._block_of[self._key_of.pop(b)]
+        return b
+
+
+def prompt_block_keys(prompt_ids: tuple[int, ...], block_size: int = BLOCK_SIZE) -> list[bytes]:
+    """One key per full block of the prompt: a digest of every token up to the block's end (chained), so
+    equal keys mean equal prefixes; a cryptographic digest, so no prompt can be crafted to collide with
+    another user's and read its cache."""
+    keys, prev = [], b""
+    for end in range(block_size, len(prompt_ids) + 1, block_size):
+        chunk = b"".join(t.to_bytes(4, "little", signed=True) for t in prompt_ids[end - block_size : end])
+        prev = hashlib.blake2b(prev + chunk, digest_size=16).digest()
+        keys.append(prev)
+    return keys
 
 
 def blocks_needed(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:

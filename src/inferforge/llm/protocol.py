@@ -105,6 +105,7 @@ class EngineStats:
     # Seconds of the loop that drives the engine, by phase, since it started (the process engine's child:
     # step, ipc_in, ipc_out, idle); empty where nothing measures them.
     loop_seconds: tuple[tuple[str, float], ...] = ()
+    prefix_cached_tokens_total: int = 0  # prompt tokens taken from the prefix cache instead of computed
 
 
 class EngineClient(Protocol):

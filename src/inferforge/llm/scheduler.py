@@ -17,7 +17,7 @@ import torch
 
 from inferforge.errors import InferforgeError
 from inferforge.llm.detok import IncrementalDetokenizer
-from inferforge.llm.kv_cache import BlockAllocator, blocks_needed
+from inferforge.llm.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_needed, prompt_block_keys
 from inferforge.llm.protocol import EngineRequest, FinishReason, TokenLogprob
 
 
@@ -43,6 +43,9 @@ class SchedulerConfig:
     # once. TGI's router waits the same way (max_waiting_tokens). 0: admit at once. No gain measured on the
     # H100 in interleaved runs, and a TTFT cost under light load (docs/llm-engine.md, H12 / H13): off.
     admit_delay_steps: int = 0
+    # Reuse the KV blocks of earlier prompts that start with the same tokens (whole 16-token blocks; requests
+    # with n = 1): a shared system prompt is computed once, not per request.
+    prefix_caching: bool = False
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
@@ -91,6 +94,7 @@ class RequestState:
     finished_at: float | None = None
     max_tokens: int = 0
     queued_step: int = 0  # the scheduler's step count when it joined the waiting queue
+    block_keys: list[bytes] | None = None  # prefix keys of the prompt's full blocks (prefix caching)
     # The prompt is immutable: its length is read per row per step (a property cost ~3% of a decode step's
     # host work at 64 rows).
     prompt_len: int = field(init=False)
@@ -123,6 +127,7 @@ class Scheduler:
         self.waiting: deque[RequestState] = deque()
         self.running: list[RequestState] = []
         self.steps = 0  # schedule() calls so far: the clock of `admit_delay_steps`
+        self.cached_tokens_total = 0  # prompt tokens taken from the prefix cache instead of computed
 
     def check(self, request: EngineRequest) -> int:
         """Refuse what can never run; returns the effective max_tokens."""
@@ -186,18 +191,41 @@ class Scheduler:
             if running + len(r.seqs) > self.config.max_num_seqs:
                 break
             need = blocks_needed(r.prompt_len + r.max_tokens)
-            if not self.allocator.can_allocate(need * len(r.seqs)):
+            reuse = self._cached_prefix(r)
+            if not self.allocator.can_allocate(need * len(r.seqs) - len(reuse), reuse):
                 break
             self.waiting.popleft()
+            self.allocator.acquire(reuse)
             for s in r.seqs:
-                s.blocks = self.allocator.allocate(need)
+                s.blocks = reuse + self.allocator.allocate(need - len(reuse))
+            seq = r.seqs[0]
+            seq.num_computed = len(reuse) * BLOCK_SIZE
+            self.cached_tokens_total += seq.num_computed
             r.scheduled = time.monotonic()
             self.running.append(r)
             running += len(r.seqs)
-            chunk = min(r.prompt_len, budget)
-            prefill.append((r.seqs[0], chunk))
+            chunk = min(r.prompt_len - seq.num_computed, budget)
+            prefill.append((seq, chunk))
             budget -= chunk
         return StepPlan(decode, prefill)
+
+    def _cached_prefix(self, r: RequestState) -> list[int]:
+        """The cached blocks this request's prompt starts with (at least its last token is left to compute,
+        for its logits)."""
+        if not self.config.prefix_caching or len(r.seqs) != 1:
+            return []
+        if r.block_keys is None:
+            r.block_keys = prompt_block_keys(r.request.prompt_ids)
+        return self.allocator.match(r.block_keys[: (r.prompt_len - 1) // BLOCK_SIZE])
+
+    def computed(self, seq: Sequence, before: int) -> None:
+        """`seq` computed its prompt from token `before` to `seq.num_computed`: register the full blocks
+        that completed (the step that computes them is already queued on the device)."""
+        keys = seq.group.block_keys
+        if not keys or seq.index:
+            return
+        for i in range(before // BLOCK_SIZE, min(seq.num_computed // BLOCK_SIZE, len(keys))):
+            self.allocator.register(seq.blocks[i], keys[i])
 
     def _hold(self, running: int) -> bool:
         """`admit_delay_steps`: keep the waiting prompts out of this step (sequences are decoding)."""

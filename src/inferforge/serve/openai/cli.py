@@ -56,6 +56,9 @@ def serve_llm(
     admit_delay_steps: int = typer.Option(
         0, min=0, help="Steps an arriving prompt may wait while others decode, to share one prompt step."
     ),
+    enable_prefix_caching: bool = typer.Option(
+        False, help="Reuse the KV blocks of earlier prompts that start with the same tokens."
+    ),
     max_tokens_cap: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
     max_n: int = typer.Option(8, min=1, help="Largest n per request."),
     max_logprobs: int = typer.Option(20, min=0, max=20, help="Largest logprobs / top_logprobs."),
@@ -93,6 +96,7 @@ def serve_llm(
         "max_model_len": max_model_len,
         "max_waiting": max_waiting,
         "admit_delay_steps": admit_delay_steps,
+        "enable_prefix_caching": enable_prefix_caching,
     }
     engine: EngineClient
     if engine_mode == "process":

@@ -94,6 +94,9 @@ class ServerMetrics:
         self.device_wait = Counter(
             p + "engine_device_wait_seconds", "Seconds the engine loop was blocked on the GPU.", registry=r
         )
+        self.prefix_cached = Counter(
+            p + "prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache.", registry=r
+        )
         self._seen: dict[str, float] = {}  # the engine's cumulative figures already counted
 
     def observe_timing(self, t: RequestTiming, completion_tokens: int) -> None:
@@ -117,6 +120,7 @@ class ServerMetrics:
         self.running.set(s.running)
         self.waiting.set(s.waiting)
         self._count_up(self.device_wait, "device_wait", s.device_wait_s_total)
+        self._count_up(self.prefix_cached, "prefix_cached", s.prefix_cached_tokens_total)
         for phase, seconds in s.loop_seconds:
             self._count_up(self.loop.labels(phase=phase), phase, seconds)
         return generate_latest(self.registry)

@@ -1,0 +1,117 @@
+"""Prefix caching: KV blocks of a prompt's full 16-token blocks reused by later prompts that start with the
+same tokens (`EngineConfig.enable_prefix_caching`), on the tiny Llama (CPU, fp32) and the allocator alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from inferforge.llm.engine import EngineConfig, LLMEngine
+from inferforge.llm.kv_cache import BlockAllocator, prompt_block_keys
+from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+PREFIX = tuple(range(40, 80))  # 40 tokens: two full blocks and 8 more
+
+
+def _engine(folder: Path, caching: bool, tokens: int = 4096) -> LLMEngine:
+    cfg = EngineConfig(kv_cache_tokens=tokens, max_num_batched_tokens=64, enable_prefix_caching=caching)
+    return LLMEngine(folder, cfg)
+
+
+def _tokens(engine: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[int]]:
+    res = engine.generate(reqs)
+    return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
+
+
+def test_keys_digest_the_whole_prefix() -> None:
+    a, b = prompt_block_keys(tuple(range(40))), prompt_block_keys((99, *tuple(range(1, 40))))
+    assert len(a) == 2 and a[0] != b[0] and a[1] != b[1]  # the second block's tokens agree, its prefix not
+    assert prompt_block_keys(tuple(range(33)))[:2] == a
+
+
+def test_allocator_keeps_freed_prefix_blocks_until_needed() -> None:
+    alloc = BlockAllocator(5)  # blocks 1-4
+    first = alloc.allocate(2)
+    kept = first[0]
+    alloc.register(kept, b"k0")
+    alloc.free(first)
+    assert alloc.num_free == 4 and alloc.match([b"k0", b"k1"]) == [kept]
+    assert alloc.can_allocate(3, reuse=[kept]) and not alloc.can_allocate(4, reuse=[kept])
+    alloc.acquire([kept])
+    alloc.acquire([kept])  # two users
+    assert alloc.num_used == 1
+    alloc.free([kept])
+    assert alloc.num_used == 1  # one user left
+    alloc.free([kept])
+    taken = alloc.allocate(4)  # needs every block: the cached one is evicted
+    assert sorted(taken) == [1, 2, 3, 4] and alloc.match([b"k0"]) == []
+
+
+def test_shared_prefix_is_reused_and_outputs_are_unchanged(tiny_llama: Path) -> None:
+    prompts = [(*PREFIX, 7, 8, 9), (*PREFIX, 10), PREFIX, PREFIX[:32]]
+    reqs = [EngineRequest(f"r{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    want = {r.request_id: _tokens(_engine(tiny_llama, False), [r])[r.request_id] for r in reqs}
+    eng = _engine(tiny_llama, True)
+    got = {}
+    for r in reqs:  # one after another: each finds the blocks the first one computed
+        got.update(_tokens(eng, [r]))
+    assert got == want
+    # r1 (41 tokens) and r2 (40) reuse both full blocks; r3 (32 tokens) one: its last token must be computed
+    # for its logits, so the block holding it is computed again
+    assert eng.stats().prefix_cached_tokens_total == 32 + 32 + 16
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_requests_sharing_blocks_while_running_and_aborted(tiny_llama: Path) -> None:
+    eng = _engine(tiny_llama, True)
+    long = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    first = EngineRequest("first", (*PREFIX, 1, 2), long)
+    second = EngineRequest("second", (*PREFIX, 3, 4), GREEDY)
+    want = _tokens(_engine(tiny_llama, False), [second])["second"]
+    eng.add_request(first)
+    for _ in range(4):  # first's prompt is computed and its blocks registered
+        eng.step()
+    eng.add_request(second)
+    got: list[int] = []
+    while eng.has_unfinished():
+        for out in eng.step():
+            if out.request_id == "second":
+                got.extend(out.new_token_ids)
+            if out.request_id == "first" and out.completion_tokens >= 20:
+                eng.abort("first")
+    assert got == want and eng.stats().prefix_cached_tokens_total == 32
+    assert eng.stats().kv_blocks_used == 0
+
+
+def test_eviction_under_a_small_cache_keeps_outputs_right(tiny_llama: Path) -> None:
+    """A cache of 12 blocks: each 52-token request needs 4, so cached prefixes are evicted and reused."""
+    prompts = [tuple(range(s, s + 40)) for s in (100, 200, 300, 100, 400, 200)]
+    reqs = [EngineRequest(f"e{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    want = {r.request_id: _tokens(_engine(tiny_llama, False), [r])[r.request_id] for r in reqs}
+    eng = _engine(tiny_llama, True, tokens=12 * 16)
+    got = {}
+    for r in reqs:
+        got.update(_tokens(eng, [r]))
+    assert got == want
+    assert eng.stats().prefix_cached_tokens_total > 0 and eng.stats().kv_blocks_used == 0
+
+
+def test_off_by_default_and_n_above_one_computes_its_prompt(tiny_llama: Path) -> None:
+    eng = _engine(tiny_llama, True)
+    two = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
+    _tokens(eng, [EngineRequest("a", PREFIX, GREEDY)])
+    res = eng.generate([EngineRequest("b", (*PREFIX, 5), two)])["b"]
+    assert len(res) == 2 and eng.stats().prefix_cached_tokens_total == 0
+    plain = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096))
+    _tokens(plain, [EngineRequest("a", PREFIX, GREEDY)])
+    _tokens(plain, [EngineRequest("c", (*PREFIX, 5), GREEDY)])
+    assert plain.stats().prefix_cached_tokens_total == 0
+
+
+@pytest.mark.parametrize("caching", [False, True])
+def test_blocks_all_return(tiny_llama: Path, caching: bool) -> None:
+    eng = _engine(tiny_llama, caching)
+    _tokens(eng, [EngineRequest(f"x{i}", (*PREFIX, i), GREEDY) for i in range(4)])
+    assert eng.stats().kv_blocks_used == 0
