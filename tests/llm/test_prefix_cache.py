@@ -3,6 +3,7 @@ same tokens (`EngineConfig.enable_prefix_caching`), on the tiny Llama (CPU, fp32
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,8 @@ def test_keys_digest_the_whole_prefix() -> None:
     a, b = prompt_block_keys(tuple(range(40))), prompt_block_keys((99, *tuple(range(1, 40))))
     assert len(a) == 2 and a[0] != b[0] and a[1] != b[1]  # the second block's tokens agree, its prefix not
     assert prompt_block_keys(tuple(range(33)))[:2] == a
+    first = hashlib.blake2b(b"".join(t.to_bytes(4, "little") for t in range(16)), digest_size=16).digest()
+    assert a[0] == first  # the key format: int32 little-endian tokens, chained 16-byte BLAKE2b
 
 
 def test_allocator_keeps_freed_prefix_blocks_until_needed() -> None:
