@@ -337,7 +337,8 @@ def gemv(
     `norm_weight`: RMSNorm x first. Epilogues: `residual` returns y + residual [1, N]; `rope_cache` (the
     q/k/v product) returns q [1, heads, D] rotated and writes k and v into the cache; `silu_pair` (the
     gate/up product, gate rows then up rows) returns SiLU(gate) x up [1, N/2]; otherwise y [1, N]. A uint8
-    weight holds int8 values + 128 (`_weights_f32`).
+    weight holds int8 values + 128 (`_weights_f32`). With programmatic dependent launch on, `residual` is read
+    before the wait (`RESIDUAL_BEFORE_WAIT`): it must not be written by the kernel launched just before.
     """
     n, k = weight.shape
     if x.shape[0] != 1:
