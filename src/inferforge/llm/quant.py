@@ -55,7 +55,7 @@ def _split_k_when_narrow(layer: nn.Module, fmt: str = "int8") -> nn.Module:
     cfg = SPLITK_NARROW
     if not cfg["on"] or fmt not in cfg["formats"] or getattr(layer, "out_features", 1 << 30) > cfg["max_n"]:
         return layer
-    auto, max_rows = layer.forward, SPLITK_NARROW["max_rows"]
+    auto, max_rows = layer.forward, cfg["max_rows"]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and 4 < x.shape[0] <= max_rows:  # gemlite's own GEMV choice up to 2 (8-bit), 4 (int4)
@@ -73,15 +73,14 @@ def quantize_linear(linear: nn.Module, fmt: str) -> nn.Module:
     device, dtype = linear.weight.device, linear.weight.dtype
     if fmt == "int8":
         layer = helper.A16W8_INT8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
-        return _split_k_when_narrow(layer, fmt)
-    if fmt == "fp8":
+    elif fmt == "fp8":
         layer = helper.A16W8_FP8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
-        return _split_k_when_narrow(layer, fmt)
-    w_q, scale, zero = _int4_pack(linear.weight.data, INT4_GROUP)
-    bias = linear.bias.data if linear.bias is not None else None
-    layer = helper.A16Wn(device=device, dtype=dtype).from_weights(
-        w_q, scale.to(dtype), zero.to(dtype), W_nbits=4, group_size=INT4_GROUP, bias=bias
-    )
+    else:
+        w_q, scale, zero = _int4_pack(linear.weight.data, INT4_GROUP)
+        bias = linear.bias.data if linear.bias is not None else None
+        layer = helper.A16Wn(device=device, dtype=dtype).from_weights(
+            w_q, scale.to(dtype), zero.to(dtype), W_nbits=4, group_size=INT4_GROUP, bias=bias
+        )
     return _split_k_when_narrow(layer, fmt)
 
 

@@ -163,15 +163,6 @@ class Scheduler:
     def num_running_seqs(self) -> int:
         return sum(1 for r in self.running for s in r.seqs if s.finish_reason is None)
 
-    def can_admit(self) -> bool:
-        """Whether the next schedule() would take the first waiting request in (the same test it applies)."""
-        if not self.waiting:
-            return False
-        r = self.waiting[0]
-        if self.num_running_seqs() + len(r.seqs) > self.config.max_num_seqs:
-            return False
-        return self.allocator.can_allocate(blocks_needed(r.prompt_len + r.max_tokens) * len(r.seqs))
-
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
         decode = [s for r in self.running if r.prefilled for s in r.seqs if s.finish_reason is None]
