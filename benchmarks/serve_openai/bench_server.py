@@ -5,8 +5,11 @@ Run on a CUDA machine (fastapi/uvicorn from .whl):
 Peer, measured in the same run: the same `AsyncLLMEngine` driven in-process (no HTTP), same model, same
 flags, same prompts, same closed loop. Model: random bf16 weights in the Llama-3.2-1B shape
 (benchmarks/llm/common.py). Closed loop, 64 concurrent streams, 128 prompt + 128 generated tokens
-(ignore_eos), then time to first token of a 512-token prompt at low load (one request at a time).
-Prints a table; writes bench_server.json under $OUT.
+(ignore_eos), after `--warmup-reps` discarded loops; then `--waves` waves of 64 requests arriving together
+(the issue's "64 concurrent requests": tokens generated / time from release to the last token), on three
+sides: `LLMEngine.step()` in a plain loop (the setting of the 35,000 tok/s engine figure, this run's flags),
+the `AsyncLLMEngine` in-process, and the server; then time to first token of a 512-token prompt at low load
+(one request at a time). Prints a table; writes bench_server.json under $OUT.
 CPU dry run of the plumbing: --device cpu --tiny --requests 16 --concurrency 4 --gen 8 --ttft-prompt 64
 """
 
@@ -85,27 +88,72 @@ async def engine_ttft(eng: Any, rows: list[tuple[int, ...]]) -> list[float]:
     return out
 
 
+def sync_waves(a: argparse.Namespace) -> list[dict]:
+    """`a.waves` waves of `a.concurrency` requests arriving together, driven by `LLMEngine.step()` in this
+    thread (no asyncio, no HTTP), after one wave of warm-up; freed before the async engine loads."""
+    import gc
+
+    import torch
+
+    from inferforge.llm.engine import EngineConfig, LLMEngine
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+    from inferforge.serve.heap import refreeze
+
+    eng = LLMEngine(Path(a.model_dir), EngineConfig(**engine_flags(a)))
+    refreeze()
+    params = SamplingParams(max_tokens=a.gen, temperature=0.0, ignore_eos=True)
+    out = []
+    for w in range(a.waves + 1):
+        for k, ids in enumerate(prompts(a.concurrency, a.prompt_len, 100 + w)):
+            eng.add_request(EngineRequest(f"s{w}-{k}", ids, params))
+        t0, n = time.perf_counter(), 0
+        while eng.has_unfinished():
+            n += sum(len(o.new_token_ids) for o in eng.step())
+        wall = time.perf_counter() - t0
+        if w:
+            out.append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall})
+    del eng
+    gc.unfreeze()
+    gc.collect()
+    if a.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out
+
+
+def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
+    """The engine flags both peers and the server share (the server gets them on its command line)."""
+    return {
+        "device": a.device,
+        "max_num_seqs": a.max_num_seqs,
+        "max_waiting": 1024,
+        "max_model_len": a.max_model_len,
+        "admit_delay_steps": a.admit_delay_steps,
+    }
+
+
 def engine_mode(a: argparse.Namespace) -> None:
     from inferforge.llm.async_engine import AsyncLLMEngine
 
+    sync = sync_waves(a) if a.waves else []
     eng = AsyncLLMEngine.from_pretrained(
-        a.model_dir,
-        device=a.device,
-        max_num_seqs=a.max_num_seqs,
-        max_waiting=1024,
-        max_model_len=a.max_model_len,
-        admit_delay_steps=a.admit_delay_steps,
+        a.model_dir, **engine_flags(a)
     )
     from inferforge.serve.heap import refreeze
 
     refreeze()  # as the server's engine process does once loaded: the same engine on both sides
 
     async def main() -> dict:
-        res: dict = {}
+        res: dict = {"sync_waves": sync}
         await engine_closed_loop(eng, prompts(a.concurrency, a.prompt_len, 1), a.concurrency, 16)  # warm-up
+        for r in range(a.warmup_reps):  # every step shape the measured loops meet, met once
+            await engine_closed_loop(eng, prompts(a.requests, a.prompt_len, 5 + r), a.concurrency, a.gen)
         res["throughput"] = [
             await engine_closed_loop(eng, prompts(a.requests, a.prompt_len, 10 + r), a.concurrency, a.gen)
             for r in range(a.reps)
+        ]
+        res["waves"] = [
+            await engine_closed_loop(eng, prompts(a.concurrency, a.prompt_len, 100 + w), a.concurrency, a.gen)
+            for w in range(1, a.waves + 1)
         ]
         await engine_ttft(eng, prompts(3, a.ttft_prompt, 2))  # warm-up
         res["ttft_s"] = await engine_ttft(eng, prompts(a.ttft_reps, a.ttft_prompt, 3))
@@ -299,7 +347,9 @@ def main() -> None:
     p.add_argument("--gen", type=int, default=128)
     p.add_argument("--ttft-prompt", type=int, default=512)
     p.add_argument("--ttft-reps", type=int, default=20)
-    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--warmup-reps", type=int, default=1, help="closed loops run and discarded on each side")
+    p.add_argument("--waves", type=int, default=8, help="waves of --concurrency requests arriving together")
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
@@ -339,7 +389,7 @@ def main() -> None:
     cmd += [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(a).items()
-        if k not in ("mode", "json", "tiny", "variants", "budget_s", "profile_engine") and v
+        if k not in ("mode", "json", "tiny", "variants", "budget_s", "profile_engine") and v is not None
     ]
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
@@ -368,8 +418,13 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
         warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
         with mp.get_context("spawn").Pool(a.client_procs, initializer=_client_init) as pool:
             server_throughput(url, warm, 1, pool)
+            for r in range(a.warmup_reps):
+                server_throughput(url, a, 5 + r, pool)
             res["throughput"] = [server_throughput(url, a, 10 + r, pool, proc.pid) for r in range(a.reps)]
+            wave = argparse.Namespace(**{**vars(a), "requests": a.concurrency})
+            res["waves"] = [server_throughput(url, wave, 100 + w, pool) for w in range(1, a.waves + 1)]
         phase(f"server throughput: {[round(r['tokens_per_s']) for r in res['throughput']]} tok/s")
+        phase(f"server waves: {[round(r['tokens_per_s']) for r in res['waves']]} tok/s")
         phase(
             f"cores busy (server, engine child): {[r['cores_busy'] for r in res['throughput']]}; "
             f"clients: {[r['client_cores_busy'] for r in res['throughput']]}"
@@ -404,7 +459,18 @@ def report(res: dict, out: Path) -> None:
     runs = [v for k, v in res.items() if k.startswith(("server_thread_", "server_process_"))]
     first = runs[0]
     summary: dict[str, Any] = {"engine_tokens_per_s_median": e_med}
+    sync = [w["tokens_per_s"] for w in res["engine"]["sync_waves"]]
+    a_waves = [w["tokens_per_s"] for w in res["engine"]["waves"]]
+    if sync:
+        summary["waves: LLMEngine.step loop tok/s median"] = statistics.median(sync)
+        summary["waves: AsyncLLMEngine in-process tok/s median"] = statistics.median(a_waves)
     for r in runs:
+        if r.get("waves"):
+            s_wave = statistics.median(w["tokens_per_s"] for w in r["waves"])
+            tag = f"{r['engine_mode']}, switch {r['switch_interval_ms']} ms"
+            summary[f"waves: server tok/s median ({tag})"] = s_wave
+            summary[f"waves: server / AsyncLLMEngine ({tag})"] = s_wave / statistics.median(a_waves)
+            summary[f"waves: server / LLMEngine.step loop ({tag})"] = s_wave / statistics.median(sync)
         s_med = statistics.median(x["tokens_per_s"] for x in r["throughput"])
         tag = f"{r['engine_mode']}, switch {r['switch_interval_ms']} ms"
         summary[f"server tokens/s median ({tag})"] = s_med
@@ -422,6 +488,11 @@ def report(res: dict, out: Path) -> None:
     for k, v in summary.items():
         print(f"{k:52s} {v:.3f}" if isinstance(v, float) else f"{k:52s} {v}")
     print("engine tokens/s per rep:", [round(x) for x in eng])
+    print("waves tok/s, LLMEngine.step loop:", [round(x) for x in sync])
+    print("waves tok/s, AsyncLLMEngine:", [round(x) for x in a_waves])
+    for r in runs:
+        waves = [round(w["tokens_per_s"]) for w in r.get("waves", [])]
+        print(f"waves tok/s, server ({r['engine_mode']}):", waves)
     print("engine per rep ttft p50 ms:", [round(r["ttft_p50_ms"], 1) for r in res["engine"]["throughput"]])
     for r in runs:
         print(
