@@ -135,9 +135,7 @@ def engine_mode(a: argparse.Namespace) -> None:
     from inferforge.llm.async_engine import AsyncLLMEngine
 
     sync = sync_waves(a) if a.waves else []
-    eng = AsyncLLMEngine.from_pretrained(
-        a.model_dir, **engine_flags(a)
-    )
+    eng = AsyncLLMEngine.from_pretrained(a.model_dir, **engine_flags(a))
     from inferforge.serve.heap import refreeze
 
     refreeze()  # as the server's engine process does once loaded: the same engine on both sides
