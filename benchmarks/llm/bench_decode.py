@@ -56,6 +56,19 @@ from engine_bench import (
 from profiles import graph_profile, prefill_profile
 
 
+def load_configs(folder: Path) -> None:
+    """The 64 x 128/128 load test under the benchmark's engine settings and under the server's defaults
+    (context from the model, capped at 4,096; KV cache from free memory; every decode bucket), one setting
+    changed at a time, in turn: which of them costs the server's engine its tokens/s."""
+    server = {"max_model_len": None, "kv_cache_tokens": None, "decode_buckets": None}
+    variants = [("bench", {}), ("server defaults", server)]
+    variants += [(f"bench + {k}={v}", {k: v}) for k, v in server.items()]
+    variants += [("bench again", {}), ("server defaults again", server)]
+    for name, knobs in variants:
+        row(f"-- load config: {name}", "")
+        RESULTS[f"loadcfg {name}"] = load_test(folder, None, **knobs)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="check,engine,ablation,load,hf,quant,compile,attention,profile")
@@ -92,6 +105,7 @@ def main() -> None:
                 for g, p in ((False, False), (True, True))
             ],
         ),
+        ("loadcfg", lambda: load_configs(folder)),
         ("blasab", lambda: blas_ab(folder)),
         ("attn64ab", lambda: attn64_ab(folder)),
         ("mlpchunk", lambda: mlp_chunk_ab(folder)),

@@ -103,7 +103,8 @@ def engine_numbers(
 
 def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **knobs: object) -> dict:
     """64 concurrent requests, 128 prompt + 128 generated tokens, all arriving together."""
-    eng = bench_engine(folder, quant, max_num_batched_tokens=batched_tokens, decode_buckets=(64,), **knobs)
+    config: dict = {"max_num_batched_tokens": batched_tokens, "decode_buckets": (64,), **knobs}
+    eng = bench_engine(folder, quant, **config)
     g = torch.Generator().manual_seed(0)
     out = {}
     refreeze()  # as the server's engine process does once loaded (a full collection stalled a step ~0.1 s)
