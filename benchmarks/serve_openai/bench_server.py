@@ -126,6 +126,7 @@ def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
         "device": a.device,
         "max_num_seqs": a.max_num_seqs,
         "max_waiting": 1024,
+        "max_num_batched_tokens": a.max_num_batched_tokens,
         "max_model_len": a.max_model_len,
         "admit_delay_steps": a.admit_delay_steps,
     }
@@ -309,6 +310,8 @@ def start_server(
         mode,
         "--admit-delay-steps",
         str(a.admit_delay_steps),
+        "--max-num-batched-tokens",
+        str(a.max_num_batched_tokens),
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -340,6 +343,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="of both engines")
     p.add_argument("--requests", type=int, default=768)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)

@@ -187,6 +187,7 @@ def test_sigterm_drains_then_exits_zero(long_llama: Path, tmp_path: Path, drain:
         (["{model}", "--max-n", "0"], "--max-n"),
         (["{model}", "--drain-timeout", "-1"], "--drain-timeout"),
         (["{model}", "--admit-delay-steps", "-1"], "--admit-delay-steps"),
+        (["{model}", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
     ],
 )
 def test_bad_flags_give_one_line_naming_the_flag(tiny_llama: Path, args: list[str], flag: str) -> None:

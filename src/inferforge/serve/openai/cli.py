@@ -53,6 +53,12 @@ def serve_llm(
     max_num_seqs: int = typer.Option(64, min=1, help="Most sequences in the running batch."),
     max_model_len: int | None = typer.Option(None, min=2, help="Context length; default: the model's."),
     max_waiting: int = typer.Option(1024, min=1, help="Waiting-queue bound; beyond it requests get 429."),
+    max_num_batched_tokens: int = typer.Option(
+        2048,
+        min=1,
+        help="Tokens per engine step (decode rows + prompt chunks). Larger: a burst's prompts in fewer steps "
+        "(more tokens/s), while running streams wait longer between tokens during those steps.",
+    ),
     admit_delay_steps: int = typer.Option(
         0, min=0, help="Steps an arriving prompt may wait while others decode, to share one prompt step."
     ),
@@ -95,6 +101,7 @@ def serve_llm(
         "max_num_seqs": max_num_seqs,
         "max_model_len": max_model_len,
         "max_waiting": max_waiting,
+        "max_num_batched_tokens": max_num_batched_tokens,
         "admit_delay_steps": admit_delay_steps,
         "enable_prefix_caching": enable_prefix_caching,
     }
