@@ -241,6 +241,7 @@ def server_throughput(url: str, a: argparse.Namespace, seed: int, pool: Any, pid
     ttft = [t for p in parts for t in p["ttft"]]
     itl = [t for p in parts for t in p["itl"]]
     return {
+        "start_at": start_at,
         "tokens": tokens,
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
@@ -358,6 +359,11 @@ def main() -> None:
     p.add_argument("--variants", default="process:5", help="server runs: engine mode:switch ms, ...")
     p.add_argument("--admit-delay-steps", type=int, default=0, help="admit_delay_steps of both engines")
     p.add_argument(
+        "--trace-engine",
+        action="store_true",
+        help="the engine process writes a line per step (INFERFORGE_ENGINE_TRACE) to engine_trace_*.jsonl",
+    )
+    p.add_argument(
         "--profile-engine",
         action="store_true",
         help="cProfile the engine process (INFERFORGE_ENGINE_PROFILE), print where its time goes; slows it",
@@ -391,7 +397,8 @@ def main() -> None:
     cmd += [
         f"--{k.replace('_', '-')}={v}"
         for k, v in vars(a).items()
-        if k not in ("mode", "json", "tiny", "variants", "budget_s", "profile_engine") and v is not None
+        if k not in ("mode", "json", "tiny", "variants", "budget_s", "profile_engine", "trace_engine")
+        and v is not None
     ]
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
@@ -413,6 +420,8 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
     prof = out / f"engine_{mode}_{switch_ms}.prof"
     if a.profile_engine:
         os.environ["INFERFORGE_ENGINE_PROFILE"] = str(prof)
+    if a.trace_engine:
+        os.environ["INFERFORGE_ENGINE_TRACE"] = str(out / f"engine_trace_{mode}_{switch_ms}.jsonl")
     proc, url = start_server(a, out / f"server_{mode}_{switch_ms}.log", mode, switch_ms)
     phase(f"server up (engine {mode}, switch interval {switch_ms} ms)")
     try:
@@ -441,6 +450,7 @@ def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, me
         proc.send_signal(signal.SIGTERM)
         res["exit_code"] = proc.wait(120)
         os.environ.pop("INFERFORGE_ENGINE_PROFILE", None)
+        os.environ.pop("INFERFORGE_ENGINE_TRACE", None)
     if a.profile_engine and prof.exists():
         print_profile(prof)
     return res

@@ -122,9 +122,42 @@ def _child_main(conn: Any, folder: str, config: dict[str, Any]) -> None:
         profiler.dump_stats(profile_path)
 
 
+class _StepTrace:
+    """Per loop turn, for diagnosis (`INFERFORGE_ENGINE_TRACE=path`, written as JSON lines at exit): when
+    requests reached the engine and what each step did: (start as Unix time, requests added, step seconds,
+    outputs, first tokens among them, running, waiting)."""
+
+    def __init__(self, path: str) -> None:
+        self.path, self.added = path, 0
+        self.rows: list[tuple] = []
+
+    def step(self, eng: Any, t0: float, outs: list[EngineOutput]) -> None:
+        firsts = sum(o.completion_tokens == len(o.new_token_ids) for o in outs)
+        sched = eng.scheduler
+        self.rows.append((t0, self.added, time.time() - t0, len(outs), firsts, len(sched.running),
+                          len(sched.waiting)))  # fmt: skip
+        self.added = 0
+
+    def write(self) -> None:
+        import json
+
+        Path(self.path).write_text("\n".join(json.dumps(r) for r in self.rows))
+
+
 def _serve(conn: Any, eng: Any) -> None:
     """The child's loop: take the parent's messages, step the engine, send each step's outputs."""
-    stopping, clock = False, _LoopClock()
+    clock = _LoopClock()
+    trace_path = os.environ.get("INFERFORGE_ENGINE_TRACE")
+    trace = _StepTrace(trace_path) if trace_path else None
+    try:
+        _loop(conn, eng, clock, trace)
+    finally:
+        if trace is not None:
+            trace.write()
+
+
+def _loop(conn: Any, eng: Any, clock: _LoopClock, trace: _StepTrace | None) -> None:
+    stopping = False
     while True:
         busy = eng.has_unfinished()
         handled = False
@@ -139,16 +172,21 @@ def _serve(conn: Any, eng: Any) -> None:
             except EOFError:
                 return  # the parent is gone
             handled = True
+            if trace is not None and msg[0] == "add":
+                trace.added += 1
             stopping = _handle(msg, eng, conn) or stopping
             clock.lap("ipc_in")
             busy = eng.has_unfinished()
         if busy:
+            t0 = time.time()
             try:
                 outs = eng.step()
             except Exception as exc:  # a device fault must not leave clients hanging
                 conn.send(("fail", f"engine step failed: {type(exc).__name__}: {exc}"))
                 return
             clock.lap("step")
+            if trace is not None:
+                trace.step(eng, t0, outs)
             conn.send(("outs", _pack(outs), clock.stats(eng)))
             clock.lap("ipc_out")
         elif handled:
