@@ -1,6 +1,7 @@
 """Why do some prompt steps of the server take 55-90 ms where the same kind of step takes 12 (trace of
 2026-11-23, I5)? Times the first and the second call of each new prompt count: SDPA alone (default backend
-choice, then flash only), then the engine's whole prompt step. Run on the GPU:
+choice, flash only, cuDNN only), then the engine's whole prompt step; then chunked prompts (later chunks
+attend through the masked path) of new lengths. Run on the GPU:
     python benchmarks/llm/shape_probe.py
 """
 
@@ -64,10 +65,21 @@ def main() -> None:
     print(torch.__version__, torch.cuda.get_device_name(0), flush=True)
     sdpa_calls([64, 13, 18, 21, 28, 42, 13, 18], None)
     sdpa_calls([5, 11, 19, 27, 5, 11], SDPBackend.FLASH_ATTENTION)
-    sdpa_calls([6, 12, 20, 6], SDPBackend.CUDNN_ATTENTION)
-    sdpa_calls([7, 14, 22, 7], SDPBackend.EFFICIENT_ATTENTION)
+    sdpa_calls([6, 12, 20, 6], SDPBackend.CUDNN_ATTENTION)  # (memory-efficient attention takes no GQA)
     folder = make_random_1b(Path("/tmp/llama1b_random"))
     engine_steps(folder, [64, 13, 18, 21, 28, 42, 13, 18, 21, 28, 42, 33, 33])
+    chunked_steps(folder, [300, 700, 1100, 700, 1500])
+
+
+def chunked_steps(folder: Path, lengths: list[int]) -> None:
+    eng = LLMEngine(folder, EngineConfig(device="cuda", max_num_seqs=64, max_num_batched_tokens=256))
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    for k, n in enumerate(lengths):
+        eng.add_request(EngineRequest(f"c{k}", tuple(range(100, 100 + n)), params))
+        times = []
+        while eng.has_unfinished():
+            times.append(timed(eng.step))
+        print(f"engine chunked prompt of {n} tokens, 256 a step: steps ms {[round(t, 1) for t in times]}")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,25 @@ def test_cuda_graph_greedy_fp32_matches_transformers(tiny_dirs: dict[str, Path],
 
 
 @needs_cuda
+def test_chunked_prompt_fp32_matches_transformers(tiny_dirs: dict[str, Path]) -> None:
+    """A prompt split over several steps: later chunks attend to the cache through the masked path (on CUDA
+    the grouped heads repeated for memory-efficient attention, no cuDNN)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_dirs["llama"]
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = tuple(range(3, 43))
+    ref = hf.generate(
+        torch.tensor([prompt]), max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
+    )
+    config = EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=4,
+                          max_num_batched_tokens=16)  # fmt: skip
+    eng = LLMEngine(folder, config)
+    outs = eng.generate([EngineRequest("c", prompt, SamplingParams(max_tokens=8, temperature=0.0))])["c"][0]
+    assert [t for o in outs for t in o.new_token_ids] == ref[0, len(prompt) :].tolist()
+
+
+@needs_cuda
 def test_int8_engine_runs_and_stays_close_to_bf16(tiny_llama: Path) -> None:
     prompt = (5, 17, 99, 3)
     params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, logprobs=0)

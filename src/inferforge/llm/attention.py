@@ -6,11 +6,23 @@ in `triton_attn.py`, chosen per engine only after it matched this reference on t
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# Prompt attention never runs on cuDNN's backend, torch's first choice on the H100 for these shapes: it builds
+# a plan for every new shape, 48-91 ms the first time a prompt count or context length is seen (run I6 of
+# 2026-11-23, `benchmarks/llm/shape_probe.py`), so a server's prompt steps, whose shapes follow arrivals, kept
+# paying it (55-90 ms steps in the I5 trace). Flash and memory-efficient attention build nothing.
+_NO_PLAN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _no_plan_backends(device: torch.device) -> contextlib.AbstractContextManager:
+    return sdpa_kernel(_NO_PLAN) if device.type == "cuda" else contextlib.nullcontext()
 
 
 @dataclass
@@ -129,6 +141,20 @@ def prefill_attention(
 ) -> torch.Tensor:
     """q: [T, heads, d]. Fresh prompts attend to their own new keys (causal), in padded groups where given;
     a later chunk reads the cache."""
+    with _no_plan_backends(q.device):
+        return _prefill_attention(q, k_new, v_new, k_cache, v_cache, seqs, scale, groups)
+
+
+def _prefill_attention(
+    q: torch.Tensor,
+    k_new: torch.Tensor,
+    v_new: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqs: list[PrefillSeq],
+    scale: float,
+    groups: list[FreshGroup] | None,
+) -> torch.Tensor:
     out = torch.empty_like(q)
     for g in groups or ():
         _attend_group(q, k_new, v_new, g, scale, out)
@@ -145,6 +171,8 @@ def prefill_attention(
             q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)
             mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
             causal = False
+            if q.is_cuda:  # memory-efficient attention takes a mask but not grouped heads: repeat them
+                ks, vs = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (ks, vs))
         o = F.scaled_dot_product_attention(
             qs,
             ks.transpose(0, 1).unsqueeze(0),
@@ -152,7 +180,7 @@ def prefill_attention(
             attn_mask=mask,
             is_causal=causal,
             scale=scale,
-            enable_gqa=True,
+            enable_gqa=ks.shape[1] != q.shape[1],
         )
         out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
     return out
