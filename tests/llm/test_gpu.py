@@ -55,8 +55,8 @@ def test_chunked_prompt_fp32_matches_transformers(tiny_dirs: dict[str, Path]) ->
     )
     config = EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=4,
                           max_num_batched_tokens=16)  # fmt: skip
-    eng = LLMEngine(folder, config)
-    outs = eng.generate([EngineRequest("c", prompt, SamplingParams(max_tokens=8, temperature=0.0))])["c"][0]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    outs = LLMEngine(folder, config).generate([EngineRequest("c", prompt, params)])["c"][0]
     assert [t for o in outs for t in o.new_token_ids] == ref[0, len(prompt) :].tolist()
 
 
