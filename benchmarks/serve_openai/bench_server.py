@@ -170,9 +170,9 @@ def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]], float]) -
     cfg = LoadTestConfig(
         url=url, concurrency=concurrency, max_tokens=gen, requests=requests, duration_s=600, ignore_eos=True
     )
-    time.sleep(max(0.0, start_at - time.time()))  # every client process starts together
     cpu0 = time.process_time()
-    samples, _ = asyncio.run(run_samples(cfg, [{"prompt": list(r)} for r in rows]))
+    # Every client process starts together; connections opened before (a client's steady state).
+    samples, _ = asyncio.run(run_samples(cfg, [{"prompt": list(r)} for r in rows], start_at))
     return {
         "end": time.time(),
         "tokens": sum(s.tokens for s in samples if s.ok),

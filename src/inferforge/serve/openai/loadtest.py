@@ -130,7 +130,12 @@ async def run(cfg: LoadTestConfig, prompts: list[dict[str, Any]]) -> dict[str, A
     return summarize(samples, elapsed, cfg)
 
 
-async def run_samples(cfg: LoadTestConfig, prompts: list[dict[str, Any]]) -> tuple[list[Sample], float]:
+async def run_samples(
+    cfg: LoadTestConfig, prompts: list[dict[str, Any]], start_at: float | None = None
+) -> tuple[list[Sample], float]:
+    """Samples and the seconds from the first request to the last answer. `start_at` (Unix time): open
+    `concurrency` connections and look the model up first, then wait for that moment, so that several load
+    processes start together and none of their set-up is timed."""
     import httpx
 
     headers = {"Authorization": f"Bearer {cfg.api_key}"} if cfg.api_key else {}
@@ -144,6 +149,9 @@ async def run_samples(cfg: LoadTestConfig, prompts: list[dict[str, Any]]) -> tup
             if r.status_code != 200:
                 raise InferforgeError(f"GET {cfg.url}/v1/models answered {r.status_code}: {r.text[:200]}")
             model = r.json()["data"][0]["id"]
+        if start_at is not None:
+            await asyncio.gather(*(client.get("/health") for _ in range(cfg.concurrency)))
+            await asyncio.sleep(max(0.0, start_at - time.time()))
         samples: list[Sample] = []
         started = 0
         t0 = time.perf_counter()
