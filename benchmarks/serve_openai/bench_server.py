@@ -88,9 +88,29 @@ async def engine_ttft(eng: Any, rows: list[tuple[int, ...]]) -> list[float]:
     return out
 
 
-def sync_waves(a: argparse.Namespace) -> list[dict]:
-    """`a.waves` waves of `a.concurrency` requests arriving together, driven by `LLMEngine.step()` in this
-    thread (no asyncio, no HTTP), after one wave of warm-up; freed before the async engine loads."""
+def sync_closed_loop(eng: Any, rows: list[tuple[int, ...]], concurrency: int, gen: int, tag: str) -> dict:
+    """The closed loop driven by `LLMEngine.step()` alone: a finished request's successor is added before
+    the next step (no asyncio, no HTTP): the engine's own capacity under continuous arrivals."""
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=gen, temperature=0.0, ignore_eos=True)
+    for k in range(min(concurrency, len(rows))):
+        eng.add_request(EngineRequest(f"{tag}-{k}", rows[k], params))
+    started, tokens, t0 = min(concurrency, len(rows)), 0, time.perf_counter()
+    while eng.has_unfinished():
+        for o in eng.step():
+            tokens += len(o.new_token_ids)
+            if o.finished and started < len(rows):
+                eng.add_request(EngineRequest(f"{tag}-{started}", rows[started], params))
+                started += 1
+    wall = time.perf_counter() - t0
+    return {"tokens": tokens, "wall_s": wall, "tokens_per_s": tokens / wall}
+
+
+def sync_waves(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """`a.waves` waves of `a.concurrency` requests arriving together, then `a.reps` closed loops, driven by
+    `LLMEngine.step()` in this thread (no asyncio, no HTTP), after warm-ups; the engine is freed before the
+    async one loads."""
     import gc
 
     import torch
@@ -112,12 +132,18 @@ def sync_waves(a: argparse.Namespace) -> list[dict]:
         wall = time.perf_counter() - t0
         if w:
             out.append({"tokens": n, "wall_s": wall, "tokens_per_s": n / wall})
+    for r in range(a.warmup_reps):
+        sync_closed_loop(eng, prompts(a.requests, a.prompt_len, 5 + r), a.concurrency, a.gen, f"w{r}")
+    loops = [
+        sync_closed_loop(eng, prompts(a.requests, a.prompt_len, 10 + r), a.concurrency, a.gen, f"c{r}")
+        for r in range(a.reps)
+    ]
     del eng
     gc.unfreeze()
     gc.collect()
     if a.device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return out
+    return out, loops
 
 
 def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
@@ -135,14 +161,14 @@ def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
 def engine_mode(a: argparse.Namespace) -> None:
     from inferforge.llm.async_engine import AsyncLLMEngine
 
-    sync = sync_waves(a) if a.waves else []
+    sync, sync_loops = sync_waves(a) if a.waves else ([], [])
     eng = AsyncLLMEngine.from_pretrained(a.model_dir, **engine_flags(a))
     from inferforge.serve.heap import refreeze
 
     refreeze()  # as the server's engine process does once loaded: the same engine on both sides
 
     async def main() -> dict:
-        res: dict = {"sync_waves": sync}
+        res: dict = {"sync_waves": sync, "sync_closed_loop": sync_loops}
         await engine_closed_loop(eng, prompts(a.concurrency, a.prompt_len, 1), a.concurrency, 16)  # warm-up
         for r in range(a.warmup_reps):  # every step shape the measured loops meet, met once
             await engine_closed_loop(eng, prompts(a.requests, a.prompt_len, 5 + r), a.concurrency, a.gen)
@@ -473,6 +499,9 @@ def report(res: dict, out: Path) -> None:
     summary: dict[str, Any] = {"engine_tokens_per_s_median": e_med}
     sync = [w["tokens_per_s"] for w in res["engine"]["sync_waves"]]
     a_waves = [w["tokens_per_s"] for w in res["engine"]["waves"]]
+    sync_loops = [x["tokens_per_s"] for x in res["engine"].get("sync_closed_loop", [])]
+    if sync_loops:
+        summary["closed loop: LLMEngine.step loop tok/s median"] = statistics.median(sync_loops)
     if sync:
         summary["waves: LLMEngine.step loop tok/s median"] = statistics.median(sync)
         summary["waves: AsyncLLMEngine in-process tok/s median"] = statistics.median(a_waves)
@@ -487,6 +516,9 @@ def report(res: dict, out: Path) -> None:
         tag = f"{r['engine_mode']}, switch {r['switch_interval_ms']} ms"
         summary[f"server tokens/s median ({tag})"] = s_med
         summary[f"server / engine ({tag})"] = s_med / e_med
+        if sync_loops:
+            key = f"closed loop: server / LLMEngine.step loop ({tag})"
+            summary[key] = s_med / statistics.median(sync_loops)
         summary[f"server errors, exit code ({tag})"] = (
             f"{sum(len(x['errors']) for x in r['throughput'])}, {r['exit_code']}"
         )
@@ -500,6 +532,7 @@ def report(res: dict, out: Path) -> None:
     for k, v in summary.items():
         print(f"{k:52s} {v:.3f}" if isinstance(v, float) else f"{k:52s} {v}")
     print("engine tokens/s per rep:", [round(x) for x in eng])
+    print("closed loop tok/s, LLMEngine.step loop:", [round(x) for x in sync_loops])
     print("waves tok/s, LLMEngine.step loop:", [round(x) for x in sync])
     print("waves tok/s, AsyncLLMEngine:", [round(x) for x in a_waves])
     for r in runs:
