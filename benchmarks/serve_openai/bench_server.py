@@ -370,7 +370,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="of both engines")
+    p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="of every engine (serve-llm's)")
     p.add_argument("--requests", type=int, default=768)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)

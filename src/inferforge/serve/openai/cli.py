@@ -54,7 +54,7 @@ def serve_llm(
     max_model_len: int | None = typer.Option(None, min=2, help="Context length; default: the model's."),
     max_waiting: int = typer.Option(1024, min=1, help="Waiting-queue bound; beyond it requests get 429."),
     max_num_batched_tokens: int = typer.Option(
-        2048,
+        8192,
         min=1,
         help="Tokens per engine step (decode rows + prompt chunks). Larger: a burst's prompts in fewer steps "
         "(more tokens/s), while running streams wait longer between tokens during those steps.",
