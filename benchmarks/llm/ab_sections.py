@@ -382,17 +382,3 @@ def residual_ab(folder: Path) -> None:
                 key = f"resab {quant or 'bf16'} {on} rep{rep}"
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [residual before wait {on}]")
     gemv.RESIDUAL_BEFORE_WAIT["on"] = True
-
-
-def f16_products_ab(folder: Path) -> None:
-    """Batch-1 int4 decode with the nibble products in packed fp16 (`gemv_int4.F16_PRODUCTS`) and in fp32,
-    twice in turn, bf16 once for the ratio."""
-    from inferforge.llm import gemv_int4
-
-    RESULTS["f16ab bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    for rep in range(2):
-        for on in (False, True):
-            gemv_int4.F16_PRODUCTS["on"] = on
-            key = f"f16ab int4 {on} rep{rep}"
-            RESULTS[key] = engine_numbers(folder, "int4", (1,), note=f" [fp16 products {on}]")
-    gemv_int4.F16_PRODUCTS["on"] = True
