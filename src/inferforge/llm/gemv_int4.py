@@ -152,77 +152,6 @@ def _nibbles_ptx(w):
 
 
 @triton.jit
-def _pairs_ptx(lo, hi):
-    """fp16x2 words {lo, hi} of two fp32 vectors (one `cvt` a pair: PTX puts its first operand high)."""
-    return tl.inline_asm_elementwise(
-        "cvt.rn.f16x2.f32 $0, $2, $1;", "=r,r,r", [lo, hi], dtype=tl.int32, is_pure=True, pack=1
-    )
-
-
-@triton.jit
-def _word_dot_ptx(w, x04, x15, x26, x37):
-    """sum_i (q_i - 8) x_i over the 8 nibbles of each packed word, in packed fp16: two nibbles a `lop3` into
-    fp16 1024 + q, one packed subtraction of 1032 (q - 8, exact), four packed fma over the x pairs (nibbles 0
-    and 4, 1 and 5, ... share a word: the pairs' layout), the two halves added in fp32: ~2.2 instructions a
-    weight where `_nibbles_ptx` and fp32 products take ~5.5."""
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 a, b, c, d, t, m; .reg .b16 l, h; .reg .f32 fl, fh;"
-        " lop3.b32 a, $1, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $1, 4;"
-        " lop3.b32 b, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $1, 8;"
-        " lop3.b32 c, t, 0x000F000F, 0x64006400, 0xEA; shr.b32 t, $1, 12;"
-        " lop3.b32 d, t, 0x000F000F, 0x64006400, 0xEA; mov.b32 m, 0x64086408;"
-        " sub.f16x2 a, a, m; sub.f16x2 b, b, m; sub.f16x2 c, c, m; sub.f16x2 d, d, m;"
-        " mul.rn.f16x2 a, a, $2; fma.rn.f16x2 a, b, $3, a;"
-        " fma.rn.f16x2 a, c, $4, a; fma.rn.f16x2 a, d, $5, a;"
-        " mov.b32 {l, h}, a; cvt.f32.f16 fl, l; cvt.f32.f16 fh, h; add.f32 $0, fl, fh; }",
-        "=r,r,r,r,r,r", [w, x04, x15, x26, x37], dtype=tl.float32, is_pure=True, pack=1)  # fmt: skip
-
-
-@triton.jit
-def _word_dot_f16(w, xs):
-    """`_word_dot_ptx` in Triton for the interpreter: the same fp16 products and sums, rounded per operation
-    (the hardware's fma rounds once)."""
-    lo = ((w & 15) - 8).to(tl.float16) * xs[0][:, None].to(tl.float16)
-    hi = (((w >> 16) & 15) - 8).to(tl.float16) * xs[4][:, None].to(tl.float16)
-    for i in tl.static_range(1, 4):
-        lo += (((w >> (4 * i)) & 15) - 8).to(tl.float16) * xs[i][:, None].to(tl.float16)
-        hi += (((w >> (4 * i + 16)) & 15) - 8).to(tl.float16) * xs[i + 4][:, None].to(tl.float16)
-    return lo.to(tl.float32) + hi.to(tl.float32)
-
-
-@triton.jit
-def _tile_dot_f16(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr, PTX: tl.constexpr):
-    """`_tile_dot` with the nibble products in packed fp16 (bf16 / fp16 activations only: fp16 holds a bf16
-    value exactly unless it is out of fp16's range, and x is scaled by 1/16 first, so four products of up to
-    8 |x| overflow only past |x| = 32,768). Nibbles are taken as q - 8, so the zeros gain 8 scales."""
-    xsum = xs[0]
-    for i in tl.static_range(1, 8):
-        xsum += xs[i]
-    sc = (xs[0] * 0.0625, xs[1] * 0.0625, xs[2] * 0.0625, xs[3] * 0.0625, xs[4] * 0.0625, xs[5] * 0.0625,
-          xs[6] * 0.0625, xs[7] * 0.0625)  # fmt: skip
-    if PTX:
-        x04, x15 = _pairs_ptx(sc[0], sc[4])[:, None], _pairs_ptx(sc[1], sc[5])[:, None]
-        x26, x37 = _pairs_ptx(sc[2], sc[6])[:, None], _pairs_ptx(sc[3], sc[7])[:, None]
-        part = _word_dot_ptx(w, x04, x15, x26, x37)
-    else:
-        part = _word_dot_f16(w, sc)
-    tg = tl.sum(tl.reshape(part, [TG, w.shape[0] // TG, w.shape[1]]), 1) * 16.0
-    xg = tl.sum(tl.reshape(xsum, [TG, w.shape[0] // TG]), 1)[:, None]
-    if FMA:  # W = q s + z = (q - 8) s + (z + 8 s)
-        return tl.sum(tg * s + (z + 8.0 * s) * xg, 0)
-    else:  # W = (q - zero) s = ((q - 8) - (zero - 8)) s
-        return tl.sum((tg - (z - 8.0) * xg) * s, 0)
-
-
-@triton.jit
-def _dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr, PTX: tl.constexpr, F16: tl.constexpr):
-    if F16:
-        return _tile_dot_f16(w, s, z, xs, TG, FMA, PTX)
-    else:
-        return _tile_dot(w, s, z, xs, TG, FMA, PTX)
-
-
-@triton.jit
 def _tile_dot(w, s, z, xs, TG: tl.constexpr, FMA: tl.constexpr, PTX: tl.constexpr):
     """sum_k W[n, k] x[k] over one tile: nibble plane i of each packed row times x[8 r + i], summed per group,
     then the group's scale and zero applied once. PTX: the planes by `_nibbles_ptx` (the interpreter runs no
@@ -254,7 +183,7 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
                       H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                      PTX: tl.constexpr, EARLY_RES: tl.constexpr, F16: tl.constexpr):  # fmt: skip
+                      PTX: tl.constexpr, EARLY_RES: tl.constexpr):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -278,12 +207,11 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         xf = _row_tile(X, r, K // 8)
         inv = tl.rsqrt(tl.sum(tl.sum(xf * xf, 1), 0) / K + eps)
         xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
-        acc = _dot(w, s, z, _columns(xin), TG, FMA, PTX, F16)
+        acc = _tile_dot(w, s, z, _columns(xin), TG, FMA, PTX)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
         for t in tl.static_range(0, (K + BLOCK_K - 1) // BLOCK_K):
-            xs = _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8))
-            acc += _dot(w, s, z, xs, TG, FMA, PTX, F16)
+            acc += _tile_dot(w, s, z, _columns(_row_tile(X, t * (BLOCK_K // 8) + r, K // 8)), TG, FMA, PTX)
             w, s, z = _load_tile(W, S, Z, t + 1, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP,
                                  BLOCK_K, TG)  # fmt: skip
     if HAS_BIAS:
@@ -298,9 +226,6 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
 
 
 PTX_NIBBLES = {"on": True}  # `_nibbles_ptx` on the GPU (the interpreter runs no PTX)
-# Nibble products in packed fp16 (`_tile_dot_f16`) for bf16 / fp16 activations; fp32 activations keep the
-# exact fp32 products (the fp32 tests compare to 1e-4).
-F16_PRODUCTS = {"on": True}
 
 # Keyed by (N, K); empty until measured inside the decode step (tiles faster alone were not, `gemv.TUNED`).
 TUNED: dict[tuple[int, int], TileConfig] = {}
@@ -350,8 +275,7 @@ def gemv_int4(
         PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
         KV=kv_heads, D=d, PDL=fused.pdl_on(), PTX=PTX_NIBBLES["on"] and x.is_cuda,
-        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2,
-        F16=F16_PRODUCTS["on"] and x.dtype in (torch.bfloat16, torch.float16), num_warps=cfg.num_warps,
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
