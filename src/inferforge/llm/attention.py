@@ -141,49 +141,41 @@ def prefill_attention(
 ) -> torch.Tensor:
     """q: [T, heads, d]. Fresh prompts attend to their own new keys (causal), in padded groups where given;
     a later chunk reads the cache."""
-    with _no_plan_backends(q.device):
-        return _prefill_attention(q, k_new, v_new, k_cache, v_cache, seqs, scale, groups)
-
-
-def _prefill_attention(
-    q: torch.Tensor,
-    k_new: torch.Tensor,
-    v_new: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seqs: list[PrefillSeq],
-    scale: float,
-    groups: list[FreshGroup] | None,
-) -> torch.Tensor:
     out = torch.empty_like(q)
-    for g in groups or ():
-        _attend_group(q, k_new, v_new, g, scale, out)
-    for s in seqs:
-        qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
-        if s.ctx_len == s.q_len:
-            ks = k_new[s.q_start : s.q_start + s.q_len]
-            vs = v_new[s.q_start : s.q_start + s.q_len]
-            mask, causal = None, True
-        else:
-            assert s.block_ids is not None
-            ks = k_cache[s.block_ids].flatten(0, 1)[: s.ctx_len]
-            vs = v_cache[s.block_ids].flatten(0, 1)[: s.ctx_len]
-            q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)
-            mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-            causal = False
-            if q.is_cuda:  # memory-efficient attention takes a mask but not grouped heads: repeat them
-                ks, vs = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (ks, vs))
-        o = F.scaled_dot_product_attention(
-            qs,
-            ks.transpose(0, 1).unsqueeze(0),
-            vs.transpose(0, 1).unsqueeze(0),
-            attn_mask=mask,
-            is_causal=causal,
-            scale=scale,
-            enable_gqa=ks.shape[1] != q.shape[1],
-        )
-        out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
+    with _no_plan_backends(q.device):
+        for g in groups or ():
+            _attend_group(q, k_new, v_new, g, scale, out)
+        for s in seqs:
+            _attend_seq(q, k_new, v_new, k_cache, v_cache, s, scale, out)
     return out
+
+
+def _attend_seq(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, s: PrefillSeq, scale: float, out: torch.Tensor) -> None:  # fmt: skip
+    qs = q[s.q_start : s.q_start + s.q_len].transpose(0, 1).unsqueeze(0)  # [1, H, q, d]
+    if s.ctx_len == s.q_len:
+        ks = k_new[s.q_start : s.q_start + s.q_len]
+        vs = v_new[s.q_start : s.q_start + s.q_len]
+        mask, causal = None, True
+    else:
+        assert s.block_ids is not None
+        ks = k_cache[s.block_ids].flatten(0, 1)[: s.ctx_len]
+        vs = v_cache[s.block_ids].flatten(0, 1)[: s.ctx_len]
+        q_pos = torch.arange(s.ctx_len - s.q_len, s.ctx_len, device=q.device)
+        mask = torch.arange(s.ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        causal = False
+        if q.is_cuda:  # memory-efficient attention takes a mask but not grouped heads: repeat them
+            ks, vs = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (ks, vs))
+    o = F.scaled_dot_product_attention(
+        qs,
+        ks.transpose(0, 1).unsqueeze(0),
+        vs.transpose(0, 1).unsqueeze(0),
+        attn_mask=mask,
+        is_causal=causal,
+        scale=scale,
+        enable_gqa=ks.shape[1] != q.shape[1],
+    )
+    out[s.q_start : s.q_start + s.q_len] = o[0].transpose(0, 1)
 
 
 def decode_attention_torch(
