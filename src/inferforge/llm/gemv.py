@@ -100,12 +100,18 @@ def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.const
 
 
 @triton.jit
+def _store_residual(acc, res, Y, offs_n, nmask, act_ty: tl.constexpr):
+    """y + residual, y rounded to the activation type first as the unfused model rounds it."""
+    tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
+
+
+@triton.jit
 def _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE: tl.constexpr, HALF: tl.constexpr):
     """Epilogues other than RoPE: the residual add and SiLU x up rounded as the unfused model rounds them."""
     act_ty = X.dtype.element_ty
     if EPILOGUE == 1:
         res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
-        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
+        _store_residual(acc, res, Y, offs_n, nmask, act_ty)
     elif EPILOGUE == 3:
         gate, up = tl.split(tl.permute(tl.reshape(acc.to(act_ty).to(tl.float32), [2, HALF]), (1, 0)))
         act = (gate / (1.0 + tl.exp(-gate))).to(act_ty).to(tl.float32)
@@ -204,7 +210,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
                           stride_c_slot, HALF, H, KV, D)  # fmt: skip
     elif EPILOGUE == 1 and EARLY_RES:
-        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
+        _store_residual(acc, res, Y, offs_n, nmask, act_ty)
     else:
         _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 

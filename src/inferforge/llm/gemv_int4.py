@@ -40,6 +40,7 @@ from inferforge.llm.gemv import (
     _rope_prefetch,
     _rows,
     _store,
+    _store_residual,
     _wait_for_inputs,
 )
 
@@ -220,7 +221,7 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
         _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
                           stride_c_slot, HALF, H, KV, D)  # fmt: skip
     elif EPILOGUE == 1 and EARLY_RES:
-        tl.store(Y + offs_n, (acc.to(act_ty).to(tl.float32) + res).to(Y.dtype.element_ty), mask=nmask)
+        _store_residual(acc, res, Y, offs_n, nmask, act_ty)
     else:
         _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 
