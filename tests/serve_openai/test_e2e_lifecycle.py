@@ -188,6 +188,8 @@ def test_sigterm_drains_then_exits_zero(long_llama: Path, tmp_path: Path, drain:
         (["{model}", "--drain-timeout", "-1"], "--drain-timeout"),
         (["{model}", "--admit-delay-steps", "-1"], "--admit-delay-steps"),
         (["{model}", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
+        (["{model}", "--api-server-count", "0"], "--api-server-count"),
+        (["{model}", "--api-server-count", "2", "--engine-mode", "thread"], "--api-server-count"),
     ],
 )
 def test_bad_flags_give_one_line_naming_the_flag(tiny_llama: Path, args: list[str], flag: str) -> None:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferforge.errors import InferforgeError
-from inferforge.llm.protocol import EngineClient, EngineOutput
+from inferforge.llm.protocol import EngineClient, EngineOutput, EngineStats
 from inferforge.serve.heap import refreeze
 from inferforge.serve.openai.convert import Plan, plan_chat, plan_completion
 from inferforge.serve.openai.engine_io import Tracker, run_requests
@@ -92,11 +92,17 @@ def timing_headers(tracker: Tracker) -> dict[str, str]:
 class OpenAIServer:
     """State shared by the routes of one app: the engine, its served name, limits and metrics."""
 
-    def __init__(self, engine: EngineClient, model_name: str, limits: ServerLimits) -> None:
+    def __init__(
+        self,
+        engine: EngineClient,
+        model_name: str,
+        limits: ServerLimits,
+        multiprocess_dir: str | None = None,
+    ) -> None:
         self.engine = engine
         self.model_name = model_name
         self.limits = limits
-        self.metrics = ServerMetrics(engine)
+        self.metrics = ServerMetrics(engine, multiprocess_dir)
         self.text_of = TokenText(engine)
         self.draining = False
         self.created = int(time.time())
@@ -248,9 +254,17 @@ def create_app(
     limits: ServerLimits | None = None,
     api_keys: set[str] | None = None,
     shutdown_grace_s: float = 0.0,
+    multiprocess_dir: str | None = None,
 ) -> FastAPI:
-    """Build the app; the lifespan's end shuts the engine down (after uvicorn has drained the connections)."""
-    state = OpenAIServer(engine, model_name or engine.model_name, limits or ServerLimits())
+    """Build the app; the lifespan's end shuts the engine down (after uvicorn has drained the connections).
+
+    `multiprocess_dir`: set in each HTTP worker of `--api-server-count N`, so /metrics covers all workers."""
+    state = OpenAIServer(engine, model_name or engine.model_name, limits or ServerLimits(), multiprocess_dir)
+
+    async def current_stats() -> EngineStats:
+        """The engine's figures now: a link to an engine in another process asks it (between two steps)."""
+        refresh = getattr(engine, "refresh_stats", None)
+        return await refresh() if refresh is not None else engine.stats()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -276,11 +290,12 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        body = state.metrics.render(await current_stats())
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/v1/stats")
     async def stats() -> dict[str, Any]:
-        s = engine.stats()
+        s = await current_stats()
         return {
             "running": s.running,
             "waiting": s.waiting,

@@ -78,6 +78,13 @@ def serve_llm(
     switch_interval_ms: float = typer.Option(
         5.0, min=0.05, max=100.0, help="Python's GIL switch interval (5 is Python's default)."
     ),
+    api_server_count: int = typer.Option(
+        1,
+        min=1,
+        max=64,
+        help="HTTP worker processes in front of the one engine process (as vLLM's flag). More than one "
+        "spreads the per-request and per-chunk CPU work over cores; needs --engine-mode process.",
+    ),
 ) -> None:
     """Serve an LLM with an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /v1/models)."""
     keys = read_api_keys(api_key_file)
@@ -91,6 +98,11 @@ def serve_llm(
     )
     if engine_mode not in ("thread", "process"):
         raise InferforgeError(f"--engine-mode must be thread or process, got {engine_mode!r}")
+    if api_server_count > 1 and engine_mode != "process":
+        raise InferforgeError(
+            f"--api-server-count {api_server_count} needs --engine-mode process: workers share one engine "
+            "process"
+        )
     if not model_dir.is_dir():
         raise InferforgeError(f"MODEL_DIR {model_dir}: not a folder; give a Hugging Face model folder")
     from inferforge.serve.openai.server import serve
@@ -105,6 +117,25 @@ def serve_llm(
         "admit_delay_steps": admit_delay_steps,
         "enable_prefix_caching": enable_prefix_caching,
     }
+    if api_server_count > 1:
+        from inferforge.serve.openai.workers import serve_workers
+
+        code = serve_workers(
+            str(model_dir),
+            engine_config,
+            api_server_count,
+            host=host,
+            port=port,
+            model_name=served_model_name,
+            limits=limits,
+            api_keys=keys,
+            drain_timeout=drain_timeout,
+            log_level=log_level,
+            switch_interval_ms=switch_interval_ms,
+        )
+        if code:
+            raise typer.Exit(code)
+        return
     engine: EngineClient
     if engine_mode == "process":
         from inferforge.serve.openai.engine_process import ProcessEngine

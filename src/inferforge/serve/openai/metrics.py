@@ -1,12 +1,18 @@
-"""Prometheus metrics of the OpenAI server, in a registry of its own so two apps in one process never meet."""
+"""Prometheus metrics of the OpenAI server, in a registry of its own so two apps in one process never meet.
+
+With `--api-server-count N` each HTTP worker records its requests in prometheus-client's multiprocess files
+(the supervisor sets `PROMETHEUS_MULTIPROC_DIR` before it spawns them), and a scrape of any worker sums all of
+them. The engine's figures are not per worker: they are read from the engine when scraped (`EngineCollector`).
+"""
 
 from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from inferforge.llm.protocol import EngineClient, RequestTiming
+from inferforge.llm.protocol import EngineClient, EngineStats, RequestTiming
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -34,13 +40,58 @@ _ITL_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.07
 _RATE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
 
 
-class ServerMetrics:
-    """Histograms per request (observed once it finishes) and engine gauges (read at scrape time)."""
+class EngineCollector:
+    """The engine's gauges and cumulative counters, built from its stats at scrape time.
+
+    One engine serves every HTTP worker, so these come from it, not from the workers' files (summing them
+    per worker would count the engine N times)."""
 
     def __init__(self, engine: EngineClient) -> None:
         self.engine = engine
+        self.latest: EngineStats | None = None  # set by the app just before a scrape, when it can ask
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        s = self.latest or self.engine.stats()
+        p = "inferforge_llm_"
+        yield _gauge(p + "kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.",
+                     s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)  # fmt: skip
+        yield _gauge(p + "kv_cache_blocks_used", "KV-cache blocks in use.", s.kv_blocks_used)
+        yield _gauge(p + "num_requests_running", "Requests in the running batch.", s.running)
+        yield _gauge(p + "num_requests_waiting", "Requests in the waiting queue.", s.waiting)
+        loop = CounterMetricFamily(
+            p + "engine_loop_seconds",
+            "Seconds of the engine process's loop by phase (step, ipc_in, ipc_out, idle).",
+            labels=["phase"],
+        )
+        for phase, seconds in s.loop_seconds:
+            loop.add_metric([phase], seconds)
+        yield loop
+        wait_doc = "Seconds the engine loop was blocked on the GPU."
+        yield CounterMetricFamily(p + "engine_device_wait_seconds", wait_doc, value=s.device_wait_s_total)
+        yield CounterMetricFamily(p + "prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache.",
+                                  value=s.prefix_cached_tokens_total)  # fmt: skip
+        yield CounterMetricFamily(p + "engine_generated_tokens", "Tokens the engine generated (all workers).",
+                                  value=s.generated_tokens_total)  # fmt: skip
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=float(value))
+
+
+class ServerMetrics:
+    """Histograms per request (observed once it finishes) and the engine's figures (read at scrape time).
+
+    `multiprocess_dir`: the `PROMETHEUS_MULTIPROC_DIR` of a server with several HTTP workers. The request
+    series then live in that folder's files (prometheus-client chose file-backed values at import, because the
+    variable was set before this process started) and are summed over every worker at each scrape."""
+
+    def __init__(self, engine: EngineClient, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
+        if multiprocess_dir is not None:
+            multiprocess.MultiProcessCollector(self.registry, path=multiprocess_dir)
+        r = None if multiprocess_dir is not None else self.registry
+        self.engine_stats = EngineCollector(engine)
+        self.registry.register(self.engine_stats)
         p = "inferforge_llm_"
         self.ttft = Histogram(
             p + "time_to_first_token_seconds", "Arrival to first token.", registry=r, buckets=_LATENCY_BUCKETS
@@ -80,24 +131,10 @@ class ServerMetrics:
         self.aborted = Counter(
             p + "aborted_requests", "Engine requests aborted (client gone, drain).", registry=r
         )
-        self.kv_usage = Gauge(p + "kv_cache_usage_ratio", "Fraction of KV-cache blocks in use.", registry=r)
-        self.kv_used = Gauge(p + "kv_cache_blocks_used", "KV-cache blocks in use.", registry=r)
-        self.running = Gauge(p + "num_requests_running", "Requests in the running batch.", registry=r)
-        self.waiting = Gauge(p + "num_requests_waiting", "Requests in the waiting queue.", registry=r)
-        self.loop = Counter(
-            p + "engine_loop_seconds",
-            "Seconds of the engine process's loop by phase (step, ipc_in, ipc_out, idle); sent with each "
-            "step's outputs, so idle time shows once the next step lands.",
-            ["phase"],
-            registry=r,
-        )
-        self.device_wait = Counter(
-            p + "engine_device_wait_seconds", "Seconds the engine loop was blocked on the GPU.", registry=r
-        )
-        self.prefix_cached = Counter(
-            p + "prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache.", registry=r
-        )
-        self._seen: dict[str, float] = {}  # the engine's cumulative figures already counted
+        if multiprocess_dir is not None:  # one series per live worker (label pid): how many serve now
+            up = Gauge(p + "http_worker_up", "1 for each live HTTP worker process.", registry=None,
+                       multiprocess_mode="liveall")  # fmt: skip
+            up.set(1)
 
     def observe_timing(self, t: RequestTiming, completion_tokens: int) -> None:
         if t.scheduled is not None:
@@ -113,24 +150,13 @@ class ServerMetrics:
             if t.first_token is not None:
                 self.decode.observe(max(t.finished - t.first_token, 0.0))
 
-    def render(self) -> bytes:
-        s = self.engine.stats()
-        self.kv_used.set(s.kv_blocks_used)
-        self.kv_usage.set(s.kv_blocks_used / s.kv_blocks_total if s.kv_blocks_total else 0.0)
-        self.running.set(s.running)
-        self.waiting.set(s.waiting)
-        self._count_up(self.device_wait, "device_wait", s.device_wait_s_total)
-        self._count_up(self.prefix_cached, "prefix_cached", s.prefix_cached_tokens_total)
-        for phase, seconds in s.loop_seconds:
-            self._count_up(self.loop.labels(phase=phase), phase, seconds)
-        return generate_latest(self.registry)
-
-    def _count_up(self, counter: Counter, key: str, total: float) -> None:
-        """Counters only go up: add what the engine's cumulative figure gained since the last scrape."""
-        gain = total - self._seen.get(key, 0.0)
-        if gain > 0:
-            counter.inc(gain)
-            self._seen[key] = total
+    def render(self, stats: EngineStats | None = None) -> bytes:
+        """The exposition text; `stats`: the engine's current figures when the caller could ask for them."""
+        self.engine_stats.latest = stats
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self.engine_stats.latest = None
 
 
 class ITLClock:

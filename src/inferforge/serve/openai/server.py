@@ -84,19 +84,26 @@ def serve(
     drain_timeout: float = 30.0,
     log_level: str = "info",
     switch_interval_ms: float = 5.0,
+    sockets: list[socket.socket] | None = None,
+    multiprocess_dir: str | None = None,
 ) -> None:
     """Serve until a signal, then drain; returns normally so the caller exits 0.
 
     The engine steps in a thread of this process, so it shares the GIL with the HTTP loop. When a GPU step
     ends, the engine thread waits for the GIL up to the interpreter's switch interval (5 ms by default) while
     the loop writes chunks: a stall of the whole batch. A shorter interval bounds that wait.
+
+    `sockets`: already bound (a worker of `--api-server-count N` serves its supervisor's); `multiprocess_dir`:
+    that server's Prometheus folder.
     """
     if drain_timeout < 0:
         raise ValueError(f"drain_timeout must be >= 0 seconds, got {drain_timeout}")
     if not 0.05 <= switch_interval_ms <= 100:
         raise ValueError(f"switch_interval_ms must be in [0.05, 100], got {switch_interval_ms}")
     sys.setswitchinterval(switch_interval_ms / 1e3)
-    app = create_app(engine, model_name=model_name, limits=limits, api_keys=api_keys)
+    app = create_app(
+        engine, model_name=model_name, limits=limits, api_keys=api_keys, multiprocess_dir=multiprocess_dir
+    )
     state = app.state.openai
 
     def on_drain() -> None:
@@ -111,4 +118,4 @@ def serve(
         access_log=False,
         lifespan="on",
     )
-    DrainingServer(config, on_drain, state.abort_inflight, drain_timeout).run()
+    DrainingServer(config, on_drain, state.abort_inflight, drain_timeout).run(sockets=sockets)

@@ -1,0 +1,244 @@
+"""An `EngineClient` over one connection to the engine process, and the wire format the two ends share.
+
+The engine process (`engine_process.py`) steps `LLMEngine` alone and sends each step's outputs to every
+connection that owns some of them, one message per connection and step. On this side a reader thread hands a
+message's outputs to the event loop in one call. Tokenization stays on this side (the same tokenizer class as
+the engine's), so the engine process only ever sees token ids. One process running the HTTP app holds one
+link: the server of `--api-server-count 1` through the pipe to the child it spawned, each worker of a larger
+server through a socket to the engine its supervisor started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from inferforge.errors import InferforgeError
+from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming
+
+_ERRORS: dict[str, type[InferforgeError]] = {}
+_STATS_TIMEOUT_S = 2.0
+
+
+def _error(kind: str, message: str) -> InferforgeError:
+    """The engine's refusal with its class name (QueueFullError, ...), which the app maps to a status."""
+    cls = _ERRORS.get(kind)
+    if cls is None:
+        cls = _ERRORS[kind] = type(kind, (InferforgeError,), {})
+    return cls(message)
+
+
+class EngineClosedError(InferforgeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+class EngineProcessError(RuntimeError):
+    """The engine process died or a step failed; every in-flight request gets this."""
+
+
+def pack(outs: list[EngineOutput]) -> list[tuple]:
+    """Plain tuples pickle several times faster than dataclasses; this runs between two GPU steps."""
+    return [
+        (o.request_id, o.index, o.new_token_ids, o.new_text, o.logprobs, o.finished, o.finish_reason,
+         o.prompt_tokens, o.completion_tokens, o.timing.arrival, o.timing.scheduled, o.timing.first_token,
+         o.timing.finished)
+        for o in outs
+    ]  # fmt: skip
+
+
+def unpack(rows: list[tuple]) -> list[EngineOutput]:
+    return [EngineOutput(*r[:9], RequestTiming(*r[9:])) for r in rows]  # type: ignore[call-arg]
+
+
+class EngineLink:
+    """`EngineClient` over `conn`, whose far end is the engine process's loop.
+
+    `hello` is the engine's ("ready", max_model_len, vocab_size, stats) message; `describe_exit` words why the
+    link broke (the child's exit code, for the process that spawned it)."""
+
+    def __init__(
+        self,
+        conn: Any,
+        folder: str | Path,
+        hello: tuple,
+        *,
+        model_name: str | None = None,
+        tokenizer: Any = None,
+        describe_exit: Callable[[], str] = lambda: "the connection closed",
+    ) -> None:
+        from inferforge.llm.detok import Tokenizer
+
+        self.folder = Path(folder)
+        self.model_name = model_name or self.folder.name
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer(self.folder)
+        _, self.max_model_len, self.vocab_size, self._stats = hello
+        self._conn = conn
+        self._describe_exit = describe_exit
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Any]]] = {}
+        self._send_lock = threading.Lock()
+        self._accepting = True
+        self._dead = False
+        self._bye = threading.Event()
+        self._stats_seen = threading.Condition()
+        self._stats_serial = 0
+        self._reader = threading.Thread(target=self._read, name="inferforge-engine-reader", daemon=True)
+        self._reader.start()
+
+    # ---- EngineClient -----------------------------------------------------------------------------------
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        if self._dead:
+            gone = self._describe_exit()
+            raise EngineClosedError(f"the engine process is gone ({gone}); restart the server")
+        if not self._accepting:
+            raise EngineClosedError("the engine is shutting down; retry on another replica")
+        if request.request_id in self._streams:
+            raise InferforgeError(f"request id {request.request_id!r} is already in flight; use a unique id")
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
+        remaining = request.params.n
+        try:
+            self._send(("add", request))
+            while remaining:
+                items = [await queue.get()]
+                if not queue.empty():  # the HTTP side is behind: fold what waits into fewer deltas
+                    while not queue.empty():
+                        items.append(queue.get_nowait())
+                    items = _coalesce(items)
+                for item in items:
+                    if isinstance(item, BaseException):
+                        raise item
+                    if item.finished:
+                        remaining -= 1
+                    yield item
+        finally:
+            self._streams.pop(request.request_id, None)
+            if remaining:
+                with contextlib.suppress(OSError):
+                    self._send(("abort", request.request_id))
+
+    async def abort(self, request_id: str) -> None:
+        with contextlib.suppress(OSError):
+            self._send(("abort", request_id))
+
+    def stats(self) -> EngineStats:
+        """The figures that came with the last message; `refresh_stats` asks the engine for current ones."""
+        return self._stats
+
+    async def refresh_stats(self) -> EngineStats:
+        """Current figures from the engine (answered between two steps). Outputs come only to the link that
+        owns them, so a link whose requests ended earlier would otherwise report that moment's figures."""
+        if self._dead:
+            return self._stats
+        with self._stats_seen:
+            serial = self._stats_serial
+        with contextlib.suppress(OSError):
+            self._send(("stats",))
+            await asyncio.to_thread(self._wait_stats, serial)
+        return self._stats
+
+    def _wait_stats(self, serial: int) -> None:
+        with self._stats_seen:
+            self._stats_seen.wait_for(lambda: self._stats_serial > serial or self._dead, _STATS_TIMEOUT_S)
+
+    def is_alive(self) -> bool:
+        """False once the engine is gone: /health turns 503 so an orchestrator restarts the server."""
+        return not self._dead
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids)
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Refuse new work, let in-flight requests run for up to grace_s, then tell the engine this link is
+        done: it aborts the link's remaining requests and answers "bye"."""
+        self._accepting = False
+        deadline = time.monotonic() + max(grace_s, 0.0)
+        while self._streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        with contextlib.suppress(OSError):
+            self._send(("shutdown",))
+        await asyncio.to_thread(self._bye.wait, 10.0)
+
+    # ---- the connection ---------------------------------------------------------------------------------
+    def _send(self, msg: tuple) -> None:
+        with self._send_lock:
+            self._conn.send(msg)
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                self._dead = True
+                self._fail_all(EngineProcessError(f"the engine process is gone ({self._describe_exit()})"))
+                break
+            kind = msg[0]
+            if kind == "outs":
+                if msg[2] is not None:
+                    self._stats = msg[2]
+                self._deliver([(o.request_id, o) for o in unpack(msg[1])])
+            elif kind == "stats":
+                with self._stats_seen:
+                    self._stats = msg[1]
+                    self._stats_serial += 1
+                    self._stats_seen.notify_all()
+            elif kind == "reject":
+                self._deliver([(msg[1], _error(msg[2], msg[3]))])
+            elif kind == "fail":
+                self._dead = True
+                self._fail_all(EngineProcessError(msg[1]))
+            elif kind == "bye":
+                self._bye.set()
+                break
+
+    def _deliver(self, items: list[tuple[str, Any]]) -> None:
+        """One hand-off per event loop and message, not one per output: the loop wakes once a step."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue[Any], Any]]] = {}
+        for rid, item in items:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((stream[1], item))
+        for loop, batch in by_loop.items():
+            if not loop.is_closed():
+                loop.call_soon_threadsafe(_put_all, batch)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        self._deliver([(rid, exc) for rid in list(self._streams)])
+        self._bye.set()
+        with self._stats_seen:
+            self._stats_seen.notify_all()
+
+
+def _coalesce(items: list[Any]) -> list[Any]:
+    """Merge consecutive deltas of the same sequence: one SSE chunk instead of several when the loop lags."""
+    out: list[Any] = []
+    for item in items:
+        prev = out[-1] if out else None
+        if (
+            isinstance(item, EngineOutput)
+            and isinstance(prev, EngineOutput)
+            and prev.index == item.index
+            and not prev.finished
+        ):
+            lps = None if item.logprobs is None else (prev.logprobs or ()) + item.logprobs
+            out[-1] = replace(item, new_token_ids=prev.new_token_ids + item.new_token_ids,
+                              new_text=prev.new_text + item.new_text, logprobs=lps)  # fmt: skip
+        else:
+            out.append(item)
+    return out
+
+
+def _put_all(batch: list[tuple[asyncio.Queue[Any], Any]]) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)
