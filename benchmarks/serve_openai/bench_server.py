@@ -304,7 +304,7 @@ def server_ttft(url: str, rows: list[tuple[int, ...]], model: str) -> tuple[list
 
 
 def start_server(
-    a: argparse.Namespace, log: Path, mode: str, switch_ms: float
+    a: argparse.Namespace, log: Path, mode: str, switch_ms: float, workers: int = 1
 ) -> tuple[subprocess.Popen, str]:
     import socket
 
@@ -339,6 +339,8 @@ def start_server(
         str(a.admit_delay_steps),
         "--max-num-batched-tokens",
         str(a.max_num_batched_tokens),
+        "--api-server-count",
+        str(workers),
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -382,7 +384,11 @@ def main() -> None:
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--json", default=None)
     p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
-    p.add_argument("--variants", default="process:5", help="server runs: engine mode:switch ms, ...")
+    p.add_argument(
+        "--variants",
+        default="process:5",
+        help="server runs: engine mode:switch ms[:HTTP workers (--api-server-count), default 1], ...",
+    )
     p.add_argument("--admit-delay-steps", type=int, default=0, help="admit_delay_steps of both engines")
     p.add_argument(
         "--trace-engine",
@@ -395,7 +401,7 @@ def main() -> None:
         help="cProfile the engine process (INFERFORGE_ENGINE_PROFILE), print where its time goes; slows it",
     )
     a = p.parse_args()
-    a.variants = [(v.split(":")[0], float(v.split(":")[1])) for v in str(a.variants).split(",")]
+    a.variants = [_variant(v) for v in str(a.variants).split(",")]
     if a.mode == "engine":
         engine_mode(a)
         return
@@ -430,26 +436,35 @@ def main() -> None:
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start
     phase(f"engine peer done: {[round(r['tokens_per_s']) for r in res['engine']['throughput']]} tok/s")
-    for k, (mode, switch_ms) in enumerate(a.variants):
+    for k, (mode, switch_ms, workers) in enumerate(a.variants):
         if k and time.perf_counter() - T0 > a.budget_s:
-            phase(f"skipping server variant {mode}:{switch_ms}: past --budget-s")
+            phase(f"skipping server variant {mode}:{switch_ms}:{workers}: past --budget-s")
             continue
-        res[f"server_{mode}_{switch_ms}"] = server_run(a, out, mode, switch_ms, measure_ttft=k == 0)
+        key = f"server_{mode}_{switch_ms}" + (f"_{workers}w" if workers > 1 else "")
+        res[key] = server_run(a, out, mode, switch_ms, measure_ttft=k == 0, workers=workers)
         (out / "bench_server_partial.json").write_text(json.dumps(res, indent=2, default=str))
     report(res, out)
 
 
-def server_run(a: argparse.Namespace, out: Path, mode: str, switch_ms: float, measure_ttft: bool) -> dict:
+def _variant(text: str) -> tuple[str, float, int]:
+    parts = text.split(":")
+    return parts[0], float(parts[1]), int(parts[2]) if len(parts) > 2 else 1
+
+
+def server_run(
+    a: argparse.Namespace, out: Path, mode: str, switch_ms: float, measure_ttft: bool, workers: int = 1
+) -> dict:
     import httpx
 
-    res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms}
-    prof = out / f"engine_{mode}_{switch_ms}.prof"
+    res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms, "api_server_count": workers}
+    tag = f"{mode}_{switch_ms}" + (f"_{workers}w" if workers > 1 else "")
+    prof = out / f"engine_{tag}.prof"
     if a.profile_engine:
         os.environ["INFERFORGE_ENGINE_PROFILE"] = str(prof)
     if a.trace_engine:
-        os.environ["INFERFORGE_ENGINE_TRACE"] = str(out / f"engine_trace_{mode}_{switch_ms}.jsonl")
-    proc, url = start_server(a, out / f"server_{mode}_{switch_ms}.log", mode, switch_ms)
-    phase(f"server up (engine {mode}, switch interval {switch_ms} ms)")
+        os.environ["INFERFORGE_ENGINE_TRACE"] = str(out / f"engine_trace_{tag}.jsonl")
+    proc, url = start_server(a, out / f"server_{tag}.log", mode, switch_ms, workers)
+    phase(f"server up (engine {mode}, switch interval {switch_ms} ms, {workers} HTTP workers)")
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
@@ -491,6 +506,11 @@ def print_profile(path: Path) -> None:
         pstats.Stats(str(path)).sort_stats(key).print_stats(30)
 
 
+def _tag(run: dict) -> str:
+    workers = run.get("api_server_count", 1)
+    return f"{run['engine_mode']}, switch {run['switch_interval_ms']} ms, {workers} HTTP worker(s)"
+
+
 def report(res: dict, out: Path) -> None:
     eng = [r["tokens_per_s"] for r in res["engine"]["throughput"]]
     e_med = statistics.median(eng)
@@ -508,12 +528,12 @@ def report(res: dict, out: Path) -> None:
     for r in runs:
         if r.get("waves"):
             s_wave = statistics.median(w["tokens_per_s"] for w in r["waves"])
-            tag = f"{r['engine_mode']}, switch {r['switch_interval_ms']} ms"
+            tag = _tag(r)
             summary[f"waves: server tok/s median ({tag})"] = s_wave
             summary[f"waves: server / AsyncLLMEngine ({tag})"] = s_wave / statistics.median(a_waves)
             summary[f"waves: server / LLMEngine.step loop ({tag})"] = s_wave / statistics.median(sync)
         s_med = statistics.median(x["tokens_per_s"] for x in r["throughput"])
-        tag = f"{r['engine_mode']}, switch {r['switch_interval_ms']} ms"
+        tag = _tag(r)
         summary[f"server tokens/s median ({tag})"] = s_med
         summary[f"server / engine ({tag})"] = s_med / e_med
         if sync_loops:
@@ -537,11 +557,11 @@ def report(res: dict, out: Path) -> None:
     print("waves tok/s, AsyncLLMEngine:", [round(x) for x in a_waves])
     for r in runs:
         waves = [round(w["tokens_per_s"]) for w in r.get("waves", [])]
-        print(f"waves tok/s, server ({r['engine_mode']}):", waves)
+        print(f"waves tok/s, server ({_tag(r)}):", waves)
     print("engine per rep ttft p50 ms:", [round(r["ttft_p50_ms"], 1) for r in res["engine"]["throughput"]])
     for r in runs:
         print(
-            f"server ({r['engine_mode']}, {r['switch_interval_ms']}) tok/s, ttft p50, itl p50/p99 ms:",
+            f"server ({_tag(r)}) tok/s, ttft p50, itl p50/p99 ms:",
             [
                 (
                     round(x["tokens_per_s"]),
