@@ -71,9 +71,14 @@ def wait_for(check, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"{what} not reached in {timeout}s")
 
 
+INTERVAL = 4
+
+
 @pytest.fixture(scope="module")
 def server(long_llama: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    srv = start_server(long_llama, tmp_path_factory.mktemp("log") / "server.log", *WORKERS)
+    """Two workers, streaming a chunk per INTERVAL tokens after each sequence's first."""
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    srv = start_server(long_llama, log, *WORKERS, "--stream-interval", str(INTERVAL))
     yield srv
     srv.stop()
 
@@ -111,6 +116,28 @@ def test_concurrent_streams_equal_the_engine_alone(server: ServerProc, model: st
     for t in threads:
         t.join(120)
     assert got == want
+
+
+def test_stream_interval_sends_the_first_token_then_every_interval(server: ServerProc, model: str) -> None:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+    whole = client.completions.create(model=model, prompt=prompt(3), max_tokens=23, temperature=0,
+                                      extra_body={"ignore_eos": True})  # fmt: skip
+    for n in (1, 2):
+        stream = client.completions.create(model=model, prompt=prompt(3), max_tokens=23, temperature=0,
+                                           n=n, logprobs=0, stream=True,
+                                           extra_body={"ignore_eos": True})  # fmt: skip
+        sizes: dict[int, list[int]] = {}
+        texts: dict[int, str] = {}
+        for chunk in stream:
+            c = chunk.choices[0]
+            sizes.setdefault(c.index, []).append(len(c.logprobs.tokens) if c.logprobs else 0)
+            texts[c.index] = texts.get(c.index, "") + c.text
+        for i in range(n):
+            assert texts[i] == whole.choices[0].text
+            assert sum(sizes[i]) == 23
+            assert sizes[i][0] == 1  # the first token is never held back
+            assert all(k >= INTERVAL for k in sizes[i][1:-1]), sizes[i]
+            assert len(sizes[i]) <= 2 + 22 // INTERVAL
 
 
 def test_metrics_sum_over_the_workers(server: ServerProc, model: str) -> None:

@@ -92,6 +92,15 @@ class EngineOutput:
     timing: RequestTiming
 
 
+def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:
+    """One delta for two consecutive deltas of the same sequence (`first` unfinished): one chunk to send
+    where a slow reader, or a stream interval, would otherwise send two."""
+    lps = None if then.logprobs is None else (first.logprobs or ()) + then.logprobs
+    return EngineOutput(then.request_id, then.index, first.new_token_ids + then.new_token_ids,
+                        first.new_text + then.new_text, lps, then.finished, then.finish_reason,
+                        then.prompt_tokens, then.completion_tokens, then.timing)  # fmt: skip
+
+
 @dataclass(frozen=True)
 class EngineStats:
     running: int

@@ -98,7 +98,11 @@ class OpenAIServer:
         model_name: str,
         limits: ServerLimits,
         multiprocess_dir: str | None = None,
+        stream_interval: int = 1,
     ) -> None:
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be >= 1 token, got {stream_interval}")
+        self.stream_interval = stream_interval
         self.engine = engine
         self.model_name = model_name
         self.limits = limits
@@ -173,6 +177,7 @@ class OpenAIServer:
                     first,
                     rest,
                     lambda: self.finish(tracker, plan),
+                    self.stream_interval,
                 )
                 body = chat_stream(ctx) if chat else completion_stream(ctx)
                 self.metrics.requests.labels(route, "200").inc()
@@ -255,11 +260,14 @@ def create_app(
     api_keys: set[str] | None = None,
     shutdown_grace_s: float = 0.0,
     multiprocess_dir: str | None = None,
+    stream_interval: int = 1,
 ) -> FastAPI:
     """Build the app; the lifespan's end shuts the engine down (after uvicorn has drained the connections).
 
     `multiprocess_dir`: set in each HTTP worker of `--api-server-count N`, so /metrics covers all workers."""
-    state = OpenAIServer(engine, model_name or engine.model_name, limits or ServerLimits(), multiprocess_dir)
+    state = OpenAIServer(
+        engine, model_name or engine.model_name, limits or ServerLimits(), multiprocess_dir, stream_interval
+    )
 
     async def current_stats() -> EngineStats:
         """The engine's figures now: a link to an engine in another process asks it (between two steps)."""

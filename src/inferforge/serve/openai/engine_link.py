@@ -15,12 +15,17 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from inferforge.errors import InferforgeError
-from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming
+from inferforge.llm.protocol import (
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    RequestTiming,
+    merge_outputs,
+)
 
 _ERRORS: dict[str, type[InferforgeError]] = {}
 _STATS_TIMEOUT_S = 2.0
@@ -231,9 +236,7 @@ def _coalesce(items: list[Any]) -> list[Any]:
             and prev.index == item.index
             and not prev.finished
         ):
-            lps = None if item.logprobs is None else (prev.logprobs or ()) + item.logprobs
-            out[-1] = replace(item, new_token_ids=prev.new_token_ids + item.new_token_ids,
-                              new_text=prev.new_text + item.new_text, logprobs=lps)  # fmt: skip
+            out[-1] = merge_outputs(prev, item)
         else:
             out.append(item)
     return out

@@ -86,6 +86,7 @@ def serve(
     switch_interval_ms: float = 5.0,
     sockets: list[socket.socket] | None = None,
     multiprocess_dir: str | None = None,
+    stream_interval: int = 1,
 ) -> None:
     """Serve until a signal, then drain; returns normally so the caller exits 0.
 
@@ -102,7 +103,12 @@ def serve(
         raise ValueError(f"switch_interval_ms must be in [0.05, 100], got {switch_interval_ms}")
     sys.setswitchinterval(switch_interval_ms / 1e3)
     app = create_app(
-        engine, model_name=model_name, limits=limits, api_keys=api_keys, multiprocess_dir=multiprocess_dir
+        engine,
+        model_name=model_name,
+        limits=limits,
+        api_keys=api_keys,
+        multiprocess_dir=multiprocess_dir,
+        stream_interval=stream_interval,
     )
     state = app.state.openai
 

@@ -14,7 +14,7 @@ from json.encoder import encode_basestring as _str  # C-accelerated; keeps non-A
 
 import anyio
 
-from inferforge.llm.protocol import EngineOutput
+from inferforge.llm.protocol import EngineOutput, merge_outputs
 from inferforge.serve.openai.convert import Plan
 from inferforge.serve.openai.engine_io import Tracker
 from inferforge.serve.openai.errors import error_body
@@ -40,6 +40,7 @@ class StreamCtx:
     first: tuple[int, EngineOutput] | None
     rest: AsyncGenerator[tuple[int, EngineOutput], None]
     on_finish: Callable[[], None]
+    interval: int = 1  # tokens per chunk after a sequence's first (`--stream-interval`)
 
     def unfinished(self) -> list[tuple[int, int]]:
         """(prompt, sequence) pairs the engine ended without a finish reason (aborted, e.g. at drain end)."""
@@ -54,8 +55,32 @@ async def _outputs(ctx: StreamCtx) -> AsyncIterator[tuple[int, EngineOutput]]:
     if ctx.first is not None:
         itl.tick((ctx.first[0], ctx.first[1].index), len(ctx.first[1].new_token_ids))
         yield ctx.first
-    async for idx, out in ctx.rest:
+    if ctx.interval <= 1:
+        async for idx, out in ctx.rest:
+            itl.tick((idx, out.index), len(out.new_token_ids))
+            yield idx, out
+        return
+    async for idx, out in _every(ctx.rest, ctx.interval, ctx.first):
         itl.tick((idx, out.index), len(out.new_token_ids))
+        yield idx, out
+
+
+async def _every(
+    outs: AsyncIterator[tuple[int, EngineOutput]], interval: int, first: tuple[int, EngineOutput] | None
+) -> AsyncIterator[tuple[int, EngineOutput]]:
+    """A sequence's first delta at once, then one per `interval` tokens and its last: each SSE chunk costs the
+    server a socket write and a pass through the framework, so fewer chunks leave cores to more streams."""
+    sent = {(first[0], first[1].index)} if first is not None else set()
+    held: dict[tuple[int, int], EngineOutput] = {}
+    async for idx, out in outs:
+        key = (idx, out.index)
+        prev = held.pop(key, None)
+        if prev is not None:
+            out = merge_outputs(prev, out)
+        if key in sent and not out.finished and len(out.new_token_ids) < interval:
+            held[key] = out
+            continue
+        sent.add(key)
         yield idx, out
 
 

@@ -55,6 +55,7 @@ class WorkerSpec:
     engine_address: str
     engine_key: bytes
     metrics_dir: str
+    stream_interval: int = 1
 
 
 def _worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
@@ -82,6 +83,7 @@ def _worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
         switch_interval_ms=spec.switch_interval_ms,
         sockets=[sock],
         multiprocess_dir=spec.metrics_dir,
+        stream_interval=spec.stream_interval,
     )
 
 
@@ -120,6 +122,7 @@ def serve_workers(
     drain_timeout: float,
     log_level: str,
     switch_interval_ms: float,
+    stream_interval: int = 1,
 ) -> int:
     """Run the engine and `count` HTTP workers until a signal; returns the process's exit code."""
     from inferforge.serve.openai.engine_process import ProcessEngine
@@ -137,7 +140,7 @@ def serve_workers(
         engine = ProcessEngine(folder, model_name=model_name, listen=(address, key), **engine_config)
         keys = frozenset(api_keys) if api_keys is not None else None
         spec = WorkerSpec(folder, model_name, limits, keys, drain_timeout, log_level, switch_interval_ms,
-                          address, key, metrics_dir)  # fmt: skip
+                          address, key, metrics_dir, stream_interval)  # fmt: skip
         sock = bind(host, port)
         code = _supervise(engine, spec, sock, count, signals)
         sock.close()
