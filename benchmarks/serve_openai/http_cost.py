@@ -7,7 +7,9 @@ wall time. Two closed loops of the same requests with a short and a long generat
     http_cpu = requests * per_request + tokens * per_token.
 The tiny model runs on the CPU, so the engine process takes one core whatever the HTTP side does.
 
-    python benchmarks/serve_openai/http_cost.py --workers 1 2 [--profile]
+    python benchmarks/serve_openai/http_cost.py --variants 1:1 2:1 1:4 [--profile]
+
+(a variant is HTTP workers:stream interval, i.e. --api-server-count and --stream-interval).
 """
 
 from __future__ import annotations
@@ -58,11 +60,13 @@ def http_pids(url: str, server_pid: int, workers: int) -> list[int]:
     raise RuntimeError("workers did not all start")
 
 
-def start(model: Path, workers: int, port: int, log: Path, profile: Path | None) -> subprocess.Popen:
+def start(
+    model: Path, workers: int, interval: int, port: int, log: Path, profile: Path | None
+) -> subprocess.Popen:
     prefix = ["-m", "cProfile", "-o", str(profile)] if profile else []
     cmd = [sys.executable, *prefix, "-m", "inferforge.cli", "serve-llm", str(model), "--device", "cpu",
            "--port", str(port), "--max-num-seqs", "64", "--log-level", "warning",
-           "--api-server-count", str(workers)]  # fmt: skip
+           "--api-server-count", str(workers), "--stream-interval", str(interval)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -86,7 +90,13 @@ def load(url: str, a: argparse.Namespace, gen: int) -> dict[str, Any]:
     bad = [s.error for s in samples if not s.ok]
     if bad:
         raise RuntimeError(f"{len(bad)} requests failed: {bad[:3]}")
-    return {"requests": len(samples), "tokens": sum(s.tokens for s in samples), "wall_s": wall}
+    chunks = sum(len(s.itl) + 1 for s in samples)  # token-carrying chunks (one per inter-chunk gap, plus one)
+    return {
+        "requests": len(samples),
+        "tokens": sum(s.tokens for s in samples),
+        "chunks": chunks,
+        "wall_s": wall,
+    }
 
 
 def measure(url: str, a: argparse.Namespace, gen: int, http: list[int], engine: int) -> dict[str, Any]:
@@ -99,14 +109,15 @@ def measure(url: str, a: argparse.Namespace, gen: int, http: list[int], engine: 
     return run
 
 
-def variant(model: Path, workers: int, a: argparse.Namespace, out: Path) -> dict[str, Any]:
+def variant(model: Path, workers: int, interval: int, a: argparse.Namespace, out: Path) -> dict[str, Any]:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    prof = out / f"http_w{workers}.prof" if a.profile and workers == 1 else None
-    proc = start(model, workers, port, out / f"server_w{workers}.log", prof)
+    tag = f"w{workers}_i{interval}"
+    prof = out / f"http_{tag}.prof" if a.profile and workers == 1 else None
+    proc = start(model, workers, interval, port, out / f"server_{tag}.log", prof)
     url = f"http://127.0.0.1:{port}"
     try:
         http = http_pids(url, proc.pid, workers)
@@ -117,24 +128,30 @@ def variant(model: Path, workers: int, a: argparse.Namespace, out: Path) -> dict
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-    return {"workers": workers, "short": short, "long": long, **costs(short, long)}
+    runs = {"short": short, "long": long}
+    return {"workers": workers, "stream_interval": interval, **runs, **costs(short, long)}
 
 
 def costs(short: list[dict], long: list[dict]) -> dict[str, float]:
-    """Solve http_cpu = R * per_request + T * per_token from the medians of the two loads (same R)."""
+    """Solve http_cpu = R * per_request + C * per_chunk from the medians of the two loads (same R).
+
+    Chunks, not tokens: how many tokens a chunk carries depends on how far the HTTP side lags behind the
+    engine (late deltas are merged) and on --stream-interval, while the work is done once per chunk."""
     import statistics
 
     def med(runs: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     r = med(short, "requests")
-    t_s, t_l = med(short, "tokens"), med(long, "tokens")
+    k_s, k_l = med(short, "chunks"), med(long, "chunks")
     c_s, c_l = med(short, "http_cpu_s"), med(long, "http_cpu_s")
-    per_token = (c_l - c_s) / (t_l - t_s)
-    per_request = (c_s - t_s * per_token) / r
+    per_chunk = (c_l - c_s) / (k_l - k_s)
+    per_request = (c_s - k_s * per_chunk) / r
     return {
-        "http_cpu_us_per_token": per_token * 1e6,
+        "http_cpu_us_per_chunk": per_chunk * 1e6,
         "http_cpu_ms_per_request": per_request * 1e3,
+        "http_cpu_us_per_token_long": c_l / med(long, "tokens") * 1e6,
+        "tokens_per_chunk_long": med(long, "tokens") / k_l,
         "tokens_per_s_long": med(long, "tokens_per_s"),
         "http_cores_busy_long": c_l / med(long, "wall_s"),
         "engine_cores_busy_long": med(long, "engine_cpu_s") / med(long, "wall_s"),
@@ -143,7 +160,7 @@ def costs(short: list[dict], long: list[dict]) -> dict[str, float]:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--variants", nargs="+", default=["1:1", "2:1"], help="HTTP workers:stream interval")
     p.add_argument("--concurrency", type=int, default=32)
     p.add_argument("--requests", type=int, default=128)
     p.add_argument("--prompt-len", type=int, default=16)
@@ -159,19 +176,23 @@ def main() -> None:
     model = make_tiny_llama(Path(tempfile.mkdtemp()) / "tiny")
     res: dict[str, Any] = {"args": vars(a), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                            "cores": os.cpu_count(), "variants": []}  # fmt: skip
-    for w in a.workers:
-        v = variant(model, w, a, out)
+    for text in a.variants:
+        w, i = (int(x) for x in text.split(":"))
+        v = variant(model, w, i, a, out)
         res["variants"].append(v)
-        print(f"workers {w}: HTTP CPU {v['http_cpu_ms_per_request']:.3f} ms/request + "
-              f"{v['http_cpu_us_per_token']:.1f} us/token; long load {v['tokens_per_s_long']:.0f} tok/s, "
+        print(f"workers {w}, stream interval {i}: HTTP CPU {v['http_cpu_ms_per_request']:.3f} ms/request + "
+              f"{v['http_cpu_us_per_chunk']:.1f} us/chunk; long load: "
+              f"{v['tokens_per_chunk_long']:.2f} tokens/chunk, "
+              f"{v['http_cpu_us_per_token_long']:.1f} us/token, {v['tokens_per_s_long']:.0f} tok/s, "
               f"HTTP cores busy {v['http_cores_busy_long']:.2f}, engine {v['engine_cores_busy_long']:.2f}",
               flush=True)  # fmt: skip
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
-    if a.profile and (out / "http_w1.prof").exists():
+    if a.profile:
         import pstats
 
-        pstats.Stats(str(out / "http_w1.prof")).sort_stats("tottime").print_stats(35)
+        for prof in sorted(out.glob("http_w1_*.prof")):
+            pstats.Stats(str(prof)).sort_stats("tottime").print_stats(35)
 
 
 if __name__ == "__main__":
