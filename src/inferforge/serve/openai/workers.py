@@ -135,9 +135,9 @@ def serve_workers(
     os.mkdir(metrics_dir)
     os.environ[MULTIPROC_ENV] = metrics_dir  # before any worker starts: prometheus-client reads it at import
     address, key = os.path.join(private, "engine.sock"), secrets.token_bytes(32)
-    signals = _Signals()
     try:
         engine = ProcessEngine(folder, model_name=model_name, listen=(address, key), **engine_config)
+        signals = _Signals()  # from here on: drain on a signal (while loading, Ctrl-C stops the load at once)
         keys = frozenset(api_keys) if api_keys is not None else None
         spec = WorkerSpec(folder, model_name, limits, keys, drain_timeout, log_level, switch_interval_ms,
                           address, key, metrics_dir, stream_interval)  # fmt: skip
