@@ -200,9 +200,10 @@ class EngineLink:
                     self._stats_seen.notify_all()
             elif kind == "reject":
                 self._deliver([(msg[1], _error(msg[2], msg[3]))])
-            elif kind == "fail":
+            elif kind == "fail":  # the engine's last word on this link
                 self._dead = True
                 self._fail_all(EngineProcessError(msg[1]))
+                break
             elif kind == "bye":
                 self._bye.set()
                 break
