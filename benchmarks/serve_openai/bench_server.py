@@ -304,7 +304,7 @@ def server_ttft(url: str, rows: list[tuple[int, ...]], model: str) -> tuple[list
 
 
 def start_server(
-    a: argparse.Namespace, log: Path, mode: str, switch_ms: float, workers: int = 1
+    a: argparse.Namespace, log: Path, mode: str, switch_ms: float, workers: int = 1, interval: int = 1
 ) -> tuple[subprocess.Popen, str]:
     import socket
 
@@ -341,6 +341,8 @@ def start_server(
         str(a.max_num_batched_tokens),
         "--api-server-count",
         str(workers),
+        "--stream-interval",
+        str(interval),
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -387,7 +389,7 @@ def main() -> None:
     p.add_argument(
         "--variants",
         default="process:5",
-        help="server runs: engine mode:switch ms[:HTTP workers (--api-server-count), default 1], ...",
+        help="server runs: engine mode:switch ms[:HTTP workers (--api-server-count)[:stream interval]], ...",
     )
     p.add_argument("--admit-delay-steps", type=int, default=0, help="admit_delay_steps of both engines")
     p.add_argument(
@@ -436,35 +438,48 @@ def main() -> None:
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start
     phase(f"engine peer done: {[round(r['tokens_per_s']) for r in res['engine']['throughput']]} tok/s")
-    for k, (mode, switch_ms, workers) in enumerate(a.variants):
+    for k, (mode, switch_ms, workers, interval) in enumerate(a.variants):
         if k and time.perf_counter() - T0 > a.budget_s:
-            phase(f"skipping server variant {mode}:{switch_ms}:{workers}: past --budget-s")
+            phase(f"skipping server variant {mode}:{switch_ms}:{workers}:{interval}: past --budget-s")
             continue
         key = f"server_{mode}_{switch_ms}" + (f"_{workers}w" if workers > 1 else "")
-        res[key] = server_run(a, out, mode, switch_ms, measure_ttft=k == 0, workers=workers)
+        key += f"_si{interval}" if interval > 1 else ""
+        res[key] = server_run(a, out, mode, switch_ms, k == 0, workers, interval)
         (out / "bench_server_partial.json").write_text(json.dumps(res, indent=2, default=str))
     report(res, out)
 
 
-def _variant(text: str) -> tuple[str, float, int]:
+def _variant(text: str) -> tuple[str, float, int, int]:
     parts = text.split(":")
-    return parts[0], float(parts[1]), int(parts[2]) if len(parts) > 2 else 1
+    workers = int(parts[2]) if len(parts) > 2 else 1
+    return parts[0], float(parts[1]), workers, int(parts[3]) if len(parts) > 3 else 1
 
 
 def server_run(
-    a: argparse.Namespace, out: Path, mode: str, switch_ms: float, measure_ttft: bool, workers: int = 1
+    a: argparse.Namespace,
+    out: Path,
+    mode: str,
+    switch_ms: float,
+    measure_ttft: bool,
+    workers: int = 1,
+    interval: int = 1,
 ) -> dict:
     import httpx
 
-    res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms, "api_server_count": workers}
-    tag = f"{mode}_{switch_ms}" + (f"_{workers}w" if workers > 1 else "")
+    res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms, "api_server_count": workers,
+                           "stream_interval": interval}  # fmt: skip
+    tag = (
+        f"{mode}_{switch_ms}"
+        + (f"_{workers}w" if workers > 1 else "")
+        + (f"_si{interval}" if interval > 1 else "")
+    )
     prof = out / f"engine_{tag}.prof"
     if a.profile_engine:
         os.environ["INFERFORGE_ENGINE_PROFILE"] = str(prof)
     if a.trace_engine:
         os.environ["INFERFORGE_ENGINE_TRACE"] = str(out / f"engine_trace_{tag}.jsonl")
-    proc, url = start_server(a, out / f"server_{tag}.log", mode, switch_ms, workers)
-    phase(f"server up (engine {mode}, switch interval {switch_ms} ms, {workers} HTTP workers)")
+    proc, url = start_server(a, out / f"server_{tag}.log", mode, switch_ms, workers, interval)
+    phase(f"server up ({_tag(res)})")
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
@@ -507,8 +522,9 @@ def print_profile(path: Path) -> None:
 
 
 def _tag(run: dict) -> str:
-    workers = run.get("api_server_count", 1)
-    return f"{run['engine_mode']}, switch {run['switch_interval_ms']} ms, {workers} HTTP worker(s)"
+    workers, interval = run.get("api_server_count", 1), run.get("stream_interval", 1)
+    tag = f"{run['engine_mode']}, switch {run['switch_interval_ms']} ms, {workers} HTTP worker(s)"
+    return tag + (f", stream interval {interval}" if interval > 1 else "")
 
 
 def report(res: dict, out: Path) -> None:
