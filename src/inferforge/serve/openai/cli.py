@@ -123,23 +123,21 @@ def serve_llm(
         "admit_delay_steps": admit_delay_steps,
         "enable_prefix_caching": enable_prefix_caching,
     }
+    http: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "model_name": served_model_name,
+        "limits": limits,
+        "api_keys": keys,
+        "drain_timeout": drain_timeout,
+        "log_level": log_level,
+        "switch_interval_ms": switch_interval_ms,
+        "stream_interval": stream_interval,
+    }
     if api_server_count > 1:
         from inferforge.serve.openai.workers import serve_workers
 
-        code = serve_workers(
-            str(model_dir),
-            engine_config,
-            api_server_count,
-            host=host,
-            port=port,
-            model_name=served_model_name,
-            limits=limits,
-            api_keys=keys,
-            drain_timeout=drain_timeout,
-            log_level=log_level,
-            switch_interval_ms=switch_interval_ms,
-            stream_interval=stream_interval,
-        )
+        code = serve_workers(str(model_dir), engine_config, api_server_count, **http)
         if code:
             raise typer.Exit(code)
         return
@@ -152,18 +150,7 @@ def serve_llm(
         from inferforge.llm.async_engine import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_pretrained(str(model_dir), **engine_config)
-    serve(
-        engine,
-        host=host,
-        port=port,
-        model_name=served_model_name,
-        limits=limits,
-        api_keys=keys,
-        drain_timeout=drain_timeout,
-        log_level=log_level,
-        switch_interval_ms=switch_interval_ms,
-        stream_interval=stream_interval,
-    )
+    serve(engine, **http)
 
 
 def loadtest_llm(
