@@ -182,6 +182,37 @@ def test_repetition_penalty_matches_transformers(engine: LLMEngine, tiny_llama: 
     assert ours == ref
 
 
+def _greedy_with_output_penalties(hf, prompt: tuple[int, ...], n: int, presence: float, frequency: float):
+    """OpenAI's formula on transformers' fp32 logits, one token at a time: the reference."""
+    ids, out = list(prompt), []
+    for _ in range(n):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+        counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=logits.numel()).double()
+        logits = logits - frequency * counts - presence * (counts > 0).double()
+        out.append(int(logits.argmax()))
+        ids.append(out[-1])
+    return out
+
+
+def test_presence_and_frequency_penalties_match_openais_formula(engine: LLMEngine, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompt = _ids(engine, "The object")
+    plain = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
+    penalized = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, presence_penalty=0.6,
+                               frequency_penalty=1.1)  # fmt: skip
+    alone = _run(engine, [EngineRequest("p", prompt, penalized)])["p"][0]
+    assert alone == _greedy_with_output_penalties(hf, prompt, 20, 0.6, 1.1)
+    plain_alone = _run(engine, [EngineRequest("g", prompt, plain)])["g"][0]
+    assert alone != plain_alone  # the penalties changed the output
+    together = _run(engine, [EngineRequest("p", prompt, penalized), EngineRequest("g", prompt, plain)])
+    assert together["p"][0] == alone and together["g"][0] == plain_alone
+    with pytest.raises(ValueError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5)
+
+
 def test_requests_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:
     small = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=64, max_num_seqs=8, max_num_batched_tokens=64))
     reqs = [

@@ -37,7 +37,6 @@ def chat(**kw: object) -> ChatCompletionRequest:
         ({"prompt": []}, 400, "prompt"),
         ({"prompt": "x" * 40, "max_tokens": 30}, 400, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
-        ({"presence_penalty": 0.5}, 400, "presence_penalty"),
         ({"logit_bias": {"5": 1.0}}, 400, "logit_bias"),
         ({"echo": True, "logprobs": 1}, 400, "echo"),
     ],

@@ -198,6 +198,20 @@ def test_stop_string_truncates(client: openai.OpenAI, model: str, reference: dic
     assert r.choices[0].finish_reason == "stop"
 
 
+def test_presence_and_frequency_penalties_reach_the_engine(
+    client: openai.OpenAI, model: str, engine, reference: dict
+) -> None:
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    params = SamplingParams(max_tokens=24, temperature=0.0, presence_penalty=0.6, frequency_penalty=1.1)
+    outs = engine.generate([EngineRequest("pf", reference["prompt_ids"], params)])["pf"][0]
+    want = "".join(o.new_text for o in outs)
+    assert want != reference["text"]  # the penalties change this output
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=24, temperature=0,
+                                  presence_penalty=0.6, frequency_penalty=1.1)  # fmt: skip
+    assert r.choices[0].text == want
+
+
 def test_seed_reproducibility(client: openai.OpenAI, model: str) -> None:
     def sample(seed: int) -> str:
         return (

@@ -202,7 +202,8 @@ class LLMEngine:
         computes step k+1, whatever joins or leaves in between. A sequence that stops on EOS or a stop string
         is computed one step too many, inside its own reserved blocks, and that row is dropped; one that
         reaches max_tokens is known in advance and not fed again. Requests that need the newest token on the
-        host before sampling (repetition penalty) or logprobs make their steps synchronous."""
+        host before sampling (repetition, presence or frequency penalty) or logprobs make their steps
+        synchronous."""
         outputs: list[EngineOutput] = []
         flight = self._inflight
         overlap = self._may_overlap()  # one scan of the requests per step
@@ -320,10 +321,8 @@ class LLMEngine:
         if not self.config.overlap_decode:
             return False
         states = [*self.scheduler.running, *self.scheduler.waiting]
-        return not any(
-            r.request.params.repetition_penalty != 1.0 or r.request.params.logprobs is not None
-            for r in states
-        )
+        params = [r.request.params for r in states]
+        return not any(p.needs_history or p.logprobs is not None for p in params)
 
     def _fork(self, parent: Sequence) -> None:
         """After the prompt of sequence 0 is cached, copy its blocks to the request's other sequences."""
@@ -336,7 +335,13 @@ class LLMEngine:
     def _sampling_batch(self, rows: list[Sequence]) -> SamplingBatch:
         params = [s.group.request.params for s in rows]
         seen = [s.token_ids if p.repetition_penalty != 1.0 else [] for s, p in zip(rows, params, strict=True)]
-        return SamplingBatch(params, [s.generator for s in rows], seen)
+        outputs = None
+        if any(p.output_penalties for p in params):
+            outputs = [
+                s.token_ids[s.group.prompt_len :] if p.output_penalties else []
+                for s, p in zip(rows, params, strict=True)
+            ]
+        return SamplingBatch(params, [s.generator for s in rows], seen, outputs)
 
     def _update(
         self,

@@ -29,6 +29,19 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # number of top alternatives to return per token; None means no logprobs
+    # OpenAI's: subtracted from the logit of every token already in the output, once (presence) and per
+    # occurrence (frequency); the prompt does not count (as in vLLM)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def needs_history(self) -> bool:
+        """Penalties read the tokens so far: the newest must be on the host before the next is sampled."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def output_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -43,6 +56,9 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
 

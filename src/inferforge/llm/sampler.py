@@ -1,4 +1,5 @@
-"""Batched sampling on the device: repetition penalty, greedy, temperature, top-k, top-p, per-request seeds.
+"""Batched sampling on the device: repetition, presence and frequency penalties, greedy, temperature, top-k,
+top-p, per-request seeds.
 
 `prepare()` turns the step's per-row parameters into device tensors through pinned memory and asynchronous
 copies, before the forward pass is launched, so sampling itself never waits on the host; the engine reads the
@@ -40,10 +41,14 @@ class SamplingBatch:
     params: list[SamplingParams]
     generators: list[torch.Generator | None]
     seen: list[list[int]]  # prompt + output ids per row, for the repetition penalty (empty when unused)
+    # output ids per row, for the presence and frequency penalties (empty when unused; None: no row uses them)
+    outputs: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.params) == len(self.generators) == len(self.seen):
             raise ValueError("params, generators and seen must have one entry per row")
+        if self.outputs is not None and len(self.outputs) != len(self.params):
+            raise ValueError("outputs must have one entry per row")
 
     @property
     def num_logprobs(self) -> int:
@@ -63,6 +68,11 @@ class PreparedBatch:
     penalty_rows: torch.Tensor | None = None  # [R] rows with a repetition penalty
     penalty: torch.Tensor | None = None  # [R, 1]
     seen: torch.Tensor | None = None  # [R, S] token ids (padded by repeating the first)
+    counted_rows: torch.Tensor | None = None  # [C] rows with a presence or frequency penalty
+    counted: torch.Tensor | None = None  # [C, T] their output ids (padded with 0, weight 0)
+    counted_weight: torch.Tensor | None = None  # [C, T] 1 for a real id, 0 for padding
+    presence: torch.Tensor | None = None  # [C, 1]
+    frequency: torch.Tensor | None = None  # [C, 1]
 
 
 def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> PreparedBatch:
@@ -76,6 +86,7 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
         out.seen = to_device(padded, device, torch.long)
         out.penalty = to_device([[params[i].repetition_penalty] for i in rows], device, torch.float32)
         out.penalty_rows = to_device(rows, device, torch.long)
+    _prepare_output_penalties(batch, device, out)
     if not out.all_greedy:
         out.greedy = to_device(greedy, device, torch.bool)
         out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)
@@ -83,6 +94,21 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
             out.top_k = to_device([[p.top_k or vocab_size] for p in params], device, torch.long)
             out.top_p = to_device([[p.top_p] for p in params], device, torch.float32)
     return out
+
+
+def _prepare_output_penalties(batch: SamplingBatch, device: torch.device, out: PreparedBatch) -> None:
+    params, outputs = batch.params, batch.outputs
+    rows = [i for i, p in enumerate(params) if p.output_penalties and outputs and outputs[i]]
+    if not rows:
+        return
+    assert outputs is not None
+    width = max(len(outputs[i]) for i in rows)
+    out.counted = to_device([outputs[i] + [0] * (width - len(outputs[i])) for i in rows], device, torch.long)
+    weight = [[1.0] * len(outputs[i]) + [0.0] * (width - len(outputs[i])) for i in rows]
+    out.counted_weight = to_device(weight, device, torch.float32)
+    out.presence = to_device([[params[i].presence_penalty] for i in rows], device, torch.float32)
+    out.frequency = to_device([[params[i].frequency_penalty] for i in rows], device, torch.float32)
+    out.counted_rows = to_device(rows, device, torch.long)
 
 
 @dataclass
@@ -103,6 +129,19 @@ def _apply_repetition_penalty(logits: torch.Tensor, prep: PreparedBatch) -> torc
     picked = torch.where(picked > 0, picked / prep.penalty, picked * prep.penalty)
     logits = logits.clone()
     logits[prep.penalty_rows] = sub.scatter(1, prep.seen, picked)
+    return logits
+
+
+def _apply_output_penalties(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
+    """As OpenAI defines them: logit - frequency * count - presence * (count > 0), count over the output."""
+    if prep.counted is None:
+        return logits
+    assert prep.counted_rows is not None and prep.counted_weight is not None
+    assert prep.presence is not None and prep.frequency is not None
+    counts = torch.zeros(len(prep.counted), logits.shape[1], device=logits.device, dtype=logits.dtype)
+    counts.scatter_add_(1, prep.counted, prep.counted_weight.to(logits.dtype))
+    logits = logits.clone()
+    logits[prep.counted_rows] -= prep.frequency * counts + prep.presence * (counts > 0).to(logits.dtype)
     return logits
 
 
@@ -150,7 +189,7 @@ def argmax_rows(x: torch.Tensor, chunks: int = 64) -> torch.Tensor:
 def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
     """logits: [B, V] fp32 rows in the batch's order. Logprobs are of the model's own distribution."""
     raw = logits
-    logits = _apply_repetition_penalty(logits, prep)
+    logits = _apply_output_penalties(_apply_repetition_penalty(logits, prep), prep)
     ids = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
     if not prep.all_greedy:
         assert prep.greedy is not None

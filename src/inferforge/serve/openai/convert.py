@@ -41,9 +41,6 @@ def _check_unsupported(req: CompletionRequest | ChatCompletionRequest, limits: S
         raise bad_param(
             "n", f"n={req.n} exceeds this server's cap of {limits.max_n}; ask for fewer sequences."
         )
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name) != 0.0:
-            raise bad_param(name, f"{name} is not supported by this engine; use repetition_penalty instead.")
     if req.logit_bias:
         raise bad_param("logit_bias", "logit_bias is not supported by this engine; remove it.")
     if req.stream_options is not None and not req.stream:
@@ -123,6 +120,8 @@ def _params(
         ignore_eos=req.ignore_eos,
         n=req.n,
         logprobs=logprobs,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
     )
 
 
