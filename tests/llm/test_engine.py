@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from inferforge.errors import InferforgeError
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 from inferforge.llm.scheduler import QueueFullError, RequestTooLargeError
@@ -211,6 +212,29 @@ def test_presence_and_frequency_penalties_match_openais_formula(engine: LLMEngin
     assert together["p"][0] == alone and together["g"][0] == plain_alone
     with pytest.raises(ValueError, match="presence_penalty"):
         SamplingParams(presence_penalty=2.5)
+
+
+def test_logit_bias_matches_a_reference(engine: LLMEngine, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompt = _ids(engine, "The object")
+    plain = _run(engine, [EngineRequest("g", prompt, GREEDY)])["g"][0]
+    bias = ((plain[0], -100.0), (plain[1], -3.5), (7, 2.0))
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, logit_bias=bias)
+    ours = _run(engine, [EngineRequest("b", prompt, params), EngineRequest("g", prompt, GREEDY)])
+    ids, ref = list(prompt), []
+    for _ in range(24):
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+        for t, b in bias:
+            logits[t] += b
+        ref.append(int(logits.argmax()))
+        ids.append(ref[-1])
+    assert ours["b"][0] == ref and ref[0] != plain[0]
+    assert ours["g"][0] == plain  # its neighbour's bias does not leak into it
+    with pytest.raises(InferforgeError, match="logit_bias"):
+        engine.add_request(EngineRequest("x", prompt, SamplingParams(logit_bias=((10**6, 1.0),))))
 
 
 def test_requests_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:

@@ -212,6 +212,14 @@ def test_presence_and_frequency_penalties_reach_the_engine(
     assert r.choices[0].text == want
 
 
+def test_logit_bias_forces_a_token(client: openai.OpenAI, model: str, engine, reference: dict) -> None:
+    forced = reference["prompt_ids"][0]
+    r = client.completions.create(model=model, prompt=PROMPT, max_tokens=6, temperature=0,
+                                  logit_bias={str(forced): 100}, extra_body={"ignore_eos": True})  # fmt: skip
+    assert r.choices[0].text == engine.tokenizer.decode([forced] * 6)
+    assert r.usage.completion_tokens == 6
+
+
 def test_seed_reproducibility(client: openai.OpenAI, model: str) -> None:
     def sample(seed: int) -> str:
         return (

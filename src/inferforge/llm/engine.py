@@ -150,6 +150,10 @@ class LLMEngine:
             raise InferforgeError(
                 f"request {request.request_id}: prompt holds token ids outside the vocabulary"
             )
+        if any(t >= self.model.cfg.vocab_size for t, _ in request.params.logit_bias):
+            raise InferforgeError(
+                f"request {request.request_id}: logit_bias names token ids outside the vocabulary"
+            )
         state = RequestState(request, time.monotonic(), max_tokens=max_tokens)
         p = request.params
         for i in range(p.n):

@@ -1,5 +1,5 @@
-"""Batched sampling on the device: repetition, presence and frequency penalties, greedy, temperature, top-k,
-top-p, per-request seeds.
+"""Batched sampling on the device: logit bias, repetition, presence and frequency penalties, greedy,
+temperature, top-k, top-p, per-request seeds.
 
 `prepare()` turns the step's per-row parameters into device tensors through pinned memory and asynchronous
 copies, before the forward pass is launched, so sampling itself never waits on the host; the engine reads the
@@ -73,6 +73,8 @@ class PreparedBatch:
     counted_weight: torch.Tensor | None = None  # [C, T] 1 for a real id, 0 for padding
     presence: torch.Tensor | None = None  # [C, 1]
     frequency: torch.Tensor | None = None  # [C, 1]
+    bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [E] rows, [E] token ids of logit_bias entries
+    bias: torch.Tensor | None = None  # [E] the values added there
 
 
 def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> PreparedBatch:
@@ -87,6 +89,12 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
         out.penalty = to_device([[params[i].repetition_penalty] for i in rows], device, torch.float32)
         out.penalty_rows = to_device(rows, device, torch.long)
     _prepare_output_penalties(batch, device, out)
+    entries = [(i, t, b) for i, p in enumerate(params) for t, b in p.logit_bias]
+    if entries:
+        rows_e, ids_e, vals_e = zip(*entries, strict=True)
+        at = to_device([list(rows_e), list(ids_e)], device, torch.long)
+        out.bias_at = (at[0], at[1])
+        out.bias = to_device(list(vals_e), device, torch.float32)
     if not out.all_greedy:
         out.greedy = to_device(greedy, device, torch.bool)
         out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)
@@ -189,6 +197,9 @@ def argmax_rows(x: torch.Tensor, chunks: int = 64) -> torch.Tensor:
 def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
     """logits: [B, V] fp32 rows in the batch's order. Logprobs are of the model's own distribution."""
     raw = logits
+    if prep.bias_at is not None:  # OpenAI's logit_bias, before the penalties (as vLLM)
+        assert prep.bias is not None
+        logits = logits.index_put(prep.bias_at, prep.bias.to(logits.dtype), accumulate=True)
     logits = _apply_output_penalties(_apply_repetition_penalty(logits, prep), prep)
     ids = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
     if not prep.all_greedy:

@@ -41,8 +41,6 @@ def _check_unsupported(req: CompletionRequest | ChatCompletionRequest, limits: S
         raise bad_param(
             "n", f"n={req.n} exceeds this server's cap of {limits.max_n}; ask for fewer sequences."
         )
-    if req.logit_bias:
-        raise bad_param("logit_bias", "logit_bias is not supported by this engine; remove it.")
     if req.stream_options is not None and not req.stream:
         raise bad_param("stream_options", "stream_options is only allowed when stream is true.")
 
@@ -102,11 +100,36 @@ def _max_tokens(
     return requested
 
 
+_MAX_LOGIT_BIAS = 300  # entries per request, as OpenAI's API
+
+
+def _logit_bias(raw: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} as (id, bias) pairs; every key, value and count checked."""
+    if not raw:
+        return ()
+    if len(raw) > _MAX_LOGIT_BIAS:
+        raise bad_param(
+            "logit_bias", f"logit_bias has {len(raw)} entries; at most {_MAX_LOGIT_BIAS} are allowed."
+        )
+    out = []
+    for key, bias in raw.items():
+        if not key.strip().lstrip("-").isdigit() or not 0 <= int(key) < vocab_size:
+            raise bad_param(
+                "logit_bias",
+                f"logit_bias key {key!r} is not a token id of this model (ids are 0..{vocab_size - 1}).",
+            )
+        if not -100.0 <= bias <= 100.0:
+            raise bad_param("logit_bias", f"logit_bias value {bias} for token {key} is outside [-100, 100].")
+        out.append((int(key), float(bias)))
+    return tuple(out)
+
+
 def _params(
     req: CompletionRequest | ChatCompletionRequest,
     max_tokens: int,
     logprobs: int | None,
     stop: tuple[str, ...],
+    logit_bias: tuple[tuple[int, float], ...] = (),
 ) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens,
@@ -122,6 +145,7 @@ def _params(
         logprobs=logprobs,
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
+        logit_bias=logit_bias,
     )
 
 
@@ -153,6 +177,7 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
     if req.echo and req.logprobs is not None:
         raise bad_param("echo", "echo together with logprobs (prompt logprobs) is not supported; drop one.")
     stop = _stops(req.stop, limits)
+    bias = _logit_bias(req.logit_bias, engine.vocab_size)
     prompts, texts = _prompt_ids(req, engine)
     if len(prompts) > limits.max_prompts:
         raise bad_param(
@@ -165,7 +190,7 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
         mt = _max_tokens(
             req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
         )
-        reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), _params(req, mt, req.logprobs, stop)))
+        reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), _params(req, mt, req.logprobs, stop, bias)))
     echo = tuple(t if req.echo else "" for t in texts)
     if req.echo and any(not t for t in texts):
         echo = tuple(engine.decode(list(r.prompt_ids)) for r in reqs)
@@ -208,6 +233,7 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise bad_param("max_tokens", "give max_completion_tokens or max_tokens, not both.")
     stop = _stops(req.stop, limits)
+    bias = _logit_bias(req.logit_bias, engine.vocab_size)
     try:
         ids = list(engine.apply_chat_template(_messages(req)))
     except APIError:
@@ -222,7 +248,7 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     return Plan(
         rid,
-        (EngineRequest(f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop)),),
+        (EngineRequest(f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop, bias)),),
         ("",),
         req.n,
         logprobs,
