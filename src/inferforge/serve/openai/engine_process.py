@@ -35,6 +35,7 @@ from inferforge.serve.openai.engine_link import (
 __all__ = ["EngineClosedError", "EngineProcessError", "ProcessEngine"]
 
 _IDLE_POLL_S = 0.05
+_STATS_EVERY_S = 0.25
 
 
 class _LoopClock:
@@ -89,6 +90,7 @@ class _Hub:
         self.joining: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.stopping = False
         self.trace: _StepTrace | None = None
+        self.stats_sent: dict[Any, float] = {}  # when each connection last got the engine's stats
 
     def accept_forever(self, listener: Listener, hello: tuple) -> None:
         """On a thread: take workers' connections (a wrong key fails the handshake and is dropped)."""
@@ -146,7 +148,7 @@ class _Hub:
             if self.trace is not None:
                 self.trace.added += 1
         elif kind == "abort":
-            self.send_outs(self.eng.abort(msg[1]), None)
+            self.send_outs(self.eng.abort(msg[1]))
         elif kind == "stats":
             conn.send(("stats", self.clock.stats(self.eng)))
         elif kind == "shutdown":
@@ -161,7 +163,7 @@ class _Hub:
         """Abort the requests of `conn` (all requests when None) and send their final outputs."""
         rids = [rid for rid, (c, _) in self.owner.items() if conn is None or c is conn]
         for rid in rids:
-            self.send_outs(self.eng.abort(rid), None)
+            self.send_outs(self.eng.abort(rid))
         for rid in rids:
             self.owner.pop(rid, None)
 
@@ -189,23 +191,36 @@ class _Hub:
                 conn.close()
             self.conns.remove(conn)
 
-    def send_outs(
-        self, outs: list[EngineOutput], stats: EngineStats | None, to: set[Any] | None = None
-    ) -> None:
-        """Each connection gets its own outputs in one message (and `to` gets one even without any)."""
+    def send_outs(self, outs: list[EngineOutput], to: set[Any] | None = None) -> None:
+        """Each connection gets its own outputs in one message (and `to` gets one even without any).
+
+        The engine's stats ride along only where they may have changed for the reader, a finished or aborted
+        output, or at most every `_STATS_EVERY_S`: built and pickled per connection they cost more than the
+        outputs' own bytes (40-70 us a step on the CPU box, `benchmarks/serve_openai/hub_cost.py`), and a
+        scrape asks the engine for current ones anyway (`EngineLink.refresh_stats`)."""
         by_conn: dict[Any, list[EngineOutput]] = {c: [] for c in to or ()}
+        ended: set[Any] = set()
         for o in outs:
             entry = self.owner.get(o.request_id)
             if entry is None:
                 continue
             by_conn.setdefault(entry[0], []).append(o)
             if o.finished:
+                ended.add(entry[0])
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del self.owner[o.request_id]
+        now = time.monotonic()
+        stats = None
         for conn, mine in by_conn.items():
+            if conn in ended or now - self.stats_sent.get(conn, 0.0) >= _STATS_EVERY_S:
+                stats = stats or self.clock.stats(self.eng)
+                self.stats_sent[conn] = now
+                msg = ("outs", pack(mine), stats)
+            else:
+                msg = ("outs", pack(mine), None)
             with contextlib.suppress(OSError):  # a worker that just died: its EOF is read next turn
-                conn.send(("outs", pack(mine), stats))
+                conn.send(msg)
 
     def fail(self, message: str) -> None:
         for conn in self.conns:
@@ -275,10 +290,10 @@ def _loop(hub: _Hub) -> None:
             clock.lap("step")
             if trace is not None:
                 trace.step(eng, t0, outs)
-            hub.send_outs(outs, clock.stats(eng), touched)
+            hub.send_outs(outs, touched)
             clock.lap("ipc_out")
         elif touched:
-            hub.send_outs([], clock.stats(eng), touched)
+            hub.send_outs([], touched)
             clock.lap("ipc_out")
         if hub.stopping and not eng.has_unfinished():
             hub.primary.send(("bye",))
