@@ -32,12 +32,16 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+from uvicorn.config import STARTUP_FAILURE
+
 from inferforge.serve.openai.limits import ServerLimits
 
 log = logging.getLogger("inferforge.serve")
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-STARTUP_FAILED = 3  # a worker's exit code when it could not link to the engine: restarting would not help
+# A worker's exit code when it could not start (no link to the engine, or uvicorn's own startup failure, which
+# exits with the same code): replacing it would fail the same way, so the server stops instead.
+STARTUP_FAILED = STARTUP_FAILURE
 _EXTRA_DRAIN_S = 10.0  # after the drain period, how long a worker gets to close before it is killed
 
 
@@ -174,7 +178,7 @@ def _supervise(engine: Any, spec: WorkerSpec, sock: socket.socket, count: int, s
             if proc.is_alive():
                 continue
             if proc.exitcode == STARTUP_FAILED:
-                log.error("HTTP worker %s could not link to the engine; stopping the server", proc.pid)
+                log.error("HTTP worker %s could not start; stopping the server", proc.pid)
                 code = 1
                 signals.stop.set()
                 break
