@@ -121,3 +121,22 @@ def test_the_primary_stop_fails_linked_requests(long_llama: Path) -> None:
 
     asyncio.run(run())
     assert not b.is_alive() and not eng.is_alive()
+
+
+def test_a_worker_that_cannot_link_exits_with_the_startup_failure_code(
+    long_llama: Path, tmp_path: Path
+) -> None:
+    """The supervisor stops the server on this code instead of replacing the worker again and again."""
+    import multiprocessing as mp
+
+    from inferforge.serve.openai.limits import ServerLimits
+    from inferforge.serve.openai.workers import STARTUP_FAILED, WorkerSpec, _worker_main, bind
+
+    spec = WorkerSpec(str(long_llama), None, ServerLimits(), None, 1.0, "warning", 5.0,
+                      str(tmp_path / "no-engine.sock"), b"k" * 32, str(tmp_path))  # fmt: skip
+    sock = bind("127.0.0.1", 0)
+    proc = mp.get_context("spawn").Process(target=_worker_main, args=(sock, spec))
+    proc.start()
+    proc.join(60)
+    sock.close()
+    assert proc.exitcode == STARTUP_FAILED == 3
