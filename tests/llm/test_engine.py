@@ -98,13 +98,17 @@ def test_seeded_sampling_is_reproducible_and_independent_of_batch(engine: LLMEng
     assert together["s2"][0] != alone
 
 
-def test_top_k_one_and_tiny_top_p_equal_greedy(engine: LLMEngine) -> None:
+def test_top_k_one_tiny_top_p_and_min_p_one_equal_greedy(engine: LLMEngine) -> None:
     prompt = _ids(engine, "Return a new list")
     greedy = _run(engine, [EngineRequest("g", prompt, GREEDY)])["g"][0]
     k1 = SamplingParams(max_tokens=24, temperature=1.5, top_k=1, ignore_eos=True)
     p0 = SamplingParams(max_tokens=24, temperature=1.0, top_p=1e-6, ignore_eos=True)
-    res = _run(engine, [EngineRequest("k", prompt, k1), EngineRequest("p", prompt, p0)])
-    assert res["k"][0] == greedy and res["p"][0] == greedy
+    m1 = SamplingParams(max_tokens=24, temperature=1.5, min_p=1.0, ignore_eos=True)
+    free = SamplingParams(max_tokens=24, temperature=1.5, seed=3, ignore_eos=True)
+    reqs = [EngineRequest("k", prompt, k1), EngineRequest("p", prompt, p0), EngineRequest("m", prompt, m1)]
+    res = _run(engine, [*reqs, EngineRequest("f", prompt, free)])
+    assert res["k"][0] == greedy and res["p"][0] == greedy and res["m"][0] == greedy
+    assert res["f"][0] != greedy  # at this temperature sampling without min_p leaves greedy
 
 
 def test_n_sequences_share_the_prompt(engine: LLMEngine) -> None:

@@ -1,5 +1,5 @@
 """Batched sampling on the device: logit bias, repetition, presence and frequency penalties, greedy,
-temperature, top-k, top-p, per-request seeds.
+temperature, min-p, top-k, top-p, per-request seeds.
 
 `prepare()` turns the step's per-row parameters into device tensors through pinned memory and asynchronous
 copies, before the forward pass is launched, so sampling itself never waits on the host; the engine reads the
@@ -65,6 +65,7 @@ class PreparedBatch:
     temperature: torch.Tensor | None = None  # [B, 1]
     top_k: torch.Tensor | None = None  # [B, 1], vocab size where off
     top_p: torch.Tensor | None = None  # [B, 1]
+    min_p: torch.Tensor | None = None  # [B, 1], 0 where off
     penalty_rows: torch.Tensor | None = None  # [R] rows with a repetition penalty
     penalty: torch.Tensor | None = None  # [R, 1]
     seen: torch.Tensor | None = None  # [R, S] token ids (padded by repeating the first)
@@ -98,6 +99,8 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
     if not out.all_greedy:
         out.greedy = to_device(greedy, device, torch.bool)
         out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)
+        if any(p.min_p > 0.0 for p in params):
+            out.min_p = to_device([[p.min_p] for p in params], device, torch.float32)
         if any(p.top_k for p in params) or any(p.top_p < 1.0 for p in params):
             out.top_k = to_device([[p.top_k or vocab_size] for p in params], device, torch.long)
             out.top_p = to_device([[p.top_p] for p in params], device, torch.float32)
@@ -164,6 +167,10 @@ def _noise(prep: PreparedBatch, like: torch.Tensor) -> torch.Tensor:
 def _random_choice(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
     assert prep.temperature is not None
     logits = logits / prep.temperature
+    if prep.min_p is not None:  # after temperature, before top-k / top-p (as vLLM)
+        probs = logits.softmax(dim=-1)
+        floor = prep.min_p * probs.amax(dim=-1, keepdim=True)
+        logits = logits.masked_fill(probs < floor, float("-inf"))
     if prep.top_k is None:
         probs = logits.softmax(dim=-1)
         return (probs / _noise(prep, probs)).argmax(dim=-1)

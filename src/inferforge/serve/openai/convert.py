@@ -136,6 +136,7 @@ def _params(
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=max(req.top_k, 0),
+        min_p=req.min_p,
         repetition_penalty=req.repetition_penalty,
         seed=req.seed,
         stop=stop,

@@ -24,7 +24,8 @@ class StreamOptions(_Open):
 
 
 class _SamplingFields(_Open):
-    """Fields of both routes; `top_k`, `repetition_penalty`, `ignore_eos` etc. are vLLM's extensions."""
+    """Fields of both routes; `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` etc. are vLLM's
+    extensions."""
 
     model: str
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -40,6 +41,7 @@ class _SamplingFields(_Open):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     top_k: Annotated[int, Field(ge=-1)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
