@@ -220,6 +220,21 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model: str, engine, re
     assert r.usage.completion_tokens == 6
 
 
+def test_continuous_usage_stats_put_the_counts_in_every_chunk(client: openai.OpenAI, model: str) -> None:
+    for route in ("completions", "chat"):
+        kw = {"model": model, "max_tokens": 12, "temperature": 0, "stream": True,
+              "extra_body": {"ignore_eos": True},
+              "stream_options": {"include_usage": True, "continuous_usage_stats": True}}  # fmt: skip
+        if route == "chat":
+            chunks = list(client.chat.completions.create(messages=[{"role": "user", "content": "hi"}], **kw))
+        else:
+            chunks = list(client.completions.create(prompt=PROMPT, **kw))
+        counts = [c.usage.completion_tokens for c in chunks]
+        assert all(c.usage is not None and c.usage.prompt_tokens > 0 for c in chunks)
+        assert counts == sorted(counts) and counts[-1] == 12 and counts[0] <= 1
+        assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
+
+
 def test_seed_reproducibility(client: openai.OpenAI, model: str) -> None:
     def sample(seed: int) -> str:
         return (

@@ -24,7 +24,7 @@ from inferforge.serve.openai.guard import Guard
 from inferforge.serve.openai.limits import ServerLimits
 from inferforge.serve.openai.metrics import ITLClock, ServerMetrics
 from inferforge.serve.openai.render import Accumulator, TokenText, envelope
-from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest
+from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
 from inferforge.serve.openai.stream import StreamCtx, chat_stream, completion_stream
 
 T = TypeVar("T")
@@ -158,8 +158,11 @@ class OpenAIServer:
         return first, gen
 
     async def handle(
-        self, request: Request, plan: Plan, include_usage: bool, stream: bool, chat: bool
+        self, request: Request, plan: Plan, options: StreamOptions | None, stream: bool, chat: bool
     ) -> Response:
+        """`options.include_usage` adds a last chunk with the usage; with `continuous_usage_stats` too
+        (vLLM's extension), every chunk carries the usage so far."""
+        include_usage = bool(options and options.include_usage)
         tracker = Tracker(plan.n)
         route = request.url.path
         self.inflight.update(r.request_id for r in plan.requests)
@@ -178,6 +181,7 @@ class OpenAIServer:
                     rest,
                     lambda: self.finish(tracker, plan),
                     self.stream_interval,
+                    include_usage and bool(options and options.continuous_usage_stats),
                 )
                 body = chat_stream(ctx) if chat else completion_stream(ctx)
                 self.metrics.requests.labels(route, "200").inc()
@@ -326,14 +330,12 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
         plan = plan_completion(req, engine, state.limits, state.model_name)
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await state.handle(request, plan, usage, req.stream, chat=False)
+        return await state.handle(request, plan, req.stream_options, req.stream, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         plan = plan_chat(req, engine, state.limits, state.model_name)
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        return await state.handle(request, plan, usage, req.stream, chat=True)
+        return await state.handle(request, plan, req.stream_options, req.stream, chat=True)
 
     app.add_middleware(
         Guard,

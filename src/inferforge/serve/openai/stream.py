@@ -41,6 +41,13 @@ class StreamCtx:
     rest: AsyncGenerator[tuple[int, EngineOutput], None]
     on_finish: Callable[[], None]
     interval: int = 1  # tokens per chunk after a sequence's first (`--stream-interval`)
+    continuous_usage: bool = False  # every chunk carries the usage so far (vLLM's `continuous_usage_stats`)
+
+    def chunk_usage(self) -> dict | bool | None:
+        """The `usage` of a token chunk: False (no field), None (null until the last chunk) or the counts."""
+        if not self.include_usage:
+            return False
+        return self.tracker.usage() if self.continuous_usage else None
 
     def unfinished(self) -> list[tuple[int, int]]:
         """(prompt, sequence) pairs the engine ended without a finish reason (aborted, e.g. at drain end)."""
@@ -120,22 +127,27 @@ class _Frames:
             f'"model":{_str(ctx.model)},"choices":[{{"index":'
         )
         self.tail = ("]," + '"usage":null}\n\n') if ctx.include_usage else "]}\n\n"
+        self.ctx = ctx
+
+    def _tail(self) -> str:
+        if not self.ctx.continuous_usage:
+            return self.tail
+        return '],"usage":' + json.dumps(self.ctx.tracker.usage(), separators=(",", ":")) + "}\n\n"
 
     def completion(self, index: int, text: str, finish: str | None) -> bytes:
         body = f'{index},"text":{_str(text)},"logprobs":null,"finish_reason":{_FINISH.get(finish, "null")}}}'
-        return (self.head + body + self.tail).encode()
+        return (self.head + body + self._tail()).encode()
 
     def chat(self, index: int, content: str | None, finish: str | None) -> bytes:
         delta = "{}" if content is None else f'{{"content":{_str(content)}}}'
         body = f'{index},"delta":{delta},"logprobs":null,"finish_reason":{_FINISH.get(finish, "null")}}}'
-        return (self.head + body + self.tail).encode()
+        return (self.head + body + self._tail()).encode()
 
 
 def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
     async def body() -> AsyncIterator[bytes]:
         n, plan = ctx.plan.n, ctx.plan
         offsets: dict[int, int] = {}
-        usage = None if ctx.include_usage else False
         frames = _Frames(ctx, "text_completion")
         async for idx, out in _outputs(ctx):
             i = idx * n + out.index
@@ -148,6 +160,7 @@ def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
                 continue
             lp, offsets[i] = completion_logprobs(ctx.text_of, out.logprobs, offsets[i])
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+            usage = ctx.chunk_usage()
             yield sse(envelope(plan.response_id, "text_completion", ctx.created, ctx.model, [choice], usage))
         for p, s in ctx.unfinished():
             yield frames.completion(p * n + s, "", "abort")
@@ -157,7 +170,9 @@ def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
 
 def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
     async def body() -> AsyncIterator[bytes]:
-        usage = None if ctx.include_usage else False
+        usage = ctx.chunk_usage()
+        if isinstance(usage, dict):  # the role chunk comes before any token
+            usage = {**usage, "completion_tokens": 0, "total_tokens": usage["prompt_tokens"]}
         rid, created, model = ctx.plan.response_id, ctx.created, ctx.model
         frames = _Frames(ctx, "chat.completion.chunk")
         roles = [
@@ -178,7 +193,7 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
             lp = {"content": chat_logprobs(ctx.text_of, out.logprobs), "refusal": None}
             delta = {} if content is None else {"content": content}
             choice = {"index": out.index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
-            yield sse(envelope(rid, "chat.completion.chunk", created, model, [choice], usage))
+            yield sse(envelope(rid, "chat.completion.chunk", created, model, [choice], ctx.chunk_usage()))
         for _, s in ctx.unfinished():
             yield frames.chat(s, None, "abort")
 
