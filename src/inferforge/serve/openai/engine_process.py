@@ -98,9 +98,7 @@ class _Hub:
             try:
                 conn = listener.accept()
                 conn.send(hello)
-            except OSError:
-                continue
-            except Exception:  # AuthenticationError and friends: not one of ours
+            except Exception:  # AuthenticationError, or a peer gone mid-handshake: not one of ours
                 continue
             self.joining.put(conn)
 
@@ -172,6 +170,7 @@ class _Hub:
         if conn is self.primary and gone:
             raise SystemExit(0)  # the spawning process is gone: nobody will stop this one
         self.conns.remove(conn)
+        self.stats_sent.pop(conn, None)
         if gone:
             for rid in [rid for rid, (c, _) in self.owner.items() if c is conn]:
                 self.eng.abort(rid)
