@@ -235,6 +235,28 @@ def test_continuous_usage_stats_put_the_counts_in_every_chunk(client: openai.Ope
         assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
 
 
+def test_tokenize_and_detokenize(server: ServerProc, model: str, reference: dict) -> None:
+    headers = {"Authorization": "Bearer sk-test-1"}
+    r = httpx.post(server.url + "/tokenize", json={"model": model, "prompt": PROMPT}, headers=headers)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["tokens"] == list(reference["prompt_ids"]) and body["count"] == len(reference["prompt_ids"])
+    detok = {"model": model, "tokens": body["tokens"]}
+    back = httpx.post(server.url + "/detokenize", json=detok, headers=headers)
+    assert back.status_code == 200 and PROMPT in back.json()["prompt"]
+    chat = httpx.post(server.url + "/tokenize", headers=headers,
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}]})  # fmt: skip
+    assert chat.status_code == 200 and chat.json()["count"] > 1
+    for path, payload, param in [
+        ("/tokenize", {"model": model}, "prompt"),
+        ("/tokenize", {"model": "other", "prompt": "x"}, "model"),
+        ("/detokenize", {"model": model, "tokens": [10**7]}, "tokens"),
+    ]:
+        bad = httpx.post(server.url + path, json=payload, headers=headers)
+        assert bad.status_code in (400, 404) and bad.json()["error"]["param"] == param
+    assert httpx.post(server.url + "/tokenize", json={"prompt": "x"}).status_code == 401  # keys apply
+
+
 def test_seed_reproducibility(client: openai.OpenAI, model: str) -> None:
     def sample(seed: int) -> str:
         return (

@@ -17,14 +17,20 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from inferforge.errors import InferforgeError
 from inferforge.llm.protocol import EngineClient, EngineOutput, EngineStats
 from inferforge.serve.heap import refreeze
-from inferforge.serve.openai.convert import Plan, plan_chat, plan_completion
+from inferforge.serve.openai.convert import Plan, detokenize, plan_chat, plan_completion, tokenize
 from inferforge.serve.openai.engine_io import Tracker, run_requests
 from inferforge.serve.openai.errors import APIError, error_body
 from inferforge.serve.openai.guard import Guard
 from inferforge.serve.openai.limits import ServerLimits
 from inferforge.serve.openai.metrics import ITLClock, ServerMetrics
 from inferforge.serve.openai.render import Accumulator, TokenText, envelope
-from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest, StreamOptions
+from inferforge.serve.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    StreamOptions,
+    TokenizeRequest,
+)
 from inferforge.serve.openai.stream import StreamCtx, chat_stream, completion_stream
 
 T = TypeVar("T")
@@ -326,6 +332,16 @@ def create_app(
             "max_model_len": engine.max_model_len,
         }
         return {"object": "list", "data": [card]}
+
+    @app.post("/tokenize")
+    async def tokenize_route(req: TokenizeRequest) -> dict[str, Any]:
+        """vLLM's: how many tokens a prompt (or chat) takes, before sending it."""
+        ids = tokenize(req, engine, state.model_name)
+        return {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize_route(req: DetokenizeRequest) -> dict[str, Any]:
+        return {"prompt": detokenize(req, engine, state.model_name)}
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:

@@ -12,7 +12,12 @@ from dataclasses import dataclass
 from inferforge.llm.protocol import EngineClient, EngineRequest, SamplingParams
 from inferforge.serve.openai.errors import APIError, bad_param
 from inferforge.serve.openai.limits import ServerLimits
-from inferforge.serve.openai.schemas import ChatCompletionRequest, CompletionRequest
+from inferforge.serve.openai.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 
 @dataclass(frozen=True)
@@ -198,9 +203,40 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
     return Plan(rid, tuple(reqs), echo, req.n, req.logprobs)
 
 
-def _messages(req: ChatCompletionRequest) -> list[dict]:
+def tokenize(req: TokenizeRequest, engine: EngineClient, served: str) -> list[int]:
+    """The ids the completion or chat route would send to the engine for this prompt or these messages."""
+    if req.model is not None:
+        check_model(req.model, served)
+    if (req.prompt is None) == (req.messages is None):
+        raise bad_param("prompt", "send either prompt (a string) or messages, not both and not neither.")
+    if req.prompt is not None:
+        return list(engine.encode(req.prompt))
+    if not req.add_generation_prompt:
+        raise bad_param(
+            "add_generation_prompt", "only add_generation_prompt=true is supported (as the chat route)."
+        )
+    try:
+        return list(engine.apply_chat_template(_messages(req)))
+    except Exception as exc:
+        raise bad_param("messages", f"the chat template rejected these messages: {exc}") from exc
+
+
+def detokenize(req: DetokenizeRequest, engine: EngineClient, served: str) -> str:
+    if req.model is not None:
+        check_model(req.model, served)
+    bad = next((t for t in req.tokens if t >= engine.vocab_size), None)
+    if bad is not None:
+        raise bad_param(
+            "tokens",
+            f"Token id {bad} is outside the vocabulary (valid ids are 0..{engine.vocab_size - 1}).",
+            code="invalid_token_id",
+        )
+    return engine.decode(list(req.tokens))
+
+
+def _messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
     out = []
-    for i, m in enumerate(req.messages):
+    for i, m in enumerate(req.messages or ()):
         content = m.content
         if isinstance(content, list):
             texts = []

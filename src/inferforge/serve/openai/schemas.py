@@ -73,3 +73,17 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
     response_format: dict | None = None
+
+
+class TokenizeRequest(_Open):
+    """vLLM's /tokenize: a prompt string, or chat messages rendered as /v1/chat/completions renders them."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Open):
+    model: str | None = None
+    tokens: list[NonNegInt]
