@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -239,6 +240,36 @@ def test_logit_bias_matches_a_reference(engine: LLMEngine, tiny_llama: Path) -> 
     assert ours["g"][0] == plain  # its neighbour's bias does not leak into it
     with pytest.raises(InferforgeError, match="logit_bias"):
         engine.add_request(EngineRequest("x", prompt, SamplingParams(logit_bias=((10**6, 1.0),))))
+
+
+def test_min_tokens_holds_off_stop_tokens_and_stop_strings(engine: LLMEngine, tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    prompt = _ids(engine, "The object")
+    plain = _run(engine, [EngineRequest("g", prompt, GREEDY)])["g"][0]
+    stop_id = plain[2]  # greedy would stop at its third token
+    stopping = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(stop_id,))
+    held = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=(stop_id,), min_tokens=10)
+    res = _run(engine, [EngineRequest("s", prompt, stopping), EngineRequest("h", prompt, held)])
+    assert res["s"][0] == plain[:3]
+    ids, ref = list(prompt), []  # reference: the stop id and end-of-sequence banned for 10 tokens
+    while len(ref) < 24:
+        with torch.no_grad():
+            logits = hf(torch.tensor([ids])).logits[0, -1].double()
+        if len(ref) < 10:
+            logits[[stop_id, *engine.eos_ids]] = float("-inf")
+        ref.append(int(logits.argmax()))
+        ids.append(ref[-1])
+        if len(ref) > 10 and (ref[-1] == stop_id or ref[-1] in engine.eos_ids):
+            break
+    assert res["h"][0] == ref and len(ref) >= 10
+    free = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    text, _ = _text(engine, EngineRequest("t", prompt, free))
+    early = text[1:3]  # a stop string that appears at once
+    cut, _ = _text(engine, EngineRequest("c", prompt, replace(free, stop=(early,))))
+    kept, reason = _text(engine, EngineRequest("k", prompt, replace(free, stop=(early,), min_tokens=12)))
+    assert len(cut) < len(text) and kept == text and reason == "length"
 
 
 def test_requests_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:

@@ -38,6 +38,7 @@ def chat(**kw: object) -> ChatCompletionRequest:
         ({"prompt": "x" * 40, "max_tokens": 30}, 400, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
         ({"logit_bias": {"257": 1.0}}, 400, "logit_bias"),
+        ({"min_tokens": 9, "max_tokens": 8}, 400, "min_tokens"),
         ({"logit_bias": {"five": 1.0}}, 400, "logit_bias"),
         ({"logit_bias": {"5": 100.5}}, 400, "logit_bias"),
         ({"logit_bias": {str(i): 1.0 for i in range(301)}}, 400, "logit_bias"),

@@ -35,12 +35,13 @@ def children(pid: int) -> set[int]:
     return pids
 
 
-def scrape(url: str) -> str:
-    return httpx.get(url + "/metrics", timeout=10).text
+def scrape(url: str, timeout: float = 10.0) -> str:
+    return httpx.get(url + "/metrics", timeout=timeout).text
 
 
-def worker_pids(url: str) -> set[int]:
-    return {int(p) for p in re.findall(r'inferforge_llm_http_worker_up\{pid="(\d+)"\} 1\.0', scrape(url))}
+def worker_pids(url: str, timeout: float = 10.0) -> set[int]:
+    text = scrape(url, timeout)
+    return {int(p) for p in re.findall(r'inferforge_llm_http_worker_up\{pid="(\d+)"\} 1\.0', text)}
 
 
 def two_workers(url: str) -> set[int] | None:
@@ -182,14 +183,16 @@ def test_killed_workers_are_replaced_and_their_requests_freed(server: ServerProc
     assert broken.is_set()
 
     def replaced() -> set[int] | None:
-        pids = worker_pids(server.url)
+        # With no worker alive the connection waits in the listening socket's backlog until a new worker
+        # accepts it: seconds of start-up on a busy 2-core machine.
+        pids = worker_pids(server.url, timeout=90.0)
         return pids if len(pids) == 2 and pids.isdisjoint(old) else None
 
     def freed() -> dict | None:
-        stats = httpx.get(server.url + "/v1/stats").json()
+        stats = httpx.get(server.url + "/v1/stats", timeout=30).json()
         return stats if stats["running"] == 0 else None
 
-    wait_for(replaced, what="two new workers")
+    wait_for(replaced, timeout=120.0, what="two new workers")
     assert wait_for(freed, what="the engine to free the request")["kv_blocks_used"] == 0
     short = {**payload, "max_tokens": 3, "stream": False}
     r = httpx.post(server.url + "/v1/completions", json=short, timeout=30)

@@ -99,15 +99,16 @@ class IncrementalDetokenizer:
         self._max_stop = max((len(s) for s in stop), default=0)
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
-    def add(self, token_id: int) -> bool:
-        """Append a token; returns True when a stop string appeared (the text is then cut before it)."""
+    def add(self, token_id: int, check_stop: bool = True) -> bool:
+        """Append a token; returns True when a stop string appeared (the text is then cut before it).
+        `check_stop` False (before a request's min_tokens): stop strings do not count yet."""
         self.ids.append(token_id)
         table = self.tokenizer.byte_table
         if table is not None:
             start = len(self.text)
             piece = table[token_id] if 0 <= token_id < len(table) else b""
             self.text += self._utf8.decode(piece)
-            return len(self.text) > start and self._cut_at_stop(start)
+            return check_stop and len(self.text) > start and self._cut_at_stop(start)
         prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
         full = self.tokenizer.decode(self.ids[self._prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
@@ -115,7 +116,7 @@ class IncrementalDetokenizer:
         start = len(self.text)
         self.text += full[len(prefix) :]
         self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
-        return self._cut_at_stop(start)
+        return check_stop and self._cut_at_stop(start)
 
     def _cut_at_stop(self, start: int) -> bool:
         if not self.stop:

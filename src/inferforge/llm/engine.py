@@ -345,7 +345,14 @@ class LLMEngine:
                 s.token_ids[s.group.prompt_len :] if p.output_penalties else []
                 for s, p in zip(rows, params, strict=True)
             ]
-        return SamplingBatch(params, [s.generator for s in rows], seen, outputs)
+        banned = None
+        if any(p.min_tokens for p in params):
+            stops = [tuple(self.eos_ids | set(p.stop_token_ids)) for p in params]
+            banned = [
+                list(stop) if s.num_output < p.min_tokens else []
+                for s, p, stop in zip(rows, params, stops, strict=True)
+            ]
+        return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned)
 
     def _update(
         self,
@@ -373,8 +380,9 @@ class LLMEngine:
                 k = params.logprobs
                 alts = tuple(zip(top_ids[i][:k], top_lp[i][:k], strict=True)) if top_ids and top_lp else ()
                 seq.pending_logprobs.append(TokenLogprob(tok, lps[i], alts))
-            hit_stop = seq.detok.add(tok)
-            if hit_stop or tok in params.stop_token_ids or (tok in eos and not params.ignore_eos):
+            armed = params.min_tokens == 0 or seq.num_output >= params.min_tokens
+            hit_stop = seq.detok.add(tok, check_stop=armed)
+            if armed and (hit_stop or tok in params.stop_token_ids or (tok in eos and not params.ignore_eos)):
                 seq.finish_reason = "stop"
             elif len(seq.token_ids) - group.prompt_len >= group.max_tokens:
                 seq.finish_reason = "length"

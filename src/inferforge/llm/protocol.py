@@ -35,11 +35,15 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, in [-100, 100])
+    # vLLM's: no end-of-sequence or stop token, and no stop-string check, before this many output tokens
+    min_tokens: int = 0
 
     @property
     def needs_history(self) -> bool:
-        """Penalties read the tokens so far: the newest must be on the host before the next is sampled."""
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        """Penalties and min_tokens read the tokens so far: the newest must be on the host before the next is
+        sampled."""
+        penalties = self.repetition_penalty != 1.0 or self.output_penalties
+        return penalties or self.min_tokens > 0  # min_tokens: whether to ban stop tokens depends on the count
 
     @property
     def output_penalties(self) -> bool:
@@ -60,6 +64,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}]: {self.min_tokens}")
         for token, bias in self.logit_bias:
             if token < 0 or not -100.0 <= bias <= 100.0:
                 raise ValueError(f"logit_bias needs ids >= 0 and biases in [-100, 100], got {token}: {bias}")

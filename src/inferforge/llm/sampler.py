@@ -43,6 +43,8 @@ class SamplingBatch:
     seen: list[list[int]]  # prompt + output ids per row, for the repetition penalty (empty when unused)
     # output ids per row, for the presence and frequency penalties (empty when unused; None: no row uses them)
     outputs: list[list[int]] | None = None
+    # token ids each row may not sample this step (end-of-sequence and stop tokens before min_tokens)
+    banned: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not len(self.params) == len(self.generators) == len(self.seen):
@@ -76,6 +78,7 @@ class PreparedBatch:
     frequency: torch.Tensor | None = None  # [C, 1]
     bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [E] rows, [E] token ids of logit_bias entries
     bias: torch.Tensor | None = None  # [E] the values added there
+    banned_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [F] rows, [F] token ids set to -inf
 
 
 def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> PreparedBatch:
@@ -96,6 +99,10 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
         at = to_device([list(rows_e), list(ids_e)], device, torch.long)
         out.bias_at = (at[0], at[1])
         out.bias = to_device(list(vals_e), device, torch.float32)
+    banned = [(i, t) for i, ids in enumerate(batch.banned or ()) for t in ids]
+    if banned:
+        at = to_device([[i for i, _ in banned], [t for _, t in banned]], device, torch.long)
+        out.banned_at = (at[0], at[1])
     if not out.all_greedy:
         out.greedy = to_device(greedy, device, torch.bool)
         out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)
@@ -208,6 +215,8 @@ def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
         assert prep.bias is not None
         logits = logits.index_put(prep.bias_at, prep.bias.to(logits.dtype), accumulate=True)
     logits = _apply_output_penalties(_apply_repetition_penalty(logits, prep), prep)
+    if prep.banned_at is not None:  # min_tokens: no way to stop yet
+        logits = logits.index_put(prep.banned_at, logits.new_tensor(float("-inf")))
     ids = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
     if not prep.all_greedy:
         assert prep.greedy is not None

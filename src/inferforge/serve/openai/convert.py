@@ -136,12 +136,17 @@ def _params(
     stop: tuple[str, ...],
     logit_bias: tuple[tuple[int, float], ...] = (),
 ) -> SamplingParams:
+    if req.min_tokens > max_tokens:
+        raise bad_param(
+            "min_tokens", f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}; lower it."
+        )
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=1.0 if req.temperature is None else req.temperature,
         top_p=1.0 if req.top_p is None else req.top_p,
         top_k=max(req.top_k, 0),
         min_p=req.min_p,
+        min_tokens=req.min_tokens,
         repetition_penalty=req.repetition_penalty,
         seed=req.seed,
         stop=stop,

@@ -42,6 +42,7 @@ class _SamplingFields(_Open):
     user: str | None = None
     top_k: Annotated[int, Field(ge=-1)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
+    min_tokens: NonNegInt = 0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
