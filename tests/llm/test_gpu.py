@@ -96,3 +96,27 @@ def test_int8_split_k_at_64_rows_matches_gemlite_s_own_choice(
 
     own, split = decode_logprobs(False), decode_logprobs(True)
     assert max(abs(a - b) for a, b in zip(own, split, strict=True)) < 2e-2
+
+
+@needs_cuda
+def test_sampling_controls_on_cuda_equal_the_cpu_engine(tiny_dirs: dict[str, Path]) -> None:
+    """Presence / frequency penalties, logit bias, min_tokens and min_p run as device ops (scatter-add,
+    index_put): the CUDA engine in fp32 gives the CPU engine's greedy tokens, batched with a plain request."""
+    folder = tiny_dirs["llama"]
+    prompt = (5, 17, 99, 3)
+    plain = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    controlled = SamplingParams(max_tokens=24, temperature=0.0, presence_penalty=0.6, frequency_penalty=1.1,
+                                logit_bias=((7, 2.0), (11, -100.0)), min_tokens=6,
+                                stop_token_ids=(42,))  # fmt: skip
+    min_p_one = SamplingParams(max_tokens=24, temperature=1.5, min_p=1.0, ignore_eos=True)
+    reqs = [EngineRequest("c", prompt, controlled), EngineRequest("p", prompt, plain),
+            EngineRequest("m", prompt, min_p_one)]  # fmt: skip
+
+    def tokens(device: str) -> dict[str, list[int]]:
+        config = EngineConfig(device=device, dtype="float32", kv_cache_tokens=2048, max_num_seqs=4)
+        res = LLMEngine(folder, config).generate(reqs)
+        return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
+
+    cuda, cpu = tokens("cuda"), tokens("cpu")
+    assert cuda == cpu
+    assert cuda["m"] == cuda["p"]  # min_p = 1 keeps only the most likely token
