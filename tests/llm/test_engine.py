@@ -272,6 +272,16 @@ def test_min_tokens_holds_off_stop_tokens_and_stop_strings(engine: LLMEngine, ti
     assert len(cut) < len(text) and kept == text and reason == "length"
 
 
+def test_detokenize_false_gives_the_same_tokens_without_text(engine: LLMEngine) -> None:
+    prompt = _ids(engine, "The object")
+    with_text = engine.generate([EngineRequest("t", prompt, GREEDY)])["t"][0]
+    ids_only = engine.generate([EngineRequest("i", prompt, replace(GREEDY, detokenize=False))])["i"][0]
+    assert [t for o in ids_only for t in o.new_token_ids] == [t for o in with_text for t in o.new_token_ids]
+    assert all(o.new_text == "" for o in ids_only) and "".join(o.new_text for o in with_text)
+    with pytest.raises(ValueError, match="stop strings need detokenize"):
+        replace(GREEDY, detokenize=False, stop=("x",))
+
+
 def test_requests_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:
     small = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=64, max_num_seqs=8, max_num_batched_tokens=64))
     reqs = [

@@ -146,3 +146,16 @@ class IncrementalDetokenizer:
         out = self.text[self.emitted : end]
         self.emitted = end
         return out
+
+
+class NoText:
+    """The detokenizer of a request with `detokenize=False`: its text is made elsewhere."""
+
+    def add(self, token_id: int, check_stop: bool = True) -> bool:
+        return False
+
+    def pop(self, final: bool) -> str:
+        return ""
+
+
+NO_TEXT = NoText()

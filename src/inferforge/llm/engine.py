@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from inferforge.errors import InferforgeError, NotApplicable
-from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
+from inferforge.llm.detok import NO_TEXT, IncrementalDetokenizer, Tokenizer
 from inferforge.llm.engine_config import EngineConfig
 from inferforge.llm.kernels import choose_kernels
 from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed, copy_blocks, plan_cache
@@ -161,7 +161,7 @@ class LLMEngine:
             if p.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(p.seed + i)
-            detok = IncrementalDetokenizer(self.tokenizer, p.stop)
+            detok = IncrementalDetokenizer(self.tokenizer, p.stop) if p.detokenize else NO_TEXT
             state.seqs.append(Sequence(state, i, list(request.prompt_ids), detok, gen))
         self.scheduler.add(state)
 

@@ -37,6 +37,9 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit, in [-100, 100])
     # vLLM's: no end-of-sequence or stop token, and no stop-string check, before this many output tokens
     min_tokens: int = 0
+    # False: outputs carry token ids only (new_text ""); whoever reads them makes the text (the OpenAI
+    # server's workers do, so the engine process spends its one core on steps). Stop strings need it True.
+    detokenize: bool = True
 
     @property
     def needs_history(self) -> bool:
@@ -64,6 +67,8 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be in (0, 10], got {self.repetition_penalty}")
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True: the engine finds them in the text")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError(f"min_tokens must be in [0, max_tokens={self.max_tokens}]: {self.min_tokens}")
         for token, bias in self.logit_bias:

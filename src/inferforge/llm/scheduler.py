@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inferforge.errors import InferforgeError
-from inferforge.llm.detok import IncrementalDetokenizer
+from inferforge.llm.detok import IncrementalDetokenizer, NoText
 from inferforge.llm.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_needed, prompt_block_keys
 from inferforge.llm.protocol import EngineRequest, FinishReason, TokenLogprob
 
@@ -67,7 +67,7 @@ class Sequence:
     group: RequestState
     index: int
     token_ids: list[int]
-    detok: IncrementalDetokenizer
+    detok: IncrementalDetokenizer | NoText
     generator: torch.Generator | None
     blocks: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens whose keys and values are in the cache

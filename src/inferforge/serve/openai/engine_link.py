@@ -15,10 +15,12 @@ import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from inferforge.errors import InferforgeError
+from inferforge.llm.detok import IncrementalDetokenizer
 from inferforge.llm.protocol import (
     EngineOutput,
     EngineRequest,
@@ -107,6 +109,9 @@ class EngineLink:
         queue: asyncio.Queue[Any] = asyncio.Queue()
         self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
         remaining = request.params.n
+        texts = _texts_here(request, self.tokenizer)
+        if texts is not None:
+            request = replace(request, params=replace(request.params, detokenize=False))
         try:
             self._send(("add", request))
             while remaining:
@@ -118,6 +123,8 @@ class EngineLink:
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
+                    if texts is not None:
+                        _add_text(item, texts[item.index])
                     if item.finished:
                         remaining -= 1
                     yield item
@@ -224,6 +231,23 @@ class EngineLink:
         self._bye.set()
         with self._stats_seen:
             self._stats_seen.notify_all()
+
+
+def _texts_here(request: EngineRequest, tokenizer: Any) -> list[IncrementalDetokenizer] | None:
+    """Detokenizers for a request whose text this side makes (None: the engine makes it).
+
+    Detokenizing is per token and per sequence; here it runs in the HTTP worker processes, which scale out,
+    instead of the one engine process (as vLLM's v1 moved it out of its engine core). Requests with stop
+    strings keep it in the engine, which must see the text to stop at once."""
+    if request.params.stop or not request.params.detokenize:
+        return None
+    return [IncrementalDetokenizer(tokenizer) for _ in range(request.params.n)]
+
+
+def _add_text(out: EngineOutput, detok: IncrementalDetokenizer) -> None:
+    for token in out.new_token_ids:
+        detok.add(token)
+    out.new_text = detok.pop(final=out.finished)
 
 
 def _coalesce(items: list[Any]) -> list[Any]:
