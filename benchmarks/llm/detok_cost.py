@@ -32,12 +32,30 @@ def one_round(eng: LLMEngine, params: SamplingParams, tag: str) -> float:
     return (time.perf_counter() - t0) / tokens
 
 
+def detokenizer_alone(folder: Path, stop: tuple[str, ...], reps: int = 200) -> float:
+    """Seconds per token of `IncrementalDetokenizer.add` + `pop`, as the engine calls them for a row."""
+    from inferforge.llm.detok import IncrementalDetokenizer, Tokenizer
+
+    tok = Tokenizer(folder)
+    ids = [(37 * i) % 250 + 3 for i in range(128)]
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        d = IncrementalDetokenizer(tok, stop)
+        for i in ids:
+            d.add(i)
+            d.pop(False)
+    return (time.perf_counter() - t0) / (reps * len(ids))
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--tokens", type=int, default=64)
     a = p.parse_args()
-    eng = LLMEngine(make_tiny_llama(Path(tempfile.mkdtemp()) / "tiny"), EngineConfig(device="cpu"))
+    folder = make_tiny_llama(Path(tempfile.mkdtemp()) / "tiny")
+    for stop in ((), ("\n\n",)):
+        print(f"detokenizer alone, stop strings {stop!r}: {detokenizer_alone(folder, stop) * 1e6:.2f} us a token")
+    eng = LLMEngine(folder, EngineConfig(device="cpu"))
     text = SamplingParams(max_tokens=a.tokens, temperature=0.0, ignore_eos=True)
     ids_only = replace(text, detokenize=False)
     one_round(eng, text, "warm")
