@@ -116,6 +116,11 @@ def test_the_primary_stop_fails_linked_requests(long_llama: Path) -> None:
         await eng.shutdown(0.0)
         outs = await task  # ended cleanly, as at the end of a drain
         assert outs[-1].finish_reason == "abort"
+
+        async def b_gone() -> bool:  # the engine's last word ("fail") reaches b's reader just after
+            return not b.is_alive()
+
+        await until(b_gone)
         with pytest.raises(EngineClosedError, match="gone"):  # the server answers 503
             await collect(b, "b-late", (7,), 3)
 
