@@ -103,9 +103,10 @@ def test_limits_validate_themselves() -> None:
 
 def test_engine_refusals_map_to_statuses_across_the_process_boundary() -> None:
     from inferforge.serve.openai.app import engine_error
-    from inferforge.serve.openai.engine_process import EngineClosedError, _error
+    from inferforge.serve.openai.engine_process import EngineClosedError, EngineProcessError, _error
 
     assert engine_error(_error("QueueFullError", "waiting queue is full")).status == 429
     assert engine_error(_error("RequestTooLargeError", "too long")).status == 400
     assert engine_error(EngineClosedError("closing")).status == 503
+    assert engine_error(EngineProcessError("the engine process is gone")).status == 503
     assert engine_error(RuntimeError("device fault")) is None  # a bug or a fault: 500, not the client's

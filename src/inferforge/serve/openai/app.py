@@ -50,6 +50,8 @@ def engine_error(exc: BaseException) -> APIError | None:
         return APIError(429, f"The server is at capacity: {exc}. Retry later.", code="queue_full")
     if "EngineClosedError" in names:
         return APIError(503, f"The server is shutting down: {exc}.", code="draining")
+    if "EngineProcessError" in names:  # the engine died or stopped before this request's first token
+        return APIError(503, f"The engine is not available: {exc}. Retry elsewhere.", code="engine_down")
     if isinstance(exc, InferforgeError | ValueError):
         return APIError(400, str(exc), code="invalid_value")
     return None
