@@ -185,17 +185,32 @@ def test_n_and_prompt_lists(client: openai.OpenAI, model: str, engine) -> None:
     assert texts == [c.message.content for c in sorted(chat.choices, key=lambda c: c.index)]
 
 
-def test_stop_string_truncates(client: openai.OpenAI, model: str, reference: dict) -> None:
+def test_stop_string_truncates(client: openai.OpenAI, model: str, reference: dict, engine) -> None:
+    """The server finds stop strings itself (its HTTP process makes the text); text, token count, logprobs and
+    finish reason equal the engine's own stop, streamed or not, with and without min_tokens."""
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
     text = reference["text"]
     start = next(
         i for i in range(4, len(text) - 3) if "\ufffd" not in text[i : i + 3] and text[i : i + 3].strip()
     )
     stop = text[start : start + 3]
-    r = client.completions.create(
-        model=model, prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "\x00"]
-    )
-    assert r.choices[0].text == text[: text.find(stop)]
-    assert r.choices[0].finish_reason == "stop"
+    for min_tokens in (0, 20):
+        params = SamplingParams(max_tokens=24, temperature=0.0, stop=(stop, "\x00"), min_tokens=min_tokens)
+        outs = engine.generate([EngineRequest("s", reference["prompt_ids"], params)])["s"][0]
+        want = "".join(o.new_text for o in outs)
+        kw = {"model": model, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop, "\x00"],
+              "extra_body": {"min_tokens": min_tokens}, "logprobs": 0}  # fmt: skip
+        r = client.completions.create(**kw)
+        assert r.choices[0].text == want
+        assert r.choices[0].finish_reason == outs[-1].finish_reason
+        assert r.usage.completion_tokens == outs[-1].completion_tokens
+        assert len(r.choices[0].logprobs.tokens) == outs[-1].completion_tokens
+        chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **kw))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == want
+        assert chunks[-1].usage.completion_tokens == outs[-1].completion_tokens
+        if min_tokens == 0:
+            assert want == text[: text.find(stop)] and outs[-1].finish_reason == "stop"
 
 
 def test_presence_and_frequency_penalties_reach_the_engine(

@@ -110,8 +110,10 @@ class EngineLink:
         self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
         remaining = request.params.n
         texts = _texts_here(request, self.tokenizer)
+        params = request.params
         if texts is not None:
-            request = replace(request, params=replace(request.params, detokenize=False))
+            request = replace(request, params=replace(params, detokenize=False, stop=()))
+        stopped_here = False
         try:
             self._send(("add", request))
             while remaining:
@@ -124,13 +126,15 @@ class EngineLink:
                     if isinstance(item, BaseException):
                         raise item
                     if texts is not None:
-                        _add_text(item, texts[item.index])
+                        stopped_here = _add_text(item, texts[item.index], params.min_tokens) or stopped_here
                     if item.finished:
                         remaining -= 1
                     yield item
+                    if not remaining:
+                        break  # anything after a sequence's end (a step past a stop string) is dropped
         finally:
             self._streams.pop(request.request_id, None)
-            if remaining:
+            if remaining or stopped_here:  # stopped here: the engine still runs it until told
                 with contextlib.suppress(OSError):
                     self._send(("abort", request.request_id))
 
@@ -237,17 +241,37 @@ def _texts_here(request: EngineRequest, tokenizer: Any) -> list[IncrementalDetok
     """Detokenizers for a request whose text this side makes (None: the engine makes it).
 
     Detokenizing is per token and per sequence; here it runs in the HTTP worker processes, which scale out,
-    instead of the one engine process (as vLLM's v1 moved it out of its engine core). Requests with stop
-    strings keep it in the engine, which must see the text to stop at once."""
-    if request.params.stop or not request.params.detokenize:
+    instead of the one engine process (as vLLM's v1 moved it out of its engine core). A stop string found here
+    ends the sequence here and aborts it in the engine, which may have run a step or two past it (their tokens
+    are dropped). With n > 1 and stop strings the engine keeps the text: one sequence cannot be aborted alone.
+    """
+    p = request.params
+    if not p.detokenize or (p.stop and p.n > 1):
         return None
-    return [IncrementalDetokenizer(tokenizer) for _ in range(request.params.n)]
+    return [IncrementalDetokenizer(tokenizer, p.stop) for _ in range(p.n)]
 
 
-def _add_text(out: EngineOutput, detok: IncrementalDetokenizer) -> None:
-    for token in out.new_token_ids:
-        detok.add(token)
+def _add_text(out: EngineOutput, detok: IncrementalDetokenizer, min_tokens: int) -> bool:
+    """Fill in the delta's text as the engine would have; True when a stop string ends the sequence in it."""
+    first = out.completion_tokens - len(out.new_token_ids)  # the sequence's tokens before this delta
+    for i, token in enumerate(out.new_token_ids):
+        if detok.add(token, check_stop=first + i + 1 >= min_tokens):
+            _end_at(out, i, first)
+            out.new_text = detok.pop(final=True)
+            return True
     out.new_text = detok.pop(final=out.finished)
+    return False
+
+
+def _end_at(out: EngineOutput, i: int, first: int) -> None:
+    """The sequence stops at the delta's i-th token, as the engine stops; what it made after is dropped."""
+    out.new_token_ids = out.new_token_ids[: i + 1]
+    if out.logprobs is not None:
+        out.logprobs = out.logprobs[: i + 1]
+    out.completion_tokens = first + i + 1
+    out.finished, out.finish_reason = True, "stop"
+    if out.timing.finished is None:
+        out.timing.finished = time.monotonic()  # the engine's clock: CLOCK_MONOTONIC, one per machine
 
 
 def _coalesce(items: list[Any]) -> list[Any]:
