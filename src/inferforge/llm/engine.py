@@ -347,10 +347,9 @@ class LLMEngine:
             ]
         banned = None
         if any(p.min_tokens for p in params):
-            stops = [tuple(self.eos_ids | set(p.stop_token_ids)) for p in params]
             banned = [
-                list(stop) if s.num_output < p.min_tokens else []
-                for s, p, stop in zip(rows, params, stops, strict=True)
+                list(self.eos_ids | set(p.stop_token_ids)) if s.num_output < p.min_tokens else []
+                for s, p in zip(rows, params, strict=True)
             ]
         return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned)
 

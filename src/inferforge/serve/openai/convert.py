@@ -220,10 +220,7 @@ def tokenize(req: TokenizeRequest, engine: EngineClient, served: str) -> list[in
         raise bad_param(
             "add_generation_prompt", "only add_generation_prompt=true is supported (as the chat route)."
         )
-    try:
-        return list(engine.apply_chat_template(_messages(req)))
-    except Exception as exc:
-        raise bad_param("messages", f"the chat template rejected these messages: {exc}") from exc
+    return _chat_ids(req, engine)
 
 
 def detokenize(req: DetokenizeRequest, engine: EngineClient, served: str) -> str:
@@ -237,6 +234,15 @@ def detokenize(req: DetokenizeRequest, engine: EngineClient, served: str) -> str
             code="invalid_token_id",
         )
     return engine.decode(list(req.tokens))
+
+
+def _chat_ids(req: ChatCompletionRequest | TokenizeRequest, engine: EngineClient) -> list[int]:
+    try:
+        return list(engine.apply_chat_template(_messages(req)))
+    except APIError:
+        raise
+    except Exception as exc:  # the template is user-facing code (jinja); its errors are the request's fault
+        raise bad_param("messages", f"the chat template rejected these messages: {exc}") from exc
 
 
 def _messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
@@ -276,12 +282,7 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
         raise bad_param("max_tokens", "give max_completion_tokens or max_tokens, not both.")
     stop = _stops(req.stop, limits)
     bias = _logit_bias(req.logit_bias, engine.vocab_size)
-    try:
-        ids = list(engine.apply_chat_template(_messages(req)))
-    except APIError:
-        raise
-    except Exception as exc:  # the template is user-facing code (jinja); its errors are the request's fault
-        raise bad_param("messages", f"the chat template rejected these messages: {exc}") from exc
+    ids = _chat_ids(req, engine)
     _check_prompt(ids, engine, limits, "messages")
     param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
     requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
