@@ -148,6 +148,8 @@ def sync_waves(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
 def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
     """The engine flags both peers and the server share (the server gets them on its command line)."""
+    from inferforge.serve.openai.cli import parse_token_buckets
+
     return {
         "device": a.device,
         "max_num_seqs": a.max_num_seqs,
@@ -155,6 +157,7 @@ def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
         "max_num_batched_tokens": a.max_num_batched_tokens,
         "max_model_len": a.max_model_len,
         "admit_delay_steps": a.admit_delay_steps,
+        "prefill_graph_tokens": parse_token_buckets(a.prefill_graph_tokens, "--prefill-graph-tokens"),
     }
 
 
@@ -343,6 +346,8 @@ def start_server(
         str(workers),
         "--stream-interval",
         str(interval),
+        "--prefill-graph-tokens",
+        a.prefill_graph_tokens,
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -375,6 +380,11 @@ def main() -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="of every engine (serve-llm's)")
+    p.add_argument(
+        "--prefill-graph-tokens",
+        default="128,256,384,512,768,1024,1536,2048",
+        help="of every engine (serve-llm's); none: prompt steps eager",
+    )
     p.add_argument("--requests", type=int, default=768)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--gen", type=int, default=128)

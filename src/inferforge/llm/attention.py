@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -53,6 +54,25 @@ class FreshGroup:
 
 
 @dataclass
+class VarlenMeta:
+    """A step's layout on the device for varlen attention (`triton_varlen_attn` says what each tensor
+    holds), and the function that attends with it (the kernel, or `varlen_attention_torch`)."""
+
+    cu_q: torch.Tensor
+    ctx: torch.Tensor
+    block_tables: torch.Tensor
+    prog_seq: torch.Tensor
+    prog_q0: torch.Tensor
+    fn: Callable[..., torch.Tensor]
+
+    def attend(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        return self.fn(q, k_cache, v_cache, self.cu_q, self.ctx, self.block_tables, self.prog_seq,
+                       self.prog_q0, scale)  # fmt: skip
+
+
+@dataclass
 class AttnMeta:
     """Where the step's new keys go (slot_mapping) and what each query may attend to."""
 
@@ -67,6 +87,7 @@ class AttnMeta:
     num_decode: int = (
         0  # prefill step: its first rows are decode rows (block_tables, context_lens cover them)
     )
+    varlen: VarlenMeta | None = None  # a step whose whole layout is on the device (graph-captured prompts)
 
 
 def write_cache(
@@ -203,3 +224,61 @@ def decode_attention_torch(
 
 
 DecodeFn = Callable[..., torch.Tensor]
+
+
+# Query tokens per program of varlen attention: with the GQA group (padded to a power of two) they make the
+# rows of its score tile, which needs at least 16.
+VARLEN_BLOCK_Q = 16
+
+
+def varlen_block_q(heads: int, kv_heads: int) -> int:
+    group = heads // kv_heads
+    return max(VARLEN_BLOCK_Q, 16 // (1 << (group - 1).bit_length()))
+
+
+def varlen_programs(q_lens: np.ndarray, bq: int, capacity: int) -> tuple[np.ndarray, np.ndarray]:
+    """(prog_seq, prog_q0): each program's sequence and first query, for chunks of `q_lens` queries and
+    `bq` queries a program, padded to `capacity` programs with sequence -1 (nothing to do)."""
+    per = -(-q_lens // bq)
+    n = int(per.sum())
+    if n > capacity:
+        raise ValueError(f"{n} attention programs exceed the capacity {capacity}")
+    seq = np.full(capacity, -1, dtype=np.int64)
+    q0 = np.zeros(capacity, dtype=np.int64)
+    seq[:n] = np.repeat(np.arange(len(q_lens)), per)
+    q0[:n] = (np.arange(n) - np.repeat(np.cumsum(per) - per, per)) * bq
+    return seq, q0
+
+
+def varlen_attention_torch(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_q: torch.Tensor,
+    ctx: torch.Tensor,
+    block_tables: torch.Tensor,
+    prog_seq: torch.Tensor,
+    prog_q0: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """The reference for `triton_varlen_attn` (and its CPU stand-in): per sequence, its chunk's queries over
+    its cached keys, causal by absolute position. Reads the layout back to the host, so no graph holds it;
+    the program arrays are the kernel's business and unused here. Rows outside every chunk are zero."""
+    out = torch.zeros_like(q)
+    starts, lens = cu_q.tolist(), ctx.tolist()
+    group = q.shape[1] // k_cache.shape[2]
+    for s, n_ctx in enumerate(lens):
+        a, b = starts[s], starts[s + 1]
+        if b <= a:
+            continue
+        blocks = block_tables[s, : -(-n_ctx // k_cache.shape[1])]
+        k = k_cache[blocks].flatten(0, 1)[:n_ctx].repeat_interleave(group, dim=1)
+        v = v_cache[blocks].flatten(0, 1)[:n_ctx].repeat_interleave(group, dim=1)
+        qpos = torch.arange(n_ctx - (b - a), n_ctx, device=q.device)
+        mask = torch.arange(n_ctx, device=q.device)[None, :] <= qpos[:, None]
+        o = F.scaled_dot_product_attention(
+            q[a:b].transpose(0, 1).float(), k.transpose(0, 1).float(), v.transpose(0, 1).float(),
+            attn_mask=mask, scale=scale,
+        )  # fmt: skip
+        out[a:b] = o.transpose(0, 1).to(q.dtype)
+    return out

@@ -42,6 +42,16 @@ class _InFlight:
     done: torch.cuda.Event | None = field(default=None)
 
 
+def _useful_buckets(buckets: tuple[int, ...], max_step_tokens: int) -> tuple[int, ...]:
+    """The buckets a step can use: up to the first one that holds the largest step."""
+    out = []
+    for b in sorted(buckets):
+        out.append(b)
+        if b >= max_step_tokens:
+            break
+    return tuple(out)
+
+
 def _same(a: list[Sequence], b: list[Sequence]) -> bool:
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
@@ -122,6 +132,8 @@ class LLMEngine:
             cuda_graphs=config.cuda_graphs,
             decode_fn=decode_fn,
             buckets=config.decode_buckets,
+            varlen_fn=choice.varlen_fn,
+            prefill_buckets=_useful_buckets(config.prefill_graph_tokens, config.max_num_batched_tokens),
         )
         if config.quant is not None:  # the decode graphs are captured: their shapes are tuned now
             from inferforge.llm.quant import save_tuned_configs

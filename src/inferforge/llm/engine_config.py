@@ -43,6 +43,9 @@ class EngineConfig:
     mixed_steps: bool = (
         True  # decode rows and prompt chunks of one step in one eager pass (else graph + prefill)
     )
+    # Token buckets of the CUDA graphs of prompt steps (on CUDA, with the varlen attention kernel once it
+    # matched its reference); a step over the largest bucket, or () for all, runs eagerly.
+    prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048)
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
     enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same start (n = 1)

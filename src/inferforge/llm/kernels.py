@@ -17,6 +17,7 @@ class KernelChoice:
     decode_fn: Callable[..., torch.Tensor] | None  # paged decode attention (None: the torch reference)
     decode_kernel: str  # "triton" or "torch", for stats and benchmarks
     gemv_error: str | None  # why the batch-1 GEMVs were refused on this model, if they were
+    varlen_fn: Callable[..., torch.Tensor] | None = None  # varlen paged attention (prompt-step graphs)
 
 
 def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device) -> KernelChoice:
@@ -24,13 +25,17 @@ def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device)
     launch (Hopper), the batch-1 GEMVs (checked against each decode layer's own forward on the real
     weights), the fp32-logits LM head, and the compiled decode block if asked for; the model is set up in
     place."""
-    decode_fn = None
+    decode_fn = varlen_fn = None
     if device.type == "cuda" and config.gemm_library is not None:
         torch.backends.cuda.preferred_blas_library(config.gemm_library)
     if device.type == "cuda" and config.triton_attention and config.torch_dtype != torch.float32:
         from inferforge.llm import triton_attn
 
         decode_fn = triton_attn.verified_kernel(device)
+        if config.cuda_graphs and config.prefill_graph_tokens:
+            from inferforge.llm import triton_varlen_attn
+
+            varlen_fn = triton_varlen_attn.verified_kernel(device)
     gemv_error = None
     if device.type == "cuda" and config.fused_kernels and model.can_fuse():
         from inferforge.llm import fused
@@ -44,7 +49,7 @@ def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device)
         model.enable_fp32_logits_mm()
     if device.type == "cuda" and config.compile_decode:
         model.compile_decode()
-    return KernelChoice(decode_fn, "torch" if decode_fn is None else "triton", gemv_error)
+    return KernelChoice(decode_fn, "torch" if decode_fn is None else "triton", gemv_error, varlen_fn)
 
 
 def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -> str | None:

@@ -66,6 +66,8 @@ class Attention(nn.Module):
         self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor, meta: AttnMeta
     ) -> torch.Tensor:
         """Attention over the cache, the new keys and values already written into it."""
+        if meta.varlen is not None:
+            return meta.varlen.attend(q, self.k_cache, self.v_cache, self.scale)
         if meta.prefill is not None:
             assert k is not None
             o = prefill_attention(
@@ -190,7 +192,8 @@ class DecoderLM(nn.Module):
             cos = sin = self.rope_cos
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]
-        block = self.compiled_block if meta.prefill is None and self.compiled_block is not None else None
+        decoding = meta.prefill is None and meta.varlen is None
+        block = self.compiled_block if decoding and self.compiled_block is not None else None
         for layer in self.layers:
             x = layer(x, cos, sin, meta) if block is None else block(layer, x, cos, sin, meta)
         return self.norm(x)

@@ -1,4 +1,5 @@
-"""Runs a scheduled step on the model: flat prefill chunks eagerly, decodes through CUDA graphs on a GPU.
+"""Runs a scheduled step on the model: decodes through CUDA graphs on a GPU, prompt steps through graphs per
+token bucket where they fit (`prefill_graphs.py`) and eagerly otherwise.
 
 Decode graphs are captured once per batch bucket (1, 2, 4, ... max_num_seqs) over static input buffers; a step
 copies its inputs from one pinned host buffer in a single transfer, pads to the bucket (padded rows write into
@@ -12,9 +13,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
+from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups, varlen_block_q
 from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
 from inferforge.llm.model import DecoderLM
+from inferforge.llm.prefill_graphs import PrefillGraphs
 from inferforge.llm.sampler import to_device
 from inferforge.llm.scheduler import Sequence
 
@@ -59,6 +61,8 @@ class ModelRunner:
         cuda_graphs: bool,
         decode_fn: Callable[..., torch.Tensor] | None = None,
         buckets: tuple[int, ...] | None = None,
+        varlen_fn: Callable[..., torch.Tensor] | None = None,
+        prefill_buckets: tuple[int, ...] = (),
     ) -> None:
         self.model, self.device, self.decode_fn = model, device, decode_fn
         self.max_blocks = blocks_needed(max_model_len)
@@ -76,6 +80,23 @@ class ModelRunner:
         self.compile_error: str | None = None
         if cuda_graphs and on_gpu:
             self.capture()
+        self.prefill_graphs: PrefillGraphs | None = None
+        self.prefill_graph_error: str | None = None
+        if cuda_graphs and on_gpu and varlen_fn is not None and prefill_buckets:
+            self._capture_prefill(varlen_fn, prefill_buckets, max_num_seqs)
+
+    def _capture_prefill(self, fn: Callable[..., torch.Tensor], buckets: tuple[int, ...], seqs: int) -> None:
+        """Graphs of prompt steps; a failure to capture leaves prompt steps eager (and says why)."""
+        cfg = self.model.cfg
+        try:
+            self.prefill_graphs = PrefillGraphs(
+                self.model, self.device, max_seqs=seqs, max_blocks=self.max_blocks, buckets=buckets,
+                attn_fn=fn, block_q=varlen_block_q(cfg.num_heads, cfg.num_kv_heads), capture=True,
+            )  # fmt: skip
+        except Exception as exc:
+            self.prefill_graphs = None
+            self.prefill_graph_error = f"{type(exc).__name__}: {str(exc)[:300]}"
+            torch.cuda.synchronize()
 
     def _views(self, b: int) -> tuple[torch.Tensor, ...]:
         """ids, positions, slots, context_lens, block_tables for the first b rows of the static buffer."""
@@ -196,21 +217,38 @@ class ModelRunner:
         graph and then a separate prefill read every weight twice, and with requests arriving continuously
         nearly every step is such a step."""
         decode = decode or []
-        ids: list[int] = []
-        pos: list[int] = []
-        slots: list[int] = []
-        ctx: list[int] = []
-        tables: list[list[int]] = []
-        for i, s in enumerate(decode):
-            p = len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0)
-            ids.append(s.token_ids[-1])
-            pos.append(p)
-            slots.append(_slot(s, p))
-            ctx.append(p + 1)
-            tables.append(s.blocks + [0] * (self.max_blocks - len(s.blocks)))
-        metas: list[PrefillSeq] = []
+        positions = [len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0) for i, s in enumerate(decode)]
+        layout = _chunk_positions_and_slots(chunks)
         rows: list[int] = list(range(len(decode)))
         done: list[Sequence] = []
+        end = len(decode)
+        for seq, n in chunks:
+            end += n
+            if seq.num_computed + n >= len(seq.token_ids):
+                rows.append(end - 1)
+                done.append(seq)
+        hidden = None
+        if self.prefill_graphs is not None:
+            hidden = self.prefill_graphs.run(chunks, decode, positions, layout, carry_rows, carry_ids)
+        if hidden is None:
+            hidden = self._prefill_eager(chunks, decode, positions, layout, carry_rows, carry_ids)
+        if not rows:
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
+        return self.model.logits(hidden[to_device(rows, self.device, torch.long)]), done
+
+    def _prefill_eager(
+        self,
+        chunks: list[tuple[Sequence, int]],
+        decode: list[Sequence],
+        positions: list[int],
+        layout: np.ndarray,
+        carry_rows: torch.Tensor | None,
+        carry_ids: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The step's hidden states through eager kernels, its prompts' attention grouped on the host."""
+        ids = [s.token_ids[-1] for s in decode]
+        tables = [s.blocks + [0] * (self.max_blocks - len(s.blocks)) for s in decode]
+        metas: list[PrefillSeq] = []
         for seq, n in chunks:
             start, end = seq.num_computed, seq.num_computed + n
             q_start = len(ids)
@@ -220,16 +258,13 @@ class ModelRunner:
                 None if fresh else to_device(seq.blocks[: blocks_needed(end)], self.device, torch.long)
             )
             metas.append(PrefillSeq(q_start, n, end, block_ids))
-            if end >= len(seq.token_ids):
-                rows.append(len(ids) - 1)
-                done.append(seq)
         # One [3, T] array, one host-to-device copy: 3 x 8,192 Python ints through `np.array` of lists took
         # 0.58 ms of the 1.3 ms before a 64 x 128-token prefill's first kernel (CPU box); now ids only.
         flat = np.empty((3, len(ids)), dtype=np.int64)
         flat[0] = ids
         d = len(decode)
-        flat[1, :d], flat[2, :d] = pos, slots
-        flat[1:, d:] = _chunk_positions_and_slots(chunks)
+        flat[1, :d], flat[2, :d] = positions, [_slot(s, p) for s, p in zip(decode, positions, strict=True)]
+        flat[1:, d:] = layout
         dev = to_device(flat, self.device, torch.long)
         if carry_ids is not None:
             if carry_rows is None:
@@ -240,9 +275,6 @@ class ModelRunner:
         meta = AttnMeta(slot_mapping=dev[2], prefill=alone, fresh_groups=groups, num_decode=len(decode))
         if decode:
             meta.block_tables = to_device(tables, self.device, torch.long)
-            meta.context_lens = to_device(ctx, self.device, torch.long)
+            meta.context_lens = to_device([p + 1 for p in positions], self.device, torch.long)
             meta.decode_fn = self.decode_fn
-        hidden = self.model(dev[0], dev[1], meta)
-        if not rows:
-            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
-        return self.model.logits(hidden[to_device(rows, self.device, torch.long)]), done
+        return self.model(dev[0], dev[1], meta)

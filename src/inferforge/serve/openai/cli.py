@@ -38,6 +38,19 @@ def _limits(**kwargs: object):  # -> ServerLimits
         raise InferforgeError(f"--{flag}: {exc}") from exc
 
 
+def parse_token_buckets(text: str, flag: str) -> tuple[int, ...]:
+    """Parse a flag's "128,256" into (128, 256); "none" or "" into ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        buckets = tuple(sorted({int(x) for x in text.split(",")}))
+    except ValueError:
+        raise InferforgeError(f"{flag} takes comma-separated token counts or none, got {text!r}") from None
+    if buckets[0] < 1:
+        raise InferforgeError(f"{flag}: token counts must be positive, got {text!r}")
+    return buckets
+
+
 def serve_llm(
     model_dir: Path = typer.Argument(
         ..., help="Hugging Face model folder (config.json, safetensors, tokenizer)."
@@ -84,6 +97,11 @@ def serve_llm(
         help="Tokens per streamed chunk after a sequence's first (as vLLM's flag). Larger: fewer socket "
         "writes and less server CPU per token, burstier streams; the first token is never held back.",
     ),
+    prefill_graph_tokens: str = typer.Option(
+        "128,256,384,512,768,1024,1536,2048",
+        help="Token buckets of the CUDA graphs of prompt steps, comma-separated, or none. A prompt step up "
+        "to the largest replays one graph instead of ~10 eager kernel launches a layer.",
+    ),
     api_server_count: int = typer.Option(
         1,
         min=1,
@@ -122,6 +140,7 @@ def serve_llm(
         "max_num_batched_tokens": max_num_batched_tokens,
         "admit_delay_steps": admit_delay_steps,
         "enable_prefix_caching": enable_prefix_caching,
+        "prefill_graph_tokens": parse_token_buckets(prefill_graph_tokens, "--prefill-graph-tokens"),
     }
     http: dict[str, Any] = {
         "host": host,

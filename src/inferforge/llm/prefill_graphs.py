@@ -1,0 +1,184 @@
+"""Prompt steps (prompt chunks, with or without decode rows riding along) replayed from CUDA graphs.
+
+An eager prompt step launches ~10 kernels a layer from Python plus the host-side grouping of its attention:
+~12 ms of host time for a step of one 128-token prompt and 63 decode rows whose kernels take ~2 ms (I9 trace,
+2026-11-23). A server whose requests arrive a few at a time runs many such steps. Here the step's tokens are
+padded to a bucket (128 ... 2,048 tokens), its layout goes to the device in one copy of one pinned buffer, and
+the bucket's graph replays the whole forward; attention is `triton_varlen_attn`, which reads the layout from
+the device. Padded tokens write their keys into the reserved block 0 and attend to nothing; their rows are
+never read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from inferforge.llm.attention import AttnMeta, VarlenMeta, varlen_programs
+from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
+from inferforge.llm.model import DecoderLM
+from inferforge.llm.scheduler import Sequence
+
+# Token buckets of the captured prompt steps; finer where a step is weight-bound and padding is cheap.
+DEFAULT_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048)
+
+
+class PrefillGraphs:
+    """Static buffers sized for the largest bucket, one graph per bucket (captured largest first, sharing a
+    memory pool); `run` fills the buffers for a step and replays, or returns None when the step does not fit.
+
+    With `capture=False` the same layout runs eagerly (on CPU through the torch reference): what the tests
+    use to check the layout against the eager prompt path."""
+
+    def __init__(
+        self,
+        model: DecoderLM,
+        device: torch.device,
+        *,
+        max_seqs: int,
+        max_blocks: int,
+        buckets: tuple[int, ...],
+        attn_fn: Callable[..., torch.Tensor],
+        block_q: int,
+        capture: bool,
+    ) -> None:
+        self.model, self.device, self.attn_fn, self.bq = model, device, attn_fn, block_q
+        self.buckets = sorted(buckets)
+        self.max_seqs, self.max_blocks = max_seqs, max_blocks
+        t, s = self.buckets[-1], max_seqs
+        self.max_programs = t // block_q + s
+        sizes = {"ids": t, "pos": t, "slots": t, "cu_q": s + 1, "ctx": s, "prog_seq": self.max_programs,
+                 "prog_q0": self.max_programs, "bt": s * max_blocks}  # fmt: skip
+        self._at: dict[str, tuple[int, int]] = {}
+        offset = 0
+        for name, n in sizes.items():
+            self._at[name] = (offset, offset + n)
+            offset += n
+        pinned = device.type == "cuda"
+        self._hosts = [torch.zeros(offset, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
+        self._turn = 0
+        self._dev = torch.zeros(offset, dtype=torch.long, device=device)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        if capture:
+            self._capture()
+
+    def _view(self, buf: torch.Tensor, name: str) -> torch.Tensor:
+        a, b = self._at[name]
+        return buf[a:b]
+
+    def _forward(self, bucket: int) -> torch.Tensor:
+        """The final hidden states of a padded step of `bucket` tokens, from the device buffer's layout."""
+        d = self._dev
+        prog = self.max_programs if bucket == self.buckets[-1] else bucket // self.bq + self.max_seqs
+        meta = AttnMeta(
+            slot_mapping=self._view(d, "slots")[:bucket],
+            varlen=VarlenMeta(
+                self._view(d, "cu_q"), self._view(d, "ctx"),
+                self._view(d, "bt").view(self.max_seqs, self.max_blocks),
+                self._view(d, "prog_seq")[:prog], self._view(d, "prog_q0")[:prog], self.attn_fn,
+            ),
+        )  # fmt: skip
+        return self.model(self._view(d, "ids")[:bucket], self._view(d, "pos")[:bucket], meta)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        self._view(self._dev, "prog_seq").fill_(-1)  # a warm-up step with no programs: nothing attends
+        torch.cuda.synchronize()
+        pool = None
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for bucket in reversed(self.buckets):
+                for _ in range(2):
+                    self._forward(bucket)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool, stream=stream):
+                    out = self._forward(bucket)
+                pool = graph.pool()
+                self.graphs[bucket] = (graph, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    def bucket_for(self, tokens: int, seqs: int) -> int | None:
+        if seqs > self.max_seqs:
+            return None
+        return next((b for b in self.buckets if b >= tokens), None)
+
+    @torch.inference_mode()
+    def run(
+        self,
+        chunks: list[tuple[Sequence, int]],
+        decode: list[Sequence],
+        positions: list[int],
+        chunk_layout: np.ndarray,
+        carry_rows: torch.Tensor | None,
+        carry_ids: torch.Tensor | None,
+    ) -> torch.Tensor | None:
+        """Hidden states [tokens, hidden] of the step (decode rows first, then the chunks), or None when it
+        fits no bucket. `positions`: each decode row's position; `chunk_layout`: [2, chunk tokens] positions
+        and slots of the chunks' tokens."""
+        tokens = len(decode) + chunk_layout.shape[1]
+        bucket = self.bucket_for(tokens, len(decode) + len(chunks))
+        if bucket is None:
+            return None
+        self._fill(chunks, decode, positions, chunk_layout)
+        if carry_ids is not None:
+            ids = self._view(self._dev, "ids")
+            if carry_rows is None:
+                ids[: carry_ids.shape[0]].copy_(carry_ids)
+            else:
+                ids.index_copy_(0, carry_rows, carry_ids)
+        if bucket in self.graphs:
+            graph, out = self.graphs[bucket]
+            graph.replay()
+            return out[:tokens]
+        return self._forward(bucket)[:tokens]
+
+    def _fill(
+        self,
+        chunks: list[tuple[Sequence, int]],
+        decode: list[Sequence],
+        positions: list[int],
+        layout: np.ndarray,
+    ) -> None:
+        self._turn ^= 1
+        host = self._hosts[self._turn]
+        h = host.numpy()
+        d, c = len(decode), layout.shape[1]
+        tokens = d + c
+        ids, pos, slots = (h[a:b] for a, b in (self._at["ids"], self._at["pos"], self._at["slots"]))
+        ids[:d] = [s.token_ids[-1] for s in decode]
+        start = d
+        for seq, n in chunks:  # chunk ids, back to back after the decode rows
+            ids[start : start + n] = seq.token_ids[seq.num_computed : seq.num_computed + n]
+            start += n
+        pos[:d] = positions
+        slots[:d] = [
+            s.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+            for s, p in zip(decode, positions, strict=True)
+        ]
+        pos[d:tokens], slots[d:tokens] = layout[0], layout[1]
+        ids[tokens:], pos[tokens:], slots[tokens:] = 0, 0, 0  # padding: block 0, position 0
+        q_lens = np.fromiter(
+            [*(1 for _ in decode), *(n for _, n in chunks)], dtype=np.int64, count=d + len(chunks)
+        )
+        cu = h[slice(*self._at["cu_q"])]
+        cu[0] = 0
+        cu[1 : len(q_lens) + 1] = np.cumsum(q_lens)
+        cu[len(q_lens) + 1 :] = tokens
+        ctx = h[slice(*self._at["ctx"])]
+        ctx[:d] = [p + 1 for p in positions]
+        ctx[d : d + len(chunks)] = [seq.num_computed + n for seq, n in chunks]
+        ctx[d + len(chunks) :] = 0
+        bt = h[slice(*self._at["bt"])].reshape(self.max_seqs, self.max_blocks)
+        rows = [*((s, p + 1) for s, p in zip(decode, positions, strict=True)),
+                *((seq, seq.num_computed + n) for seq, n in chunks)]  # fmt: skip
+        for i, (seq, n_ctx) in enumerate(rows):
+            k = blocks_needed(n_ctx)
+            bt[i, :k] = seq.blocks[:k]
+        prog_seq, prog_q0 = varlen_programs(q_lens, self.bq, self.max_programs)
+        h[slice(*self._at["prog_seq"])] = prog_seq
+        h[slice(*self._at["prog_q0"])] = prog_q0
+        self._dev.copy_(host, non_blocking=True)

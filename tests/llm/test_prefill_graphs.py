@@ -1,0 +1,90 @@
+"""Prompt steps through `PrefillGraphs`' device layout (the path CUDA graphs replay) against the eager prompt
+path. On the CPU the layout runs without capture and attends through `varlen_attention_torch`; the Triton
+kernel is checked against that reference in test_triton_varlen_attn.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from inferforge.llm import attention
+from inferforge.llm.engine import EngineConfig, LLMEngine, _useful_buckets
+from inferforge.llm.prefill_graphs import PrefillGraphs
+from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+
+def test_programs_cover_each_chunk_in_blocks_and_pad_with_minus_one() -> None:
+    seq, q0 = attention.varlen_programs(np.array([1, 0, 33, 16]), 16, 10)
+    assert seq.tolist() == [0, 2, 2, 2, 3, -1, -1, -1, -1, -1]
+    assert q0.tolist()[:5] == [0, 0, 16, 32, 0]
+    with pytest.raises(ValueError, match="exceed the capacity"):
+        attention.varlen_programs(np.array([100]), 16, 6)
+
+
+def test_reference_equals_causal_sdpa_for_a_fresh_prompt_and_one_decode_row() -> None:
+    gen = torch.Generator().manual_seed(0)
+    heads, kv_heads, d, bs, n = 4, 2, 8, 16, 20
+    k = torch.randn(4, bs, kv_heads, d, generator=gen)
+    v = torch.randn(4, bs, kv_heads, d, generator=gen)
+    q = torch.randn(n + 1, heads, d, generator=gen)
+    bt = torch.tensor([[2, 1], [3, 0]])
+    cu, ctx = torch.tensor([0, n, n + 1]), torch.tensor([n, 5])
+    got = attention.varlen_attention_torch(q, k, v, cu, ctx, bt, None, None, d**-0.5)
+    keys = k[bt[0]].flatten(0, 1)[:n].repeat_interleave(2, dim=1).transpose(0, 1)
+    vals = v[bt[0]].flatten(0, 1)[:n].repeat_interleave(2, dim=1).transpose(0, 1)
+    want = F.scaled_dot_product_attention(q[:n].transpose(0, 1), keys, vals, is_causal=True, scale=d**-0.5)
+    assert torch.allclose(got[:n], want.transpose(0, 1), atol=1e-5)
+    k1 = k[3, :5].repeat_interleave(2, dim=1).transpose(0, 1)
+    v1 = v[3, :5].repeat_interleave(2, dim=1).transpose(0, 1)
+    want1 = F.scaled_dot_product_attention(q[n].unsqueeze(1), k1, v1, scale=d**-0.5)  # [heads, 1, d]
+    assert torch.allclose(got[n], want1.squeeze(1), atol=1e-5)
+
+
+def test_useful_buckets_stop_at_the_first_that_holds_the_largest_step() -> None:
+    assert _useful_buckets((512, 128, 256, 1024), 300) == (128, 256, 512)
+    assert _useful_buckets((128, 256), 8192) == (128, 256)
+
+
+def _run(eng: LLMEngine, reqs: list[EngineRequest], arrive_every: int) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    pending, steps = list(reqs), 0
+    while pending or eng.has_unfinished():
+        if pending and steps % arrive_every == 0:
+            eng.add_request(pending.pop(0))
+        for o in eng.step():
+            out[o.request_id] += o.new_token_ids
+        steps += 1
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path], family: str) -> None:
+    """Requests join every 2 steps under a 24-token budget with 8- and 16-token buckets: steps mix decode
+    rows, fresh prompts and later chunks of long ones (a step over 16 tokens falls back to eager)."""
+    config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=6, max_num_batched_tokens=24)
+    eager, layout = LLMEngine(tiny_dirs[family], config), LLMEngine(tiny_dirs[family], config)
+    cfg = layout.model.cfg
+    graphs = PrefillGraphs(
+        layout.model, layout.device, max_seqs=6, max_blocks=layout.runner.max_blocks, buckets=(8, 16),
+        attn_fn=attention.varlen_attention_torch, block_q=attention.varlen_block_q(cfg.num_heads,
+        cfg.num_kv_heads), capture=False,
+    )  # fmt: skip
+    calls = {"graph": 0}
+    run = graphs.run
+
+    def counted(*args, **kwargs):
+        hidden = run(*args, **kwargs)
+        calls["graph"] += hidden is not None
+        return hidden
+
+    graphs.run = counted  # type: ignore[method-assign]
+    layout.runner.prefill_graphs = graphs
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"r{i}", tuple(range(20 + 5 * i, 23 + 11 * i)), params) for i in range(6)]
+    assert _run(layout, reqs, 2) == _run(eager, reqs, 2)
+    assert calls["graph"] >= 3
+    assert layout.stats().kv_blocks_used == 0
