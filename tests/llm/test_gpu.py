@@ -122,17 +122,33 @@ def test_sampling_controls_on_cuda_equal_the_cpu_engine(tiny_dirs: dict[str, Pat
     assert cuda["m"] == cuda["p"]  # min_p = 1 keeps only the most likely token
 
 
+def conditional_logprob_gap(a: dict[str, list], b: dict[str, list]) -> tuple[float, int]:
+    """Largest |logprob| difference of the same token after the same history (each request's outputs walked
+    while both chose the same tokens; where greedy choices part, what follows is no longer comparable),
+    and how many positions were compared."""
+    worst, n = 0.0, 0
+    for rid, xs in a.items():
+        for x, y in zip(xs, b[rid], strict=True):
+            worst, n = max(worst, abs(x.logprob - y.logprob)), n + 1
+            alts = dict(y.top)
+            worst = max([worst, *(abs(lp - alts[t]) for t, lp in x.top if t in alts)])
+            if x.token_id != y.token_id:
+                break
+    return worst, n
+
+
 @needs_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_prompt_step_graphs_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path], family: str) -> None:
     """bf16: with prompt-step graphs captured, a staggered workload (prompt chunks, later chunks, decode rows
-    riding along) gives the first-token logprobs of the eager path within 0.05 and nearly all its tokens."""
+    riding along) gives the eager path's logprobs (top 5 too) within 0.1 wherever both saw the same
+    history."""
     base = dict(device="cuda", kv_cache_tokens=4096, max_num_seqs=8, max_num_batched_tokens=96)
     graphs = LLMEngine(tiny_dirs[family], EngineConfig(**base, prefill_graph_tokens=(32, 64, 128)))
     eager = LLMEngine(tiny_dirs[family], EngineConfig(**base, prefill_graph_tokens=()))
     assert graphs.runner.prefill_graphs is not None, graphs.runner.prefill_graph_error
     assert sorted(graphs.runner.prefill_graphs.graphs) == [32, 64, 128]
-    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=0)
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
     reqs = [EngineRequest(f"r{i}", tuple(range(20 + 5 * i, 23 + 29 * i)), params) for i in range(8)]
 
     def run(eng: LLMEngine) -> dict[str, list]:
@@ -146,8 +162,5 @@ def test_prompt_step_graphs_equal_the_eager_prompt_path(tiny_dirs: dict[str, Pat
             steps += 1
         return out
 
-    got, want = run(graphs), run(eager)
-    for rid in want:
-        assert abs(got[rid][0].logprob - want[rid][0].logprob) < 0.05
-    agree = [a.token_id == b.token_id for rid in want for a, b in zip(got[rid], want[rid], strict=True)]
-    assert sum(agree) / len(agree) >= 0.9
+    gap, compared = conditional_logprob_gap(run(graphs), run(eager))
+    assert compared >= 24 and gap < 0.1, (gap, compared)
