@@ -188,7 +188,9 @@ def test_sigterm_drains_then_exits_zero(long_llama: Path, tmp_path: Path, drain:
         (["{model}", "--drain-timeout", "-1"], "--drain-timeout"),
         (["{model}", "--admit-delay-steps", "-1"], "--admit-delay-steps"),
         (["{model}", "--max-num-batched-tokens", "0"], "--max-num-batched-tokens"),
-        (["{model}", "--api-server-count", "0"], "--api-server-count"),
+        (["{model}", "--api-server-count", "-1"], "--api-server-count"),
+        (["{model}", "--prefill-graph-tokens", "128,big"], "--prefill-graph-tokens"),
+        (["{model}", "--prefill-graph-tokens", "0,128"], "--prefill-graph-tokens"),
         (["{model}", "--api-server-count", "2", "--engine-mode", "thread"], "--api-server-count"),
     ],
 )
