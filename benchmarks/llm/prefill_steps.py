@@ -1,8 +1,8 @@
 """Prompt steps with and without their CUDA graphs (`prefill_graphs.py`), side by side in one process.
 
-For each engine (prompt-step graphs on, then off; same weights, same settings otherwise) on the 1.2B Llama
-shape, bf16:
-- TTFT of one 512-token prompt on an idle engine (add to first token, wall clock), median of 20;
+For each engine (prompt-step graphs on; off; with buckets up to 4,096 tokens; on again; same weights, same
+settings otherwise) on the 1.2B Llama shape, bf16:
+- TTFT of one prompt of 128 to 4,000 tokens on an idle engine (add to first token, wall clock), median of 10;
 - `k` 128-token prompts arriving into 64 - k streams that decode: wall time from the arrival to the new
   prompts' first tokens, and the longest gap between two tokens of the running streams around it, median of
   10 arrivals;
@@ -129,9 +129,12 @@ def main() -> None:
     common = dict(device="cuda", max_num_seqs=64, max_num_batched_tokens=8192, kv_cache_tokens=131072)
     on = LLMEngine(folder, EngineConfig(**common))
     off = LLMEngine(folder, EngineConfig(**common, prefill_graph_tokens=()))
+    big_buckets = (*EngineConfig().prefill_graph_tokens, 3072, 4096)
+    big = LLMEngine(folder, EngineConfig(**common, prefill_graph_tokens=big_buckets))
     res: dict = {"device": torch.cuda.get_device_name(0),
                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                  "graphs": sorted(on.runner.prefill_graphs.graphs) if on.runner.prefill_graphs else None,
+                 "big_error": big.runner.prefill_graph_error,
                  "graph_error": on.runner.prefill_graph_error}  # fmt: skip
     print(res, flush=True)
     staggered_on, staggered_off = logprobs_of(on, 1), logprobs_of(off, 1)
@@ -140,19 +143,20 @@ def main() -> None:
         "eager_staggered_vs_eager_together": conditional_gap(staggered_off, logprobs_of(off, 0)),
     }
     print(res["check"], flush=True)
-    for name, eng in (("graphs", on), ("eager", off), ("graphs_again", on)):
-        row = {"ttft_512_ms": ttft(eng, 512), "ttft_128_ms": ttft(eng, 128)}
-        for k in (1, 6, 16):
+    names = ("graphs", "eager", "graphs_to_4096", "graphs_again")
+    lengths = (128, 512, 1024, 2048, 3072, 4000)
+    for name, eng in zip(names, (on, off, big, on), strict=True):
+        row: dict = {f"ttft_{n}_ms": ttft(eng, n, reps=10) for n in lengths}
+        for k in (1, 6, 16, 30):
             row[f"arrive_{k}"] = arrivals(eng, k)
         res[name] = row
         print(name, row, flush=True)
-    print(f"{'':24s}{'graphs':>10s}{'eager':>10s}{'graphs 2':>10s}")
-    for key in ("ttft_512_ms", "ttft_128_ms"):
-        print(f"{key:24s}" + "".join(f"{res[n][key]:10.2f}" for n in ("graphs", "eager", "graphs_again")))
-    for k in (1, 6, 16):
+    print(f"{'':26s}" + "".join(f"{n:>15s}" for n in names))
+    for n in lengths:
+        print(f"ttft {n:5d} ms{'':14s}" + "".join(f"{res[x][f'ttft_{n}_ms']:15.2f}" for x in names))
+    for k in (1, 6, 16, 30):
         for m in ("first_token_ms", "stream_gap_ms", "decode_step_ms"):
-            vals = "".join(f"{res[n][f'arrive_{k}'][m]:10.2f}" for n in ("graphs", "eager", "graphs_again"))
-            print(f"{k:2d} in: {m:18s}" + vals)
+            print(f"{k:2d} in: {m:18s}" + "".join(f"{res[x][f'arrive_{k}'][m]:15.2f}" for x in names))
     write_json("prefill_steps.json", res)
 
 

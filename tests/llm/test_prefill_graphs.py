@@ -50,28 +50,26 @@ def test_useful_buckets_stop_at_the_first_that_holds_the_largest_step() -> None:
 
 
 def _run(eng: LLMEngine, reqs: list[EngineRequest], arrive_every: int) -> dict[str, list[int]]:
-    out: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    """Each sequence's tokens ("request/index"), requests joining one per `arrive_every` steps."""
+    out: dict[str, list[int]] = {}
     pending, steps = list(reqs), 0
     while pending or eng.has_unfinished():
         if pending and steps % arrive_every == 0:
             eng.add_request(pending.pop(0))
         for o in eng.step():
-            out[o.request_id] += o.new_token_ids
+            out.setdefault(f"{o.request_id}/{o.index}", []).extend(o.new_token_ids)
         steps += 1
     return out
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
-def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path], family: str) -> None:
-    """Requests join every 2 steps under a 24-token budget with 8- and 16-token buckets: steps mix decode
-    rows, fresh prompts and later chunks of long ones (a step over 16 tokens falls back to eager)."""
-    config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=6, max_num_batched_tokens=24)
-    eager, layout = LLMEngine(tiny_dirs[family], config), LLMEngine(tiny_dirs[family], config)
-    cfg = layout.model.cfg
+def _with_layout(eng: LLMEngine) -> dict[str, int]:
+    """Give `eng` prompt steps through PrefillGraphs' layout (8- and 16-token buckets, no capture); returns
+    a counter of the steps that took it."""
+    cfg = eng.model.cfg
     graphs = PrefillGraphs(
-        layout.model, layout.device, max_seqs=6, max_blocks=layout.runner.max_blocks, buckets=(8, 16),
-        attn_fn=attention.varlen_attention_torch, block_q=attention.varlen_block_q(cfg.num_heads,
-        cfg.num_kv_heads), capture=False,
+        eng.model, eng.device, max_seqs=eng.config.max_num_seqs, max_blocks=eng.runner.max_blocks,
+        buckets=(8, 16), attn_fn=attention.varlen_attention_torch,
+        block_q=attention.varlen_block_q(cfg.num_heads, cfg.num_kv_heads), capture=False,
     )  # fmt: skip
     calls = {"graph": 0}
     run = graphs.run
@@ -82,7 +80,34 @@ def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Pat
         return hidden
 
     graphs.run = counted  # type: ignore[method-assign]
-    layout.runner.prefill_graphs = graphs
+    eng.runner.prefill_graphs = graphs
+    return calls
+
+
+def test_prefix_cache_hits_and_n_forks_through_the_layout(tiny_dirs: dict[str, Path]) -> None:
+    """Prompts sharing a 32-token start (their later chunks attend to cached blocks they did not compute) and
+    n = 2 sampled with a seed (the fork copies the prompt's blocks) give what the eager path gives."""
+    config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=6, max_num_batched_tokens=24,
+                          enable_prefix_caching=True)  # fmt: skip
+    eager, layout = LLMEngine(tiny_dirs["llama"], config), LLMEngine(tiny_dirs["llama"], config)
+    calls = _with_layout(layout)
+    shared = tuple(range(40, 72))
+    greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"p{i}", shared + tuple(range(80 + i, 85 + 2 * i)), greedy) for i in range(4)]
+    reqs.append(
+        EngineRequest("n2", tuple(range(9, 20)), SamplingParams(max_tokens=6, n=2, seed=3, ignore_eos=True))
+    )
+    assert _run(layout, reqs, 3) == _run(eager, reqs, 3)
+    assert calls["graph"] >= 3 and layout.scheduler.cached_tokens_total > 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path], family: str) -> None:
+    """Requests join every 2 steps under a 24-token budget with 8- and 16-token buckets: steps mix decode
+    rows, fresh prompts and later chunks of long ones (a step over 16 tokens falls back to eager)."""
+    config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=6, max_num_batched_tokens=24)
+    eager, layout = LLMEngine(tiny_dirs[family], config), LLMEngine(tiny_dirs[family], config)
+    calls = _with_layout(layout)
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     reqs = [EngineRequest(f"r{i}", tuple(range(20 + 5 * i, 23 + 11 * i)), params) for i in range(6)]
     assert _run(layout, reqs, 2) == _run(eager, reqs, 2)

@@ -143,11 +143,24 @@ class PrefillGraphs:
         positions: list[int],
         layout: np.ndarray,
     ) -> None:
+        """The step into the next pinned buffer, then one copy to the device."""
         self._turn ^= 1
         host = self._hosts[self._turn]
-        h = host.numpy()
-        d, c = len(decode), layout.shape[1]
-        tokens = d + c
+        tokens = self._fill_tokens(host.numpy(), chunks, decode, positions, layout)
+        self._fill_sequences(host.numpy(), chunks, decode, positions, tokens)
+        self._dev.copy_(host, non_blocking=True)
+
+    def _fill_tokens(
+        self,
+        h: np.ndarray,
+        chunks: list[tuple[Sequence, int]],
+        decode: list[Sequence],
+        positions: list[int],
+        layout: np.ndarray,
+    ) -> int:
+        """Ids, positions and cache slots: decode rows, then the chunks' tokens, then padding."""
+        d = len(decode)
+        tokens = d + layout.shape[1]
         ids, pos, slots = (h[a:b] for a, b in (self._at["ids"], self._at["pos"], self._at["slots"]))
         ids[:d] = [s.token_ids[-1] for s in decode]
         start = d
@@ -161,6 +174,19 @@ class PrefillGraphs:
         ]
         pos[d:tokens], slots[d:tokens] = layout[0], layout[1]
         ids[tokens:], pos[tokens:], slots[tokens:] = 0, 0, 0  # padding: block 0, position 0
+        return tokens
+
+    def _fill_sequences(
+        self,
+        h: np.ndarray,
+        chunks: list[tuple[Sequence, int]],
+        decode: list[Sequence],
+        positions: list[int],
+        tokens: int,
+    ) -> None:
+        """Per sequence (decode rows are one-query chunks): query starts, context lengths, block tables; and
+        the attention programs."""
+        d = len(decode)
         q_lens = np.fromiter(
             [*(1 for _ in decode), *(n for _, n in chunks)], dtype=np.int64, count=d + len(chunks)
         )
@@ -181,4 +207,3 @@ class PrefillGraphs:
         prog_seq, prog_q0 = varlen_programs(q_lens, self.bq, self.max_programs)
         h[slice(*self._at["prog_seq"])] = prog_seq
         h[slice(*self._at["prog_q0"])] = prog_q0
-        self._dev.copy_(host, non_blocking=True)
