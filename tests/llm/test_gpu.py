@@ -148,6 +148,7 @@ def test_prompt_step_graphs_equal_the_eager_prompt_path(tiny_dirs: dict[str, Pat
     eager = LLMEngine(tiny_dirs[family], EngineConfig(**base, prefill_graph_tokens=()))
     assert graphs.runner.prefill_graphs is not None, graphs.runner.prefill_graph_error
     assert sorted(graphs.runner.prefill_graphs.graphs) == [32, 64, 128]
+    assert "prompt steps CUDA graphs up to 128 tokens (3 buckets)" in graphs.kernel_summary()
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=5)
     reqs = [EngineRequest(f"r{i}", tuple(range(20 + 5 * i, 23 + 29 * i)), params) for i in range(8)]
 

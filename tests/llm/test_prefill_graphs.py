@@ -113,3 +113,12 @@ def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Pat
     assert _run(layout, reqs, 2) == _run(eager, reqs, 2)
     assert calls["graph"] >= 3
     assert layout.stats().kv_blocks_used == 0
+
+
+def test_kernel_summary_says_why_prompt_steps_are_eager_on_the_cpu(tiny_llama: Path) -> None:
+    eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=1024))
+    line = eng.kernel_summary()
+    assert line.startswith("device cpu, decode attention torch")
+    assert "prompt steps eager (no graphs asked for or possible here)" in line
+    eng.runner.prefill_graph_error = "RuntimeError: out of memory"
+    assert "prompt steps eager (RuntimeError: out of memory)" in eng.kernel_summary()

@@ -209,6 +209,20 @@ class LLMEngine:
             prefix_cached_tokens_total=self.scheduler.cached_tokens_total,
         )
 
+    def kernel_summary(self) -> str:
+        """One line on which optional kernels this engine runs on its device and why one is off, for a
+        server's startup log (each is switched on only after matching its reference on the device)."""
+        graphs = self.runner.prefill_graphs
+        if graphs is not None:
+            prompts = f"CUDA graphs up to {graphs.buckets[-1]} tokens ({len(graphs.graphs)} buckets)"
+        else:
+            prompts = f"eager ({self.runner.prefill_graph_error or 'no graphs asked for or possible here'})"
+        gemv = "on" if self.model.gemv_ops is not None else f"off ({self.gemv_error or 'not applicable'})"
+        return (
+            f"device {self.device}, decode attention {self.decode_kernel}, batch-1 GEMVs {gemv}, "
+            f"decode steps {'CUDA graphs' if self.runner.graphs else 'eager'}, prompt steps {prompts}"
+        )
+
     # ---- the loop --------------------------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         """Schedule and launch one step, then read back the step before it.

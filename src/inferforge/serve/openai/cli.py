@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -183,6 +184,7 @@ def serve_llm(
         from inferforge.llm.async_engine import AsyncLLMEngine
 
         engine = AsyncLLMEngine.from_pretrained(str(model_dir), **engine_config)
+        print(f"inferforge engine: {engine.engine.kernel_summary()}", file=sys.stderr, flush=True)
     serve(engine, **http)
 
 

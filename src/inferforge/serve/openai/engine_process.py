@@ -15,6 +15,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 from dataclasses import replace
@@ -241,6 +242,7 @@ def _child_main(conn: Any, folder: str, config: dict[str, Any], listen: tuple[st
     # Frameworks, model and graphs stay alive for the process's life: out of the collector's full scans, each
     # of which walked ~400k objects (151 ms on the CPU box) and stalled a step when it came.
     refreeze()
+    print(f"inferforge engine process {os.getpid()}: {eng.kernel_summary()}", file=sys.stderr, flush=True)
     hello = ("ready", eng.max_model_len, eng.model.cfg.vocab_size, eng.stats())
     conn.send(hello)
     hub = _Hub(conn, eng, _LoopClock())
