@@ -2,8 +2,10 @@
 
 Why: the engine process is the one part of `serve-llm` that does not scale out; every microsecond it spends
 on IPC is a microsecond it does not step the engine. This times the real `send_outs` over real pipes to
-reader processes, for 64 outputs a step, with the engine's stats attached to every message (as until
-2026-11-23) and as it runs now (attached only to messages with a finished output, or every 0.25 s).
+reader processes, for 64 outputs a step (middle deltas of their sequences, text made by the HTTP workers),
+in turn: with the engine's stats attached to every message and every output as a whole 13-field row (as until
+2026-11-23 morning); stats only with a finished output or every 0.25 s, whole rows (until the afternoon);
+and as it runs now (middle deltas as 4-field rows, `engine_link.pack`).
 
     python benchmarks/serve_openai/hub_cost.py
 """
@@ -16,6 +18,8 @@ import time
 from typing import Any
 
 from inferforge.llm.protocol import EngineOutput, EngineStats, RequestTiming
+from inferforge.serve.openai import engine_process
+from inferforge.serve.openai.engine_link import pack, pack_full
 from inferforge.serve.openai.engine_process import _Hub, _LoopClock
 
 
@@ -52,7 +56,7 @@ def main(n: int = 20_000, rounds: int = 3) -> None:
     for r in readers:
         r.start()
     outs = [
-        EngineOutput(f"cmpl-{i:032x}-0", 0, (1234,), "abc", None, False, None, 128, 57,
+        EngineOutput(f"cmpl-{i:032x}-0", 0, (1234,), "", None, False, None, 128, 57,
                      RequestTiming(1.0, 2.0, 3.0, None))
         for i in range(64)
     ]  # fmt: skip
@@ -63,17 +67,23 @@ def main(n: int = 20_000, rounds: int = 3) -> None:
         for i, o in enumerate(outs):
             hub.owner[o.request_id] = [conns[i % links], 1]
 
+        def whole_rows(rows: list) -> list:
+            return [pack_full(o) for o in rows]
+
         def every_step(hub: _Hub = hub) -> None:
             hub.stats_sent.clear()  # stats attached to every message
             hub.send_outs(outs)
 
-        def now(hub: _Hub = hub) -> None:
+        def rare_stats(hub: _Hub = hub) -> None:
             hub.send_outs(outs)
 
-        runs: dict[str, list[float]] = {"stats every step": [], "as now": []}
-        for _ in range(rounds):  # in turn, so drift hits both
+        runs: dict[str, list[float]] = {"stats every step": [], "whole rows": [], "as now": []}
+        for _ in range(rounds):  # in turn, so drift hits all
+            engine_process.pack = whole_rows  # type: ignore[assignment]
             runs["stats every step"].append(_time(every_step, n))
-            runs["as now"].append(_time(now, n))
+            runs["whole rows"].append(_time(rare_stats, n))
+            engine_process.pack = pack
+            runs["as now"].append(_time(rare_stats, n))
         for label, times in runs.items():
             us = [t * 1e6 for t in times]
             print(f"{links} link(s), 64 outputs, {label:16s}: median {statistics.median(us):6.1f} us "
