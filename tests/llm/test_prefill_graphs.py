@@ -101,7 +101,7 @@ def test_prefix_cache_hits_and_n_forks_through_the_layout(tiny_dirs: dict[str, P
     assert calls["graph"] >= 3 and layout.scheduler.cached_tokens_total > 0
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path], family: str) -> None:
     """Requests join every 2 steps under a 24-token budget with 8- and 16-token buckets: steps mix decode
     rows, fresh prompts and later chunks of long ones (a step over 16 tokens falls back to eager)."""

@@ -32,7 +32,8 @@ def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device)
         from inferforge.llm import triton_attn
 
         decode_fn = triton_attn.verified_kernel(device)
-        if config.cuda_graphs and config.prefill_graph_tokens:
+        d = model.cfg.head_dim
+        if config.cuda_graphs and config.prefill_graph_tokens and d >= 16 and d & (d - 1) == 0:
             from inferforge.llm import triton_varlen_attn
 
             varlen_fn = triton_varlen_attn.verified_kernel(device)
