@@ -42,8 +42,8 @@ def _limits(**kwargs: object):  # -> ServerLimits
 
 def auto_api_server_count(device: str, engine_mode: str, cores: int) -> int:
     """HTTP workers when the operator leaves it to us: on a GPU the engine outruns one HTTP process (I9:
-    0.76 of the engine loop with one, J4: 0.91-0.94 with four, H100 box, 16 cores); on a CPU the engine is
-    the bottleneck and extra processes only take its cores."""
+    0.76 of the engine loop with one; J4 and J6: 0.94 in a closed loop with four, H100 box, 16 cores); on a
+    CPU the engine is the bottleneck and extra processes only take its cores."""
     if engine_mode != "process" or not device.startswith("cuda"):
         return 1
     return max(1, min(4, cores // 4))
@@ -119,7 +119,7 @@ def serve_llm(
         max=64,
         help="HTTP worker processes in front of the one engine process (as vLLM's flag). More than one "
         "spreads the per-request and per-chunk CPU work over cores; needs --engine-mode process. 0: auto, "
-        "one per 4 cores up to 4 on a CUDA device in process mode (4 measured 0.91-0.94 of the engine loop "
+        "one per 4 cores up to 4 on a CUDA device in process mode (4 measured 0.94 of the engine loop "
         "on the H100 box, one 0.76), else 1.",
     ),
 ) -> None:
