@@ -66,6 +66,11 @@ def reference(engine) -> dict:
     }
 
 
+def test_startup_log_names_the_engine_s_kernels(server: ServerProc, client: openai.OpenAI) -> None:
+    client.models.list()  # the server is up, so the engine has been built and has said what it runs
+    assert "device cpu, decode attention torch" in server.log.read_text(errors="replace")
+
+
 def test_models_lists_the_served_model(client: openai.OpenAI, tiny_llama: Path) -> None:
     models = client.models.list().data
     assert [m.id for m in models] == [tiny_llama.name]
