@@ -418,3 +418,26 @@ def test_admit_delay_holds_arrivals_while_others_decode(tiny_llama: Path) -> Non
     assert _admitted_after(eng, late, steps_before=3) == (1, alone)
     with pytest.raises(Exception, match="admit_delay_steps"):
         engine_with(-1)
+
+
+def test_stop_sequence_ends_one_sequence_and_the_others_go_on(engine: LLMEngine) -> None:
+    """What a link that makes the text does on a stop string of an n > 1 request: that sequence emits
+    nothing more, the others run to max_tokens, and the blocks come back when the last one ends."""
+    prompt = _ids(engine, "Return a new list")
+    params = SamplingParams(max_tokens=12, temperature=1.0, seed=4, ignore_eos=True, n=3)
+    engine.add_request(EngineRequest("s", prompt, params))
+    counts = [0, 0, 0]
+    while min(counts) < 2:
+        for o in engine.step():
+            counts[o.index] += len(o.new_token_ids)
+    assert engine.stop_sequence("s", 1) and not engine.stop_sequence("s", 1)
+    assert not engine.stop_sequence("nobody", 0) and not engine.stop_sequence("s", 7)
+    stopped_at, finals = counts[1], {}
+    while engine.has_unfinished():
+        for o in engine.step():
+            counts[o.index] += len(o.new_token_ids)
+            if o.finished:
+                finals[o.index] = o.finish_reason
+    assert counts[1] == stopped_at  # the step in flight when it was stopped is dropped too
+    assert counts[0] == counts[2] == 12 and finals == {0: "length", 2: "length"}
+    assert engine.stats().kv_blocks_used == 0

@@ -11,6 +11,7 @@ import math
 import subprocess
 import sys
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -216,6 +217,47 @@ def test_stop_string_truncates(client: openai.OpenAI, model: str, reference: dic
         assert chunks[-1].usage.completion_tokens == outs[-1].completion_tokens
         if min_tokens == 0:
             assert want == text[: text.find(stop)] and outs[-1].finish_reason == "stop"
+
+
+def _engine_generated(server: ServerProc) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer sk-test-1"}).text
+    samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return samples["inferforge_llm_engine_generated_tokens_total"]
+
+
+def test_stop_string_with_n_ends_each_sequence_as_the_engine_does(
+    client: openai.OpenAI, model: str, reference: dict, engine, server: ServerProc
+) -> None:
+    """n = 3 with a stop string found in some sequences: the server (which makes the text and tells the
+    engine to stop one sequence) gives each choice the engine's own text and finish reason, streamed or
+    not, and the engine stops generating a stopped sequence (a step or two in flight aside)."""
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    sampled = SamplingParams(max_tokens=24, temperature=1.0, seed=11, n=3)
+    first = "".join(
+        o.new_text for o in engine.generate([EngineRequest("a", reference["prompt_ids"], sampled)])["a"][0]
+    )
+    i = next(
+        i for i in range(6, len(first) - 2) if "\ufffd" not in first[i : i + 2] and first[i : i + 2].strip()
+    )
+    stop = first[i : i + 2]
+    outs = engine.generate([EngineRequest("b", reference["prompt_ids"], replace(sampled, stop=(stop,)))])["b"]
+    want = {j: ("".join(o.new_text for o in seq), seq[-1].finish_reason) for j, seq in enumerate(outs)}
+    assert want[0][1] == "stop"
+    kw = {"model": model, "prompt": PROMPT, "n": 3, "max_tokens": 24, "temperature": 1.0, "seed": 11,
+          "stop": [stop]}  # fmt: skip
+    before = _engine_generated(server)
+    r = client.completions.create(**kw)
+    assert {c.index: (c.text, c.finish_reason) for c in r.choices} == want
+    assert r.usage.completion_tokens == sum(seq[-1].completion_tokens for seq in outs)
+    stopped = sum(reason == "stop" for _, reason in want.values())
+    assert _engine_generated(server) - before <= r.usage.completion_tokens + 3 * stopped
+    streamed: dict[int, list] = {j: ["", None] for j in range(3)}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            streamed[c.index][0] += c.text
+            streamed[c.index][1] = c.finish_reason or streamed[c.index][1]
+    assert {j: tuple(v) for j, v in streamed.items()} == want
 
 
 def test_presence_and_frequency_penalties_reach_the_engine(

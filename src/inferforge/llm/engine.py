@@ -195,6 +195,18 @@ class LLMEngine:
             self._inflight = None
         return outs
 
+    def stop_sequence(self, request_id: str, index: int) -> bool:
+        """End one running sequence as a stop string would: a client that makes the text itself found one
+        (`serve/openai/engine_link.py`). Its blocks go back with its request's; nothing more is emitted for
+        it. False when it had already ended (or the request is unknown): nothing changed."""
+        state = next((r for r in self.scheduler.running if r.request.request_id == request_id), None)
+        if state is None or not 0 <= index < len(state.seqs) or state.seqs[index].finished:
+            return False
+        state.seqs[index].finish_reason = "stop"
+        if state.finished:
+            state.finished_at = time.monotonic()
+        return True
+
     def has_unfinished(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running or self._inflight)
 

@@ -130,6 +130,7 @@ class EngineLink:
         if texts is not None:
             request = replace(request, params=replace(params, detokenize=False, stop=()))
         stopped_here = False
+        ended_here: set[int] = set()  # sequences of an n > 1 request stopped here by a stop string
         try:
             self._send(("add", request))
             while remaining:
@@ -141,8 +142,14 @@ class EngineLink:
                 for item in items:
                     if isinstance(item, BaseException):
                         raise item
-                    if texts is not None:
-                        stopped_here = _add_text(item, texts[item.index], params.min_tokens) or stopped_here
+                    if item.index in ended_here:
+                        continue  # made by the engine before it heard of the stop: dropped
+                    if texts is not None and _add_text(item, texts[item.index], params.min_tokens):
+                        if params.n == 1:
+                            stopped_here = True
+                        else:
+                            ended_here.add(item.index)
+                            self._send(("stop_seq", request.request_id, item.index))
                     if item.finished:
                         remaining -= 1
                     yield item
@@ -279,10 +286,10 @@ def _texts_here(request: EngineRequest, tokenizer: Any) -> list[IncrementalDetok
     Detokenizing is per token and per sequence; here it runs in the HTTP worker processes, which scale out,
     instead of the one engine process (as vLLM's v1 moved it out of its engine core). A stop string found here
     ends the sequence here and aborts it in the engine, which may have run a step or two past it (their tokens
-    are dropped). With n > 1 and stop strings the engine keeps the text: one sequence cannot be aborted alone.
+    are dropped). With n > 1 only that sequence ends: the engine is told to stop it and the others go on.
     """
     p = request.params
-    if not p.detokenize or (p.stop and p.n > 1):
+    if not p.detokenize:
         return None
     return [IncrementalDetokenizer(tokenizer, p.stop) for _ in range(p.n)]
 

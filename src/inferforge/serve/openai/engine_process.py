@@ -148,6 +148,12 @@ class _Hub:
                 self.trace.added += 1
         elif kind == "abort":
             self.send_outs(self.eng.abort(msg[1]))
+        elif kind == "stop_seq":  # the link found a stop string in one sequence of an n > 1 request
+            entry = self.owner.get(msg[1])
+            if entry is not None and self.eng.stop_sequence(msg[1], msg[2]):
+                entry[1] -= 1  # the engine sends no final output for it: count it ended here
+                if entry[1] <= 0:
+                    del self.owner[msg[1]]
         elif kind == "stats":
             conn.send(("stats", self.clock.stats(self.eng)))
         elif kind == "shutdown":
