@@ -148,7 +148,8 @@ class PrefillGraphs:
         host = self._hosts[self._turn]
         tokens = self._fill_tokens(host.numpy(), chunks, decode, positions, layout)
         self._fill_sequences(host.numpy(), chunks, decode, positions, tokens)
-        self._dev.copy_(host, non_blocking=True)
+        end = self._at["bt"][0] + (len(decode) + len(chunks)) * self.max_blocks  # the table rows in use
+        self._dev[:end].copy_(host[:end], non_blocking=True)
 
     def _fill_tokens(
         self,

@@ -168,7 +168,9 @@ class ModelRunner:
                 bt[i] = 0
                 bt[i, : len(blocks)] = blocks
                 written[i] = list(blocks)
-        self._dev.copy_(host, non_blocking=True)
+        # Only the bucket's table rows: the whole buffer is 64 x max_blocks longs, 4 MB at a 131,072 context.
+        end = 4 * n + b * self.max_blocks
+        self._dev[:end].copy_(host[:end], non_blocking=True)
 
     @torch.inference_mode()
     def decode(
