@@ -21,9 +21,6 @@ from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.scheduler import Sequence
 
-# Token buckets of the captured prompt steps; finer where a step is weight-bound and padding is cheap.
-DEFAULT_BUCKETS = (128, 256, 384, 512, 768, 1024, 1536, 2048)
-
 
 class PrefillGraphs:
     """Static buffers sized for the largest bucket, one graph per bucket (captured largest first, sharing a
