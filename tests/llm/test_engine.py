@@ -331,14 +331,16 @@ def test_prompts_prefilled_together_equal_alone(engine: LLMEngine) -> None:
 def test_chunk_slots_computed_together_equal_slot_by_slot() -> None:
     from types import SimpleNamespace
 
-    from inferforge.llm.runner import _chunk_positions_and_slots, _slot
+    from inferforge.llm.kv_cache import slot_of
+    from inferforge.llm.runner import _chunk_positions_and_slots
 
     cases = [([7, 3, 9, 1, 12], 0, 1), ([7, 3, 9, 1, 12], 5, 35), ([4, 2], 15, 2),
              ([8, 6, 5, 11, 10], 16, 16), ([2, 13, 14, 15, 16, 17], 3, 77), ([1, 2, 3], 40, 1)]  # fmt: skip
     chunks = [(SimpleNamespace(blocks=b, num_computed=start), n) for b, start, n in cases]
     got = _chunk_positions_and_slots(chunks)  # type: ignore[arg-type]
     want_pos = [p for _, start, n in cases for p in range(start, start + n)]
-    want_slots = [_slot(seq, p) for seq, n in chunks for p in range(seq.num_computed, seq.num_computed + n)]  # type: ignore[arg-type]
+    want_slots = [slot_of(seq.blocks, p) for seq, n in chunks
+                  for p in range(seq.num_computed, seq.num_computed + n)]  # fmt: skip
     assert got[0].tolist() == want_pos
     assert got[1].tolist() == want_slots
 

@@ -65,11 +65,9 @@ def _run(eng: LLMEngine, reqs: list[EngineRequest], arrive_every: int) -> dict[s
 def _with_layout(eng: LLMEngine) -> dict[str, int]:
     """Give `eng` prompt steps through PrefillGraphs' layout (8- and 16-token buckets, no capture); returns
     a counter of the steps that took it."""
-    cfg = eng.model.cfg
     graphs = PrefillGraphs(
         eng.model, eng.device, max_seqs=eng.config.max_num_seqs, max_blocks=eng.runner.max_blocks,
-        buckets=(8, 16), attn_fn=attention.varlen_attention_torch,
-        block_q=attention.varlen_block_q(cfg.num_heads, cfg.num_kv_heads), capture=False,
+        buckets=(8, 16), attn_fn=attention.varlen_attention_torch, capture=False,
     )  # fmt: skip
     calls = {"graph": 0}
     run = graphs.run

@@ -168,6 +168,11 @@ def prompt_block_keys(prompt_ids: tuple[int, ...], block_size: int = BLOCK_SIZE)
     return keys
 
 
+def slot_of(blocks: list[int], pos: int) -> int:
+    """The flat cache slot of position `pos` of a sequence whose blocks are `blocks`."""
+    return blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
+
+
 def blocks_needed(num_tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return -(-num_tokens // block_size)
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from inferforge.llm.attention import AttnMeta, VarlenMeta, varlen_programs
-from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
+from inferforge.llm.attention import AttnMeta, VarlenMeta, varlen_block_q, varlen_programs
+from inferforge.llm.kv_cache import blocks_needed, slot_of
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.scheduler import Sequence
 
@@ -38,14 +38,14 @@ class PrefillGraphs:
         max_blocks: int,
         buckets: tuple[int, ...],
         attn_fn: Callable[..., torch.Tensor],
-        block_q: int,
         capture: bool,
     ) -> None:
-        self.model, self.device, self.attn_fn, self.bq = model, device, attn_fn, block_q
+        self.model, self.device, self.attn_fn = model, device, attn_fn
+        self.bq = varlen_block_q(model.cfg.num_heads, model.cfg.num_kv_heads)  # queries per program
         self.buckets = sorted(buckets)
         self.max_seqs, self.max_blocks = max_seqs, max_blocks
         t, s = self.buckets[-1], max_seqs
-        self.max_programs = t // block_q + s
+        self.max_programs = t // self.bq + s
         sizes = {"ids": t, "pos": t, "slots": t, "cu_q": s + 1, "ctx": s, "prog_seq": self.max_programs,
                  "prog_q0": self.max_programs, "bt": s * max_blocks}  # fmt: skip
         self._at: dict[str, tuple[int, int]] = {}
@@ -166,10 +166,7 @@ class PrefillGraphs:
             ids[start : start + n] = seq.token_ids[seq.num_computed : seq.num_computed + n]
             start += n
         pos[:d] = positions
-        slots[:d] = [
-            s.blocks[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
-            for s, p in zip(decode, positions, strict=True)
-        ]
+        slots[:d] = [slot_of(s.blocks, p) for s, p in zip(decode, positions, strict=True)]
         pos[d:tokens], slots[d:tokens] = layout[0], layout[1]
         ids[tokens:], pos[tokens:], slots[tokens:] = 0, 0, 0  # padding: block 0, position 0
         return tokens

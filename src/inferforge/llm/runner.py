@@ -13,8 +13,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups, varlen_block_q
-from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed
+from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
+from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed, slot_of
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.prefill_graphs import PrefillGraphs
 from inferforge.llm.sampler import to_device
@@ -26,10 +26,6 @@ def buckets_up_to(n: int) -> list[int]:
     while out[-1] < n:
         out.append(min(out[-1] * 2, n))
     return out
-
-
-def _slot(seq: Sequence, pos: int) -> int:
-    return seq.blocks[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE
 
 
 def _chunk_positions_and_slots(chunks: list[tuple[Sequence, int]]) -> np.ndarray:
@@ -87,11 +83,10 @@ class ModelRunner:
 
     def _capture_prefill(self, fn: Callable[..., torch.Tensor], buckets: tuple[int, ...], seqs: int) -> None:
         """Graphs of prompt steps; a failure to capture leaves prompt steps eager (and says why)."""
-        cfg = self.model.cfg
         try:
             self.prefill_graphs = PrefillGraphs(
                 self.model, self.device, max_seqs=seqs, max_blocks=self.max_blocks, buckets=buckets,
-                attn_fn=fn, block_q=varlen_block_q(cfg.num_heads, cfg.num_kv_heads), capture=True,
+                attn_fn=fn, capture=True,
             )  # fmt: skip
         except Exception as exc:
             self.prefill_graphs = None
@@ -157,7 +152,7 @@ class ModelRunner:
         pos = [len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0) for i, s in enumerate(seqs)]
         h[:k] = [s.token_ids[-1] for s in seqs]  # a slice at a time: per-element numpy writes cost ~4x
         h[n : n + k] = pos
-        h[2 * n : 2 * n + k] = [_slot(s, p) for s, p in zip(seqs, pos, strict=True)]
+        h[2 * n : 2 * n + k] = [slot_of(s.blocks, p) for s, p in zip(seqs, pos, strict=True)]
         h[3 * n : 3 * n + k] = [p + 1 for p in pos]
         # Block-table rows change only when a row's sequence (or its blocks) does: rewriting 64 unchanged rows
         # a step was ~100 us of host work. Rows past the batch are zero (they attend block 0).
@@ -265,7 +260,8 @@ class ModelRunner:
         flat = np.empty((3, len(ids)), dtype=np.int64)
         flat[0] = ids
         d = len(decode)
-        flat[1, :d], flat[2, :d] = positions, [_slot(s, p) for s, p in zip(decode, positions, strict=True)]
+        flat[1, :d] = positions
+        flat[2, :d] = [slot_of(s.blocks, p) for s, p in zip(decode, positions, strict=True)]
         flat[1:, d:] = layout
         dev = to_device(flat, self.device, torch.long)
         if carry_ids is not None:

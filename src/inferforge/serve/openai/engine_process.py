@@ -149,11 +149,8 @@ class _Hub:
         elif kind == "abort":
             self.send_outs(self.eng.abort(msg[1]))
         elif kind == "stop_seq":  # the link found a stop string in one sequence of an n > 1 request
-            entry = self.owner.get(msg[1])
-            if entry is not None and self.eng.stop_sequence(msg[1], msg[2]):
-                entry[1] -= 1  # the engine sends no final output for it: count it ended here
-                if entry[1] <= 0:
-                    del self.owner[msg[1]]
+            if msg[1] in self.owner and self.eng.stop_sequence(msg[1], msg[2]):
+                self.sequence_ended(msg[1])  # the engine sends no final output for it
         elif kind == "stats":
             conn.send(("stats", self.clock.stats(self.eng)))
         elif kind == "shutdown":
@@ -163,6 +160,13 @@ class _Hub:
                 self.drop(conn, gone=False)
                 return False
         return True
+
+    def sequence_ended(self, rid: str) -> None:
+        """One more of the request's sequences is over; the last one ends its ownership."""
+        entry = self.owner[rid]
+        entry[1] -= 1
+        if entry[1] <= 0:
+            del self.owner[rid]
 
     def abort_owned(self, conn: Any | None) -> None:
         """Abort the requests of `conn` (all requests when None) and send their final outputs."""
@@ -213,9 +217,7 @@ class _Hub:
             by_conn.setdefault(entry[0], []).append(o)
             if o.finished:
                 ended.add(entry[0])
-                entry[1] -= 1
-                if entry[1] <= 0:
-                    del self.owner[o.request_id]
+                self.sequence_ended(o.request_id)
         now = time.monotonic()
         stats = None
         for conn, mine in by_conn.items():
