@@ -382,3 +382,23 @@ def residual_ab(folder: Path) -> None:
                 key = f"resab {quant or 'bf16'} {on} rep{rep}"
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [residual before wait {on}]")
     gemv.RESIDUAL_BEFORE_WAIT["on"] = True
+
+
+def carveout_ab(
+    folder: Path,
+    quants: tuple[str | None, ...] = (None, "int8", "int4"),
+    percents: tuple[int | None, ...] = (None, 100),
+    reps: int = 2,
+) -> None:
+    """Batch-1 decode with the driver's shared-memory split per kernel against one split (100: most shared
+    memory) for every Triton kernel of the package (`carveout.set_carveout`), twice in turn per format: does
+    a kernel whose split differs from its predecessor's lose the early start that PDL gives it?"""
+    from inferforge.llm import carveout
+
+    for rep in range(reps):
+        for quant in quants:
+            for percent in percents:
+                changed = carveout.set_carveout(percent)
+                key = f"carveout {quant or 'bf16'} {percent} rep{rep}"
+                RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [carveout {percent}, {changed}]")
+    carveout.set_carveout(None)

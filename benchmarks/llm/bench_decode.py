@@ -25,6 +25,7 @@ from ab_sections import (
     batch1_ab,
     batch64_ab,
     blas_ab,
+    carveout_ab,
     early_next_tile_ab,
     int4_tiles_ab,
     int8_mode_tiles_ab,
@@ -73,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="check,engine,ablation,load,hf,quant,compile,attention,profile")
     ap.add_argument("--quants", default="int8,fp8,int4")
+    ap.add_argument("--carveouts", default="none,100", help="carveoutab: shared-memory splits in percent")
+    ap.add_argument("--reps", type=int, default=2, help="carveoutab: repetitions in turn")
     args = ap.parse_args()
     sections = set(args.sections.split(","))
     quants = args.quants.split(",")
@@ -136,6 +139,15 @@ def main() -> None:
         ("splitkab", lambda: splitk_ab(folder)),
         ("splitkab4", lambda: splitk_ab(folder, ("int4",))),
         ("b1ab", lambda: batch1_ab(folder)),
+        (
+            "carveoutab",
+            lambda: carveout_ab(
+                folder,
+                tuple(None if q == "bf16" else q for q in quants),
+                tuple(None if p == "none" else int(p) for p in args.carveouts.split(",")),
+                args.reps,
+            ),
+        ),
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
         ("graphprofq", lambda: [graph_profile(folder, 1, q) for q in ("int8", "int4")]),
