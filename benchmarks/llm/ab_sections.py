@@ -393,7 +393,7 @@ def carveout_ab(
     """Batch-1 decode with the driver's shared-memory split per kernel against one split (100: most shared
     memory) for every Triton kernel of the package (`carveout.set_carveout`), twice in turn per format: does
     a kernel whose split differs from its predecessor's lose the early start that PDL gives it?"""
-    from inferforge.llm import carveout
+    import carveout
 
     for rep in range(reps):
         for quant in quants:

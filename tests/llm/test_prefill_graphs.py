@@ -120,3 +120,45 @@ def test_kernel_summary_says_why_prompt_steps_are_eager_on_the_cpu(tiny_llama: P
     assert "prompt steps eager (no graphs asked for or possible here)" in line
     eng.runner.prefill_graph_error = "RuntimeError: out of memory"
     assert "prompt steps eager (RuntimeError: out of memory)" in eng.kernel_summary()
+
+
+def test_buckets_past_short_context_take_only_steps_of_short_chunks(tiny_llama: Path) -> None:
+    eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=1024))
+    graphs = PrefillGraphs(
+        eng.model, eng.device, max_seqs=4, max_blocks=eng.runner.max_blocks, buckets=(8, 16, 32),
+        attn_fn=attention.varlen_attention_torch, capture=False, short_context=16,
+    )  # fmt: skip
+    assert graphs.bucket_for(20, 3, longest_context=12) == 32  # a burst of short prompts
+    assert graphs.bucket_for(20, 2, longest_context=17) is None  # a chunk ending past 16 tokens: eager
+    assert graphs.bucket_for(12, 1, longest_context=40) == 16  # within short_context: any context
+    assert graphs.bucket_for(33, 3, longest_context=12) is None  # over the largest bucket
+    assert graphs.bucket_for(8, 5, longest_context=4) is None  # more sequences than the buffers hold
+
+
+def test_short_context_rule_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path]) -> None:
+    """Bursts of short prompts fill the 32-token bucket past short_context (16); a long prompt's chunks end
+    past it and run eagerly; every sequence's tokens equal the eager engine's."""
+    config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=6, max_num_batched_tokens=32)
+    eager, layout = LLMEngine(tiny_dirs["llama"], config), LLMEngine(tiny_dirs["llama"], config)
+    graphs = PrefillGraphs(
+        layout.model, layout.device, max_seqs=6, max_blocks=layout.runner.max_blocks, buckets=(8, 16, 32),
+        attn_fn=attention.varlen_attention_torch, capture=False, short_context=16,
+    )  # fmt: skip
+    used: list[int | None] = []
+    pick = graphs.bucket_for
+
+    def recorded(tokens: int, seqs: int, longest_context: int = 0) -> int | None:
+        used.append(pick(tokens, seqs, longest_context))
+        return used[-1]
+
+    graphs.bucket_for = recorded  # type: ignore[method-assign]
+    layout.runner.prefill_graphs = graphs
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    burst = [EngineRequest(f"s{i}", tuple(range(30 + i, 37 + i)), params) for i in range(4)]
+    long = EngineRequest("long", tuple(range(100, 140)), params)
+    for eng in (eager, layout):
+        for r in burst:
+            eng.add_request(r)
+    want, got = _run(eager, [long], 1), _run(layout, [long], 1)
+    assert got == want and len(got) == 5
+    assert 32 in used and None in used
