@@ -158,6 +158,7 @@ def engine_flags(a: argparse.Namespace) -> dict[str, Any]:
         "max_model_len": a.max_model_len,
         "admit_delay_steps": a.admit_delay_steps,
         "prefill_graph_tokens": parse_token_buckets(a.prefill_graph_tokens, "--prefill-graph-tokens"),
+        "enable_prefix_caching": a.prefix_caching,
     }
 
 
@@ -348,6 +349,7 @@ def start_server(
         str(interval),
         "--prefill-graph-tokens",
         a.prefill_graph_tokens,
+        "--enable-prefix-caching" if a.prefix_caching else "--no-enable-prefix-caching",
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -384,6 +386,12 @@ def main() -> None:
         "--prefill-graph-tokens",
         default="128,256,384,512,768,1024,1536,2048",
         help="of every engine (serve-llm's); none: prompt steps eager",
+    )
+    p.add_argument(
+        "--prefix-caching",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="enable_prefix_caching of every engine (serve-llm's default: on)",
     )
     p.add_argument("--requests", type=int, default=768)
     p.add_argument("--prompt-len", type=int, default=128)
@@ -443,7 +451,9 @@ def main() -> None:
         for k, v in vars(a).items()
         if k not in ("mode", "json", "tiny", "variants", "budget_s", "profile_engine", "trace_engine")
         and v is not None
+        and not isinstance(v, bool)
     ]
+    cmd.append("--prefix-caching" if a.prefix_caching else "--no-prefix-caching")
     subprocess.run(cmd, check=True)
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start

@@ -101,16 +101,20 @@ def test_eviction_under_a_small_cache_keeps_outputs_right(tiny_llama: Path) -> N
     assert eng.stats().prefix_cached_tokens_total > 0 and eng.stats().kv_blocks_used == 0
 
 
-def test_off_by_default_and_n_above_one_computes_its_prompt(tiny_llama: Path) -> None:
+def test_on_by_default_and_n_above_one_computes_its_prompt(tiny_llama: Path) -> None:
     eng = _engine(tiny_llama, True)
     two = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
     _tokens(eng, [EngineRequest("a", PREFIX, GREEDY)])
     res = eng.generate([EngineRequest("b", (*PREFIX, 5), two)])["b"]
     assert len(res) == 2 and eng.stats().prefix_cached_tokens_total == 0
-    plain = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096))
-    _tokens(plain, [EngineRequest("a", PREFIX, GREEDY)])
-    _tokens(plain, [EngineRequest("c", (*PREFIX, 5), GREEDY)])
-    assert plain.stats().prefix_cached_tokens_total == 0
+    default = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096))
+    _tokens(default, [EngineRequest("a", PREFIX, GREEDY)])
+    _tokens(default, [EngineRequest("c", (*PREFIX, 5), GREEDY)])
+    assert default.stats().prefix_cached_tokens_total > 0
+    off = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096, enable_prefix_caching=False))
+    _tokens(off, [EngineRequest("a", PREFIX, GREEDY)])
+    _tokens(off, [EngineRequest("c", (*PREFIX, 5), GREEDY)])
+    assert off.stats().prefix_cached_tokens_total == 0
 
 
 @pytest.mark.parametrize("caching", [False, True])

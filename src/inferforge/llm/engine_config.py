@@ -49,7 +49,7 @@ class EngineConfig:
     prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048)
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
-    enable_prefix_caching: bool = False  # reuse KV blocks of earlier prompts with the same start (n = 1)
+    enable_prefix_caching: bool = True  # reuse KV blocks of earlier prompts with the same start (n = 1)
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
 
     def __post_init__(self) -> None:

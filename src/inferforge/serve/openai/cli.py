@@ -87,7 +87,7 @@ def serve_llm(
         0, min=0, help="Steps an arriving prompt may wait while others decode, to share one prompt step."
     ),
     enable_prefix_caching: bool = typer.Option(
-        False, help="Reuse the KV blocks of earlier prompts that start with the same tokens."
+        True, help="Reuse the KV blocks of earlier prompts that start with the same tokens."
     ),
     max_tokens_cap: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
     max_n: int = typer.Option(8, min=1, help="Largest n per request."),
