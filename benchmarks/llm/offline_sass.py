@@ -6,9 +6,9 @@ load widths, barriers and shuffles per product of the 1.2B shape, from Triton's 
 What a device run cannot show cheaply: whether a tile change spills, how many registers it holds and whether
 weight loads are 16 bytes wide. Against the H100's Nsight Compute (K1 of 2026-11-23): bf16 identical for all
 five products (168, 160, 121, 194, 127 registers); int8 q/k/v and o identical (96, 64), gate/up, LM head and
-down 72 / 72 / 157 here against 79 / 79 / 161 there (the device's ptxas). Pointer and stride arguments are declared divisible by 16, as Triton's launcher
-specializes them on the device: without that, the compiler emits one-byte loads (512 LDG.E.U8 a thread for
-int8's down product) and the register counts mean nothing.
+down 72 / 72 / 157 here against 79 / 79 / 161 there (the device's ptxas). Pointer and stride arguments are
+declared divisible by 16, as Triton's launcher specializes them on the device: without that, the compiler
+emits one-byte loads (512 LDG.E.U8 a thread for int8's down product) and the register counts mean nothing.
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ def _signature(weight: str) -> dict[str, str]:
     return sig
 
 
+def _cuobjdump(flag: str, path: str) -> str:
+    return subprocess.run([BIN / "cuobjdump", flag, path], capture_output=True, text=True, check=True).stdout
+
+
 def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None) -> dict:
     (n, k), prologue, epilogue = PRODUCTS[name]
     int8 = fmt == "int8"
@@ -57,8 +61,9 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None) -> dict:
         cfg = gemv.TileConfig(min(cfg.block_n, 64), cfg.block_k, cfg.num_warps)
     consts = dict(
         K=k, PROLOGUE=prologue, EPILOGUE=epilogue, HAS_SCALE=int8, HAS_BIAS=False, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, W_MODE=gemv.INT8_MODE["mode"] if int8 else 0, PAIR_GAP=32 if epilogue == 2 else n // 2,
-        H=32, KV=8, D=64, PDL=1, PRE=False, EARLY=gemv.EARLY_NEXT_TILE["int8" if int8 else "bf16"], EARLY_RES=True,
+        BLOCK_K=cfg.block_k, W_MODE=gemv.INT8_MODE["mode"] if int8 else 0,
+        PAIR_GAP=32 if epilogue == 2 else n // 2, H=32, KV=8, D=64, PDL=1, PRE=False,
+        EARLY=gemv.EARLY_NEXT_TILE["int8" if int8 else "bf16"], EARLY_RES=True,
     )  # fmt: skip
     sig = {**_signature("*i8" if int8 else "*bf16"), **dict.fromkeys(consts, "constexpr")}
     fn = gemv._gemv_kernel
@@ -71,17 +76,18 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None) -> dict:
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(kernel.asm["cubin"])
-    usage = subprocess.run([BIN / "cuobjdump", "--dump-resource-usage", f.name], capture_output=True, text=True)
-    sass = subprocess.run([BIN / "cuobjdump", "--dump-sass", f.name], capture_output=True, text=True).stdout
+    usage = _cuobjdump("--dump-resource-usage", f.name)
+    sass = _cuobjdump("--dump-sass", f.name)
     os.unlink(f.name)
-    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage.stdout)
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
     loads: dict[str, int] = {}
     for op in re.findall(r"\b(LDG[A-Z0-9._]*)", sass):
         loads[op] = loads.get(op, 0) + 1
     return {
         "product": name, "tiles": (cfg.block_n, cfg.block_k, cfg.num_warps), "registers": int(regs[1]),
         "stack": int(regs[2]), "shared": kernel.metadata.shared, "loads": loads,
-        "barriers": len(re.findall(r"\bBAR\.", sass)), "shuffles": len(re.findall(r"\bSHFL\.", sass)), "sass": sass,
+        "barriers": len(re.findall(r"\bBAR\.", sass)), "shuffles": len(re.findall(r"\bSHFL\.", sass)),
+        "sass": sass,
     }  # fmt: skip
 
 
@@ -94,7 +100,8 @@ def main() -> None:
     for spec in a.tiles:
         shape, cfg = spec.split("=")
         n, k = (int(v) for v in shape.split("x"))
-        gemv.TUNED[(n, k, 1 if a.format == "int8" else 2)] = gemv.TileConfig(*(int(v) for v in cfg.split(",")))
+        elem = 1 if a.format == "int8" else 2
+        gemv.TUNED[(n, k, elem)] = gemv.TileConfig(*(int(v) for v in cfg.split(",")))
     for name in PRODUCTS:
         (n, k), _, _ = PRODUCTS[name]
         r = compile_product(name, a.format, gemv.TUNED.get((n, k, 1 if a.format == "int8" else 2)))
