@@ -4,10 +4,11 @@ Paging means memory is reserved 16 tokens at a time as a sequence grows, so many
 share one preallocated pool without fragmentation; finishing or aborting a sequence returns its blocks at
 once. Block 0 is never handed out: padded rows of a captured decode graph write their junk there.
 
-Prefix caching (on by default, `EngineConfig.enable_prefix_caching`): a full block of prompt tokens is registered under a key that digests every token
-up to its end (`prompt_block_keys`), so a later prompt that starts with the same tokens takes the block
-instead of computing it again. Blocks count references; a freed block that holds a registered prefix stays
-cached, least recently freed first to be reused, until a new allocation needs it.
+Prefix caching (on by default, `EngineConfig.enable_prefix_caching`): a full block of prompt tokens is
+registered under a key that digests every token up to its end (`prompt_block_keys`), so a later prompt that
+starts with the same tokens takes the block instead of computing it again. Blocks count references; a freed
+block that holds a registered prefix stays cached, least recently freed first to be reused, until a new
+allocation needs it.
 """
 
 from __future__ import annotations
