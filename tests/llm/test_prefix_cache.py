@@ -122,3 +122,27 @@ def test_blocks_all_return(tiny_llama: Path, caching: bool) -> None:
     eng = _engine(tiny_llama, caching)
     _tokens(eng, [EngineRequest(f"x{i}", (*PREFIX, i), GREEDY) for i in range(4)])
     assert eng.stats().kv_blocks_used == 0
+
+
+def test_salted_keys_differ_from_unsalted_and_from_other_salts() -> None:
+    plain = prompt_block_keys(PREFIX)
+    a, a2, b = (prompt_block_keys(PREFIX, salt=s) for s in ("tenant-a", "tenant-a", "tenant-b"))
+    assert a == a2 and len(a) == len(plain) == 2
+    assert not set(a) & set(plain) and not set(a) & set(b)
+    with pytest.raises(ValueError, match="cache_salt"):
+        EngineRequest("r", PREFIX, GREEDY, cache_salt="")
+
+
+def test_cache_salt_shares_blocks_only_within_one_salt(tiny_llama: Path) -> None:
+    """A salted request reuses a prefix sent with its own salt, not one sent unsalted or with another salt;
+    its tokens are those of the uncached engine either way."""
+    eng, plain = _engine(tiny_llama, True), _engine(tiny_llama, False)
+    want = _tokens(plain, [EngineRequest("w", (*PREFIX, 7), GREEDY)])["w"]
+    _tokens(eng, [EngineRequest("a", (*PREFIX, 5), GREEDY)])  # unsalted
+    cached = eng.stats().prefix_cached_tokens_total
+    got = _tokens(eng, [EngineRequest("s1", (*PREFIX, 7), GREEDY, cache_salt="tenant-a")])["s1"]
+    assert got == want and eng.stats().prefix_cached_tokens_total == cached  # no hit across salts
+    _tokens(eng, [EngineRequest("s2", (*PREFIX, 6), GREEDY, cache_salt="tenant-b")])
+    assert eng.stats().prefix_cached_tokens_total == cached
+    got = _tokens(eng, [EngineRequest("s3", (*PREFIX, 7), GREEDY, cache_salt="tenant-a")])["s3"]
+    assert got == want and eng.stats().prefix_cached_tokens_total == cached + 32  # two blocks of its own salt

@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -349,7 +350,7 @@ def test_timing_headers_and_metrics(client: openai.OpenAI, model: str, server: S
     ):
         assert samples[f"inferforge_llm_{h}_count"] > 0, h
     assert samples["inferforge_llm_generation_tokens_total"] >= 8
-    assert samples["inferforge_llm_prefix_cache_hit_tokens_total"] == 0  # prefix caching is off by default
+    assert "inferforge_llm_prefix_cache_hit_tokens_total" in samples
     if "thread" not in EXTRA_ARGS:  # the process engine (the default) reports its loop by phase
         loop = {
             s.labels["phase"]: s.value
@@ -402,3 +403,32 @@ def test_loadtest_cli(server: ServerProc, key_file: Path, tmp_path: Path) -> Non
     assert (report["ok"], report["errors"], report["generated_tokens"]) == (8, 0, 48)
     assert report["ttft_ms"]["p50"] > 0 and report["itl_ms"]["p50"] > 0
     assert "tok/s" in proc.stdout
+
+
+def _prefix_hits(server: ServerProc) -> float:
+    text = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer sk-test-1"}).text
+    samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return samples["inferforge_llm_prefix_cache_hit_tokens_total"]
+
+
+def test_prefix_caching_is_on_and_cache_salt_keeps_prompts_apart(
+    client: openai.OpenAI, model: str, server: ServerProc
+) -> None:
+    """A prompt of several 16-token blocks sent twice reads its blocks from the cache the second time; with a
+    `cache_salt` it reads none the first time (no other request used that salt) and its own the second."""
+    prompt = " ".join(["the quick brown fox jumps over the lazy dog"] * 8)
+    salt = f"tenant-{uuid.uuid4().hex}"
+    for body in (None, {"cache_salt": salt}):
+        before = _prefix_hits(server)
+        first = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0.0,
+                                          extra_body=body)  # fmt: skip
+        middle = _prefix_hits(server)
+        second = client.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0.0,
+                                           extra_body=body)  # fmt: skip
+        after = _prefix_hits(server)
+        if body is not None:
+            assert middle == before  # a new salt shares nothing with the unsalted prompt sent just before
+        assert after - middle >= 16
+        assert first.choices[0].text == second.choices[0].text
+    with pytest.raises(openai.BadRequestError, match="cache_salt"):
+        client.completions.create(model=model, prompt=prompt, max_tokens=4, extra_body={"cache_salt": ""})

@@ -88,6 +88,14 @@ class EngineRequest:
     request_id: str
     prompt_ids: tuple[int, ...]
     params: SamplingParams = field(default_factory=SamplingParams)
+    # Prefix caching shares cached prompt blocks only between requests with the same salt (vLLM's
+    # `cache_salt`): a tenant that salts its requests cannot learn from time to first token whether another
+    # tenant sent the same prompt start.
+    cache_salt: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.cache_salt is not None and not self.cache_salt:
+            raise ValueError("cache_salt must be a non-empty string or None")
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ class Scheduler:
         if not self.config.prefix_caching or len(r.seqs) != 1:
             return []
         if r.block_keys is None:
-            r.block_keys = prompt_block_keys(r.request.prompt_ids)
+            r.block_keys = prompt_block_keys(r.request.prompt_ids, salt=r.request.cache_salt)
         return self.allocator.match(r.block_keys[: (r.prompt_len - 1) // BLOCK_SIZE])
 
     def computed(self, seq: Sequence, before: int) -> None:

@@ -201,7 +201,8 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
         mt = _max_tokens(
             req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
         )
-        reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), _params(req, mt, req.logprobs, stop, bias)))
+        params = _params(req, mt, req.logprobs, stop, bias)
+        reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), params, req.cache_salt))
     echo = tuple(t if req.echo else "" for t in texts)
     if req.echo and any(not t for t in texts):
         echo = tuple(engine.decode(list(r.prompt_ids)) for r in reqs)
@@ -291,7 +292,7 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     return Plan(
         rid,
-        (EngineRequest(f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop, bias)),),
+        (EngineRequest(f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop, bias), req.cache_salt),),
         ("",),
         req.n,
         logprobs,

@@ -46,6 +46,7 @@ class _SamplingFields(_Open):
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
+    cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
 
 
 class CompletionRequest(_SamplingFields):
