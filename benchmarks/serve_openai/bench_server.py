@@ -402,7 +402,7 @@ def main() -> None:
     p.add_argument("--warmup-reps", type=int, default=1, help="closed loops run and discarded on each side")
     p.add_argument("--waves", type=int, default=8, help="waves of --concurrency requests arriving together")
     p.add_argument("--client-procs", type=int, default=4)
-    p.add_argument("--json", default=None)
+    p.add_argument("--json", default=None, help="the results file (default: bench_server.json under $OUT)")
     p.add_argument("--budget-s", type=float, default=200.0, help="start no further server variant after this")
     p.add_argument(
         "--variants",
@@ -466,7 +466,7 @@ def main() -> None:
         key += f"_si{interval}" if interval > 1 else ""
         res[key] = server_run(a, out, mode, switch_ms, k == 0, workers, interval)
         (out / "bench_server_partial.json").write_text(json.dumps(res, indent=2, default=str))
-    report(res, out)
+    report(res, Path(a.json) if a.json else out / "bench_server.json")
 
 
 def _variant(text: str) -> tuple[str, float, int, int]:
@@ -547,7 +547,7 @@ def _tag(run: dict) -> str:
     return tag + (f", stream interval {interval}" if interval > 1 else "")
 
 
-def report(res: dict, out: Path) -> None:
+def report(res: dict, path: Path) -> None:
     eng = [r["tokens_per_s"] for r in res["engine"]["throughput"]]
     e_med = statistics.median(eng)
     runs = [v for k, v in res.items() if k.startswith(("server_thread_", "server_process_"))]
@@ -583,7 +583,7 @@ def report(res: dict, out: Path) -> None:
     summary["server TTFT 512 client-side ms p90"] = pct(first["ttft_client_s"], 0.9) * 1e3
     summary["server TTFT 512 engine-side (header) ms median"] = statistics.median(first["ttft_header_ms"])
     res["summary"] = summary
-    (out / "bench_server.json").write_text(json.dumps(res, indent=2, default=str))
+    path.write_text(json.dumps(res, indent=2, default=str))
     print(f"device: {res.get('device', 'cpu')}  date: {res['date']}")
     for k, v in summary.items():
         print(f"{k:52s} {v:.3f}" if isinstance(v, float) else f"{k:52s} {v}")

@@ -119,3 +119,21 @@ def test_auth_body_cap_and_error_shape(client: TestClient) -> None:
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = client.post("/v1/completions", headers=AUTH, json={"model": "fake", "prompt": "a", "temperature": 3})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
+
+
+@pytest.mark.parametrize("per_key", [True, False])
+def test_cache_salt_names_the_key_by_digest_when_scoped_per_key(engine: FakeEngine, per_key: bool) -> None:
+    app = create_app(engine, api_keys={"k1", "k2"}, prefix_cache_per_key=per_key)
+    client = TestClient(app)
+    body = {"model": "fake", "prompt": "ab", "max_tokens": 1}
+    for key, extra in (("k1", {}), ("k1", {}), ("k2", {}), ("k1", {"cache_salt": "mine"})):
+        r = client.post("/v1/completions", json={**body, **extra}, headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+    salts = [req.cache_salt for req in engine.seen]
+    if not per_key:
+        assert salts == [None, None, None, "mine"]
+        return
+    assert all(s is not None and s.startswith("key:") for s in salts)
+    assert salts[0] == salts[1] != salts[2]  # one salt per key
+    assert salts[3] == f"{salts[0]}|mine"  # the request's own salt after its key's
+    assert not any("k1" in s or "k2" in s for s in salts)  # a digest, never the key

@@ -432,3 +432,18 @@ def test_prefix_caching_is_on_and_cache_salt_keeps_prompts_apart(
         assert first.choices[0].text == second.choices[0].text
     with pytest.raises(openai.BadRequestError, match="cache_salt"):
         client.completions.create(model=model, prompt=prompt, max_tokens=4, extra_body={"cache_salt": ""})
+
+
+def test_prefix_cache_is_scoped_per_api_key(client: openai.OpenAI, model: str, server: ServerProc) -> None:
+    """The same prompt from a second key reads nothing cached by the first (`--prefix-cache-per-key`, on by
+    default), then its own blocks; the texts agree."""
+    other = openai.OpenAI(base_url=server.url + "/v1", api_key="sk-test-2", max_retries=0, timeout=60)
+    prompt = " ".join(["a lazy dog sleeps under the quick brown fox"] * 8)
+    texts = []
+    for c in (client, client, other, other):
+        before = _prefix_hits(server)
+        texts.append(c.completions.create(model=model, prompt=prompt, max_tokens=4, temperature=0.0))
+        texts[-1] = (texts[-1].choices[0].text, _prefix_hits(server) - before)
+    assert texts[0][1] == 0 and texts[1][1] >= 16  # the first key: computed, then read from the cache
+    assert texts[2][1] == 0 and texts[3][1] >= 16  # the second key: its own, not the first key's
+    assert len({t for t, _ in texts}) == 1

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import anyio
@@ -20,7 +21,7 @@ from inferforge.serve.heap import refreeze
 from inferforge.serve.openai.convert import Plan, detokenize, plan_chat, plan_completion, tokenize
 from inferforge.serve.openai.engine_io import Tracker, run_requests
 from inferforge.serve.openai.errors import APIError, error_body
-from inferforge.serve.openai.guard import Guard
+from inferforge.serve.openai.guard import KEY_STATE, Guard
 from inferforge.serve.openai.limits import ServerLimits
 from inferforge.serve.openai.metrics import ITLClock, ServerMetrics
 from inferforge.serve.openai.render import Accumulator, TokenText, envelope
@@ -107,10 +108,12 @@ class OpenAIServer:
         limits: ServerLimits,
         multiprocess_dir: str | None = None,
         stream_interval: int = 1,
+        prefix_cache_per_key: bool = True,
     ) -> None:
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be >= 1 token, got {stream_interval}")
         self.stream_interval = stream_interval
+        self.prefix_cache_per_key = prefix_cache_per_key
         self.engine = engine
         self.model_name = model_name
         self.limits = limits
@@ -119,6 +122,19 @@ class OpenAIServer:
         self.draining = False
         self.created = int(time.time())
         self.inflight: set[str] = set()  # engine request ids of unfinished HTTP requests
+
+    def scoped(self, plan: Plan, request: Request) -> Plan:
+        """With API keys and `prefix_cache_per_key`, each request's cache salt names its key (and then its own
+        `cache_salt`): requests of one key share cached prompt blocks, requests of two keys never do, so no
+        key can tell from time to first token what prompt starts another key sent."""
+        key = getattr(request.state, KEY_STATE, None)
+        if not self.prefix_cache_per_key or key is None:
+            return plan
+        salted = tuple(
+            replace(r, cache_salt=f"key:{key}" + (f"|{r.cache_salt}" if r.cache_salt else ""))
+            for r in plan.requests
+        )
+        return replace(plan, requests=salted)
 
     async def abort_inflight(self) -> None:
         """End of the drain period: abort what is still running so its responses end cleanly."""
@@ -273,13 +289,15 @@ def create_app(
     shutdown_grace_s: float = 0.0,
     multiprocess_dir: str | None = None,
     stream_interval: int = 1,
+    prefix_cache_per_key: bool = True,
 ) -> FastAPI:
     """Build the app; the lifespan's end shuts the engine down (after uvicorn has drained the connections).
 
     `multiprocess_dir`: set in each HTTP worker of `--api-server-count N`, so /metrics covers all workers."""
     state = OpenAIServer(
-        engine, model_name or engine.model_name, limits or ServerLimits(), multiprocess_dir, stream_interval
-    )
+        engine, model_name or engine.model_name, limits or ServerLimits(), multiprocess_dir, stream_interval,
+        prefix_cache_per_key,
+    )  # fmt: skip
 
     async def current_stats() -> EngineStats:
         """The engine's figures now: a link to an engine in another process asks it (between two steps)."""
@@ -347,12 +365,12 @@ def create_app(
 
     @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Response:
-        plan = plan_completion(req, engine, state.limits, state.model_name)
+        plan = state.scoped(plan_completion(req, engine, state.limits, state.model_name), request)
         return await state.handle(request, plan, req.stream_options, req.stream, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
-        plan = plan_chat(req, engine, state.limits, state.model_name)
+        plan = state.scoped(plan_chat(req, engine, state.limits, state.model_name), request)
         return await state.handle(request, plan, req.stream_options, req.stream, chat=True)
 
     app.add_middleware(

@@ -89,6 +89,12 @@ def serve_llm(
     enable_prefix_caching: bool = typer.Option(
         True, help="Reuse the KV blocks of earlier prompts that start with the same tokens."
     ),
+    prefix_cache_per_key: bool = typer.Option(
+        True,
+        help="With --api-key-file: requests share cached prompt blocks only with requests of the same key, "
+        "so no key can time what prompt starts another sent. --no-prefix-cache-per-key shares them across "
+        "keys.",
+    ),
     max_tokens_cap: int = typer.Option(4096, min=1, help="Largest max_tokens a request may ask for."),
     max_n: int = typer.Option(8, min=1, help="Largest n per request."),
     max_logprobs: int = typer.Option(20, min=0, max=20, help="Largest logprobs / top_logprobs."),
@@ -167,6 +173,7 @@ def serve_llm(
         "log_level": log_level,
         "switch_interval_ms": switch_interval_ms,
         "stream_interval": stream_interval,
+        "prefix_cache_per_key": prefix_cache_per_key,
     }
     if api_server_count > 1:
         from inferforge.serve.openai.workers import serve_workers

@@ -6,6 +6,7 @@ never read past the cap.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import json
 from collections.abc import Callable
@@ -14,6 +15,7 @@ from typing import Any
 from inferforge.serve.openai.errors import error_body
 
 OPEN_PATHS = frozenset({"/health"})
+KEY_STATE = "api_key_digest"  # request.state field: which key the request came with, as a digest
 
 Scope = dict[str, Any]
 
@@ -31,7 +33,7 @@ class Guard:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        if self.keys is not None and not self._authorized(scope):
+        if self.keys is not None and not self._authorize(scope):
             await _reply(
                 send,
                 401,
@@ -86,13 +88,18 @@ class Guard:
 
         await self.app(scope, replay, send)
 
-    def _authorized(self, scope: Scope) -> bool:
+    def _authorize(self, scope: Scope) -> bool:
+        """Check the bearer key; a good one leaves a digest of itself in the request's state (`KEY_STATE`),
+        which scopes the prefix cache per key, never the key itself."""
         auth = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = auth.partition(b" ")
         if scheme.lower() != b"bearer" or not token:
             return False
         token = token.strip()
-        return any(hmac.compare_digest(token, k) for k in self.keys or [])
+        if not any(hmac.compare_digest(token, k) for k in self.keys or []):
+            return False
+        scope.setdefault("state", {})[KEY_STATE] = hashlib.blake2b(token, digest_size=12).hexdigest()
+        return True
 
 
 async def _reply(

@@ -87,6 +87,7 @@ def serve(
     sockets: list[socket.socket] | None = None,
     multiprocess_dir: str | None = None,
     stream_interval: int = 1,
+    prefix_cache_per_key: bool = True,
 ) -> None:
     """Serve until a signal, then drain; returns normally so the caller exits 0.
 
@@ -109,6 +110,7 @@ def serve(
         api_keys=api_keys,
         multiprocess_dir=multiprocess_dir,
         stream_interval=stream_interval,
+        prefix_cache_per_key=prefix_cache_per_key,
     )
     state = app.state.openai
 

@@ -60,6 +60,7 @@ class WorkerSpec:
     engine_key: bytes
     metrics_dir: str
     stream_interval: int = 1
+    prefix_cache_per_key: bool = True
 
 
 def _worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
@@ -88,6 +89,7 @@ def _worker_main(sock: socket.socket, spec: WorkerSpec) -> None:
         sockets=[sock],
         multiprocess_dir=spec.metrics_dir,
         stream_interval=spec.stream_interval,
+        prefix_cache_per_key=spec.prefix_cache_per_key,
     )
 
 
@@ -127,6 +129,7 @@ def serve_workers(
     log_level: str,
     switch_interval_ms: float,
     stream_interval: int = 1,
+    prefix_cache_per_key: bool = True,
 ) -> int:
     """Run the engine and `count` HTTP workers until a signal; returns the process's exit code."""
     from inferforge.serve.openai.engine_process import ProcessEngine
@@ -144,7 +147,7 @@ def serve_workers(
         signals = _Signals()  # from here on: drain on a signal (while loading, Ctrl-C stops the load at once)
         keys = frozenset(api_keys) if api_keys is not None else None
         spec = WorkerSpec(folder, model_name, limits, keys, drain_timeout, log_level, switch_interval_ms,
-                          address, key, metrics_dir, stream_interval)  # fmt: skip
+                          address, key, metrics_dir, stream_interval, prefix_cache_per_key)  # fmt: skip
         sock = bind(host, port)
         code = _supervise(engine, spec, sock, count, signals)
         sock.close()
