@@ -402,3 +402,19 @@ def carveout_ab(
                 key = f"carveout {quant or 'bf16'} {percent} rep{rep}"
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [carveout {percent}, {changed}]")
     carveout.set_carveout(None)
+
+
+def split_k_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None, "fp8")) -> None:
+    """Batch-1 decode with the down product in one program per row block (`gemv.SPLIT_K` 1) against 2 and 4
+    programs sharing its K tiles, twice in turn per format (after K1's Nsight reading: int8 down at 49% of
+    DRAM peak)."""
+    from inferforge.llm import gemv
+
+    default = dict(gemv.SPLIT_K)
+    for rep in range(2):
+        for quant in quants:
+            for split in (1, 2, 4):
+                gemv.SPLIT_K[quant or "bf16"] = split
+                key = f"splitk {quant or 'bf16'} {split} rep{rep}"
+                RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [down split-K {split}]")
+            gemv.SPLIT_K.update(default)

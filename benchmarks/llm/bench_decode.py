@@ -39,6 +39,7 @@ from ab_sections import (
     row_tiles_ab,
     small_tiles_ab,
     split_ab,
+    split_k_ab,
     splitk_ab,
 )
 from checks import check_mixed_steps, check_tiny
@@ -139,6 +140,7 @@ def main() -> None:
         ("splitkab", lambda: splitk_ab(folder)),
         ("splitkab4", lambda: splitk_ab(folder, ("int4",))),
         ("b1ab", lambda: batch1_ab(folder)),
+        ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",
             lambda: carveout_ab(

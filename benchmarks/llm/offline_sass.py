@@ -43,7 +43,8 @@ _POINTERS = ("X", "G", "W", "SCALE", "BIAS", "R", "Y", "COS", "SIN", "POS", "SLO
 
 def _signature(weight: str) -> dict[str, str]:
     sig = {name: "*bf16" for name in _POINTERS}
-    sig.update(W=weight, POS="*i64", SLOT="*i64", N="i32", stride_wn="i32", eps="fp32", stride_c_slot="i32")
+    sig.update(W=weight, POS="*i64", SLOT="*i64", N="i32", stride_wn="i32", eps="fp32", stride_c_slot="i32",
+               PART="*fp32", CNT="*i32")  # fmt: skip
     return sig
 
 
@@ -51,7 +52,7 @@ def _cuobjdump(flag: str, path: str) -> str:
     return subprocess.run([BIN / "cuobjdump", flag, path], capture_output=True, text=True, check=True).stdout
 
 
-def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None) -> dict:
+def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None, split: int = 1) -> dict:
     (n, k), prologue, epilogue = PRODUCTS[name]
     int8 = fmt == "int8"
     cfg = tiles or gemv.tiles_for(n, k, 1 if int8 else 2, int8=int8)
@@ -64,6 +65,7 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None) -> dict:
         BLOCK_K=cfg.block_k, W_MODE=gemv.INT8_MODE["mode"] if int8 else 0,
         PAIR_GAP=32 if epilogue == 2 else n // 2, H=32, KV=8, D=64, PDL=1, PRE=False,
         EARLY=gemv.EARLY_NEXT_TILE["int8" if int8 else "bf16"], EARLY_RES=True,
+        SPLIT=split if name in ("down", "o") and (k // cfg.block_k) % split == 0 else 1,
     )  # fmt: skip
     sig = {**_signature("*i8" if int8 else "*bf16"), **dict.fromkeys(consts, "constexpr")}
     fn = gemv._gemv_kernel
@@ -84,7 +86,8 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None) -> dict:
     for op in re.findall(r"\b(LDG[A-Z0-9._]*)", sass):
         loads[op] = loads.get(op, 0) + 1
     return {
-        "product": name, "tiles": (cfg.block_n, cfg.block_k, cfg.num_warps), "registers": int(regs[1]),
+        "product": name, "tiles": (cfg.block_n, cfg.block_k, cfg.num_warps), "split": consts["SPLIT"],
+        "registers": int(regs[1]),
         "stack": int(regs[2]), "shared": kernel.metadata.shared, "loads": loads,
         "barriers": len(re.findall(r"\bBAR\.", sass)), "shuffles": len(re.findall(r"\bSHFL\.", sass)),
         "sass": sass,
@@ -96,6 +99,7 @@ def main() -> None:
     ap.add_argument("--format", choices=["int8", "bf16"], default="int8")
     ap.add_argument("--tiles", nargs="*", default=[], help="NxK=block_n,block_k,warps overrides")
     ap.add_argument("--dump", help="a folder for each product's SASS")
+    ap.add_argument("--split", type=int, default=1, help="split-K programs per row block (`gemv.SPLIT_K`)")
     a = ap.parse_args()
     for spec in a.tiles:
         shape, cfg = spec.split("=")
@@ -104,7 +108,7 @@ def main() -> None:
         gemv.TUNED[(n, k, elem)] = gemv.TileConfig(*(int(v) for v in cfg.split(",")))
     for name in PRODUCTS:
         (n, k), _, _ = PRODUCTS[name]
-        r = compile_product(name, a.format, gemv.TUNED.get((n, k, 1 if a.format == "int8" else 2)))
+        r = compile_product(name, a.format, gemv.TUNED.get((n, k, 1 if a.format == "int8" else 2)), a.split)
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
             (Path(a.dump) / f"{a.format}_{name}.sass").write_text(r.pop("sass"))

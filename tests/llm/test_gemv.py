@@ -199,3 +199,33 @@ def test_the_engines_gate_turns_gemv_on_for_a_model_it_can_run(tiny_dirs: dict[s
     assert eng.model.gemv_ops is None
     assert kernels._enable_gemv(eng.model, config, torch.device(DEVICE)) is None
     assert eng.model.gemv_ops is decode_gemv
+
+
+@pytest.mark.parametrize("split", [2, 4])
+@pytest.mark.parametrize("int8", [False, True])
+@pytest.mark.parametrize("k", [256, 250])
+def test_split_k_gives_the_whole_row_product(split: int, int8: bool, k: int, monkeypatch: pytest.MonkeyPatch):
+    """Several programs per row block (`gemv.SPLIT_K`), whose last sums the partials: the result of one
+    program walking every tile, plain and with the residual (ragged N and K), called twice (the counts are
+    back at zero after each call); products with a norm prologue stay whole."""
+    g = torch.Generator().manual_seed(split * k)
+    n, tiles = 40, gemv.TileConfig(8, 64, 1)  # 5 row blocks of 4 K tiles
+    x, r, w = (torch.randn(*s, generator=g).to(DEVICE) for s in ((1, k), (1, n), (n, k)))
+    scale = None
+    if int8:
+        scale = w.abs().amax(1) / 127
+        w = (w / scale[:, None]).round().to(torch.int8)
+    for kw in ({}, {"residual": r}):
+        monkeypatch.setitem(gemv.SPLIT_K, "int8" if int8 else "bf16", 1)
+        whole = gemv.gemv(x, w, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
+        monkeypatch.setitem(gemv.SPLIT_K, "int8" if int8 else "bf16", split)
+        assert gemv._split_k(w, tiles, k, plain=True) == split
+        for _ in range(2):
+            got = gemv.gemv(x, w, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
+            torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
+            _, counts = gemv._SPLIT_SCRATCH[(torch.device(DEVICE), n, split)]
+            assert counts.tolist() == [0] * 5
+    want = gemv_check.gemv_reference(x, w, scale=scale, residual=r)  # type: ignore[arg-type]
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert gemv._split_k(w, tiles, k, plain=False) == 1  # a norm prologue or RoPE / SiLU epilogue
+    assert gemv._split_k(w, gemv.TileConfig(8, 64, 1), 3 * 64, plain=True) == 1  # 3 tiles do not split

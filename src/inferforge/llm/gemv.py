@@ -146,21 +146,43 @@ def _wait_for_inputs(PDL: tl.constexpr):
 
 
 @triton.jit
+def _split_sum(acc, PART, CNT, block, share, offs_n, nmask, N, SPLIT: tl.constexpr):
+    """Split-K: this program's partial into its row of the scratch, then an arrival count per row block; the
+    last to arrive gets the partials summed in order (the others get nothing to store) and puts the count
+    back to zero for the next call or graph replay."""
+    tl.store(PART + share * N + offs_n, acc, mask=nmask)
+    tl.debug_barrier()  # every thread's partial is written before the count's release
+    done = tl.atomic_add(CNT + block, 1, sem="acq_rel", scope="gpu")
+    last = done == SPLIT - 1
+    total = acc
+    if last:  # the partials are read only after the count said they are all there (as `triton_attn`)
+        total = tl.zeros_like(acc)
+        for s in tl.static_range(0, SPLIT):  # loads bypass L1: other programs wrote them
+            total += tl.load(PART + s * N + offs_n, mask=nmask, other=0.0, cache_modifier=".cg")
+        tl.store(CNT + block, 0)
+    return total, last
+
+
+@triton.jit
 def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
-                 K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_MODE: tl.constexpr,
-                 PAIR_GAP: tl.constexpr, H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr,
-                 PDL: tl.constexpr, PRE: tl.constexpr, EARLY: tl.constexpr,
-                 EARLY_RES: tl.constexpr):  # fmt: skip
+                 PART, CNT, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
+                 KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
+                 EARLY: tl.constexpr, EARLY_RES: tl.constexpr, SPLIT: tl.constexpr = 1):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
+    share = pid % SPLIT  # split-K (`SPLIT_K`): this program's share of the K tiles
+    pid = pid // SPLIT
     HALF: tl.constexpr = BLOCK_N // 2
     offs_n, j0, head = _rows(pid, BLOCK_N, EPILOGUE, PAIR_GAP, D)
     nmask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-    rows = W + offs_n[:, None].to(tl.int64) * stride_wn
-    w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (offs_k[None, :] < K), other=0.0)
+    TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT  # this program's tiles
+    k0 = share * (TILES * BLOCK_K)
+    rows = W + offs_n[:, None].to(tl.int64) * stride_wn + k0
+    w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
     # Before the wait: everything no kernel of this step writes (weights, the norm's weight, scales, bias,
     # this step's position and slot and their cos / sin rows, sent before the graph ran).
     if PROLOGUE == 1:
@@ -187,13 +209,12 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
             acc = tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
     else:
         acc = tl.zeros([BLOCK_N], tl.float32)
-        TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
         for i in tl.static_range(0, TILES):
-            kk = i * BLOCK_K + offs_k
+            kk = i * BLOCK_K + offs_k  # from k0 (`rows` starts there)
             nk = kk + BLOCK_K
             if EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
-                w_next = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
-            xin = tl.load(X + kk, mask=kk < K, other=0.0).to(tl.float32)
+                w_next = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
+            xin = tl.load(X + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
             if PRE and i == 0:
                 acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
             else:
@@ -201,7 +222,10 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
             if EARLY and i + 1 < TILES:
                 w = w_next
             elif not EARLY:
-                w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (nk[None, :] < K), other=0.0)
+                w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
+    if SPLIT > 1:
+        acc, last = _split_sum(acc, PART, CNT, pid, share, offs_n, nmask, N, SPLIT)
+        nmask = nmask & last  # only the last program of the row block stores
     if HAS_SCALE:
         acc = acc * scale
     if HAS_BIAS:
@@ -294,10 +318,45 @@ EARLY_NEXT_TILE = {"int8": True, "fp8": False, "bf16": False}
 RESIDUAL_BEFORE_WAIT = {"on": True}
 
 
-def _early_next_tile(weight: torch.Tensor) -> bool:
+# Split-K across programs for the products of several K tiles (down: K = 8,192 in tiles of 2,048): each
+# program takes 1/SPLIT of the row block's tiles and the last to finish sums the partials (`_split_sum`), so
+# the product runs as SPLIT times as many short programs, the shape gate/up has. Why: Nsight Compute (K1 of
+# 2026-11-23) read int8's down product at 49% of DRAM peak, ~2 programs an SM walking 4 tiles each, and
+# gate/up's 2,048 one-tile programs at 67%; summing raw int8 bytes, down took 9.2 us for 16.8 MB against
+# gate/up's 13.0 for 33.5 (H2). Not yet measured in the decode step: 1 (off) until it is.
+SPLIT_K = {"int8": 1, "fp8": 1, "bf16": 1}
+# (device, N, split) -> (partials [split, N] fp32, arrival counts per row block int32, zeroed once; the
+# kernel puts them back to zero). Shared by the layers of a step: the decode chain finishes one product's
+# kernel before the next same-shaped product starts (see `RESIDUAL_BEFORE_WAIT`).
+_SPLIT_SCRATCH: dict[tuple[torch.device, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _weight_kind(weight: torch.Tensor) -> str:
     if weight.dtype in (torch.int8, torch.uint8):
-        return EARLY_NEXT_TILE["int8"]
-    return EARLY_NEXT_TILE["fp8" if weight.element_size() == 1 else "bf16"]
+        return "int8"
+    return "fp8" if weight.element_size() == 1 else "bf16"
+
+
+def _split_k(weight: torch.Tensor, cfg: TileConfig, k: int, plain: bool) -> int:
+    """How many programs share a row block's K tiles: `SPLIT_K` where the product has no norm prologue, no
+    RoPE or SiLU epilogue and its tiles divide evenly; else 1."""
+    split = SPLIT_K.get(_weight_kind(weight), 1)
+    tiles = triton.cdiv(k, cfg.block_k)
+    return split if split > 1 and plain and tiles % split == 0 else 1
+
+
+def _split_scratch(
+    device: torch.device, n: int, split: int, blocks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (device, n, split)
+    if key not in _SPLIT_SCRATCH:
+        part = torch.empty(split, n, dtype=torch.float32, device=device)
+        _SPLIT_SCRATCH[key] = (part, torch.zeros(blocks, dtype=torch.int32, device=device))
+    return _SPLIT_SCRATCH[key]
+
+
+def _early_next_tile(weight: torch.Tensor) -> bool:
+    return EARLY_NEXT_TILE[_weight_kind(weight)]
 
 
 def _pre_convert(weight: torch.Tensor) -> bool:
@@ -377,14 +436,16 @@ def gemv(
     else:
         y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
-    _gemv_kernel[(grid,)](
+    split = _split_k(weight, cfg, k, norm_weight is None and epilogue in (STORE, RESIDUAL))
+    part, count = _split_scratch(x.device, n, split, grid) if split > 1 else (x, x)
+    _gemv_kernel[(grid * split,)](
         x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y, n, weight.stride(0), eps,
-        *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
+        *cache_args, part, count, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
         PRE=_pre_convert(weight), EARLY=_early_next_tile(weight),
-        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, num_warps=cfg.num_warps,
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
