@@ -55,6 +55,9 @@ def bench_engine(folder: Path, quant: str | None = None, **overrides: object) ->
         "max_model_len": 1024,
         "max_num_batched_tokens": 2048,
         "experimental_quant": True,
+        # Off as in every run before K5 made it the engine's default: these sections time kernels and steps,
+        # and some send the same prompts twice (bench_server.py measures the default)
+        "enable_prefix_caching": False,
         **overrides,
     }
     return LLMEngine(folder, EngineConfig(**config))  # type: ignore[arg-type]

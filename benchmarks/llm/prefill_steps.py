@@ -126,7 +126,9 @@ def conditional_gap(a: dict[str, list], b: dict[str, list]) -> dict[str, float]:
 
 def main() -> None:
     folder = make_random_1b(Path("/tmp/inferforge_llama1b"))
-    common = dict(device="cuda", max_num_seqs=64, max_num_batched_tokens=8192, kv_cache_tokens=131072)
+    # prefix caching off: the logprob check runs the same prompts twice through one engine
+    common = dict(device="cuda", max_num_seqs=64, max_num_batched_tokens=8192, kv_cache_tokens=131072,
+                  enable_prefix_caching=False)  # fmt: skip
     on = LLMEngine(folder, EngineConfig(**common))
     off = LLMEngine(folder, EngineConfig(**common, prefill_graph_tokens=()))
     big_buckets = (*EngineConfig().prefill_graph_tokens, 3072, 4096)
