@@ -1,11 +1,17 @@
-"""serve-llm's option helpers: the automatic HTTP worker count and the prompt-graph token buckets."""
+"""serve-llm's and loadtest-llm's option helpers: the automatic HTTP worker count, the prompt-graph token
+buckets, the synthetic prompts."""
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import pytest
 
 from inferforge.errors import InferforgeError
-from inferforge.serve.openai.cli import auto_api_server_count, parse_token_buckets
+from inferforge.serve.openai.cli import auto_api_server_count, parse_token_buckets, synthetic_prompts
+
+from .server_proc import CLI_MODULE
 
 
 @pytest.mark.parametrize(
@@ -30,3 +36,22 @@ def test_token_buckets_parse_sorted_and_none_disables() -> None:
         parse_token_buckets("128,x", "--f")
     with pytest.raises(InferforgeError, match="positive"):
         parse_token_buckets("-5,128", "--f")
+
+
+def test_synthetic_prompts_are_distinct_except_the_shared_prefix() -> None:
+    rows = [r["prompt"] for r in synthetic_prompts(40, 200)]
+    assert all(len(p) == 40 and all(10 <= t < 266 for t in p) for p in rows)
+    assert len({tuple(p[:16]) for p in rows}) == 200  # no two share a first cache block
+    shared = [r["prompt"] for r in synthetic_prompts(40, 50, shared_prefix=32)]
+    assert len({tuple(p[:32]) for p in shared}) == 1 and len({tuple(p[32:]) for p in shared}) == 50
+    assert synthetic_prompts(40, 3) == synthetic_prompts(40, 3)  # seeded: the same load every run
+
+
+def test_loadtest_refuses_a_shared_prefix_longer_than_the_prompt() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", CLI_MODULE, "loadtest-llm", "http://127.0.0.1:9", "--prompt-len", "8",
+         "--shared-prefix-len", "9"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert "--shared-prefix-len 9 exceeds --prompt-len 8" in proc.stderr

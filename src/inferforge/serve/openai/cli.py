@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,6 +203,12 @@ def loadtest_llm(
     prompt_len: int = typer.Option(
         128, min=1, help="Length of synthetic prompts in tokens (without --prompts)."
     ),
+    shared_prefix_len: int = typer.Option(
+        0,
+        min=0,
+        help="Synthetic prompts: how many of their first tokens all share (a system prompt; the server's "
+        "prefix cache serves them). 0: every prompt distinct from its first token.",
+    ),
     max_tokens: int = typer.Option(128, min=1, help="max_tokens per request."),
     requests: int = typer.Option(256, min=1, help="Stop after this many requests."),
     duration: float = typer.Option(60.0, min=0.1, help="Stop starting requests after this many seconds."),
@@ -224,7 +231,10 @@ def loadtest_llm(
         api_key=sorted(keys)[0] if keys else None,
         ignore_eos=ignore_eos,
     )
-    rows = read_prompts(prompts) if prompts else synthetic_prompts(prompt_len, 64)
+    if shared_prefix_len > prompt_len:
+        raise InferforgeError(f"--shared-prefix-len {shared_prefix_len} exceeds --prompt-len {prompt_len}")
+    count = min(requests, SYNTHETIC_DISTINCT)
+    rows = read_prompts(prompts) if prompts else synthetic_prompts(prompt_len, count, shared_prefix_len)
     report = asyncio.run(run(cfg, rows))
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))
@@ -241,9 +251,18 @@ def loadtest_llm(
         raise typer.Exit(1)
 
 
-def synthetic_prompts(length: int, count: int) -> list[dict]:
-    """Token-id prompts of exact length (ids in 10..265, distinct per prompt): no tokenizer needed."""
-    return [{"prompt": [10 + (7 * k + j) % 256 for j in range(length)]} for k in range(count)]
+SYNTHETIC_DISTINCT = 4096  # distinct synthetic prompts; a longer run sends them again, in turn
+
+
+def synthetic_prompts(length: int, count: int, shared_prefix: int = 0, seed: int = 0) -> list[dict]:
+    """Token-id prompts of exact length (random ids in 10..265, valid for any vocabulary from 266 up; no
+    tokenizer needed): the first `shared_prefix` tokens the same in all, the rest drawn per prompt. Distinct
+    per request, so the server's prefix cache serves only what the load shares on purpose (a load that
+    cycled 64 prompts would have read most of its prompts from the cache)."""
+    rng = random.Random(seed)
+    prefix = [10 + rng.randrange(256) for _ in range(shared_prefix)]
+    return [{"prompt": prefix + [10 + rng.randrange(256) for _ in range(length - shared_prefix)]}
+            for _ in range(count)]  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:
