@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The measurements docs/llm-engine.md's "Next device run" asks for, in one device call of about 9 minutes
-# (each step under its own timeout, so one that hangs leaves the others their time). From the repository
-# root, with the wheels carried in .whl/:
+# The measurements docs/llm-engine.md's "Next device run" asks for, in two device calls of under 10 minutes
+# each (the device tool's limit; each step under its own timeout, so one that hangs leaves the others their
+# time). From the repository root, with the wheels carried in .whl/:
 #
-#     bash benchmarks/llm/next_device_run.sh            # results and logs under $OUT
+#     bash benchmarks/llm/next_device_run.sh kernels    # 1 and 2, ~6 minutes
+#     bash benchmarks/llm/next_device_run.sh server     # 3, ~5 minutes; results and logs under $OUT
 #
 # 1. split-K for the down product (gemv.SPLIT_K 1 / 2 / 4), int8 and bf16, batch-1 graphs, twice in turn;
 # 2. Nsight Compute of the int4 batch-1 graph (K1 ran out of time before it);
@@ -14,18 +15,22 @@ export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 INFERFORGE_CACHE=$
 OUT=${OUT:-/tmp/next_device_run}
 mkdir -p "$OUT"
 
-timeout 240 python benchmarks/llm/bench_decode.py --sections splitdownab --quants int8,bf16 \
+if [ "${1:-}" = kernels ]; then
+timeout 330 python benchmarks/llm/bench_decode.py --sections splitdownab --quants int8,bf16 \
     > "$OUT/splitdownab.log" 2>&1
 echo "splitdownab rc=$?"; grep -E "graph replay" "$OUT/splitdownab.log" | tail -12
 
-timeout 150 ncu --profile-from-start off --clock-control none --graph-profiling node --section SpeedOfLight \
+timeout 200 ncu --profile-from-start off --clock-control none --graph-profiling node --section SpeedOfLight \
     --section Occupancy --section LaunchStats --csv --page details \
     python benchmarks/llm/ncu_decode.py --quants int4 > "$OUT/ncu_int4.csv" 2> "$OUT/ncu_int4.err"
 echo "ncu int4 rc=$?"; python benchmarks/llm/ncu_decode.py --summarize "$OUT/ncu_int4.csv" > "$OUT/ncu_int4.json"
-
+elif [ "${1:-}" = server ]; then
 for P in prefix-caching no-prefix-caching; do
     timeout 170 python benchmarks/serve_openai/bench_server.py --budget-s 60 --max-num-batched-tokens 8192 \
         --client-procs 16 --reps 2 --waves 6 --variants process:5:4 --ttft-reps 10 --$P \
         --json "$OUT/server_$P.json" > "$OUT/server_$P.log" 2>&1
     echo "server $P rc=$?"; grep -E "waves: |closed loop: |TTFT 512" "$OUT/server_$P.log" | grep -v "^\["
 done
+else
+    echo "usage: $0 kernels|server" >&2; exit 2
+fi
