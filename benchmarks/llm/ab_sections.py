@@ -406,15 +406,23 @@ def carveout_ab(
 
 def split_k_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None, "fp8")) -> None:
     """Batch-1 decode with the down product in one program per row block (`gemv.SPLIT_K` 1) against 2 and 4
-    programs sharing its K tiles, twice in turn per format (after K1's Nsight reading: int8 down at 49% of
-    DRAM peak)."""
+    programs sharing its K tiles, and (int8) 2 with o in two K tiles so that it splits too; twice in turn per
+    format (after K1's Nsight reading: int8 down at 49% of DRAM peak, o at 25%)."""
     from inferforge.llm import gemv
 
     default = dict(gemv.SPLIT_K)
+    o_halves = {(2048, 2048, 1): gemv.TileConfig(16, 1024, 4)}  # int8 o in two K tiles, so it splits too
+    variants = [(1, {}), (2, {}), (4, {}), (2, o_halves)]
     for rep in range(2):
         for quant in quants:
-            for split in (1, 2, 4):
+            for split, tiles in variants:
+                if tiles and quant != "int8":
+                    continue
                 gemv.SPLIT_K[quant or "bf16"] = split
-                key = f"splitk {quant or 'bf16'} {split} rep{rep}"
-                RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [down split-K {split}]")
+                gemv.TUNED.clear()
+                gemv.TUNED.update(tiles)
+                name = f"{split}{' + o 16 x 1024' if tiles else ''}"
+                key = f"splitk {quant or 'bf16'} {name} rep{rep}"
+                RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [split-K {name}]")
             gemv.SPLIT_K.update(default)
+            gemv.TUNED.clear()
