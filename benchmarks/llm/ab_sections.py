@@ -426,3 +426,20 @@ def split_k_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None, "fp
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=f" [split-K {name}]")
             gemv.SPLIT_K.update(default)
             gemv.TUNED.clear()
+
+
+def no_attention_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None)) -> None:
+    """What the decode attention costs inside the batch-1 chain, the most that fusing it into the q/k/v
+    product could save: batch-1 graphs with the attention call as it is, and with it replaced by q itself
+    (o then reads q: wrong tokens, right shapes, timing only), twice in turn per format."""
+    from inferforge.llm import model
+
+    real = model.Attention.decode
+    for rep in range(2):
+        for quant in quants:
+            for skip in (False, True):
+                model.Attention.decode = (lambda self, q, meta: q) if skip else real  # type: ignore[method-assign]
+                key = f"noattn {quant or 'bf16'} {'skipped' if skip else 'kept'} rep{rep}"
+                note = " [attention skipped: timing only]" if skip else " [attention kept]"
+                RESULTS[key] = engine_numbers(folder, quant, (1,), note=note)
+    model.Attention.decode = real  # type: ignore[method-assign]

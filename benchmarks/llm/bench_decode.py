@@ -31,6 +31,7 @@ from ab_sections import (
     int8_mode_tiles_ab,
     int8_tiles_ab,
     mlp_chunk_ab,
+    no_attention_ab,
     one_byte_tiles_ab,
     pre_convert_ab,
     quant_gemv,
@@ -140,6 +141,7 @@ def main() -> None:
         ("splitkab", lambda: splitk_ab(folder)),
         ("splitkab4", lambda: splitk_ab(folder, ("int4",))),
         ("b1ab", lambda: batch1_ab(folder)),
+        ("noattnab", lambda: no_attention_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

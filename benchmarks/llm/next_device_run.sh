@@ -3,12 +3,14 @@
 # each (the device tool's limit; each step under its own timeout, so one that hangs leaves the others their
 # time). From the repository root, with the wheels carried in .whl/:
 #
-#     bash benchmarks/llm/next_device_run.sh kernels    # 1 and 2, ~6 minutes
-#     bash benchmarks/llm/next_device_run.sh server     # 3, ~5 minutes; results and logs under $OUT
+#     bash benchmarks/llm/next_device_run.sh kernels    # 1 and 2, ~8 minutes
+#     bash benchmarks/llm/next_device_run.sh server     # 3 and 4, ~9 minutes; results and logs under $OUT
 #
 # 1. split-K for the down product (gemv.SPLIT_K 1 / 2 / 4), int8 and bf16, batch-1 graphs, twice in turn;
-# 2. Nsight Compute of the int4 batch-1 graph (K1 ran out of time before it);
-# 3. the 64 x 128/128 engine and server figures with prefix caching on (the default) and off, one call.
+# 2. what the decode attention costs inside the int8 / bf16 batch-1 chain (the call skipped, timing only):
+#    the most that fusing it into the q/k/v product could save;
+# 3. the 64 x 128/128 engine and server figures with prefix caching on (the default) and off, one call;
+# 4. Nsight Compute of the int4 batch-1 graph (K1 ran out of time before it).
 set -u
 source .whl/install-wheels.sh >/dev/null 2>&1
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 INFERFORGE_CACHE=$PWD/.whl/ifcache
@@ -16,15 +18,17 @@ OUT=${OUT:-/tmp/next_device_run}
 mkdir -p "$OUT"
 
 if [ "${1:-}" = kernels ]; then
-timeout 330 python benchmarks/llm/bench_decode.py --sections splitdownab --quants int8,bf16 \
+timeout 300 python benchmarks/llm/bench_decode.py --sections splitdownab --quants int8,bf16 \
     > "$OUT/splitdownab.log" 2>&1
-echo "splitdownab rc=$?"; grep -E "graph replay" "$OUT/splitdownab.log" | tail -12
+echo "splitdownab rc=$?"; grep -E "graph replay" "$OUT/splitdownab.log" | tail -14
 
+timeout 170 python benchmarks/llm/bench_decode.py --sections noattnab > "$OUT/noattnab.log" 2>&1
+echo "noattnab rc=$?"; grep -E "graph replay" "$OUT/noattnab.log" | tail -8
+elif [ "${1:-}" = server ]; then
 timeout 200 ncu --profile-from-start off --clock-control none --graph-profiling node --section SpeedOfLight \
     --section Occupancy --section LaunchStats --csv --page details \
     python benchmarks/llm/ncu_decode.py --quants int4 > "$OUT/ncu_int4.csv" 2> "$OUT/ncu_int4.err"
 echo "ncu int4 rc=$?"; python benchmarks/llm/ncu_decode.py --summarize "$OUT/ncu_int4.csv" > "$OUT/ncu_int4.json"
-elif [ "${1:-}" = server ]; then
 for P in prefix-caching no-prefix-caching; do
     timeout 170 python benchmarks/serve_openai/bench_server.py --budget-s 60 --max-num-batched-tokens 8192 \
         --client-procs 16 --reps 2 --waves 6 --variants process:5:4 --ttft-reps 10 --$P \
