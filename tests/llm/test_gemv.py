@@ -223,9 +223,26 @@ def test_split_k_gives_the_whole_row_product(split: int, int8: bool, k: int, mon
         for _ in range(2):
             got = gemv.gemv(x, w, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
             torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
-            _, counts = gemv._SPLIT_SCRATCH[(torch.device(DEVICE), n, split)]
+            _, counts = gemv._SPLIT_SCRATCH[(torch.device(DEVICE), n, split, 5)]
             assert counts.tolist() == [0] * 5
     want = gemv_check.gemv_reference(x, w, scale=scale, residual=r)  # type: ignore[arg-type]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     assert gemv._split_k(w, tiles, k, plain=False) == 1  # a norm prologue or RoPE / SiLU epilogue
     assert gemv._split_k(w, gemv.TileConfig(8, 64, 1), 3 * 64, plain=True) == 1  # 3 tiles do not split
+
+
+def test_split_k_products_of_one_width_and_other_row_blocks_keep_their_own_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two products of the same N split alike but with different row blocks (o in 16-row tiles, down in 8)
+    each get counts for all their row blocks, whichever runs first."""
+    g = torch.Generator().manual_seed(7)
+    n = 64
+    x, r = torch.randn(1, 256, generator=g).to(DEVICE), torch.randn(1, n, generator=g).to(DEVICE)
+    w = torch.randn(n, 256, generator=g).to(DEVICE)
+    monkeypatch.setitem(gemv.SPLIT_K, "bf16", 2)
+    for tiles in (gemv.TileConfig(16, 64, 1), gemv.TileConfig(8, 64, 1)):  # 4 row blocks, then 8
+        got = gemv.gemv(x, w, residual=r, tiles=tiles)
+        torch.testing.assert_close(got, gemv_check.gemv_reference(x, w, residual=r), rtol=1e-4, atol=1e-4)
+    counts = [c for (_, width, split, *_), (_, c) in gemv._SPLIT_SCRATCH.items() if width == n and split == 2]
+    assert sorted(c.numel() for c in counts) == [4, 8] and all(int(c.abs().sum()) == 0 for c in counts)

@@ -193,5 +193,5 @@ def test_split_k_gemv_on_the_device_is_exact_and_repeatable(
         torch.cuda.synchronize()
         assert all(torch.equal(o, outs[0]) for o in outs), kind
         torch.testing.assert_close(outs[0].float(), whole.float(), rtol=1e-2, atol=1e-2)
-        counts = [c for (_, n, s), (_, c) in gemv._SPLIT_SCRATCH.items() if s == split and n == 2048]
+        counts = [c for (_, n, s, _), (_, c) in gemv._SPLIT_SCRATCH.items() if s == split and n == 2048]
         assert counts and all(int(c.abs().sum()) == 0 for c in counts), kind

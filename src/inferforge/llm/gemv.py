@@ -325,10 +325,10 @@ RESIDUAL_BEFORE_WAIT = {"on": True}
 # gate/up's 2,048 one-tile programs at 67%; summing raw int8 bytes, down took 9.2 us for 16.8 MB against
 # gate/up's 13.0 for 33.5 (H2). Not yet measured in the decode step: 1 (off) until it is.
 SPLIT_K = {"int8": 1, "fp8": 1, "bf16": 1}
-# (device, N, split) -> (partials [split, N] fp32, arrival counts per row block int32, zeroed once; the
-# kernel puts them back to zero). Shared by the layers of a step: the decode chain finishes one product's
-# kernel before the next same-shaped product starts (see `RESIDUAL_BEFORE_WAIT`).
-_SPLIT_SCRATCH: dict[tuple[torch.device, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+# (device, N, split, row blocks) -> (partials [split, N] fp32, arrival counts per row block int32, zeroed
+# once; the kernel puts them back to zero). Shared by the layers of a step: the decode chain finishes one
+# product's kernel before the next same-shaped product starts (see `RESIDUAL_BEFORE_WAIT`).
+_SPLIT_SCRATCH: dict[tuple[torch.device, int, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
 def _weight_kind(weight: torch.Tensor) -> str:
@@ -348,7 +348,7 @@ def _split_k(weight: torch.Tensor, cfg: TileConfig, k: int, plain: bool) -> int:
 def _split_scratch(
     device: torch.device, n: int, split: int, blocks: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (device, n, split)
+    key = (device, n, split, blocks)  # two products of one width may have different row blocks
     if key not in _SPLIT_SCRATCH:
         part = torch.empty(split, n, dtype=torch.float32, device=device)
         _SPLIT_SCRATCH[key] = (part, torch.zeros(blocks, dtype=torch.int32, device=device))
