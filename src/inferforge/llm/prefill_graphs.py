@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from inferforge.llm.attention import AttnMeta, VarlenMeta, varlen_block_q, varlen_programs
+from inferforge.llm.cuda_graphs import capture_per_bucket
 from inferforge.llm.kv_cache import blocks_needed, slot_of
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.scheduler import Sequence
@@ -84,21 +85,7 @@ class PrefillGraphs:
     @torch.inference_mode()
     def _capture(self) -> None:
         self._view(self._dev, "prog_seq").fill_(-1)  # a warm-up step with no programs: nothing attends
-        torch.cuda.synchronize()
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for bucket in reversed(self.buckets):
-                for _ in range(2):
-                    self._forward(bucket)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self._forward(bucket)
-                pool = graph.pool()
-                self.graphs[bucket] = (graph, out)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.graphs.update(capture_per_bucket(self.buckets, self._forward))
 
     def bucket_for(self, tokens: int, seqs: int, longest_context: int = 0) -> int | None:
         """The smallest bucket that holds the step, or None (eager). Buckets over `short_context` tokens take

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
+from inferforge.llm.cuda_graphs import capture_per_bucket
 from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed, slot_of
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.prefill_graphs import PrefillGraphs
@@ -122,21 +123,7 @@ class ModelRunner:
     def _capture(self) -> None:
         """One graph per bucket, largest first, sharing one memory pool."""
         self._fill([], self.buckets[-1], None)
-        torch.cuda.synchronize()
-        pool = None
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for b in reversed(self.buckets):
-                for _ in range(2):
-                    self._decode_forward(b)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool, stream=stream):
-                    out = self._decode_forward(b)
-                pool = graph.pool()
-                self.graphs[b] = (graph, out)
-        torch.cuda.current_stream().wait_stream(stream)
-        torch.cuda.synchronize()
+        self.graphs.update(capture_per_bucket(self.buckets, self._decode_forward))
 
     def _fill(self, seqs: list[Sequence], b: int, ahead: list[bool] | None) -> None:
         """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
