@@ -443,3 +443,18 @@ def no_attention_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None
                 note = " [attention skipped: timing only]" if skip else " [attention kept]"
                 RESULTS[key] = engine_numbers(folder, quant, (1,), note=note)
     model.Attention.decode = real  # type: ignore[method-assign]
+
+
+def int4_rows_ab(folder: Path) -> None:
+    """int4 batch-1 decode reading gemlite's [K/8, N] bytes in place (`gemv_int4`) against the row-major copy
+    (`gemv_int4_rows`, `decode_gemv.INT4_ROWS`), twice in turn; bf16 once for the ratio. Why: Nsight Compute
+    (L3 of 2026-11-23) read the in-place gate/up at 28% of DRAM peak and the LM head at 43%."""
+    from inferforge.llm import decode_gemv
+
+    RESULTS["int4rows bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep in range(2):
+        for rows in (False, True):
+            decode_gemv.INT4_ROWS["on"] = rows
+            name = "row-major copy" if rows else "in place"
+            RESULTS[f"int4rows {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    decode_gemv.INT4_ROWS["on"] = True

@@ -94,9 +94,63 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None, split: i
     }  # fmt: skip
 
 
+def compile_int4(name: str, rows: bool, tiles: gemv.TileConfig | None) -> dict:
+    """The int4 kernels: gemlite's bytes in place (`gemv_int4`) or the row-major copy (`gemv_int4_rows`),
+    group 64 with the fma zeros, as `quant.py` makes them."""
+    from inferforge.llm import gemv_int4, gemv_int4_rows
+
+    (n, k), prologue, epilogue = PRODUCTS[name]
+    mod = gemv_int4_rows if rows else gemv_int4
+    cfg = tiles or mod.default_tiles(n, k)
+    if prologue and cfg.block_k < k:
+        cfg = gemv.TileConfig(
+            max(2, cfg.block_n * cfg.block_k // k) if rows else cfg.block_n, k, cfg.num_warps
+        )
+    if epilogue == 2:
+        cfg = gemv.TileConfig(min(cfg.block_n, 64), cfg.block_k, cfg.num_warps)
+    consts = dict(
+        K=k, GROUP=64, FMA=True, PROLOGUE=prologue, EPILOGUE=epilogue, HAS_BIAS=False, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, TG=max(cfg.block_k // 64, 1), PAIR_GAP=32 if epilogue == 2 else n // 2, H=32,
+        KV=8, D=64, PDL=1, PTX=True, EARLY_RES=True,
+    )  # fmt: skip
+    if rows:
+        consts["EARLY"] = gemv_int4_rows.EARLY_NEXT_TILE["on"]
+    fn = gemv_int4_rows._gemv_int4_rows_kernel if rows else gemv_int4._gemv_int4_kernel
+    ptrs = ("X", "G", "W", "S", "Z", "BIAS", "R", "Y", "COS", "SIN", "POS", "SLOT", "KC", "VC")
+    sig = {a: "*bf16" for a in ptrs}
+    sig.update(W="*i32", POS="*i64", SLOT="*i64", N="i32", stride_w="i32", stride_s="i32", stride_z="i32",
+               eps="fp32", stride_c_slot="i32", **dict.fromkeys(consts, "constexpr"))  # fmt: skip
+    return _compile(fn, sig, consts, cfg, name, 1)
+
+
+def _compile(fn, sig: dict, consts: dict, cfg: gemv.TileConfig, name: str, split: int) -> dict:
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
+             if t.startswith("*") or a.startswith("stride") or a == "N"}  # fmt: skip
+    kernel = triton.compile(
+        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": cfg.num_warps},
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(kernel.asm["cubin"])
+    usage = _cuobjdump("--dump-resource-usage", f.name)
+    sass = _cuobjdump("--dump-sass", f.name)
+    os.unlink(f.name)
+    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    loads: dict[str, int] = {}
+    for op in re.findall(r"\b(LDG[A-Z0-9._]*)", sass):
+        loads[op] = loads.get(op, 0) + 1
+    return {
+        "product": name, "tiles": (cfg.block_n, cfg.block_k, cfg.num_warps), "split": split,
+        "registers": int(regs[1]), "stack": int(regs[2]), "shared": kernel.metadata.shared, "loads": loads,
+        "barriers": len(re.findall(r"\bBAR\.", sass)), "shuffles": len(re.findall(r"\bSHFL\.", sass)),
+        "instructions": len(re.findall(r"^\s+/\*[0-9a-f]{4}\*/", sass, re.M)), "sass": sass,
+    }  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--format", choices=["int8", "bf16"], default="int8")
+    ap.add_argument("--format", choices=["int8", "bf16", "int4", "int4rows"], default="int8")
     ap.add_argument("--tiles", nargs="*", default=[], help="NxK=block_n,block_k,warps overrides")
     ap.add_argument("--dump", help="a folder for each product's SASS")
     ap.add_argument("--split", type=int, default=1, help="split-K programs per row block (`gemv.SPLIT_K`)")
@@ -108,7 +162,12 @@ def main() -> None:
         gemv.TUNED[(n, k, elem)] = gemv.TileConfig(*(int(v) for v in cfg.split(",")))
     for name in PRODUCTS:
         (n, k), _, _ = PRODUCTS[name]
-        r = compile_product(name, a.format, gemv.TUNED.get((n, k, 1 if a.format == "int8" else 2)), a.split)
+        if a.format.startswith("int4"):
+            r = compile_int4(name, a.format == "int4rows", gemv.TUNED.get((n, k, 1)))
+        else:
+            r = compile_product(
+                name, a.format, gemv.TUNED.get((n, k, 1 if a.format == "int8" else 2)), a.split
+            )
         if a.dump:
             Path(a.dump).mkdir(parents=True, exist_ok=True)
             (Path(a.dump) / f"{a.format}_{name}.sass").write_text(r.pop("sass"))
