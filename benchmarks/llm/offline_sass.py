@@ -158,7 +158,7 @@ def main() -> None:
     for spec in a.tiles:
         shape, cfg = spec.split("=")
         n, k = (int(v) for v in shape.split("x"))
-        elem = 1 if a.format == "int8" else 2
+        elem = 1 if a.format != "bf16" else 2
         gemv.TUNED[(n, k, elem)] = gemv.TileConfig(*(int(v) for v in cfg.split(",")))
     for name in PRODUCTS:
         (n, k), _, _ = PRODUCTS[name]
