@@ -445,16 +445,27 @@ def no_attention_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None
     model.Attention.decode = real  # type: ignore[method-assign]
 
 
-def int4_rows_ab(folder: Path) -> None:
-    """int4 batch-1 decode reading gemlite's [K/8, N] bytes in place (`gemv_int4`) against the row-major copy
-    (`gemv_int4_rows`, `decode_gemv.INT4_ROWS`), twice in turn; bf16 once for the ratio. Why: Nsight Compute
-    (L3 of 2026-11-23) read the in-place gate/up at 28% of DRAM peak and the LM head at 43%."""
-    from inferforge.llm import decode_gemv
+# int4 (`gemv_int4`) warps per program at the default 8-column tiles, for the five products of the 1.2B shape
+# (q/k/v, o, gate/up, down, LM head). Read offline for sm_90 (benchmarks/llm/offline_sass.py --format int4):
+# 4 warps hold 96-126 registers a thread (16 warps an SM), 8 warps 61-64 (32 warps an SM), no spills.
+INT4_WARPS = {
+    "4 warps (default)": {},
+    "8 warps": dict.fromkeys([(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)], 8),
+    "8 warps, down 4": dict.fromkeys([(3072, 2048), (2048, 2048), (16384, 2048), (128256, 2048)], 8),
+}
 
-    RESULTS["int4rows bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+
+def int4_warps_ab(folder: Path) -> None:
+    """int4 batch-1 decode with 4 warps a program (the default) against 8, twice in turn; bf16 once for the
+    ratio. Why: Nsight Compute (L2 of 2026-11-23) read the int4 GEMVs at 14-43% of DRAM peak with 12-24%
+    achieved occupancy: latency-bound, and 8 warps halve each thread's work and double the warps an SM."""
+    from inferforge.llm import gemv, gemv_int4
+
+    RESULTS["int4warps bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
     for rep in range(2):
-        for rows in (False, True):
-            decode_gemv.INT4_ROWS["on"] = rows
-            name = "row-major copy" if rows else "in place"
-            RESULTS[f"int4rows {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
-    decode_gemv.INT4_ROWS["on"] = True
+        for name, warps in INT4_WARPS.items():
+            gemv_int4.TUNED.clear()
+            for (n, k), w in warps.items():
+                gemv_int4.TUNED[(n, k)] = gemv.TileConfig(8, min(k, 2048), w)
+            RESULTS[f"int4warps {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    gemv_int4.TUNED.clear()

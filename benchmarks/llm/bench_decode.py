@@ -27,8 +27,8 @@ from ab_sections import (
     blas_ab,
     carveout_ab,
     early_next_tile_ab,
-    int4_rows_ab,
     int4_tiles_ab,
+    int4_warps_ab,
     int8_mode_tiles_ab,
     int8_tiles_ab,
     mlp_chunk_ab,
@@ -143,7 +143,7 @@ def main() -> None:
         ("splitkab4", lambda: splitk_ab(folder, ("int4",))),
         ("b1ab", lambda: batch1_ab(folder)),
         ("noattnab", lambda: no_attention_ab(folder)),
-        ("int4rowsab", lambda: int4_rows_ab(folder)),
+        ("int4warpsab", lambda: int4_warps_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

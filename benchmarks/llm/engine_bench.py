@@ -83,10 +83,7 @@ def engine_numbers(
         "compiled": eng.model.compiled_block is not None,
         "gemv": eng.model.gemv_ops is not None,
         "gemv_error": eng.gemv_error,
-        "int4_rows": hasattr(eng.model.lm_head, "_inferforge_int4_rows"),  # `decode_gemv.ROWS_ATTR`
     }
-    if quant == "int4":
-        row(f"engine {label} int4 row-major copy in use", str(out["int4_rows"]))
     row(
         f"engine {label} fused kernels", f"{out['fused_kernels']} (gemv {out['gemv']} {eng.gemv_error or ''})"
     )

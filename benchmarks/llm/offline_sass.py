@@ -94,18 +94,15 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None, split: i
     }  # fmt: skip
 
 
-def compile_int4(name: str, rows: bool, tiles: gemv.TileConfig | None) -> dict:
-    """The int4 kernels: gemlite's bytes in place (`gemv_int4`) or the row-major copy (`gemv_int4_rows`),
-    group 64 with the fma zeros, as `quant.py` makes them."""
-    from inferforge.llm import gemv_int4, gemv_int4_rows
+def compile_int4(name: str, tiles: gemv.TileConfig | None) -> dict:
+    """The int4 kernel (`gemv_int4`, gemlite's bytes in place), group 64 with the fma zeros, as `quant.py`
+    makes them."""
+    from inferforge.llm import gemv_int4
 
     (n, k), prologue, epilogue = PRODUCTS[name]
-    mod = gemv_int4_rows if rows else gemv_int4
-    cfg = tiles or mod.default_tiles(n, k)
+    cfg = tiles or gemv_int4.default_tiles(n, k)
     if prologue and cfg.block_k < k:
-        cfg = gemv.TileConfig(
-            max(2, cfg.block_n * cfg.block_k // k) if rows else cfg.block_n, k, cfg.num_warps
-        )
+        cfg = gemv.TileConfig(cfg.block_n, k, cfg.num_warps)
     if epilogue == 2:
         cfg = gemv.TileConfig(min(cfg.block_n, 64), cfg.block_k, cfg.num_warps)
     consts = dict(
@@ -113,9 +110,7 @@ def compile_int4(name: str, rows: bool, tiles: gemv.TileConfig | None) -> dict:
         BLOCK_K=cfg.block_k, TG=max(cfg.block_k // 64, 1), PAIR_GAP=32 if epilogue == 2 else n // 2, H=32,
         KV=8, D=64, PDL=1, PTX=True, EARLY_RES=True,
     )  # fmt: skip
-    if rows:
-        consts["EARLY"] = gemv_int4_rows.EARLY_NEXT_TILE["on"]
-    fn = gemv_int4_rows._gemv_int4_rows_kernel if rows else gemv_int4._gemv_int4_kernel
+    fn = gemv_int4._gemv_int4_kernel
     ptrs = ("X", "G", "W", "S", "Z", "BIAS", "R", "Y", "COS", "SIN", "POS", "SLOT", "KC", "VC")
     sig = {a: "*bf16" for a in ptrs}
     sig.update(W="*i32", POS="*i64", SLOT="*i64", N="i32", stride_w="i32", stride_s="i32", stride_z="i32",
@@ -150,7 +145,7 @@ def _compile(fn, sig: dict, consts: dict, cfg: gemv.TileConfig, name: str, split
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--format", choices=["int8", "bf16", "int4", "int4rows"], default="int8")
+    ap.add_argument("--format", choices=["int8", "bf16", "int4"], default="int8")
     ap.add_argument("--tiles", nargs="*", default=[], help="NxK=block_n,block_k,warps overrides")
     ap.add_argument("--dump", help="a folder for each product's SASS")
     ap.add_argument("--split", type=int, default=1, help="split-K programs per row block (`gemv.SPLIT_K`)")
@@ -163,7 +158,7 @@ def main() -> None:
     for name in PRODUCTS:
         (n, k), _, _ = PRODUCTS[name]
         if a.format.startswith("int4"):
-            r = compile_int4(name, a.format == "int4rows", gemv.TUNED.get((n, k, 1)))
+            r = compile_int4(name, gemv.TUNED.get((n, k, 1)))
         else:
             r = compile_product(
                 name, a.format, gemv.TUNED.get((n, k, 1 if a.format == "int8" else 2)), a.split

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 
 from tests.llm.conftest import greedy_without_and_with_gemv
 
-from inferforge.llm import decode_gemv, fused, gemv, gemv_check, gemv_int4, gemv_int4_rows
+from inferforge.llm import decode_gemv, fused, gemv, gemv_check, gemv_int4
 from inferforge.llm.quant import INT4_GROUP, _int4_pack
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -90,30 +90,20 @@ def _layer(n: int, k: int, group: int, seed: int, dtype: torch.dtype = torch.flo
     return w, layer
 
 
-def _layout(layer: _GemliteInt4, layout: str) -> _GemliteInt4:
-    """The layer read in place (`gemv_int4`) or through its row-major copy (`gemv_int4_rows`)."""
-    if layout == "row-major":
-        assert decode_gemv.attach_int4_rows([layer]) == 1
-        assert isinstance(decode_gemv.operands(layer)[0], gemv_int4_rows.Int4Rows)  # type: ignore[index]
-    return layer
-
-
-LAYOUTS = ["in place", "row-major"]
 SHAPES = [(48, 128, 64), (38, 192, 64), (20, 256, 32), (24, 64, 64)]  # (N, K, group); group == K: mode 3
 TILES = [gemv.TileConfig(8, 32, 1), gemv.TileConfig(4, 128, 2), None]  # a tile inside a group, 2-4 groups
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize(("n", "k", "group"), SHAPES)
 def test_each_prologue_and_epilogue_matches_the_reference_in_fp32(
-    n: int, k: int, group: int, tiles: gemv.TileConfig | None, layout: str
+    n: int, k: int, group: int, tiles: gemv.TileConfig | None
 ) -> None:
     """Through `decode_gemv.linear` on the layer's packed bytes: ragged N, K in several tiles and groups, the
     norm prologue, bias, residual add, SiLU pairs (gate rows then up rows), wider output."""
     g = torch.Generator().manual_seed(n * k + group)
     x, r, nw, b = (_randn(g, *s) for s in ((1, k), (1, n), (k,), (n,)))
-    layer = _layout(_layer(n, k, group, seed=n + k)[1], layout)
+    _, layer = _layer(n, k, group, seed=n + k)
     cases: list[dict[str, object]] = [
         {},
         {"norm_weight": nw, "eps": 0.5},  # eps as large as the mean square, so using it shows
@@ -152,15 +142,11 @@ def _rope_case(group: int) -> tuple:
     return heads, kv_heads, layer, x, nw, cos, sin, caches
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("block_n", "group"), [(2, 32), (8, 128), (16, 64)])
-def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(
-    block_n: int, group: int, layout: str
-) -> None:
+def test_rope_cache_epilogue_equals_the_reference_then_the_rope_kernel(block_n: int, group: int) -> None:
     """q rotated, k rotated into its slot, v copied into its slot, for every way a head's rows split over
     programs: as the dequantized product followed by `fused.rope_write_cache`."""
     heads, kv_heads, layer, x, nw, cos, sin, (kc, vc) = _rope_case(group)
-    layer = _layout(layer, layout)
     pos, slot = torch.tensor([37], device=DEVICE), torch.tensor([21], device=DEVICE)
     kc2, vc2, kc0 = kc.clone(), vc.clone(), kc.clone()
     rc = gemv.RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
@@ -226,13 +212,12 @@ def test_int4_is_not_offered_as_unquantized() -> None:
     assert not decode_gemv.can_run(_layer(16, 192, 64, seed=5)[1], quantized=False)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_bf16_matches_the_reference_to_bf16_rounding(layout: str) -> None:
+def test_bf16_matches_the_reference_to_bf16_rounding() -> None:
     """The model's dtype: bf16 activations, scales and zeros (the fma zeros rounded to bf16 as gemlite does);
     the reference multiplies bf16-rounded weights, the kernel fp32 ones (measured: 1-3 bf16 steps apart)."""
     g = torch.Generator().manual_seed(6)
     x, r, nw = (_randn(g, *s).to(torch.bfloat16) for s in ((1, 256), (1, 96), (256,)))
-    layer = _layout(_layer(96, 256, 64, seed=7, dtype=torch.bfloat16)[1], layout)
+    _, layer = _layer(96, 256, 64, seed=7, dtype=torch.bfloat16)
     for kw in ({}, {"residual": r}, {"norm_weight": nw, "eps": 1e-5, "silu_pair": True}):
         got = decode_gemv.linear(x, layer, **kw)
         want = gemv_check.gemv_reference(x, layer.dequantized, **kw)  # type: ignore[arg-type]
@@ -246,9 +231,8 @@ def _int4(linear: torch.nn.Module) -> _GemliteInt4:
     return _GemliteInt4(*_int4_pack(linear.weight.data, INT4_GROUP), INT4_GROUP, bias=linear.bias)
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
 def test_model_decodes_the_same_tokens_through_gemv_int4(
-    qwen2_fp32_eager, monkeypatch: pytest.MonkeyPatch, layout: str
+    qwen2_fp32_eager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """fp32, every product int4 (`quant.quantize_model`'s layers; hidden 64 makes q/k/v, o, gate/up and the
     LM head channel-wise (W_group_mode 3), down grouped (4)): batch-1 decode through `gemv` generates exactly
@@ -256,14 +240,9 @@ def test_model_decodes_the_same_tokens_through_gemv_int4(
     eng = qwen2_fp32_eager
     if not torch.cuda.is_available():  # 8 times fewer programs: the interpreter runs them one by one
         monkeypatch.setattr(gemv_int4, "default_tiles", lambda n, k: gemv.TileConfig(64, 2048, 4))
-        monkeypatch.setattr(gemv_int4_rows, "default_tiles", lambda n, k: gemv.TileConfig(64, 2048, 4))
     for layer in eng.model.blocks():
         layer.attn.qkv, layer.attn.o = _int4(layer.attn.qkv), _int4(layer.attn.o)
         layer.mlp.up, layer.mlp.down = _int4(layer.mlp.up), _int4(layer.mlp.down)
     eng.model.lm_head = _int4(eng.model.lm_head)
-    for layer in eng.model.blocks():
-        for m in (layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down):
-            _layout(m, layout)  # type: ignore[arg-type]
-    _layout(eng.model.lm_head, layout)  # type: ignore[arg-type]
     want, got = greedy_without_and_with_gemv(eng)
     assert got == want

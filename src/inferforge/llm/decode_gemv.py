@@ -9,16 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from inferforge.llm import gemv_int4, gemv_int4_rows
+from inferforge.llm import gemv_int4
 from inferforge.llm.gemv import RopeCache, gemv
 
-__all__ = ["RopeCache", "attach_int4_rows", "can_run", "detach_int4_rows", "linear", "operands"]
-
-# int4 layers at batch 1 read a row-major copy of their bytes (`gemv_int4_rows`) instead of gemlite's layout
-# in place (`gemv_int4`); the engine makes the copy when it switches the batch-1 GEMVs on (`kernels.py`).
-INT4_ROWS = {"on": True}
-# Where an int4 layer keeps its row-major copy (`gemv_int4_rows`) once `attach_int4_rows` made it.
-ROWS_ATTR = "_inferforge_int4_rows"
+__all__ = ["RopeCache", "can_run", "linear", "operands"]
 
 
 def operands(
@@ -34,9 +28,6 @@ def operands(
         return (module.weight, None, module.bias) if module.weight.is_floating_point() else None
     if getattr(module, "W_nbits", None) == 4:
         w4 = gemv_int4.int4_weight(module)
-        rows = getattr(module, ROWS_ATTR, None)
-        if w4 is not None and isinstance(rows, gemv_int4_rows.Int4Rows):
-            return rows, None, getattr(module, "bias", None)
         return None if w4 is None else (w4, None, getattr(module, "bias", None))
     w_q, scales = getattr(module, "W_q", None), getattr(module, "scales", None)
     if getattr(module, "W_nbits", None) != 8 or getattr(module, "elements_per_sample", None) != 1:
@@ -61,27 +52,6 @@ def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tens
     ops = operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
-    if isinstance(weight, gemv_int4_rows.Int4Rows):
-        return gemv_int4_rows.gemv_int4_rows(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     if not isinstance(weight, torch.Tensor):
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]
-
-
-def attach_int4_rows(modules: list[torch.nn.Module]) -> int:
-    """Give each gemlite int4 layer that `gemv_int4` can read a row-major copy of its bytes, which `linear`
-    then uses at batch 1 (`gemv_int4_rows` says why and what it costs). Returns how many got one."""
-    count = 0
-    for module in modules:
-        w4 = gemv_int4.int4_weight(module) if getattr(module, "W_nbits", None) == 4 else None
-        if w4 is not None and not hasattr(module, ROWS_ATTR):
-            setattr(module, ROWS_ATTR, gemv_int4_rows.from_gemlite(w4))
-            count += 1
-    return count
-
-
-def detach_int4_rows(modules: list[torch.nn.Module]) -> None:
-    """Drop the copies `attach_int4_rows` made (back to reading gemlite's bytes in place)."""
-    for module in modules:
-        if hasattr(module, ROWS_ATTR):
-            delattr(module, ROWS_ATTR)

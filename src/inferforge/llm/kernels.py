@@ -59,18 +59,10 @@ def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -
     if not gemv_check.verified(device, config.torch_dtype):
         return "gemv did not match its reference on this device"
     layer = model.blocks()[0]
-    first = [layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down, model.lm_head]
-    products = model.decode_products()
-    rows = decode_gemv.INT4_ROWS["on"] and decode_gemv.attach_int4_rows(products) > 0
     try:
-        gemv_check.matches_layers(first, config.torch_dtype)
-    except RuntimeError as exc:
-        if not rows:  # keep the layers' own kernels; say why
-            return str(exc)
-        decode_gemv.detach_int4_rows(products)  # the row-major int4 copy disagreed: read gemlite's bytes
-        try:
-            gemv_check.matches_layers(first, config.torch_dtype)
-        except RuntimeError as exc2:
-            return str(exc2)
+        gemv_check.matches_layers([layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down, model.lm_head],
+                            config.torch_dtype)  # fmt: skip
+    except RuntimeError as exc:  # keep the layers' own kernels; say why
+        return str(exc)
     model.gemv_ops = decode_gemv
     return None

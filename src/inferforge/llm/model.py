@@ -268,9 +268,6 @@ class DecoderLM(nn.Module):
         ones), in a model the fused kernels cover (RMSNorm, gated SiLU, RoPE)."""
         from inferforge.llm import decode_gemv
 
-        return self.can_fuse() and all(decode_gemv.can_run(m) for m in self.decode_products())
-
-    def decode_products(self) -> list[nn.Module]:
-        """Every matrix product of a decode step: q/k/v, o, gate/up and down of each layer, the LM head."""
-        layers = [m for b in self.blocks() for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
-        return [*layers, self.lm_head]
+        layers = [self.lm_head]
+        layers += [m for b in self.blocks() for m in (b.attn.qkv, b.attn.o, b.mlp.up, b.mlp.down)]
+        return self.can_fuse() and all(decode_gemv.can_run(m) for m in layers)
