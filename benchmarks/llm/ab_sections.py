@@ -451,14 +451,20 @@ def no_attention_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None
 INT4_WARPS = {
     "4 warps (default)": {},
     "8 warps": dict.fromkeys([(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)], 8),
-    "8 warps, down 4": dict.fromkeys([(3072, 2048), (2048, 2048), (16384, 2048), (128256, 2048)], 8),
+}
+# int8 (`gemv`, 16 KB tiles of 8 rows x 2,048) the same way: 4 warps hold 64-157 registers a thread (down 157:
+# 3 programs an SM at most), 8 warps 48-102 (sm_90, read offline).
+INT8_WARPS = {
+    "4 warps (default)": {},
+    "8 warps": dict.fromkeys([(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)], 8),
+    "8 warps for down": {(2048, 8192): 8},
 }
 
 
 def int4_warps_ab(folder: Path) -> None:
-    """int4 batch-1 decode with 4 warps a program (the default) against 8, twice in turn; bf16 once for the
-    ratio. Why: Nsight Compute (L2 of 2026-11-23) read the int4 GEMVs at 14-43% of DRAM peak with 12-24%
-    achieved occupancy: latency-bound, and 8 warps halve each thread's work and double the warps an SM."""
+    """int4 and int8 batch-1 decode with 4 warps a program (the default) against 8, twice in turn; bf16 once
+    for the ratio. Why: Nsight Compute (L2 of 2026-11-23) read the int4 GEMVs at 14-43% of DRAM peak with
+    12-24% achieved occupancy: latency-bound; 8 warps halve each thread's work and double the warps an SM."""
     from inferforge.llm import gemv, gemv_int4
 
     RESULTS["int4warps bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
@@ -468,4 +474,10 @@ def int4_warps_ab(folder: Path) -> None:
             for (n, k), w in warps.items():
                 gemv_int4.TUNED[(n, k)] = gemv.TileConfig(8, min(k, 2048), w)
             RESULTS[f"int4warps {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+        for name, warps in INT8_WARPS.items():
+            gemv.TUNED.clear()
+            for (n, k), w in warps.items():
+                gemv.TUNED[(n, k, 1)] = gemv.TileConfig(8, 2048, w)
+            RESULTS[f"int8warps {name} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
     gemv_int4.TUNED.clear()
+    gemv.TUNED.clear()
