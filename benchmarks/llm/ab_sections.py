@@ -447,11 +447,9 @@ def no_attention_ab(folder: Path, quants: tuple[str | None, ...] = ("int8", None
 
 # int4 (`gemv_int4`) warps per program at the default 8-column tiles, for the five products of the 1.2B shape
 # (q/k/v, o, gate/up, down, LM head). Read offline for sm_90 (benchmarks/llm/offline_sass.py --format int4):
-# 4 warps hold 96-126 registers a thread (16 warps an SM), 8 warps 61-64 (32 warps an SM), no spills.
-INT4_WARPS = {
-    "4 warps (default)": {},
-    "8 warps": dict.fromkeys([(3072, 2048), (2048, 2048), (16384, 2048), (2048, 8192), (128256, 2048)], 8),
-}
+# 4 warps hold 96-126 registers a thread (16 warps an SM), 8 warps 61-64 (32 warps an SM), 16 warps 42-64,
+# no spills.
+INT4_WARPS = {"8 warps (default since L4)": 8, "16 warps": 16, "4 warps": 4}
 # int8 (`gemv`, 16 KB tiles of 8 rows x 2,048) the same way: 4 warps hold 64-157 registers a thread (down 157:
 # 3 programs an SM at most), 8 warps 48-102 (sm_90, read offline).
 INT8_WARPS = {
@@ -461,23 +459,27 @@ INT8_WARPS = {
 }
 
 
-def int4_warps_ab(folder: Path) -> None:
-    """int4 and int8 batch-1 decode with 4 warps a program (the default) against 8, twice in turn; bf16 once
-    for the ratio. Why: Nsight Compute (L2 of 2026-11-23) read the int4 GEMVs at 14-43% of DRAM peak with
-    12-24% achieved occupancy: latency-bound; 8 warps halve each thread's work and double the warps an SM."""
+def int4_warps_ab(folder: Path, int4_warps: tuple[int, ...] = (8, 16, 4), int8: bool = True) -> None:
+    """int4 batch-1 decode with 8 warps a program (the default since L4), 16 and 4, and int8 with 4 (its
+    default) against 8, twice in turn; bf16 once for the ratio. Why: Nsight Compute (L2 of 2026-11-23) read
+    the int4 GEMVs at 14-43% of DRAM peak with 12-24% achieved occupancy: latency-bound; 8 warps halve each
+    thread's work and double the warps an SM."""
     from inferforge.llm import gemv, gemv_int4
 
-    RESULTS["int4warps bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    if int8:
+        RESULTS["int4warps bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
     for rep in range(2):
         for name, warps in INT4_WARPS.items():
-            gemv_int4.TUNED.clear()
-            for (n, k), w in warps.items():
-                gemv_int4.TUNED[(n, k)] = gemv.TileConfig(8, min(k, 2048), w)
+            if warps not in int4_warps:
+                continue
+            gemv_int4.WARPS["warps"] = warps
             RESULTS[f"int4warps {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
         for name, warps in INT8_WARPS.items():
+            if not int8:
+                continue
             gemv.TUNED.clear()
             for (n, k), w in warps.items():
                 gemv.TUNED[(n, k, 1)] = gemv.TileConfig(8, 2048, w)
             RESULTS[f"int8warps {name} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
-    gemv_int4.TUNED.clear()
+    gemv_int4.WARPS["warps"] = 8
     gemv.TUNED.clear()

@@ -144,6 +144,7 @@ def main() -> None:
         ("b1ab", lambda: batch1_ab(folder)),
         ("noattnab", lambda: no_attention_ab(folder)),
         ("int4warpsab", lambda: int4_warps_ab(folder)),
+        ("int4warps16ab", lambda: int4_warps_ab(folder, (8, 16), int8=False)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

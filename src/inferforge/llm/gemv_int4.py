@@ -238,8 +238,14 @@ def default_tiles(n: int, k: int) -> TileConfig:
     offline, not timed): x's [rows, 8] tile and the weight tile then get different layouts and every nibble
     plane goes through shared memory; 4096 weights a tile takes ~160 registers a thread instead of ~95.
     Measured on the H100 (F9 of 2026-11-23, batch-1 graph, same run): 8 columns 742-758 us, 16 columns 997,
-    32 columns 1,780."""
-    return TileConfig(8, min(triton.next_power_of_2(k), 2048), 4)
+    32 columns 1,780. 8 warps, not 4 (L4, twice in turn: 706 / 703 us against 737 / 741): 61-64 registers a
+    thread instead of 96-126 (read offline), so twice the warps an SM and half the work a thread; int4's
+    GEMVs are latency-bound (Nsight L2: 14-43% of DRAM peak at 12-24% achieved occupancy)."""
+    return TileConfig(8, min(triton.next_power_of_2(k), 2048), WARPS["warps"])
+
+
+# Warps a program (`default_tiles`); 16 is timed against 8 by `bench_decode.py --sections int4warpsab`.
+WARPS = {"warps": 8}
 
 
 def gemv_int4(
