@@ -323,7 +323,9 @@ RESIDUAL_BEFORE_WAIT = {"on": True}
 # the product runs as SPLIT times as many short programs, the shape gate/up has. Why: Nsight Compute (K1 of
 # 2026-11-23) read int8's down product at 49% of DRAM peak, ~2 programs an SM walking 4 tiles each, and
 # gate/up's 2,048 one-tile programs at 67%; summing raw int8 bytes, down took 9.2 us for 16.8 MB against
-# gate/up's 13.0 for 33.5 (H2). Not yet measured in the decode step: 1 (off) until it is.
+# gate/up's 13.0 for 33.5 (H2). Measured in the decode step and lost (L1 of 2026-11-23, batch-1 graphs, twice
+# in turn): int8 648 / 648 us at 1, 655 / 656 at 2, 674 / 671 at 4; bf16 965 / 955, 987 / 984, 1,003 / 1,014.
+# 1 (off) for every format.
 SPLIT_K = {"int8": 1, "fp8": 1, "bf16": 1}
 # (device, N, split, row blocks) -> (partials [split, N] fp32, arrival counts per row block int32, zeroed
 # once; the kernel puts them back to zero). Shared by the layers of a step: the decode chain finishes one

@@ -6,7 +6,8 @@ are slower than bf16 at batch 1 on this project's H100 (docs/llm-engine.md); gem
 weights and serve every batch size above 1, and at batch 1 `gemv.py` / `gemv_int4.py` read the same bytes
 (faster than gemlite's own batch-1 kernels). A format is offered (`OFFERED`) only once measured faster than
 bf16 end to end at batch 1 through the engine: on the H100 (2026-11-23, 1.2B Llama shape, bf16 itself at
-1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph). At batch 64 (G14, engine loop, same run as bf16)
+1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph); since then int8 1.46-1.49x (H8, L1, L4) and
+int4 1.35x (L4, L5: graph 703-713 us against 953). At batch 64 (G14, engine loop, same run as bf16)
 fp8 runs at 1.06x bf16 and int8 at 0.95x, with the narrow products on gemlite's split-K kernel
 (`SPLITK_NARROW`), int4 at 0.78x (G15): int4 is for latency-bound serving and smaller memory.
 """
