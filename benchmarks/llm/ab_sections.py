@@ -483,3 +483,28 @@ def int4_warps_ab(folder: Path, int4_warps: tuple[int, ...] = (8, 16, 4), int8: 
             RESULTS[f"int8warps {name} rep{rep}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
     gemv_int4.WARPS["warps"] = 8
     gemv.TUNED.clear()
+
+
+# int4 recipes (`quant.INT4_RECIPE`): groups of 128 instead of 64 (half the scales and zeros, half the
+# per-group work in `gemv_int4`), and the LM head in int8 (`gemv`'s int8 head read at 89% of DRAM peak alone,
+# K1, where int4's read at 43%, L2). Each changes quality too:
+# `train_small_llama.py --formats int4,int4-g128,int4-head8`.
+INT4_RECIPES = {
+    "groups of 64, int4 head (default)": {},
+    "groups of 128": {"group": 128},
+    "int8 LM head": {"lm_head": "int8"},
+}
+
+
+def int4_recipe_ab(folder: Path) -> None:
+    """int4 batch-1 decode with each recipe of `INT4_RECIPES`, twice in turn; bf16 once for the ratio."""
+    from inferforge.llm import quant
+
+    default = dict(quant.INT4_RECIPE)
+    RESULTS["int4recipe bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep in range(2):
+        for name, change in INT4_RECIPES.items():
+            quant.INT4_RECIPE.update(default)
+            quant.INT4_RECIPE.update(change)
+            RESULTS[f"int4recipe {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    quant.INT4_RECIPE.update(default)

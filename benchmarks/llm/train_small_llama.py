@@ -196,7 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--epochs", type=float, default=8.0)
-    ap.add_argument("--formats", default="bf16,int8,fp8,int4")
+    ap.add_argument("--formats", default="bf16,int8,fp8,int4", help="also int4-g128, int4-head8")
     args = ap.parse_args()
     from inferforge.llm.quant import quantize_model
     from inferforge.llm.weights import load_model
@@ -229,8 +229,19 @@ def main() -> None:
         # One default kernel config per shape instead of autotuning each new batch size (minutes of
         # compiles on this small model); quality does not depend on the tile sizes.
         gemlite.set_autotune("default")
+    from inferforge.llm import quant as quant_mod
+
+    default_recipe = dict(quant_mod.INT4_RECIPE)
     for fmt in args.formats.split(","):
-        quant = None if fmt == "bf16" else fmt
+        quant = None if fmt == "bf16" else fmt.split("-")[0]
+        # int4 variants: "int4-g128" (groups of 128), "int4-head8" (the LM head in int8)
+        quant_mod.INT4_RECIPE.update(default_recipe)
+        if fmt == "int4-g128":
+            quant_mod.INT4_RECIPE["group"] = 128
+        elif fmt == "int4-head8":
+            quant_mod.INT4_RECIPE["lm_head"] = "int8"
+        elif quant not in (None, "int8", "fp8", "int4") or (quant == "int4" and fmt != "int4"):
+            raise SystemExit(f"--formats: unknown format {fmt!r}")
         t_fmt = time.perf_counter()
         m = load_model(
             SAVE,
@@ -251,6 +262,7 @@ def main() -> None:
             flush=True,
         )
         write_json("small_llama_quality.json", result)
+    quant_mod.INT4_RECIPE.update(default_recipe)
     from transformers import AutoModelForCausalLM
 
     hf = AutoModelForCausalLM.from_pretrained(SAVE, dtype=torch.float32).cuda().eval()

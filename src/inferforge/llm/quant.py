@@ -27,6 +27,12 @@ from inferforge.llm.model import DecoderLM
 OFFERED = ("int8", "fp8", "int4")
 IMPLEMENTED = ("int8", "fp8", "int4")
 INT4_GROUP = 64
+# The int4 recipe as the engine applies it: weights per group, and the LM head's format in an int4 model
+# ("int4", or "int8": the head is a fifth of the int4 bytes, and Nsight read its int4 GEMV at 43% of DRAM
+# peak where int8's reads at 89%, L2 / K1 of 2026-11-23). Benchmarks change these for their A/B runs
+# (`bench_decode.py --sections int4recipeab`, `train_small_llama.py --formats int4-g128,int4-head8`); the
+# defaults are the measured recipe (D4: int4 +0.253 held-out perplexity on the project's own model).
+INT4_RECIPE: dict = {"group": INT4_GROUP, "lm_head": "int4"}
 
 
 def _int4_pack(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -77,10 +83,11 @@ def quantize_linear(linear: nn.Module, fmt: str) -> nn.Module:
     elif fmt == "fp8":
         layer = helper.A16W8_FP8(device=device, dtype=dtype).from_linear(linear, del_orig=False)
     else:
-        w_q, scale, zero = _int4_pack(linear.weight.data, INT4_GROUP)
+        group = INT4_RECIPE["group"]
+        w_q, scale, zero = _int4_pack(linear.weight.data, group)
         bias = linear.bias.data if linear.bias is not None else None
         layer = helper.A16Wn(device=device, dtype=dtype).from_weights(
-            w_q, scale.to(dtype), zero.to(dtype), W_nbits=4, group_size=INT4_GROUP, bias=bias
+            w_q, scale.to(dtype), zero.to(dtype), W_nbits=4, group_size=group, bias=bias
         )
     return _split_k_when_narrow(layer, fmt)
 
@@ -109,7 +116,7 @@ def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experime
         assert isinstance(weight, torch.Tensor)
         head = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
         head.weight = nn.Parameter(weight.data, requires_grad=False)  # quantizing makes a copy when tied
-        model.lm_head = quantize_linear(head, fmt)
+        model.lm_head = quantize_linear(head, INT4_RECIPE["lm_head"] if fmt == "int4" else fmt)
     torch.cuda.empty_cache()
 
 
