@@ -68,30 +68,7 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None, split: i
         SPLIT=split if name in ("down", "o") and (k // cfg.block_k) % split == 0 else 1,
     )  # fmt: skip
     sig = {**_signature("*i8" if int8 else "*bf16"), **dict.fromkeys(consts, "constexpr")}
-    fn = gemv._gemv_kernel
-    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a, t in sig.items()
-             if t.startswith("*") or a in ("N", "stride_wn", "stride_c_slot")}  # fmt: skip
-    kernel = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-        target=GPUTarget("cuda", 90, 32),
-        options={"num_warps": cfg.num_warps},
-    )
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(kernel.asm["cubin"])
-    usage = _cuobjdump("--dump-resource-usage", f.name)
-    sass = _cuobjdump("--dump-sass", f.name)
-    os.unlink(f.name)
-    regs = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-    loads: dict[str, int] = {}
-    for op in re.findall(r"\b(LDG[A-Z0-9._]*)", sass):
-        loads[op] = loads.get(op, 0) + 1
-    return {
-        "product": name, "tiles": (cfg.block_n, cfg.block_k, cfg.num_warps), "split": consts["SPLIT"],
-        "registers": int(regs[1]),
-        "stack": int(regs[2]), "shared": kernel.metadata.shared, "loads": loads,
-        "barriers": len(re.findall(r"\bBAR\.", sass)), "shuffles": len(re.findall(r"\bSHFL\.", sass)),
-        "sass": sass,
-    }  # fmt: skip
+    return _compile(gemv._gemv_kernel, sig, consts, cfg, name, consts["SPLIT"])
 
 
 def compile_int4(name: str, tiles: gemv.TileConfig | None) -> dict:
