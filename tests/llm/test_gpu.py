@@ -80,7 +80,13 @@ def test_int8_split_k_at_64_rows_matches_gemlite_s_own_choice(
 ) -> None:
     """`quant.SPLITK_NARROW` at a 64-row decode bucket changes only which gemlite kernel sums the products:
     the second token's logprob of 64 requests (sampled from the 64-row decode step; the first comes from the
-    prefill) stays within 2e-2 of gemlite's own kernel choice."""
+    prefill) stays within 0.1 of gemlite's own kernel choice.
+
+    Why 0.1 and not tighter: gemlite's split-K kernel (gemlite 0.6.0.post2, `gemm_splitK_kernels.py`) casts
+    each program's partial to the output dtype (bf16 here) and adds it with `tl.atomic_add`, so every add
+    rounds to bf16 (2^-8 relative) in an order that changes from run to run. With 2e-2 this test failed once
+    (J2: 0.055) and passed in J5 and L1. A misread layout is off by O(1); 0.1 is the int8-against-bf16 bound
+    of the test above."""
     from inferforge.llm import quant
 
     params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, logprobs=0)
@@ -95,7 +101,7 @@ def test_int8_split_k_at_64_rows_matches_gemlite_s_own_choice(
         return [res[f"r{i}"][0][-1].logprobs[0].logprob for i in range(64)]  # type: ignore[index]
 
     own, split = decode_logprobs(False), decode_logprobs(True)
-    assert max(abs(a - b) for a, b in zip(own, split, strict=True)) < 2e-2
+    assert max(abs(a - b) for a, b in zip(own, split, strict=True)) < 0.1
 
 
 @needs_cuda
