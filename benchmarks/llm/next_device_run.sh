@@ -6,6 +6,8 @@
 #
 #     bash benchmarks/llm/next_device_run.sh kernels    # 1 and 2, ~8 minutes
 #     bash benchmarks/llm/next_device_run.sh server     # 3 and 4, ~9 minutes; results and logs under $OUT
+#     bash benchmarks/llm/next_device_run.sh int4-speed    # staged after L5 (llm-engine.md "Next device run")
+#     bash benchmarks/llm/next_device_run.sh int4-quality
 #
 # 1. split-K for the down product (gemv.SPLIT_K 1 / 2 / 4), int8 and bf16, batch-1 graphs, twice in turn;
 # 2. what the decode attention costs inside the int8 / bf16 batch-1 chain (the call skipped, timing only):
@@ -36,6 +38,13 @@ for P in prefix-caching no-prefix-caching; do
         --json "$OUT/server_$P.json" > "$OUT/server_$P.log" 2>&1
     echo "server $P rc=$?"; grep -E "waves: |closed loop: |TTFT 512" "$OUT/server_$P.log" | grep -v "^\["
 done
+elif [ "${1:-}" = int4-speed ]; then  # staged after L5: int4 recipes, batch-1 graphs (~5 minutes)
+timeout 420 python benchmarks/llm/bench_decode.py --sections int4recipeab > "$OUT/int4recipe.log" 2>&1
+echo "int4recipeab rc=$?"; grep -E "graph replay" "$OUT/int4recipe.log" | sort -u
+elif [ "${1:-}" = int4-quality ]; then  # staged after L5: their perplexity on the own model (~6 minutes)
+timeout 540 python benchmarks/llm/train_small_llama.py --formats bf16,int4,int4-g128,int4-head8 \
+    > "$OUT/int4quality.log" 2>&1
+echo "train_small_llama rc=$?"; grep -E "perplexity" "$OUT/int4quality.log"
 else
-    echo "usage: $0 kernels|server" >&2; exit 2
+    echo "usage: $0 kernels|server|int4-speed|int4-quality" >&2; exit 2
 fi
