@@ -1,5 +1,5 @@
 """The A/B sections of `bench_decode.py`: one change at a time, each setting in its own engine, repeated in
-turn; every figure of docs/llm-engine.md's runs that compares two settings comes from one of these.
+turn; every figure of docs/llm-runs.md that compares two settings comes from one of these.
 """
 
 from __future__ import annotations

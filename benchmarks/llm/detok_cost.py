@@ -2,7 +2,7 @@
 as the OpenAI server's process engine now asks: its HTTP workers make the text).
 
 Why: the engine process is the part of `serve-llm` that does not scale out, and the engine loop on the H100
-is bound by its host work (it waited on the device 12-21% of the time, llm-engine.md I9). Runs the tiny model
+is bound by its host work (it waited on the device 12-21% of the time, llm-runs.md I9). Runs the tiny model
 on the CPU (any machine), 64 requests decoding together, the two settings in turn.
 
     python benchmarks/llm/detok_cost.py [--rounds 5]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs L1 and L2 of 2026-11-23 (docs/llm-engine.md, "Measurements ... L1-L5"), kept so they can be repeated:
+# Runs L1 and L2 of 2026-11-23 (docs/llm-runs.md, "runs L1-L5"), kept so they can be repeated:
 # the measurements that section's "Next device run" asked for then, in two device calls of under 10 minutes
 # each (the device tool's limit; each step under its own timeout, so one that hangs leaves the others their
 # time). From the repository root, with the wheels carried in .whl/:

@@ -1,6 +1,6 @@
 """CPU cost of the OpenAI server's HTTP side, per request and per streamed token, for 1..N HTTP workers.
 
-Why: on the H100 the one HTTP process was the server's limit (0.75-0.81 of the engine, docs/llm-engine.md I8-
+Why: on the H100 the one HTTP process was the server's limit (0.75-0.81 of the engine, docs/llm-runs.md I8-
 I10). The figure that decides how many workers a load needs, and whether a change to the HTTP path helped, is
 CPU time per request and per token, which any machine can measure: it is CPU seconds, read from /proc, not
 wall time. Two closed loops of the same requests with a short and a long generation separate the two costs:

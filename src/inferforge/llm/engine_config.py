@@ -45,7 +45,7 @@ class EngineConfig:
     )
     # Token buckets of the CUDA graphs of prompt steps (on CUDA, with the varlen attention kernel once it
     # matched its reference), finer where a step is weight-bound and padding cheap; a step over the largest
-    # bucket, or every step with (), runs eagerly. Past 2,048 graphs gained nothing (J5, docs/llm-engine.md).
+    # bucket, or every step with (), runs eagerly. Past 2,048 graphs gained nothing (J5, docs/llm-runs.md).
     prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048)
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)

@@ -1,7 +1,7 @@
 """Fused Triton kernels for the small, memory-bound work around each layer's matrix products (CUDA only).
 
 At batch 1 a decode step of the 1.2B model spent about 30 us per layer in ~17 tiny eager kernels (two
-RMSNorms, RoPE, two cache writes, residual adds, SiLU x up; `torch.profiler` on the H100, docs/llm-engine.md)
+RMSNorms, RoPE, two cache writes, residual adds, SiLU x up; `torch.profiler` on the H100, docs/llm-runs.md)
 beside 52 us of GEMVs: launch-bound work, not bandwidth. Three kernels replace them:
 
 - `add_rmsnorm`: the residual add and the following RMSNorm in one pass (the sum is written back as the new

@@ -93,7 +93,7 @@ class Attention(nn.Module):
 # Prompt tokens per pass of the fused MLP in a long prefill step (0: all at once). In chunks, gate/up's output
 # (8,192 tokens x 16,384 bf16 = 268 MB for the 1B shape) can stay in the 50 MB L2 for SiLU x up and the down
 # product instead of a round trip through memory; the products get fewer rows each. Measured within noise on
-# the H100 (G3 of 2026-11-23, docs/llm-engine.md), so off.
+# the H100 (G3 of 2026-11-23, docs/llm-runs.md), so off.
 MLP_CHUNK = {"tokens": 0}
 
 

@@ -41,7 +41,7 @@ class SchedulerConfig:
     # free slot now, so that arrivals spread over a few milliseconds share one prompt step (each costs a
     # full read of the weights outside the decode graphs) instead of one each; an idle engine admits at
     # once. TGI's router waits the same way (max_waiting_tokens). 0: admit at once. No gain measured on the
-    # H100 in interleaved runs, and a TTFT cost under light load (docs/llm-engine.md, H12 / H13): off.
+    # H100 in interleaved runs, and a TTFT cost under light load (docs/llm-runs.md, H12 / H13): off.
     admit_delay_steps: int = 0
     # Reuse the KV blocks of earlier prompts that start with the same tokens (whole 16-token blocks; requests
     # with n = 1): a shared system prompt is computed once, not per request.

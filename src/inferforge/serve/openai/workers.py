@@ -1,7 +1,7 @@
 """`serve-llm --api-server-count N`: N HTTP worker processes in front of one engine process.
 
 Why: one HTTP process took requests one at a time at about 1 ms of CPU each and wrote every SSE chunk of 64
-streams itself; on the H100 the server made 0.75-0.81 of the engine's tokens/s (docs/llm-engine.md, I8-I10).
+streams itself; on the H100 the server made 0.75-0.81 of the engine's tokens/s (docs/llm-runs.md, I8-I10).
 vLLM answers this with `--api-server-count`; this is the same shape.
 
 This process is the supervisor. It starts the engine (`ProcessEngine`, listening on a Unix socket in a private
