@@ -87,10 +87,66 @@ def test_config_variants_mistral_window_and_rope_scaling(tmp_path: Path, tiny_ll
     (tmp_path / "config.json").write_text(json.dumps(dynamic))
     with pytest.raises(ModelSourceError, match="dynamic"):
         load_config(tmp_path).rope_inv_freq(10_000)
-    yarn = {**raw, "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}
-    (tmp_path / "config.json").write_text(json.dumps(yarn))
-    with pytest.raises(ModelSourceError, match="yarn"):
+    longrope = {**raw, "rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}}
+    (tmp_path / "config.json").write_text(json.dumps(longrope))
+    with pytest.raises(ModelSourceError, match="longrope"):
         load_config(tmp_path)
+
+
+# YaRN as Qwen2.5's long-context configs and DeepSeek-style ones write it; lengths small enough that the
+# interpolated, blended and kept dimensions all occur within the tiny models' 16-wide heads.
+YARN = [
+    {"factor": 4.0, "original_max_position_embeddings": 64},
+    {"factor": 2.0, "original_max_position_embeddings": 128, "beta_fast": 16, "beta_slow": 2},
+    {"factor": 8.0, "original_max_position_embeddings": 32, "mscale": 0.707, "mscale_all_dim": 1.0},
+    {"factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.3, "truncate": False},
+]
+
+
+def _with_rope(src: Path, dst: Path, params: dict) -> Path:
+    shutil.copytree(src, dst)
+    raw = json.loads((dst / "config.json").read_text())
+    theta = (raw.get("rope_parameters") or {}).get("rope_theta", raw.get("rope_theta", 10000.0))
+    raw["rope_parameters"] = {"rope_type": "yarn", "rope_theta": theta, **params}
+    raw.pop("rope_scaling", None)
+    (dst / "config.json").write_text(json.dumps(raw))
+    return dst
+
+
+@pytest.mark.parametrize("params", YARN)
+def test_rope_yarn_matches_transformers(tiny_llama: Path, tmp_path: Path, params: dict) -> None:
+    """Inverse frequencies and the cos / sin temperature (`attention_scaling`) equal transformers' YaRN."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from inferforge.llm.config import load_config
+
+    folder = _with_rope(tiny_llama, tmp_path / "yarn", params)
+    ref, ref_scale = ROPE_INIT_FUNCTIONS["yarn"](AutoConfig.from_pretrained(folder), "cpu")
+    cfg = load_config(folder)
+    ours = torch.tensor(cfg.rope_inv_freq(256), dtype=torch.float32)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
+    assert cfg.rope_attention_factor() == pytest.approx(ref_scale, rel=1e-12)
+    assert not torch.allclose(ours, torch.tensor(cfg.rope_theta ** (-torch.arange(0, 16, 2) / 16.0)).float())
+
+
+def test_greedy_with_yarn_matches_transformers(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    """A Qwen2 with YaRN (its long-context recipe) generates transformers' greedy tokens in fp32: the
+    temperature scales every attention logit, so a missing one shows at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = _with_rope(tiny_dirs["qwen2"], tmp_path / "qwen2_yarn", YARN[2])
+    tok = AutoTokenizer.from_pretrained(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    engine = LLMEngine(folder, EngineConfig(kv_cache_tokens=2048, max_num_batched_tokens=64))
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"r{i}", tuple(tok.encode(p)), params) for i, p in enumerate(PROMPTS)]
+    results = engine.generate(reqs)
+    for r in reqs:
+        ours = [t for out in results[r.request_id][0] for t in out.new_token_ids]
+        ref = hf.generate(torch.tensor([r.prompt_ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
+                          pad_token_id=0)[0, len(r.prompt_ids) :].tolist()  # fmt: skip
+        assert ours == ref, f"prompt {r.request_id}"
 
 
 def test_rope_llama3_matches_transformers(tiny_llama: Path) -> None:

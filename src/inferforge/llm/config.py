@@ -15,7 +15,7 @@ from typing import Any, Literal
 from inferforge.errors import ModelSourceError
 
 SUPPORTED = ("llama", "mistral", "qwen2", "gpt2")
-ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,60 @@ class ModelConfig:
                     smooth = (old_len / wavelen - low) / (high - low)
                     out.append((1 - smooth) * f / factor + smooth * f)
             return out
+        if kind == "yarn":
+            return self._yarn_inv_freq(inv)
         return inv
+
+    def rope_attention_factor(self) -> float:
+        """What the cos / sin tables are multiplied by (transformers' `attention_scaling`): 1, except YaRN's
+        temperature, 0.1 ln(factor) + 1 unless the config gives `attention_factor` or both mscales."""
+        scaling = self.rope_scaling
+        if scaling.get("rope_type", "default") != "yarn":
+            return 1.0
+        if scaling.get("attention_factor") is not None:
+            return float(scaling["attention_factor"])
+        factor = self._yarn_factor()
+
+        def mscale(scale: float, m: float = 1.0) -> float:
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+        m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+        if m and m_all:
+            return mscale(factor, float(m)) / mscale(factor, float(m_all))
+        return mscale(factor)
+
+    def _yarn_original_len(self) -> float:
+        old_len = self.rope_scaling.get("original_max_position_embeddings")
+        return float(old_len or self.max_position_embeddings)
+
+    def _yarn_factor(self) -> float:
+        factor = self.rope_scaling.get("factor")  # DeepSeek-V3 style configs leave it to the two lengths
+        if factor is None:
+            return self.max_position_embeddings / self._yarn_original_len()
+        return float(factor)
+
+    def _yarn_inv_freq(self, inv: list[float]) -> list[float]:
+        """YaRN (arXiv 2309.00071), as transformers' `_compute_yarn_parameters`: dimensions that rotate fewer
+        than `beta_slow` times over the original length are interpolated (divided by the factor), those that
+        rotate more than `beta_fast` times are kept, and a linear ramp blends the ones between."""
+        scaling, d, base = self.rope_scaling, self.head_dim, self.rope_theta
+        factor, old_len = self._yarn_factor(), self._yarn_original_len()
+        fast, slow = float(scaling.get("beta_fast") or 32), float(scaling.get("beta_slow") or 1)
+
+        def dim_for(rotations: float) -> float:
+            return d * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        low, high = dim_for(fast), dim_for(slow)
+        if scaling.get("truncate", True):
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, d - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        out = []
+        for i, f in enumerate(inv):
+            keep = 1.0 - min(max((i - low) / (high - low), 0.0), 1.0)  # 1: extrapolate, 0: interpolate
+            out.append(f / factor * (1.0 - keep) + f * keep)
+        return out
 
 
 def _read_json(path: Path) -> dict[str, Any]:

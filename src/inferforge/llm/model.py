@@ -177,8 +177,9 @@ class DecoderLM(nn.Module):
         inv = torch.tensor(self.cfg.rope_inv_freq(self.max_model_len), dtype=torch.float32)
         freqs = torch.outer(torch.arange(self.max_model_len, dtype=torch.float32), inv)
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.rope_cos = emb.cos().to(device=device, dtype=dtype)
-        sin = emb.sin()
+        scale = self.cfg.rope_attention_factor()  # YaRN's temperature; 1 otherwise
+        self.rope_cos = (emb.cos() * scale).to(device=device, dtype=dtype)
+        sin = emb.sin() * scale
         half = sin.shape[-1] // 2
         signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)  # folds rotate_half's minus sign in
         self.rope_sin = signed.to(device=device, dtype=dtype)
