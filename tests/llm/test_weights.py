@@ -130,6 +130,18 @@ def test_rope_yarn_matches_transformers(tiny_llama: Path, tmp_path: Path, params
     assert not torch.allclose(ours, torch.tensor(cfg.rope_theta ** (-torch.arange(0, 16, 2) / 16.0)).float())
 
 
+def test_yarn_extends_the_context_to_the_original_length_times_the_factor(
+    tiny_llama: Path, tmp_path: Path
+) -> None:
+    """As vLLM: 32 original positions x 8 = 256 here, the tiny model's max_position_embeddings; x 16 = 512
+    goes past it, and the tables cover it."""
+    folder = _with_rope(tiny_llama, tmp_path / "yarn16", {**YARN[2], "factor": 16.0})
+    model = load_model(folder, max_model_len=512)
+    assert model.max_model_len == 512 and model.rope_cos.shape[0] == 512
+    with pytest.raises(ModelSourceError, match="max_model_len 513 exceeds"):
+        load_model(folder, max_model_len=513)
+
+
 def test_greedy_with_yarn_matches_transformers(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     """A Qwen2 with YaRN (its long-context recipe) generates transformers' greedy tokens in fp32: the
     temperature scales every attention logit, so a missing one shows at once."""

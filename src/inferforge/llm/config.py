@@ -91,6 +91,15 @@ class ModelConfig:
             return self._yarn_inv_freq(inv)
         return inv
 
+    def context_limit(self) -> int:
+        """The longest context this model serves: max_position_embeddings; for YaRN the original length times
+        the factor where that is longer (vLLM's rule: Qwen2.5's configs keep max_position_embeddings at the
+        pretrained 32,768 and reach 131,072 through YaRN x4); capped by a sliding window."""
+        limit = self.max_position_embeddings
+        if self.positions == "rope" and self.rope_scaling.get("rope_type") == "yarn":
+            limit = max(limit, int(self._yarn_original_len() * self._yarn_factor()))
+        return limit if self.sliding_window is None else min(limit, self.sliding_window)
+
     def rope_attention_factor(self) -> float:
         """What the cos / sin tables are multiplied by (transformers' `attention_scaling`): 1, except YaRN's
         temperature, 0.1 ln(factor) + 1 unless the config gives `attention_factor` or both mscales."""

@@ -116,11 +116,7 @@ def load_model(
     if not folder.is_dir():
         raise ModelSourceError(f"{folder} is not a model folder (expected config.json and *.safetensors)")
     cfg = load_config(folder)
-    limit = (
-        cfg.max_position_embeddings
-        if cfg.sliding_window is None
-        else min(cfg.max_position_embeddings, cfg.sliding_window)
-    )
+    limit = cfg.context_limit()
     max_len = max_model_len or (min(limit, default_cap) if default_cap else limit)
     if max_len > limit:
         raise ModelSourceError(
