@@ -19,9 +19,13 @@ PROMPTS = ("Return a new list of the lines", "The object is", "class")
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_greedy_matches_transformers(tiny_dirs: dict[str, Path], family: str) -> None:
+    _assert_greedy_matches_transformers(tiny_dirs[family], family)
+
+
+def _assert_greedy_matches_transformers(folder: Path, label: str) -> None:
+    """40 greedy tokens for each of `PROMPTS`, batched through the engine, equal transformers' `generate`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = tiny_dirs[family]
     tok = AutoTokenizer.from_pretrained(folder)
     hf = AutoModelForCausalLM.from_pretrained(folder).eval()
     engine = LLMEngine(folder, EngineConfig(kv_cache_tokens=2048, max_num_batched_tokens=64))
@@ -37,7 +41,7 @@ def test_greedy_matches_transformers(tiny_dirs: dict[str, Path], family: str) ->
             do_sample=False,
             pad_token_id=0,
         )[0, len(r.prompt_ids) :].tolist()
-        assert ours == ref, f"{family} prompt {r.request_id}"
+        assert ours == ref, f"{label} prompt {r.request_id}"
 
 
 def test_refuses_pickle_checkpoints(tmp_path: Path, tiny_llama: Path) -> None:
@@ -145,20 +149,8 @@ def test_yarn_extends_the_context_to_the_original_length_times_the_factor(
 def test_greedy_with_yarn_matches_transformers(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     """A Qwen2 with YaRN (its long-context recipe) generates transformers' greedy tokens in fp32: the
     temperature scales every attention logit, so a missing one shows at once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     folder = _with_rope(tiny_dirs["qwen2"], tmp_path / "qwen2_yarn", YARN[2])
-    tok = AutoTokenizer.from_pretrained(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
-    engine = LLMEngine(folder, EngineConfig(kv_cache_tokens=2048, max_num_batched_tokens=64))
-    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
-    reqs = [EngineRequest(f"r{i}", tuple(tok.encode(p)), params) for i, p in enumerate(PROMPTS)]
-    results = engine.generate(reqs)
-    for r in reqs:
-        ours = [t for out in results[r.request_id][0] for t in out.new_token_ids]
-        ref = hf.generate(torch.tensor([r.prompt_ids]), max_new_tokens=40, min_new_tokens=40, do_sample=False,
-                          pad_token_id=0)[0, len(r.prompt_ids) :].tolist()  # fmt: skip
-        assert ours == ref, f"prompt {r.request_id}"
+    _assert_greedy_matches_transformers(folder, "qwen2 with YaRN")
 
 
 def test_rope_llama3_matches_transformers(tiny_llama: Path) -> None:
