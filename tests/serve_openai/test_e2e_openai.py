@@ -220,10 +220,15 @@ def test_stop_string_truncates(client: openai.OpenAI, model: str, reference: dic
             assert want == text[: text.find(stop)] and outs[-1].finish_reason == "stop"
 
 
-def _engine_generated(server: ServerProc) -> float:
+def _metric(server: ServerProc, name: str) -> float:
+    """One sample of the server's /metrics, read now."""
     text = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer sk-test-1"}).text
     samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
-    return samples["inferforge_llm_engine_generated_tokens_total"]
+    return samples[name]
+
+
+def _engine_generated(server: ServerProc) -> float:
+    return _metric(server, "inferforge_llm_engine_generated_tokens_total")
 
 
 def test_stop_string_with_n_ends_each_sequence_as_the_engine_does(
@@ -406,9 +411,7 @@ def test_loadtest_cli(server: ServerProc, key_file: Path, tmp_path: Path) -> Non
 
 
 def _prefix_hits(server: ServerProc) -> float:
-    text = httpx.get(server.url + "/metrics", headers={"Authorization": "Bearer sk-test-1"}).text
-    samples = {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples}
-    return samples["inferforge_llm_prefix_cache_hit_tokens_total"]
+    return _metric(server, "inferforge_llm_prefix_cache_hit_tokens_total")
 
 
 def test_prefix_caching_is_on_and_cache_salt_keeps_prompts_apart(
