@@ -508,3 +508,17 @@ def int4_recipe_ab(folder: Path) -> None:
             quant.INT4_RECIPE.update(change)
             RESULTS[f"int4recipe {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
     quant.INT4_RECIPE.update(default)
+
+
+def int4_tc_ab(folder: Path) -> None:
+    """int4 batch-1 decode with the tensor-core GEMV for the wide products (`cuda_int4`, gate/up and the LM
+    head) against the Triton one alone, in turn: on, off, on; bf16 once for the ratio."""
+    from inferforge.llm import cuda_int4, kernels
+
+    RESULTS["int4tc bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep, on in enumerate((True, False, True)):
+        kernels.INT4_TC["on"] = on
+        note = " [tensor-core wide products]" if on else " [Triton int4 only]"
+        RESULTS[f"int4tc {'on' if on else 'off'} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=note)
+        RESULTS[f"int4tc {'on' if on else 'off'} rep{rep}"]["tc_state"] = dict(cuda_int4.STATE)
+    kernels.INT4_TC["on"] = True

@@ -201,3 +201,104 @@ def test_split_k_gemv_on_the_device_is_exact_and_repeatable(
         torch.testing.assert_close(outs[0].float(), whole.float(), rtol=1e-2, atol=1e-2)
         counts = [c for (_, n, s, _), (_, c) in gemv._SPLIT_SCRATCH.items() if s == split and n == 2048]
         assert counts and all(int(c.abs().sum()) == 0 for c in counts), kind
+
+
+def _int4_layer(n: int, k: int, group: int = 64):  # type: ignore[no-untyped-def]
+    from inferforge.llm import gemv_int4, quant
+
+    quant.INT4_RECIPE["group"] = group
+    try:
+        lin = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
+        w = gemv_int4.int4_weight(quant.quantize_linear(lin, "int4"))
+    finally:
+        quant.INT4_RECIPE["group"] = quant.INT4_GROUP
+    assert w is not None
+    return w
+
+
+@needs_cuda
+@pytest.mark.parametrize("group", [64, 128])
+def test_tensor_core_int4_gemv_matches_the_dequantized_product(group: int) -> None:
+    """Every tile configuration against x @ W in fp32 with W dequantized by gemlite's rule; a misread nibble
+    or group is off by O(1), one bf16 rounding of the output ~4e-3."""
+    from inferforge.llm import cuda_int4
+
+    w = _int4_layer(4096, 2048, group)
+    q = torch.stack([(w.packed >> (4 * i)) & 15 for i in range(8)], dim=1).reshape(2048, 4096).float()
+    s, z = (t.float().repeat_interleave(group, 0) for t in (w.scales, w.zeros))
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    ref = x.float() @ (q * s + z if w.fma else (q - z) * s)
+    for tiles in cuda_int4.CONFIGS:
+        got = cuda_int4.gemv_int4_tc(x, w, tiles=tiles).float()
+        assert ((got - ref).abs().max() / ref.abs().max()).item() < 8e-3, tiles
+
+
+@needs_cuda
+def test_tensor_core_int4_epilogues_match_the_triton_kernel() -> None:
+    """RMSNorm prologue, SiLU x up, residual and fp32 output: as `gemv_int4` rounds them (the check an
+    engine runs before it switches the kernel on)."""
+    from inferforge.llm import cuda_int4
+
+    assert cuda_int4.check(torch.device("cuda"), torch.bfloat16) < 2e-2
+    with pytest.raises(ValueError, match="tiles"):
+        cuda_int4.gemv_int4_tc(torch.zeros(1, 2048, device="cuda", dtype=torch.bfloat16),
+                               _int4_layer(256, 2048), tiles=(3, 8))  # fmt: skip
+
+
+def _wide_llama(folder: Path, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama wide enough for the tensor-core kernel (K of 512 and 2,048), the tiny
+    tokenizer beside it; embeddings scaled up so greedy choices are not near ties."""
+    import shutil
+
+    import transformers
+
+    vocab = transformers.AutoTokenizer.from_pretrained(tokenizer_dir).vocab_size
+    cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                                   num_attention_heads=8, num_key_value_heads=2, vocab_size=max(vocab, 512),
+                                   tie_word_embeddings=True, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@needs_cuda
+def test_int4_engine_greedy_is_the_same_with_the_tensor_core_gemv(tiny_llama: Path, tmp_path: Path) -> None:
+    """The engine with the tensor-core kernel on every product it takes (o, gate/up, down, the LM head:
+    `cuda_int4.TUNED` widened for the test) against the Triton int4 kernel alone, greedy, same bytes: equal
+    tokens, or a difference only after a near tie (sums in another order)."""
+    from inferforge.llm import cuda_int4, kernels
+
+    folder = _wide_llama(tmp_path / "wide", tiny_llama)
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    cfg = EngineConfig(device="cuda", dtype="bfloat16", quant="int4", kv_cache_tokens=1024, max_num_seqs=2)
+    outs = {}
+    saved = dict(cuda_int4.TUNED)
+    try:
+        for on in (False, True):
+            kernels.INT4_TC["on"] = on
+            cuda_int4.TUNED.update({(512, 512): (1, 8), (4096, 512): (1, 8), (512, 2048): (1, 8)})
+            vocab = transformers_vocab(folder)
+            cuda_int4.TUNED[(vocab, 512)] = (1, 8)
+            eng = LLMEngine(folder, cfg)
+            assert cuda_int4.STATE["on"] is on, cuda_int4.STATE["error"]
+            steps = eng.generate([EngineRequest("g", (5, 17, 99, 3), params)])["g"][0]
+            outs[on] = [t for o in steps for t in o.new_token_ids]
+    finally:
+        kernels.INT4_TC["on"] = True
+        cuda_int4.TUNED.clear()
+        cuda_int4.TUNED.update(saved)
+    assert outs[False][:4] == outs[True][:4], (outs[False], outs[True])
+    same = sum(a == b for a, b in zip(outs[False], outs[True], strict=True))
+    assert same >= 12, (outs[False], outs[True])
+
+
+def transformers_vocab(folder: Path) -> int:
+    import json
+
+    return int(json.loads((folder / "config.json").read_text())["vocab_size"])

@@ -3,6 +3,7 @@ reference on the live device, so a kernel that misbehaves on some GPU costs spee
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,6 +11,12 @@ import torch
 
 from inferforge.llm.engine_config import EngineConfig
 from inferforge.llm.model import DecoderLM
+
+logger = logging.getLogger(__name__)
+# The tensor-core int4 GEMV for the wide products (`cuda_int4`): built with nvcc at engine start where the
+# CUDA toolkit is installed, used only after it matched `gemv_int4` on the device. Benchmarks switch it off
+# for their A/B runs (`bench_decode.py --sections int4tcab`).
+INT4_TC = {"on": True}
 
 
 @dataclass
@@ -59,6 +66,13 @@ def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -
     if not gemv_check.verified(device, config.torch_dtype):
         return "gemv did not match its reference on this device"
     layer = model.blocks()[0]
+    if any(getattr(m, "W_nbits", None) == 4 for m in model.modules()):
+        from inferforge.llm import cuda_int4
+
+        # Before the layer check below, so that it also reads the real weights through this kernel.
+        why = cuda_int4.enable(device, config.torch_dtype) if INT4_TC["on"] else cuda_int4.disable()
+        if why is not None:
+            logger.warning("tensor-core int4 GEMV not used, the Triton one is: %s", why)
     try:
         gemv_check.matches_layers([layer.attn.qkv, layer.attn.o, layer.mlp.up, layer.mlp.down, model.lm_head],
                             config.torch_dtype)  # fmt: skip

@@ -1,0 +1,417 @@
+// Batch-1 int4 GEMV on the tensor cores, for gemlite's packed A16W4 layout, read in place.
+//
+// Why: the Triton int4 GEMV (gemv_int4.py) spends ~7 SASS instructions a weight turning nibbles into floats
+// and multiplying on the CUDA cores, and is bound by issue, not by DRAM (Nsight, run L2: 14-43% of DRAM
+// peak). Here a nibble pair becomes a bf16x2 (or f16x2) by one shift and one lop3 (the float 128 + q, or
+// 1024 + q, by bits, exact), and `mma.m16n8k16` multiplies and sums: ~1.2 instructions a weight.
+//
+// Layout (gemlite `GemLiteLinearTriton.pack`, W_nbits 4, elements_per_sample 8):
+//   W  [K/8, N] int32: weight (n, k) is bits 4*(k%8) .. +3 of W[k/8, n];
+//   S, Z [K/G, N] (activation dtype): fma mode W = q*s + z; otherwise W = (q - z)*s.
+//
+// Scales are not applied per weight: the mma's 8 columns hold x masked to 8 consecutive groups (column j
+// = x where k is in group 8c + j, else 0), so C[n, j] is group j's sum of (128 + q) x, and each group's
+// scale and zero are applied once per output row when a chunk of 8 groups ends:
+//   sum_k W x = s C - 128 s X + z X  (fma)   or   s C - s (128 + z) X,   X = the group's sum of x.
+//
+// Fragment mapping: the order of k inside an mma is free as long as A and B agree. Thread (g, t) of a warp
+// (g = lane / 4, t = lane % 4) reads packed row r0 + t; its nibble pairs (i, i+4) by lop3 are A's register
+// pairs, and B's pair is (x[8r + i], x[8r + i + 4]) from shared memory. Rows: mma m takes output rows
+// n0 + MT*g + m (A rows g) and n0 + 8*MT + MT*g + m (A rows g + 8), so each thread's MT words of a packed
+// row are one vector load.
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+template <int MT>
+struct Words {
+    uint32_t v[MT];
+};
+
+template <int MT>
+__device__ __forceinline__ Words<MT> load_words(const uint32_t* p) {
+    Words<MT> w;
+    if constexpr (MT == 4) {
+        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(w.v[0]), "=r"(w.v[1]), "=r"(w.v[2]), "=r"(w.v[3]) : "l"(p));
+    } else if constexpr (MT == 2) {
+        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(w.v[0]), "=r"(w.v[1]) : "l"(p));
+    } else {
+        asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w.v[0]) : "l"(p));
+    }
+    return w;
+}
+
+template <bool F16>
+__device__ __forceinline__ uint32_t nibble_pair(uint32_t w, int i) {
+    // nibbles i and i + 4 as (magic + q) in the low and high halves: bf16 128 + q or f16 1024 + q, exact.
+    constexpr uint32_t magic = F16 ? 0x64006400u : 0x43004300u;
+    uint32_t r;
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(r) : "r"(w >> (4 * i)), "n"(magic));
+    return r;
+}
+
+template <bool F16>
+__device__ __forceinline__ void mma(float* c, uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+    if constexpr (F16) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    } else {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+            "{%0,%1,%2,%3};"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+    }
+}
+
+template <bool F16>
+__device__ __forceinline__ float to_f32(uint16_t bits) {
+    if constexpr (F16) {
+        return __half2float(__ushort_as_half(bits));
+    } else {
+        return __bfloat162float(__ushort_as_bfloat16(bits));
+    }
+}
+
+template <bool F16>
+__device__ __forceinline__ uint16_t from_f32(float v) {
+    if constexpr (F16) {
+        return __half_as_ushort(__float2half_rn(v));
+    } else {
+        return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+    }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* src) {
+    const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
+}
+
+// Wait until at most `pending` (0..7) of this thread's copy groups are still in flight.
+__device__ __forceinline__ void cp_async_wait(int pending) {
+    switch (pending) {
+        case 0: asm volatile("cp.async.wait_group 0;" ::: "memory"); break;
+        case 1: asm volatile("cp.async.wait_group 1;" ::: "memory"); break;
+        case 2: asm volatile("cp.async.wait_group 2;" ::: "memory"); break;
+        case 3: asm volatile("cp.async.wait_group 3;" ::: "memory"); break;
+        case 4: asm volatile("cp.async.wait_group 4;" ::: "memory"); break;
+        case 5: asm volatile("cp.async.wait_group 5;" ::: "memory"); break;
+        case 6: asm volatile("cp.async.wait_group 6;" ::: "memory"); break;
+        default: asm volatile("cp.async.wait_group 7;" ::: "memory"); break;
+    }
+}
+
+template <int MT>
+__device__ __forceinline__ Words<MT> lds_words(const uint32_t* p) {
+    Words<MT> w;
+    if constexpr (MT == 4) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w.v[0] = v.x, w.v[1] = v.y, w.v[2] = v.z, w.v[3] = v.w;
+    } else if constexpr (MT == 2) {
+        const uint2 v = *reinterpret_cast<const uint2*>(p);
+        w.v[0] = v.x, w.v[1] = v.y;
+    } else {
+        w.v[0] = *p;
+    }
+    return w;
+}
+
+__device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
+
+enum Epilogue { STORE = 0, RESIDUAL = 1, SILU_PAIR = 3 };
+
+struct Args {
+    const uint16_t* x;     // [K] activations
+    const uint16_t* norm;  // [K] RMSNorm weight, or null: no norm prologue
+    const uint32_t* w;     // [K/8, N] packed
+    const uint16_t* s;     // [K/G, N]
+    const uint16_t* z;     // [K/G, N]
+    const uint16_t* res;   // [N] residual (RESIDUAL)
+    void* y;               // [N] (or [N/2] for SILU_PAIR), activation dtype or fp32 (out_f32)
+    int n, k, fma_mode;
+    int pdl;  // `fused.pdl_on`: 0 off; 1 let the next kernel launch once this one passed its wait; 2 at once
+    int out_f32;
+    float eps;
+};
+
+// One program: 16*MT output rows (two sets of 8*MT: rows h = 0 and h = 1 of each mma, for SILU_PAIR the
+// gate rows and the matching up rows) by all of K. Its WARPS warps each take a contiguous, group-aligned K
+// range and stream it themselves: before `griddepcontrol.wait` (weights, scales and the norm weight are
+// written by no kernel of the step) each warp issues cp.async copies of its whole range into shared memory,
+// one commit group per 4 packed rows, so the products start on the first rows while the rest still arrive
+// and no block barrier stands between the copies and the products. After the wait each warp builds its
+// rows' x operands (RMSNorm'd as transformers rounds it when `norm` is set) and their sums per group.
+// The warps' partial sums meet in shared memory at the end.
+template <int MT, int WARPS, int G, bool F16, int EPI>
+__global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
+    constexpr int ROWS = 16 * MT, HALF = 8 * MT;
+    constexpr int STRIDE = ROWS + 8;  // words a packed row takes in shared memory (conflict-free reads)
+    constexpr float OFFSET = F16 ? 1024.f : 128.f;
+    extern __shared__ __align__(16) unsigned char smem[];
+    const int n = a.n, k = a.k, kp = k / 8;
+    uint32_t* ws = reinterpret_cast<uint32_t*>(smem);                  // [kp][STRIDE]
+    uint4* xp = reinterpret_cast<uint4*>(ws + (size_t)kp * STRIDE);    // [kp]: (x[8r+i], x[8r+i+4]), i < 4
+    float* xsum = reinterpret_cast<float*>(xp + kp);                   // [k / G]
+    float* red = xsum + k / G;                                         // [WARPS][ROWS]
+
+    if (a.pdl == 2) asm volatile("griddepcontrol.launch_dependents;");
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int g = lane >> 2, t = lane & 3;
+    const int base0 = EPI == SILU_PAIR ? blockIdx.x * HALF : blockIdx.x * ROWS;
+    const int base1 = EPI == SILU_PAIR ? n / 2 + base0 : base0 + HALF;
+    const int iters = kp / 4 / WARPS;  // packed-row quads per warp
+    const int q0 = warp * iters;       // first quad
+    for (int it = 0; it < iters; ++it) {
+        constexpr int CHUNKS = 4 * MT;  // 16-byte pieces of a packed row (both row sets)
+        for (int c = lane; c < 4 * CHUNKS; c += 32) {
+            const int r = 4 * (q0 + it) + c / CHUNKS, j = c % CHUNKS;
+            const int h = j / (2 * MT), jj = j % (2 * MT);
+            cp_async16(ws + r * STRIDE + h * HALF + 4 * jj, a.w + (size_t)r * n + (h ? base1 : base0) + 4 * jj);
+        }
+        asm volatile("cp.async.commit_group;");
+    }
+    const int quads_per_group = G / 32;
+    const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group;
+    float sv[MT][2][2], zv[MT][2][2];
+    auto load_scales = [&](int gbase) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m)
+#pragma unroll
+            for (int h = 0; h < 2; ++h)
+#pragma unroll
+                for (int c = 0; c < 2; ++c) {
+                    const int gi = gbase + 2 * t + c;
+                    const int row = (h ? base1 : base0) + MT * g + m;
+                    const bool ok = gi >= g_first && gi < g_end;
+                    sv[m][h][c] = ok ? to_f32<F16>(a.s[(size_t)gi * n + row]) : 0.f;
+                    zv[m][h][c] = ok ? to_f32<F16>(a.z[(size_t)gi * n + row]) : 0.f;
+                }
+    };
+    load_scales(g_first & ~7);
+    // This lane's packed rows (at most kp / WARPS / 32 of them, rounded up) of the norm weight.
+    const int r_first = 4 * q0, r_count = 4 * iters;
+    constexpr int MAX_R = 8;  // packed rows a lane prepares: K / WARPS <= 2048
+    uint4 gw[MAX_R];
+    if (a.norm) {
+#pragma unroll
+        for (int i = 0; i < MAX_R; ++i) {
+            const int r = r_first + lane + 32 * i;
+            if (lane + 32 * i < r_count) gw[i] = *reinterpret_cast<const uint4*>(a.norm + 8 * r);
+        }
+    }
+
+    if (a.pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
+    if (a.pdl == 1) asm volatile("griddepcontrol.launch_dependents;");
+    float inv = 1.f;
+    if (a.norm) {  // RMSNorm: rsqrt(mean(x^2) + eps) over the whole row, read by every warp
+        float sq = 0.f;
+        for (int r = lane; r < kp; r += 32) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(a.x + 8 * r);
+            const uint32_t v[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                const float lo = to_f32<F16>(v[i] & 0xFFFF), hi = to_f32<F16>(v[i] >> 16);
+                sq += lo * lo + hi * hi;
+            }
+        }
+#pragma unroll
+        for (int off = 16; off; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        inv = rsqrtf(sq / k + a.eps);
+    }
+#pragma unroll
+    for (int i = 0; i < MAX_R; ++i) {
+        if (32 * i >= r_count) break;
+        const int r = r_first + lane + 32 * i;
+        float acc = 0.f;
+        if (lane + 32 * i < r_count) {
+            const uint4 raw = *reinterpret_cast<const uint4*>(a.x + 8 * r);
+            uint32_t v[4] = {raw.x, raw.y, raw.z, raw.w};
+            if (a.norm) {
+                const uint32_t gv[4] = {gw[i].x, gw[i].y, gw[i].z, gw[i].w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    uint32_t out = 0;
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const float xv = to_f32<F16>((v[j] >> (16 * half)) & 0xFFFF);
+                        const float gv1 = to_f32<F16>((gv[j] >> (16 * half)) & 0xFFFF);
+                        const float xn = to_f32<F16>(from_f32<F16>(xv * inv)) * gv1;
+                        out |= (uint32_t)from_f32<F16>(xn) << (16 * half);
+                    }
+                    v[j] = out;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc += to_f32<F16>(v[j] & 0xFFFF) + to_f32<F16>(v[j] >> 16);
+            uint4 p;
+            p.x = __byte_perm(v[0], v[2], 0x5410);  // (x0, x4)
+            p.y = __byte_perm(v[0], v[2], 0x7632);  // (x1, x5)
+            p.z = __byte_perm(v[1], v[3], 0x5410);  // (x2, x6)
+            p.w = __byte_perm(v[1], v[3], 0x7632);  // (x3, x7)
+            xp[r] = p;
+        }
+#pragma unroll
+        for (int off = 1; off < G / 8; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (lane + 32 * i < r_count && r % (G / 8) == 0) xsum[r / (G / 8)] = acc;
+    }
+    __syncwarp();
+
+    float c[MT][4];
+    float acc[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+        acc[m][0] = acc[m][1] = 0.f;
+        c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
+    }
+    const uint32_t* wlo = ws + (4 * q0 + t) * STRIDE + MT * g;
+    const uint4* xq = xp + 4 * q0 + t;
+    for (int it = 0; it < iters; ++it) {
+        cp_async_wait(iters - 1 - it);
+        __syncwarp();
+        const int quad = q0 + it;
+        const int group = quad / quads_per_group;
+        const bool mine = g == (group & 7);
+        const uint4 xv = xq[4 * it];
+        const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
+        const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
+        const Words<MT> wl = lds_words<MT>(wlo + 4 * it * STRIDE);
+        const Words<MT> wh = lds_words<MT>(wlo + 4 * it * STRIDE + HALF);
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
+                     nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
+            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
+                     nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
+        }
+        const bool chunk_end = ((group & 7) == 7 && (quad + 1) % quads_per_group == 0) || it + 1 == iters;
+        if (chunk_end) {
+            const int gbase = group & ~7;
+#pragma unroll
+            for (int m = 0; m < MT; ++m)
+#pragma unroll
+                for (int h = 0; h < 2; ++h)
+#pragma unroll
+                    for (int cc = 0; cc < 2; ++cc) {
+                        const int gi = gbase + 2 * t + cc;
+                        const float xs = (gi >= g_first && gi < g_end) ? xsum[gi] : 0.f;
+                        const float sc = sv[m][h][cc], ze = zv[m][h][cc];
+                        const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
+                        acc[m][h] += sc * c[m][2 * h + cc] + coef * xs;
+                        c[m][2 * h + cc] = 0.f;
+                    }
+            if (it + 1 < iters) load_scales(gbase + 8);
+        }
+    }
+    // Sum over the quad (t), then over the warps; the epilogue rounds as the unfused model does.
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float v = acc[m][h];
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (t == 0) red[warp * ROWS + h * HALF + MT * g + m] = v;
+        }
+    __syncthreads();
+    for (int j = threadIdx.x; j < (EPI == SILU_PAIR ? HALF : ROWS); j += WARPS * 32) {
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) v += red[wi * ROWS + j];
+        uint16_t* y16 = static_cast<uint16_t*>(a.y);
+        if constexpr (EPI == SILU_PAIR) {
+            float up = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) up += red[wi * ROWS + HALF + j];
+            const float gate = to_f32<F16>(from_f32<F16>(v));
+            const float act = to_f32<F16>(from_f32<F16>(silu(gate)));
+            y16[base0 + j] = from_f32<F16>(act * to_f32<F16>(from_f32<F16>(up)));
+        } else {
+            const int row = (j < HALF ? base0 : base1 - HALF) + j;
+            if constexpr (EPI == RESIDUAL) {
+                y16[row] = from_f32<F16>(to_f32<F16>(from_f32<F16>(v)) + to_f32<F16>(a.res[row]));
+            } else {
+                if (a.out_f32) {
+                    static_cast<float*>(a.y)[row] = v;
+                } else {
+                    y16[row] = from_f32<F16>(v);
+                }
+            }
+        }
+    }
+}
+
+template <int MT, int WARPS, int G, bool F16, int EPI>
+int launch(const Args& a, cudaStream_t stream) {
+    constexpr int ROWS = 16 * MT;
+    const int k = a.k, n = a.n;
+    const int rows_total = EPI == SILU_PAIR ? n / 2 : n;
+    if (n % 4 || rows_total % (EPI == SILU_PAIR ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
+    if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
+    const size_t smem = (size_t)(k / 8) * (ROWS + 8) * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
+                        (size_t)WARPS * ROWS * 4;
+    auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI>;
+    if (smem > 48 * 1024) {
+        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3(EPI == SILU_PAIR ? n / 2 / (8 * MT) : n / ROWS);
+    cfg.blockDim = dim3(WARPS * 32);
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = a.pdl ? 1 : 0;
+    return (int)cudaLaunchKernelEx(&cfg, kernel, a);
+}
+
+template <int MT, int WARPS, int G, bool F16>
+int by_epilogue(int epilogue, const Args& a, cudaStream_t st) {
+    switch (epilogue) {
+        case STORE: return launch<MT, WARPS, G, F16, STORE>(a, st);
+        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL>(a, st);
+        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR>(a, st);
+        default: return -4;
+    }
+}
+
+template <int MT, int WARPS>
+int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st) {
+    if (group == 64) {
+        return f16 ? by_epilogue<MT, WARPS, 64, true>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 64, false>(epilogue, a, st);
+    }
+    if (group == 128) {
+        return f16 ? by_epilogue<MT, WARPS, 128, true>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 128, false>(epilogue, a, st);
+    }
+    return -3;
+}
+
+}  // namespace
+
+// Returns 0, a CUDA error code, or -1 (no such (mt, warps)), -2 (shape), -3 (group), -4 (epilogue).
+extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, const void* s, const void* z,
+                               const void* res, void* y, int n, int k, int group, int fma_mode, int f16,
+                               int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream) {
+    cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+    const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
+                 static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
+                 static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(res), y, n, k, fma_mode, pdl,
+                 out_f32, eps};
+#define IF_CASE(MT_, W_) \
+    if (mt == MT_ && warps == W_) return by_group<MT_, W_>(group, f16, epilogue, a, st);
+    IF_CASE(1, 8) IF_CASE(1, 16) IF_CASE(2, 8) IF_CASE(2, 16) IF_CASE(4, 4) IF_CASE(4, 8)
+#undef IF_CASE
+    return -1;
+}
