@@ -522,3 +522,19 @@ def int4_tc_ab(folder: Path) -> None:
         RESULTS[f"int4tc {'on' if on else 'off'} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=note)
         RESULTS[f"int4tc {'on' if on else 'off'} rep{rep}"]["tc_state"] = dict(cuda_int4.STATE)
     kernels.INT4_TC["on"] = True
+
+
+def int4_tc_qkv_ab(folder: Path) -> None:
+    """The tensor-core GEMV also for q/k/v (RMSNorm prologue, RoPE + cache epilogue; 16 rows a program,
+    8 warps) against it for the wide products only and against the Triton kernel alone, in turn; bf16 once."""
+    from inferforge.llm import cuda_int4, kernels
+
+    RESULTS["int4tcqkv bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    variants = {"wide + q/k/v": True, "wide only": False, "Triton only": None}
+    for rep in range(2):
+        for name, qkv in variants.items():
+            kernels.INT4_TC["on"] = qkv is not None
+            cuda_int4.TUNED[(3072, 2048)] = (1, 8) if qkv else None
+            RESULTS[f"int4tcqkv {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    kernels.INT4_TC["on"] = True
+    cuda_int4.TUNED[(3072, 2048)] = None

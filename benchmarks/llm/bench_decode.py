@@ -29,6 +29,7 @@ from ab_sections import (
     early_next_tile_ab,
     int4_recipe_ab,
     int4_tc_ab,
+    int4_tc_qkv_ab,
     int4_tiles_ab,
     int4_warps_ab,
     int8_mode_tiles_ab,
@@ -149,6 +150,7 @@ def main() -> None:
         ("int4warps16ab", lambda: int4_warps_ab(folder, (8, 16), int8=False)),
         ("int4recipeab", lambda: int4_recipe_ab(folder)),
         ("int4tcab", lambda: int4_tc_ab(folder)),
+        ("int4tcqkvab", lambda: int4_tc_qkv_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

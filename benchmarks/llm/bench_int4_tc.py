@@ -121,6 +121,31 @@ def epilogues() -> None:
     RESULTS["epilogues"] = out
 
 
+def rope_micro() -> None:
+    """q/k/v with the RMSNorm prologue and the RoPE + cache epilogue, as the decode step runs it: Triton
+    against the tensor-core kernel's tiles that fit a head of 64 (16 copies, one graph)."""
+    from inferforge.llm.gemv import RopeCache
+
+    heads, kv_heads, d = 32, 8, 64
+    n, k = SHAPES["qkv"]
+    ws = [make_layer(n, k)[1] for _ in range(16)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    g = torch.rand(k, device="cuda", dtype=torch.bfloat16) + 0.5
+    cos, sin = (torch.randn(4096, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    kc, vc = (torch.zeros(64, 16, kv_heads, d, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pos, slot = (torch.tensor([v], device="cuda") for v in (300, 77))
+    rc = RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
+    kw = {"norm_weight": g, "eps": 1e-5, "rope_cache": rc}
+    fused.enable_pdl(True)
+    out = {"triton_us": graph_us([lambda w=w: gemv_int4.gemv_int4(x, w, **kw) for w in ws])}
+    for cfg in [(1, 8), (1, 16), (2, 8), (2, 16)]:
+        out[f"tc_{cfg[0]}_{cfg[1]}_us"] = graph_us(
+            [lambda w=w, c=cfg: cuda_int4.gemv_int4_tc(x, w, tiles=c, **kw) for w in ws]
+        )
+    RESULTS["qkv_norm_rope"] = out
+    print("qkv norm + rope (us): " + "  ".join(f"{key[:-3]} {v:5.1f}" for key, v in out.items()))
+
+
 def micro(quick: bool) -> dict[str, tuple[int, int]]:
     best: dict[str, tuple[int, int]] = {}
     for name, (n, k) in SHAPES.items():
@@ -202,7 +227,7 @@ def chain(best: dict[str, tuple[int, int]]) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--sections", default="accuracy,epilogues,micro,chain")
+    ap.add_argument("--sections", default="accuracy,epilogues,rope,micro,chain")
     args = ap.parse_args()
     sections = args.sections.split(",")
     print(torch.cuda.get_device_name(), "library", cuda_int4.library()._name, flush=True)
@@ -211,6 +236,8 @@ def main() -> None:
             accuracy(args.quick)
         if "epilogues" in sections:
             epilogues()
+        if "rope" in sections:
+            rope_micro()
         best = micro(args.quick) if "micro" in sections or "chain" in sections else {}
         if "chain" in sections:
             chain(best)

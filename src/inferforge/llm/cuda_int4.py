@@ -7,7 +7,7 @@ Why a CUDA kernel: Triton cannot place dequantized nibbles into `mma` operand re
 GEMV (`gemv_int4.py`) is bound by instruction issue (~7 SASS instructions a weight, Nsight run L2 of
 2026-11-23). Here a nibble pair becomes an operand by one shift and one lop3 and the tensor cores multiply
 and sum. It wins on the wide products (gate/up, the LM head) and loses on the narrow ones, whose time is
-latency (run M2 in docs/llm-runs.md), so `choice` sends only the measured winners to it.
+latency (runs M3-M6 in docs/llm-runs.md), so `choice` sends only the measured winners to it.
 """
 
 from __future__ import annotations
@@ -22,16 +22,19 @@ from pathlib import Path
 import torch
 
 from inferforge.llm import fused
+from inferforge.llm.gemv import RopeCache
 from inferforge.llm.gemv_int4 import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
 # (rows a program / 16, warps a program) the library is built for.
 CONFIGS = [(1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8)]
-STORE, RESIDUAL, SILU_PAIR = 0, 1, 3  # the kernel's epilogues
-# Which products take this kernel, by (N, K): measured faster than `gemv_int4` inside CUDA graphs on the
-# H100 (run M2, 16 weight copies, PDL): gate/up 16384 x 2048 10.0 against 11.4 us, LM head 128256 x 2048
-# 61.9 against 78.5 us, both at 64 rows and 8 warps a program. q/k/v, o and down stay on Triton (3.9 / 3.0 /
-# 8.2 against 3.1 / 2.3 / 7.7 us). Other shapes: products at least 8,192 rows wide, the same tiles.
+STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # the kernel's epilogues
+# Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
+# runs M3-M6): gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits) at 64 rows and 8 warps a
+# program: the int4 step 709-713 us -> 602-613 us (bf16 953-956 in the same calls). q/k/v (RMSNorm, RoPE +
+# cache) lost there (632-638 us with it, M6; alone 5.2-5.4 against Triton's 4.2 us); o and down lost alone
+# (4.3 / 9.9 against 2.3 / 7.6 us, M4): narrow products are latency, where the Triton kernel's single tile
+# is shorter. Other shapes: products at least 8,192 rows wide, the same tiles.
 TUNED: dict[tuple[int, int], tuple[int, int] | None] = {
     (3072, 2048): None,
     (2048, 2048): None,
@@ -94,14 +97,32 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(key)
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
-        lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], ctypes.c_void_p]
+        lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
+                                        *ints[:4]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
 
 def _outputs(
-    x: torch.Tensor, n: int, residual: torch.Tensor | None, silu_pair: bool, out_dtype: torch.dtype | None
+    x: torch.Tensor,
+    n: int,
+    residual: torch.Tensor | None,
+    silu_pair: bool,
+    out_dtype: torch.dtype | None,
+    rc: RopeCache | None,
 ) -> tuple[torch.Tensor, int]:
+    if rc is not None:
+        d = rc.k_cache.shape[-1]
+        if n != (rc.heads + 2 * rc.kv_heads) * d or residual is not None or silu_pair:
+            raise ValueError(
+                f"rope_cache needs N = (heads + 2 kv_heads) * D = {(rc.heads + 2 * rc.kv_heads) * d}"
+            )
+        tables = (rc.cos, rc.sin, rc.k_cache, rc.v_cache)
+        if any(t.dtype != x.dtype or not t.is_contiguous() for t in tables):
+            raise ValueError("rope_cache tables and caches must be contiguous and of the activation dtype")
+        if any(t.dtype not in (torch.int32, torch.int64) for t in (rc.positions, rc.slots)):
+            raise ValueError("rope_cache positions and slots must be int32 or int64")
+        return torch.empty(1, rc.heads, d, dtype=x.dtype, device=x.device), ROPE_CACHE
     if silu_pair:
         if residual is not None or out_dtype not in (None, x.dtype):
             raise ValueError("silu_pair takes no residual and writes the activation dtype")
@@ -124,10 +145,11 @@ def gemv_int4_tc(
     residual: torch.Tensor | None = None,
     silu_pair: bool = False,
     out_dtype: torch.dtype | None = None,
+    rope_cache: RopeCache | None = None,
     tiles: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """`gemv_int4.gemv_int4` for one row x [1, K] (bf16 or fp16), without bias or RoPE epilogue: the same
-    rounding (RMSNorm prologue, residual add, SiLU(gate) x up, fp32 or activation-dtype output)."""
+    """`gemv_int4.gemv_int4` for one row x [1, K] (bf16 or fp16), without bias: the same rounding (RMSNorm
+    prologue; residual add, SiLU(gate) x up, RoPE + cache write, fp32 or activation-dtype output)."""
     n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != k or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous [1, {k}] row, got {tuple(x.shape)}")
@@ -138,32 +160,46 @@ def gemv_int4_tc(
     mt, warps = tiles or choice(n, k) or (4, 8)
     if (mt, warps) not in CONFIGS:
         raise ValueError(f"tiles (mt, warps) must be one of {CONFIGS}, got {(mt, warps)}")
-    if not supported(n, k, weight.group, silu_pair, (mt, warps)):
+    d = None if rope_cache is None else rope_cache.k_cache.shape[-1]
+    if not supported(n, k, weight.group, silu_pair, (mt, warps), d):
         raise ValueError(f"tiles {(mt, warps)} do not fit N={n}, K={k}, group={weight.group}")
     if any(t.data_ptr() % 16 for t in (x, weight.packed, *(() if norm_weight is None else (norm_weight,)))):
         raise ValueError("x, the norm weight and the packed weight must be 16-byte aligned")
-    y, epilogue = _outputs(x, n, residual, silu_pair, out_dtype)
+    y, epilogue = _outputs(x, n, residual, silu_pair, out_dtype, rope_cache)
     null = 0
-    rc = library().if_int4_gemv_tc(
+    rc = rope_cache
+    wide = 0 if rc is None else (rc.positions.dtype == torch.int64) + 2 * (rc.slots.dtype == torch.int64)
+    rope = (null,) * 6 + (0, 0, 0, 0, 0) if rc is None else (
+        rc.cos.data_ptr(), rc.sin.data_ptr(), rc.positions.data_ptr(), rc.slots.data_ptr(),
+        rc.k_cache.data_ptr(), rc.v_cache.data_ptr(), rc.kv_heads * rc.k_cache.shape[-1], rc.heads,
+        rc.kv_heads, rc.k_cache.shape[-1], wide,
+    )  # fmt: skip
+    code = library().if_int4_gemv_tc(
         x.data_ptr(), null if norm_weight is None else norm_weight.data_ptr(), weight.packed.data_ptr(),
         weight.scales.data_ptr(), weight.zeros.data_ptr(), null if residual is None else residual.data_ptr(),
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
-        torch.cuda.current_stream(x.device).cuda_stream,
+        torch.cuda.current_stream(x.device).cuda_stream, *rope,
     )  # fmt: skip
-    if rc != 0:
+    if code != 0:
         raise ValueError(
             f"int4 tensor-core GEMV refused N={n}, K={k}, group={weight.group}, tiles {(mt, warps)}: "
-            f"code {rc}"
+            f"code {code}"
         )
     return y
 
 
-def supported(n: int, k: int, group: int, silu_pair: bool, tiles: tuple[int, int]) -> bool:
-    """The shapes the kernel takes (as `launch` in the .cu checks them): whole programs of rows, K split
-    into whole groups per warp, at most 2,048 of K a warp."""
+def supported(
+    n: int, k: int, group: int, silu_pair: bool, tiles: tuple[int, int], head_dim: int | None = None
+) -> bool:
+    """The shapes the kernel takes (as `launch` in the .cu checks them): whole programs of rows (for RoPE,
+    `head_dim` given: whole programs in each half of a head), K split into whole groups per warp, at most
+    2,048 of K a warp."""
     mt, warps = tiles
-    rows, per_program = (n // 2, 8 * mt) if silu_pair else (n, 16 * mt)
+    if head_dim is not None and (head_dim // 2) % (8 * mt):
+        return False
+    paired = silu_pair or head_dim is not None
+    rows, per_program = (n // 2, 8 * mt) if paired else (n, 16 * mt)
     quads = k // 32 // warps if k % (32 * warps) == 0 else 0
     return (
         (mt, warps) in CONFIGS
@@ -179,12 +215,15 @@ def supported(n: int, k: int, group: int, silu_pair: bool, tiles: tuple[int, int
 def usable(weight: Int4Weight, x: torch.Tensor, bias: torch.Tensor | None, kw: dict) -> bool:
     """Whether `decode_gemv.linear` should send this call here: switched on (`enable`), a measured winner
     (`choice`), a shape and an epilogue the kernel takes."""
-    if not STATE["on"] or bias is not None or kw.get("rope_cache") is not None or not x.is_cuda:
+    if not STATE["on"] or bias is not None or not x.is_cuda:
         return False
     n, k = weight.shape
     tiles = choice(n, k)
-    silu = bool(kw.get("silu_pair"))
-    return tiles is not None and weight.scales.dtype == x.dtype and supported(n, k, weight.group, silu, tiles)
+    silu, rc = bool(kw.get("silu_pair")), kw.get("rope_cache")
+    d = rc.k_cache.shape[-1] if isinstance(rc, RopeCache) else None
+    return (
+        tiles is not None and weight.scales.dtype == x.dtype and supported(n, k, weight.group, silu, tiles, d)
+    )
 
 
 def enable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -230,4 +269,29 @@ def check(device: torch.device, dtype: torch.dtype) -> float:
             want = gemv_int4(x, w, **kw).float()  # type: ignore[arg-type]
             got = gemv_int4_tc(x, w, tiles=(4, 8), **kw).float()  # type: ignore[arg-type]
             worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
-    return worst
+    return max(worst, _check_rope(device, dtype, gen))
+
+
+def _check_rope(device: torch.device, dtype: torch.dtype, gen: torch.Generator) -> float:
+    """q, and the k and v written into the cache, against `gemv_int4`'s RoPE epilogue (the q/k/v shape of
+    the 1.2B model: 32 + 2 x 8 heads of 64)."""
+    from inferforge.llm.gemv_int4 import gemv_int4
+
+    heads, kv_heads, d, k = 32, 8, 64, 2048
+    n = (heads + 2 * kv_heads) * d
+    packed = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)
+    scales = (torch.rand(k // 64, n, generator=gen) * 0.01 + 1e-3).to(device, dtype)
+    w = Int4Weight(packed, scales, (-8 * scales.float()).to(dtype), 64, True)
+    x = torch.randn(1, k, generator=gen).to(device, dtype)
+    g = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
+    cos, sin = (torch.randn(100, d, generator=gen).to(device, dtype) for _ in range(2))
+    caches = [torch.randn(4, 16, kv_heads, d, generator=gen).to(device, dtype) for _ in range(2)]
+    outs = []
+    for fn in (gemv_int4, lambda *a, **kw: gemv_int4_tc(*a, tiles=(1, 8), **kw)):
+        kc, vc = (c.clone() for c in caches)
+        pos, slot = torch.tensor([57], device=device), torch.tensor([37], device=device)
+        q = fn(
+            x, w, norm_weight=g, eps=1e-5, rope_cache=RopeCache(cos, sin, pos, slot, kc, vc, heads, kv_heads)
+        )
+        outs.append((q.float(), kc.float(), vc.float()))
+    return max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(outs[1], outs[0], strict=True))

@@ -126,7 +126,7 @@ __device__ __forceinline__ Words<MT> lds_words(const uint32_t* p) {
 
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
-enum Epilogue { STORE = 0, RESIDUAL = 1, SILU_PAIR = 3 };
+enum Epilogue { STORE = 0, RESIDUAL = 1, ROPE_CACHE = 2, SILU_PAIR = 3 };
 
 struct Args {
     const uint16_t* x;     // [K] activations
@@ -140,7 +140,21 @@ struct Args {
     int pdl;  // `fused.pdl_on`: 0 off; 1 let the next kernel launch once this one passed its wait; 2 at once
     int out_f32;
     float eps;
+    // ROPE_CACHE: q/k rows rotated (cos and sign-folded sin tables [positions, D], activation dtype), q
+    // stored [heads, D] in y, k and v written to their cache slot ([slots, kv_heads, D] with this slot stride)
+    const uint16_t* cos;
+    const uint16_t* sin;
+    const void* pos;   // [1] position, int64 if idx64 & 1 else int32
+    const void* slot;  // [1] cache slot, int64 if idx64 & 2
+    uint16_t* kc;
+    uint16_t* vc;
+    long long stride_slot;
+    int heads, kv_heads, head_dim, idx64;
 };
+
+__device__ __forceinline__ long long load_index(const void* p, int idx64) {
+    return idx64 ? *static_cast<const long long*>(p) : (long long)*static_cast<const int*>(p);
+}
 
 // One program: 16*MT output rows (two sets of 8*MT: rows h = 0 and h = 1 of each mma, for SILU_PAIR the
 // gate rows and the matching up rows) by all of K. Its WARPS warps each take a contiguous, group-aligned K
@@ -165,8 +179,12 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     if (a.pdl == 2) asm volatile("griddepcontrol.launch_dependents;");
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
-    const int base0 = EPI == SILU_PAIR ? blockIdx.x * HALF : blockIdx.x * ROWS;
-    const int base1 = EPI == SILU_PAIR ? n / 2 + base0 : base0 + HALF;
+    // Row sets: SILU_PAIR gate rows and their up rows N/2 later; ROPE_CACHE rows j and j + D/2 of one head.
+    const int blocks_per_head = EPI == ROPE_CACHE ? a.head_dim / 2 / HALF : 1;
+    const int head = blockIdx.x / blocks_per_head, col0 = (blockIdx.x % blocks_per_head) * HALF;
+    const int base0 = EPI == SILU_PAIR ? blockIdx.x * HALF
+                      : EPI == ROPE_CACHE ? head * a.head_dim + col0 : blockIdx.x * ROWS;
+    const int base1 = EPI == SILU_PAIR ? n / 2 + base0 : EPI == ROPE_CACHE ? base0 + a.head_dim / 2 : base0 + HALF;
     const int iters = kp / 4 / WARPS;  // packed-row quads per warp
     const int q0 = warp * iters;       // first quad
     for (int it = 0; it < iters; ++it) {
@@ -208,6 +226,15 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         }
     }
 
+    float c1 = 0.f, c2 = 0.f, s1 = 0.f, s2 = 0.f;
+    long long slot = 0;
+    if (EPI == ROPE_CACHE && threadIdx.x < HALF) {  // host-sent inputs: read before the wait
+        const long long p = load_index(a.pos, a.idx64 & 1) * a.head_dim + col0 + threadIdx.x;
+        const int d2 = a.head_dim / 2;
+        c1 = to_f32<F16>(a.cos[p]), c2 = to_f32<F16>(a.cos[p + d2]);
+        s1 = to_f32<F16>(a.sin[p]), s2 = to_f32<F16>(a.sin[p + d2]);
+        slot = load_index(a.slot, a.idx64 & 2);
+    }
     if (a.pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
     if (a.pdl == 1) asm volatile("griddepcontrol.launch_dependents;");
     float inv = 1.f;
@@ -321,12 +348,30 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
             if (t == 0) red[warp * ROWS + h * HALF + MT * g + m] = v;
         }
     __syncthreads();
-    for (int j = threadIdx.x; j < (EPI == SILU_PAIR ? HALF : ROWS); j += WARPS * 32) {
+    for (int j = threadIdx.x; j < (EPI == SILU_PAIR || EPI == ROPE_CACHE ? HALF : ROWS); j += WARPS * 32) {
         float v = 0.f;
 #pragma unroll
         for (int wi = 0; wi < WARPS; ++wi) v += red[wi * ROWS + j];
         uint16_t* y16 = static_cast<uint16_t*>(a.y);
-        if constexpr (EPI == SILU_PAIR) {
+        if constexpr (EPI == ROPE_CACHE) {
+            float x2 = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) x2 += red[wi * ROWS + HALF + j];
+            const float x1 = to_f32<F16>(from_f32<F16>(v));
+            x2 = to_f32<F16>(from_f32<F16>(x2));
+            const int d = a.head_dim, c = col0 + j;
+            if (head < a.heads + a.kv_heads) {
+                const float y1 = x1 * c1 + x2 * s1, y2 = x2 * c2 + x1 * s2;
+                uint16_t* dst = head < a.heads ? y16 + head * d
+                                               : a.kc + slot * a.stride_slot + (head - a.heads) * d;
+                dst[c] = from_f32<F16>(y1);
+                dst[c + d / 2] = from_f32<F16>(y2);
+            } else {
+                uint16_t* dst = a.vc + slot * a.stride_slot + (head - a.heads - a.kv_heads) * d;
+                dst[c] = from_f32<F16>(x1);
+                dst[c + d / 2] = from_f32<F16>(x2);
+            }
+        } else if constexpr (EPI == SILU_PAIR) {
             float up = 0.f;
 #pragma unroll
             for (int wi = 0; wi < WARPS; ++wi) up += red[wi * ROWS + HALF + j];
@@ -352,8 +397,11 @@ template <int MT, int WARPS, int G, bool F16, int EPI>
 int launch(const Args& a, cudaStream_t stream) {
     constexpr int ROWS = 16 * MT;
     const int k = a.k, n = a.n;
-    const int rows_total = EPI == SILU_PAIR ? n / 2 : n;
-    if (n % 4 || rows_total % (EPI == SILU_PAIR ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
+    const bool paired = EPI == SILU_PAIR || EPI == ROPE_CACHE;
+    const int rows_total = paired ? n / 2 : n;
+    if (n % 4 || rows_total % (paired ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
+    if (EPI == ROPE_CACHE && ((a.head_dim / 2) % (8 * MT) || n != (a.heads + 2 * a.kv_heads) * a.head_dim))
+        return -2;
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
     const size_t smem = (size_t)(k / 8) * (ROWS + 8) * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
                         (size_t)WARPS * ROWS * 4;
@@ -363,7 +411,7 @@ int launch(const Args& a, cudaStream_t stream) {
         if (e != cudaSuccess) return (int)e;
     }
     cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(EPI == SILU_PAIR ? n / 2 / (8 * MT) : n / ROWS);
+    cfg.gridDim = dim3(paired ? n / 2 / (8 * MT) : n / ROWS);
     cfg.blockDim = dim3(WARPS * 32);
     cfg.dynamicSmemBytes = smem;
     cfg.stream = stream;
@@ -380,6 +428,7 @@ int by_epilogue(int epilogue, const Args& a, cudaStream_t st) {
     switch (epilogue) {
         case STORE: return launch<MT, WARPS, G, F16, STORE>(a, st);
         case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL>(a, st);
+        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE>(a, st);
         case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR>(a, st);
         default: return -4;
     }
@@ -403,12 +452,17 @@ int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st) {
 // Returns 0, a CUDA error code, or -1 (no such (mt, warps)), -2 (shape), -3 (group), -4 (epilogue).
 extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, const void* s, const void* z,
                                const void* res, void* y, int n, int k, int group, int fma_mode, int f16,
-                               int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream) {
+                               int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
+                               const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
+                               void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
+                               int idx64) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
                  static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(res), y, n, k, fma_mode, pdl,
-                 out_f32, eps};
+                 out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
+                 static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
+                 head_dim, idx64};
 #define IF_CASE(MT_, W_) \
     if (mt == MT_ && warps == W_) return by_group<MT_, W_>(group, f16, epilogue, a, st);
     IF_CASE(1, 8) IF_CASE(1, 16) IF_CASE(2, 8) IF_CASE(2, 16) IF_CASE(4, 4) IF_CASE(4, 8)
