@@ -17,8 +17,14 @@
 // Fragment mapping: the order of k inside an mma is free as long as A and B agree. Thread (g, t) of a warp
 // (g = lane / 4, t = lane % 4) reads packed row r0 + t; its nibble pairs (i, i+4) by lop3 are A's register
 // pairs, and B's pair is (x[8r + i], x[8r + i + 4]) from shared memory. Rows: mma m takes output rows
-// n0 + MT*g + m (A rows g) and n0 + 8*MT + MT*g + m (A rows g + 8), so each thread's MT words of a packed
-// row are one vector load.
+// base0 + MT*g + m (A rows g) and base1 + MT*g + m (A rows g + 8), so each thread's MT words of a packed
+// row are one vector load from shared memory; base1 is base0 + 8*MT, or the paired row set of an epilogue
+// (SiLU: the up rows; RoPE: the other half of the head).
+//
+// Measured on the H100 (docs/llm-runs.md, runs M1-M6): weights streamed by cp.async into shared memory
+// before griddepcontrol.wait, per warp, beat register prefetch (M1: the narrow products 2-5x slower than
+// Triton's; M2 on). Against the Triton kernel it wins on gate/up and the LM head inside the decode step and
+// loses on q/k/v, o and down (`cuda_int4.TUNED` says by how much).
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,20 +36,6 @@ template <int MT>
 struct Words {
     uint32_t v[MT];
 };
-
-template <int MT>
-__device__ __forceinline__ Words<MT> load_words(const uint32_t* p) {
-    Words<MT> w;
-    if constexpr (MT == 4) {
-        asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(w.v[0]), "=r"(w.v[1]), "=r"(w.v[2]), "=r"(w.v[3]) : "l"(p));
-    } else if constexpr (MT == 2) {
-        asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];" : "=r"(w.v[0]), "=r"(w.v[1]) : "l"(p));
-    } else {
-        asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(w.v[0]) : "l"(p));
-    }
-    return w;
-}
 
 template <bool F16>
 __device__ __forceinline__ uint32_t nibble_pair(uint32_t w, int i) {
