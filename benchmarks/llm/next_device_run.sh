@@ -6,8 +6,8 @@
 #
 #     bash benchmarks/llm/next_device_run.sh kernels    # 1 and 2, ~8 minutes
 #     bash benchmarks/llm/next_device_run.sh server     # 3 and 4, ~9 minutes; results and logs under $OUT
-#     bash benchmarks/llm/next_device_run.sh int4-speed    # staged after L5 (llm-engine.md "Next device run")
-#     bash benchmarks/llm/next_device_run.sh int4-quality
+#     bash benchmarks/llm/next_device_run.sh int4-speed    # ran in M2 (timed out after two of three recipes)
+#     bash benchmarks/llm/next_device_run.sh int4-quality  # not run: M2 settled the recipe (llm-runs.md M2)
 #
 # 1. split-K for the down product (gemv.SPLIT_K 1 / 2 / 4), int8 and bf16, batch-1 graphs, twice in turn;
 # 2. what the decode attention costs inside the int8 / bf16 batch-1 chain (the call skipped, timing only):

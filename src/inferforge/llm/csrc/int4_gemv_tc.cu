@@ -3,7 +3,8 @@
 // Why: the Triton int4 GEMV (gemv_int4.py) spends ~7 SASS instructions a weight turning nibbles into floats
 // and multiplying on the CUDA cores, and is bound by issue, not by DRAM (Nsight, run L2: 14-43% of DRAM
 // peak). Here a nibble pair becomes a bf16x2 (or f16x2) by one shift and one lop3 (the float 128 + q, or
-// 1024 + q, by bits, exact), and `mma.m16n8k16` multiplies and sums: ~1.2 instructions a weight.
+// 1024 + q, by bits, exact), and `mma.m16n8k16` multiplies and sums: ~1.2 instructions a weight (counted
+// from the loop below, not read in SASS).
 //
 // Layout (gemlite `GemLiteLinearTriton.pack`, W_nbits 4, elements_per_sample 8):
 //   W  [K/8, N] int32: weight (n, k) is bits 4*(k%8) .. +3 of W[k/8, n];
