@@ -34,7 +34,8 @@ STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # the kernel's epilogues
 # program: the int4 step 709-713 us -> 602-613 us (bf16 953-956 in the same calls). q/k/v (RMSNorm, RoPE +
 # cache) lost there (632-638 us with it, M6; alone 5.2-5.4 against Triton's 4.2 us); o and down lost alone
 # (4.3 / 9.9 against 2.3 / 7.6 us, M4): narrow products are latency, where the Triton kernel's single tile
-# is shorter. Other shapes: products at least 8,192 rows wide, the same tiles.
+# is shorter. Other shapes: products at least 8,192 rows wide, the same tiles. Measured on the H100 only;
+# the kernel also builds and runs on Ampere and Ada (sm_80+, without PDL), untimed there.
 TUNED: dict[tuple[int, int], tuple[int, int] | None] = {
     (3072, 2048): None,
     (2048, 2048): None,

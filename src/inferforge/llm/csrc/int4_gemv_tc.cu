@@ -117,6 +117,20 @@ __device__ __forceinline__ Words<MT> lds_words(const uint32_t* p) {
     return w;
 }
 
+// Programmatic dependent launch exists from Hopper (sm_90) on; built for Ampere or Ada the kernel runs
+// without it (the engine turns PDL on only on Hopper, so `pdl` is 0 there).
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_inputs() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float silu(float v) { return v / (1.f + __expf(-v)); }
 
 enum Epilogue { STORE = 0, RESIDUAL = 1, ROPE_CACHE = 2, SILU_PAIR = 3 };
@@ -169,7 +183,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     float* xsum = reinterpret_cast<float*>(xp + kp);                   // [k / G]
     float* red = xsum + k / G;                                         // [WARPS][ROWS]
 
-    if (a.pdl == 2) asm volatile("griddepcontrol.launch_dependents;");
+    if (a.pdl == 2) launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane >> 2, t = lane & 3;
     // Row sets: SILU_PAIR gate rows and their up rows N/2 later; ROPE_CACHE rows j and j + D/2 of one head.
@@ -228,8 +242,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         s1 = to_f32<F16>(a.sin[p]), s2 = to_f32<F16>(a.sin[p + d2]);
         slot = load_index(a.slot, a.idx64 & 2);
     }
-    if (a.pdl) asm volatile("griddepcontrol.wait;" ::: "memory");
-    if (a.pdl == 1) asm volatile("griddepcontrol.launch_dependents;");
+    if (a.pdl) wait_for_inputs();
+    if (a.pdl == 1) launch_dependents();
     float inv = 1.f;
     if (a.norm) {  // RMSNorm: rsqrt(mean(x^2) + eps) over the whole row, read by every warp
         float sq = 0.f;
