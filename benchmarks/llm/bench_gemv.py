@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import capture_graph, free, write_json
+from common import free, graph_us, write_json
 
 from inferforge.llm import fused, gemv, gemv_check
 
@@ -45,24 +45,6 @@ ROWS: list[str] = []
 def row(text: str) -> None:
     ROWS.append(text)
     print(text, flush=True)
-
-
-def graph_us(calls, reps: int = 20) -> float:
-    """us per call: the calls captured in one graph, replayed `reps` times between events."""
-    graph = capture_graph(calls)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * len(calls)))
-    del graph
-    return sorted(times)[2]
 
 
 def quantize(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:

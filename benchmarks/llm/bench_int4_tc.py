@@ -22,30 +22,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import capture_graph, free, write_json
+from common import free, graph_us, write_json
 
 from inferforge.llm import cuda_int4, fused, gemv_int4, quant
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "w13": (16384, 2048), "w2": (2048, 8192),
           "lm_head": (128256, 2048)}  # fmt: skip
 RESULTS: dict = {"micro": {}, "chain": {}, "accuracy": {}}
-
-
-def graph_us(calls, reps: int = 20) -> float:
-    graph = capture_graph(calls)
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * len(calls)))
-    del graph
-    return sorted(times)[2]
 
 
 def make_layer(n: int, k: int, dtype: torch.dtype = torch.bfloat16):

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_gemv import graph_us, quantize
-from common import write_json
+from bench_gemv import quantize
+from common import graph_us, write_json
 from int8_diag_kernels import diag_kernel
 
 from inferforge.llm import fused, gemv
