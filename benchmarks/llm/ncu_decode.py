@@ -58,9 +58,21 @@ def summarize(text: str) -> list[dict]:
     return sorted(kernels.values(), key=lambda k: k["id"])
 
 
+def int4_tc_tiles(spec: str) -> None:
+    """`--int4-tc 2048x8192=1x16,...`: send these int4 products to the tensor-core kernel with these tiles
+    (`cuda_int4.TUNED`), to profile them inside the step; `NxK=none` keeps one on Triton."""
+    from inferforge.llm import cuda_int4
+
+    for item in filter(None, spec.split(",")):
+        shape, tiles = item.split("=")
+        n, k = (int(v) for v in shape.split("x"))
+        cuda_int4.TUNED[(n, k)] = None if tiles == "none" else tuple(int(v) for v in tiles.split("x"))  # type: ignore[assignment]
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--quants", default="bf16,int8")
+    ap.add_argument("--int4-tc", default="", help="NxK=MTxWARPS,... (cuda_int4.TUNED entries)")
     ap.add_argument("--summarize", help="an ncu CSV file to turn into JSON on stdout")
     args = ap.parse_args()
     if args.summarize:
@@ -68,4 +80,5 @@ if __name__ == "__main__":
 
         print(json.dumps(summarize(Path(args.summarize).read_text()), indent=1))
     else:
+        int4_tc_tiles(args.int4_tc)
         profile_formats(args.quants.split(","))
