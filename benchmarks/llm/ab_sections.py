@@ -538,3 +538,24 @@ def int4_tc_qkv_ab(folder: Path) -> None:
             RESULTS[f"int4tcqkv {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
     kernels.INT4_TC["on"] = True
     cuda_int4.TUNED[(3072, 2048)] = None
+
+
+def int4_tc_ring_ab(folder: Path) -> None:
+    """Staged after M7: the tensor-core kernel's ring of shared-memory stages (`cuda_int4.CONFIGS` with a
+    third number) for the narrow products inside the step: down alone, then o and down, against the step as
+    it runs (gate/up and the LM head only), in turn; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    variants = {
+        "as run": {},
+        "down on a 8-stage ring": {(2048, 8192): (1, 16, 8)},
+        "o and down on rings": {(2048, 8192): (1, 16, 8), (2048, 2048): (1, 8, 4)},
+    }
+    saved = dict(cuda_int4.TUNED)
+    RESULTS["int4tcring bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep in range(2):
+        for name, tiles in variants.items():
+            cuda_int4.TUNED.update(saved)
+            cuda_int4.TUNED.update(tiles)
+            RESULTS[f"int4tcring {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    cuda_int4.TUNED.update(saved)

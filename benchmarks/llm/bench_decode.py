@@ -30,6 +30,7 @@ from ab_sections import (
     int4_recipe_ab,
     int4_tc_ab,
     int4_tc_qkv_ab,
+    int4_tc_ring_ab,
     int4_tiles_ab,
     int4_warps_ab,
     int8_mode_tiles_ab,
@@ -151,6 +152,7 @@ def main() -> None:
         ("int4recipeab", lambda: int4_recipe_ab(folder)),
         ("int4tcab", lambda: int4_tc_ab(folder)),
         ("int4tcqkvab", lambda: int4_tc_qkv_ab(folder)),
+        ("int4tcringab", lambda: int4_tc_ring_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

@@ -50,6 +50,11 @@ def dequantized(w: gemv_int4.Int4Weight) -> torch.Tensor:
     return q * s + z if w.fma else (q - z) * s
 
 
+def label(tiles: tuple[int, ...]) -> str:
+    """mt_warps, or mt_warps_sN for a ring of N stages."""
+    return "_".join(str(v) for v in tiles[:2]) + (f"_s{tiles[2]}" if len(tiles) > 2 else "")
+
+
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.float() - ref).abs().max() / ref.abs().max())
 
@@ -66,11 +71,11 @@ def accuracy(quick: bool) -> None:
         fused.enable_pdl(True)
         tri = rel(gemv_int4.gemv_int4(x, w), ref)
         out = {"triton": tri}
-        for mt, warps in cuda_int4.CONFIGS:
+        for cfg in cuda_int4.CONFIGS:
             try:
-                out[f"tc_{mt}_{warps}"] = rel(cuda_int4.gemv_int4_tc(x, w, tiles=(mt, warps)), ref)
+                out[f"tc_{label(cfg)}"] = rel(cuda_int4.gemv_int4_tc(x, w, tiles=cfg), ref)
             except ValueError as e:
-                out[f"tc_{mt}_{warps}"] = str(e)
+                out[f"tc_{label(cfg)}"] = str(e)
         torch.cuda.synchronize()
         key = f"{name}_{str(dtype)[6:]}_g{group}"
         RESULTS["accuracy"][key] = out
@@ -151,15 +156,14 @@ def micro(quick: bool) -> dict[str, tuple[int, int]]:
         del bf
         top = None
         for cfg in cuda_int4.CONFIGS[: 6 if quick else None]:
-            mt, warps = cfg
             try:
                 fns = [lambda w=w, x=x, c=cfg: cuda_int4.gemv_int4_tc(x, w, tiles=c) for w in ws]
                 us = graph_us(fns)
             except ValueError as e:
-                res[f"tc_{mt}_{warps}"] = str(e)
+                res[f"tc_{label(cfg)}"] = str(e)
                 continue
-            res[f"tc_{mt}_{warps}_us"] = us
-            print(f"{name:8s} {n}x{k} tc mt{mt} w{warps:2d}           {us:7.1f} us "
+            res[f"tc_{label(cfg)}_us"] = us
+            print(f"{name:8s} {n}x{k} tc {label(cfg):10s}          {us:7.1f} us "
                   f"{nbytes / us / 1e6:5.2f} TB/s", flush=True)  # fmt: skip
             if top is None or us < top[0]:
                 top = (us, cfg)

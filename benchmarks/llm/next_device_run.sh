@@ -8,7 +8,8 @@
 #     bash benchmarks/llm/next_device_run.sh server     # 3 and 4, ~9 minutes; results and logs under $OUT
 #     bash benchmarks/llm/next_device_run.sh int4-speed    # ran in M2 (timed out after two of three recipes)
 #     bash benchmarks/llm/next_device_run.sh int4-quality  # not run: M2 settled the recipe (llm-runs.md M2)
-#     bash benchmarks/llm/next_device_run.sh int4-ncu      # staged after M7 (llm-engine.md "Next device run")
+#     bash benchmarks/llm/next_device_run.sh int4-ring     # staged after M7 (llm-engine.md "Next device run")
+#     bash benchmarks/llm/next_device_run.sh int4-ncu      # staged after M7
 #
 # 1. split-K for the down product (gemv.SPLIT_K 1 / 2 / 4), int8 and bf16, batch-1 graphs, twice in turn;
 # 2. what the decode attention costs inside the int8 / bf16 batch-1 chain (the call skipped, timing only):
@@ -46,6 +47,11 @@ elif [ "${1:-}" = int4-quality ]; then  # staged after L5: their perplexity on t
 timeout 540 python benchmarks/llm/train_small_llama.py --formats bf16,int4,int4-g128,int4-head8 \
     > "$OUT/int4quality.log" 2>&1
 echo "train_small_llama rc=$?"; grep -E "perplexity" "$OUT/int4quality.log"
+elif [ "${1:-}" = int4-ring ]; then  # staged after M7: the ring variant, alone and in the step (~8 min)
+timeout 150 python benchmarks/llm/bench_int4_tc.py --sections accuracy,micro > "$OUT/int4ring_kernels.log" 2>&1
+echo "kernels rc=$?"; grep -E "^(accuracy|o |w2 |qkv )" "$OUT/int4ring_kernels.log"
+timeout 400 python benchmarks/llm/bench_decode.py --sections int4tcringab > "$OUT/int4ring.log" 2>&1
+echo "int4tcringab rc=$?"; grep -E "graph replay|not used" "$OUT/int4ring.log" | sort | uniq -c
 elif [ "${1:-}" = int4-ncu ]; then  # staged after M7: why the tensor-core kernel loses on o and down (~7 min)
 # Nsight Compute of the int4 step as it runs (gate/up and the LM head on the tensor-core kernel), then with
 # o and down on it too (M4: alone 4.3 / 9.9 us against Triton's 2.3 / 7.6): DRAM throughput, occupancy and
@@ -62,5 +68,5 @@ for f in ncu_int4_tc ncu_int4_tc_narrow; do
     python benchmarks/llm/ncu_decode.py --summarize "$OUT/$f.csv" > "$OUT/$f.json"
 done
 else
-    echo "usage: $0 kernels|server|int4-speed|int4-quality|int4-ncu" >&2; exit 2
+    echo "usage: $0 kernels|server|int4-speed|int4-quality|int4-ring|int4-ncu" >&2; exit 2
 fi

@@ -26,8 +26,11 @@ from inferforge.llm.gemv import RopeCache
 from inferforge.llm.gemv_int4 import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
-# (rows a program / 16, warps a program) the library is built for.
-CONFIGS = [(1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8)]
+# (rows a program / 16, warps a program[, stages]) the library is built for: without stages a warp keeps its
+# whole K range in shared memory; with them, a ring of that many quads of packed rows (built for the narrow
+# products, not yet timed: llm-engine.md "Next device run").
+CONFIGS = [(1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8), (1, 8, 4), (1, 16, 8), (2, 16, 4)]
+Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
 STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # the kernel's epilogues
 # Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
 # runs M3-M6): gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits) at 64 rows and 8 warps a
@@ -36,7 +39,7 @@ STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # the kernel's epilogues
 # (4.3 / 9.9 against 2.3 / 7.6 us, M4): narrow products are latency, where the Triton kernel's single tile
 # is shorter. Other shapes: products at least 8,192 rows wide, the same tiles. Measured on the H100 only;
 # the kernel also builds and runs on Ampere and Ada (sm_80+, without PDL), untimed there.
-TUNED: dict[tuple[int, int], tuple[int, int] | None] = {
+TUNED: dict[tuple[int, int], Tiles | None] = {
     (3072, 2048): None,
     (2048, 2048): None,
     (2048, 8192): None,
@@ -51,8 +54,8 @@ class BuildError(RuntimeError):
     """nvcc is missing or failed: the engine keeps the Triton kernel."""
 
 
-def choice(n: int, k: int) -> tuple[int, int] | None:
-    """(mt, warps) for a product of N x K, or None: keep `gemv_int4`."""
+def choice(n: int, k: int) -> Tiles | None:
+    """The tiles for a product of N x K, or None: keep `gemv_int4`."""
     if (n, k) in TUNED:
         return TUNED[(n, k)]
     return (4, 8) if n >= 8192 and k <= 8 * 2048 else None
@@ -99,7 +102,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:4]]  # fmt: skip
+                                        *ints[:5]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -147,7 +150,7 @@ def gemv_int4_tc(
     silu_pair: bool = False,
     out_dtype: torch.dtype | None = None,
     rope_cache: RopeCache | None = None,
-    tiles: tuple[int, int] | None = None,
+    tiles: Tiles | None = None,
 ) -> torch.Tensor:
     """`gemv_int4.gemv_int4` for one row x [1, K] (bf16 or fp16), without bias: the same rounding (RMSNorm
     prologue; residual add, SiLU(gate) x up, RoPE + cache write, fp32 or activation-dtype output)."""
@@ -158,12 +161,13 @@ def gemv_int4_tc(
         raise ValueError(f"x and the scales must both be bf16 or fp16, got {x.dtype} / {weight.scales.dtype}")
     if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
         raise ValueError(f"norm_weight must be [{k}] of {x.dtype}")
-    mt, warps = tiles or choice(n, k) or (4, 8)
-    if (mt, warps) not in CONFIGS:
-        raise ValueError(f"tiles (mt, warps) must be one of {CONFIGS}, got {(mt, warps)}")
+    tiles = tiles or choice(n, k) or (4, 8)
+    if tiles not in CONFIGS:
+        raise ValueError(f"tiles (mt, warps[, stages]) must be one of {CONFIGS}, got {tiles}")
+    mt, warps, stages = (*tiles, 0)[:3]
     d = None if rope_cache is None else rope_cache.k_cache.shape[-1]
-    if not supported(n, k, weight.group, silu_pair, (mt, warps), d):
-        raise ValueError(f"tiles {(mt, warps)} do not fit N={n}, K={k}, group={weight.group}")
+    if not supported(n, k, weight.group, silu_pair, tiles, d):
+        raise ValueError(f"tiles {tiles} do not fit N={n}, K={k}, group={weight.group}")
     if any(t.data_ptr() % 16 for t in (x, weight.packed, *(() if norm_weight is None else (norm_weight,)))):
         raise ValueError("x, the norm weight and the packed weight must be 16-byte aligned")
     y, epilogue = _outputs(x, n, residual, silu_pair, out_dtype, rope_cache)
@@ -180,30 +184,27 @@ def gemv_int4_tc(
         weight.scales.data_ptr(), weight.zeros.data_ptr(), null if residual is None else residual.data_ptr(),
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
-        torch.cuda.current_stream(x.device).cuda_stream, *rope,
+        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages,
     )  # fmt: skip
     if code != 0:
         raise ValueError(
-            f"int4 tensor-core GEMV refused N={n}, K={k}, group={weight.group}, tiles {(mt, warps)}: "
-            f"code {code}"
+            f"int4 tensor-core GEMV refused N={n}, K={k}, group={weight.group}, tiles {tiles}: code {code}"
         )
     return y
 
 
-def supported(
-    n: int, k: int, group: int, silu_pair: bool, tiles: tuple[int, int], head_dim: int | None = None
-) -> bool:
+def supported(n: int, k: int, group: int, silu_pair: bool, tiles: Tiles, head_dim: int | None = None) -> bool:
     """The shapes the kernel takes (as `launch` in the .cu checks them): whole programs of rows (for RoPE,
     `head_dim` given: whole programs in each half of a head), K split into whole groups per warp, at most
     2,048 of K a warp."""
-    mt, warps = tiles
+    mt, warps = tiles[0], tiles[1]
     if head_dim is not None and (head_dim // 2) % (8 * mt):
         return False
     paired = silu_pair or head_dim is not None
     rows, per_program = (n // 2, 8 * mt) if paired else (n, 16 * mt)
     quads = k // 32 // warps if k % (32 * warps) == 0 else 0
     return (
-        (mt, warps) in CONFIGS
+        tiles in CONFIGS
         and group in (64, 128)
         and n % 4 == 0
         and rows % per_program == 0
@@ -250,11 +251,13 @@ def disable() -> str:
 
 
 def check(device: torch.device, dtype: torch.dtype) -> float:
-    """Largest difference to `gemv_int4` relative to its largest output, over the epilogues, on random int4
-    weights in gemlite's layout (one bf16 rounding is ~4e-3; a misread layout is off by O(1))."""
+    """Largest difference to `gemv_int4` relative to its largest output, over the epilogues and every tile
+    configuration `TUNED` uses, on random int4 weights in gemlite's layout (one bf16 rounding is ~4e-3; a
+    misread layout is off by O(1))."""
     from inferforge.llm.gemv_int4 import gemv_int4
 
     gen = torch.Generator(device="cpu").manual_seed(0)
+    in_use = sorted({t for t in TUNED.values() if t} | {(4, 8)})
     worst = 0.0
     for n, k, group in ((16384, 2048, 64), (2048 * 4, 2048, 128), (4096, 4096, 64)):
         packed = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)
@@ -268,8 +271,11 @@ def check(device: torch.device, dtype: torch.dtype) -> float:
                  {"norm_weight": g, "eps": 1e-5, "out_dtype": torch.float32}]  # fmt: skip
         for kw in cases:
             want = gemv_int4(x, w, **kw).float()  # type: ignore[arg-type]
-            got = gemv_int4_tc(x, w, tiles=(4, 8), **kw).float()  # type: ignore[arg-type]
-            worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
+            for tiles in in_use:
+                if not supported(n, k, group, bool(kw.get("silu_pair")), tiles):
+                    continue
+                got = gemv_int4_tc(x, w, tiles=tiles, **kw).float()  # type: ignore[arg-type]
+                worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
     return max(worst, _check_rope(device, dtype, gen))
 
 

@@ -171,15 +171,19 @@ __device__ __forceinline__ long long load_index(const void* p, int idx64) {
 // and no block barrier stands between the copies and the products. After the wait each warp builds its
 // rows' x operands (RMSNorm'd as transformers rounds it when `norm` is set) and their sums per group.
 // The warps' partial sums meet in shared memory at the end.
-template <int MT, int WARPS, int G, bool F16, int EPI>
+// STAGES > 0: each warp keeps only that many quads of packed rows in shared memory (a ring refilled as it
+// goes), so a program's footprint no longer grows with K; 0: its whole range. (The ring is built and
+// compile-checked, not yet timed: llm-engine.md "Next device run" says what it is for.)
+template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
     constexpr int ROWS = 16 * MT, HALF = 8 * MT;
     constexpr int STRIDE = ROWS + 8;  // words a packed row takes in shared memory (conflict-free reads)
     constexpr float OFFSET = F16 ? 1024.f : 128.f;
     extern __shared__ __align__(16) unsigned char smem[];
     const int n = a.n, k = a.k, kp = k / 8;
-    uint32_t* ws = reinterpret_cast<uint32_t*>(smem);                  // [kp][STRIDE]
-    uint4* xp = reinterpret_cast<uint4*>(ws + (size_t)kp * STRIDE);    // [kp]: (x[8r+i], x[8r+i+4]), i < 4
+    uint32_t* ws = reinterpret_cast<uint32_t*>(smem);  // [kp][STRIDE], or [WARPS][STAGES][4][STRIDE]
+    const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * STRIDE : (size_t)kp * STRIDE;
+    uint4* xp = reinterpret_cast<uint4*>(ws + ws_words);  // [kp]: (x[8r+i], x[8r+i+4]), i < 4
     float* xsum = reinterpret_cast<float*>(xp + kp);                   // [k / G]
     float* red = xsum + k / G;                                         // [WARPS][ROWS]
 
@@ -194,15 +198,23 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     const int base1 = EPI == SILU_PAIR ? n / 2 + base0 : EPI == ROPE_CACHE ? base0 + a.head_dim / 2 : base0 + HALF;
     const int iters = kp / 4 / WARPS;  // packed-row quads per warp
     const int q0 = warp * iters;       // first quad
-    for (int it = 0; it < iters; ++it) {
+    // Where quad `it` of this warp lives in shared memory (word offset of its first packed row).
+    auto slot_of = [&](int it) -> int {
+        return STAGES ? ((warp * STAGES + it % STAGES) * 4) * STRIDE : 4 * (q0 + it) * STRIDE;
+    };
+    auto copy_quad = [&](int it) {  // one commit group, empty past the range (keeps the ring's count)
         constexpr int CHUNKS = 4 * MT;  // 16-byte pieces of a packed row (both row sets)
-        for (int c = lane; c < 4 * CHUNKS; c += 32) {
-            const int r = 4 * (q0 + it) + c / CHUNKS, j = c % CHUNKS;
-            const int h = j / (2 * MT), jj = j % (2 * MT);
-            cp_async16(ws + r * STRIDE + h * HALF + 4 * jj, a.w + (size_t)r * n + (h ? base1 : base0) + 4 * jj);
+        if (it < iters) {
+            for (int c = lane; c < 4 * CHUNKS; c += 32) {
+                const int rr = c / CHUNKS, j = c % CHUNKS, r = 4 * (q0 + it) + rr;
+                const int h = j / (2 * MT), jj = j % (2 * MT);
+                cp_async16(ws + slot_of(it) + rr * STRIDE + h * HALF + 4 * jj,
+                           a.w + (size_t)r * n + (h ? base1 : base0) + 4 * jj);
+            }
         }
         asm volatile("cp.async.commit_group;");
-    }
+    };
+    for (int it = 0; it < (STAGES ? STAGES : iters); ++it) copy_quad(it);
     const int quads_per_group = G / 32;
     const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group;
     float sv[MT][2][2], zv[MT][2][2];
@@ -305,10 +317,10 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         acc[m][0] = acc[m][1] = 0.f;
         c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
     }
-    const uint32_t* wlo = ws + (4 * q0 + t) * STRIDE + MT * g;
+    const uint32_t* wlo = ws + t * STRIDE + MT * g;
     const uint4* xq = xp + 4 * q0 + t;
     for (int it = 0; it < iters; ++it) {
-        cp_async_wait(iters - 1 - it);
+        cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
         __syncwarp();
         const int quad = q0 + it;
         const int group = quad / quads_per_group;
@@ -316,8 +328,12 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         const uint4 xv = xq[4 * it];
         const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
         const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
-        const Words<MT> wl = lds_words<MT>(wlo + 4 * it * STRIDE);
-        const Words<MT> wh = lds_words<MT>(wlo + 4 * it * STRIDE + HALF);
+        const Words<MT> wl = lds_words<MT>(wlo + slot_of(it));
+        const Words<MT> wh = lds_words<MT>(wlo + slot_of(it) + HALF);
+        if (STAGES) {  // every lane has read this slot: refill it with the quad STAGES ahead
+            __syncwarp();
+            copy_quad(it + STAGES);
+        }
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
             mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
@@ -400,7 +416,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     }
 }
 
-template <int MT, int WARPS, int G, bool F16, int EPI>
+template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
 int launch(const Args& a, cudaStream_t stream) {
     constexpr int ROWS = 16 * MT;
     const int k = a.k, n = a.n;
@@ -410,9 +426,10 @@ int launch(const Args& a, cudaStream_t stream) {
     if (EPI == ROPE_CACHE && ((a.head_dim / 2) % (8 * MT) || n != (a.heads + 2 * a.kv_heads) * a.head_dim))
         return -2;
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
-    const size_t smem = (size_t)(k / 8) * (ROWS + 8) * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
+    const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * (ROWS + 8) : (size_t)(k / 8) * (ROWS + 8);
+    const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
                         (size_t)WARPS * ROWS * 4;
-    auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI>;
+    auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
@@ -430,39 +447,39 @@ int launch(const Args& a, cudaStream_t stream) {
     return (int)cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <int MT, int WARPS, int G, bool F16>
+template <int MT, int WARPS, int G, bool F16, int S>
 int by_epilogue(int epilogue, const Args& a, cudaStream_t st) {
     switch (epilogue) {
-        case STORE: return launch<MT, WARPS, G, F16, STORE>(a, st);
-        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL>(a, st);
-        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE>(a, st);
-        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR>(a, st);
+        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st);
+        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st);
+        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st);
+        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st);
         default: return -4;
     }
 }
 
-template <int MT, int WARPS>
+template <int MT, int WARPS, int S>
 int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st) {
     if (group == 64) {
-        return f16 ? by_epilogue<MT, WARPS, 64, true>(epilogue, a, st)
-                   : by_epilogue<MT, WARPS, 64, false>(epilogue, a, st);
+        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st);
     }
     if (group == 128) {
-        return f16 ? by_epilogue<MT, WARPS, 128, true>(epilogue, a, st)
-                   : by_epilogue<MT, WARPS, 128, false>(epilogue, a, st);
+        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st);
     }
     return -3;
 }
 
 }  // namespace
 
-// Returns 0, a CUDA error code, or -1 (no such (mt, warps)), -2 (shape), -3 (group), -4 (epilogue).
+// Returns 0, a CUDA error code, or -1 (no such (mt, warps, stages)), -2 (shape), -3 (group), -4 (epilogue).
 extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, const void* s, const void* z,
                                const void* res, void* y, int n, int k, int group, int fma_mode, int f16,
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64) {
+                               int idx64, int stages) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
@@ -470,9 +487,10 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                  out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
                  static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
                  head_dim, idx64};
-#define IF_CASE(MT_, W_) \
-    if (mt == MT_ && warps == W_) return by_group<MT_, W_>(group, f16, epilogue, a, st);
-    IF_CASE(1, 8) IF_CASE(1, 16) IF_CASE(2, 8) IF_CASE(2, 16) IF_CASE(4, 4) IF_CASE(4, 8)
+#define IF_CASE(MT_, W_, S_) \
+    if (mt == MT_ && warps == W_ && stages == S_) return by_group<MT_, W_, S_>(group, f16, epilogue, a, st);
+    IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0) IF_CASE(4, 8, 0)
+    IF_CASE(1, 8, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
 #undef IF_CASE
     return -1;
 }
