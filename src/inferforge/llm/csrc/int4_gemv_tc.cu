@@ -200,7 +200,11 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     const int q0 = warp * iters;       // first quad
     // Where quad `it` of this warp lives in shared memory (word offset of its first packed row).
     auto slot_of = [&](int it) -> int {
-        return STAGES ? ((warp * STAGES + it % STAGES) * 4) * STRIDE : 4 * (q0 + it) * STRIDE;
+        if constexpr (STAGES > 0) {
+            return (warp * STAGES + it % STAGES) * 4 * STRIDE;
+        } else {
+            return 4 * (q0 + it) * STRIDE;
+        }
     };
     auto copy_quad = [&](int it) {  // one commit group, empty past the range (keeps the ring's count)
         constexpr int CHUNKS = 4 * MT;  // 16-byte pieces of a packed row (both row sets)
@@ -330,7 +334,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
         const Words<MT> wl = lds_words<MT>(wlo + slot_of(it));
         const Words<MT> wh = lds_words<MT>(wlo + slot_of(it) + HALF);
-        if (STAGES) {  // every lane has read this slot: refill it with the quad STAGES ahead
+        if constexpr (STAGES > 0) {  // every lane has read this slot: refill it with the quad STAGES ahead
             __syncwarp();
             copy_quad(it + STAGES);
         }
