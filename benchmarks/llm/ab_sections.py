@@ -500,14 +500,20 @@ def int4_recipe_ab(folder: Path) -> None:
     """int4 batch-1 decode with each recipe of `INT4_RECIPES`, twice in turn; bf16 once for the ratio."""
     from inferforge.llm import quant
 
-    default = dict(quant.INT4_RECIPE)
     RESULTS["int4recipe bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    for rep in range(2):
-        for name, change in INT4_RECIPES.items():
-            quant.INT4_RECIPE.update(default)
-            quant.INT4_RECIPE.update(change)
-            RESULTS[f"int4recipe {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
-    quant.INT4_RECIPE.update(default)
+    _int4_in_turn(folder, "int4recipe", quant.INT4_RECIPE, INT4_RECIPES)
+
+
+def _int4_in_turn(folder: Path, prefix: str, table: dict, variants: dict[str, dict], reps: int = 2) -> None:
+    """An int4 engine per variant, `reps` rounds in turn; each variant is `table` updated with its entries,
+    and the table is restored afterwards."""
+    saved = dict(table)
+    for rep in range(reps):
+        for name, change in variants.items():
+            table.update(saved)
+            table.update(change)
+            RESULTS[f"{prefix} {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    table.update(saved)
 
 
 def int4_tc_ab(folder: Path) -> None:
@@ -551,11 +557,5 @@ def int4_tc_ring_ab(folder: Path) -> None:
         "down on a 8-stage ring": {(2048, 8192): (1, 16, 8)},
         "o and down on rings": {(2048, 8192): (1, 16, 8), (2048, 2048): (1, 8, 4)},
     }
-    saved = dict(cuda_int4.TUNED)
     RESULTS["int4tcring bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    for rep in range(2):
-        for name, tiles in variants.items():
-            cuda_int4.TUNED.update(saved)
-            cuda_int4.TUNED.update(tiles)
-            RESULTS[f"int4tcring {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
-    cuda_int4.TUNED.update(saved)
+    _int4_in_turn(folder, "int4tcring", cuda_int4.TUNED, variants)
