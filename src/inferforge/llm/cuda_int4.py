@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from inferforge.llm import fused
-from inferforge.llm.gemv import RopeCache
+from inferforge.llm.gemv import RESIDUAL, ROPE_CACHE, SILU_PAIR, STORE, RopeCache
 from inferforge.llm.gemv_int4 import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
@@ -31,7 +31,6 @@ SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
 # products, not yet timed: llm-engine.md "Next device run").
 CONFIGS = [(1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8), (1, 8, 4), (1, 16, 8), (2, 16, 4)]
 Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
-STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # the kernel's epilogues
 # Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
 # runs M3-M6): gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits) at 64 rows and 8 warps a
 # program: the int4 step 709-713 us -> 602-613 us (bf16 953-956 in the same calls). q/k/v (RMSNorm, RoPE +
@@ -47,7 +46,7 @@ TUNED: dict[tuple[int, int], Tiles | None] = {
     (128256, 2048): (4, 8),
 }
 STATE: dict = {"on": False, "error": None}
-_LIB: dict[str, ctypes.CDLL] = {}
+_LIB: dict[tuple, ctypes.CDLL] = {}
 
 
 class BuildError(RuntimeError):
@@ -93,12 +92,12 @@ def build(path: Path | None = None) -> Path:
 
 
 def library() -> ctypes.CDLL:
-    """The loaded library (`INFERFORGE_INT4_TC_LIB` names a prebuilt one)."""
+    """The loaded library (`INFERFORGE_INT4_TC_LIB` names a prebuilt one), resolved once per override and
+    GPU kind: every launch calls this, and the cache path hashes the source."""
     override = os.environ.get("INFERFORGE_INT4_TC_LIB")
-    path = Path(override) if override else build()
-    key = str(path)
+    key = (override, torch.cuda.get_device_capability())
     if key not in _LIB:
-        lib = ctypes.CDLL(key)
+        lib = ctypes.CDLL(str(Path(override) if override else build()))
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,

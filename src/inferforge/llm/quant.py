@@ -7,9 +7,10 @@ weights and serve every batch size above 1, and at batch 1 `gemv.py` / `gemv_int
 (faster than gemlite's own batch-1 kernels). A format is offered (`OFFERED`) only once measured faster than
 bf16 end to end at batch 1 through the engine: on the H100 (2026-11-23, 1.2B Llama shape, bf16 itself at
 1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph); since then int8 1.46-1.49x (H8, L1, L4) and
-int4 1.35x (L4, L5: graph 703-713 us against 953). At batch 64 (G14, engine loop, same run as bf16)
-fp8 runs at 1.06x bf16 and int8 at 0.95x, with the narrow products on gemlite's split-K kernel
-(`SPLITK_NARROW`), int4 at 0.78x (G15): int4 is for latency-bound serving and smaller memory.
+int4 1.35x on the Triton GEMV (L4, L5), 1.56-1.58x with the tensor-core one for its wide products (M4, M6:
+graph 602-613 us against 953-956). At batch 64 (G14, engine loop, same run as bf16) fp8 runs at 1.06x bf16
+and int8 at 0.95x, with the narrow products on gemlite's split-K kernel (`SPLITK_NARROW`), int4 at 0.78x
+(G15): int4 is for latency-bound serving and smaller memory.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ INT4_GROUP = 64
 # ("int4", or "int8": the head is a fifth of the int4 bytes, and Nsight read its int4 GEMV at 43% of DRAM
 # peak where int8's reads at 89%, L2 / K1 of 2026-11-23). Benchmarks change these for their A/B runs
 # (`bench_decode.py --sections int4recipeab`, `train_small_llama.py --formats int4-g128,int4-head8`); the
-# defaults are the measured recipe (D4: int4 +0.253 held-out perplexity on the project's own model).
+# defaults are the measured recipe (D4: int4 +0.253 held-out perplexity on the project's own model; M2:
+# groups of 128 slower in the step, 724 against 710 us).
 INT4_RECIPE: dict = {"group": INT4_GROUP, "lm_head": "int4"}
 
 
