@@ -516,6 +516,61 @@ def _int4_in_turn(folder: Path, prefix: str, table: dict, variants: dict[str, di
     table.update(saved)
 
 
+def int4_tc_down_ab(folder: Path) -> None:
+    """After N2 (down on the 8-stage ring: 605-608 -> 564-567 us): down's other tiles in the step, and q/k/v
+    on the tensor-core kernel beside down's ring, in turn; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    down = (2048, 8192)
+    variants = {
+        "down 1x16 ring 8": {down: (1, 16, 8)},
+        "down 2x16 ring 4": {down: (2, 16, 4)},
+        "down 2x16": {down: (2, 16)},
+        "down ring 8, qkv 2x16": {down: (1, 16, 8), (3072, 2048): (2, 16)},
+    }
+    RESULTS["int4tcdown bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    _int4_in_turn(folder, "int4tcdown", cuda_int4.TUNED, variants)
+
+
+def int4_tc_ring2_ab(folder: Path) -> None:
+    """After N3 (down on the 8-stage ring in `cuda_int4.TUNED`): shorter rings for down, and rings for gate/up
+    and the LM head (their whole K range in shared memory blocks the next kernel's programs under PDL, the
+    footprint hypothesis), in turn against the step as it runs; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    down, w13, head = (2048, 8192), (16384, 2048), (128256, 2048)
+    variants = {
+        "as run": {},
+        "down 1x16 ring 4": {down: (1, 16, 4)},
+        "down 1x16 ring 2": {down: (1, 16, 2)},
+        "down 1x8 ring 8": {down: (1, 8, 8)},
+        "gate/up ring 4": {w13: (4, 8, 4)},
+        "gate/up ring 2": {w13: (4, 8, 2)},
+        "gate/up and head ring 4": {w13: (4, 8, 4), head: (4, 8, 4)},
+    }
+    RESULTS["int4tcring2 bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    _int4_in_turn(folder, "int4tcring2", cuda_int4.TUNED, variants)
+
+
+def int4_tc_narrow_ab(folder: Path) -> None:
+    """After N4 (gate/up, the LM head and down on rings of 4 in `cuda_int4.TUNED`): q/k/v and o on the
+    tensor-core kernel again, now that no neighbour holds a whole K range in shared memory; in turn against
+    the step as it runs; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    qkv, o, down = (3072, 2048), (2048, 2048), (2048, 8192)
+    variants = {
+        "as run": {},
+        "qkv 2x16 ring 4": {qkv: (2, 16, 4)},
+        "qkv 2x16": {qkv: (2, 16)},
+        "o 1x8 ring 4": {o: (1, 8, 4)},
+        "o 2x16 ring 4": {o: (2, 16, 4)},
+        "down 1x16 ring 8": {down: (1, 16, 8)},
+    }
+    RESULTS["int4tcnarrow bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    _int4_in_turn(folder, "int4tcnarrow", cuda_int4.TUNED, variants)
+
+
 def int4_tc_ab(folder: Path) -> None:
     """int4 batch-1 decode with the tensor-core GEMV for the wide products (`cuda_int4`, gate/up and the LM
     head) against the Triton one alone, in turn: on, off, on; bf16 once for the ratio."""

@@ -134,9 +134,11 @@ def rope_micro() -> None:
     print("qkv norm + rope (us): " + "  ".join(f"{key[:-3]} {v:5.1f}" for key, v in out.items()))
 
 
-def micro(quick: bool) -> dict[str, tuple[int, int]]:
+def micro(quick: bool, shapes: tuple[str, ...] = ()) -> dict[str, tuple[int, int]]:
     best: dict[str, tuple[int, int]] = {}
     for name, (n, k) in SHAPES.items():
+        if shapes and name not in shapes:
+            continue
         copies = 4 if name == "lm_head" else 16
         layers = [make_layer(n, k) for _ in range(copies)]
         ws = [w for _, w in layers]
@@ -154,6 +156,7 @@ def micro(quick: bool) -> dict[str, tuple[int, int]]:
         tbs = n * k * 2 / us_b / 1e6
         print(f"{name:8s} {n}x{k} cuBLAS bf16           {us_b:7.1f} us {tbs:5.2f} TB/s")
         del bf
+        fused.enable_pdl(True)  # as the Triton kernel above and as in the step (M4-M7 timed it without)
         top = None
         for cfg in cuda_int4.CONFIGS[: 6 if quick else None]:
             try:
@@ -215,6 +218,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sections", default="accuracy,epilogues,rope,micro,chain")
+    ap.add_argument("--shapes", default="", help="micro: these of " + ",".join(SHAPES) + " (default all)")
     args = ap.parse_args()
     sections = args.sections.split(",")
     print(torch.cuda.get_device_name(), "library", cuda_int4.library()._name, flush=True)
@@ -225,7 +229,8 @@ def main() -> None:
             epilogues()
         if "rope" in sections:
             rope_micro()
-        best = micro(args.quick) if "micro" in sections or "chain" in sections else {}
+        shapes = tuple(s for s in args.shapes.split(",") if s)
+        best = micro(args.quick, shapes) if "micro" in sections or "chain" in sections else {}
         if "chain" in sections:
             chain(best)
     finally:

@@ -27,24 +27,34 @@ from inferforge.llm.gemv_int4 import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
 # (rows a program / 16, warps a program[, stages]) the library is built for: without stages a warp keeps its
-# whole K range in shared memory; with them, a ring of that many quads of packed rows (built for the narrow
-# products, not yet timed: llm-engine.md "Next device run").
-CONFIGS = [(1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8), (1, 8, 4), (1, 16, 8), (2, 16, 4)]
+# whole K range in shared memory; with them, a ring of that many quads of packed rows, so a program's
+# footprint no longer grows with K.
+CONFIGS = [
+    (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
+    (1, 8, 4), (1, 8, 8), (1, 16, 2), (1, 16, 4), (1, 16, 8), (2, 16, 4), (4, 8, 2), (4, 8, 4),
+]  # fmt: skip
 Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
 # Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
-# runs M3-M6): gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits) at 64 rows and 8 warps a
-# program: the int4 step 709-713 us -> 602-613 us (bf16 953-956 in the same calls). q/k/v (RMSNorm, RoPE +
-# cache) lost there (632-638 us with it, M6; alone 5.2-5.4 against Triton's 4.2 us); o and down lost alone
-# (4.3 / 9.9 against 2.3 / 7.6 us, M4): narrow products are latency, where the Triton kernel's single tile
-# is shorter. Other shapes: products at least 8,192 rows wide, the same tiles. Measured on the H100 only;
-# the kernel also builds and runs on Ampere and Ada (sm_80+, without PDL), untimed there.
+# runs M3-M6 and N1-N4; bf16 953-956 us in the same calls):
+# - gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits), 64 rows and 8 warps a program: the
+#   int4 step 709-713 -> 602-613 us with their whole K range in shared memory (M4, M6), 527-531 us on rings
+#   of 2-4 stages (N4): a small footprint lets the next kernel's programs become resident under PDL.
+# - down, 16 rows and 16 warps a program on a ring of 4-8 stages: 604-608 -> 557-567 us (N2-N4). With its
+#   whole K range in shared memory it lost (604-605 in the step, N3), as did rings at 32 rows (640-642, N3) or
+#   8 warps (662-665, N4).
+# - q/k/v (RMSNorm, RoPE + cache) and o lost (632-638 against 602-605 us, M6; 585-589 against 563-567,
+#   N3; 572-575 for o on rings, N2): narrow products are latency, where the Triton kernel's single tile is
+#   shorter.
+# Other shapes: products at least 8,192 rows wide, gate/up's tiles. Measured on the H100 only; the kernel
+# also builds and runs on Ampere and Ada (sm_80+, without PDL), untimed there.
 TUNED: dict[tuple[int, int], Tiles | None] = {
     (3072, 2048): None,
     (2048, 2048): None,
-    (2048, 8192): None,
-    (16384, 2048): (4, 8),
-    (128256, 2048): (4, 8),
+    (2048, 8192): (1, 16, 4),
+    (16384, 2048): (4, 8, 4),
+    (128256, 2048): (4, 8, 4),
 }
+WIDE: Tiles = (4, 8, 4)
 STATE: dict = {"on": False, "error": None}
 _LIB: dict[tuple, ctypes.CDLL] = {}
 
@@ -57,7 +67,7 @@ def choice(n: int, k: int) -> Tiles | None:
     """The tiles for a product of N x K, or None: keep `gemv_int4`."""
     if (n, k) in TUNED:
         return TUNED[(n, k)]
-    return (4, 8) if n >= 8192 and k <= 8 * 2048 else None
+    return WIDE if n >= 8192 and k <= 8 * 2048 else None
 
 
 def library_path() -> Path:
@@ -160,7 +170,7 @@ def gemv_int4_tc(
         raise ValueError(f"x and the scales must both be bf16 or fp16, got {x.dtype} / {weight.scales.dtype}")
     if norm_weight is not None and (norm_weight.shape != (k,) or norm_weight.dtype != x.dtype):
         raise ValueError(f"norm_weight must be [{k}] of {x.dtype}")
-    tiles = tiles or choice(n, k) or (4, 8)
+    tiles = tiles or choice(n, k) or WIDE
     if tiles not in CONFIGS:
         raise ValueError(f"tiles (mt, warps[, stages]) must be one of {CONFIGS}, got {tiles}")
     mt, warps, stages = (*tiles, 0)[:3]
@@ -256,7 +266,7 @@ def check(device: torch.device, dtype: torch.dtype) -> float:
     from inferforge.llm.gemv_int4 import gemv_int4
 
     gen = torch.Generator(device="cpu").manual_seed(0)
-    in_use = sorted({t for t in TUNED.values() if t} | {(4, 8)})
+    in_use = sorted({t for t in TUNED.values() if t} | {WIDE})
     worst = 0.0
     for n, k, group in ((16384, 2048, 64), (2048 * 4, 2048, 128), (4096, 4096, 64)):
         packed = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)

@@ -172,8 +172,8 @@ __device__ __forceinline__ long long load_index(const void* p, int idx64) {
 // rows' x operands (RMSNorm'd as transformers rounds it when `norm` is set) and their sums per group.
 // The warps' partial sums meet in shared memory at the end.
 // STAGES > 0: each warp keeps only that many quads of packed rows in shared memory (a ring refilled as it
-// goes), so a program's footprint no longer grows with K; 0: its whole range. (The ring is built and
-// compile-checked, not yet timed: llm-engine.md "Next device run" says what it is for.)
+// goes), so a program's footprint no longer grows with K; 0: its whole range. (Runs N1-N3: down on a ring
+// of 8 took the int4 step from 604-608 to 563-567 us; cuda_int4.TUNED.)
 template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
     constexpr int ROWS = 16 * MT, HALF = 8 * MT;
@@ -494,7 +494,8 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
 #define IF_CASE(MT_, W_, S_) \
     if (mt == MT_ && warps == W_ && stages == S_) return by_group<MT_, W_, S_>(group, f16, epilogue, a, st);
     IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0) IF_CASE(4, 8, 0)
-    IF_CASE(1, 8, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
+    IF_CASE(1, 8, 4) IF_CASE(1, 8, 8) IF_CASE(1, 16, 2) IF_CASE(1, 16, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
+    IF_CASE(4, 8, 2) IF_CASE(4, 8, 4)
 #undef IF_CASE
     return -1;
 }
