@@ -571,6 +571,34 @@ def int4_tc_narrow_ab(folder: Path) -> None:
     _int4_in_turn(folder, "int4tcnarrow", cuda_int4.TUNED, variants)
 
 
+def int4_tc_o_ab(folder: Path) -> None:
+    """N5 left o on a ring (2 x 16, 4 stages) 1-4 us ahead of the step as it runs (518-522 against 522-524):
+    three rounds in turn to tell; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    variants = {"as run": {}, "o 2x16 ring 4": {(2048, 2048): (2, 16, 4)}}
+    RESULTS["int4tco bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    _int4_in_turn(folder, "int4tco", cuda_int4.TUNED, variants, reps=3)
+
+
+def int4_tc_wide_ab(folder: Path) -> None:
+    """After N6 (o's ring within noise, left on Triton): wider tiles for gate/up and the LM head on rings of 4
+    (16 warps, or 128 rows a program), in turn against the step as it runs; bf16 once. Ran once (N7): both
+    lost and failed the GPU accuracy test, so they were taken out of `cuda_int4.CONFIGS` again; rerunning
+    this needs them built back in (`IF_CASE` in the .cu)."""
+    from inferforge.llm import cuda_int4
+
+    w13, head = (16384, 2048), (128256, 2048)
+    variants = {
+        "as run": {},
+        "gate/up 4x16 ring 4": {w13: (4, 16, 4)},
+        "gate/up 8x8 ring 4": {w13: (8, 8, 4)},
+        "head 8x8 ring 4": {head: (8, 8, 4)},
+    }
+    RESULTS["int4tcwide bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    _int4_in_turn(folder, "int4tcwide", cuda_int4.TUNED, variants)
+
+
 def int4_tc_ab(folder: Path) -> None:
     """int4 batch-1 decode with the tensor-core GEMV for the wide products (`cuda_int4`, gate/up and the LM
     head) against the Triton one alone, in turn: on, off, on; bf16 once for the ratio."""

@@ -270,8 +270,9 @@ def _wide_llama(folder: Path, tokenizer_dir: Path) -> Path:
 @needs_cuda
 def test_int4_engine_greedy_is_the_same_with_the_tensor_core_gemv(tiny_llama: Path, tmp_path: Path) -> None:
     """The engine with the tensor-core kernel on every product it takes (o, gate/up, down, the LM head:
-    `cuda_int4.TUNED` widened for the test) against the Triton int4 kernel alone, greedy, same bytes: equal
-    tokens, or a difference only after a near tie (sums in another order)."""
+    `cuda_int4.TUNED` widened for the test; gate/up and down on the rings the 1.2B engine uses) against the
+    Triton int4 kernel alone, greedy, same bytes: equal tokens, or a difference only after a near tie (sums
+    in another order)."""
     from inferforge.llm import cuda_int4, kernels
 
     folder = _wide_llama(tmp_path / "wide", tiny_llama)
@@ -282,7 +283,10 @@ def test_int4_engine_greedy_is_the_same_with_the_tensor_core_gemv(tiny_llama: Pa
     try:
         for on in (False, True):
             kernels.INT4_TC["on"] = on
-            cuda_int4.TUNED.update({(512, 512): (1, 8), (4096, 512): (1, 8), (512, 2048): (1, 8)})
+            tiles = {(512, 512): (1, 8), (4096, 512): (4, 8, 4), (512, 2048): (1, 16, 4)}
+            assert cuda_int4.supported(4096, 512, 64, True, tiles[(4096, 512)])
+            assert cuda_int4.supported(512, 2048, 64, False, tiles[(512, 2048)])
+            cuda_int4.TUNED.update(tiles)
             vocab = transformers_vocab(folder)
             cuda_int4.TUNED[(vocab, 512)] = (1, 8)
             eng = LLMEngine(folder, cfg)
