@@ -6,8 +6,9 @@ Triton kernels.
 Why a CUDA kernel: Triton cannot place dequantized nibbles into `mma` operand registers, and the Triton int4
 GEMV (`gemv_int4.py`) is bound by instruction issue (~7 SASS instructions a weight, Nsight run L2 of
 2026-11-23). Here a nibble pair becomes an operand by one shift and one lop3 and the tensor cores multiply
-and sum. It wins on the wide products (gate/up, the LM head) and loses on the narrow ones, whose time is
-latency (runs M3-M6 in docs/llm-runs.md), so `choice` sends only the measured winners to it.
+and sum. It wins on gate/up, down and the LM head (with a ring of shared-memory stages a warp, runs N2-N5)
+and loses on q/k/v and o, whose time is latency (runs M3-M6, N3-N6 in docs/llm-runs.md), so `choice` sends
+only the measured winners to it.
 """
 
 from __future__ import annotations

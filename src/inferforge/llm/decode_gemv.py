@@ -1,8 +1,8 @@
 """The products of a batch-1 decode step: which kernel reads which layer, on the layer's own bytes.
 
 Float `nn.Linear` and gemlite's 8-bit channel-wise layers go to `gemv.gemv`, gemlite's packed int4 layers to
-`gemv_int4.gemv_int4` (the wide ones to `cuda_int4` once it is built and checked on the device); the model
-calls `linear` (and builds a `RopeCache`) without knowing which. This module sits above the kernels so none
+`gemv_int4.gemv_int4` (gate/up, down and the LM head to `cuda_int4` once it is built and checked on the
+device); the model calls `linear` (and builds a `RopeCache`) without knowing which. This module sits above the kernels so none
 imports another's dispatch.
 """
 
@@ -54,7 +54,7 @@ def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tens
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
-        if cuda_int4.usable(weight, x, bias, kw):  # the wide products (`cuda_int4.choice`)
+        if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`)
             return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]
