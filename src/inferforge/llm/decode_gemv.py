@@ -2,8 +2,8 @@
 
 Float `nn.Linear` and gemlite's 8-bit channel-wise layers go to `gemv.gemv`, gemlite's packed int4 layers to
 `gemv_int4.gemv_int4` (gate/up, down and the LM head to `cuda_int4` once it is built and checked on the
-device); the model calls `linear` (and builds a `RopeCache`) without knowing which. This module sits above the kernels so none
-imports another's dispatch.
+device); the model calls `linear` (and builds a `RopeCache`) without knowing which. This module sits above
+the kernels so none imports another's dispatch.
 """
 
 from __future__ import annotations
