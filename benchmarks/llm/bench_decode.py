@@ -66,7 +66,7 @@ from engine_bench import (
     row,
     static_compile_peer,
 )
-from profiles import graph_profile, prefill_profile
+from profiles import graph_profile, int4_ring_overlap_profile, prefill_profile
 
 
 def load_configs(folder: Path) -> None:
@@ -176,6 +176,7 @@ def main() -> None:
         ("graphprof", lambda: graph_profile(folder)),
         ("graphprof64", lambda: graph_profile(folder, 64)),
         ("graphprofq", lambda: [graph_profile(folder, 1, q) for q in ("int8", "int4")]),
+        ("int4overlap", lambda: int4_ring_overlap_profile(folder)),
         ("b64ab", lambda: batch64_ab(folder)),
         ("prefillprof", lambda: prefill_profile(folder)),
         ("quantstart", lambda: quant_start(folder)),

@@ -126,3 +126,21 @@ def graph_profile(folder: Path, batch: int = 1, quant: str | None = None) -> Non
         row(f"  {key[:50]}", f"n={d['count']} busy {d['busy_us']:.0f} us, adds {d['adds_us']:.0f} us")
     del eng
     free()
+
+
+def int4_ring_overlap_profile(folder: Path) -> None:
+    """Kernel timelines of the int4 batch-1 graph with gate/up, the LM head and down on their rings (as run)
+    and with their whole K range in shared memory (M4-M6's tiles), in turn: if the rings help by letting the
+    next kernel's programs become resident under PDL, a kernel's busy time overlaps its neighbours more
+    (busy minus adds grows) with them."""
+    from inferforge.llm import cuda_int4
+
+    saved = dict(cuda_int4.TUNED)
+    whole = {(16384, 2048): (4, 8), (128256, 2048): (4, 8), (2048, 8192): (1, 16)}
+    for name, change in (("rings", {}), ("whole", whole), ("rings again", {})):
+        cuda_int4.TUNED.update(saved)
+        cuda_int4.TUNED.update(change)
+        print(f"-- int4 graph profile, tiles: {name}", flush=True)
+        graph_profile(folder, 1, "int4")
+        RESULTS[f"int4_overlap_{name}"] = RESULTS.pop("graph_profile_b1int4")
+    cuda_int4.TUNED.update(saved)

@@ -39,7 +39,7 @@ Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
 # runs M3-M6 and N1-N4; bf16 953-956 us in the same calls):
 # - gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits), 64 rows and 8 warps a program: the
 #   int4 step 709-713 -> 602-613 us with their whole K range in shared memory (M4, M6), 527-531 us on rings
-#   of 2-4 stages (N4): a small footprint lets the next kernel's programs become resident under PDL.
+#   of 2-4 stages (N4): each kernel is shorter (N9's timelines; the overlap with its neighbours is unchanged).
 # - down, 16 rows and 16 warps a program on a ring of 4-8 stages: 604-608 -> 557-567 us (N2-N4). With its
 #   whole K range in shared memory it lost (604-605 in the step, N3), as did rings at 32 rows (640-642, N3) or
 #   8 warps (662-665, N4).
