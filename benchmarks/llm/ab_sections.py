@@ -516,10 +516,17 @@ def _int4_in_turn(folder: Path, prefix: str, table: dict, variants: dict[str, di
     table.update(saved)
 
 
+def _int4_tiles_in_turn(folder: Path, prefix: str, variants: dict[str, dict], reps: int = 2) -> None:
+    """bf16 once, then an int4 engine per `cuda_int4.TUNED` variant, `reps` rounds in turn."""
+    from inferforge.llm import cuda_int4
+
+    RESULTS[f"{prefix} bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    _int4_in_turn(folder, prefix, cuda_int4.TUNED, variants, reps)
+
+
 def int4_tc_down_ab(folder: Path) -> None:
     """After N2 (down on the 8-stage ring: 605-608 -> 564-567 us): down's other tiles in the step, and q/k/v
     on the tensor-core kernel beside down's ring, in turn; bf16 once."""
-    from inferforge.llm import cuda_int4
 
     down = (2048, 8192)
     variants = {
@@ -528,15 +535,13 @@ def int4_tc_down_ab(folder: Path) -> None:
         "down 2x16": {down: (2, 16)},
         "down ring 8, qkv 2x16": {down: (1, 16, 8), (3072, 2048): (2, 16)},
     }
-    RESULTS["int4tcdown bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    _int4_in_turn(folder, "int4tcdown", cuda_int4.TUNED, variants)
+    _int4_tiles_in_turn(folder, "int4tcdown", variants)
 
 
 def int4_tc_ring2_ab(folder: Path) -> None:
     """After N3 (down on the 8-stage ring in `cuda_int4.TUNED`): shorter rings for down, and rings for gate/up
     and the LM head (their whole K range in shared memory blocks the next kernel's programs under PDL, the
     footprint hypothesis), in turn against the step as it runs; bf16 once."""
-    from inferforge.llm import cuda_int4
 
     down, w13, head = (2048, 8192), (16384, 2048), (128256, 2048)
     variants = {
@@ -548,15 +553,13 @@ def int4_tc_ring2_ab(folder: Path) -> None:
         "gate/up ring 2": {w13: (4, 8, 2)},
         "gate/up and head ring 4": {w13: (4, 8, 4), head: (4, 8, 4)},
     }
-    RESULTS["int4tcring2 bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    _int4_in_turn(folder, "int4tcring2", cuda_int4.TUNED, variants)
+    _int4_tiles_in_turn(folder, "int4tcring2", variants)
 
 
 def int4_tc_narrow_ab(folder: Path) -> None:
     """After N4 (gate/up, the LM head and down on rings of 4 in `cuda_int4.TUNED`): q/k/v and o on the
     tensor-core kernel again, now that no neighbour holds a whole K range in shared memory; in turn against
     the step as it runs; bf16 once."""
-    from inferforge.llm import cuda_int4
 
     qkv, o, down = (3072, 2048), (2048, 2048), (2048, 8192)
     variants = {
@@ -567,18 +570,15 @@ def int4_tc_narrow_ab(folder: Path) -> None:
         "o 2x16 ring 4": {o: (2, 16, 4)},
         "down 1x16 ring 8": {down: (1, 16, 8)},
     }
-    RESULTS["int4tcnarrow bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    _int4_in_turn(folder, "int4tcnarrow", cuda_int4.TUNED, variants)
+    _int4_tiles_in_turn(folder, "int4tcnarrow", variants)
 
 
 def int4_tc_o_ab(folder: Path) -> None:
     """N5 left o on a ring (2 x 16, 4 stages) 1-4 us ahead of the step as it runs (518-522 against 522-524):
     three rounds in turn to tell; bf16 once."""
-    from inferforge.llm import cuda_int4
 
     variants = {"as run": {}, "o 2x16 ring 4": {(2048, 2048): (2, 16, 4)}}
-    RESULTS["int4tco bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    _int4_in_turn(folder, "int4tco", cuda_int4.TUNED, variants, reps=3)
+    _int4_tiles_in_turn(folder, "int4tco", variants, reps=3)
 
 
 def int4_tc_wide_ab(folder: Path) -> None:
@@ -586,7 +586,6 @@ def int4_tc_wide_ab(folder: Path) -> None:
     (16 warps, or 128 rows a program), in turn against the step as it runs; bf16 once. Ran once (N7): both
     lost and failed the GPU accuracy test, so they were taken out of `cuda_int4.CONFIGS` again; rerunning
     this needs them built back in (`IF_CASE` in the .cu)."""
-    from inferforge.llm import cuda_int4
 
     w13, head = (16384, 2048), (128256, 2048)
     variants = {
@@ -595,8 +594,7 @@ def int4_tc_wide_ab(folder: Path) -> None:
         "gate/up 8x8 ring 4": {w13: (8, 8, 4)},
         "head 8x8 ring 4": {head: (8, 8, 4)},
     }
-    RESULTS["int4tcwide bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    _int4_in_turn(folder, "int4tcwide", cuda_int4.TUNED, variants)
+    _int4_tiles_in_turn(folder, "int4tcwide", variants)
 
 
 def int4_tc_ab(folder: Path) -> None:
@@ -633,12 +631,10 @@ def int4_tc_ring_ab(folder: Path) -> None:
     """Staged after M7: the tensor-core kernel's ring of shared-memory stages (`cuda_int4.CONFIGS` with a
     third number) for the narrow products inside the step: down alone, then o and down, against the step as
     it runs (gate/up and the LM head only), in turn; bf16 once."""
-    from inferforge.llm import cuda_int4
 
     variants = {
         "as run": {},
         "down on a 8-stage ring": {(2048, 8192): (1, 16, 8)},
         "o and down on rings": {(2048, 8192): (1, 16, 8), (2048, 2048): (1, 8, 4)},
     }
-    RESULTS["int4tcring bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    _int4_in_turn(folder, "int4tcring", cuda_int4.TUNED, variants)
+    _int4_tiles_in_turn(folder, "int4tcring", variants)
