@@ -36,7 +36,7 @@ CONFIGS = [
 ]  # fmt: skip
 Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
 # Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
-# runs M3-M6 and N1-N4; bf16 953-956 us in the same calls):
+# runs M3-M6 and N1-N9; bf16 953-959 us in the same calls):
 # - gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits), 64 rows and 8 warps a program: the
 #   int4 step 709-713 -> 602-613 us with their whole K range in shared memory (M4, M6), 527-531 us on rings
 #   of 2-4 stages (N4): each kernel is shorter (N9's timelines; the overlap with its neighbours is unchanged).

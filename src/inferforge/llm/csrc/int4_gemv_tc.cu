@@ -172,8 +172,8 @@ __device__ __forceinline__ long long load_index(const void* p, int idx64) {
 // rows' x operands (RMSNorm'd as transformers rounds it when `norm` is set) and their sums per group.
 // The warps' partial sums meet in shared memory at the end.
 // STAGES > 0: each warp keeps only that many quads of packed rows in shared memory (a ring refilled as it
-// goes), so a program's footprint no longer grows with K; 0: its whole range. (Runs N1-N3: down on a ring
-// of 8 took the int4 step from 604-608 to 563-567 us; cuda_int4.TUNED.)
+// goes), so a program's footprint no longer grows with K; 0: its whole range. (Runs N2-N5: gate/up, down and
+// the LM head on rings of 4 took the int4 step from 602-608 to 522-524 us; cuda_int4.TUNED says which.)
 template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
     constexpr int ROWS = 16 * MT, HALF = 8 * MT;
