@@ -8,8 +8,8 @@
 #     bash benchmarks/llm/next_device_run.sh server     # 3 and 4, ~9 minutes; results and logs under $OUT
 #     bash benchmarks/llm/next_device_run.sh int4-speed    # ran in M2 (timed out after two of three recipes)
 #     bash benchmarks/llm/next_device_run.sh int4-quality  # not run: M2 settled the recipe (llm-runs.md M2)
-#     bash benchmarks/llm/next_device_run.sh int4-ring     # staged after M7 (llm-engine.md "Next device run")
-#     bash benchmarks/llm/next_device_run.sh int4-ncu      # staged after M7
+#     bash benchmarks/llm/next_device_run.sh int4-ring     # ran as N2 (llm-runs.md)
+#     bash benchmarks/llm/next_device_run.sh int4-ncu      # rings against whole K ranges (after N9)
 #
 # 1. split-K for the down product (gemv.SPLIT_K 1 / 2 / 4), int8 and bf16, batch-1 graphs, twice in turn;
 # 2. what the decode attention costs inside the int8 / bf16 batch-1 chain (the call skipped, timing only):
@@ -52,19 +52,20 @@ timeout 150 python benchmarks/llm/bench_int4_tc.py --sections accuracy,micro > "
 echo "kernels rc=$?"; grep -E "^(accuracy|o |w2 |qkv )" "$OUT/int4ring_kernels.log"
 timeout 400 python benchmarks/llm/bench_decode.py --sections int4tcringab > "$OUT/int4ring.log" 2>&1
 echo "int4tcringab rc=$?"; grep -E "graph replay|not used" "$OUT/int4ring.log" | sort | uniq -c
-elif [ "${1:-}" = int4-ncu ]; then  # staged after M7: why the tensor-core kernel loses on o and down (~7 min)
-# Nsight Compute of the int4 step as it runs (gate/up and the LM head on the tensor-core kernel), then with
-# o and down on it too (M4: alone 4.3 / 9.9 us against Triton's 2.3 / 7.6): DRAM throughput, occupancy and
-# warp stalls per kernel, side by side.
+elif [ "${1:-}" = int4-ncu ]; then  # staged after M7, rewritten after N9: why a ring streams faster (~7 min)
+# Nsight Compute of the int4 step as it runs (gate/up, the LM head and down on rings of 4), then with the
+# same tiles holding their whole K range in shared memory (M4-M6's): DRAM throughput, occupancy, warp stalls
+# and memory workload per kernel, side by side (N9: the rings make each kernel shorter, with the same
+# programs an SM and the same overlap with its neighbours).
 NCU="ncu --profile-from-start off --clock-control none --graph-profiling node --section SpeedOfLight
      --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis
      --csv --page details"
-timeout 250 $NCU python benchmarks/llm/ncu_decode.py --quants int4 > "$OUT/ncu_int4_tc.csv" 2> "$OUT/ncu_int4_tc.err"
-echo "ncu as run rc=$?"
-timeout 250 $NCU python benchmarks/llm/ncu_decode.py --quants int4 --int4-tc 2048x2048=1x8,2048x8192=1x16 \
-    > "$OUT/ncu_int4_tc_narrow.csv" 2> "$OUT/ncu_int4_tc_narrow.err"
-echo "ncu narrow on tc rc=$?"
-for f in ncu_int4_tc ncu_int4_tc_narrow; do
+timeout 250 $NCU python benchmarks/llm/ncu_decode.py --quants int4 > "$OUT/ncu_int4_rings.csv" 2> "$OUT/ncu_int4_rings.err"
+echo "ncu rings rc=$?"
+timeout 250 $NCU python benchmarks/llm/ncu_decode.py --quants int4 \
+    --int4-tc 16384x2048=4x8,128256x2048=4x8,2048x8192=1x16 > "$OUT/ncu_int4_whole.csv" 2> "$OUT/ncu_int4_whole.err"
+echo "ncu whole ranges rc=$?"
+for f in ncu_int4_rings ncu_int4_whole; do
     python benchmarks/llm/ncu_decode.py --summarize "$OUT/$f.csv" > "$OUT/$f.json"
 done
 else
