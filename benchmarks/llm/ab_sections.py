@@ -584,8 +584,8 @@ def int4_tc_o_ab(folder: Path) -> None:
 def int4_tc_wide_ab(folder: Path) -> None:
     """After N6 (o's ring within noise, left on Triton): wider tiles for gate/up and the LM head on rings of 4
     (16 warps, or 128 rows a program), in turn against the step as it runs; bf16 once. Ran once (N7): both
-    lost and failed the GPU accuracy test, so they were taken out of `cuda_int4.CONFIGS` again; rerunning
-    this needs them built back in (`IF_CASE` in the .cu)."""
+    lost, and (8, 8, 4) computed wrong results (N10: fixed by refusing MT 8 at build time), so both were
+    taken out of `cuda_int4.CONFIGS` again; rerunning this needs (4, 16, 4) built back in (`IF_CASE`)."""
 
     w13, head = (16384, 2048), (128256, 2048)
     variants = {

@@ -104,6 +104,9 @@ __device__ __forceinline__ void cp_async_wait(int pending) {
 
 template <int MT>
 __device__ __forceinline__ Words<MT> lds_words(const uint32_t* p) {
+    // One vector load of a thread's MT words. Other MT would leave words unread (run N10: tiles of MT 8
+    // computed garbage), so they do not build.
+    static_assert(MT == 1 || MT == 2 || MT == 4, "tiles of 16, 32 or 64 rows a program");
     Words<MT> w;
     if constexpr (MT == 4) {
         const uint4 v = *reinterpret_cast<const uint4*>(p);
