@@ -260,6 +260,15 @@ def disable() -> str:
     return STATE["error"]
 
 
+def _random_weight(
+    n: int, k: int, group: int, device: torch.device, dtype: torch.dtype, gen: torch.Generator
+) -> Int4Weight:
+    """Random int4 weights in gemlite's layout (fma mode, zeros -8 x scale), drawn from `gen` on the CPU."""
+    packed = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)
+    scales = (torch.rand(k // group, n, generator=gen) * 0.01 + 1e-3).to(device, dtype)
+    return Int4Weight(packed, scales, (-8 * scales.float()).to(dtype), group, True)
+
+
 def check(device: torch.device, dtype: torch.dtype) -> float:
     """Largest difference to `gemv_int4` relative to its largest output, over the epilogues and every tile
     configuration `TUNED` uses, on random int4 weights in gemlite's layout (one bf16 rounding is ~4e-3; a
@@ -270,10 +279,7 @@ def check(device: torch.device, dtype: torch.dtype) -> float:
     in_use = sorted({t for t in TUNED.values() if t} | {WIDE})
     worst = 0.0
     for n, k, group in ((16384, 2048, 64), (2048 * 4, 2048, 128), (4096, 4096, 64)):
-        packed = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)
-        scales = (torch.rand(k // group, n, generator=gen) * 0.01 + 1e-3).to(device, dtype)
-        zeros = (-8 * scales.float()).to(dtype)
-        w = Int4Weight(packed, scales, zeros, group, True)
+        w = _random_weight(n, k, group, device, dtype, gen)
         x = torch.randn(1, k, generator=gen).to(device, dtype)
         g = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
         r = torch.randn(1, n, generator=gen).to(device, dtype)
@@ -296,9 +302,7 @@ def _check_rope(device: torch.device, dtype: torch.dtype, gen: torch.Generator) 
 
     heads, kv_heads, d, k = 32, 8, 64, 2048
     n = (heads + 2 * kv_heads) * d
-    packed = torch.randint(-(2**31), 2**31 - 1, (k // 8, n), generator=gen, dtype=torch.int32).to(device)
-    scales = (torch.rand(k // 64, n, generator=gen) * 0.01 + 1e-3).to(device, dtype)
-    w = Int4Weight(packed, scales, (-8 * scales.float()).to(dtype), 64, True)
+    w = _random_weight(n, k, 64, device, dtype, gen)
     x = torch.randn(1, k, generator=gen).to(device, dtype)
     g = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
     cos, sin = (torch.randn(100, d, generator=gen).to(device, dtype) for _ in range(2))
