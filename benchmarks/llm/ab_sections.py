@@ -638,3 +638,34 @@ def int4_tc_ring_ab(folder: Path) -> None:
         "o and down on rings": {(2048, 8192): (1, 16, 8), (2048, 2048): (1, 8, 4)},
     }
     _int4_tiles_in_turn(folder, "int4tcring", variants)
+
+
+# Down on its whole K range beside gate/up (O-series): gate/up's programs (4x8 on a ring of 4: 104 registers
+# x 256 threads and 43 KB of shared memory each, two an SM) leave room for one down program of 4 warps (72
+# registers x 128 threads, 115 KB) but not of 8 or 16 (by ptxas, sm_90). Such a program becomes resident
+# while gate/up still runs, copies its whole 64 KB of weights before `griddepcontrol.wait`, and computes
+# from shared memory once gate/up ends. The carveout asks each SM for the shared-memory split that leaves it
+# room (the split is set when a kernel starts on an idle SM).
+INT4_CORESIDENT = {
+    "as run": ({}, -1),
+    "as run, carveout 100": ({}, 100),
+    "down 1x4 whole": ({(2048, 8192): (1, 4)}, -1),
+    "down 1x4 whole, carveout 100": ({(2048, 8192): (1, 4)}, 100),
+    "down 1x8 whole, carveout 100": ({(2048, 8192): (1, 8)}, 100),
+}
+
+
+def int4_coresident_ab(folder: Path, reps: int = 2) -> None:
+    """The int4 batch-1 step with each `INT4_CORESIDENT` variant, `reps` rounds in turn; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    RESULTS["int4cores bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    saved = dict(cuda_int4.TUNED)
+    for rep in range(reps):
+        for name, (change, carveout) in INT4_CORESIDENT.items():
+            cuda_int4.TUNED.update(saved)
+            cuda_int4.TUNED.update(change)
+            cuda_int4.CARVEOUT["percent"] = carveout
+            RESULTS[f"int4cores {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    cuda_int4.TUNED.update(saved)
+    cuda_int4.CARVEOUT["percent"] = -1

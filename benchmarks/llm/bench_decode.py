@@ -27,6 +27,7 @@ from ab_sections import (
     blas_ab,
     carveout_ab,
     early_next_tile_ab,
+    int4_coresident_ab,
     int4_recipe_ab,
     int4_tc_ab,
     int4_tc_down_ab,
@@ -66,7 +67,7 @@ from engine_bench import (
     row,
     static_compile_peer,
 )
-from profiles import graph_profile, int4_ring_overlap_profile, prefill_profile
+from profiles import graph_profile, int4_coresident_profile, int4_ring_overlap_profile, prefill_profile
 
 
 def load_configs(folder: Path) -> None:
@@ -163,6 +164,8 @@ def main() -> None:
         ("int4tcnarrowab", lambda: int4_tc_narrow_ab(folder)),
         ("int4tcoab", lambda: int4_tc_o_ab(folder)),
         ("int4tcwideab", lambda: int4_tc_wide_ab(folder)),
+        ("int4coresab", lambda: int4_coresident_ab(folder)),
+        ("int4coresprof", lambda: int4_coresident_profile(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

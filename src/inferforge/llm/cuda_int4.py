@@ -31,7 +31,7 @@ SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
 # whole K range in shared memory; with them, a ring of that many quads of packed rows, so a program's
 # footprint no longer grows with K.
 CONFIGS = [
-    (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
+    (1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
     (1, 8, 4), (1, 8, 8), (1, 16, 2), (1, 16, 4), (1, 16, 8), (2, 16, 4), (4, 8, 2), (4, 8, 4),
 ]  # fmt: skip
 Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
@@ -56,6 +56,8 @@ TUNED: dict[tuple[int, int], Tiles | None] = {
     (128256, 2048): (4, 8, 4),
 }
 WIDE: Tiles = (4, 8, 4)
+# Shared-memory carveout every launch asks for (percent of the most an SM offers; -1 the driver's choice).
+CARVEOUT = {"percent": -1}
 STATE: dict = {"on": False, "error": None}
 _LIB: dict[tuple, ctypes.CDLL] = {}
 
@@ -112,7 +114,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:5]]  # fmt: skip
+                                        *ints[:6]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -194,7 +196,7 @@ def gemv_int4_tc(
         weight.scales.data_ptr(), weight.zeros.data_ptr(), null if residual is None else residual.data_ptr(),
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
-        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages,
+        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, CARVEOUT["percent"],
     )  # fmt: skip
     if code != 0:
         raise ValueError(
@@ -206,7 +208,7 @@ def gemv_int4_tc(
 def supported(n: int, k: int, group: int, silu_pair: bool, tiles: Tiles, head_dim: int | None = None) -> bool:
     """The shapes the kernel takes (as `launch` in the .cu checks them): whole programs of rows (for RoPE,
     `head_dim` given: whole programs in each half of a head), K split into whole groups per warp, at most
-    2,048 of K a warp."""
+    2,048 of K a warp; without a ring, N a multiple of 8 (the scales' rows are copied 16 bytes at a time)."""
     mt, warps = tiles[0], tiles[1]
     if head_dim is not None and (head_dim // 2) % (8 * mt):
         return False
@@ -216,7 +218,7 @@ def supported(n: int, k: int, group: int, silu_pair: bool, tiles: Tiles, head_di
     return (
         tiles in CONFIGS
         and group in (64, 128)
-        and n % 4 == 0
+        and n % (4 if len(tiles) > 2 else 8) == 0
         and rows % per_program == 0
         and quads > 0
         and quads % (group // 32) == 0

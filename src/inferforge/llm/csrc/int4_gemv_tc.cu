@@ -189,6 +189,10 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     uint4* xp = reinterpret_cast<uint4*>(ws + ws_words);  // [kp]: (x[8r+i], x[8r+i+4]), i < 4
     float* xsum = reinterpret_cast<float*>(xp + kp);                   // [k / G]
     float* red = xsum + k / G;                                         // [WARPS][ROWS]
+    // STAGES == 0: the scales and zeros of the program's rows too, [k / G][2][HALF] each, copied with the
+    // first quad so that no global load stands between the wait and the products.
+    uint16_t* ssm = reinterpret_cast<uint16_t*>(red + WARPS * ROWS);
+    uint16_t* zsm = ssm + (STAGES ? 0 : (size_t)(k / G) * ROWS);
 
     if (a.pdl == 2) launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -221,9 +225,18 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         }
         asm volatile("cp.async.commit_group;");
     };
-    for (int it = 0; it < (STAGES ? STAGES : iters); ++it) copy_quad(it);
     const int quads_per_group = G / 32;
     const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group;
+    if constexpr (STAGES == 0) {  // 16-byte pieces: (group, set h, scales or zeros, piece of HALF values)
+        constexpr int PIECES = MT;
+        for (int c = lane; c < (g_end - g_first) * 2 * 2 * PIECES; c += 32) {
+            const int gi = g_first + c / (4 * PIECES), h = (c / (2 * PIECES)) % 2, zs = (c / PIECES) % 2;
+            const int piece = c % PIECES;
+            const uint16_t* src = (zs ? a.z : a.s) + (size_t)gi * n + (h ? base1 : base0) + 8 * piece;
+            cp_async16((zs ? zsm : ssm) + (gi * 2 + h) * HALF + 8 * piece, src);
+        }
+    }
+    for (int it = 0; it < (STAGES ? STAGES : iters); ++it) copy_quad(it);
     float sv[MT][2][2], zv[MT][2][2];
     auto load_scales = [&](int gbase) {
 #pragma unroll
@@ -235,11 +248,17 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
                     const int gi = gbase + 2 * t + c;
                     const int row = (h ? base1 : base0) + MT * g + m;
                     const bool ok = gi >= g_first && gi < g_end;
-                    sv[m][h][c] = ok ? to_f32<F16>(a.s[(size_t)gi * n + row]) : 0.f;
-                    zv[m][h][c] = ok ? to_f32<F16>(a.z[(size_t)gi * n + row]) : 0.f;
+                    if constexpr (STAGES == 0) {
+                        const int at = (gi * 2 + h) * HALF + MT * g + m;
+                        sv[m][h][c] = ok ? to_f32<F16>(ssm[at]) : 0.f;
+                        zv[m][h][c] = ok ? to_f32<F16>(zsm[at]) : 0.f;
+                    } else {
+                        sv[m][h][c] = ok ? to_f32<F16>(a.s[(size_t)gi * n + row]) : 0.f;
+                        zv[m][h][c] = ok ? to_f32<F16>(a.z[(size_t)gi * n + row]) : 0.f;
+                    }
                 }
     };
-    load_scales(g_first & ~7);
+    if constexpr (STAGES > 0) load_scales(g_first & ~7);
     // This lane's packed rows (at most kp / WARPS / 32 of them, rounded up) of the norm weight.
     const int r_first = 4 * q0, r_count = 4 * iters;
     constexpr int MAX_R = 8;  // packed rows a lane prepares: K / WARPS <= 2048
@@ -329,6 +348,9 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     for (int it = 0; it < iters; ++it) {
         cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
         __syncwarp();
+        if constexpr (STAGES == 0) {
+            if (it == 0) load_scales(g_first & ~7);  // landed with the first quad
+        }
         const int quad = q0 + it;
         const int group = quad / quads_per_group;
         const bool mine = g == (group & 7);
@@ -424,22 +446,33 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
 }
 
 template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
-int launch(const Args& a, cudaStream_t stream) {
+int launch(const Args& a, cudaStream_t stream, int carveout) {
     constexpr int ROWS = 16 * MT;
     const int k = a.k, n = a.n;
     const bool paired = EPI == SILU_PAIR || EPI == ROPE_CACHE;
     const int rows_total = paired ? n / 2 : n;
-    if (n % 4 || rows_total % (paired ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
+    if (n % (STAGES ? 4 : 8) || rows_total % (paired ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
     if (EPI == ROPE_CACHE && ((a.head_dim / 2) % (8 * MT) || n != (a.heads + 2 * a.kv_heads) * a.head_dim))
         return -2;
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
     const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * (ROWS + 8) : (size_t)(k / 8) * (ROWS + 8);
     const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
-                        (size_t)WARPS * ROWS * 4;
+                        (size_t)WARPS * ROWS * 4 + (STAGES ? 0 : (size_t)(k / G) * ROWS * 2 * 2);
     auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
+    }
+    // An SM's split between L1 and shared memory is set when a kernel starts on it while it is idle: a
+    // program that needs more shared memory than the split its resident neighbour asked for waits for that
+    // neighbour to leave. `carveout` (percent of the maximum, -1: the driver's choice, as
+    // cudaSharedmemCarveoutDefault) asks for a split that leaves room for the next kernel's programs beside
+    // this one's under PDL. Set once per kernel and value (a graph replay calls nothing here).
+    static int carveout_set = -1;
+    if (carveout != carveout_set) {
+        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
+        if (e != cudaSuccess) return (int)e;
+        carveout_set = carveout;
     }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(paired ? n / 2 / (8 * MT) : n / ROWS);
@@ -455,25 +488,25 @@ int launch(const Args& a, cudaStream_t stream) {
 }
 
 template <int MT, int WARPS, int G, bool F16, int S>
-int by_epilogue(int epilogue, const Args& a, cudaStream_t st) {
+int by_epilogue(int epilogue, const Args& a, cudaStream_t st, int cv) {
     switch (epilogue) {
-        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st);
-        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st);
-        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st);
-        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st);
+        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st, cv);
+        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st, cv);
+        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st, cv);
+        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st, cv);
         default: return -4;
     }
 }
 
 template <int MT, int WARPS, int S>
-int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st) {
+int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st, int cv) {
     if (group == 64) {
-        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st)
-                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st);
+        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st, cv)
+                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st, cv);
     }
     if (group == 128) {
-        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st)
-                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st);
+        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st, cv)
+                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st, cv);
     }
     return -3;
 }
@@ -486,7 +519,7 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64, int stages) {
+                               int idx64, int stages, int carveout) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
@@ -494,9 +527,11 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                  out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
                  static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
                  head_dim, idx64};
-#define IF_CASE(MT_, W_, S_) \
-    if (mt == MT_ && warps == W_ && stages == S_) return by_group<MT_, W_, S_>(group, f16, epilogue, a, st);
-    IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0) IF_CASE(4, 8, 0)
+#define IF_CASE(MT_, W_, S_)                      \
+    if (mt == MT_ && warps == W_ && stages == S_) \
+        return by_group<MT_, W_, S_>(group, f16, epilogue, a, st, carveout);
+    IF_CASE(1, 4, 0) IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0)
+    IF_CASE(4, 8, 0)
     IF_CASE(1, 8, 4) IF_CASE(1, 8, 8) IF_CASE(1, 16, 2) IF_CASE(1, 16, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
     IF_CASE(4, 8, 2) IF_CASE(4, 8, 4)
 #undef IF_CASE
