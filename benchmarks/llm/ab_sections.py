@@ -669,3 +669,37 @@ def int4_coresident_ab(folder: Path, reps: int = 2) -> None:
             RESULTS[f"int4cores {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
     cuda_int4.TUNED.update(saved)
     cuda_int4.CARVEOUT["percent"] = -1
+
+
+# Batch-64 decode attention tiles (keys a loop iteration, warps a program), O-series: the 64 x (128 + 128)
+# load test, the target's own figure, with each; (64, 4) is `triton_attn`'s large-batch default (run 5 of
+# 2026-11-22, measured in the decode step at batch 64 then).
+ATTN64_TILES = {"64 keys, 4 warps": (64, 4), "128, 4": (128, 4), "128, 8": (128, 8), "32, 4": (32, 4),
+                "64, 2": (64, 2), "64, 8": (64, 8)}  # fmt: skip
+
+
+def attn64_tiles_ab(folder: Path, reps: int = 2) -> None:
+    """The load test (8,192 tokens a step) with each `ATTN64_TILES` entry, `reps` rounds in turn."""
+    from inferforge.llm import triton_attn
+
+    saved = (triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"])
+    for rep in range(reps):
+        for name, (tile, warps) in ATTN64_TILES.items():
+            triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = tile, warps
+            RESULTS[f"attn64tiles {name} rep{rep}"] = load_test(folder, None, 8192)
+            row(f"  [{name}]", "")
+    triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = saved
+
+
+def attn_grid_ab(folder: Path, reps: int = 3) -> None:
+    """The load test (its batch-64 graph replay is the GPU figure) with the decode attention's grid as
+    (sequences, KV heads) and as (KV heads, sequences) (`triton_attn.GRID`), `reps` rounds in turn."""
+    from inferforge.llm import triton_attn
+
+    for rep in range(reps):
+        for heads_first in (False, True):
+            triton_attn.GRID["heads_first"] = heads_first
+            name = "heads first" if heads_first else "sequences first"
+            RESULTS[f"attngrid {name} rep{rep}"] = load_test(folder, None, 8192)
+            row(f"  [{name}]", "")
+    triton_attn.GRID["heads_first"] = False

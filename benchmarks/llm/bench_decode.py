@@ -22,6 +22,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 import bench_parts
 from ab_sections import (
     attn64_ab,
+    attn64_tiles_ab,
+    attn_grid_ab,
     batch1_ab,
     batch64_ab,
     blas_ab,
@@ -124,6 +126,8 @@ def main() -> None:
         ("loadcfg", lambda: load_configs(folder)),
         ("blasab", lambda: blas_ab(folder)),
         ("attn64ab", lambda: attn64_ab(folder)),
+        ("attn64tiles", lambda: attn64_tiles_ab(folder)),
+        ("attngridab", lambda: attn_grid_ab(folder)),
         ("mlpchunk", lambda: mlp_chunk_ab(folder)),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
