@@ -22,23 +22,39 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).parent))
 from common import write_json
 
-SHAPES = {"o": (2048, 2048), "qkv": (3072, 2048), "down": (2048, 8192), "gate/up": (16384, 2048)}
+SHAPES = {"o": (2048, 2048), "qkv": (3072, 2048), "down": (2048, 8192)}
 COPIES = 16
 
 
 @triton.jit
 def _splitk_mm_kernel(X, W, Y, P, CNT, M, N, K, stride_xm, stride_wn, stride_ym, BLOCK_M: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr,
-                      STAGES: tl.constexpr):  # fmt: skip
+                      STAGES: tl.constexpr, PRE: tl.constexpr):  # fmt: skip
+    # PRE > 0: programmatic dependent launch; the program's first PRE weight tiles are loaded before the
+    # wait (weights are written by no kernel of the chain), the activations after it.
+    if PRE > 0:
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_per = K // SPLIT
+    k_lo = pid_k * k_per
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     mmask = offs_m[:, None] < M
-    for k0 in tl.range(pid_k * k_per, (pid_k + 1) * k_per, BLOCK_K, num_stages=STAGES):
+    if PRE > 0:
+        w0 = tl.load(W + offs_n[:, None] * stride_wn + (k_lo + offs_k)[None, :])
+        if PRE > 1:
+            w1 = tl.load(W + offs_n[:, None] * stride_wn + (k_lo + BLOCK_K + offs_k)[None, :])
+        tl.extra.cuda.gdc_wait()
+        x = tl.load(X + offs_m[:, None] * stride_xm + (k_lo + offs_k)[None, :], mask=mmask, other=0.0)
+        acc = tl.dot(x, tl.trans(w0), acc)
+        if PRE > 1:
+            x = tl.load(X + offs_m[:, None] * stride_xm + (k_lo + BLOCK_K + offs_k)[None, :], mask=mmask,
+                        other=0.0)  # fmt: skip
+            acc = tl.dot(x, tl.trans(w1), acc)
+    for k0 in tl.range(k_lo + PRE * BLOCK_K, k_lo + k_per, BLOCK_K, num_stages=STAGES):
         x = tl.load(X + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :], mask=mmask, other=0.0)
         w = tl.load(W + offs_n[:, None] * stride_wn + (k0 + offs_k)[None, :])
         acc = tl.dot(x, tl.trans(w), acc)
@@ -59,13 +75,13 @@ def _splitk_mm_kernel(X, W, Y, P, CNT, M, N, K, stride_xm, stride_wn, stride_ym,
 
 
 def splitk_mm(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, p: torch.Tensor, cnt: torch.Tensor,
-              cfg: tuple[int, int, int, int, int]) -> None:  # fmt: skip
-    bn, bk, split, stages, warps = cfg
+              cfg: tuple[int, int, int, int, int, int]) -> None:  # fmt: skip
+    bn, bk, split, stages, warps, pre = cfg
     m, k = x.shape
     n = w.shape[0]
     _splitk_mm_kernel[(n // bn, split)](
         x, w, y, p, cnt, m, n, k, x.stride(0), w.stride(0), y.stride(0), BLOCK_M=64, BLOCK_N=bn, BLOCK_K=bk,
-        SPLIT=split, STAGES=stages, num_warps=warps,
+        SPLIT=split, STAGES=stages, PRE=pre, num_warps=warps, **({"launch_pdl": True} if pre else {}),
     )  # fmt: skip
 
 
@@ -89,12 +105,13 @@ def graph_us(fn) -> float:  # type: ignore[no-untyped-def]
     return sorted(times)[len(times) // 2]
 
 
-def configs(n: int, k: int) -> list[tuple[int, int, int, int, int]]:
+def configs(n: int, k: int) -> list[tuple[int, int, int, int, int, int]]:
     out = []
-    for bn, bk, split, stages, warps in itertools.product((32, 64), (64, 128), (1, 2, 4, 8), (3, 4), (4,)):
-        if n % bn or k % (split * bk) or (n // bn) * split > 4 * 132:
+    grid = itertools.product((32, 64), (64, 128), (1, 2, 4, 8), (4,), (4,), (0, 1, 2))
+    for bn, bk, split, stages, warps, pre in grid:
+        if n % bn or k % (split * bk) or (n // bn) * split > 4 * 132 or k // split < pre * bk:
             continue
-        out.append((bn, bk, split, stages, warps))
+        out.append((bn, bk, split, stages, warps, pre))
     return out
 
 
@@ -114,7 +131,7 @@ def one_shape(name: str, n: int, k: int, gen: torch.Generator) -> dict:
     base = graph_us(cublas)
     row: dict = {"cublas_us": base, "cublas_tb_s": mb / base, "triton": {}}
     print(f"{name:8s} N={n} K={k} {mb:.1f} MB  cuBLASLt {base:6.2f} us ({mb / base:.2f} TB/s)", flush=True)
-    best = None
+    best: dict = {}
     for cfg in configs(n, k):
         p = torch.empty(cfg[2] * 64 * n, device=dev, dtype=torch.float32)
         cnt = torch.zeros(n // cfg[0], device=dev, dtype=torch.int32)
@@ -131,13 +148,12 @@ def one_shape(name: str, n: int, k: int, gen: torch.Generator) -> dict:
             print(f"   {cfg}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
             continue
         row["triton"][str(cfg)] = {"us": us, "max_err": err}
-        if best is None or us < best[1]:
-            best = (cfg, us, err)
-    if best:
-        cfg, us, err = best
-        print(f"   best split-K (bn, bk, split, stages, warps) {cfg}: {us:6.2f} us ({mb / us:.2f} TB/s, "
-              f"{base / us:.2f}x cuBLASLt), max err {err:.3g}", flush=True)  # fmt: skip
-        row["best"] = {"cfg": list(cfg), "us": us, "max_err": err, "speedup": base / us}
+        if cfg[-1] not in best or us < best[cfg[-1]][1]:
+            best[cfg[-1]] = (cfg, us, err)
+    for pre, (cfg, us, err) in sorted(best.items()):
+        speed = f"{us:6.2f} us ({mb / us:.2f} TB/s, {base / us:.2f}x cuBLASLt), max err {err:.3g}"
+        print(f"   best, {pre} tiles before the PDL wait (bn, bk, split, stages, warps, pre) {cfg}: {speed}")
+        row[f"best_pre{pre}"] = {"cfg": list(cfg), "us": us, "max_err": err, "speedup": base / us}
     return row
 
 
