@@ -703,3 +703,17 @@ def attn_grid_ab(folder: Path, reps: int = 3) -> None:
             RESULTS[f"attngrid {name} rep{rep}"] = load_test(folder, None, 8192)
             row(f"  [{name}]", "")
     triton_attn.GRID["heads_first"] = False
+
+
+def int4_norm_ab(folder: Path, reps: int = 3) -> None:
+    """The int4 batch-1 step with the tensor-core kernel's RMSNorm sum of squares read by every warp (as
+    run) and split over a program's warps (`cuda_int4.NORM`), `reps` rounds in turn; bf16 once."""
+    from inferforge.llm import cuda_int4
+
+    RESULTS["int4norm bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for rep in range(reps):
+        for shared in (False, True):
+            cuda_int4.NORM["shared"] = shared
+            name = "norm shared" if shared else "as run"
+            RESULTS[f"int4norm {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
+    cuda_int4.NORM["shared"] = False

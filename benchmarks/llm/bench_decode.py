@@ -30,6 +30,7 @@ from ab_sections import (
     carveout_ab,
     early_next_tile_ab,
     int4_coresident_ab,
+    int4_norm_ab,
     int4_recipe_ab,
     int4_tc_ab,
     int4_tc_down_ab,
@@ -169,6 +170,7 @@ def main() -> None:
         ("int4tcoab", lambda: int4_tc_o_ab(folder)),
         ("int4tcwideab", lambda: int4_tc_wide_ab(folder)),
         ("int4coresab", lambda: int4_coresident_ab(folder)),
+        ("int4normab", lambda: int4_norm_ab(folder)),
         ("int4coresprof", lambda: int4_coresident_profile(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

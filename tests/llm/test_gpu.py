@@ -234,11 +234,14 @@ def test_tensor_core_int4_gemv_matches_the_dequantized_product(group: int) -> No
 
 
 @needs_cuda
-def test_tensor_core_int4_epilogues_match_the_triton_kernel() -> None:
-    """RMSNorm prologue, SiLU x up, residual and fp32 output: as `gemv_int4` rounds them (the check an
-    engine runs before it switches the kernel on)."""
+@pytest.mark.parametrize("norm_shared", [False, True])
+def test_tensor_core_int4_epilogues_match_the_triton_kernel(norm_shared: bool, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """RMSNorm prologue (its sum of squares by every warp, or split over the warps: `cuda_int4.NORM`), SiLU
+    x up, residual and fp32 output: as `gemv_int4` rounds them (the check an engine runs before it switches
+    the kernel on)."""
     from inferforge.llm import cuda_int4
 
+    monkeypatch.setitem(cuda_int4.NORM, "shared", norm_shared)
     assert cuda_int4.check(torch.device("cuda"), torch.bfloat16) < 2e-2
     with pytest.raises(ValueError, match="tiles"):
         cuda_int4.gemv_int4_tc(torch.zeros(1, 2048, device="cuda", dtype=torch.bfloat16),

@@ -58,6 +58,9 @@ TUNED: dict[tuple[int, int], Tiles | None] = {
 WIDE: Tiles = (4, 8, 4)
 # Shared-memory carveout every launch asks for (percent of the most an SM offers; -1 the driver's choice).
 CARVEOUT = {"percent": -1}
+# RMSNorm prologue: each warp sums the squares of its own K range and the program's warps meet in shared
+# memory (True), or every warp reads the whole row (False, as measured up to N10).
+NORM = {"shared": False}
 STATE: dict = {"on": False, "error": None}
 _LIB: dict[tuple, ctypes.CDLL] = {}
 
@@ -114,7 +117,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:6]]  # fmt: skip
+                                        *ints[:7]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -197,6 +200,7 @@ def gemv_int4_tc(
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
         torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, CARVEOUT["percent"],
+        int(NORM["shared"]),
     )  # fmt: skip
     if code != 0:
         raise ValueError(

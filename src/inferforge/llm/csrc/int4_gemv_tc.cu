@@ -160,6 +160,7 @@ struct Args {
     uint16_t* vc;
     long long stride_slot;
     int heads, kv_heads, head_dim, idx64;
+    int norm_shared;  // 1: the RMSNorm's sum of squares split over the program's warps (see the prologue)
 };
 
 __device__ __forceinline__ long long load_index(const void* p, int idx64) {
@@ -189,9 +190,10 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     uint4* xp = reinterpret_cast<uint4*>(ws + ws_words);  // [kp]: (x[8r+i], x[8r+i+4]), i < 4
     float* xsum = reinterpret_cast<float*>(xp + kp);                   // [k / G]
     float* red = xsum + k / G;                                         // [WARPS][ROWS]
+    float* nsq = red + WARPS * ROWS;                                   // [WARPS] (norm_shared)
     // STAGES == 0: the scales and zeros of the program's rows too, [k / G][2][HALF] each, copied with the
     // first quad so that no global load stands between the wait and the products.
-    uint16_t* ssm = reinterpret_cast<uint16_t*>(red + WARPS * ROWS);
+    uint16_t* ssm = reinterpret_cast<uint16_t*>(nsq + WARPS);
     uint16_t* zsm = ssm + (STAGES ? 0 : (size_t)(k / G) * ROWS);
 
     if (a.pdl == 2) launch_dependents();
@@ -283,9 +285,13 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     if (a.pdl) wait_for_inputs();
     if (a.pdl == 1) launch_dependents();
     float inv = 1.f;
-    if (a.norm) {  // RMSNorm: rsqrt(mean(x^2) + eps) over the whole row, read by every warp
+    if (a.norm) {  // RMSNorm: rsqrt(mean(x^2) + eps) over the whole row
+        // norm_shared: each warp sums the squares of its own rows (the ones it turns into operands next,
+        // so their second read hits L1) and the program's warps meet in shared memory, in warp order;
+        // otherwise every warp reads the whole row from L2 (4 KB for K = 2,048) before its first product.
+        const int first = a.norm_shared ? r_first : 0, end = a.norm_shared ? r_first + r_count : kp;
         float sq = 0.f;
-        for (int r = lane; r < kp; r += 32) {
+        for (int r = first + lane; r < end; r += 32) {
             const uint4 raw = *reinterpret_cast<const uint4*>(a.x + 8 * r);
             const uint32_t v[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
@@ -296,6 +302,13 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
         }
 #pragma unroll
         for (int off = 16; off; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        if (a.norm_shared) {
+            if (lane == 0) nsq[warp] = sq;
+            __syncthreads();
+            sq = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) sq += nsq[wi];
+        }
         inv = rsqrtf(sq / k + a.eps);
     }
 #pragma unroll
@@ -457,7 +470,8 @@ int launch(const Args& a, cudaStream_t stream, int carveout) {
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
     const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * (ROWS + 8) : (size_t)(k / 8) * (ROWS + 8);
     const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
-                        (size_t)WARPS * ROWS * 4 + (STAGES ? 0 : (size_t)(k / G) * ROWS * 2 * 2);
+                        (size_t)WARPS * ROWS * 4 + (size_t)WARPS * 4 +
+                        (STAGES ? 0 : (size_t)(k / G) * ROWS * 2 * 2);
     auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
@@ -519,14 +533,14 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64, int stages, int carveout) {
+                               int idx64, int stages, int carveout, int norm_shared) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
                  static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(res), y, n, k, fma_mode, pdl,
                  out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
                  static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
-                 head_dim, idx64};
+                 head_dim, idx64, norm_shared};
 #define IF_CASE(MT_, W_, S_)                      \
     if (mt == MT_ && warps == W_ && stages == S_) \
         return by_group<MT_, W_, S_>(group, f16, epilogue, a, st, carveout);
