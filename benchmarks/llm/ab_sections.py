@@ -706,14 +706,32 @@ def attn_grid_ab(folder: Path, reps: int = 3) -> None:
 
 
 def int4_norm_ab(folder: Path, reps: int = 3) -> None:
-    """The int4 batch-1 step with the tensor-core kernel's RMSNorm sum of squares read by every warp (as
-    run) and split over a program's warps (`cuda_int4.NORM`), `reps` rounds in turn; bf16 once."""
+    """The int4 batch-1 step with the tensor-core kernel's RMSNorm sum of squares read by every warp and
+    split over a program's warps (`cuda_int4.NORM`, the default since O7), `reps` rounds in turn; bf16
+    once. O7 ran it with the whole-row read as the default ("as run" there)."""
     from inferforge.llm import cuda_int4
 
     RESULTS["int4norm bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    default = cuda_int4.NORM["shared"]
     for rep in range(reps):
         for shared in (False, True):
             cuda_int4.NORM["shared"] = shared
-            name = "norm shared" if shared else "as run"
+            name = "norm shared" if shared else "whole row a warp"
             RESULTS[f"int4norm {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
-    cuda_int4.NORM["shared"] = False
+    cuda_int4.NORM["shared"] = default
+
+
+def int4_head_tiles_ab(folder: Path) -> None:
+    """After O7 (the RMSNorm split over a program's warps): the LM head and gate/up on other tiles, in turn
+    against the step as it runs; bf16 once. The LM head at 4x8 on a ring of 4 is 2,004 programs (7.6 waves
+    at two an SM, O6's Nsight: 66.6 us alone at 68% of DRAM peak)."""
+
+    w13, head = (16384, 2048), (128256, 2048)
+    variants = {
+        "as run": {},
+        "head 2x16 ring 4": {head: (2, 16, 4)},
+        "head 1x16 ring 4": {head: (1, 16, 4)},
+        "head 4x8 ring 2": {head: (4, 8, 2)},
+        "gate/up 2x16 ring 4": {w13: (2, 16, 4)},
+    }
+    _int4_tiles_in_turn(folder, "int4head", variants)
