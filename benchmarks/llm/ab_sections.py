@@ -735,19 +735,3 @@ def int4_head_tiles_ab(folder: Path) -> None:
         "gate/up 2x16 ring 4": {w13: (2, 16, 4)},
     }
     _int4_tiles_in_turn(folder, "int4head", variants)
-
-
-def int4_layout_ab(folder: Path, reps: int = 3) -> None:
-    """The int4 batch-1 step with the tensor-core kernel streaming gemlite's words (a program's rows are a
-    strip of every packed row) and a tile-major copy (each program one contiguous range,
-    `cuda_int4.LAYOUT`), `reps` rounds in turn; bf16 once."""
-    from inferforge.llm import cuda_int4
-
-    RESULTS["int4layout bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    default = cuda_int4.LAYOUT["tiled"]
-    for rep in range(reps):
-        for tiled in (False, True):
-            cuda_int4.LAYOUT["tiled"] = tiled
-            name = "tile-major copy" if tiled else "gemlite layout"
-            RESULTS[f"int4layout {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
-    cuda_int4.LAYOUT["tiled"] = default

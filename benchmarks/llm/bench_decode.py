@@ -31,7 +31,6 @@ from ab_sections import (
     early_next_tile_ab,
     int4_coresident_ab,
     int4_head_tiles_ab,
-    int4_layout_ab,
     int4_norm_ab,
     int4_recipe_ab,
     int4_tc_ab,
@@ -174,7 +173,6 @@ def main() -> None:
         ("int4coresab", lambda: int4_coresident_ab(folder)),
         ("int4normab", lambda: int4_norm_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
-        ("int4layoutab", lambda: int4_layout_ab(folder)),
         ("int4coresprof", lambda: int4_coresident_profile(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

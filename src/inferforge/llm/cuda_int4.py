@@ -18,7 +18,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import types
 from pathlib import Path
 
 import torch
@@ -64,12 +63,6 @@ CARVEOUT = {"percent": -1}
 # (False, as measured up to N10). O7, three rounds in turn: 522 / 519 / 523 us a step against 535 / 524 /
 # 528 (bf16 951 in the same call).
 NORM = {"shared": True}
-# Weight layout the kernel streams: gemlite's [K/8, N] words, where a program's rows are a 64-256 byte strip
-# of every packed row (N x 4 bytes apart), or a tile-major copy ([programs][K/8][rows a program], made once
-# a layer and tile and kept on the layer, `tiled_copy`) whose programs each read one contiguous range. The
-# copy adds the layer's int4 bytes again (gemlite's kernels keep reading the original at larger batches).
-LAYOUT = {"tiled": False}
-_TILED_ATTR = "_inferforge_int4_tiled"
 STATE: dict = {"on": False, "error": None}
 _LIB: dict[tuple, ctypes.CDLL] = {}
 
@@ -126,7 +119,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:7], ctypes.c_int]  # fmt: skip
+                                        *ints[:7]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -164,27 +157,6 @@ def _outputs(
     return torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device), STORE
 
 
-def tiled_copy(weight: Int4Weight, rows: int, paired: bool, owner: object) -> torch.Tensor:
-    """The packed words tile-major for programs of `rows` output rows ([programs][K/8][rows]; SiLU pairs:
-    each program's gate rows then its up rows), made on first use and kept on `owner` (the layer), so a
-    CUDA-graph replay reads the same buffer. Not made during capture (the engine warms every bucket first)."""
-    cache = owner.__dict__.setdefault(_TILED_ATTR, {})
-    key = (rows, paired, weight.packed.data_ptr())
-    if key not in cache:
-        if weight.packed.is_cuda and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("the tile-major int4 copy is made before CUDA-graph capture (a warm-up call)")
-        kp, n = weight.packed.shape
-        half = rows // 2
-        if paired:
-            gate, up = (
-                weight.packed[:, i * (n // 2) : (i + 1) * (n // 2)].reshape(kp, -1, half) for i in (0, 1)
-            )
-            cache[key] = torch.stack([gate, up], dim=2).permute(1, 0, 2, 3).contiguous()
-        else:
-            cache[key] = weight.packed.reshape(kp, n // rows, rows).permute(1, 0, 2).contiguous()
-    return cache[key]
-
-
 def gemv_int4_tc(
     x: torch.Tensor,
     weight: Int4Weight,
@@ -196,11 +168,9 @@ def gemv_int4_tc(
     out_dtype: torch.dtype | None = None,
     rope_cache: RopeCache | None = None,
     tiles: Tiles | None = None,
-    owner: object | None = None,
 ) -> torch.Tensor:
     """`gemv_int4.gemv_int4` for one row x [1, K] (bf16 or fp16), without bias: the same rounding (RMSNorm
-    prologue; residual add, SiLU(gate) x up, RoPE + cache write, fp32 or activation-dtype output). `owner`
-    (the layer) keeps the tile-major copy when `LAYOUT` asks for one."""
+    prologue; residual add, SiLU(gate) x up, RoPE + cache write, fp32 or activation-dtype output)."""
     n, k = weight.shape
     if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != k or not x.is_contiguous():
         raise ValueError(f"x must be a contiguous [1, {k}] row, got {tuple(x.shape)}")
@@ -218,9 +188,6 @@ def gemv_int4_tc(
     if any(t.data_ptr() % 16 for t in (x, weight.packed, *(() if norm_weight is None else (norm_weight,)))):
         raise ValueError("x, the norm weight and the packed weight must be 16-byte aligned")
     y, epilogue = _outputs(x, n, residual, silu_pair, out_dtype, rope_cache)
-    packed, tiled = weight.packed, LAYOUT["tiled"] and owner is not None and rope_cache is None
-    if tiled:
-        packed = tiled_copy(weight, 16 * mt, silu_pair, owner)
     null = 0
     rc = rope_cache
     wide = 0 if rc is None else (rc.positions.dtype == torch.int64) + 2 * (rc.slots.dtype == torch.int64)
@@ -230,12 +197,12 @@ def gemv_int4_tc(
         rc.kv_heads, rc.k_cache.shape[-1], wide,
     )  # fmt: skip
     code = library().if_int4_gemv_tc(
-        x.data_ptr(), null if norm_weight is None else norm_weight.data_ptr(), packed.data_ptr(),
+        x.data_ptr(), null if norm_weight is None else norm_weight.data_ptr(), weight.packed.data_ptr(),
         weight.scales.data_ptr(), weight.zeros.data_ptr(), null if residual is None else residual.data_ptr(),
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
         torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, CARVEOUT["percent"],
-        int(NORM["shared"]), int(tiled),
+        int(NORM["shared"]),
     )  # fmt: skip
     if code != 0:
         raise ValueError(
@@ -321,7 +288,6 @@ def check(device: torch.device, dtype: torch.dtype) -> float:
     worst = 0.0
     for n, k, group in ((16384, 2048, 64), (2048 * 4, 2048, 128), (4096, 4096, 64)):
         w = _random_weight(n, k, group, device, dtype, gen)
-        owner = types.SimpleNamespace()  # holds the tile-major copies when LAYOUT asks for them
         x = torch.randn(1, k, generator=gen).to(device, dtype)
         g = (torch.rand(k, generator=gen) + 0.5).to(device, dtype)
         r = torch.randn(1, n, generator=gen).to(device, dtype)
@@ -332,7 +298,7 @@ def check(device: torch.device, dtype: torch.dtype) -> float:
             for tiles in in_use:
                 if not supported(n, k, group, bool(kw.get("silu_pair")), tiles):
                     continue
-                got = gemv_int4_tc(x, w, tiles=tiles, owner=owner, **kw).float()  # type: ignore[arg-type]
+                got = gemv_int4_tc(x, w, tiles=tiles, **kw).float()  # type: ignore[arg-type]
                 worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
     return max(worst, _check_rope(device, dtype, gen))
 

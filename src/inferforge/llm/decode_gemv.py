@@ -55,6 +55,6 @@ def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tens
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
         if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`)
-            return cuda_int4.gemv_int4_tc(x, weight, owner=module, **kw)  # type: ignore[arg-type]
+            return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]

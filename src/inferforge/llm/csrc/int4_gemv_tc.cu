@@ -161,7 +161,6 @@ struct Args {
     long long stride_slot;
     int heads, kv_heads, head_dim, idx64;
     int norm_shared;  // 1: the RMSNorm's sum of squares split over the program's warps (see the prologue)
-    int tiled;        // 1: `w` holds each program's words contiguously, [programs][K/8][ROWS] (not RoPE)
 };
 
 __device__ __forceinline__ long long load_index(const void* p, int idx64) {
@@ -222,10 +221,8 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
             for (int c = lane; c < 4 * CHUNKS; c += 32) {
                 const int rr = c / CHUNKS, j = c % CHUNKS, r = 4 * (q0 + it) + rr;
                 const int h = j / (2 * MT), jj = j % (2 * MT);
-                // tiled: this program's words of packed row r at (program, r) x ROWS (`cuda_int4.LAYOUT`)
-                const uint32_t* src = a.tiled ? a.w + ((size_t)blockIdx.x * kp + r) * ROWS + h * HALF + 4 * jj
-                                              : a.w + (size_t)r * n + (h ? base1 : base0) + 4 * jj;
-                cp_async16(ws + slot_of(it) + rr * STRIDE + h * HALF + 4 * jj, src);
+                cp_async16(ws + slot_of(it) + rr * STRIDE + h * HALF + 4 * jj,
+                           a.w + (size_t)r * n + (h ? base1 : base0) + 4 * jj);
             }
         }
         asm volatile("cp.async.commit_group;");
@@ -470,7 +467,6 @@ int launch(const Args& a, cudaStream_t stream, int carveout) {
     if (n % (STAGES ? 4 : 8) || rows_total % (paired ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
     if (EPI == ROPE_CACHE && ((a.head_dim / 2) % (8 * MT) || n != (a.heads + 2 * a.kv_heads) * a.head_dim))
         return -2;
-    if (EPI == ROPE_CACHE && a.tiled) return -2;
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
     const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * (ROWS + 8) : (size_t)(k / 8) * (ROWS + 8);
     const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
@@ -537,14 +533,14 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64, int stages, int carveout, int norm_shared, int tiled) {
+                               int idx64, int stages, int carveout, int norm_shared) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
                  static_cast<const uint16_t*>(z), static_cast<const uint16_t*>(res), y, n, k, fma_mode, pdl,
                  out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
                  static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
-                 head_dim, idx64, norm_shared, tiled};
+                 head_dim, idx64, norm_shared};
 #define IF_CASE(MT_, W_, S_)                      \
     if (mt == MT_ && warps == W_ && stages == S_) \
         return by_group<MT_, W_, S_>(group, f16, epilogue, a, st, carveout);
