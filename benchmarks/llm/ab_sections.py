@@ -735,21 +735,3 @@ def int4_head_tiles_ab(folder: Path) -> None:
         "gate/up 2x16 ring 4": {w13: (2, 16, 4)},
     }
     _int4_tiles_in_turn(folder, "int4head", variants)
-
-
-def int4_capped_ab(folder: Path) -> None:
-    """O8 ran the whole int4 step ~50 us slower with gate/up's kernel at 119 registers instead of 100: the
-    tiles with registers capped (`__launch_bounds__`' minimum programs an SM, the fourth number) so that
-    neighbouring kernels' programs fit beside them under PDL, in turn against the step as it runs; bf16
-    once. By ptxas (sm_90): down 1x16 ring 4 at 2 an SM takes 64 registers without spills; gate/up and the
-    LM head at 3 an SM 80 registers and spill 140-188 bytes, at 4 an SM 64 and spill 252-268."""
-
-    w13, head, down = (16384, 2048), (128256, 2048), (2048, 8192)
-    variants = {
-        "as run": {},
-        "down capped 2": {down: (1, 16, 4, 2)},
-        "gate/up, head capped 3": {w13: (4, 8, 4, 3), head: (4, 8, 4, 3)},
-        "gate/up, head capped 4": {w13: (4, 8, 4, 4), head: (4, 8, 4, 4)},
-        "down 2, gate/up and head 3": {down: (1, 16, 4, 2), w13: (4, 8, 4, 3), head: (4, 8, 4, 3)},
-    }
-    _int4_tiles_in_turn(folder, "int4capped", variants)

@@ -29,7 +29,6 @@ from ab_sections import (
     blas_ab,
     carveout_ab,
     early_next_tile_ab,
-    int4_capped_ab,
     int4_coresident_ab,
     int4_head_tiles_ab,
     int4_norm_ab,
@@ -174,7 +173,6 @@ def main() -> None:
         ("int4coresab", lambda: int4_coresident_ab(folder)),
         ("int4normab", lambda: int4_norm_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
-        ("int4cappedab", lambda: int4_capped_ab(folder)),
         ("int4coresprof", lambda: int4_coresident_profile(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

@@ -38,14 +38,13 @@ def test_source_builds_for_hopper_and_ampere_without_spills_in_the_engine_s_tile
     stderr = "\n".join(err for _, err in reports.values())
     # ptxas prints each kernel's name, then its stack frame and spills: pair them.
     report = re.findall(r"Compiling entry function '(\w+)'.*?(\d+) bytes spill stores", stderr, re.S)
-    cases = re.findall(r"IF_CASE\((\d+), (\d+), (\d+), (\d+)\)", SOURCE.read_text())
+    cases = re.findall(r"IF_CASE\((\d+), (\d+), (\d+)\)", SOURCE.read_text())
     assert len(report) >= 2 * 16 * len(cases), "every (tiles, group, dtype, epilogue), twice"
-    # Mangled template arguments: <MT, WARPS, G, F16, EPI, STAGES> of the uncapped kernel (MINB 1; the
-    # capped ones are `int4_gemv_tc_kernel_capped`). The engine's tiles (`cuda_int4.TUNED`, not imported
-    # here: it needs Triton) are (4, 8) and (1, 16), each on a ring of 4 stages.
-    engine_tiles = [(4, 8, 4, 1), (1, 16, 4, 1)]
+    # Mangled template arguments: <MT, WARPS, G, F16, EPI, STAGES>. The engine's tiles (`cuda_int4.TUNED`,
+    # not imported here: it needs Triton) are (4, 8) and (1, 16), each on a ring of 4 stages.
+    engine_tiles = [(4, 8, 4), (1, 16, 4)]
     assert all(tuple(str(v) for v in t) in cases for t in engine_tiles), cases
-    patterns = [rf"kernelILi{m}ELi{w}ELi\d+ELb[01]ELi\dELi{st}EE" for m, w, st, _ in engine_tiles]
+    patterns = [rf"kernelILi{m}ELi{w}ELi\d+ELb[01]ELi\dELi{st}E" for m, w, st in engine_tiles]
     engine = [name for name, _ in report if any(re.search(p, name) for p in patterns)]
     assert len(engine) == 2 * 2 * 2 * 2 * 4, engine  # targets, tiles, groups, dtypes, epilogues
     for name, spills in report:

@@ -33,10 +33,8 @@ SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
 CONFIGS = [
     (1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
     (1, 8, 4), (1, 8, 8), (1, 16, 2), (1, 16, 4), (1, 16, 8), (2, 16, 4), (4, 8, 2), (4, 8, 4),
-    (4, 8, 4, 3), (4, 8, 4, 4), (1, 16, 4, 2),
 ]  # fmt: skip
-# (mt, warps), (mt, warps, stages) or (mt, warps, stages, programs an SM the registers are capped for)
-Tiles = tuple[int, ...]
+Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
 # Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
 # runs M3-M6 and N1-N9; bf16 953-959 us in the same calls):
 # - gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits), 64 rows and 8 warps a program: the
@@ -121,7 +119,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:7], ctypes.c_int]  # fmt: skip
+                                        *ints[:7]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -183,8 +181,7 @@ def gemv_int4_tc(
     tiles = tiles or choice(n, k) or WIDE
     if tiles not in CONFIGS:
         raise ValueError(f"tiles (mt, warps[, stages]) must be one of {CONFIGS}, got {tiles}")
-    mt, warps = tiles[:2]
-    stages, minb = (tiles[2] if len(tiles) > 2 else 0), (tiles[3] if len(tiles) > 3 else 1)
+    mt, warps, stages = (*tiles, 0)[:3]
     d = None if rope_cache is None else rope_cache.k_cache.shape[-1]
     if not supported(n, k, weight.group, silu_pair, tiles, d):
         raise ValueError(f"tiles {tiles} do not fit N={n}, K={k}, group={weight.group}")
@@ -205,7 +202,7 @@ def gemv_int4_tc(
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
         torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, CARVEOUT["percent"],
-        int(NORM["shared"]), minb,
+        int(NORM["shared"]),
     )  # fmt: skip
     if code != 0:
         raise ValueError(

@@ -179,7 +179,7 @@ __device__ __forceinline__ long long load_index(const void* p, int idx64) {
 // goes), so a program's footprint no longer grows with K; 0: its whole range. (Runs N2-N5: gate/up, down and
 // the LM head on rings of 4 took the int4 step from 602-608 to 522-524 us; cuda_int4.TUNED says which.)
 template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
-__device__ __forceinline__ void gemv_body(const Args& a) {
+__global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
     constexpr int ROWS = 16 * MT, HALF = 8 * MT;
     constexpr int STRIDE = ROWS + 8;  // words a packed row takes in shared memory (conflict-free reads)
     constexpr float OFFSET = F16 ? 1024.f : 128.f;
@@ -458,20 +458,7 @@ __device__ __forceinline__ void gemv_body(const Args& a) {
     }
 }
 
-// The kernel: registers as the tile wants (MINB 1, every tile the engine has measured), or capped by
-// __launch_bounds__ so that MINB programs fit an SM (so neighbouring kernels' programs fit beside this one's
-// under PDL). An explicit minimum of 1 is not the same build as none (more registers), hence two kernels.
 template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
-__global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
-    gemv_body<MT, WARPS, G, F16, EPI, STAGES>(a);
-}
-
-template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES, int MINB>
-__global__ void __launch_bounds__(WARPS * 32, MINB) int4_gemv_tc_kernel_capped(const Args a) {
-    gemv_body<MT, WARPS, G, F16, EPI, STAGES>(a);
-}
-
-template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES, int MINB>
 int launch(const Args& a, cudaStream_t stream, int carveout) {
     constexpr int ROWS = 16 * MT;
     const int k = a.k, n = a.n;
@@ -485,13 +472,7 @@ int launch(const Args& a, cudaStream_t stream, int carveout) {
     const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
                         (size_t)WARPS * ROWS * 4 + (size_t)WARPS * 4 +
                         (STAGES ? 0 : (size_t)(k / G) * ROWS * 2 * 2);
-    auto kernel = [] {
-        if constexpr (MINB == 1) {
-            return int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
-        } else {
-            return int4_gemv_tc_kernel_capped<MT, WARPS, G, F16, EPI, STAGES, MINB>;
-        }
-    }();
+    auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
@@ -520,40 +501,39 @@ int launch(const Args& a, cudaStream_t stream, int carveout) {
     return (int)cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <int MT, int WARPS, int G, bool F16, int S, int MB>
+template <int MT, int WARPS, int G, bool F16, int S>
 int by_epilogue(int epilogue, const Args& a, cudaStream_t st, int cv) {
     switch (epilogue) {
-        case STORE: return launch<MT, WARPS, G, F16, STORE, S, MB>(a, st, cv);
-        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S, MB>(a, st, cv);
-        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S, MB>(a, st, cv);
-        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S, MB>(a, st, cv);
+        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st, cv);
+        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st, cv);
+        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st, cv);
+        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st, cv);
         default: return -4;
     }
 }
 
-template <int MT, int WARPS, int S, int MB>
+template <int MT, int WARPS, int S>
 int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st, int cv) {
     if (group == 64) {
-        return f16 ? by_epilogue<MT, WARPS, 64, true, S, MB>(epilogue, a, st, cv)
-                   : by_epilogue<MT, WARPS, 64, false, S, MB>(epilogue, a, st, cv);
+        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st, cv)
+                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st, cv);
     }
     if (group == 128) {
-        return f16 ? by_epilogue<MT, WARPS, 128, true, S, MB>(epilogue, a, st, cv)
-                   : by_epilogue<MT, WARPS, 128, false, S, MB>(epilogue, a, st, cv);
+        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st, cv)
+                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st, cv);
     }
     return -3;
 }
 
 }  // namespace
 
-// Returns 0, a CUDA error code, or -1 (no such (mt, warps, stages, minb)), -2 (shape), -3 (group),
-// -4 (epilogue).
+// Returns 0, a CUDA error code, or -1 (no such (mt, warps, stages)), -2 (shape), -3 (group), -4 (epilogue).
 extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, const void* s, const void* z,
                                const void* res, void* y, int n, int k, int group, int fma_mode, int f16,
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64, int stages, int carveout, int norm_shared, int minb) {
+                               int idx64, int stages, int carveout, int norm_shared) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
@@ -561,13 +541,13 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                  out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
                  static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
                  head_dim, idx64, norm_shared};
-#define IF_CASE(MT_, W_, S_, MB_)                                \
-    if (mt == MT_ && warps == W_ && stages == S_ && minb == MB_) \
-        return by_group<MT_, W_, S_, MB_>(group, f16, epilogue, a, st, carveout);
-    IF_CASE(1, 4, 0, 1) IF_CASE(1, 8, 0, 1) IF_CASE(1, 16, 0, 1) IF_CASE(2, 8, 0, 1) IF_CASE(2, 16, 0, 1)
-    IF_CASE(4, 4, 0, 1) IF_CASE(4, 8, 0, 1) IF_CASE(1, 8, 4, 1) IF_CASE(1, 8, 8, 1) IF_CASE(1, 16, 2, 1)
-    IF_CASE(1, 16, 4, 1) IF_CASE(1, 16, 8, 1) IF_CASE(2, 16, 4, 1) IF_CASE(4, 8, 2, 1) IF_CASE(4, 8, 4, 1)
-    IF_CASE(4, 8, 4, 3) IF_CASE(4, 8, 4, 4) IF_CASE(1, 16, 4, 2)
+#define IF_CASE(MT_, W_, S_)                      \
+    if (mt == MT_ && warps == W_ && stages == S_) \
+        return by_group<MT_, W_, S_>(group, f16, epilogue, a, st, carveout);
+    IF_CASE(1, 4, 0) IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0)
+    IF_CASE(4, 8, 0)
+    IF_CASE(1, 8, 4) IF_CASE(1, 8, 8) IF_CASE(1, 16, 2) IF_CASE(1, 16, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
+    IF_CASE(4, 8, 2) IF_CASE(4, 8, 4)
 #undef IF_CASE
     return -1;
 }
