@@ -640,37 +640,6 @@ def int4_tc_ring_ab(folder: Path) -> None:
     _int4_tiles_in_turn(folder, "int4tcring", variants)
 
 
-# Down on its whole K range beside gate/up (O-series): gate/up's programs (4x8 on a ring of 4: 104 registers
-# x 256 threads and 43 KB of shared memory each, two an SM) leave room for one down program of 4 warps (72
-# registers x 128 threads, 115 KB) but not of 8 or 16 (by ptxas, sm_90). Such a program becomes resident
-# while gate/up still runs, copies its whole 64 KB of weights before `griddepcontrol.wait`, and computes
-# from shared memory once gate/up ends. The carveout asks each SM for the shared-memory split that leaves it
-# room (the split is set when a kernel starts on an idle SM).
-INT4_CORESIDENT = {
-    "as run": ({}, -1),
-    "as run, carveout 100": ({}, 100),
-    "down 1x4 whole": ({(2048, 8192): (1, 4)}, -1),
-    "down 1x4 whole, carveout 100": ({(2048, 8192): (1, 4)}, 100),
-    "down 1x8 whole, carveout 100": ({(2048, 8192): (1, 8)}, 100),
-}
-
-
-def int4_coresident_ab(folder: Path, reps: int = 2) -> None:
-    """The int4 batch-1 step with each `INT4_CORESIDENT` variant, `reps` rounds in turn; bf16 once."""
-    from inferforge.llm import cuda_int4
-
-    RESULTS["int4cores bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    saved = dict(cuda_int4.TUNED)
-    for rep in range(reps):
-        for name, (change, carveout) in INT4_CORESIDENT.items():
-            cuda_int4.TUNED.update(saved)
-            cuda_int4.TUNED.update(change)
-            cuda_int4.CARVEOUT["percent"] = carveout
-            RESULTS[f"int4cores {name} rep{rep}"] = engine_numbers(folder, "int4", (1,), note=f" [{name}]")
-    cuda_int4.TUNED.update(saved)
-    cuda_int4.CARVEOUT["percent"] = -1
-
-
 # Batch-64 decode attention tiles (keys a loop iteration, warps a program), O-series: the 64 x (128 + 128)
 # load test, the target's own figure, with each; (64, 4) is `triton_attn`'s large-batch default (run 5 of
 # 2026-11-22, measured in the decode step at batch 64 then).
@@ -689,20 +658,6 @@ def attn64_tiles_ab(folder: Path, reps: int = 2) -> None:
             RESULTS[f"attn64tiles {name} rep{rep}"] = load_test(folder, None, 8192)
             row(f"  [{name}]", "")
     triton_attn.TILE["large_batch"], triton_attn.WARPS["large_batch"] = saved
-
-
-def attn_grid_ab(folder: Path, reps: int = 3) -> None:
-    """The load test (its batch-64 graph replay is the GPU figure) with the decode attention's grid as
-    (sequences, KV heads) and as (KV heads, sequences) (`triton_attn.GRID`), `reps` rounds in turn."""
-    from inferforge.llm import triton_attn
-
-    for rep in range(reps):
-        for heads_first in (False, True):
-            triton_attn.GRID["heads_first"] = heads_first
-            name = "heads first" if heads_first else "sequences first"
-            RESULTS[f"attngrid {name} rep{rep}"] = load_test(folder, None, 8192)
-            row(f"  [{name}]", "")
-    triton_attn.GRID["heads_first"] = False
 
 
 def int4_norm_ab(folder: Path, reps: int = 3) -> None:

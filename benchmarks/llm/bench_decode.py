@@ -23,13 +23,11 @@ import bench_parts
 from ab_sections import (
     attn64_ab,
     attn64_tiles_ab,
-    attn_grid_ab,
     batch1_ab,
     batch64_ab,
     blas_ab,
     carveout_ab,
     early_next_tile_ab,
-    int4_coresident_ab,
     int4_head_tiles_ab,
     int4_norm_ab,
     int4_recipe_ab,
@@ -71,7 +69,7 @@ from engine_bench import (
     row,
     static_compile_peer,
 )
-from profiles import graph_profile, int4_coresident_profile, int4_ring_overlap_profile, prefill_profile
+from profiles import graph_profile, int4_ring_overlap_profile, prefill_profile
 
 
 def load_configs(folder: Path) -> None:
@@ -129,7 +127,6 @@ def main() -> None:
         ("blasab", lambda: blas_ab(folder)),
         ("attn64ab", lambda: attn64_ab(folder)),
         ("attn64tiles", lambda: attn64_tiles_ab(folder)),
-        ("attngridab", lambda: attn_grid_ab(folder)),
         ("mlpchunk", lambda: mlp_chunk_ab(folder)),
         ("quantgemv", lambda: quant_gemv(folder)),
         ("splitab", lambda: split_ab(folder)),
@@ -170,10 +167,8 @@ def main() -> None:
         ("int4tcnarrowab", lambda: int4_tc_narrow_ab(folder)),
         ("int4tcoab", lambda: int4_tc_o_ab(folder)),
         ("int4tcwideab", lambda: int4_tc_wide_ab(folder)),
-        ("int4coresab", lambda: int4_coresident_ab(folder)),
         ("int4normab", lambda: int4_norm_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
-        ("int4coresprof", lambda: int4_coresident_profile(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

@@ -144,24 +144,3 @@ def int4_ring_overlap_profile(folder: Path) -> None:
         graph_profile(folder, 1, "int4")
         RESULTS[f"int4_overlap_{name}"] = RESULTS.pop("graph_profile_b1int4")
     cuda_int4.TUNED.update(saved)
-
-
-def int4_coresident_profile(folder: Path) -> None:
-    """Kernel timelines of the int4 batch-1 graph as run and with down on its whole K range beside gate/up
-    (`ab_sections.INT4_CORESIDENT`): if down's programs become resident under gate/up, down's busy time
-    overlaps gate/up's (busy minus adds grows) and what it adds shrinks."""
-    from ab_sections import INT4_CORESIDENT
-
-    from inferforge.llm import cuda_int4
-
-    saved = dict(cuda_int4.TUNED)
-    for name in ("as run", "down 1x4 whole, carveout 100"):
-        change, carveout = INT4_CORESIDENT[name]
-        cuda_int4.TUNED.update(saved)
-        cuda_int4.TUNED.update(change)
-        cuda_int4.CARVEOUT["percent"] = carveout
-        print(f"-- int4 graph profile: {name}", flush=True)
-        graph_profile(folder, 1, "int4")
-        RESULTS[f"int4_cores_profile {name}"] = RESULTS.pop("graph_profile_b1int4")
-    cuda_int4.TUNED.update(saved)
-    cuda_int4.CARVEOUT["percent"] = -1

@@ -94,15 +94,10 @@ def test_repeated_calls_reuse_the_counters(fresh_scratch: dict, monkeypatch: pyt
     assert counters.count_nonzero().item() == 0
 
 
-@pytest.mark.parametrize("heads_first", [False, True])
-def test_large_batches_split_by_their_own_knobs(
-    heads_first: bool, fresh_scratch: dict, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_large_batches_split_by_their_own_knobs(fresh_scratch: dict, monkeypatch: pytest.MonkeyPatch) -> None:
     """Batches over 4 split by LARGE_BATCH_SPLIT (more grid waves, shorter splits) and still match the
-    reference; at the default two waves the same batch stays unsplit (no partials written). Either grid
-    order (`GRID`): the split's counters and partials are indexed by (sequence, KV head) in both."""
+    reference; at the default two waves the same batch stays unsplit (no partials written)."""
     monkeypatch.setitem(triton_attn.TILE, "large_batch", 16)
-    monkeypatch.setitem(triton_attn.GRID, "heads_first", heads_first)
     gen = torch.Generator(device="cpu").manual_seed(2)
     contexts = (40, 200, 9, 130, 64, 250, 17, 100)
     for waves, tokens, split in ((2, 0, False), (200, 32, True)):

@@ -31,7 +31,7 @@ SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
 # whole K range in shared memory; with them, a ring of that many quads of packed rows, so a program's
 # footprint no longer grows with K.
 CONFIGS = [
-    (1, 4), (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
+    (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
     (1, 8, 4), (1, 8, 8), (1, 16, 2), (1, 16, 4), (1, 16, 8), (2, 16, 4), (4, 8, 2), (4, 8, 4),
 ]  # fmt: skip
 Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
@@ -56,8 +56,6 @@ TUNED: dict[tuple[int, int], Tiles | None] = {
     (128256, 2048): (4, 8, 4),
 }
 WIDE: Tiles = (4, 8, 4)
-# Shared-memory carveout every launch asks for (percent of the most an SM offers; -1 the driver's choice).
-CARVEOUT = {"percent": -1}
 # RMSNorm prologue (gate/up, the LM head): each warp sums the squares of its own K range and the program's
 # warps meet in shared memory (True), or every warp reads the whole row from L2 before its first product
 # (False, as measured up to N10). O7, three rounds in turn: 522 / 519 / 523 us a step against 535 / 524 /
@@ -119,7 +117,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:7]]  # fmt: skip
+                                        *ints[:6]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -201,8 +199,7 @@ def gemv_int4_tc(
         weight.scales.data_ptr(), weight.zeros.data_ptr(), null if residual is None else residual.data_ptr(),
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
-        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, CARVEOUT["percent"],
-        int(NORM["shared"]),
+        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, int(NORM["shared"]),
     )  # fmt: skip
     if code != 0:
         raise ValueError(

@@ -86,18 +86,11 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
-    HEADS_FIRST: tl.constexpr,
 ):
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
-    if HEADS_FIRST:  # grid (KV heads, sequences, splits): one sequence's heads launch side by side
-        kvh = tl.program_id(0)
-        b = tl.program_id(1)
-        n_kv = tl.num_programs(0)
-    else:
-        b = tl.program_id(0)
-        kvh = tl.program_id(1)
-        n_kv = tl.num_programs(1)
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
     split = tl.program_id(2)
     # Before the wait (programmatic dependent launch): the context length and block table (sent before the
     # graph ran) and the first tile of this split's keys and values except this step's own token, which the
@@ -170,7 +163,7 @@ def _paged_decode_kernel(
     if n_active > 1:
         # Several splits: write this one's partial, count it in; the program that arrives last merges them
         # and puts the counter back to zero for the next call (or CUDA-graph replay).
-        group = b * n_kv + kvh
+        group = b * tl.num_programs(1) + kvh
         first = group * tl.num_programs(2)
         row = first + split
         tl.store(ML + (row * 2) * GP + offs_g, m, mask=gmask)
@@ -206,10 +199,6 @@ MIN_SPLIT_TOKENS = 256
 LARGE_BATCH_SPLIT = {"waves": 2, "min_tokens": 0}
 # Load the next tile's block-table entries one iteration ahead (one dependent round trip per tile, not two).
 PREFETCH_TABLE = True
-# Grid order: (KV heads, sequences) launches the 8 programs of one sequence together, so programs running at
-# the same time read whole 1 KB token rows of a cache block ([block, token, KV head, D]) between them, not
-# 128-byte pieces of many blocks; (sequences, KV heads) is the order every run before O3 measured.
-GRID = {"heads_first": False}
 _SMS_OFF_GPU = 132  # the interpreter has no SMs: split as on an H100 so it runs the same paths
 _SMS: dict[torch.device, int] = {}
 _SCRATCH: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -272,8 +261,7 @@ def _paged_decode_op(
     capacity = -(-block_tables.shape[1] * block_size // min_tokens)
     splits = max(1, min(num_splits(b, kv_heads, q.device, waves), capacity))
     ml, acc, cnt = _scratch(q.device, b, kv_heads, splits, gp, d) if splits > 1 else (out, out, context_lens)
-    heads_first = GRID["heads_first"]
-    _paged_decode_kernel[(kv_heads, b, splits) if heads_first else (b, kv_heads, splits)](
+    _paged_decode_kernel[(b, kv_heads, splits)](
         q,
         k_cache,
         v_cache,
@@ -301,7 +289,6 @@ def _paged_decode_op(
         SPLIT=splits > 1,
         PREFETCH=PREFETCH_TABLE,
         PDL=fused.pdl_on(),
-        HEADS_FIRST=heads_first,
         num_warps=WARPS[small],
         **fused.launch_options(),
     )

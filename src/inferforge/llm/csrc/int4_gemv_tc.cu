@@ -459,7 +459,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
 }
 
 template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
-int launch(const Args& a, cudaStream_t stream, int carveout) {
+int launch(const Args& a, cudaStream_t stream) {
     constexpr int ROWS = 16 * MT;
     const int k = a.k, n = a.n;
     const bool paired = EPI == SILU_PAIR || EPI == ROPE_CACHE;
@@ -477,17 +477,6 @@ int launch(const Args& a, cudaStream_t stream, int carveout) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
-    // An SM's split between L1 and shared memory is set when a kernel starts on it while it is idle: a
-    // program that needs more shared memory than the split its resident neighbour asked for waits for that
-    // neighbour to leave. `carveout` (percent of the maximum, -1: the driver's choice, as
-    // cudaSharedmemCarveoutDefault) asks for a split that leaves room for the next kernel's programs beside
-    // this one's under PDL. Set once per kernel and value (a graph replay calls nothing here).
-    static int carveout_set = -1;
-    if (carveout != carveout_set) {
-        cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, carveout);
-        if (e != cudaSuccess) return (int)e;
-        carveout_set = carveout;
-    }
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3(paired ? n / 2 / (8 * MT) : n / ROWS);
     cfg.blockDim = dim3(WARPS * 32);
@@ -502,25 +491,25 @@ int launch(const Args& a, cudaStream_t stream, int carveout) {
 }
 
 template <int MT, int WARPS, int G, bool F16, int S>
-int by_epilogue(int epilogue, const Args& a, cudaStream_t st, int cv) {
+int by_epilogue(int epilogue, const Args& a, cudaStream_t st) {
     switch (epilogue) {
-        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st, cv);
-        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st, cv);
-        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st, cv);
-        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st, cv);
+        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st);
+        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st);
+        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st);
+        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st);
         default: return -4;
     }
 }
 
 template <int MT, int WARPS, int S>
-int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st, int cv) {
+int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st) {
     if (group == 64) {
-        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st, cv)
-                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st, cv);
+        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st);
     }
     if (group == 128) {
-        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st, cv)
-                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st, cv);
+        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st);
     }
     return -3;
 }
@@ -533,7 +522,7 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64, int stages, int carveout, int norm_shared) {
+                               int idx64, int stages, int norm_shared) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
@@ -543,9 +532,8 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                  head_dim, idx64, norm_shared};
 #define IF_CASE(MT_, W_, S_)                      \
     if (mt == MT_ && warps == W_ && stages == S_) \
-        return by_group<MT_, W_, S_>(group, f16, epilogue, a, st, carveout);
-    IF_CASE(1, 4, 0) IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0)
-    IF_CASE(4, 8, 0)
+        return by_group<MT_, W_, S_>(group, f16, epilogue, a, st);
+    IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0) IF_CASE(4, 8, 0)
     IF_CASE(1, 8, 4) IF_CASE(1, 8, 8) IF_CASE(1, 16, 2) IF_CASE(1, 16, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
     IF_CASE(4, 8, 2) IF_CASE(4, 8, 4)
 #undef IF_CASE
