@@ -679,7 +679,8 @@ def int4_norm_ab(folder: Path, reps: int = 3) -> None:
 def int4_head_tiles_ab(folder: Path) -> None:
     """After O7 (the RMSNorm split over a program's warps): the LM head and gate/up on other tiles, in turn
     against the step as it runs; bf16 once. The LM head at 4x8 on a ring of 4 is 2,004 programs (7.6 waves
-    at two an SM, O6's Nsight: 66.6 us alone at 68% of DRAM peak)."""
+    at two an SM, O6's Nsight: 66.6 us alone at 68% of DRAM peak). Ran once (O8, in a build ~50 us slower
+    than O7's): every variant slower than the step as run."""
 
     w13, head = (16384, 2048), (128256, 2048)
     variants = {
