@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_json
+from common import replay_us, write_json
 
 HERE = Path(__file__).parent
 LAYERS, HIDDEN, FFN = 16, 2048, 8192
@@ -111,17 +111,7 @@ def main() -> None:
         graphs[name] = g
     for rep in range(2):
         for name, g in graphs.items():
-            for _ in range(5):
-                g.replay()
-            times = []
-            for _ in range(30):
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                g.replay()
-                b.record()
-                b.synchronize()
-                times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-            us = sorted(times)[len(times) // 2]
+            us = replay_us(g, LAYERS, warmup=5)
             results[f"{name} rep{rep} us_per_layer"] = us
             print(f"{name:12s} round {rep}: {us:6.2f} us a layer (gate/up + down)", flush=True)
     results["barrier_counters_zero_after_replays"] = int(barrier.abs().sum()) == 0

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import write_json
+from common import replay_us, write_json
 
 SHAPES = {"o": (2048, 2048), "qkv": (3072, 2048), "down": (2048, 8192)}
 COPIES = 16
@@ -92,17 +92,7 @@ def graph_us(fn) -> float:  # type: ignore[no-untyped-def]
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
-    for _ in range(3):
-        g.replay()
-    times = []
-    for _ in range(30):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / COPIES)
-    return sorted(times)[len(times) // 2]
+    return replay_us(g, COPIES)
 
 
 def configs(n: int, k: int) -> list[tuple[int, int, int, int, int, int]]:

@@ -123,3 +123,19 @@ class Clock:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
+
+
+def replay_us(graph: torch.cuda.CUDAGraph, per: int, warmup: int = 3, replays: int = 30) -> float:
+    """Median device time of one graph replay over `replays` (CUDA events around each), divided by `per`
+    (the calls or layers the graph holds), in us."""
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / per)
+    return sorted(times)[len(times) // 2]
