@@ -211,7 +211,7 @@ def gemv_int4_tc(
 def supported(n: int, k: int, group: int, silu_pair: bool, tiles: Tiles, head_dim: int | None = None) -> bool:
     """The shapes the kernel takes (as `launch` in the .cu checks them): whole programs of rows (for RoPE,
     `head_dim` given: whole programs in each half of a head), K split into whole groups per warp, at most
-    2,048 of K a warp; without a ring, N a multiple of 8 (the scales' rows are copied 16 bytes at a time)."""
+    2,048 of K a warp."""
     mt, warps = tiles[0], tiles[1]
     if head_dim is not None and (head_dim // 2) % (8 * mt):
         return False
@@ -221,7 +221,7 @@ def supported(n: int, k: int, group: int, silu_pair: bool, tiles: Tiles, head_di
     return (
         tiles in CONFIGS
         and group in (64, 128)
-        and n % (4 if len(tiles) > 2 else 8) == 0
+        and n % 4 == 0
         and rows % per_program == 0
         and quads > 0
         and quads % (group // 32) == 0

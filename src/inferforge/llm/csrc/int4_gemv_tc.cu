@@ -191,10 +191,6 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     float* xsum = reinterpret_cast<float*>(xp + kp);                   // [k / G]
     float* red = xsum + k / G;                                         // [WARPS][ROWS]
     float* nsq = red + WARPS * ROWS;                                   // [WARPS] (norm_shared)
-    // STAGES == 0: the scales and zeros of the program's rows too, [k / G][2][HALF] each, copied with the
-    // first quad so that no global load stands between the wait and the products.
-    uint16_t* ssm = reinterpret_cast<uint16_t*>(nsq + WARPS);
-    uint16_t* zsm = ssm + (STAGES ? 0 : (size_t)(k / G) * ROWS);
 
     if (a.pdl == 2) launch_dependents();
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -229,15 +225,6 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     };
     const int quads_per_group = G / 32;
     const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group;
-    if constexpr (STAGES == 0) {  // 16-byte pieces: (group, set h, scales or zeros, piece of HALF values)
-        constexpr int PIECES = MT;
-        for (int c = lane; c < (g_end - g_first) * 2 * 2 * PIECES; c += 32) {
-            const int gi = g_first + c / (4 * PIECES), h = (c / (2 * PIECES)) % 2, zs = (c / PIECES) % 2;
-            const int piece = c % PIECES;
-            const uint16_t* src = (zs ? a.z : a.s) + (size_t)gi * n + (h ? base1 : base0) + 8 * piece;
-            cp_async16((zs ? zsm : ssm) + (gi * 2 + h) * HALF + 8 * piece, src);
-        }
-    }
     for (int it = 0; it < (STAGES ? STAGES : iters); ++it) copy_quad(it);
     float sv[MT][2][2], zv[MT][2][2];
     auto load_scales = [&](int gbase) {
@@ -250,17 +237,11 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
                     const int gi = gbase + 2 * t + c;
                     const int row = (h ? base1 : base0) + MT * g + m;
                     const bool ok = gi >= g_first && gi < g_end;
-                    if constexpr (STAGES == 0) {
-                        const int at = (gi * 2 + h) * HALF + MT * g + m;
-                        sv[m][h][c] = ok ? to_f32<F16>(ssm[at]) : 0.f;
-                        zv[m][h][c] = ok ? to_f32<F16>(zsm[at]) : 0.f;
-                    } else {
-                        sv[m][h][c] = ok ? to_f32<F16>(a.s[(size_t)gi * n + row]) : 0.f;
-                        zv[m][h][c] = ok ? to_f32<F16>(a.z[(size_t)gi * n + row]) : 0.f;
-                    }
+                    sv[m][h][c] = ok ? to_f32<F16>(a.s[(size_t)gi * n + row]) : 0.f;
+                    zv[m][h][c] = ok ? to_f32<F16>(a.z[(size_t)gi * n + row]) : 0.f;
                 }
     };
-    if constexpr (STAGES > 0) load_scales(g_first & ~7);
+    load_scales(g_first & ~7);
     // This lane's packed rows (at most kp / WARPS / 32 of them, rounded up) of the norm weight.
     const int r_first = 4 * q0, r_count = 4 * iters;
     constexpr int MAX_R = 8;  // packed rows a lane prepares: K / WARPS <= 2048
@@ -361,9 +342,6 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     for (int it = 0; it < iters; ++it) {
         cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
         __syncwarp();
-        if constexpr (STAGES == 0) {
-            if (it == 0) load_scales(g_first & ~7);  // landed with the first quad
-        }
         const int quad = q0 + it;
         const int group = quad / quads_per_group;
         const bool mine = g == (group & 7);
@@ -464,14 +442,13 @@ int launch(const Args& a, cudaStream_t stream) {
     const int k = a.k, n = a.n;
     const bool paired = EPI == SILU_PAIR || EPI == ROPE_CACHE;
     const int rows_total = paired ? n / 2 : n;
-    if (n % (STAGES ? 4 : 8) || rows_total % (paired ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
+    if (n % 4 || rows_total % (paired ? 8 * MT : ROWS) || k % (32 * WARPS)) return -2;
     if (EPI == ROPE_CACHE && ((a.head_dim / 2) % (8 * MT) || n != (a.heads + 2 * a.kv_heads) * a.head_dim))
         return -2;
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
     const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * (ROWS + 8) : (size_t)(k / 8) * (ROWS + 8);
     const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
-                        (size_t)WARPS * ROWS * 4 + (size_t)WARPS * 4 +
-                        (STAGES ? 0 : (size_t)(k / G) * ROWS * 2 * 2);
+                        (size_t)WARPS * ROWS * 4 + (size_t)WARPS * 4;
     auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
