@@ -309,3 +309,43 @@ def transformers_vocab(folder: Path) -> int:
     import json
 
     return int(json.loads((folder / "config.json").read_text())["vocab_size"])
+
+
+def _step_llama(folder: Path, tokenizer_dir: Path) -> Path:
+    """A random 2-layer Llama the int4 step kernel takes (K of 1,024 and 2,048, heads of 64, 4 q heads a KV
+    head, a vocabulary in whole 64-row tiles)."""
+    import shutil
+
+    import transformers
+
+    vocab = -(-transformers.AutoTokenizer.from_pretrained(tokenizer_dir).vocab_size // 64) * 64
+    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                                   num_attention_heads=16, num_key_value_heads=4, vocab_size=vocab,
+                                   tie_word_embeddings=True, max_position_embeddings=1024)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(5.0)
+    model.save_pretrained(folder, safe_serialization=True)
+    for f in tokenizer_dir.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, folder / f.name)
+    return folder
+
+
+@needs_cuda
+def test_int4_step_kernel_matches_the_kernel_chain(tiny_llama: Path, tmp_path: Path) -> None:
+    """The whole decode step in one persistent kernel against the engine's int4 chain, same bytes, same cache:
+    logits within bf16 rounding at short, split and long contexts, and its grid barrier and attention
+    arrival counters back at zero after each launch (a replay must start clean)."""
+    from inferforge.llm import int4_step
+
+    folder = _step_llama(tmp_path / "step", tiny_llama)
+    cfg = EngineConfig(device="cuda", dtype="bfloat16", quant="int4", kv_cache_tokens=2048, max_num_seqs=2,
+                       max_model_len=1024)  # fmt: skip
+    eng = LLMEngine(folder, cfg)
+    assert int4_step.reasons(eng.model) == []
+    step = int4_step.Int4Step(eng.model)
+    worst = int4_step.check_against_chain(eng.model, step, eng.runner.decode_fn, contexts=(1, 33, 100, 700))
+    assert worst < 3e-2, worst
+    assert step.healthy() and int(step.arrivals.abs().sum()) == 0

@@ -1,0 +1,109 @@
+"""The whole int4 decode step as one persistent kernel (`inferforge.llm.int4_step`) against the engine's int4
+kernel chain and its bf16 step, in one call (1.2B Llama shape, random weights, batch 1).
+
+For each context length: the fp32 logits of one step both ways from the same cache (largest difference
+relative to the largest logit, argmax, top-5 overlap), the key written at the step's slot in the last
+layer, then the CUDA-graph replay time of each (median of 30 replays, the two in turn, three rounds).
+bf16's graph time comes from its engine in the same call, for the ratios.
+
+    python benchmarks/llm/bench_int4_step.py [--contexts 144,512,1000]   # JSON under $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import free, make_random_1b, replay_us, write_json
+from engine_bench import bench_engine, decode_rate, engine_numbers
+
+from inferforge.llm.attention import AttnMeta
+from inferforge.llm.int4_step import Int4Step
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
+def compare(chain: torch.Tensor, step: torch.Tensor) -> dict:
+    rel = ((step - chain).abs().max() / chain.abs().max()).item()
+    top_c, top_s = chain.topk(5).indices[0].tolist(), step.topk(5).indices[0].tolist()
+    return {
+        "rel_diff": rel,
+        "argmax_equal": top_c[0] == top_s[0],
+        "top5_overlap": len(set(top_c) & set(top_s)),
+    }
+
+
+def measure(model, step: Int4Step, decode_fn, ctx: int, table: torch.Tensor) -> dict:
+    """One step both ways at this context (same cache, same inputs), then both graphs' replay times."""
+    dev = table.device
+    ids, pos = torch.tensor([1234], device=dev), torch.tensor([ctx - 1], device=dev)
+    meta = AttnMeta(
+        slot_mapping=pos.clone(), block_tables=table, context_lens=torch.tensor([ctx], device=dev),
+        decode_fn=decode_fn,
+    )  # fmt: skip
+    cache = model.blocks()[-1].attn.k_cache
+    last = cache.view(-1, *cache.shape[2:])
+    with torch.inference_mode():
+        chain = model.decode_logits(ids, pos, meta).float().clone()
+        k_chain = last[ctx - 1].float().clone()
+        got = step.logits(ids, pos, meta).clone()
+        torch.cuda.synchronize()
+        r = compare(chain, got)
+        r["k_rel_diff"] = ((last[ctx - 1].float() - k_chain).abs().max() / k_chain.abs().max()).item()
+        r["healthy"] = step.healthy()
+        print(f"ctx {ctx}: {r}", flush=True)
+        if not r["healthy"]:
+            return r
+        graphs = {
+            "chain": capture(lambda: model.decode_logits(ids, pos, meta)),
+            "step": capture(lambda: step.logits(ids, pos, meta)),
+        }
+        for rnd in range(3):
+            for name, g in graphs.items():
+                r[f"{name} us r{rnd}"] = us = replay_us(g, 1)
+                print(f"ctx {ctx} round {rnd}: {name:5s} {us:7.1f} us/step", flush=True)
+        r["healthy_after"] = step.healthy()
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--contexts", default="144,512,1000")
+    ap.add_argument("--skip-bf16", action="store_true")
+    args = ap.parse_args()
+    folder = make_random_1b(Path("/tmp/inferforge_llama1b"))
+    res: dict = {"device": torch.cuda.get_device_name()}
+    eng = bench_engine(folder, "int4", decode_buckets=(1,))
+    res["int4 chain decode tok/s (engine loop)"] = decode_rate(eng, 1)
+    model, dev = eng.model, torch.device("cuda")
+    step = Int4Step(model)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    with torch.inference_mode():
+        for b in model.blocks():  # a cache of plausible scale in the blocks the table names
+            for c in (b.attn.k_cache, b.attn.v_cache):
+                c[:64].copy_(torch.randn(c[:64].shape, generator=gen, device=dev).to(c.dtype))
+    table = torch.arange(64, device=dev, dtype=torch.int64).view(1, 64)
+    for ctx in (int(c) for c in args.contexts.split(",")):
+        res[f"ctx{ctx}"] = r = measure(model, step, eng.runner.decode_fn, ctx, table)
+        if not r["healthy"]:
+            break
+    del step, eng, model
+    free()
+    if not args.skip_bf16:
+        res["bf16"] = engine_numbers(folder, None, (1,))
+    write_json("bench_int4_step.json", res)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,557 @@
+// The whole batch-1 int4 decode step in one persistent kernel: every layer's q/k/v (RMSNorm, RoPE, cache
+// write), attention over the paged cache, o (+ residual), gate/up (RMSNorm, SiLU x up), down (+ residual),
+// then the final RMSNorm and the LM head (fp32 logits). One program an SM; the phases meet at grid barriers.
+//
+// Why: the kernel chain (int4_gemv_tc.cu and Triton, 5 kernels a layer) pays ~3-4 us at every kernel boundary
+// beyond its bytes (runs O4-O5, docs/llm-runs.md), ~80 boundaries a step, and the int4 step moves only ~0.7 GB.
+// Here each warp streams ITS OWN sequence of weight quads through a ring of shared-memory stages that runs
+// on across phases: while a program waits at a barrier, the next phase's (and the next layer's) first
+// weights are already on their way, which a kernel boundary only gives when the next kernel's programs fit
+// beside the previous one's (O1, O12: a pairwise fusion with one barrier lost for lack of exactly that).
+//
+// Work split, in every GEMV phase: a tile is 16 x MT output rows by the whole K; its WARPS warps take equal,
+// group-aligned K ranges (one chunk of at most 8 groups each, so scales are read once a tile) and meet in
+// shared memory. Tiles go to programs round-robin. The product code is int4_gemv_tc.cu's (same operands,
+// same mma, same rounding in the epilogues); what differs is where the quads come from.
+//
+// Activations written inside the launch (the residual stream, q, the attention output, SiLU x up, the new
+// keys and values) are read with ld.global.cg: L1 is not coherent across SMs.
+#include "int4_gemv_tc.cu"
+
+namespace {
+
+enum Kind { K_QKV = 0, K_ATTN = 1, K_O = 2, K_GATEUP = 3, K_DOWN = 4, K_HEAD = 5 };
+
+// One phase, as the host packs it: 12 64-bit fields (int4_step.py builds the same layout).
+struct Phase {
+    long long kind, n, k;
+    unsigned long long w, s, z;  // packed weight [K/8, N] int32, scales and zeros [K/G, N]
+    unsigned long long x;        // input row: QKV, GATEUP, HEAD the residual stream (RMSNorm'd); O the
+                                 // attention output; DOWN SiLU x up; ATTN q
+    unsigned long long norm;     // RMSNorm weight [K] or 0
+    unsigned long long y;        // QKV q; ATTN the attention output; O, DOWN the residual stream (in place);
+                                 // GATEUP SiLU x up; HEAD fp32 logits
+    unsigned long long kc, vc;   // QKV, ATTN: this layer's caches [blocks, block_size, kv_heads, D]
+    unsigned long long pad;
+};
+
+struct StepArgs {
+    const Phase* phases;
+    int num_phases;
+    const long long* pos;    // [1] position of the new token
+    const long long* slot;   // [1] its cache slot
+    const long long* ctx;    // [1] context length including it
+    const long long* table;  // [max_blocks] block table
+    const uint16_t* cos;     // [positions, D] (sin sign-folded), activation dtype
+    const uint16_t* sin;
+    float* part;             // attention partials [kv_heads][MAX_SPLITS][GP][D + 2]
+    unsigned int* arrivals;  // [kv_heads], zero between launches
+    unsigned int* bar;       // [2] grid barrier, zero between launches
+    int* error;              // set when a barrier timed out (then the outputs are garbage, not a hang)
+    int heads, kv_heads, block_size, fma_mode;
+    long long stride_slot;   // elements from one cache slot to the next (kv_heads * D)
+    float eps, scale;
+};
+
+constexpr int WARPS = 16, THREADS = WARPS * 32, STAGES = 8;
+constexpr int SLOT_WORDS = 4 * (64 + 8);  // a ring stage: 4 packed rows of the widest tile (MT 4), padded
+constexpr int MAX_KP = 1024;              // packed rows of x: K <= 8192
+constexpr int D = 64, GP = 4;             // head dim, q heads per KV head
+constexpr int MAX_SPLITS = 32, MIN_SPLIT_TOKENS = 32;
+
+__host__ __device__ constexpr int mt_of(int kind) { return kind == K_GATEUP || kind == K_HEAD ? 4 : 1; }
+
+__device__ __forceinline__ uint4 ldcg4(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
+__device__ __forceinline__ uint32_t ldcg32(const void* p) {
+    return __ldcg(reinterpret_cast<const unsigned int*>(p));
+}
+__device__ __forceinline__ uint16_t ldcg16(const uint16_t* p) {
+    return __ldcg(reinterpret_cast<const unsigned short*>(p));
+}
+
+__device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
+    unsigned int v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+}
+
+struct Smem {
+    uint32_t ring[WARPS][STAGES][SLOT_WORDS];
+    union {
+        uint4 xp[MAX_KP];                     // x operands: (x[8r+i], x[8r+i+4]), i < 4
+        float attn[WARPS][GP][D + 2];         // per-warp attention partials (o, then m and l)
+    } u;
+    float xsum[MAX_KP / 8];                   // per group of 64 (or 128) x values
+    float red[2][WARPS][64];                  // per-warp row sums of a tile, double-buffered by tile
+    float nsq[WARPS];
+    int flag;  // attention: this program arrived last for its KV head
+    int ok;    // the last grid barrier passed
+};
+
+// Tile geometry: output rows base0 + MT g + m (A rows g) and base1 + MT g + m (A rows g + 8).
+struct Rows {
+    int base0, base1;
+};
+
+__device__ __forceinline__ Rows rows_of(int kind, int tile, int n) {
+    if (kind == K_QKV) {  // 8 rows of one head's first half and the matching 8 of its second half
+        const int per_head = D / 2 / 8, head = tile / per_head, col0 = (tile % per_head) * 8;
+        return {head * D + col0, head * D + col0 + D / 2};
+    }
+    if (kind == K_GATEUP) return {tile * 32, n / 2 + tile * 32};  // gate rows and their up rows
+    const int rows = 16 * mt_of(kind);
+    return {tile * rows, tile * rows + rows / 2};
+}
+
+__device__ __forceinline__ int tiles_of(int kind, int n) {
+    return kind == K_GATEUP ? n / 64 : n / (16 * mt_of(kind));
+}
+
+// The sequence of weight quads one warp streams: for each GEMV phase, for each of its program's tiles, the
+// warp's K range in quads of 4 packed rows. `issue` copies the next quad into the ring (one commit group,
+// empty past the end, so that cp.async.wait_group keeps counting right).
+struct Producer {
+    int p, tile, q;            // next quad to issue
+    int kind, n, iters, ntiles;
+    const uint32_t* w;
+
+    __device__ void load(const StepArgs& a) {
+        if (p >= a.num_phases) return;
+        const Phase& ph = a.phases[p];
+        kind = (int)ph.kind, n = (int)ph.n, iters = (int)ph.k / 32 / WARPS, ntiles = tiles_of(kind, n);
+        w = reinterpret_cast<const uint32_t*>(ph.w);
+    }
+    // Move to the first phase at or after p that has a tile for this program.
+    __device__ void settle(const StepArgs& a) {
+        while (p < a.num_phases) {
+            load(a);
+            if (kind != K_ATTN && (int)blockIdx.x < ntiles) break;
+            ++p;
+        }
+        tile = blockIdx.x, q = 0;
+    }
+    template <int MT>
+    __device__ void copy(uint32_t* dst, int warp, int lane) const {
+        constexpr int CHUNKS = 4 * MT, HALF = 8 * MT, STRIDE = 16 * MT + 8;
+        const Rows rw = rows_of(kind, tile, n);
+        const int r0 = 4 * (warp * iters + q);
+        for (int c = lane; c < 4 * CHUNKS; c += 32) {
+            const int rr = c / CHUNKS, j = c % CHUNKS;
+            const int h = j / (2 * MT), jj = j % (2 * MT);
+            cp_async16(dst + rr * STRIDE + h * HALF + 4 * jj,
+                       w + (size_t)(r0 + rr) * n + (h ? rw.base1 : rw.base0) + 4 * jj);
+        }
+    }
+    __device__ void issue(const StepArgs& a, uint32_t* dst, int warp, int lane) {
+        if (p < a.num_phases) {
+            if (mt_of(kind) == 4) {
+                copy<4>(dst, warp, lane);
+            } else {
+                copy<1>(dst, warp, lane);
+            }
+            if (++q == iters) {
+                q = 0;
+                tile += gridDim.x;
+                if (tile >= ntiles) {
+                    ++p;
+                    settle(a);
+                }
+            }
+        }
+        asm volatile("cp.async.commit_group;");
+    }
+};
+
+// Returns false once any barrier of this launch timed out (then every program leaves: garbage, not a hang).
+// Thread 0 decides for its program and tells the others through shared memory, so a program never splits.
+__device__ bool grid_barrier(const StepArgs& a, unsigned int target, int* ok_smem) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int ok = *reinterpret_cast<volatile int*>(a.error) == 0;
+        if (ok) {
+            __threadfence();
+            atomicAdd(&a.bar[0], 1u);
+            const long long t0 = clock64();
+            while (ld_acquire(&a.bar[0]) < target) {
+                if (clock64() - t0 > (1LL << 31)) {  // ~1 s: a bug, not a wait
+                    atomicExch(a.error, 1);
+                    ok = 0;
+                    break;
+                }
+            }
+        }
+        *ok_smem = ok;
+    }
+    __syncthreads();
+    return *ok_smem != 0;
+}
+
+// Per-warp state of the consumer side.
+struct Consumer {
+    int warp, lane, g, t;
+    int used;  // quads consumed so far (ring stage = used % STAGES)
+};
+
+// x operands of this warp's K range (RMSNorm'd when `norm`), as int4_gemv_tc_kernel builds them; the norm's
+// sum of squares is split over the warps and met in shared memory.
+template <bool F16>
+__device__ void build_operands(Smem& sm, const Consumer& cs, const uint16_t* x, const uint16_t* norm, int k,
+                               int group, float eps) {
+    const int iters = k / 32 / WARPS, r_first = 4 * cs.warp * iters, r_count = 4 * iters;
+    constexpr int MAX_R = 2;  // packed rows a lane prepares: K / WARPS <= 512
+    uint4 raw[MAX_R];
+#pragma unroll
+    for (int i = 0; i < MAX_R; ++i)
+        if (cs.lane + 32 * i < r_count) raw[i] = ldcg4(x + 8 * (r_first + cs.lane + 32 * i));
+    float inv = 1.f;
+    if (norm) {
+        float sq = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAX_R; ++i) {
+            if (cs.lane + 32 * i >= r_count) continue;
+            const uint32_t v[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+#pragma unroll
+            for (int j = 0; j < 4; ++j) {
+                const float lo = to_f32<F16>(v[j] & 0xFFFF), hi = to_f32<F16>(v[j] >> 16);
+                sq += lo * lo + hi * hi;
+            }
+        }
+#pragma unroll
+        for (int off = 16; off; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+        if (cs.lane == 0) sm.nsq[cs.warp] = sq;
+        __syncthreads();
+        sq = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) sq += sm.nsq[wi];
+        inv = rsqrtf(sq / k + eps);
+    }
+    const int per_group = group / 8;  // packed rows a group
+#pragma unroll
+    for (int i = 0; i < MAX_R; ++i) {
+        if (32 * i >= r_count) break;
+        const int r = r_first + cs.lane + 32 * i;
+        float acc = 0.f;
+        if (cs.lane + 32 * i < r_count) {
+            uint32_t v[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+            if (norm) {
+                const uint4 gw = *reinterpret_cast<const uint4*>(norm + 8 * r);
+                const uint32_t gv[4] = {gw.x, gw.y, gw.z, gw.w};
+#pragma unroll
+                for (int j = 0; j < 4; ++j) {
+                    uint32_t out = 0;
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const float xv = to_f32<F16>((v[j] >> (16 * half)) & 0xFFFF);
+                        const float gv1 = to_f32<F16>((gv[j] >> (16 * half)) & 0xFFFF);
+                        const float xn = to_f32<F16>(from_f32<F16>(xv * inv)) * gv1;
+                        out |= (uint32_t)from_f32<F16>(xn) << (16 * half);
+                    }
+                    v[j] = out;
+                }
+            }
+#pragma unroll
+            for (int j = 0; j < 4; ++j) acc += to_f32<F16>(v[j] & 0xFFFF) + to_f32<F16>(v[j] >> 16);
+            uint4 p;
+            p.x = __byte_perm(v[0], v[2], 0x5410);
+            p.y = __byte_perm(v[0], v[2], 0x7632);
+            p.z = __byte_perm(v[1], v[3], 0x5410);
+            p.w = __byte_perm(v[1], v[3], 0x7632);
+            sm.u.xp[r] = p;
+        }
+        for (int off = 1; off < per_group; off <<= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+        if (cs.lane + 32 * i < r_count && r % per_group == 0) sm.xsum[r / per_group] = acc;
+    }
+    __syncwarp();
+}
+
+// One tile of a GEMV phase: this warp's quads out of the ring (refilled STAGES ahead by `prod`), the
+// per-group scales once at the end (the warp's range is one chunk of <= 8 groups), the warps' sums met in
+// shared memory, then the epilogue (as int4_gemv_tc_kernel's, same rounding).
+template <int MT, bool F16>
+__device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs& a, const Phase& ph, int kind,
+                          int tile, int parity, int group, long long pos, long long slot) {
+    constexpr int HALF = 8 * MT, STRIDE = 16 * MT + 8, ROWS = 16 * MT;
+    constexpr float OFFSET = F16 ? 1024.f : 128.f;
+    const int n = (int)ph.n, k = (int)ph.k, iters = k / 32 / WARPS, q0 = cs.warp * iters;
+    const Rows rw = rows_of(kind, tile, n);
+    const int quads_per_group = group / 32;
+    const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group, gbase = g_first & ~7;
+    const uint16_t* sp = reinterpret_cast<const uint16_t*>(ph.s);
+    const uint16_t* zp = reinterpret_cast<const uint16_t*>(ph.z);
+    float sv[MT][2][2], zv[MT][2][2];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) {
+                const int gi = gbase + 2 * cs.t + c, row = (h ? rw.base1 : rw.base0) + MT * cs.g + m;
+                const bool ok = gi >= g_first && gi < g_end;
+                sv[m][h][c] = ok ? to_f32<F16>(sp[(size_t)gi * n + row]) : 0.f;
+                zv[m][h][c] = ok ? to_f32<F16>(zp[(size_t)gi * n + row]) : 0.f;
+            }
+    float c[MT][4];
+#pragma unroll
+    for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
+    const uint4* xq = sm.u.xp + 4 * q0 + cs.t;
+    for (int it = 0; it < iters; ++it) {
+        cp_async_wait(STAGES - 1);
+        __syncwarp();
+        uint32_t* stage = sm.ring[cs.warp][cs.used % STAGES];
+        const int group_i = (q0 + it) / quads_per_group;
+        const bool mine = cs.g == (group_i & 7);
+        const uint4 xv = xq[4 * it];
+        const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
+        const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
+        const uint32_t* wlo = stage + cs.t * STRIDE + MT * cs.g;
+        const Words<MT> wl = lds_words<MT>(wlo);
+        const Words<MT> wh = lds_words<MT>(wlo + HALF);
+        __syncwarp();  // every lane has read this stage: refill it with the quad STAGES ahead
+        prod.issue(a, stage, cs.warp, cs.lane);
+        ++cs.used;
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
+                     nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
+            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
+                     nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
+        }
+    }
+    float* red = &sm.red[parity][0][0];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float v = 0.f;
+#pragma unroll
+            for (int cc = 0; cc < 2; ++cc) {
+                const int gi = gbase + 2 * cs.t + cc;
+                const float xs = (gi >= g_first && gi < g_end) ? sm.xsum[gi] : 0.f;
+                const float sc = sv[m][h][cc], ze = zv[m][h][cc];
+                const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
+                v += sc * c[m][2 * h + cc] + coef * xs;
+            }
+            v += __shfl_xor_sync(0xffffffffu, v, 1);
+            v += __shfl_xor_sync(0xffffffffu, v, 2);
+            if (cs.t == 0) red[cs.warp * 64 + h * HALF + MT * cs.g + m] = v;
+        }
+    __syncthreads();
+    const bool paired = kind == K_QKV || kind == K_GATEUP;
+    for (int j = threadIdx.x; j < (paired ? HALF : ROWS); j += THREADS) {
+        float v = 0.f;
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) v += red[wi * 64 + j];
+        uint16_t* y16 = reinterpret_cast<uint16_t*>(ph.y);
+        if (kind == K_QKV) {
+            float x2 = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) x2 += red[wi * 64 + HALF + j];
+            const float x1 = to_f32<F16>(from_f32<F16>(v));
+            x2 = to_f32<F16>(from_f32<F16>(x2));
+            const int head = rw.base0 / D, cidx = rw.base0 % D + j;
+            if (head < a.heads + a.kv_heads) {
+                const long long p = pos * D + cidx;
+                const float c1 = to_f32<F16>(a.cos[p]), c2 = to_f32<F16>(a.cos[p + D / 2]);
+                const float s1 = to_f32<F16>(a.sin[p]), s2 = to_f32<F16>(a.sin[p + D / 2]);
+                const float y1 = x1 * c1 + x2 * s1, y2 = x2 * c2 + x1 * s2;
+                uint16_t* dst = head < a.heads ? y16 + head * D
+                                               : reinterpret_cast<uint16_t*>(ph.kc) + slot * a.stride_slot +
+                                                     (head - a.heads) * D;
+                dst[cidx] = from_f32<F16>(y1);
+                dst[cidx + D / 2] = from_f32<F16>(y2);
+            } else {
+                uint16_t* dst =
+                    reinterpret_cast<uint16_t*>(ph.vc) + slot * a.stride_slot + (head - a.heads - a.kv_heads) * D;
+                dst[cidx] = from_f32<F16>(x1);
+                dst[cidx + D / 2] = from_f32<F16>(x2);
+            }
+        } else if (kind == K_GATEUP) {
+            float up = 0.f;
+#pragma unroll
+            for (int wi = 0; wi < WARPS; ++wi) up += red[wi * 64 + HALF + j];
+            const float gate = to_f32<F16>(from_f32<F16>(v));
+            const float act = to_f32<F16>(from_f32<F16>(silu(gate)));
+            y16[rw.base0 + j] = from_f32<F16>(act * to_f32<F16>(from_f32<F16>(up)));
+        } else {
+            const int row = (j < HALF ? rw.base0 : rw.base1 - HALF) + j;
+            if (kind == K_HEAD) {
+                reinterpret_cast<float*>(ph.y)[row] = v;
+            } else {  // O, DOWN: the residual stream, in place (this thread read and writes this row only)
+                y16[row] = from_f32<F16>(to_f32<F16>(from_f32<F16>(v)) + to_f32<F16>(ldcg16(y16 + row)));
+            }
+        }
+    }
+}
+
+// Attention of the GP q heads of one KV head over a range of the context (split-KV): each warp takes every
+// WARPS-th token (online softmax), the warps meet in shared memory; with several splits the last one to
+// arrive (an arrival counter per KV head) combines them in split order, so the result does not depend on
+// which program finishes first.
+template <bool F16>
+__device__ void attention(Smem& sm, const Consumer& cs, const StepArgs& a, const Phase& ph, long long ctx) {
+    const int kvh = a.kv_heads;
+    int splits = (int)((ctx + MIN_SPLIT_TOKENS - 1) / MIN_SPLIT_TOKENS);
+    splits = max(1, min(splits, min(MAX_SPLITS, (int)gridDim.x / kvh)));
+    if ((int)blockIdx.x >= kvh * splits) return;
+    const int h = blockIdx.x / splits, s = blockIdx.x % splits;
+    const long long per = (ctx + splits - 1) / splits, t0 = s * per, t1 = min(ctx, t0 + per);
+    const uint16_t* q = reinterpret_cast<const uint16_t*>(ph.x);
+    const uint16_t* kc = reinterpret_cast<const uint16_t*>(ph.kc);
+    const uint16_t* vc = reinterpret_cast<const uint16_t*>(ph.vc);
+    float qv[GP][2], m[GP], l[GP], o[GP][2];
+#pragma unroll
+    for (int gh = 0; gh < GP; ++gh) {
+        const uint32_t qq = ldcg32(q + (h * GP + gh) * D + 2 * cs.lane);
+        qv[gh][0] = to_f32<F16>(qq & 0xFFFF) * a.scale, qv[gh][1] = to_f32<F16>(qq >> 16) * a.scale;
+        m[gh] = -INFINITY, l[gh] = 0.f, o[gh][0] = o[gh][1] = 0.f;
+    }
+    for (long long tk = t0 + cs.warp; tk < t1; tk += WARPS) {
+        const long long blk = a.table[tk / a.block_size];
+        const long long off = (blk * a.block_size + tk % a.block_size) * a.stride_slot + h * D + 2 * cs.lane;
+        const uint32_t kk = ldcg32(kc + off), vv = ldcg32(vc + off);
+        const float k0 = to_f32<F16>(kk & 0xFFFF), k1 = to_f32<F16>(kk >> 16);
+        const float v0 = to_f32<F16>(vv & 0xFFFF), v1 = to_f32<F16>(vv >> 16);
+#pragma unroll
+        for (int gh = 0; gh < GP; ++gh) {
+            float sc = qv[gh][0] * k0 + qv[gh][1] * k1;
+#pragma unroll
+            for (int off2 = 16; off2; off2 >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off2);
+            const float mn = fmaxf(m[gh], sc), corr = __expf(m[gh] - mn), p = __expf(sc - mn);
+            l[gh] = l[gh] * corr + p;
+            o[gh][0] = o[gh][0] * corr + p * v0, o[gh][1] = o[gh][1] * corr + p * v1;
+            m[gh] = mn;
+        }
+    }
+#pragma unroll
+    for (int gh = 0; gh < GP; ++gh) {
+        sm.u.attn[cs.warp][gh][2 * cs.lane] = o[gh][0];
+        sm.u.attn[cs.warp][gh][2 * cs.lane + 1] = o[gh][1];
+        if (cs.lane == 0) sm.u.attn[cs.warp][gh][D] = m[gh], sm.u.attn[cs.warp][gh][D + 1] = l[gh];
+    }
+    __syncthreads();
+    // Threads 0..GP*D-1: one (q head, dim) each, over the warps.
+    const int gh = threadIdx.x / D, d = threadIdx.x % D;
+    float mo = -INFINITY, lo = 0.f, oo = 0.f;
+    if (threadIdx.x < GP * D) {
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) mo = fmaxf(mo, sm.u.attn[wi][gh][D]);
+#pragma unroll
+        for (int wi = 0; wi < WARPS; ++wi) {
+            const float mw = sm.u.attn[wi][gh][D];
+            const float f = mw == -INFINITY ? 0.f : __expf(mw - mo);
+            lo += sm.u.attn[wi][gh][D + 1] * f, oo += sm.u.attn[wi][gh][d] * f;
+        }
+    }
+    uint16_t* out = reinterpret_cast<uint16_t*>(ph.y) + (h * GP) * D;
+    if (splits == 1) {
+        if (threadIdx.x < GP * D) out[gh * D + d] = from_f32<F16>(oo / lo);
+        return;
+    }
+    float* part = a.part + ((size_t)h * MAX_SPLITS * GP) * (D + 2);
+    if (threadIdx.x < GP * D) {
+        float* mine = part + ((size_t)s * GP + gh) * (D + 2);
+        mine[d] = oo;
+        if (d == 0) mine[D] = mo, mine[D + 1] = lo;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) sm.flag = atomicAdd(&a.arrivals[h], 1u) == (unsigned)(splits - 1);
+    __syncthreads();
+    if (!sm.flag) return;
+    __threadfence();
+    if (threadIdx.x < GP * D) {
+        float mx = -INFINITY, lt = 0.f, ot = 0.f;
+        for (int si = 0; si < splits; ++si) mx = fmaxf(mx, __ldcg(part + ((size_t)si * GP + gh) * (D + 2) + D));
+        for (int si = 0; si < splits; ++si) {
+            const float* ps = part + ((size_t)si * GP + gh) * (D + 2);
+            const float ms = __ldcg(ps + D);
+            const float f = ms == -INFINITY ? 0.f : __expf(ms - mx);
+            lt += __ldcg(ps + D + 1) * f, ot += __ldcg(ps + d) * f;
+        }
+        out[gh * D + d] = from_f32<F16>(ot / lt);
+    }
+    if (threadIdx.x == 0) a.arrivals[h] = 0;  // for the next layer's attention and the next launch
+}
+
+template <int G, bool F16>
+__global__ void __launch_bounds__(THREADS, 1) int4_step_kernel(const StepArgs a) {
+    extern __shared__ __align__(16) unsigned char smem_raw[];
+    Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+    Consumer cs;
+    cs.lane = threadIdx.x & 31, cs.warp = threadIdx.x >> 5, cs.g = cs.lane >> 2, cs.t = cs.lane & 3;
+    cs.used = 0;
+    const long long pos = *a.pos, slot = *a.slot, ctx = *a.ctx;
+    Producer prod;
+    prod.p = 0;
+    prod.settle(a);
+    for (int i = 0; i < STAGES; ++i) prod.issue(a, sm.ring[cs.warp][i], cs.warp, cs.lane);
+    int parity = 0;
+    unsigned int barriers = 0;
+    for (int p = 0; p < a.num_phases; ++p) {
+        const Phase& ph = a.phases[p];
+        const int kind = (int)ph.kind;
+        if (p > 0 && !grid_barrier(a, ++barriers * gridDim.x, &sm.ok)) return;
+        if (kind == K_ATTN) {
+            attention<F16>(sm, cs, a, ph, ctx);
+            continue;
+        }
+        const int ntiles = tiles_of(kind, (int)ph.n);
+        if ((int)blockIdx.x >= ntiles) continue;
+        build_operands<F16>(sm, cs, reinterpret_cast<const uint16_t*>(ph.x),
+                            reinterpret_cast<const uint16_t*>(ph.norm), (int)ph.k, G, a.eps);
+        for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+            if (mt_of(kind) == 4) {
+                gemv_tile<4, F16>(sm, cs, prod, a, ph, kind, tile, parity, G, pos, slot);
+            } else {
+                gemv_tile<1, F16>(sm, cs, prod, a, ph, kind, tile, parity, G, pos, slot);
+            }
+            parity ^= 1;
+        }
+    }
+    // The last program out puts the barrier back to zero for the next launch or replay.
+    __syncthreads();
+    if (threadIdx.x == 0 && atomicAdd(&a.bar[1], 1u) == gridDim.x - 1) {
+        a.bar[0] = 0;
+        a.bar[1] = 0;
+    }
+}
+
+template <int G, bool F16>
+int launch_step(const StepArgs& a, cudaStream_t stream) {
+    auto kernel = int4_step_kernel<G, F16>;
+    const int smem = (int)sizeof(Smem);
+    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (e != cudaSuccess) return (int)e;
+    int per_sm = 0, sms = 0, dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, THREADS, smem);
+    if (e != cudaSuccess) return (int)e;
+    if (per_sm < 1) return -5;  // the grid barrier needs every program resident: one an SM
+    kernel<<<sms, THREADS, smem, stream>>>(a);
+    return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+// Returns 0, a CUDA error code, -3 (group), -5 (a program does not fit an SM), -6 (shape).
+extern "C" int if_int4_step(const void* phases, int num_phases, const void* pos, const void* slot,
+                            const void* ctx, const void* table, const void* cos, const void* sin, void* part,
+                            void* arrivals, void* bar, void* error, int heads, int kv_heads, int head_dim,
+                            int block_size, long long stride_slot, int group, int fma_mode, int f16, float eps,
+                            float scale, void* stream) {
+    if (head_dim != D || heads != GP * kv_heads) return -6;
+    const StepArgs a{static_cast<const Phase*>(phases), num_phases, static_cast<const long long*>(pos),
+                     static_cast<const long long*>(slot), static_cast<const long long*>(ctx),
+                     static_cast<const long long*>(table), static_cast<const uint16_t*>(cos),
+                     static_cast<const uint16_t*>(sin), static_cast<float*>(part),
+                     static_cast<unsigned int*>(arrivals), static_cast<unsigned int*>(bar),
+                     static_cast<int*>(error), heads, kv_heads, block_size, fma_mode, stride_slot, eps, scale};
+    cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
+    if (group == 64) return f16 ? launch_step<64, true>(a, st) : launch_step<64, false>(a, st);
+    if (group == 128) return f16 ? launch_step<128, true>(a, st) : launch_step<128, false>(a, st);
+    return -3;
+}
+
+// Shared memory a program takes, for the host's checks and the docs.
+extern "C" int if_int4_step_smem() { return (int)sizeof(Smem); }

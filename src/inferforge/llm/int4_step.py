@@ -1,0 +1,232 @@
+"""The whole batch-1 int4 decode step as one persistent CUDA kernel (`csrc/int4_step.cu`), for Llama-shaped
+models whose every product is int4 in gemlite's layout.
+
+Why: the kernel chain (`cuda_int4` and Triton, 5 kernels a layer) pays ~3-4 us at each kernel boundary beyond
+its bytes, ~80 boundaries a step, and int4 moves only ~0.7 GB a token (runs O1-O12, docs/llm-runs.md). One
+launch with grid barriers between the phases, each warp streaming its weights through a ring that runs on
+across the barriers, removes the boundaries while keeping the weight stream going.
+
+`Int4Step.logits` has `DecoderLM.decode_logits`'s contract for one sequence; it is built only where every
+layer fits the kernel (`reasons` says why not) and is checked against the chain on the device before use.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from inferforge.llm.attention import AttnMeta
+from inferforge.llm.gemv_int4 import Int4Weight, int4_weight
+
+CSRC = Path(__file__).parent / "csrc"
+SOURCES = (CSRC / "int4_step.cu", CSRC / "int4_gemv_tc.cu")
+KIND = {"qkv": 0, "attn": 1, "o": 2, "gateup": 3, "down": 4, "head": 5}
+WARPS, MAX_SPLITS, HEAD_DIM, GROUP_HEADS = 16, 32, 64, 4
+_LIB: dict[tuple, ctypes.CDLL] = {}
+
+
+class StepError(RuntimeError):
+    """The kernel cannot run this model here (build, shape or launch): the engine keeps the chain."""
+
+
+def library_path() -> Path:
+    root = os.environ.get("INFERFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "inferforge")
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
+    major, minor = torch.cuda.get_device_capability()
+    return Path(root) / "kernels" / f"int4_step-sm{major}{minor}-{digest}.so"
+
+
+def build(path: Path | None = None) -> Path:
+    """Compile for this GPU (~80 s of one core for sm_90) unless the cache has it."""
+    path = path or library_path()
+    if path.is_file():
+        return path
+    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
+    if not Path(nvcc).is_file():
+        raise StepError("nvcc not found: the int4 step kernel needs the CUDA toolkit to build")
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise StepError(f"the int4 step kernel needs compute capability 8.0+, got {major}.{minor}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    arch = f"{major}{minor}"
+    cmd = [nvcc, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-shared",
+           "-Xcompiler", "-fPIC", "-o", str(tmp), str(SOURCES[0])]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise StepError(f"nvcc failed ({done.returncode}): {done.stderr[-2000:]}")
+    os.replace(tmp, path)
+    return path
+
+
+def library() -> ctypes.CDLL:
+    """The loaded library (`INFERFORGE_INT4_STEP_LIB` names a prebuilt one)."""
+    override = os.environ.get("INFERFORGE_INT4_STEP_LIB")
+    key = (override, torch.cuda.get_device_capability())
+    if key not in _LIB:
+        lib = ctypes.CDLL(str(Path(override) if override else build()))
+        p, i = ctypes.c_void_p, ctypes.c_int
+        lib.if_int4_step.restype = ctypes.c_int
+        lib.if_int4_step.argtypes = [p, i, *[p] * 10, i, i, i, i, ctypes.c_longlong, i, i, i,
+                                     ctypes.c_float, ctypes.c_float, p]  # fmt: skip
+        _LIB[key] = lib
+    return _LIB[key]
+
+
+def _layers(model) -> list[tuple[str, torch.nn.Module]]:
+    out = []
+    for b in model.blocks():
+        out += [("qkv", b.attn.qkv), ("o", b.attn.o), ("gateup", b.mlp.up), ("down", b.mlp.down)]
+    return [*out, ("head", model.lm_head)]
+
+
+def _rows_per_tile(kind: str) -> int:
+    return 64 if kind in ("gateup", "head") else 16
+
+
+def reasons(model) -> list[str]:
+    """Why the kernel cannot run this model ([] if it can): Llama-shaped (RMSNorm, RoPE, gated SiLU, no
+    biases, heads of 64, 4 q heads a KV head), every product int4 in gemlite's layout with one fma mode,
+    K a multiple of 512 and at most 8,192, each warp's K range 1, 2, 4 or 8 groups."""
+    cfg = model.cfg
+    why = []
+    if not model.can_fuse():
+        why.append("not RMSNorm + RoPE + gated SiLU")
+    if cfg.head_dim != HEAD_DIM or cfg.num_heads != GROUP_HEADS * cfg.num_kv_heads:
+        why.append(f"needs heads of {HEAD_DIM} and {GROUP_HEADS} q heads a KV head")
+    modes = set()
+    for kind, m in _layers(model):
+        w = int4_weight(m)
+        if w is None or getattr(m, "bias", None) is not None:
+            why.append(f"{kind}: not an int4 layer without bias in gemlite's layout")
+            break
+        n, k = w.shape
+        modes.add((w.fma, w.group, w.scales.dtype))
+        per_warp_groups = k // WARPS // w.group if k % (WARPS * w.group) == 0 else 0
+        if k % 512 or k > 8192 or per_warp_groups not in (1, 2, 4, 8) or n % _rows_per_tile(kind):
+            why.append(f"{kind}: N={n}, K={k}, group {w.group} do not fit the kernel's tiles")
+            break
+    if len(modes) > 1:
+        why.append("layers differ in fma mode, group or scale dtype")
+    return why
+
+
+class Int4Step:
+    """One decode step of one sequence in one launch (plus the embedding gather). Holds the phase table
+    (pointers into the model's own tensors, so the model must outlive it) and the step's scratch."""
+
+    def __init__(self, model) -> None:
+        why = reasons(model)
+        if why:
+            raise StepError("; ".join(why))
+        cfg, dev = model.cfg, model.embed.weight.device
+        self.model, self.dtype = model, model.embed.weight.dtype
+        self.heads, self.kv_heads = cfg.num_heads, cfg.num_kv_heads
+        hidden, d = cfg.hidden_size, cfg.head_dim
+        ffn = cfg.intermediate_size
+        self.x = torch.empty(1, hidden, device=dev, dtype=self.dtype)  # the residual stream
+        self.q = torch.empty(self.heads * d, device=dev, dtype=self.dtype)
+        self.attn = torch.empty(self.heads * d, device=dev, dtype=self.dtype)
+        self.h = torch.empty(ffn, device=dev, dtype=self.dtype)
+        self.out = torch.empty(1, self._vocab(model), device=dev, dtype=torch.float32)
+        self.part = torch.empty(self.kv_heads * MAX_SPLITS * GROUP_HEADS * (d + 2), device=dev)
+        self.arrivals = torch.zeros(self.kv_heads, device=dev, dtype=torch.int32)
+        self.bar = torch.zeros(2, device=dev, dtype=torch.int32)
+        self.error = torch.zeros(1, device=dev, dtype=torch.int32)
+        first = int4_weight(model.lm_head)
+        assert first is not None
+        self.group, self.fma = first.group, first.fma
+        self.phases = torch.tensor(self._table(model), dtype=torch.int64, device=dev)
+
+    @staticmethod
+    def _vocab(model) -> int:
+        head = int4_weight(model.lm_head)
+        assert head is not None
+        return head.shape[0]
+
+    def _row(
+        self, kind: str, w: Int4Weight | None, x: torch.Tensor, norm: torch.Tensor | None, y: torch.Tensor,
+        kc: torch.Tensor | None = None, vc: torch.Tensor | None = None,
+    ) -> list[int]:  # fmt: skip
+        n, k = w.shape if w is not None else (0, 0)
+        ptrs = (w.packed, w.scales, w.zeros) if w is not None else (None, None, None)
+        ptrs += (x, norm, y, kc, vc)
+        return [KIND[kind], n, k, *(0 if t is None else t.data_ptr() for t in ptrs), 0]
+
+    def _table(self, model) -> list[list[int]]:
+        rows = []
+        for b in model.blocks():
+            a, m = b.attn, b.mlp
+            kc, vc = a.k_cache, a.v_cache
+            rows.append(self._row("qkv", int4_weight(a.qkv), self.x, b.norm1.weight, self.q, kc, vc))
+            rows.append(self._row("attn", None, self.q, None, self.attn, kc, vc))
+            rows.append(self._row("o", int4_weight(a.o), self.attn, None, self.x))
+            rows.append(self._row("gateup", int4_weight(m.up), self.x, b.norm2.weight, self.h))
+            rows.append(self._row("down", int4_weight(m.down), self.h, None, self.x))
+        rows.append(self._row("head", int4_weight(model.lm_head), self.x, model.norm.weight, self.out))
+        return rows
+
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+        """fp32 logits [1, vocab] of one decode step (a buffer this object reuses); the step's key and value
+        go into the cache at `meta.slot_mapping`, as the chain writes them."""
+        assert meta.block_tables is not None and meta.context_lens is not None
+        idx = (positions, meta.slot_mapping, meta.context_lens, meta.block_tables)
+        if input_ids.shape != (1,) or any(t.dtype != torch.int64 or not t.is_contiguous() for t in idx):
+            raise ValueError("one sequence, with int64 positions, slots, context lengths and block table")
+        torch.index_select(self.model.embed.weight, 0, input_ids, out=self.x)
+        kc = self.model.blocks()[0].attn.k_cache
+        code = library().if_int4_step(
+            self.phases.data_ptr(), self.phases.shape[0], positions.data_ptr(), meta.slot_mapping.data_ptr(),
+            meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), self.model.rope_cos.data_ptr(),
+            self.model.rope_sin.data_ptr(), self.part.data_ptr(), self.arrivals.data_ptr(),
+            self.bar.data_ptr(), self.error.data_ptr(), self.heads, self.kv_heads, kc.shape[-1], kc.shape[1],
+            self.kv_heads * kc.shape[-1], self.group, int(self.fma), int(self.dtype == torch.float16),
+            self.model.cfg.norm_eps, kc.shape[-1] ** -0.5, torch.cuda.current_stream(kc.device).cuda_stream,
+        )  # fmt: skip
+        if code != 0:
+            raise StepError(f"int4 step kernel refused to launch: code {code}")
+        return self.out
+
+    def healthy(self) -> bool:
+        """No barrier timed out and the counters are back at zero (syncs: for checks, not the hot path)."""
+        return int(self.error.item()) == 0 and int(self.bar.abs().sum()) == 0
+
+
+def check_against_chain(model, step: Int4Step, decode_fn, contexts: tuple[int, ...] = (1, 40, 300)) -> float:
+    """Largest difference between the step kernel's logits and the chain's (`model.decode_logits`), relative
+    to the chain's largest, over one step at each context length, from the same cache and inputs. Overwrites
+    the first cache blocks of every layer with random keys and values: for engine start and tests only.
+    Raises StepError if a barrier timed out."""
+    dev = step.x.device
+    cache = model.blocks()[0].attn.k_cache
+    blocks = -(-max(contexts) // cache.shape[1])
+    if blocks > cache.shape[0]:
+        raise ValueError(
+            f"contexts up to {max(contexts)} need {blocks} cache blocks, the cache has {cache.shape[0]}"
+        )
+    gen = torch.Generator(device=dev).manual_seed(0)
+    worst = 0.0
+    with torch.inference_mode():
+        for b in model.blocks():
+            for c in (b.attn.k_cache, b.attn.v_cache):
+                c[:blocks].copy_(torch.randn(c[:blocks].shape, generator=gen, device=dev).to(c.dtype))
+        table = torch.arange(blocks, device=dev, dtype=torch.int64).view(1, blocks)
+        for ctx in contexts:
+            pos = torch.tensor([ctx - 1], device=dev)
+            meta = AttnMeta(
+                slot_mapping=pos.clone(), block_tables=table, context_lens=torch.tensor([ctx], device=dev),
+                decode_fn=decode_fn,
+            )  # fmt: skip
+            ids = torch.randint(0, step.out.shape[1], (1,), generator=gen, device=dev)
+            want = model.decode_logits(ids, pos, meta).float()
+            got = step.logits(ids, pos, meta)
+            if not step.healthy():
+                raise StepError("a grid barrier timed out")
+            worst = max(worst, ((got - want).abs().max() / want.abs().max().clamp(min=1e-12)).item())
+    return worst
