@@ -52,15 +52,17 @@ def measure(model, step: Int4Step, decode_fn, ctx: int, table: torch.Tensor) -> 
         slot_mapping=pos.clone(), block_tables=table, context_lens=torch.tensor([ctx], device=dev),
         decode_fn=decode_fn,
     )  # fmt: skip
-    cache = model.blocks()[-1].attn.k_cache
-    last = cache.view(-1, *cache.shape[2:])
+    ends = (model.blocks()[0], model.blocks()[-1])
+    caches = [b.attn.k_cache.view(-1, *b.attn.k_cache.shape[2:]) for b in ends]
     with torch.inference_mode():
         chain = model.decode_logits(ids, pos, meta).float().clone()
-        k_chain = last[ctx - 1].float().clone()
+        k_chain = [c[ctx - 1].float().clone() for c in caches]
         got = step.logits(ids, pos, meta).clone()
         torch.cuda.synchronize()
         r = compare(chain, got)
-        r["k_rel_diff"] = ((last[ctx - 1].float() - k_chain).abs().max() / k_chain.abs().max()).item()
+        for name, c, want in zip(("first", "last"), caches, k_chain, strict=True):
+            diff = (c[ctx - 1].float() - want).abs().max() / want.abs().max()
+            r[f"k_rel_diff_{name}_layer"] = diff.item()
         r["healthy"] = step.healthy()
         print(f"ctx {ctx}: {r}", flush=True)
         if not r["healthy"]:
@@ -74,20 +76,50 @@ def measure(model, step: Int4Step, decode_fn, ctx: int, table: torch.Tensor) -> 
                 r[f"{name} us r{rnd}"] = us = replay_us(g, 1)
                 print(f"ctx {ctx} round {rnd}: {name:5s} {us:7.1f} us/step", flush=True)
         r["healthy_after"] = step.healthy()
+        if step.trace is not None:
+            step.trace.zero_()
+            step.logits(ids, pos, meta)
+            torch.cuda.synchronize()
+            r["phases"] = phase_times(step.trace)
+            print(f"ctx {ctx} phases (us): {r['phases']}", flush=True)
     return r
+
+
+KINDS = ("qkv", "attn", "o", "gateup", "down")
+
+
+def phase_times(trace: torch.Tensor) -> dict:
+    """From the kernel's globaltimer trace [programs, phases, 2]: per phase kind, the mean over layers of its
+    span (first program in to last program out) and of the barrier after it (last out to first in of the
+    next), plus the head's span and the whole launch, in us."""
+    t = trace.double() / 1e3
+    start_min, start_max = t[:, :, 0].min(0).values, t[:, :, 0].max(0).values
+    end_max = t[:, :, 1].max(0).values
+    phases = t.shape[1]
+    out: dict = {}
+    for i, kind in enumerate(KINDS):
+        idx = list(range(i, phases - 1, len(KINDS)))
+        out[f"{kind} span"] = round(float((end_max[idx] - start_min[idx]).mean()), 2)
+        nxt = [j + 1 for j in idx]
+        out[f"{kind} barrier"] = round(float((start_min[nxt] - end_max[idx]).mean()), 2)
+        out[f"{kind} start skew"] = round(float((start_max[idx] - start_min[idx]).mean()), 2)
+    out["head span"] = round(float(end_max[-1] - start_min[-1]), 2)
+    out["total"] = round(float(end_max[-1] - start_min[0]), 2)
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--contexts", default="144,512,1000")
     ap.add_argument("--skip-bf16", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="also one traced launch: time per phase kind")
     args = ap.parse_args()
     folder = make_random_1b(Path("/tmp/inferforge_llama1b"))
     res: dict = {"device": torch.cuda.get_device_name()}
     eng = bench_engine(folder, "int4", decode_buckets=(1,))
     res["int4 chain decode tok/s (engine loop)"] = decode_rate(eng, 1)
     model, dev = eng.model, torch.device("cuda")
-    step = Int4Step(model)
+    step = Int4Step(model, trace=args.trace)
     gen = torch.Generator(device="cuda").manual_seed(0)
     with torch.inference_mode():
         for b in model.blocks():  # a cache of plausible scale in the blocks the table names

@@ -312,15 +312,15 @@ def transformers_vocab(folder: Path) -> int:
 
 
 def _step_llama(folder: Path, tokenizer_dir: Path) -> Path:
-    """A random 2-layer Llama the int4 step kernel takes (K of 1,024 and 2,048, heads of 64, 4 q heads a KV
+    """A random 2-layer Llama the int4 step kernel takes (K of 2,048 and 4,096, heads of 64, 4 q heads a KV
     head, a vocabulary in whole 64-row tiles)."""
     import shutil
 
     import transformers
 
     vocab = -(-transformers.AutoTokenizer.from_pretrained(tokenizer_dir).vocab_size // 64) * 64
-    cfg = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
-                                   num_attention_heads=16, num_key_value_heads=4, vocab_size=vocab,
+    cfg = transformers.LlamaConfig(hidden_size=2048, intermediate_size=4096, num_hidden_layers=2,
+                                   num_attention_heads=32, num_key_value_heads=8, vocab_size=vocab,
                                    tie_word_embeddings=True, max_position_embeddings=1024)  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)

@@ -73,7 +73,7 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(Path(override) if override else build()))
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.if_int4_step.restype = ctypes.c_int
-        lib.if_int4_step.argtypes = [p, i, *[p] * 10, i, i, i, i, ctypes.c_longlong, i, i, i,
+        lib.if_int4_step.argtypes = [p, i, *[p] * 11, i, i, i, i, ctypes.c_longlong, i, i, i,
                                      ctypes.c_float, ctypes.c_float, p]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
@@ -93,7 +93,9 @@ def _rows_per_tile(kind: str) -> int:
 def reasons(model) -> list[str]:
     """Why the kernel cannot run this model ([] if it can): Llama-shaped (RMSNorm, RoPE, gated SiLU, no
     biases, heads of 64, 4 q heads a KV head), every product int4 in gemlite's layout with one fma mode,
-    K a multiple of 512 and at most 8,192, each warp's K range 1, 2, 4 or 8 groups."""
+    K a multiple of 512 from 2,048 to 8,192 (each warp at least 4 quads a tile: the ring of 8 stages then
+    spans at most 3 tiles, which the 4 scale slots cover), each warp's K range 1, 2, 4 or 8 groups, and a
+    warp's scales of a tile (groups x rows / 16) at most 8 (its 512-byte slot)."""
     cfg = model.cfg
     why = []
     if not model.can_fuse():
@@ -109,7 +111,16 @@ def reasons(model) -> list[str]:
         n, k = w.shape
         modes.add((w.fma, w.group, w.scales.dtype))
         per_warp_groups = k // WARPS // w.group if k % (WARPS * w.group) == 0 else 0
-        if k % 512 or k > 8192 or per_warp_groups not in (1, 2, 4, 8) or n % _rows_per_tile(kind):
+        mt = _rows_per_tile(kind) // 16
+        if (
+            k % 512
+            or not 2048 <= k <= 8192
+            or per_warp_groups not in (1, 2, 4, 8)
+            or per_warp_groups * mt > 8
+        ):
+            why.append(f"{kind}: K={k}, group {w.group} do not fit the kernel's warps and scale slots")
+            break
+        if n % _rows_per_tile(kind):
             why.append(f"{kind}: N={n}, K={k}, group {w.group} do not fit the kernel's tiles")
             break
     if len(modes) > 1:
@@ -121,7 +132,7 @@ class Int4Step:
     """One decode step of one sequence in one launch (plus the embedding gather). Holds the phase table
     (pointers into the model's own tensors, so the model must outlive it) and the step's scratch."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, trace: bool = False) -> None:
         why = reasons(model)
         if why:
             raise StepError("; ".join(why))
@@ -139,6 +150,11 @@ class Int4Step:
         self.arrivals = torch.zeros(self.kv_heads, device=dev, dtype=torch.int32)
         self.bar = torch.zeros(2, device=dev, dtype=torch.int32)
         self.error = torch.zeros(1, device=dev, dtype=torch.int32)
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        # per program and phase, globaltimer (ns) at the phase's start (after its barrier) and end
+        self.trace = (
+            torch.zeros(sms, 5 * len(model.blocks()) + 1, 2, device=dev, dtype=torch.int64) if trace else None
+        )
         first = int4_weight(model.lm_head)
         assert first is not None
         self.group, self.fma = first.group, first.fma
@@ -185,7 +201,8 @@ class Int4Step:
             self.phases.data_ptr(), self.phases.shape[0], positions.data_ptr(), meta.slot_mapping.data_ptr(),
             meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), self.model.rope_cos.data_ptr(),
             self.model.rope_sin.data_ptr(), self.part.data_ptr(), self.arrivals.data_ptr(),
-            self.bar.data_ptr(), self.error.data_ptr(), self.heads, self.kv_heads, kc.shape[-1], kc.shape[1],
+            self.bar.data_ptr(), self.error.data_ptr(), 0 if self.trace is None else self.trace.data_ptr(),
+            self.heads, self.kv_heads, kc.shape[-1], kc.shape[1],
             self.kv_heads * kc.shape[-1], self.group, int(self.fma), int(self.dtype == torch.float16),
             self.model.cfg.norm_eps, kc.shape[-1] ** -0.5, torch.cuda.current_stream(kc.device).cuda_stream,
         )  # fmt: skip

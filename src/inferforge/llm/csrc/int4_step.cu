@@ -48,6 +48,7 @@ struct StepArgs {
     unsigned int* arrivals;  // [kv_heads], zero between launches
     unsigned int* bar;       // [2] grid barrier, zero between launches
     int* error;              // set when a barrier timed out (then the outputs are garbage, not a hang)
+    long long* trace;        // [programs][phases][2] globaltimer at each phase's start and end, or null
     int heads, kv_heads, block_size, fma_mode;
     long long stride_slot;   // elements from one cache slot to the next (kv_heads * D)
     float eps, scale;
@@ -58,6 +59,9 @@ constexpr int SLOT_WORDS = 4 * (64 + 8);  // a ring stage: 4 packed rows of the 
 constexpr int MAX_KP = 1024;              // packed rows of x: K <= 8192
 constexpr int D = 64, GP = 4;             // head dim, q heads per KV head
 constexpr int MAX_SPLITS = 32, MIN_SPLIT_TOKENS = 32;
+// A tile's scales and zeros for one warp (its groups x both row sets), copied with the tile's first quad:
+// at most 8 (groups x MT) x 2 x 2 x 8 halves = 512 bytes (int4_step.reasons checks groups x MT <= 8).
+constexpr int SC_WORDS = 128, SC_SLOTS = 4;
 
 __host__ __device__ constexpr int mt_of(int kind) { return kind == K_GATEUP || kind == K_HEAD ? 4 : 1; }
 
@@ -69,6 +73,12 @@ __device__ __forceinline__ uint16_t ldcg16(const uint16_t* p) {
     return __ldcg(reinterpret_cast<const unsigned short*>(p));
 }
 
+__device__ __forceinline__ long long now_ns() {
+    long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
 __device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
     unsigned int v;
     asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -77,6 +87,8 @@ __device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
 
 struct Smem {
     uint32_t ring[WARPS][STAGES][SLOT_WORDS];
+    uint32_t sc[WARPS][SC_SLOTS][SC_WORDS];  // per-warp ring of tiles' scales and zeros
+    float rope[2][D];                        // cos and sin at this step's position
     union {
         uint4 xp[MAX_KP];                     // x operands: (x[8r+i], x[8r+i+4]), i < 4
         float attn[WARPS][GP][D + 2];         // per-warp attention partials (o, then m and l)
@@ -113,13 +125,16 @@ __device__ __forceinline__ int tiles_of(int kind, int n) {
 struct Producer {
     int p, tile, q;            // next quad to issue
     int kind, n, iters, ntiles;
+    int tiles;                 // tiles issued so far (scale slot = tiles % SC_SLOTS)
     const uint32_t* w;
+    const uint16_t *s, *z;
 
     __device__ void load(const StepArgs& a) {
         if (p >= a.num_phases) return;
         const Phase& ph = a.phases[p];
         kind = (int)ph.kind, n = (int)ph.n, iters = (int)ph.k / 32 / WARPS, ntiles = tiles_of(kind, n);
         w = reinterpret_cast<const uint32_t*>(ph.w);
+        s = reinterpret_cast<const uint16_t*>(ph.s), z = reinterpret_cast<const uint16_t*>(ph.z);
     }
     // Move to the first phase at or after p that has a tile for this program.
     __device__ void settle(const StepArgs& a) {
@@ -142,13 +157,31 @@ struct Producer {
                        w + (size_t)(r0 + rr) * n + (h ? rw.base1 : rw.base0) + 4 * jj);
         }
     }
-    __device__ void issue(const StepArgs& a, uint32_t* dst, int warp, int lane) {
+    // This warp's scales and zeros of the tile: [groups][s, z][row set][8 MT rows] halves.
+    template <int MT, int G>
+    __device__ void copy_scales(uint32_t* dst, int warp, int lane) const {
+        constexpr int HALF = 8 * MT, QPG = G / 32;
+        const Rows rw = rows_of(kind, tile, n);
+        const int g_first = warp * iters / QPG, chunks = iters / QPG * 4 * MT;
+        uint16_t* d16 = reinterpret_cast<uint16_t*>(dst);
+        for (int c = lane; c < chunks; c += 32) {
+            const int gl = c / (4 * MT), rem = c % (4 * MT);
+            const int which = rem / (2 * MT), h = (rem / MT) % 2, part = rem % MT;
+            const uint16_t* src = (which ? z : s) + (size_t)(g_first + gl) * n + (h ? rw.base1 : rw.base0) + 8 * part;
+            cp_async16(d16 + ((gl * 2 + which) * 2 + h) * HALF + 8 * part, src);
+        }
+    }
+    template <int G>
+    __device__ void issue(const StepArgs& a, uint32_t* dst, uint32_t (*sc)[SC_WORDS], int warp, int lane) {
         if (p < a.num_phases) {
             if (mt_of(kind) == 4) {
                 copy<4>(dst, warp, lane);
+                if (q == 0) copy_scales<4, G>(sc[tiles % SC_SLOTS], warp, lane);
             } else {
                 copy<1>(dst, warp, lane);
+                if (q == 0) copy_scales<1, G>(sc[tiles % SC_SLOTS], warp, lane);
             }
+            if (q == 0) ++tiles;
             if (++q == iters) {
                 q = 0;
                 tile += gridDim.x;
@@ -189,7 +222,8 @@ __device__ bool grid_barrier(const StepArgs& a, unsigned int target, int* ok_sme
 // Per-warp state of the consumer side.
 struct Consumer {
     int warp, lane, g, t;
-    int used;  // quads consumed so far (ring stage = used % STAGES)
+    int used;   // quads consumed so far (ring stage = used % STAGES)
+    int tiles;  // tiles consumed so far (scale slot = tiles % SC_SLOTS)
 };
 
 // x operands of this warp's K range (RMSNorm'd when `norm`), as int4_gemv_tc_kernel builds them; the norm's
@@ -267,29 +301,25 @@ __device__ void build_operands(Smem& sm, const Consumer& cs, const uint16_t* x, 
 // One tile of a GEMV phase: this warp's quads out of the ring (refilled STAGES ahead by `prod`), the
 // per-group scales once at the end (the warp's range is one chunk of <= 8 groups), the warps' sums met in
 // shared memory, then the epilogue (as int4_gemv_tc_kernel's, same rounding).
-template <int MT, bool F16>
+template <int MT, int G, bool F16>
 __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs& a, const Phase& ph, int kind,
-                          int tile, int parity, int group, long long pos, long long slot) {
+                          int tile, int parity, long long slot) {
     constexpr int HALF = 8 * MT, STRIDE = 16 * MT + 8, ROWS = 16 * MT;
     constexpr float OFFSET = F16 ? 1024.f : 128.f;
     const int n = (int)ph.n, k = (int)ph.k, iters = k / 32 / WARPS, q0 = cs.warp * iters;
     const Rows rw = rows_of(kind, tile, n);
-    const int quads_per_group = group / 32;
+    constexpr int quads_per_group = G / 32;
     const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group, gbase = g_first & ~7;
-    const uint16_t* sp = reinterpret_cast<const uint16_t*>(ph.s);
-    const uint16_t* zp = reinterpret_cast<const uint16_t*>(ph.z);
-    float sv[MT][2][2], zv[MT][2][2];
-#pragma unroll
-    for (int m = 0; m < MT; ++m)
-#pragma unroll
-        for (int h = 0; h < 2; ++h)
-#pragma unroll
-            for (int c = 0; c < 2; ++c) {
-                const int gi = gbase + 2 * cs.t + c, row = (h ? rw.base1 : rw.base0) + MT * cs.g + m;
-                const bool ok = gi >= g_first && gi < g_end;
-                sv[m][h][c] = ok ? to_f32<F16>(sp[(size_t)gi * n + row]) : 0.f;
-                zv[m][h][c] = ok ? to_f32<F16>(zp[(size_t)gi * n + row]) : 0.f;
-            }
+    const uint16_t* scs = reinterpret_cast<const uint16_t*>(sm.sc[cs.warp][cs.tiles % SC_SLOTS]);
+    ++cs.tiles;
+    // The residual row this thread adds in the epilogue (O, DOWN), read now so its latency hides under the
+    // products: written two barriers ago at the latest.
+    uint16_t* y16 = reinterpret_cast<uint16_t*>(ph.y);
+    float resv = 0.f;
+    if ((kind == K_O || kind == K_DOWN) && threadIdx.x < ROWS) {
+        const int j = threadIdx.x;
+        resv = to_f32<F16>(ldcg16(y16 + (j < HALF ? rw.base0 : rw.base1 - HALF) + j));
+    }
     float c[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
@@ -307,7 +337,7 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
         const Words<MT> wl = lds_words<MT>(wlo);
         const Words<MT> wh = lds_words<MT>(wlo + HALF);
         __syncwarp();  // every lane has read this stage: refill it with the quad STAGES ahead
-        prod.issue(a, stage, cs.warp, cs.lane);
+        prod.issue<G>(a, stage, sm.sc[cs.warp], cs.warp, cs.lane);
         ++cs.used;
 #pragma unroll
         for (int m = 0; m < MT; ++m) {
@@ -325,9 +355,11 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
             float v = 0.f;
 #pragma unroll
             for (int cc = 0; cc < 2; ++cc) {
-                const int gi = gbase + 2 * cs.t + cc;
-                const float xs = (gi >= g_first && gi < g_end) ? sm.xsum[gi] : 0.f;
-                const float sc = sv[m][h][cc], ze = zv[m][h][cc];
+                const int gi = gbase + 2 * cs.t + cc, gl = gi - g_first, r = MT * cs.g + m;
+                const bool ok = gi >= g_first && gi < g_end;
+                const float xs = ok ? sm.xsum[gi] : 0.f;
+                const float sc = ok ? to_f32<F16>(scs[((gl * 2 + 0) * 2 + h) * HALF + r]) : 0.f;
+                const float ze = ok ? to_f32<F16>(scs[((gl * 2 + 1) * 2 + h) * HALF + r]) : 0.f;
                 const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
                 v += sc * c[m][2 * h + cc] + coef * xs;
             }
@@ -341,7 +373,6 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
         float v = 0.f;
 #pragma unroll
         for (int wi = 0; wi < WARPS; ++wi) v += red[wi * 64 + j];
-        uint16_t* y16 = reinterpret_cast<uint16_t*>(ph.y);
         if (kind == K_QKV) {
             float x2 = 0.f;
 #pragma unroll
@@ -350,9 +381,8 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
             x2 = to_f32<F16>(from_f32<F16>(x2));
             const int head = rw.base0 / D, cidx = rw.base0 % D + j;
             if (head < a.heads + a.kv_heads) {
-                const long long p = pos * D + cidx;
-                const float c1 = to_f32<F16>(a.cos[p]), c2 = to_f32<F16>(a.cos[p + D / 2]);
-                const float s1 = to_f32<F16>(a.sin[p]), s2 = to_f32<F16>(a.sin[p + D / 2]);
+                const float c1 = sm.rope[0][cidx], c2 = sm.rope[0][cidx + D / 2];
+                const float s1 = sm.rope[1][cidx], s2 = sm.rope[1][cidx + D / 2];
                 const float y1 = x1 * c1 + x2 * s1, y2 = x2 * c2 + x1 * s2;
                 uint16_t* dst = head < a.heads ? y16 + head * D
                                                : reinterpret_cast<uint16_t*>(ph.kc) + slot * a.stride_slot +
@@ -377,7 +407,7 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
             if (kind == K_HEAD) {
                 reinterpret_cast<float*>(ph.y)[row] = v;
             } else {  // O, DOWN: the residual stream, in place (this thread read and writes this row only)
-                y16[row] = from_f32<F16>(to_f32<F16>(from_f32<F16>(v)) + to_f32<F16>(ldcg16(y16 + row)));
+                y16[row] = from_f32<F16>(to_f32<F16>(from_f32<F16>(v)) + resv);
             }
         }
     }
@@ -479,33 +509,42 @@ __global__ void __launch_bounds__(THREADS, 1) int4_step_kernel(const StepArgs a)
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
     Consumer cs;
     cs.lane = threadIdx.x & 31, cs.warp = threadIdx.x >> 5, cs.g = cs.lane >> 2, cs.t = cs.lane & 3;
-    cs.used = 0;
+    cs.used = 0, cs.tiles = 0;
     const long long pos = *a.pos, slot = *a.slot, ctx = *a.ctx;
     Producer prod;
-    prod.p = 0;
+    prod.p = 0, prod.tiles = 0;
     prod.settle(a);
-    for (int i = 0; i < STAGES; ++i) prod.issue(a, sm.ring[cs.warp][i], cs.warp, cs.lane);
+    for (int i = 0; i < STAGES; ++i) prod.issue<G>(a, sm.ring[cs.warp][i], sm.sc[cs.warp], cs.warp, cs.lane);
+    if (threadIdx.x < D) {  // read before the first barrier that the epilogues need them behind
+        sm.rope[0][threadIdx.x] = to_f32<F16>(a.cos[pos * D + threadIdx.x]);
+        sm.rope[1][threadIdx.x] = to_f32<F16>(a.sin[pos * D + threadIdx.x]);
+    }
+    __syncthreads();
     int parity = 0;
     unsigned int barriers = 0;
     for (int p = 0; p < a.num_phases; ++p) {
         const Phase& ph = a.phases[p];
         const int kind = (int)ph.kind;
         if (p > 0 && !grid_barrier(a, ++barriers * gridDim.x, &sm.ok)) return;
+        if (a.trace && threadIdx.x == 0) a.trace[((size_t)blockIdx.x * a.num_phases + p) * 2] = now_ns();
         if (kind == K_ATTN) {
             attention<F16>(sm, cs, a, ph, ctx);
-            continue;
-        }
-        const int ntiles = tiles_of(kind, (int)ph.n);
-        if ((int)blockIdx.x >= ntiles) continue;
-        build_operands<F16>(sm, cs, reinterpret_cast<const uint16_t*>(ph.x),
-                            reinterpret_cast<const uint16_t*>(ph.norm), (int)ph.k, G, a.eps);
-        for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-            if (mt_of(kind) == 4) {
-                gemv_tile<4, F16>(sm, cs, prod, a, ph, kind, tile, parity, G, pos, slot);
-            } else {
-                gemv_tile<1, F16>(sm, cs, prod, a, ph, kind, tile, parity, G, pos, slot);
+        } else if ((int)blockIdx.x < tiles_of(kind, (int)ph.n)) {
+            const int ntiles = tiles_of(kind, (int)ph.n);
+            build_operands<F16>(sm, cs, reinterpret_cast<const uint16_t*>(ph.x),
+                                reinterpret_cast<const uint16_t*>(ph.norm), (int)ph.k, G, a.eps);
+            for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+                if (mt_of(kind) == 4) {
+                    gemv_tile<4, G, F16>(sm, cs, prod, a, ph, kind, tile, parity, slot);
+                } else {
+                    gemv_tile<1, G, F16>(sm, cs, prod, a, ph, kind, tile, parity, slot);
+                }
+                parity ^= 1;
             }
-            parity ^= 1;
+        }
+        if (a.trace) {
+            __syncthreads();
+            if (threadIdx.x == 0) a.trace[((size_t)blockIdx.x * a.num_phases + p) * 2 + 1] = now_ns();
         }
     }
     // The last program out puts the barrier back to zero for the next launch or replay.
@@ -537,7 +576,7 @@ int launch_step(const StepArgs& a, cudaStream_t stream) {
 // Returns 0, a CUDA error code, -3 (group), -5 (a program does not fit an SM), -6 (shape).
 extern "C" int if_int4_step(const void* phases, int num_phases, const void* pos, const void* slot,
                             const void* ctx, const void* table, const void* cos, const void* sin, void* part,
-                            void* arrivals, void* bar, void* error, int heads, int kv_heads, int head_dim,
+                            void* arrivals, void* bar, void* error, void* trace, int heads, int kv_heads, int head_dim,
                             int block_size, long long stride_slot, int group, int fma_mode, int f16, float eps,
                             float scale, void* stream) {
     if (head_dim != D || heads != GP * kv_heads) return -6;
@@ -546,7 +585,8 @@ extern "C" int if_int4_step(const void* phases, int num_phases, const void* pos,
                      static_cast<const long long*>(table), static_cast<const uint16_t*>(cos),
                      static_cast<const uint16_t*>(sin), static_cast<float*>(part),
                      static_cast<unsigned int*>(arrivals), static_cast<unsigned int*>(bar),
-                     static_cast<int*>(error), heads, kv_heads, block_size, fma_mode, stride_slot, eps, scale};
+                     static_cast<int*>(error), static_cast<long long*>(trace), heads, kv_heads, block_size,
+                     fma_mode, stride_slot, eps, scale};
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     if (group == 64) return f16 ? launch_step<64, true>(a, st) : launch_step<64, false>(a, st);
     if (group == 128) return f16 ? launch_step<128, true>(a, st) : launch_step<128, false>(a, st);
