@@ -336,8 +336,8 @@ def _step_llama(folder: Path, tokenizer_dir: Path) -> Path:
 @needs_cuda
 def test_int4_step_kernel_matches_the_kernel_chain(tiny_llama: Path, tmp_path: Path) -> None:
     """The whole decode step in one persistent kernel against the engine's int4 chain, same bytes, same cache:
-    logits within bf16 rounding at short, split and long contexts, and its grid barrier and attention
-    arrival counters back at zero after each launch (a replay must start clean)."""
+    logits within bf16 rounding at short, split and long contexts, and its grid barrier back at zero after
+    each launch (a replay must start clean)."""
     from inferforge.llm import int4_step
 
     folder = _step_llama(tmp_path / "step", tiny_llama)
@@ -348,4 +348,4 @@ def test_int4_step_kernel_matches_the_kernel_chain(tiny_llama: Path, tmp_path: P
     step = int4_step.Int4Step(eng.model)
     worst = int4_step.check_against_chain(eng.model, step, eng.runner.decode_fn, contexts=(1, 33, 100, 700))
     assert worst < 3e-2, worst
-    assert step.healthy() and int(step.arrivals.abs().sum()) == 0
+    assert step.healthy()

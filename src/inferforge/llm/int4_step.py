@@ -73,7 +73,7 @@ def library() -> ctypes.CDLL:
         lib = ctypes.CDLL(str(Path(override) if override else build()))
         p, i = ctypes.c_void_p, ctypes.c_int
         lib.if_int4_step.restype = ctypes.c_int
-        lib.if_int4_step.argtypes = [p, i, *[p] * 11, i, i, i, i, ctypes.c_longlong, i, i, i,
+        lib.if_int4_step.argtypes = [p, i, *[p] * 10, i, i, i, i, ctypes.c_longlong, i, i, i,
                                      ctypes.c_float, ctypes.c_float, p]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
@@ -93,9 +93,9 @@ def _rows_per_tile(kind: str) -> int:
 def reasons(model) -> list[str]:
     """Why the kernel cannot run this model ([] if it can): Llama-shaped (RMSNorm, RoPE, gated SiLU, no
     biases, heads of 64, 4 q heads a KV head), every product int4 in gemlite's layout with one fma mode,
-    K a multiple of 512 from 2,048 to 8,192 (each warp at least 4 quads a tile: the ring of 8 stages then
-    spans at most 3 tiles, which the 4 scale slots cover), each warp's K range 1, 2, 4 or 8 groups, and a
-    warp's scales of a tile (groups x rows / 16) at most 8 (its 512-byte slot)."""
+    K from 2,048 to 8,192 in whole 1 KB units a warp (a multiple of 512 for 64-row tiles, of 2,048 for
+    16-row ones), each warp's K range 1, 2, 4 or 8 groups, and a warp's scales of a tile (groups x rows /
+    16) at most 8 (its 512-byte slot)."""
     cfg = model.cfg
     why = []
     if not model.can_fuse():
@@ -113,7 +113,7 @@ def reasons(model) -> list[str]:
         per_warp_groups = k // WARPS // w.group if k % (WARPS * w.group) == 0 else 0
         mt = _rows_per_tile(kind) // 16
         if (
-            k % 512
+            k % (2048 // mt)  # 16-row tiles: whole 1 KB units of 4 quads a warp
             or not 2048 <= k <= 8192
             or per_warp_groups not in (1, 2, 4, 8)
             or per_warp_groups * mt > 8
@@ -143,11 +143,9 @@ class Int4Step:
         ffn = cfg.intermediate_size
         self.x = torch.empty(1, hidden, device=dev, dtype=self.dtype)  # the residual stream
         self.q = torch.empty(self.heads * d, device=dev, dtype=self.dtype)
-        self.attn = torch.empty(self.heads * d, device=dev, dtype=self.dtype)
         self.h = torch.empty(ffn, device=dev, dtype=self.dtype)
         self.out = torch.empty(1, self._vocab(model), device=dev, dtype=torch.float32)
-        self.part = torch.empty(self.kv_heads * MAX_SPLITS * GROUP_HEADS * (d + 2), device=dev)
-        self.arrivals = torch.zeros(self.kv_heads, device=dev, dtype=torch.int32)
+        self.part = torch.empty(self.kv_heads * MAX_SPLITS * GROUP_HEADS * (d + 4), device=dev)
         self.bar = torch.zeros(2, device=dev, dtype=torch.int32)
         self.error = torch.zeros(1, device=dev, dtype=torch.int32)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
@@ -167,7 +165,8 @@ class Int4Step:
         return head.shape[0]
 
     def _row(
-        self, kind: str, w: Int4Weight | None, x: torch.Tensor, norm: torch.Tensor | None, y: torch.Tensor,
+        self, kind: str, w: Int4Weight | None, x: torch.Tensor | None, norm: torch.Tensor | None,
+        y: torch.Tensor | None,
         kc: torch.Tensor | None = None, vc: torch.Tensor | None = None,
     ) -> list[int]:  # fmt: skip
         n, k = w.shape if w is not None else (0, 0)
@@ -181,8 +180,8 @@ class Int4Step:
             a, m = b.attn, b.mlp
             kc, vc = a.k_cache, a.v_cache
             rows.append(self._row("qkv", int4_weight(a.qkv), self.x, b.norm1.weight, self.q, kc, vc))
-            rows.append(self._row("attn", None, self.q, None, self.attn, kc, vc))
-            rows.append(self._row("o", int4_weight(a.o), self.attn, None, self.x))
+            rows.append(self._row("attn", None, self.q, None, None, kc, vc))
+            rows.append(self._row("o", int4_weight(a.o), None, None, self.x))
             rows.append(self._row("gateup", int4_weight(m.up), self.x, b.norm2.weight, self.h))
             rows.append(self._row("down", int4_weight(m.down), self.h, None, self.x))
         rows.append(self._row("head", int4_weight(model.lm_head), self.x, model.norm.weight, self.out))
@@ -200,7 +199,7 @@ class Int4Step:
         code = library().if_int4_step(
             self.phases.data_ptr(), self.phases.shape[0], positions.data_ptr(), meta.slot_mapping.data_ptr(),
             meta.context_lens.data_ptr(), meta.block_tables.data_ptr(), self.model.rope_cos.data_ptr(),
-            self.model.rope_sin.data_ptr(), self.part.data_ptr(), self.arrivals.data_ptr(),
+            self.model.rope_sin.data_ptr(), self.part.data_ptr(),
             self.bar.data_ptr(), self.error.data_ptr(), 0 if self.trace is None else self.trace.data_ptr(),
             self.heads, self.kv_heads, kc.shape[-1], kc.shape[1],
             self.kv_heads * kc.shape[-1], self.group, int(self.fma), int(self.dtype == torch.float16),

@@ -26,10 +26,11 @@ enum Kind { K_QKV = 0, K_ATTN = 1, K_O = 2, K_GATEUP = 3, K_DOWN = 4, K_HEAD = 5
 struct Phase {
     long long kind, n, k;
     unsigned long long w, s, z;  // packed weight [K/8, N] int32, scales and zeros [K/G, N]
-    unsigned long long x;        // input row: QKV, GATEUP, HEAD the residual stream (RMSNorm'd); O the
-                                 // attention output; DOWN SiLU x up; ATTN q
+    unsigned long long x;        // input row: QKV, GATEUP, HEAD the residual stream (RMSNorm'd); O unused
+                                 // (the attention partials); DOWN SiLU x up; ATTN q
     unsigned long long norm;     // RMSNorm weight [K] or 0
-    unsigned long long y;        // QKV q; ATTN the attention output; O, DOWN the residual stream (in place);
+    unsigned long long y;        // QKV q; ATTN unused (its partials go to StepArgs.part, which o combines);
+                                 // O, DOWN the residual stream (in place);
                                  // GATEUP SiLU x up; HEAD fp32 logits
     unsigned long long kc, vc;   // QKV, ATTN: this layer's caches [blocks, block_size, kv_heads, D]
     unsigned long long pad;
@@ -44,8 +45,7 @@ struct StepArgs {
     const long long* table;  // [max_blocks] block table
     const uint16_t* cos;     // [positions, D] (sin sign-folded), activation dtype
     const uint16_t* sin;
-    float* part;             // attention partials [kv_heads][MAX_SPLITS][GP][D + 2]
-    unsigned int* arrivals;  // [kv_heads], zero between launches
+    float* part;             // attention partials [kv_heads][MAX_SPLITS][GP][PART]
     unsigned int* bar;       // [2] grid barrier, zero between launches
     int* error;              // set when a barrier timed out (then the outputs are garbage, not a hang)
     long long* trace;        // [programs][phases][2] globaltimer at each phase's start and end, or null
@@ -54,14 +54,36 @@ struct StepArgs {
     float eps, scale;
 };
 
-constexpr int WARPS = 16, THREADS = WARPS * 32, STAGES = 8;
-constexpr int SLOT_WORDS = 4 * (64 + 8);  // a ring stage: 4 packed rows of the widest tile (MT 4), padded
+constexpr int WARPS = 16, THREADS = WARPS * 32, STAGES = 7;
+// A ring stage holds one unit: 1 KB of packed weights whatever the tile (4 / MT quads of 4 packed rows of
+// 16 MT words), so every phase keeps the same bytes in flight (run P2: with one quad a stage, the 16-row
+// tiles of q/k/v, o and down kept a quarter of that and their phases were latency). Rows are swizzled by
+// 16-byte chunk instead of padded, so the mma operand reads stay free of bank conflicts (`chunk_at`).
+constexpr int SLOT_WORDS = 256;
 constexpr int MAX_KP = 1024;              // packed rows of x: K <= 8192
 constexpr int D = 64, GP = 4;             // head dim, q heads per KV head
 constexpr int MAX_SPLITS = 32, MIN_SPLIT_TOKENS = 32;
-// A tile's scales and zeros for one warp (its groups x both row sets), copied with the tile's first quad:
-// at most 8 (groups x MT) x 2 x 2 x 8 halves = 512 bytes (int4_step.reasons checks groups x MT <= 8).
-constexpr int SC_WORDS = 128, SC_SLOTS = 4;
+constexpr int PART = D + 4;  // floats a split's partial of one q head takes: o[D], max, sum (16-byte rows)
+// A tile's scales and zeros for one warp (its groups x both row sets), copied beside the tile's first unit
+// into that stage's scale slot: at most 8 (groups x MT) x 2 x 2 x 8 halves = 512 bytes
+// (int4_step.reasons checks groups x MT <= 8). The consumer moves them to `cur` before the slot refills.
+constexpr int SC_WORDS = 128;
+
+
+// Physical 16-byte chunk of logical chunk c in packed row rr of a stage: rows t = rr % 4 are read together
+// by the four lanes of a quad group, so their chunks are spread over distinct bank groups.
+template <int MT>
+__device__ __forceinline__ int chunk_at(int rr, int c) {
+    static_assert(MT == 1 || MT == 4, "tiles of 16 or 64 rows");
+    const int t = rr & 3;
+    return MT == 4 ? c ^ (2 * t) : c ^ (2 * (t >> 1));
+}
+
+// Where logical word `word` of packed row rr of a stage lives (rows of 16 MT words, chunks swizzled).
+template <int MT>
+__device__ __forceinline__ const uint32_t* word_at(const uint32_t* stage, int rr, int word) {
+    return stage + rr * 16 * MT + 4 * chunk_at<MT>(rr, word >> 2) + (word & 3);
+}
 
 __host__ __device__ constexpr int mt_of(int kind) { return kind == K_GATEUP || kind == K_HEAD ? 4 : 1; }
 
@@ -87,17 +109,17 @@ __device__ __forceinline__ unsigned int ld_acquire(const unsigned int* p) {
 
 struct Smem {
     uint32_t ring[WARPS][STAGES][SLOT_WORDS];
-    uint32_t sc[WARPS][SC_SLOTS][SC_WORDS];  // per-warp ring of tiles' scales and zeros
+    uint32_t sc[WARPS][STAGES][SC_WORDS];  // the stages' scale slots (used by a tile's first unit)
+    uint32_t cur[WARPS][SC_WORDS];         // the scales of the tile each warp is on
     float rope[2][D];                        // cos and sin at this step's position
     union {
         uint4 xp[MAX_KP];                     // x operands: (x[8r+i], x[8r+i+4]), i < 4
-        float attn[WARPS][GP][D + 2];         // per-warp attention partials (o, then m and l)
+        float attn[WARPS][GP][PART];          // per-warp attention partials (o, then max and sum)
     } u;
     float xsum[MAX_KP / 8];                   // per group of 64 (or 128) x values
     float red[2][WARPS][64];                  // per-warp row sums of a tile, double-buffered by tile
     float nsq[WARPS];
-    int flag;  // attention: this program arrived last for its KV head
-    int ok;    // the last grid barrier passed
+    int ok;  // the last grid barrier passed
 };
 
 // Tile geometry: output rows base0 + MT g + m (A rows g) and base1 + MT g + m (A rows g + 8).
@@ -119,13 +141,12 @@ __device__ __forceinline__ int tiles_of(int kind, int n) {
     return kind == K_GATEUP ? n / 64 : n / (16 * mt_of(kind));
 }
 
-// The sequence of weight quads one warp streams: for each GEMV phase, for each of its program's tiles, the
-// warp's K range in quads of 4 packed rows. `issue` copies the next quad into the ring (one commit group,
-// empty past the end, so that cp.async.wait_group keeps counting right).
+// The sequence of weight units one warp streams: for each GEMV phase, for each of its program's tiles, the
+// warp's K range in units of 1 KB. `issue` copies the next unit (and with a tile's first, its scales) into a
+// stage (one commit group, empty past the end, so that cp.async.wait_group keeps counting right).
 struct Producer {
-    int p, tile, q;            // next quad to issue
-    int kind, n, iters, ntiles;
-    int tiles;                 // tiles issued so far (scale slot = tiles % SC_SLOTS)
+    int p, tile, q;  // next unit to issue: phase, tile, unit of this warp's range
+    int kind, n, iters, units, ntiles;
     const uint32_t* w;
     const uint16_t *s, *z;
 
@@ -133,6 +154,7 @@ struct Producer {
         if (p >= a.num_phases) return;
         const Phase& ph = a.phases[p];
         kind = (int)ph.kind, n = (int)ph.n, iters = (int)ph.k / 32 / WARPS, ntiles = tiles_of(kind, n);
+        units = iters * mt_of(kind) / 4;
         w = reinterpret_cast<const uint32_t*>(ph.w);
         s = reinterpret_cast<const uint16_t*>(ph.s), z = reinterpret_cast<const uint16_t*>(ph.z);
     }
@@ -147,13 +169,14 @@ struct Producer {
     }
     template <int MT>
     __device__ void copy(uint32_t* dst, int warp, int lane) const {
-        constexpr int CHUNKS = 4 * MT, HALF = 8 * MT, STRIDE = 16 * MT + 8;
+        constexpr int CHUNKS = 4 * MT, WORDS = 16 * MT;  // 16-byte chunks and words of a packed row
         const Rows rw = rows_of(kind, tile, n);
-        const int r0 = 4 * (warp * iters + q);
-        for (int c = lane; c < 4 * CHUNKS; c += 32) {
-            const int rr = c / CHUNKS, j = c % CHUNKS;
+        const int r0 = 4 * warp * iters + (16 / MT) * q;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {  // 64 chunks a unit
+            const int c = lane + 32 * i, rr = c / CHUNKS, j = c % CHUNKS;
             const int h = j / (2 * MT), jj = j % (2 * MT);
-            cp_async16(dst + rr * STRIDE + h * HALF + 4 * jj,
+            cp_async16(dst + rr * WORDS + 4 * chunk_at<MT>(rr, j),
                        w + (size_t)(r0 + rr) * n + (h ? rw.base1 : rw.base0) + 4 * jj);
         }
     }
@@ -172,17 +195,16 @@ struct Producer {
         }
     }
     template <int G>
-    __device__ void issue(const StepArgs& a, uint32_t* dst, uint32_t (*sc)[SC_WORDS], int warp, int lane) {
+    __device__ void issue(const StepArgs& a, uint32_t* dst, uint32_t* sc_dst, int warp, int lane) {
         if (p < a.num_phases) {
             if (mt_of(kind) == 4) {
                 copy<4>(dst, warp, lane);
-                if (q == 0) copy_scales<4, G>(sc[tiles % SC_SLOTS], warp, lane);
+                if (q == 0) copy_scales<4, G>(sc_dst, warp, lane);
             } else {
                 copy<1>(dst, warp, lane);
-                if (q == 0) copy_scales<1, G>(sc[tiles % SC_SLOTS], warp, lane);
+                if (q == 0) copy_scales<1, G>(sc_dst, warp, lane);
             }
-            if (q == 0) ++tiles;
-            if (++q == iters) {
+            if (++q == units) {
                 q = 0;
                 tile += gridDim.x;
                 if (tile >= ntiles) {
@@ -222,21 +244,27 @@ __device__ bool grid_barrier(const StepArgs& a, unsigned int target, int* ok_sme
 // Per-warp state of the consumer side.
 struct Consumer {
     int warp, lane, g, t;
-    int used;   // quads consumed so far (ring stage = used % STAGES)
-    int tiles;  // tiles consumed so far (scale slot = tiles % SC_SLOTS)
+    int used;  // units consumed so far (ring stage = used % STAGES)
 };
 
 // x operands of this warp's K range (RMSNorm'd when `norm`), as int4_gemv_tc_kernel builds them; the norm's
 // sum of squares is split over the warps and met in shared memory.
 template <bool F16>
-__device__ void build_operands(Smem& sm, const Consumer& cs, const uint16_t* x, const uint16_t* norm, int k,
-                               int group, float eps) {
+__device__ uint4 attention_row(const StepArgs& a, int r, int splits);
+
+// splits > 0: x is the attention output, combined here from the splits' partials (`attention_row`).
+template <bool F16>
+__device__ void build_operands(Smem& sm, const Consumer& cs, const StepArgs& a, const uint16_t* x,
+                               const uint16_t* norm, int k, int group, float eps, int splits) {
     const int iters = k / 32 / WARPS, r_first = 4 * cs.warp * iters, r_count = 4 * iters;
     constexpr int MAX_R = 2;  // packed rows a lane prepares: K / WARPS <= 512
     uint4 raw[MAX_R];
 #pragma unroll
-    for (int i = 0; i < MAX_R; ++i)
-        if (cs.lane + 32 * i < r_count) raw[i] = ldcg4(x + 8 * (r_first + cs.lane + 32 * i));
+    for (int i = 0; i < MAX_R; ++i) {
+        if (cs.lane + 32 * i >= r_count) continue;
+        const int r = r_first + cs.lane + 32 * i;
+        raw[i] = splits ? attention_row<F16>(a, r, splits) : ldcg4(x + 8 * r);
+    }
     float inv = 1.f;
     if (norm) {
         float sq = 0.f;
@@ -304,14 +332,12 @@ __device__ void build_operands(Smem& sm, const Consumer& cs, const uint16_t* x, 
 template <int MT, int G, bool F16>
 __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs& a, const Phase& ph, int kind,
                           int tile, int parity, long long slot) {
-    constexpr int HALF = 8 * MT, STRIDE = 16 * MT + 8, ROWS = 16 * MT;
+    constexpr int HALF = 8 * MT, ROWS = 16 * MT, U = 4 / MT;  // U: quads a unit
     constexpr float OFFSET = F16 ? 1024.f : 128.f;
     const int n = (int)ph.n, k = (int)ph.k, iters = k / 32 / WARPS, q0 = cs.warp * iters;
     const Rows rw = rows_of(kind, tile, n);
     constexpr int quads_per_group = G / 32;
     const int g_first = q0 / quads_per_group, g_end = (q0 + iters) / quads_per_group, gbase = g_first & ~7;
-    const uint16_t* scs = reinterpret_cast<const uint16_t*>(sm.sc[cs.warp][cs.tiles % SC_SLOTS]);
-    ++cs.tiles;
     // The residual row this thread adds in the epilogue (O, DOWN), read now so its latency hides under the
     // products: written two barriers ago at the latest.
     uint16_t* y16 = reinterpret_cast<uint16_t*>(ph.y);
@@ -323,30 +349,41 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
     float c[MT][4];
 #pragma unroll
     for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
-    const uint4* xq = sm.u.xp + 4 * q0 + cs.t;
-    for (int it = 0; it < iters; ++it) {
+    for (int it = 0; it < iters / U; ++it) {
         cp_async_wait(STAGES - 1);
         __syncwarp();
-        uint32_t* stage = sm.ring[cs.warp][cs.used % STAGES];
-        const int group_i = (q0 + it) / quads_per_group;
-        const bool mine = cs.g == (group_i & 7);
-        const uint4 xv = xq[4 * it];
-        const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
-        const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
-        const uint32_t* wlo = stage + cs.t * STRIDE + MT * cs.g;
-        const Words<MT> wl = lds_words<MT>(wlo);
-        const Words<MT> wh = lds_words<MT>(wlo + HALF);
-        __syncwarp();  // every lane has read this stage: refill it with the quad STAGES ahead
-        prod.issue<G>(a, stage, sm.sc[cs.warp], cs.warp, cs.lane);
+        const int st = cs.used % STAGES;
+        const uint32_t* stage = sm.ring[cs.warp][st];
+        if (it == 0)  // the tile's scales, out of the stage's slot before it refills
+            reinterpret_cast<uint4*>(sm.cur[cs.warp])[cs.lane] =
+                reinterpret_cast<const uint4*>(sm.sc[cs.warp][st])[cs.lane];
+        Words<MT> wl[U], wh[U];
+#pragma unroll
+        for (int qq = 0; qq < U; ++qq) {
+            const int rr = 4 * qq + cs.t;
+            wl[qq] = lds_words<MT>(word_at<MT>(stage, rr, MT * cs.g));
+            wh[qq] = lds_words<MT>(word_at<MT>(stage, rr, HALF + MT * cs.g));
+        }
+        __syncwarp();  // every lane has read this stage: refill it with the unit STAGES ahead
+        prod.issue<G>(a, sm.ring[cs.warp][st], sm.sc[cs.warp][st], cs.warp, cs.lane);
         ++cs.used;
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
-                     nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
-            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
-                     nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
+        for (int qq = 0; qq < U; ++qq) {
+            const int qi = q0 + it * U + qq;
+            const bool mine = cs.g == ((qi / quads_per_group) & 7);
+            const uint4 xv = sm.u.xp[4 * qi + cs.t];
+            const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
+            const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
+#pragma unroll
+            for (int m = 0; m < MT; ++m) {
+                mma<F16>(c[m], nibble_pair<F16>(wl[qq].v[m], 0), nibble_pair<F16>(wh[qq].v[m], 0),
+                         nibble_pair<F16>(wl[qq].v[m], 1), nibble_pair<F16>(wh[qq].v[m], 1), b00, b01);
+                mma<F16>(c[m], nibble_pair<F16>(wl[qq].v[m], 2), nibble_pair<F16>(wh[qq].v[m], 2),
+                         nibble_pair<F16>(wl[qq].v[m], 3), nibble_pair<F16>(wh[qq].v[m], 3), b10, b11);
+            }
         }
     }
+    const uint16_t* scs = reinterpret_cast<const uint16_t*>(sm.cur[cs.warp]);
     float* red = &sm.red[parity][0][0];
 #pragma unroll
     for (int m = 0; m < MT; ++m)
@@ -413,15 +450,20 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
     }
 }
 
+__device__ __forceinline__ int num_splits(long long ctx, int kv_heads) {
+    const int splits = (int)((ctx + MIN_SPLIT_TOKENS - 1) / MIN_SPLIT_TOKENS);
+    return max(1, min(splits, min(MAX_SPLITS, (int)gridDim.x / kv_heads)));
+}
+
 // Attention of the GP q heads of one KV head over a range of the context (split-KV): each warp takes every
-// WARPS-th token (online softmax), the warps meet in shared memory; with several splits the last one to
-// arrive (an arrival counter per KV head) combines them in split order, so the result does not depend on
-// which program finishes first.
+// WARPS-th token (online softmax; the keys and values of TOKENS tokens loaded before any is used), the warps
+// meet in shared memory and the program writes its partial (sum of p v, max, sum of p) for the o phase to
+// combine: no arrival counter, no fence beyond the grid barrier (run P2: the last-arriver combine made the
+// attention phase 6-7 us).
 template <bool F16>
 __device__ void attention(Smem& sm, const Consumer& cs, const StepArgs& a, const Phase& ph, long long ctx) {
-    const int kvh = a.kv_heads;
-    int splits = (int)((ctx + MIN_SPLIT_TOKENS - 1) / MIN_SPLIT_TOKENS);
-    splits = max(1, min(splits, min(MAX_SPLITS, (int)gridDim.x / kvh)));
+    constexpr int TOKENS = 4;
+    const int kvh = a.kv_heads, splits = num_splits(ctx, kvh);
     if ((int)blockIdx.x >= kvh * splits) return;
     const int h = blockIdx.x / splits, s = blockIdx.x % splits;
     const long long per = (ctx + splits - 1) / splits, t0 = s * per, t1 = min(ctx, t0 + per);
@@ -435,21 +477,35 @@ __device__ void attention(Smem& sm, const Consumer& cs, const StepArgs& a, const
         qv[gh][0] = to_f32<F16>(qq & 0xFFFF) * a.scale, qv[gh][1] = to_f32<F16>(qq >> 16) * a.scale;
         m[gh] = -INFINITY, l[gh] = 0.f, o[gh][0] = o[gh][1] = 0.f;
     }
-    for (long long tk = t0 + cs.warp; tk < t1; tk += WARPS) {
-        const long long blk = a.table[tk / a.block_size];
-        const long long off = (blk * a.block_size + tk % a.block_size) * a.stride_slot + h * D + 2 * cs.lane;
-        const uint32_t kk = ldcg32(kc + off), vv = ldcg32(vc + off);
-        const float k0 = to_f32<F16>(kk & 0xFFFF), k1 = to_f32<F16>(kk >> 16);
-        const float v0 = to_f32<F16>(vv & 0xFFFF), v1 = to_f32<F16>(vv >> 16);
+    for (long long base = t0 + cs.warp; base < t1; base += (long long)WARPS * TOKENS) {
+        uint32_t kk[TOKENS], vv[TOKENS];
+        long long off[TOKENS];
 #pragma unroll
-        for (int gh = 0; gh < GP; ++gh) {
-            float sc = qv[gh][0] * k0 + qv[gh][1] * k1;
+        for (int i = 0; i < TOKENS; ++i) {
+            const long long tk = base + (long long)i * WARPS;
+            off[i] = tk < t1 ? a.table[tk / a.block_size] * a.block_size + tk % a.block_size : -1;
+        }
 #pragma unroll
-            for (int off2 = 16; off2; off2 >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, off2);
-            const float mn = fmaxf(m[gh], sc), corr = __expf(m[gh] - mn), p = __expf(sc - mn);
-            l[gh] = l[gh] * corr + p;
-            o[gh][0] = o[gh][0] * corr + p * v0, o[gh][1] = o[gh][1] * corr + p * v1;
-            m[gh] = mn;
+        for (int i = 0; i < TOKENS; ++i) {
+            const long long e = off[i] * a.stride_slot + h * D + 2 * cs.lane;
+            kk[i] = off[i] >= 0 ? ldcg32(kc + e) : 0u;
+            vv[i] = off[i] >= 0 ? ldcg32(vc + e) : 0u;
+        }
+#pragma unroll
+        for (int i = 0; i < TOKENS; ++i) {
+            if (off[i] < 0) break;
+            const float k0 = to_f32<F16>(kk[i] & 0xFFFF), k1 = to_f32<F16>(kk[i] >> 16);
+            const float v0 = to_f32<F16>(vv[i] & 0xFFFF), v1 = to_f32<F16>(vv[i] >> 16);
+#pragma unroll
+            for (int gh = 0; gh < GP; ++gh) {
+                float sc = qv[gh][0] * k0 + qv[gh][1] * k1;
+#pragma unroll
+                for (int o2 = 16; o2; o2 >>= 1) sc += __shfl_xor_sync(0xffffffffu, sc, o2);
+                const float mn = fmaxf(m[gh], sc), corr = __expf(m[gh] - mn), p = __expf(sc - mn);
+                l[gh] = l[gh] * corr + p;
+                o[gh][0] = o[gh][0] * corr + p * v0, o[gh][1] = o[gh][1] * corr + p * v1;
+                m[gh] = mn;
+            }
         }
     }
 #pragma unroll
@@ -459,10 +515,9 @@ __device__ void attention(Smem& sm, const Consumer& cs, const StepArgs& a, const
         if (cs.lane == 0) sm.u.attn[cs.warp][gh][D] = m[gh], sm.u.attn[cs.warp][gh][D + 1] = l[gh];
     }
     __syncthreads();
-    // Threads 0..GP*D-1: one (q head, dim) each, over the warps.
-    const int gh = threadIdx.x / D, d = threadIdx.x % D;
-    float mo = -INFINITY, lo = 0.f, oo = 0.f;
-    if (threadIdx.x < GP * D) {
+    if (threadIdx.x < GP * D) {  // one (q head, dim) a thread, over the warps
+        const int gh = threadIdx.x / D, d = threadIdx.x % D;
+        float mo = -INFINITY, lo = 0.f, oo = 0.f;
 #pragma unroll
         for (int wi = 0; wi < WARPS; ++wi) mo = fmaxf(mo, sm.u.attn[wi][gh][D]);
 #pragma unroll
@@ -471,36 +526,37 @@ __device__ void attention(Smem& sm, const Consumer& cs, const StepArgs& a, const
             const float f = mw == -INFINITY ? 0.f : __expf(mw - mo);
             lo += sm.u.attn[wi][gh][D + 1] * f, oo += sm.u.attn[wi][gh][d] * f;
         }
-    }
-    uint16_t* out = reinterpret_cast<uint16_t*>(ph.y) + (h * GP) * D;
-    if (splits == 1) {
-        if (threadIdx.x < GP * D) out[gh * D + d] = from_f32<F16>(oo / lo);
-        return;
-    }
-    float* part = a.part + ((size_t)h * MAX_SPLITS * GP) * (D + 2);
-    if (threadIdx.x < GP * D) {
-        float* mine = part + ((size_t)s * GP + gh) * (D + 2);
+        float* mine = a.part + (((size_t)h * MAX_SPLITS + s) * GP + gh) * PART;
         mine[d] = oo;
         if (d == 0) mine[D] = mo, mine[D + 1] = lo;
     }
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) sm.flag = atomicAdd(&a.arrivals[h], 1u) == (unsigned)(splits - 1);
-    __syncthreads();
-    if (!sm.flag) return;
-    __threadfence();
-    if (threadIdx.x < GP * D) {
-        float mx = -INFINITY, lt = 0.f, ot = 0.f;
-        for (int si = 0; si < splits; ++si) mx = fmaxf(mx, __ldcg(part + ((size_t)si * GP + gh) * (D + 2) + D));
-        for (int si = 0; si < splits; ++si) {
-            const float* ps = part + ((size_t)si * GP + gh) * (D + 2);
-            const float ms = __ldcg(ps + D);
-            const float f = ms == -INFINITY ? 0.f : __expf(ms - mx);
-            lt += __ldcg(ps + D + 1) * f, ot += __ldcg(ps + d) * f;
-        }
-        out[gh * D + d] = from_f32<F16>(ot / lt);
+}
+
+// The o phase's input: packed row r (8 values of one q head) of the attention output, from the splits'
+// partials, rounded to the activation dtype as the attention kernel of the chain writes it.
+template <bool F16>
+__device__ uint4 attention_row(const StepArgs& a, int r, int splits) {
+    const int head = 8 * r / D, d0 = 8 * r % D, kvh = head / GP, gh = head % GP;
+    const float* base = a.part + ((size_t)kvh * MAX_SPLITS * GP + gh) * PART;
+    constexpr size_t SPLIT = (size_t)GP * PART;
+    float mx = -INFINITY;
+    for (int si = 0; si < splits; ++si) mx = fmaxf(mx, __ldcg(base + si * SPLIT + D));
+    float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, lt = 0.f;
+    for (int si = 0; si < splits; ++si) {
+        const float* ps = base + si * SPLIT;
+        const float ms = __ldcg(ps + D);
+        const float f = ms == -INFINITY ? 0.f : __expf(ms - mx);
+        lt += __ldcg(ps + D + 1) * f;
+        const float4 lo = __ldcg(reinterpret_cast<const float4*>(ps + d0));
+        const float4 hi = __ldcg(reinterpret_cast<const float4*>(ps + d0 + 4));
+        acc[0] += lo.x * f, acc[1] += lo.y * f, acc[2] += lo.z * f, acc[3] += lo.w * f;
+        acc[4] += hi.x * f, acc[5] += hi.y * f, acc[6] += hi.z * f, acc[7] += hi.w * f;
     }
-    if (threadIdx.x == 0) a.arrivals[h] = 0;  // for the next layer's attention and the next launch
+    uint32_t w[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+        w[j] = (uint32_t)from_f32<F16>(acc[2 * j] / lt) | ((uint32_t)from_f32<F16>(acc[2 * j + 1] / lt) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
 template <int G, bool F16>
@@ -509,12 +565,12 @@ __global__ void __launch_bounds__(THREADS, 1) int4_step_kernel(const StepArgs a)
     Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
     Consumer cs;
     cs.lane = threadIdx.x & 31, cs.warp = threadIdx.x >> 5, cs.g = cs.lane >> 2, cs.t = cs.lane & 3;
-    cs.used = 0, cs.tiles = 0;
+    cs.used = 0;
     const long long pos = *a.pos, slot = *a.slot, ctx = *a.ctx;
     Producer prod;
-    prod.p = 0, prod.tiles = 0;
+    prod.p = 0;
     prod.settle(a);
-    for (int i = 0; i < STAGES; ++i) prod.issue<G>(a, sm.ring[cs.warp][i], sm.sc[cs.warp], cs.warp, cs.lane);
+    for (int i = 0; i < STAGES; ++i) prod.issue<G>(a, sm.ring[cs.warp][i], sm.sc[cs.warp][i], cs.warp, cs.lane);
     if (threadIdx.x < D) {  // read before the first barrier that the epilogues need them behind
         sm.rope[0][threadIdx.x] = to_f32<F16>(a.cos[pos * D + threadIdx.x]);
         sm.rope[1][threadIdx.x] = to_f32<F16>(a.sin[pos * D + threadIdx.x]);
@@ -531,8 +587,9 @@ __global__ void __launch_bounds__(THREADS, 1) int4_step_kernel(const StepArgs a)
             attention<F16>(sm, cs, a, ph, ctx);
         } else if ((int)blockIdx.x < tiles_of(kind, (int)ph.n)) {
             const int ntiles = tiles_of(kind, (int)ph.n);
-            build_operands<F16>(sm, cs, reinterpret_cast<const uint16_t*>(ph.x),
-                                reinterpret_cast<const uint16_t*>(ph.norm), (int)ph.k, G, a.eps);
+            build_operands<F16>(sm, cs, a, reinterpret_cast<const uint16_t*>(ph.x),
+                                reinterpret_cast<const uint16_t*>(ph.norm), (int)ph.k, G, a.eps,
+                                kind == K_O ? num_splits(ctx, a.kv_heads) : 0);
             for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
                 if (mt_of(kind) == 4) {
                     gemv_tile<4, G, F16>(sm, cs, prod, a, ph, kind, tile, parity, slot);
@@ -576,7 +633,7 @@ int launch_step(const StepArgs& a, cudaStream_t stream) {
 // Returns 0, a CUDA error code, -3 (group), -5 (a program does not fit an SM), -6 (shape).
 extern "C" int if_int4_step(const void* phases, int num_phases, const void* pos, const void* slot,
                             const void* ctx, const void* table, const void* cos, const void* sin, void* part,
-                            void* arrivals, void* bar, void* error, void* trace, int heads, int kv_heads, int head_dim,
+                            void* bar, void* error, void* trace, int heads, int kv_heads, int head_dim,
                             int block_size, long long stride_slot, int group, int fma_mode, int f16, float eps,
                             float scale, void* stream) {
     if (head_dim != D || heads != GP * kv_heads) return -6;
@@ -584,7 +641,7 @@ extern "C" int if_int4_step(const void* phases, int num_phases, const void* pos,
                      static_cast<const long long*>(slot), static_cast<const long long*>(ctx),
                      static_cast<const long long*>(table), static_cast<const uint16_t*>(cos),
                      static_cast<const uint16_t*>(sin), static_cast<float*>(part),
-                     static_cast<unsigned int*>(arrivals), static_cast<unsigned int*>(bar),
+                     static_cast<unsigned int*>(bar),
                      static_cast<int*>(error), static_cast<long long*>(trace), heads, kv_heads, block_size,
                      fma_mode, stride_slot, eps, scale};
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
