@@ -22,7 +22,7 @@ from common import free, make_random_1b, replay_us, write_json
 from engine_bench import bench_engine, decode_rate, engine_numbers
 
 from inferforge.llm.attention import AttnMeta
-from inferforge.llm.int4_step import Int4Step
+from inferforge.llm.int4_step import TRACE_UNITS, Int4Step
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -44,7 +44,7 @@ def compare(chain: torch.Tensor, step: torch.Tensor) -> dict:
     }
 
 
-def measure(model, step: Int4Step, decode_fn, ctx: int, table: torch.Tensor) -> dict:
+def measure(model, step: Int4Step, decode_fn, ctx: int, table: torch.Tensor, profile: bool) -> dict:
     """One step both ways at this context (same cache, same inputs), then both graphs' replay times."""
     dev = table.device
     ids, pos = torch.tensor([1234], device=dev), torch.tensor([ctx - 1], device=dev)
@@ -80,19 +80,33 @@ def measure(model, step: Int4Step, decode_fn, ctx: int, table: torch.Tensor) -> 
             step.trace.zero_()
             step.logits(ids, pos, meta)
             torch.cuda.synchronize()
-            r["phases"] = phase_times(step.trace)
+            r["phases"], r["units"] = phase_times(step.trace, step.phases.shape[0])
             print(f"ctx {ctx} phases (us): {r['phases']}", flush=True)
+            print(f"ctx {ctx} program 0 warp 0, us between units: {r['units']}", flush=True)
+        if profile:  # one launch between cudaProfilerStart and Stop, for `ncu --profile-from-start off`
+            torch.cuda.profiler.start()
+            step.logits(ids, pos, meta)
+            torch.cuda.synchronize()
+            torch.cuda.profiler.stop()
     return r
 
 
 KINDS = ("qkv", "attn", "o", "gateup", "down")
 
 
-def phase_times(trace: torch.Tensor) -> dict:
-    """From the kernel's globaltimer trace [programs, phases, 2]: per phase kind, the mean over layers of its
-    span (first program in to last program out) and of the barrier after it (last out to first in of the
-    next), plus the head's span and the whole launch, in us."""
-    t = trace.double() / 1e3
+def phase_times(flat: torch.Tensor, phases: int) -> tuple[dict, dict]:
+    """From the kernel's globaltimer trace ([programs, phases, 2], then program 0 warp 0's unit times): per
+    phase kind, the mean over layers of its span (first program in to last program out) and of the barrier
+    after it (last out to first in of the next), plus the head's span and the whole launch, in us; and the
+    gaps between program 0's units in layer 1 and in the LM head's first tiles."""
+    sms = (flat.numel() - TRACE_UNITS) // (2 * phases)
+    t = flat[: sms * phases * 2].view(sms, phases, 2).double() / 1e3
+    units = flat[sms * phases * 2 :].double() / 1e3
+    used = int((units > 0).sum())
+    gaps = (units[1:used] - units[: used - 1]).tolist()
+    per_layer = (used - 64) // ((phases - 1) // len(KINDS)) if used > 64 else 0
+    unit_gaps = {"units": used, "layer 1": [round(g, 2) for g in gaps[per_layer : 2 * per_layer]],
+                 "head": [round(g, 2) for g in gaps[used - 65 : used - 40]]}  # fmt: skip
     start_min, start_max = t[:, :, 0].min(0).values, t[:, :, 0].max(0).values
     end_max = t[:, :, 1].max(0).values
     phases = t.shape[1]
@@ -105,7 +119,7 @@ def phase_times(trace: torch.Tensor) -> dict:
         out[f"{kind} start skew"] = round(float((start_max[idx] - start_min[idx]).mean()), 2)
     out["head span"] = round(float(end_max[-1] - start_min[-1]), 2)
     out["total"] = round(float(end_max[-1] - start_min[0]), 2)
-    return out
+    return out, unit_gaps
 
 
 def main() -> None:
@@ -113,6 +127,7 @@ def main() -> None:
     ap.add_argument("--contexts", default="144,512,1000")
     ap.add_argument("--skip-bf16", action="store_true")
     ap.add_argument("--trace", action="store_true", help="also one traced launch: time per phase kind")
+    ap.add_argument("--profile", action="store_true", help="one launch between cudaProfilerStart and Stop")
     args = ap.parse_args()
     folder = make_random_1b(Path("/tmp/inferforge_llama1b"))
     res: dict = {"device": torch.cuda.get_device_name()}
@@ -127,7 +142,7 @@ def main() -> None:
                 c[:64].copy_(torch.randn(c[:64].shape, generator=gen, device=dev).to(c.dtype))
     table = torch.arange(64, device=dev, dtype=torch.int64).view(1, 64)
     for ctx in (int(c) for c in args.contexts.split(",")):
-        res[f"ctx{ctx}"] = r = measure(model, step, eng.runner.decode_fn, ctx, table)
+        res[f"ctx{ctx}"] = r = measure(model, step, eng.runner.decode_fn, ctx, table, args.profile)
         if not r["healthy"]:
             break
     del step, eng, model

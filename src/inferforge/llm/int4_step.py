@@ -27,7 +27,7 @@ from inferforge.llm.gemv_int4 import Int4Weight, int4_weight
 CSRC = Path(__file__).parent / "csrc"
 SOURCES = (CSRC / "int4_step.cu", CSRC / "int4_gemv_tc.cu")
 KIND = {"qkv": 0, "attn": 1, "o": 2, "gateup": 3, "down": 4, "head": 5}
-WARPS, MAX_SPLITS, HEAD_DIM, GROUP_HEADS = 16, 32, 64, 4
+WARPS, MAX_SPLITS, HEAD_DIM, GROUP_HEADS, TRACE_UNITS = 16, 32, 64, 4, 2048
 _LIB: dict[tuple, ctypes.CDLL] = {}
 
 
@@ -149,10 +149,10 @@ class Int4Step:
         self.bar = torch.zeros(2, device=dev, dtype=torch.int32)
         self.error = torch.zeros(1, device=dev, dtype=torch.int32)
         sms = torch.cuda.get_device_properties(dev).multi_processor_count
-        # per program and phase, globaltimer (ns) at the phase's start (after its barrier) and end
-        self.trace = (
-            torch.zeros(sms, 5 * len(model.blocks()) + 1, 2, device=dev, dtype=torch.int64) if trace else None
-        )
+        # per program and phase, globaltimer (ns) at the phase's start (after its barrier) and end; then when
+        # program 0's first warp had each of its units
+        size = sms * (5 * len(model.blocks()) + 1) * 2 + TRACE_UNITS
+        self.trace = torch.zeros(size, device=dev, dtype=torch.int64) if trace else None
         first = int4_weight(model.lm_head)
         assert first is not None
         self.group, self.fma = first.group, first.fma

@@ -48,7 +48,8 @@ struct StepArgs {
     float* part;             // attention partials [kv_heads][MAX_SPLITS][GP][PART]
     unsigned int* bar;       // [2] grid barrier, zero between launches
     int* error;              // set when a barrier timed out (then the outputs are garbage, not a hang)
-    long long* trace;        // [programs][phases][2] globaltimer at each phase's start and end, or null
+    long long* trace;        // [programs][phases][2] globaltimer at each phase's start and end, then
+                             // [TRACE_UNITS]: when program 0's warp 0 had each unit in hand; or null
     int heads, kv_heads, block_size, fma_mode;
     long long stride_slot;   // elements from one cache slot to the next (kv_heads * D)
     float eps, scale;
@@ -60,6 +61,7 @@ constexpr int WARPS = 16, THREADS = WARPS * 32, STAGES = 7;
 // tiles of q/k/v, o and down kept a quarter of that and their phases were latency). Rows are swizzled by
 // 16-byte chunk instead of padded, so the mma operand reads stay free of bank conflicts (`chunk_at`).
 constexpr int SLOT_WORDS = 256;
+constexpr int TRACE_UNITS = 2048;
 constexpr int MAX_KP = 1024;              // packed rows of x: K <= 8192
 constexpr int D = 64, GP = 4;             // head dim, q heads per KV head
 constexpr int MAX_SPLITS = 32, MIN_SPLIT_TOKENS = 32;
@@ -354,6 +356,8 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
         __syncwarp();
         const int st = cs.used % STAGES;
         const uint32_t* stage = sm.ring[cs.warp][st];
+        if (a.trace && blockIdx.x == 0 && threadIdx.x == 0 && cs.used < TRACE_UNITS)
+            a.trace[(size_t)gridDim.x * a.num_phases * 2 + cs.used] = now_ns();
         if (it == 0)  // the tile's scales, out of the stage's slot before it refills
             reinterpret_cast<uint4*>(sm.cur[cs.warp])[cs.lane] =
                 reinterpret_cast<const uint4*>(sm.sc[cs.warp][st])[cs.lane];
