@@ -151,6 +151,7 @@ struct Producer {
     int kind, n, iters, units, ntiles;
     const uint32_t* w;
     const uint16_t *s, *z;
+    const uint32_t *src0, *src1;  // this lane's two 16-byte chunks of the next unit (set at a tile's start)
 
     __device__ void load(const StepArgs& a) {
         if (p >= a.num_phases) return;
@@ -161,26 +162,34 @@ struct Producer {
         s = reinterpret_cast<const uint16_t*>(ph.s), z = reinterpret_cast<const uint16_t*>(ph.z);
     }
     // Move to the first phase at or after p that has a tile for this program.
-    __device__ void settle(const StepArgs& a) {
+    __device__ void settle(const StepArgs& a, int lane) {
         while (p < a.num_phases) {
             load(a);
             if (kind != K_ATTN && (int)blockIdx.x < ntiles) break;
             ++p;
         }
         tile = blockIdx.x, q = 0;
+        if (p < a.num_phases) start_tile(lane);
+    }
+    // Sources of this lane's chunks (c = lane, lane + 32 of a unit's 64) in the tile's first unit; each
+    // later unit is 16 / MT packed rows further.
+    __device__ void start_tile(int lane) {
+        const int mt = mt_of(kind), chunks = 4 * mt;
+        const Rows rw = rows_of(kind, tile, n);
+        const int r0 = 4 * (threadIdx.x >> 5) * iters;
+        const int c0 = lane, c1 = lane + 32;
+        const int j0 = c0 % chunks, j1 = c1 % chunks;
+        src0 = w + (size_t)(r0 + c0 / chunks) * n + (j0 / (2 * mt) ? rw.base1 : rw.base0) + 4 * (j0 % (2 * mt));
+        src1 = w + (size_t)(r0 + c1 / chunks) * n + (j1 / (2 * mt) ? rw.base1 : rw.base0) + 4 * (j1 % (2 * mt));
     }
     template <int MT>
-    __device__ void copy(uint32_t* dst, int warp, int lane) const {
+    __device__ void copy(uint32_t* dst, int lane) {
         constexpr int CHUNKS = 4 * MT, WORDS = 16 * MT;  // 16-byte chunks and words of a packed row
-        const Rows rw = rows_of(kind, tile, n);
-        const int r0 = 4 * warp * iters + (16 / MT) * q;
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {  // 64 chunks a unit
-            const int c = lane + 32 * i, rr = c / CHUNKS, j = c % CHUNKS;
-            const int h = j / (2 * MT), jj = j % (2 * MT);
-            cp_async16(dst + rr * WORDS + 4 * chunk_at<MT>(rr, j),
-                       w + (size_t)(r0 + rr) * n + (h ? rw.base1 : rw.base0) + 4 * jj);
-        }
+        const int c0 = lane, c1 = lane + 32;
+        cp_async16(dst + (c0 / CHUNKS) * WORDS + 4 * chunk_at<MT>(c0 / CHUNKS, c0 % CHUNKS), src0);
+        cp_async16(dst + (c1 / CHUNKS) * WORDS + 4 * chunk_at<MT>(c1 / CHUNKS, c1 % CHUNKS), src1);
+        const size_t step = (size_t)(16 / MT) * n;
+        src0 += step, src1 += step;
     }
     // This warp's scales and zeros of the tile: [groups][s, z][row set][8 MT rows] halves.
     template <int MT, int G>
@@ -200,18 +209,20 @@ struct Producer {
     __device__ void issue(const StepArgs& a, uint32_t* dst, uint32_t* sc_dst, int warp, int lane) {
         if (p < a.num_phases) {
             if (mt_of(kind) == 4) {
-                copy<4>(dst, warp, lane);
                 if (q == 0) copy_scales<4, G>(sc_dst, warp, lane);
+                copy<4>(dst, lane);
             } else {
-                copy<1>(dst, warp, lane);
                 if (q == 0) copy_scales<1, G>(sc_dst, warp, lane);
+                copy<1>(dst, lane);
             }
             if (++q == units) {
                 q = 0;
                 tile += gridDim.x;
                 if (tile >= ntiles) {
                     ++p;
-                    settle(a);
+                    settle(a, lane);
+                } else {
+                    start_tile(lane);
                 }
             }
         }
@@ -348,9 +359,12 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
         const int j = threadIdx.x;
         resv = to_f32<F16>(ldcg16(y16 + (j < HALF ? rw.base0 : rw.base1 - HALF) + j));
     }
-    float c[MT][4];
+    // Accumulators: MT sets, or for 16-row tiles two (even and odd quads: the unit's 8 mma then form two
+    // chains of 4, not one of 8), added before the scales.
+    constexpr int CS = MT == 1 ? 2 : MT;
+    float c[CS][4];
 #pragma unroll
-    for (int m = 0; m < MT; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
+    for (int m = 0; m < CS; ++m) c[m][0] = c[m][1] = c[m][2] = c[m][3] = 0.f;
     for (int it = 0; it < iters / U; ++it) {
         cp_async_wait(STAGES - 1);
         __syncwarp();
@@ -380,12 +394,17 @@ __device__ void gemv_tile(Smem& sm, Consumer& cs, Producer& prod, const StepArgs
             const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
 #pragma unroll
             for (int m = 0; m < MT; ++m) {
-                mma<F16>(c[m], nibble_pair<F16>(wl[qq].v[m], 0), nibble_pair<F16>(wh[qq].v[m], 0),
+                float* acc = c[MT == 1 ? (qq & 1) : m];
+                mma<F16>(acc, nibble_pair<F16>(wl[qq].v[m], 0), nibble_pair<F16>(wh[qq].v[m], 0),
                          nibble_pair<F16>(wl[qq].v[m], 1), nibble_pair<F16>(wh[qq].v[m], 1), b00, b01);
-                mma<F16>(c[m], nibble_pair<F16>(wl[qq].v[m], 2), nibble_pair<F16>(wh[qq].v[m], 2),
+                mma<F16>(acc, nibble_pair<F16>(wl[qq].v[m], 2), nibble_pair<F16>(wh[qq].v[m], 2),
                          nibble_pair<F16>(wl[qq].v[m], 3), nibble_pair<F16>(wh[qq].v[m], 3), b10, b11);
             }
         }
+    }
+    if constexpr (MT == 1) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) c[0][e] += c[1][e];
     }
     const uint16_t* scs = reinterpret_cast<const uint16_t*>(sm.cur[cs.warp]);
     float* red = &sm.red[parity][0][0];
@@ -573,7 +592,7 @@ __global__ void __launch_bounds__(THREADS, 1) int4_step_kernel(const StepArgs a)
     const long long pos = *a.pos, slot = *a.slot, ctx = *a.ctx;
     Producer prod;
     prod.p = 0;
-    prod.settle(a);
+    prod.settle(a, cs.lane);
     for (int i = 0; i < STAGES; ++i) prod.issue<G>(a, sm.ring[cs.warp][i], sm.sc[cs.warp][i], cs.warp, cs.lane);
     if (threadIdx.x < D) {  // read before the first barrier that the epilogues need them behind
         sm.rope[0][threadIdx.x] = to_f32<F16>(a.cos[pos * D + threadIdx.x]);
