@@ -20,9 +20,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import free, make_random_1b, replay_us, write_json
 from engine_bench import bench_engine, decode_rate, engine_numbers
+from int4_step import TRACE_UNITS, Int4Step
 
 from inferforge.llm.attention import AttnMeta
-from inferforge.llm.int4_step import TRACE_UNITS, Int4Step
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:

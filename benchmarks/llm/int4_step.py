@@ -1,13 +1,19 @@
-"""The whole batch-1 int4 decode step as one persistent CUDA kernel (`csrc/int4_step.cu`), for Llama-shaped
-models whose every product is int4 in gemlite's layout.
+"""Experiment (runs P1-P5, 2026-11-24, docs/persistent.md): the whole batch-1 int4 decode step as one
+persistent CUDA kernel (`int4_step.cu`), for Llama-shaped models whose every product is int4 in gemlite's
+layout. Correct (logits within bf16 rounding of the engine's chain, argmax equal) but slower than the chain
+it would replace: 776-789 against 485-492 us a step at a 144-token context on the H100 (P5), so the engine
+does not use it and it lives here, not in the package.
 
-Why: the kernel chain (`cuda_int4` and Triton, 5 kernels a layer) pays ~3-4 us at each kernel boundary beyond
-its bytes, ~80 boundaries a step, and int4 moves only ~0.7 GB a token (runs O1-O12, docs/llm-runs.md). One
-launch with grid barriers between the phases, each warp streaming its weights through a ring that runs on
-across the barriers, removes the boundaries while keeping the weight stream going.
+Why it was tried: the chain (`cuda_int4` and Triton, 5 kernels a layer) pays ~3-4 us at each kernel boundary
+beyond its bytes, ~80 boundaries a step, and int4 moves only ~0.7 GB a token (runs O1-O12). One launch with
+grid barriers between the phases, each warp streaming its weights through a ring that runs on across the
+barriers, removes the boundaries while keeping the weight stream going. What it showed: a phase here costs
+about what a kernel boundary costs there (barrier ~1.1 us, then the activation row from L2, the norm, the
+block-wide reductions), and each warp needs ~0.75 us a 1 KB unit of weights (Nsight: 263 M warp
+instructions a step at 0.35 issued a cycle a scheduler, stalls mostly block barriers and dependencies).
 
-`Int4Step.logits` has `DecoderLM.decode_logits`'s contract for one sequence; it is built only where every
-layer fits the kernel (`reasons` says why not) and is checked against the chain on the device before use.
+`Int4Step.logits` has `DecoderLM.decode_logits`'s contract for one sequence; `reasons` says why a model does
+not fit; `check_against_chain` compares both ways from the same cache.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ import torch
 from inferforge.llm.attention import AttnMeta
 from inferforge.llm.gemv_int4 import Int4Weight, int4_weight
 
-CSRC = Path(__file__).parent / "csrc"
-SOURCES = (CSRC / "int4_step.cu", CSRC / "int4_gemv_tc.cu")
+HERE = Path(__file__).parent
+SOURCES = (HERE / "int4_step.cu", HERE.parents[1] / "src" / "inferforge" / "llm" / "csrc" / "int4_gemv_tc.cu")
 KIND = {"qkv": 0, "attn": 1, "o": 2, "gateup": 3, "down": 4, "head": 5}
 WARPS, MAX_SPLITS, HEAD_DIM, GROUP_HEADS, TRACE_UNITS = 16, 32, 64, 4, 2048
 _LIB: dict[tuple, ctypes.CDLL] = {}

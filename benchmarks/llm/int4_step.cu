@@ -1,3 +1,6 @@
+// Experiment, measured slower than the engine's kernel chain (runs P1-P5 of 2026-11-24, docs/persistent.md;
+// int4_step.py says by how much and why). Built and driven by bench_int4_step.py.
+//
 // The whole batch-1 int4 decode step in one persistent kernel: every layer's q/k/v (RMSNorm, RoPE, cache
 // write), attention over the paged cache, o (+ residual), gate/up (RMSNorm, SiLU x up), down (+ residual),
 // then the final RMSNorm and the LM head (fp32 logits). One program an SM; the phases meet at grid barriers.
@@ -16,7 +19,7 @@
 //
 // Activations written inside the launch (the residual stream, q, the attention output, SiLU x up, the new
 // keys and values) are read with ld.global.cg: L1 is not coherent across SMs.
-#include "int4_gemv_tc.cu"
+#include "../../src/inferforge/llm/csrc/int4_gemv_tc.cu"
 
 namespace {
 
