@@ -181,7 +181,8 @@ def gemv_int4_tc(
     tiles = tiles or choice(n, k) or WIDE
     if tiles not in CONFIGS:
         raise ValueError(f"tiles (mt, warps[, stages[, 2]]) must be one of {CONFIGS}, got {tiles}")
-    mt, warps, stages, pair = (*tiles, 0, 1)[:4] if len(tiles) < 4 else tiles
+    mt, warps = tiles[:2]
+    stages, pair = (tiles[2] if len(tiles) > 2 else 0), (tiles[3] if len(tiles) > 3 else 1)
     d = None if rope_cache is None else rope_cache.k_cache.shape[-1]
     if not supported(n, k, weight.group, silu_pair, tiles, d):
         raise ValueError(f"tiles {tiles} do not fit N={n}, K={k}, group={weight.group}")
