@@ -397,46 +397,47 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
                 if (it + 2 < iters) load_scales(gbase + 8);
             }
         }
-    } else
-    for (int it = 0; it < iters; ++it) {
-        cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
-        __syncwarp();
-        const int quad = q0 + it;
-        const int group = quad / quads_per_group;
-        const bool mine = g == (group & 7);
-        const uint4 xv = xq[4 * it];
-        const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
-        const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
-        const Words<MT> wl = lds_words<MT>(wlo + slot_of(it));
-        const Words<MT> wh = lds_words<MT>(wlo + slot_of(it) + HALF);
-        if constexpr (STAGES > 0) {  // every lane has read this slot: refill it with the quad STAGES ahead
+    } else {  // braces needed: with `else for` nvcc 13.0 dropped the block after it for PAIR 2 (P7)
+        for (int it = 0; it < iters; ++it) {
+            cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
             __syncwarp();
-            copy_quad(it + STAGES);
-        }
+            const int quad = q0 + it;
+            const int group = quad / quads_per_group;
+            const bool mine = g == (group & 7);
+            const uint4 xv = xq[4 * it];
+            const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
+            const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
+            const Words<MT> wl = lds_words<MT>(wlo + slot_of(it));
+            const Words<MT> wh = lds_words<MT>(wlo + slot_of(it) + HALF);
+            if constexpr (STAGES > 0) {  // every lane has read this slot: refill it with the quad STAGES ahead
+                __syncwarp();
+                copy_quad(it + STAGES);
+            }
 #pragma unroll
-        for (int m = 0; m < MT; ++m) {
-            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
-                     nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
-            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
-                     nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
-        }
-        const bool chunk_end = ((group & 7) == 7 && (quad + 1) % quads_per_group == 0) || it + 1 == iters;
-        if (chunk_end) {
-            const int gbase = group & ~7;
+            for (int m = 0; m < MT; ++m) {
+                mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
+                         nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
+                mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
+                         nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
+            }
+            const bool chunk_end = ((group & 7) == 7 && (quad + 1) % quads_per_group == 0) || it + 1 == iters;
+            if (chunk_end) {
+                const int gbase = group & ~7;
 #pragma unroll
-            for (int m = 0; m < MT; ++m)
+                for (int m = 0; m < MT; ++m)
 #pragma unroll
-                for (int h = 0; h < 2; ++h)
+                    for (int h = 0; h < 2; ++h)
 #pragma unroll
-                    for (int cc = 0; cc < 2; ++cc) {
-                        const int gi = gbase + 2 * t + cc;
-                        const float xs = (gi >= g_first && gi < g_end) ? xsum[gi] : 0.f;
-                        const float sc = sv[m][h][cc], ze = zv[m][h][cc];
-                        const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
-                        acc[m][h] += sc * c[m][2 * h + cc] + coef * xs;
-                        c[m][2 * h + cc] = 0.f;
-                    }
-            if (it + 1 < iters) load_scales(gbase + 8);
+                        for (int cc = 0; cc < 2; ++cc) {
+                            const int gi = gbase + 2 * t + cc;
+                            const float xs = (gi >= g_first && gi < g_end) ? xsum[gi] : 0.f;
+                            const float sc = sv[m][h][cc], ze = zv[m][h][cc];
+                            const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
+                            acc[m][h] += sc * c[m][2 * h + cc] + coef * xs;
+                            c[m][2 * h + cc] = 0.f;
+                        }
+                if (it + 1 < iters) load_scales(gbase + 8);
+            }
         }
     }
     // Sum over the quad (t), then over the warps; the epilogue rounds as the unfused model does.
