@@ -691,17 +691,3 @@ def int4_head_tiles_ab(folder: Path) -> None:
         "gate/up 2x16 ring 4": {w13: (2, 16, 4)},
     }
     _int4_tiles_in_turn(folder, "int4head", variants)
-
-
-def int4_pair_ab(folder: Path, reps: int = 2) -> None:
-    """The int4 step with the tensor-core kernel taking two quads a loop step (two independent mma chains:
-    `cuda_int4.CONFIGS`' fourth element) on gate/up, down and the LM head, and without down, against the
-    step as it runs; `reps` rounds in turn, bf16 once. Why: P5's Nsight of the whole-step kernel put a warp
-    at ~11 cycles an instruction on the same loop, bound by its dependent chain."""
-    w13, down, head = (16384, 2048), (2048, 8192), (128256, 2048)
-    variants = {
-        "as run": {},
-        "pairs on all three": {w13: (4, 8, 4, 2), down: (1, 16, 4, 2), head: (4, 8, 4, 2)},
-        "pairs on gate/up and head": {w13: (4, 8, 4, 2), head: (4, 8, 4, 2)},
-    }
-    _int4_tiles_in_turn(folder, "int4pair", variants, reps)

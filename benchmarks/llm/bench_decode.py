@@ -30,7 +30,6 @@ from ab_sections import (
     early_next_tile_ab,
     int4_head_tiles_ab,
     int4_norm_ab,
-    int4_pair_ab,
     int4_recipe_ab,
     int4_tc_ab,
     int4_tc_down_ab,
@@ -170,7 +169,6 @@ def main() -> None:
         ("int4tcwideab", lambda: int4_tc_wide_ab(folder)),
         ("int4normab", lambda: int4_norm_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
-        ("int4pairab", lambda: int4_pair_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
             "carveoutab",

@@ -37,7 +37,7 @@ def build(out: Path) -> ctypes.CDLL:
     lib.if_int4_gemv_tc.restype = lib.if_int4_mlp_fused.restype = ctypes.c_int
     p, i = ctypes.c_void_p, ctypes.c_int
     f, ll = ctypes.c_float, ctypes.c_longlong
-    lib.if_int4_gemv_tc.argtypes = [p] * 7 + [i] * 7 + [f] + [i] * 3 + [p] * 7 + [ll] + [i] * 7
+    lib.if_int4_gemv_tc.argtypes = [p] * 7 + [i] * 7 + [f] + [i] * 3 + [p] * 7 + [ll] + [i] * 6
     lib.if_int4_mlp_fused.argtypes = [p] * 11 + [ctypes.c_float, i, i, p]  # fmt: skip
     return lib
 
@@ -78,7 +78,7 @@ def main() -> None:
                 (u.data_ptr(), null, *w2, x.data_ptr(), y.data_ptr(),
                  HIDDEN, FFN, 64, 1, 0, RESIDUAL, 0, 1e-5, 1, 16, 1, st),
             ):  # fmt: skip
-                code = lib.if_int4_gemv_tc(*args, *([null] * 6), 0, 0, 0, 0, 0, 4, 1, 1)
+                code = lib.if_int4_gemv_tc(*args, *([null] * 6), 0, 0, 0, 0, 0, 4, 1)
                 assert code == 0, code
 
     def fused() -> None:

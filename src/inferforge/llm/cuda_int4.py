@@ -27,16 +27,14 @@ from inferforge.llm.gemv import RESIDUAL, ROPE_CACHE, SILU_PAIR, STORE, RopeCach
 from inferforge.llm.gemv_int4 import Int4Weight
 
 SOURCE = Path(__file__).parent / "csrc" / "int4_gemv_tc.cu"
-# (rows a program / 16, warps a program[, stages[, 2]]) the library is built for: without stages a warp keeps
-# its whole K range in shared memory; with them, a ring of that many quads of packed rows, so a program's
-# footprint no longer grows with K. A fourth 2: each loop step takes two quads with two independent mma
-# chains (the tiles the step uses, for an A/B against one quad a step).
+# (rows a program / 16, warps a program[, stages]) the library is built for: without stages a warp keeps its
+# whole K range in shared memory; with them, a ring of that many quads of packed rows, so a program's
+# footprint no longer grows with K.
 CONFIGS = [
     (1, 8), (1, 16), (2, 8), (2, 16), (4, 4), (4, 8),
     (1, 8, 4), (1, 8, 8), (1, 16, 2), (1, 16, 4), (1, 16, 8), (2, 16, 4), (4, 8, 2), (4, 8, 4),
-    (1, 16, 4, 2), (4, 8, 4, 2),
 ]  # fmt: skip
-Tiles = tuple[int, ...]  # (mt, warps), (mt, warps, stages) or (mt, warps, stages, quads a step)
+Tiles = tuple[int, ...]  # (mt, warps) or (mt, warps, stages)
 # Which products take this kernel, by (N, K), decided in the decode step (CUDA graph, H100, docs/llm-runs.md
 # runs M3-M6 and N1-N9; bf16 953-959 us in the same calls):
 # - gate/up (RMSNorm, SiLU x up) and the LM head (RMSNorm, fp32 logits), 64 rows and 8 warps a program: the
@@ -119,7 +117,7 @@ def library() -> ctypes.CDLL:
         lib.if_int4_gemv_tc.restype = ctypes.c_int
         ints, ptrs = [ctypes.c_int] * 7, [ctypes.c_void_p] * 7
         lib.if_int4_gemv_tc.argtypes = [*ptrs, *ints, ctypes.c_float, *ints[:3], *ptrs[:7], ctypes.c_longlong,
-                                        *ints[:7]]  # fmt: skip
+                                        *ints[:6]]  # fmt: skip
         _LIB[key] = lib
     return _LIB[key]
 
@@ -180,9 +178,8 @@ def gemv_int4_tc(
         raise ValueError(f"norm_weight must be [{k}] of {x.dtype}")
     tiles = tiles or choice(n, k) or WIDE
     if tiles not in CONFIGS:
-        raise ValueError(f"tiles (mt, warps[, stages[, 2]]) must be one of {CONFIGS}, got {tiles}")
-    mt, warps = tiles[:2]
-    stages, pair = (tiles[2] if len(tiles) > 2 else 0), (tiles[3] if len(tiles) > 3 else 1)
+        raise ValueError(f"tiles (mt, warps[, stages]) must be one of {CONFIGS}, got {tiles}")
+    mt, warps, stages = (*tiles, 0)[:3]
     d = None if rope_cache is None else rope_cache.k_cache.shape[-1]
     if not supported(n, k, weight.group, silu_pair, tiles, d):
         raise ValueError(f"tiles {tiles} do not fit N={n}, K={k}, group={weight.group}")
@@ -202,7 +199,7 @@ def gemv_int4_tc(
         weight.scales.data_ptr(), weight.zeros.data_ptr(), null if residual is None else residual.data_ptr(),
         y.data_ptr(), n, k, weight.group, int(weight.fma), int(x.dtype == torch.float16), epilogue,
         int(y.dtype == torch.float32), eps, mt, warps, fused.pdl_on(),
-        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, int(NORM["shared"]), pair,
+        torch.cuda.current_stream(x.device).cuda_stream, *rope, stages, int(NORM["shared"]),
     )  # fmt: skip
     if code != 0:
         raise ValueError(
@@ -229,7 +226,6 @@ def supported(n: int, k: int, group: int, silu_pair: bool, tiles: Tiles, head_di
         and quads > 0
         and quads % (group // 32) == 0
         and k // warps <= 2048
-        and (len(tiles) < 4 or quads % 2 == 0)
     )
 
 

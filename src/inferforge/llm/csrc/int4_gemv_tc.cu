@@ -178,10 +178,7 @@ __device__ __forceinline__ long long load_index(const void* p, int idx64) {
 // STAGES > 0: each warp keeps only that many quads of packed rows in shared memory (a ring refilled as it
 // goes), so a program's footprint no longer grows with K; 0: its whole range. (Runs N2-N5: gate/up, down and
 // the LM head on rings of 4 took the int4 step from 602-608 to 522-524 us; cuda_int4.TUNED says which.)
-// PAIR 2: each loop step takes two quads (one wait, both refills, two independent mma chains into separate
-// accumulators), for a warp whose quads are in shared memory but whose dependent chain (wait, loads, mma)
-// bounds its rate (run P5's Nsight of the whole-step kernel: ~11 cycles an instruction a warp).
-template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES, int PAIR>
+template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
 __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) {
     constexpr int ROWS = 16 * MT, HALF = 8 * MT;
     constexpr int STRIDE = ROWS + 8;  // words a packed row takes in shared memory (conflict-free reads)
@@ -342,102 +339,45 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     }
     const uint32_t* wlo = ws + t * STRIDE + MT * g;
     const uint4* xq = xp + 4 * q0 + t;
-    if constexpr (PAIR == 2) {
-        float c2[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; ++m) c2[m][0] = c2[m][1] = c2[m][2] = c2[m][3] = 0.f;
-        for (int it = 0; it < iters; it += 2) {  // iters is even (launch checks) and so is q0
-            cp_async_wait(STAGES ? STAGES - 2 : iters - 2 - it);
+    for (int it = 0; it < iters; ++it) {
+        cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
+        __syncwarp();
+        const int quad = q0 + it;
+        const int group = quad / quads_per_group;
+        const bool mine = g == (group & 7);
+        const uint4 xv = xq[4 * it];
+        const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
+        const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
+        const Words<MT> wl = lds_words<MT>(wlo + slot_of(it));
+        const Words<MT> wh = lds_words<MT>(wlo + slot_of(it) + HALF);
+        if constexpr (STAGES > 0) {  // every lane has read this slot: refill it with the quad STAGES ahead
             __syncwarp();
-            const int quad = q0 + it;
-            const int group = quad / quads_per_group;  // one group holds both quads of a pair (G >= 64)
-            const bool mine = g == (group & 7);
-            const uint4 xa = xq[4 * it], xb = xq[4 * it + 4];
-            const Words<MT> wla = lds_words<MT>(wlo + slot_of(it));
-            const Words<MT> wha = lds_words<MT>(wlo + slot_of(it) + HALF);
-            const Words<MT> wlb = lds_words<MT>(wlo + slot_of(it + 1));
-            const Words<MT> whb = lds_words<MT>(wlo + slot_of(it + 1) + HALF);
-            if constexpr (STAGES > 0) {
-                __syncwarp();
-                copy_quad(it + STAGES);
-                copy_quad(it + 1 + STAGES);
-            }
-#pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                mma<F16>(c[m], nibble_pair<F16>(wla.v[m], 0), nibble_pair<F16>(wha.v[m], 0),
-                         nibble_pair<F16>(wla.v[m], 1), nibble_pair<F16>(wha.v[m], 1), mine ? xa.x : 0u,
-                         mine ? xa.y : 0u);
-                mma<F16>(c2[m], nibble_pair<F16>(wlb.v[m], 0), nibble_pair<F16>(whb.v[m], 0),
-                         nibble_pair<F16>(wlb.v[m], 1), nibble_pair<F16>(whb.v[m], 1), mine ? xb.x : 0u,
-                         mine ? xb.y : 0u);
-                mma<F16>(c[m], nibble_pair<F16>(wla.v[m], 2), nibble_pair<F16>(wha.v[m], 2),
-                         nibble_pair<F16>(wla.v[m], 3), nibble_pair<F16>(wha.v[m], 3), mine ? xa.z : 0u,
-                         mine ? xa.w : 0u);
-                mma<F16>(c2[m], nibble_pair<F16>(wlb.v[m], 2), nibble_pair<F16>(whb.v[m], 2),
-                         nibble_pair<F16>(wlb.v[m], 3), nibble_pair<F16>(whb.v[m], 3), mine ? xb.z : 0u,
-                         mine ? xb.w : 0u);
-            }
-            const bool chunk_end = ((group & 7) == 7 && (quad + 2) % quads_per_group == 0) || it + 2 == iters;
-            if (chunk_end) {
-                const int gbase = group & ~7;
-#pragma unroll
-                for (int m = 0; m < MT; ++m)
-#pragma unroll
-                    for (int h = 0; h < 2; ++h)
-#pragma unroll
-                        for (int cc = 0; cc < 2; ++cc) {
-                            const int gi = gbase + 2 * t + cc;
-                            const float xs = (gi >= g_first && gi < g_end) ? xsum[gi] : 0.f;
-                            const float sc = sv[m][h][cc], ze = zv[m][h][cc];
-                            const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
-                            acc[m][h] += sc * (c[m][2 * h + cc] + c2[m][2 * h + cc]) + coef * xs;
-                            c[m][2 * h + cc] = 0.f;
-                            c2[m][2 * h + cc] = 0.f;
-                        }
-                if (it + 2 < iters) load_scales(gbase + 8);
-            }
+            copy_quad(it + STAGES);
         }
-    } else {  // braces needed: with `else for` nvcc 13.0 dropped the block after it for PAIR 2 (P7)
-        for (int it = 0; it < iters; ++it) {
-            cp_async_wait(STAGES ? STAGES - 1 : iters - 1 - it);  // ring: one group committed per quad consumed
-            __syncwarp();
-            const int quad = q0 + it;
-            const int group = quad / quads_per_group;
-            const bool mine = g == (group & 7);
-            const uint4 xv = xq[4 * it];
-            const uint32_t b00 = mine ? xv.x : 0u, b01 = mine ? xv.y : 0u;
-            const uint32_t b10 = mine ? xv.z : 0u, b11 = mine ? xv.w : 0u;
-            const Words<MT> wl = lds_words<MT>(wlo + slot_of(it));
-            const Words<MT> wh = lds_words<MT>(wlo + slot_of(it) + HALF);
-            if constexpr (STAGES > 0) {  // every lane has read this slot: refill it with the quad STAGES ahead
-                __syncwarp();
-                copy_quad(it + STAGES);
-            }
 #pragma unroll
-            for (int m = 0; m < MT; ++m) {
-                mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
-                         nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
-                mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
-                         nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
-            }
-            const bool chunk_end = ((group & 7) == 7 && (quad + 1) % quads_per_group == 0) || it + 1 == iters;
-            if (chunk_end) {
-                const int gbase = group & ~7;
+        for (int m = 0; m < MT; ++m) {
+            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 0), nibble_pair<F16>(wh.v[m], 0),
+                     nibble_pair<F16>(wl.v[m], 1), nibble_pair<F16>(wh.v[m], 1), b00, b01);
+            mma<F16>(c[m], nibble_pair<F16>(wl.v[m], 2), nibble_pair<F16>(wh.v[m], 2),
+                     nibble_pair<F16>(wl.v[m], 3), nibble_pair<F16>(wh.v[m], 3), b10, b11);
+        }
+        const bool chunk_end = ((group & 7) == 7 && (quad + 1) % quads_per_group == 0) || it + 1 == iters;
+        if (chunk_end) {
+            const int gbase = group & ~7;
 #pragma unroll
-                for (int m = 0; m < MT; ++m)
+            for (int m = 0; m < MT; ++m)
 #pragma unroll
-                    for (int h = 0; h < 2; ++h)
+                for (int h = 0; h < 2; ++h)
 #pragma unroll
-                        for (int cc = 0; cc < 2; ++cc) {
-                            const int gi = gbase + 2 * t + cc;
-                            const float xs = (gi >= g_first && gi < g_end) ? xsum[gi] : 0.f;
-                            const float sc = sv[m][h][cc], ze = zv[m][h][cc];
-                            const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
-                            acc[m][h] += sc * c[m][2 * h + cc] + coef * xs;
-                            c[m][2 * h + cc] = 0.f;
-                        }
-                if (it + 1 < iters) load_scales(gbase + 8);
-            }
+                    for (int cc = 0; cc < 2; ++cc) {
+                        const int gi = gbase + 2 * t + cc;
+                        const float xs = (gi >= g_first && gi < g_end) ? xsum[gi] : 0.f;
+                        const float sc = sv[m][h][cc], ze = zv[m][h][cc];
+                        const float coef = a.fma_mode ? ze - OFFSET * sc : -sc * (OFFSET + ze);
+                        acc[m][h] += sc * c[m][2 * h + cc] + coef * xs;
+                        c[m][2 * h + cc] = 0.f;
+                    }
+            if (it + 1 < iters) load_scales(gbase + 8);
         }
     }
     // Sum over the quad (t), then over the warps; the epilogue rounds as the unfused model does.
@@ -496,7 +436,7 @@ __global__ void __launch_bounds__(WARPS * 32) int4_gemv_tc_kernel(const Args a) 
     }
 }
 
-template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES, int PAIR>
+template <int MT, int WARPS, int G, bool F16, int EPI, int STAGES>
 int launch(const Args& a, cudaStream_t stream) {
     constexpr int ROWS = 16 * MT;
     const int k = a.k, n = a.n;
@@ -506,11 +446,10 @@ int launch(const Args& a, cudaStream_t stream) {
     if (EPI == ROPE_CACHE && ((a.head_dim / 2) % (8 * MT) || n != (a.heads + 2 * a.kv_heads) * a.head_dim))
         return -2;
     if ((k / 32 / WARPS) % (G / 32) || k / WARPS > 2048) return -2;
-    if (PAIR == 2 && ((k / 32 / WARPS) % 2 || G < 64)) return -2;
     const size_t ws_words = STAGES ? (size_t)WARPS * STAGES * 4 * (ROWS + 8) : (size_t)(k / 8) * (ROWS + 8);
     const size_t smem = ws_words * 4 + (size_t)(k / 8) * 16 + (size_t)(k / G) * 4 +
                         (size_t)WARPS * ROWS * 4 + (size_t)WARPS * 4;
-    auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES, PAIR>;
+    auto kernel = int4_gemv_tc_kernel<MT, WARPS, G, F16, EPI, STAGES>;
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
@@ -528,26 +467,26 @@ int launch(const Args& a, cudaStream_t stream) {
     return (int)cudaLaunchKernelEx(&cfg, kernel, a);
 }
 
-template <int MT, int WARPS, int G, bool F16, int S, int P>
+template <int MT, int WARPS, int G, bool F16, int S>
 int by_epilogue(int epilogue, const Args& a, cudaStream_t st) {
     switch (epilogue) {
-        case STORE: return launch<MT, WARPS, G, F16, STORE, S, P>(a, st);
-        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S, P>(a, st);
-        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S, P>(a, st);
-        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S, P>(a, st);
+        case STORE: return launch<MT, WARPS, G, F16, STORE, S>(a, st);
+        case RESIDUAL: return launch<MT, WARPS, G, F16, RESIDUAL, S>(a, st);
+        case ROPE_CACHE: return launch<MT, WARPS, G, F16, ROPE_CACHE, S>(a, st);
+        case SILU_PAIR: return launch<MT, WARPS, G, F16, SILU_PAIR, S>(a, st);
         default: return -4;
     }
 }
 
-template <int MT, int WARPS, int S, int P>
+template <int MT, int WARPS, int S>
 int by_group(int group, int f16, int epilogue, const Args& a, cudaStream_t st) {
     if (group == 64) {
-        return f16 ? by_epilogue<MT, WARPS, 64, true, S, P>(epilogue, a, st)
-                   : by_epilogue<MT, WARPS, 64, false, S, P>(epilogue, a, st);
+        return f16 ? by_epilogue<MT, WARPS, 64, true, S>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 64, false, S>(epilogue, a, st);
     }
     if (group == 128) {
-        return f16 ? by_epilogue<MT, WARPS, 128, true, S, P>(epilogue, a, st)
-                   : by_epilogue<MT, WARPS, 128, false, S, P>(epilogue, a, st);
+        return f16 ? by_epilogue<MT, WARPS, 128, true, S>(epilogue, a, st)
+                   : by_epilogue<MT, WARPS, 128, false, S>(epilogue, a, st);
     }
     return -3;
 }
@@ -560,7 +499,7 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                                int epilogue, int out_f32, float eps, int mt, int warps, int pdl, void* stream,
                                const void* cos, const void* sin, const void* pos, const void* slot, void* kc,
                                void* vc, long long stride_slot, int heads, int kv_heads, int head_dim,
-                               int idx64, int stages, int norm_shared, int pair) {
+                               int idx64, int stages, int norm_shared) {
     cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
     const Args a{static_cast<const uint16_t*>(x), static_cast<const uint16_t*>(norm),
                  static_cast<const uint32_t*>(w), static_cast<const uint16_t*>(s),
@@ -568,13 +507,12 @@ extern "C" int if_int4_gemv_tc(const void* x, const void* norm, const void* w, c
                  out_f32, eps, static_cast<const uint16_t*>(cos), static_cast<const uint16_t*>(sin), pos, slot,
                  static_cast<uint16_t*>(kc), static_cast<uint16_t*>(vc), stride_slot, heads, kv_heads,
                  head_dim, idx64, norm_shared};
-#define IF_CASE(MT_, W_, S_, P_)                                   \
-    if (mt == MT_ && warps == W_ && stages == S_ && pair == P_) \
-        return by_group<MT_, W_, S_, P_>(group, f16, epilogue, a, st);
-    IF_CASE(1, 8, 0, 1) IF_CASE(1, 16, 0, 1) IF_CASE(2, 8, 0, 1) IF_CASE(2, 16, 0, 1) IF_CASE(4, 4, 0, 1)
-    IF_CASE(4, 8, 0, 1) IF_CASE(1, 8, 4, 1) IF_CASE(1, 8, 8, 1) IF_CASE(1, 16, 2, 1) IF_CASE(1, 16, 4, 1)
-    IF_CASE(1, 16, 8, 1) IF_CASE(2, 16, 4, 1) IF_CASE(4, 8, 2, 1) IF_CASE(4, 8, 4, 1)
-    IF_CASE(1, 16, 4, 2) IF_CASE(4, 8, 4, 2)
+#define IF_CASE(MT_, W_, S_)                      \
+    if (mt == MT_ && warps == W_ && stages == S_) \
+        return by_group<MT_, W_, S_>(group, f16, epilogue, a, st);
+    IF_CASE(1, 8, 0) IF_CASE(1, 16, 0) IF_CASE(2, 8, 0) IF_CASE(2, 16, 0) IF_CASE(4, 4, 0) IF_CASE(4, 8, 0)
+    IF_CASE(1, 8, 4) IF_CASE(1, 8, 8) IF_CASE(1, 16, 2) IF_CASE(1, 16, 4) IF_CASE(1, 16, 8) IF_CASE(2, 16, 4)
+    IF_CASE(4, 8, 2) IF_CASE(4, 8, 4)
 #undef IF_CASE
     return -1;
 }
