@@ -19,14 +19,12 @@ not fit; `check_against_chain` compares both ways from the same cache.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import torch
 
+from inferforge.llm import cuda_int4
 from inferforge.llm.attention import AttnMeta
 from inferforge.llm.gemv_int4 import Int4Weight, int4_weight
 
@@ -42,33 +40,15 @@ class StepError(RuntimeError):
 
 
 def library_path() -> Path:
-    root = os.environ.get("INFERFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "inferforge")
-    digest = hashlib.sha256(b"".join(p.read_bytes() for p in SOURCES)).hexdigest()[:16]
-    major, minor = torch.cuda.get_device_capability()
-    return Path(root) / "kernels" / f"int4_step-sm{major}{minor}-{digest}.so"
+    return cuda_int4.library_path("int4_step", SOURCES)
 
 
 def build(path: Path | None = None) -> Path:
-    """Compile for this GPU (~80 s of one core for sm_90) unless the cache has it."""
-    path = path or library_path()
-    if path.is_file():
-        return path
-    nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
-    if not Path(nvcc).is_file():
-        raise StepError("nvcc not found: the int4 step kernel needs the CUDA toolkit to build")
-    major, minor = torch.cuda.get_device_capability()
-    if major < 8:
-        raise StepError(f"the int4 step kernel needs compute capability 8.0+, got {major}.{minor}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    arch = f"{major}{minor}"
-    cmd = [nvcc, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-shared",
-           "-Xcompiler", "-fPIC", "-o", str(tmp), str(SOURCES[0])]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
-        raise StepError(f"nvcc failed ({done.returncode}): {done.stderr[-2000:]}")
-    os.replace(tmp, path)
-    return path
+    """Compile for this GPU (~90 s of one core for sm_90) unless the cache has it."""
+    try:
+        return cuda_int4.build(path or library_path(), SOURCES[0], "the int4 step kernel")
+    except cuda_int4.BuildError as exc:
+        raise StepError(str(exc)) from exc
 
 
 def library() -> ctypes.CDLL:

@@ -76,30 +76,31 @@ def choice(n: int, k: int) -> Tiles | None:
     return WIDE if n >= 8192 and k <= 8 * 2048 else None
 
 
-def library_path() -> Path:
-    """Where the built library is cached: keyed by the source's digest and the compute capability."""
+def library_path(name: str = "int4_gemv_tc", sources: tuple[Path, ...] = (SOURCE,)) -> Path:
+    """Where a built library is cached: keyed by its sources' digest and the compute capability."""
     root = os.environ.get("INFERFORGE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "inferforge")
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:16]
     major, minor = torch.cuda.get_device_capability()
-    return Path(root) / "kernels" / f"int4_gemv_tc-sm{major}{minor}-{digest}.so"
+    return Path(root) / "kernels" / f"{name}-sm{major}{minor}-{digest}.so"
 
 
-def build(path: Path | None = None) -> Path:
-    """Compile the library for this GPU (about 85 s of one core for sm_90) unless the cache has it."""
+def build(path: Path | None = None, source: Path = SOURCE, what: str = "the tensor-core int4 GEMV") -> Path:
+    """Compile `source` into a shared library for this GPU (about 85 s of one core for sm_90 for this
+    module's kernel) unless the cache has it."""
     path = path or library_path()
     if path.is_file():
         return path
     nvcc = shutil.which("nvcc") or "/usr/local/cuda/bin/nvcc"
     if not Path(nvcc).is_file():
-        raise BuildError("nvcc not found: the tensor-core int4 GEMV needs the CUDA toolkit to build")
+        raise BuildError(f"nvcc not found: {what} needs the CUDA toolkit to build")
     major, minor = torch.cuda.get_device_capability()
     if major < 8:
-        raise BuildError(f"the tensor-core int4 GEMV needs compute capability 8.0+, got {major}.{minor}")
+        raise BuildError(f"{what} needs compute capability 8.0+, got {major}.{minor}")
     arch = f"{major}{minor}"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     cmd = [nvcc, f"-gencode=arch=compute_{arch},code=sm_{arch}", "-O3", "-std=c++17", "-shared",
-           "-Xcompiler", "-fPIC", "-o", str(tmp), str(SOURCE)]  # fmt: skip
+           "-Xcompiler", "-fPIC", "-o", str(tmp), str(source)]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if done.returncode != 0:
         raise BuildError(f"nvcc failed ({done.returncode}): {done.stderr[-2000:]}")
