@@ -282,8 +282,11 @@ def test_detokenize_false_gives_the_same_tokens_without_text(engine: LLMEngine) 
         replace(GREEDY, detokenize=False, stop=("x",))
 
 
-def test_requests_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:
-    small = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=64, max_num_seqs=8, max_num_batched_tokens=64))
+def test_reserved_budgets_wait_for_kv_blocks_and_then_complete(tiny_llama: Path, engine: LLMEngine) -> None:
+    cfg = EngineConfig(
+        kv_cache_tokens=64, max_num_seqs=8, max_num_batched_tokens=64, reserve_full_budget=True
+    )
+    small = LLMEngine(tiny_llama, cfg)
     reqs = [
         EngineRequest(f"w{i}", _ids(engine, p), GREEDY)
         for i, p in enumerate(["The object", "class", "Return"])

@@ -121,6 +121,7 @@ class LLMEngine:
                 self.max_model_len,
                 config.admit_delay_steps,
                 config.enable_prefix_caching,
+                reserve_full_budget=config.reserve_full_budget,
             ),
             self.allocator,
         )
@@ -219,6 +220,8 @@ class LLMEngine:
             generated_tokens_total=self.generated_total,
             device_wait_s_total=self.device_wait_s,
             prefix_cached_tokens_total=self.scheduler.cached_tokens_total,
+            preemptions_total=self.scheduler.preemptions_total,
+            recomputed_tokens_total=self.scheduler.recomputed_tokens_total,
         )
 
     def kernel_summary(self) -> str:

@@ -50,6 +50,9 @@ class EngineConfig:
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
     enable_prefix_caching: bool = True  # reuse KV blocks of earlier prompts with the same start (n = 1)
+    # Reserve prompt + max_tokens of KV blocks per sequence at admission (nothing is ever preempted); off:
+    # blocks as sequences grow, the newest request preempted and recomputed when they run out (scheduler.py).
+    reserve_full_budget: bool = False
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
 
     def __post_init__(self) -> None:

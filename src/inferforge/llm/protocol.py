@@ -157,6 +157,8 @@ class EngineStats:
     # step, ipc_in, ipc_out, idle); empty where nothing measures them.
     loop_seconds: tuple[tuple[str, float], ...] = ()
     prefix_cached_tokens_total: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    preemptions_total: int = 0  # running requests sent back to wait because the KV cache was full
+    recomputed_tokens_total: int = 0  # tokens computed again when preempted requests were readmitted
 
 
 class EngineClient(Protocol):

@@ -1,10 +1,18 @@
 """Which sequences run in the next step: continuous batching with chunked prefill and a bounded waiting queue.
 
 Each step every decoding sequence gets one token, then prompts fill the remaining token budget in arrival
-order, a long prompt split into chunks across steps so it never stalls the decoders for long. A request is
-admitted only when the KV blocks for its whole budget (prompt + max_tokens, for each of its `n` sequences) are
-free, so a running sequence never has to be preempted; finished and aborted requests return their blocks at
-once.
+order, a long prompt split into chunks across steps so it never stalls the decoders for long. Finished and
+aborted requests return their blocks at once.
+
+KV blocks, as vLLM hands them out: a request (n = 1) is admitted with blocks for its prompt and first token
+only, while a small reserve stays free, and its sequence takes one more block each time it crosses a block
+boundary. When none is free, the newest running request is preempted: its blocks go back, it returns to the
+front of the waiting queue, and once readmitted its prompt and the tokens it had generated are computed again
+as one prompt (recompute), after which it goes on where it stopped. So the cache holds the tokens sequences
+actually have, not the max_tokens they might reach: a client that leaves max_tokens at the cap no longer
+takes a cap's worth of blocks. Requests with n > 1 (sequences forked from one prompt) and every request under
+`reserve_full_budget` still reserve prompt + max_tokens for each sequence at admission and are never
+preempted.
 """
 
 from __future__ import annotations
@@ -46,11 +54,19 @@ class SchedulerConfig:
     # Reuse the KV blocks of earlier prompts that start with the same tokens (whole 16-token blocks; requests
     # with n = 1): a shared system prompt is computed once, not per request.
     prefix_caching: bool = False
+    # Admit every request with blocks for its whole budget (prompt + max_tokens per sequence), so nothing is
+    # ever preempted: the policy before preemption existed. Off: blocks as sequences grow (module docstring).
+    reserve_full_budget: bool = False
+    # Share of the cache's blocks that admission leaves free while others run, so that running sequences
+    # can grow for a while before a preemption (vLLM's watermark, 1%); at least one block.
+    kv_watermark: float = 0.01
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_waiting", "max_model_len"):
             if getattr(self, name) < 1:
                 raise InferforgeError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.kv_watermark < 1.0:
+            raise InferforgeError(f"kv_watermark must be in [0, 1), got {self.kv_watermark}")
         if self.admit_delay_steps < 0:
             raise InferforgeError(f"admit_delay_steps must be >= 0, got {self.admit_delay_steps}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -95,16 +111,21 @@ class RequestState:
     max_tokens: int = 0
     queued_step: int = 0  # the scheduler's step count when it joined the waiting queue
     block_keys: list[bytes] | None = None  # prefix keys of the prompt's full blocks (prefix caching)
+    reserved: bool = False  # holds blocks for its whole budget from admission on; never preempted
+    preemptions: int = 0  # times it was preempted (and its tokens computed again)
+    readmit_step: int = -1  # the scheduler step it was last preempted in: not readmitted within that step
     # The prompt is immutable: its length is read per row per step (a property cost ~3% of a decode step's
     # host work at 64 rows).
     prompt_len: int = field(init=False)
+    # Tokens to compute before decoding: the prompt, or after a preemption the prompt and what was generated.
+    prefill_len: int = field(init=False)
 
     def __post_init__(self) -> None:
-        self.prompt_len = len(self.request.prompt_ids)
+        self.prompt_len = self.prefill_len = len(self.request.prompt_ids)
 
     @property
     def prefilled(self) -> bool:
-        return self.seqs[0].num_computed >= self.prompt_len
+        return self.seqs[0].num_computed >= self.prefill_len
 
     @property
     def finished(self) -> bool:
@@ -128,6 +149,9 @@ class Scheduler:
         self.running: list[RequestState] = []
         self.steps = 0  # schedule() calls so far: the clock of `admit_delay_steps`
         self.cached_tokens_total = 0  # prompt tokens taken from the prefix cache instead of computed
+        self.preemptions_total = 0
+        self.recomputed_tokens_total = 0  # tokens computed again after preemptions
+        self.watermark = max(1, int(allocator.num_blocks * config.kv_watermark))
 
     def check(self, request: EngineRequest) -> int:
         """Refuse what can never run; returns the effective max_tokens."""
@@ -158,6 +182,7 @@ class Scheduler:
                 "retry later or raise max_waiting"
             )
         state.queued_step = self.steps
+        state.reserved = self.config.reserve_full_budget or len(state.seqs) > 1
         self.waiting.append(state)
 
     def num_running_seqs(self) -> int:
@@ -165,40 +190,99 @@ class Scheduler:
 
     def schedule(self) -> StepPlan:
         budget = self.config.max_num_batched_tokens
-        decode = [s for r in self.running if r.prefilled for s in r.seqs if s.finish_reason is None]
+        self.steps += 1
+        decode = self._decoding()
+        # A sequence feeds position num_computed this step; past its last block it needs one more.
+        short = [s for s in decode if len(s.blocks) * BLOCK_SIZE <= s.num_computed]
+        if short and self._grow(short):
+            decode = self._decoding()
         budget -= len(decode)
         prefill: list[tuple[Sequence, int]] = []
         for r in self.running:
             if not r.prefilled and budget > 0:
                 seq = r.seqs[0]
-                chunk = min(r.prompt_len - seq.num_computed, budget)
+                chunk = min(r.prefill_len - seq.num_computed, budget)
                 prefill.append((seq, chunk))
                 budget -= chunk
         running = self.num_running_seqs()  # once: per admission it made 64 admissions quadratic (~1 ms)
-        self.steps += 1
         hold = bool(decode) and self._hold(running)
         while self.waiting and budget > 0 and not hold:
             r = self.waiting[0]
-            if running + len(r.seqs) > self.config.max_num_seqs:
+            if r.finished:  # preempted, then ended by the token it had in flight
+                self.waiting.popleft()
+                continue
+            if r.readmit_step == self.steps or running + len(r.seqs) > self.config.max_num_seqs:
                 break
-            need = blocks_needed(r.prompt_len + r.max_tokens)
-            reuse = self._cached_prefix(r)
-            if not self.allocator.can_allocate(need * len(r.seqs) - len(reuse), reuse):
+            if not self._admit(r):
                 break
             self.waiting.popleft()
-            self.allocator.acquire(reuse)
-            for s in r.seqs:
-                s.blocks = reuse + self.allocator.allocate(need - len(reuse))
-            seq = r.seqs[0]
-            seq.num_computed = len(reuse) * BLOCK_SIZE
-            self.cached_tokens_total += seq.num_computed
-            r.scheduled = time.monotonic()
             self.running.append(r)
             running += len(r.seqs)
-            chunk = min(r.prompt_len - seq.num_computed, budget)
+            seq = r.seqs[0]
+            chunk = min(r.prefill_len - seq.num_computed, budget)
             prefill.append((seq, chunk))
             budget -= chunk
         return StepPlan(decode, prefill)
+
+    def _decoding(self) -> list[Sequence]:
+        return [s for r in self.running if r.prefilled for s in r.seqs if s.finish_reason is None]
+
+    def _admit(self, r: RequestState) -> bool:
+        """Give `r` its blocks if they fit: the whole budget when reserved, else its tokens so far and the
+        next one, with the watermark left free while others run."""
+        seq = r.seqs[0]
+        if r.reserved:
+            need, spare = blocks_needed(r.prompt_len + r.max_tokens), 0
+        else:
+            need, spare = blocks_needed(len(seq.token_ids) + 1), self.watermark if self.running else 0
+        reuse = self._cached_prefix(r)
+        if not self.allocator.can_allocate(need * len(r.seqs) - len(reuse) + spare, reuse):
+            return False
+        self.allocator.acquire(reuse)
+        for s in r.seqs:
+            s.blocks = reuse + self.allocator.allocate(need - len(reuse))
+        r.prefill_len = len(seq.token_ids)
+        seq.num_computed = len(reuse) * BLOCK_SIZE
+        self.cached_tokens_total += seq.num_computed
+        if r.preemptions:
+            self.recomputed_tokens_total += r.prefill_len - seq.num_computed
+        if r.scheduled is None:
+            r.scheduled = time.monotonic()
+        return True
+
+    def _grow(self, short: list[Sequence]) -> bool:
+        """One more block for each sequence in `short` (running order, oldest first); where none is free,
+        preempt the newest running request that may be preempted, which may be the one asking. True if any
+        request was preempted."""
+        gone: set[int] = set()
+        for s in short:
+            if id(s.group) in gone:
+                continue
+            while len(s.blocks) * BLOCK_SIZE <= s.num_computed:
+                if self.allocator.num_free:
+                    s.blocks.extend(self.allocator.allocate(1))
+                    continue
+                victim = next(r for r in reversed(self.running) if not r.reserved and not r.finished)
+                self._preempt(victim)
+                gone.add(id(victim))
+                if victim is s.group:
+                    break
+        return bool(gone)
+
+    def _preempt(self, r: RequestState) -> None:
+        """Back to the front of the waiting queue with no blocks; readmitted, it computes its prompt and its
+        generated tokens again. A step still in flight may have written into its blocks or sampled its next
+        token: the device runs steps in order, and that token is appended before it is readmitted (not in
+        this step)."""
+        self.running.remove(r)
+        seq = r.seqs[0]
+        self.allocator.free(seq.blocks)
+        seq.num_computed = 0
+        r.preemptions += 1
+        r.readmit_step = self.steps
+        r.queued_step = self.steps
+        self.preemptions_total += 1
+        self.waiting.appendleft(r)
 
     def _cached_prefix(self, r: RequestState) -> list[int]:
         """The cached blocks this request's prompt starts with (at least its last token is left to compute,

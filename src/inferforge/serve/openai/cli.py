@@ -90,6 +90,12 @@ def serve_llm(
     enable_prefix_caching: bool = typer.Option(
         True, help="Reuse the KV blocks of earlier prompts that start with the same tokens."
     ),
+    preemption: bool = typer.Option(
+        True,
+        help="Give a request KV blocks as it grows and, when they run out, preempt the newest one and "
+        "compute it again later (vLLM's policy). --no-preemption reserves prompt + max_tokens per request at "
+        "admission: no recompute, but fewer requests fit when max_tokens is large.",
+    ),
     prefix_cache_per_key: bool = typer.Option(
         True,
         help="With --api-key-file: requests share cached prompt blocks only with requests of the same key, "
@@ -162,6 +168,7 @@ def serve_llm(
         "max_num_batched_tokens": max_num_batched_tokens,
         "admit_delay_steps": admit_delay_steps,
         "enable_prefix_caching": enable_prefix_caching,
+        "reserve_full_budget": not preemption,
         "prefill_graph_tokens": parse_token_buckets(prefill_graph_tokens, "--prefill-graph-tokens"),
     }
     http: dict[str, Any] = {

@@ -70,6 +70,10 @@ class EngineCollector:
         yield CounterMetricFamily(p + "engine_device_wait_seconds", wait_doc, value=s.device_wait_s_total)
         yield CounterMetricFamily(p + "prefix_cache_hit_tokens", "Prompt tokens read from the prefix cache.",
                                   value=s.prefix_cached_tokens_total)  # fmt: skip
+        yield CounterMetricFamily(p + "num_preemptions", "Running requests preempted (KV cache full).",
+                                  value=s.preemptions_total)  # fmt: skip
+        yield CounterMetricFamily(p + "recomputed_tokens", "Tokens computed again after preemptions.",
+                                  value=s.recomputed_tokens_total)  # fmt: skip
         yield CounterMetricFamily(p + "engine_generated_tokens", "Tokens the engine generated (all workers).",
                                   value=s.generated_tokens_total)  # fmt: skip
 
