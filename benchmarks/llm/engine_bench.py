@@ -132,6 +132,8 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
         out["decode_after_prefill_tok_s"] = (n - 64) / (wall - t_first)
         # Share of the decode phase the host loop spent waiting for the device: near 0, the host set the pace.
         out["decode_device_wait_frac"] = (eng.stats().device_wait_s_total - wait0) / (wall - t_first)
+        stats = eng.stats()
+        out["preemptions"], out["recomputed_tokens"] = stats.preemptions_total, stats.recomputed_tokens_total
     gc.unfreeze()  # the next section's engines must be collectable
     row(
         f"engine {quant or 'bf16'} 64 x (128 in, 128 out) generated tokens/s, {batched_tokens} tokens/step"

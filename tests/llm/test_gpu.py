@@ -128,6 +128,29 @@ def test_sampling_controls_on_cuda_equal_the_cpu_engine(tiny_dirs: dict[str, Pat
     assert cuda["m"] == cuda["p"]  # min_p = 1 keeps only the most likely token
 
 
+@needs_cuda
+def test_preemption_under_cuda_graphs_gives_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
+    """fp32 on CUDA with decode graphs and prompt-step graphs: requests that outgrow a 6-block cache are
+    preempted, recomputed (their generated tokens as part of a prompt step) and still give the tokens of the
+    CPU engine with a cache large enough never to preempt."""
+    folder = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"p{i}", (5 + i, 17, 99, 3 + i), params) for i in range(6)]
+
+    def tokens(device: str, kv_tokens: int) -> tuple[dict[str, list[int]], int]:
+        config = EngineConfig(device=device, dtype="float32", kv_cache_tokens=kv_tokens, max_num_seqs=8,
+                              max_num_batched_tokens=64)  # fmt: skip
+        eng = LLMEngine(folder, config)
+        res = eng.generate(reqs)
+        assert eng.stats().kv_blocks_used == 0
+        return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}, (
+            eng.stats().preemptions_total
+        )
+
+    (cuda, preempted), (cpu, _) = tokens("cuda", 7 * 16), tokens("cpu", 4096)
+    assert preempted >= 1 and cuda == cpu
+
+
 def conditional_logprob_gap(a: dict[str, list], b: dict[str, list]) -> tuple[float, int]:
     """Largest |logprob| difference of the same token after the same history (each request's outputs walked
     while both chose the same tokens; where greedy choices part, what follows is no longer comparable),
