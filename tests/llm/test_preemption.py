@@ -125,3 +125,21 @@ def test_n_greater_than_one_keeps_its_reservation_beside_growing_requests(
     assert pair_tokens == {i: [t for o in alone_pair[i] for t in o.new_token_ids] for i in (0, 1)}
     assert got == {r.request_id: _alone(engine, r) for r in singles}
     assert eng.stats().preemptions_total >= 1 and eng.stats().kv_blocks_used == 0
+
+
+def test_a_readmitted_request_reads_its_own_cached_blocks(tiny_llama: Path, engine: LLMEngine) -> None:
+    """With prefix caching, the blocks a preempted request had filled (prompt and generated) stay cached
+    until another allocation takes them, so readmitted it recomputes fewer tokens; the tokens are the same."""
+    reqs = [EngineRequest(f"c{i}", tuple(engine.tokenizer.encode(p)), GREEDY) for i, p in enumerate(PROMPTS)]
+    runs = {}
+    for caching in (False, True):
+        eng = _small(tiny_llama, enable_prefix_caching=caching)
+        runs[caching] = (_tokens(eng, reqs), eng.stats())
+    (off, off_stats), (on, on_stats) = runs[False], runs[True]
+    assert off == on and off_stats.preemptions_total >= 1 and on_stats.preemptions_total >= 1
+    assert on_stats.recomputed_tokens_total < off_stats.recomputed_tokens_total
+
+
+def _tokens(eng: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[int]]:
+    res = eng.generate(reqs)
+    return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}

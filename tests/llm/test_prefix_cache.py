@@ -4,6 +4,7 @@ same tokens (`EngineConfig.enable_prefix_caching`), on the tiny Llama (CPU, fp32
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,27 @@ def test_cache_salt_shares_blocks_only_within_one_salt(tiny_llama: Path) -> None
     assert eng.stats().prefix_cached_tokens_total == cached
     got = _tokens(eng, [EngineRequest("s3", (*PREFIX, 7), GREEDY, cache_salt="tenant-a")])["s3"]
     assert got == want and eng.stats().prefix_cached_tokens_total == cached + 32  # two blocks of its own salt
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+@pytest.mark.parametrize("salt", [None, "tenant-a"])
+def test_next_turn_reads_the_answer_s_blocks(tiny_llama: Path, overlap: bool, salt: str | None) -> None:
+    """A chat's next prompt repeats the last answer: the blocks the answer filled were registered in the same
+    chain as prompt blocks, so the next turn reads them, and its tokens are those of an engine without the
+    cache. The key of a generated block is the key a prompt of the same tokens gets."""
+    cfg = EngineConfig(kv_cache_tokens=4096, max_num_batched_tokens=64, overlap_decode=overlap)
+    eng = LLMEngine(tiny_llama, cfg)
+    first = EngineRequest("t1", PREFIX[:20], replace(GREEDY, max_tokens=30), cache_salt=salt)
+    answer = _tokens(eng, [first])["t1"]
+    # 20 + 30 tokens, the last never fed back: 49 computed, so three full blocks (48 tokens) are registered
+    turn2 = (*PREFIX[:20], *answer, 7, 8, 9)
+    before = eng.stats().prefix_cached_tokens_total
+    second = EngineRequest("t2", turn2, GREEDY, cache_salt=salt)
+    got = _tokens(eng, [second])["t2"]
+    assert eng.stats().prefix_cached_tokens_total - before == 48
+    assert got == _tokens(_engine(tiny_llama, False), [second])["t2"]
+    other_salt = EngineRequest("t3", turn2, GREEDY, cache_salt="someone-else")
+    before = eng.stats().prefix_cached_tokens_total
+    _tokens(eng, [other_salt])
+    assert eng.stats().prefix_cached_tokens_total == before  # another tenant's chain: nothing shared
+    assert eng.stats().kv_blocks_used == 0

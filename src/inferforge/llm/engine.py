@@ -21,7 +21,14 @@ from inferforge.errors import InferforgeError, NotApplicable
 from inferforge.llm.detok import NO_TEXT, IncrementalDetokenizer, Tokenizer
 from inferforge.llm.engine_config import EngineConfig
 from inferforge.llm.kernels import choose_kernels
-from inferforge.llm.kv_cache import BlockAllocator, attach_cache, blocks_needed, copy_blocks, plan_cache
+from inferforge.llm.kv_cache import (
+    BLOCK_SIZE,
+    BlockAllocator,
+    attach_cache,
+    blocks_needed,
+    copy_blocks,
+    plan_cache,
+)
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
 from inferforge.llm.runner import ModelRunner
@@ -407,6 +414,7 @@ class LLMEngine:
         now = time.monotonic()
         outputs = []
         eos, output = self.eos_ids, self._output  # per row per step: locals, not attribute lookups
+        register = self.scheduler.register_generated
         for i, (seq, tok) in enumerate(zip(rows, ids, strict=True)):
             if seq.finish_reason is not None:
                 continue
@@ -426,6 +434,8 @@ class LLMEngine:
                 seq.finish_reason = "stop"
             elif len(seq.token_ids) - group.prompt_len >= group.max_tokens:
                 seq.finish_reason = "length"
+            if group.block_keys is not None and len(seq.token_ids) % BLOCK_SIZE < 2:
+                register(seq)  # a block may have filled (overlapped: at 0; synchronous: a step later, 1)
             if seq.finish_reason is not None and group.finished:
                 group.finished_at = now
             outputs.append(output(seq))

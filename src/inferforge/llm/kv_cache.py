@@ -6,7 +6,9 @@ once. Block 0 is never handed out: padded rows of a captured decode graph write 
 
 Prefix caching (on by default, `EngineConfig.enable_prefix_caching`): a full block of prompt tokens is
 registered under a key that digests every token up to its end (`prompt_block_keys`), so a later prompt that
-starts with the same tokens takes the block instead of computing it again. Blocks count references; a freed
+starts with the same tokens takes the block instead of computing it again. Blocks of generated tokens join
+the same chain as they fill (`next_block_key`), so the next turn of a chat, whose prompt repeats the last
+answer, and a preempted request coming back read them too. Blocks count references; a freed
 block that holds a registered prefix stays cached, least recently freed first to be reused, until a new
 allocation needs it.
 """
@@ -165,14 +167,25 @@ def prompt_block_keys(
     prompts of the same salt. Tokens as little-endian int32 bytes, made in one numpy call (0.26 ms for 4,096
     tokens on the CPU box, 0.87 converting token by token)."""
     raw = np.asarray(prompt_ids, dtype="<i4").tobytes()
-    prev = b""
-    if salt is not None:
-        prev = hashlib.blake2b(salt.encode(), digest_size=16, person=b"cache_salt").digest()
+    prev = chain_seed(salt)
     keys, step = [], 4 * block_size
     for end in range(step, step * (len(prompt_ids) // block_size) + 1, step):
         prev = hashlib.blake2b(prev + raw[end - step : end], digest_size=16).digest()
         keys.append(prev)
     return keys
+
+
+def chain_seed(salt: str | None) -> bytes:
+    """What the chain of block keys starts from: nothing, or a digest of the salt."""
+    if salt is None:
+        return b""
+    return hashlib.blake2b(salt.encode(), digest_size=16, person=b"cache_salt").digest()
+
+
+def next_block_key(prev: bytes, tokens: list[int]) -> bytes:
+    """The key of the block holding `tokens` after the block keyed `prev` (`prompt_block_keys`' chain, one
+    block at a time: generated blocks join the chain as they complete)."""
+    return hashlib.blake2b(prev + np.asarray(tokens, dtype="<i4").tobytes(), digest_size=16).digest()
 
 
 def slot_of(blocks: list[int], pos: int) -> int:

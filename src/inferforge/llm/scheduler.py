@@ -25,8 +25,20 @@ import torch
 
 from inferforge.errors import InferforgeError
 from inferforge.llm.detok import IncrementalDetokenizer, NoText
-from inferforge.llm.kv_cache import BLOCK_SIZE, BlockAllocator, blocks_needed, prompt_block_keys
+from inferforge.llm.kv_cache import (
+    BLOCK_SIZE,
+    BlockAllocator,
+    blocks_needed,
+    chain_seed,
+    next_block_key,
+    prompt_block_keys,
+)
 from inferforge.llm.protocol import EngineRequest, FinishReason, TokenLogprob
+
+# Register blocks of generated tokens in the prefix cache as they fill (`Scheduler.register_generated`); off,
+# only prompt blocks are (the behaviour before 2026-11-24), kept switchable for side-by-side measurements
+# (benchmarks/llm/bench_chat_turns.py).
+CACHE_GENERATED = {"on": True}
 
 
 class QueueFullError(InferforgeError):
@@ -110,7 +122,8 @@ class RequestState:
     finished_at: float | None = None
     max_tokens: int = 0
     queued_step: int = 0  # the scheduler's step count when it joined the waiting queue
-    block_keys: list[bytes] | None = None  # prefix keys of the prompt's full blocks (prefix caching)
+    # Prefix keys of the full blocks (prefix caching, n = 1): the prompt's, then generated ones as they fill.
+    block_keys: list[bytes] | None = None
     reserved: bool = False  # holds blocks for its whole budget from admission on; never preempted
     preemptions: int = 0  # times it was preempted (and its tokens computed again)
     readmit_step: int = -1  # the scheduler step it was last preempted in: not readmitted within that step
@@ -291,7 +304,7 @@ class Scheduler:
             return []
         if r.block_keys is None:
             r.block_keys = prompt_block_keys(r.request.prompt_ids, salt=r.request.cache_salt)
-        return self.allocator.match(r.block_keys[: (r.prompt_len - 1) // BLOCK_SIZE])
+        return self.allocator.match(r.block_keys[: (len(r.seqs[0].token_ids) - 1) // BLOCK_SIZE])
 
     def computed(self, seq: Sequence, before: int) -> None:
         """`seq` computed its prompt from token `before` to `seq.num_computed`: register the full blocks
@@ -301,6 +314,20 @@ class Scheduler:
             return
         for i in range(before // BLOCK_SIZE, min(seq.num_computed // BLOCK_SIZE, len(keys))):
             self.allocator.register(seq.blocks[i], keys[i])
+
+    def register_generated(self, seq: Sequence) -> None:
+        """Key and register the blocks `seq` has filled past its prompt's (each once its every token is on
+        the host and fed to a launched step), so that a later prompt repeating them, or `seq` readmitted
+        after a preemption, reads them from the cache."""
+        keys = seq.group.block_keys
+        if keys is None or not CACHE_GENERATED["on"]:
+            return
+        full = min(seq.num_computed, len(seq.token_ids)) // BLOCK_SIZE
+        while len(keys) < full:
+            j = len(keys)
+            prev = keys[-1] if keys else chain_seed(seq.group.request.cache_salt)
+            keys.append(next_block_key(prev, seq.token_ids[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE]))
+            self.allocator.register(seq.blocks[j], keys[j])
 
     def _hold(self, running: int) -> bool:
         """`admit_delay_steps`: keep the waiting prompts out of this step (sequences are decoding)."""
