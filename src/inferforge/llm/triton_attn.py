@@ -187,6 +187,9 @@ def _paged_decode_kernel(
 # this one measured no faster (run 6) and was removed.
 TILE = {"small_batch": 256, "large_batch": 64}
 WARPS = {"small_batch": 8, "large_batch": 4}
+# Triton's software-pipelining depth for the key loop (None: Triton's default, 3 on Hopper); a knob for
+# benchmarks/llm/bench_attn_b64.py.
+STAGES: dict[str, int | None] = {"small_batch": None, "large_batch": None}
 # Split-KV (flash-decoding): at batch 1 the grid is one program per KV head (8 of the H100's 132 SMs), so a
 # long context is read at a few percent of bandwidth. The grid gets S programs per (sequence, KV head), S
 # from the batch so the grid covers about two waves of SMs; each sequence uses as many of them as its
@@ -290,6 +293,7 @@ def _paged_decode_op(
         PREFETCH=PREFETCH_TABLE,
         PDL=fused.pdl_on(),
         num_warps=WARPS[small],
+        **({"num_stages": STAGES[small]} if STAGES[small] else {}),
         **fused.launch_options(),
     )
     return out
