@@ -76,8 +76,8 @@ def main() -> None:
         lens = torch.full((BATCH,), ctx, device=dev, dtype=torch.long)
         mb = 2 * BATCH * ctx * KV_HEADS * D * 2 / 1e6
         base = _time(caches, q, lens)
-        print(f"context {ctx}: {mb:.1f} MB of K/V a layer; as configured {base:.2f} us ({mb / base:.2f} TB/s)",
-              flush=True)  # fmt: skip
+        head = f"context {ctx}: {mb:.1f} MB of K/V a layer; as configured {base:.2f} us"
+        print(f"{head} ({mb / base:.2f} TB/s)", flush=True)
         res[f"ctx{ctx} default"] = base
         for tile, w, st in itertools.product(tiles, warps, stages):
             saved = dict(triton_attn.TILE), dict(triton_attn.WARPS), dict(triton_attn.STAGES)
