@@ -187,8 +187,9 @@ def _paged_decode_kernel(
 # this one measured no faster (run 6) and was removed.
 TILE = {"small_batch": 256, "large_batch": 64}
 WARPS = {"small_batch": 8, "large_batch": 4}
-# Triton's software-pipelining depth for the key loop (None: Triton's default, 3 on Hopper); a knob for
-# benchmarks/llm/bench_attn_b64.py.
+# Triton's software-pipelining depth for the key loop (None: Triton's default, 3 on Hopper). At batch 64 it
+# changes nothing (Q3 of 2026-11-24, bench_attn_b64.py: 11.0-11.1 us a layer at 1 to 4 stages, 192-token
+# contexts); kept as the benchmark's knob.
 STAGES: dict[str, int | None] = {"small_batch": None, "large_batch": None}
 # Split-KV (flash-decoding): at batch 1 the grid is one program per KV head (8 of the H100's 132 SMs), so a
 # long context is read at a few percent of bandwidth. The grid gets S programs per (sequence, KV head), S
