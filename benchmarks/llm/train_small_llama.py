@@ -196,7 +196,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=120)
     ap.add_argument("--epochs", type=float, default=8.0)
-    ap.add_argument("--formats", default="bf16,int8,fp8,int4", help="also int4-g128, int4-head8, int4-rtn")
+    ap.add_argument("--formats", default="bf16,int8,fp8,int4", help="also int4-g128, int4-head8, int4-hqq")
     args = ap.parse_args()
     from inferforge.llm.quant import quantize_model
     from inferforge.llm.weights import load_model
@@ -234,14 +234,14 @@ def main() -> None:
     default_recipe = dict(quant_mod.INT4_RECIPE)
     for fmt in args.formats.split(","):
         quant = None if fmt == "bf16" else fmt.split("-")[0]
-        # int4 variants: "int4-g128" (groups of 128), "int4-head8" (the LM head in int8), "int4-rtn"
+        # int4 variants: "int4-g128" (groups of 128), "int4-head8" (the LM head in int8), "int4-hqq"
         quant_mod.INT4_RECIPE.update(default_recipe)
         if fmt == "int4-g128":
             quant_mod.INT4_RECIPE["group"] = 128
         elif fmt == "int4-head8":
             quant_mod.INT4_RECIPE["lm_head"] = "int8"
-        elif fmt == "int4-rtn":  # min-max zero points (the recipe before HQQ's)
-            quant_mod.INT4_RECIPE["method"] = "rtn"
+        elif fmt == "int4-hqq":  # zero points by half-quadratic optimization (`quant._hqq_zero`)
+            quant_mod.INT4_RECIPE["method"] = "hqq"
         elif quant not in (None, "int8", "fp8", "int4") or (quant == "int4" and fmt != "int4"):
             raise SystemExit(f"--formats: unknown format {fmt!r}")
         t_fmt = time.perf_counter()
