@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -15,14 +16,13 @@ def _app() -> typer.Typer:
     return app
 
 
-def test_generate_prints_the_greedy_continuation(tiny_llama: Path) -> None:
+@pytest.mark.parametrize("spec", ["0", "4"])
+def test_generate_prints_the_greedy_continuation(tiny_llama: Path, spec: str) -> None:
     from inferforge.llm.engine import EngineConfig, LLMEngine
     from inferforge.llm.protocol import EngineRequest, SamplingParams
 
-    result = CliRunner().invoke(
-        _app(),
-        ["generate", str(tiny_llama), "--prompt", "Return a", "--max-new-tokens", "12", "--device", "cpu"],
-    )
+    args = ["--max-new-tokens", "12", "--device", "cpu", "--speculative-tokens", spec]
+    result = CliRunner().invoke(_app(), ["generate", str(tiny_llama), "--prompt", "Return a", *args])
     assert result.exit_code == 0, result.output
     engine = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=512))
     req = EngineRequest(

@@ -358,6 +358,7 @@ def test_timing_headers_and_metrics(client: openai.OpenAI, model: str, server: S
     assert "inferforge_llm_prefix_cache_hit_tokens_total" in samples
     assert samples["inferforge_llm_num_preemptions_total"] == 0.0  # the cache is far larger than the load
     assert "inferforge_llm_recomputed_tokens_total" in samples
+    assert samples["inferforge_llm_spec_decode_draft_tokens_total"] == 0.0  # speculation is off by default
     if "thread" not in EXTRA_ARGS:  # the process engine (the default) reports its loop by phase
         loop = {
             s.labels["phase"]: s.value

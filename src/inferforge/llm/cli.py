@@ -23,6 +23,13 @@ def generate(
     top_k: int = typer.Option(0, min=0, help="Sample from the k most likely tokens; 0 is off."),
     seed: int | None = typer.Option(None, help="Seed for reproducible sampling."),
     chat: bool = typer.Option(False, help="Wrap the prompt in the model's chat template."),
+    speculative_tokens: int = typer.Option(
+        0,
+        min=0,
+        max=16,
+        help="Greedy only: draft up to this many tokens a step by looking up the context's last n-gram "
+        "earlier in it (prompt lookup), verified in one pass; the tokens are greedy decoding's. 0 is off.",
+    ),
 ) -> None:
     """Generate text from a local model with the inferforge LLM engine."""
     import time
@@ -44,6 +51,7 @@ def generate(
             quant=None if quant == "none" else quant,  # type: ignore[arg-type]
             max_num_seqs=1,
             kv_cache_tokens=8192 if device == "cpu" else None,
+            speculative_tokens=speculative_tokens,
         ),
     )
     tok = engine.tokenizer

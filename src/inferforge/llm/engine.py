@@ -30,10 +30,18 @@ from inferforge.llm.kv_cache import (
     plan_cache,
 )
 from inferforge.llm.model import DecoderLM
-from inferforge.llm.protocol import EngineOutput, EngineRequest, EngineStats, RequestTiming, TokenLogprob
+from inferforge.llm.protocol import (
+    EngineOutput,
+    EngineRequest,
+    EngineStats,
+    RequestTiming,
+    TokenLogprob,
+    merge_outputs,
+)
 from inferforge.llm.runner import ModelRunner
 from inferforge.llm.sampler import PreparedBatch, SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
+from inferforge.llm.speculative import SpecConfig, TokenArrays, accepted, eligible, propose
 from inferforge.llm.weights import load_model
 
 
@@ -141,7 +149,13 @@ class LLMEngine:
             decode_fn=decode_fn,
             buckets=config.decode_buckets,
             varlen_fn=choice.varlen_fn,
-            prefill_buckets=_useful_buckets(config.prefill_graph_tokens, config.max_num_batched_tokens),
+            prefill_buckets=_useful_buckets(
+                # verification steps of a few tokens each: small buckets, so they do not replay 128 tokens
+                tuple(sorted({16, 32, 64, *config.prefill_graph_tokens}))
+                if config.speculative_tokens and config.prefill_graph_tokens
+                else config.prefill_graph_tokens,
+                config.max_num_batched_tokens,
+            ),
         )
         if config.quant is not None:  # the decode graphs are captured: their shapes are tuned now
             from inferforge.llm.quant import save_tuned_configs
@@ -157,6 +171,13 @@ class LLMEngine:
         # Two pinned buffers in turn: step k+1's samples are copied out while step k's are still read.
         self._host_ids = [torch.zeros(config.max_num_seqs, dtype=torch.long, pin_memory=pinned) for _ in "ab"]
         self._turn = 0
+        self._spec = (
+            SpecConfig(config.speculative_tokens, max_batch=config.speculative_max_batch)
+            if config.speculative_tokens
+            else None
+        )
+        self._spec_arrays = TokenArrays()
+        self.spec_draft_tokens = self.spec_accepted_tokens = 0
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:
@@ -229,6 +250,8 @@ class LLMEngine:
             prefix_cached_tokens_total=self.scheduler.cached_tokens_total,
             preemptions_total=self.scheduler.preemptions_total,
             recomputed_tokens_total=self.scheduler.recomputed_tokens_total,
+            spec_draft_tokens_total=self.spec_draft_tokens,
+            spec_accepted_tokens_total=self.spec_accepted_tokens,
         )
 
     def kernel_summary(self) -> str:
@@ -271,6 +294,11 @@ class LLMEngine:
             if flight is not None:
                 outputs += self._read_back(flight)
                 self.scheduler.free_finished()
+            return outputs
+        drafts = self._drafts(plan) if flight is None else None
+        if drafts is not None:
+            outputs += self._speculate(plan.decode, drafts)
+            self.scheduler.free_finished()
             return outputs
         new = self._launch(plan, flight)
         if flight is not None:
@@ -369,12 +397,74 @@ class LLMEngine:
         return self._update(flight.rows, flight.host_ids.tolist(), lps, top)
 
     def _may_overlap(self) -> bool:
-        """Overlap unless a request that may be scheduled needs host state of its newest token."""
+        """Overlap unless a request that may be scheduled needs host state of its newest token, or its next
+        step may be a speculative one (drafts are looked up in the tokens on the host)."""
         if not self.config.overlap_decode:
             return False
         states = [*self.scheduler.running, *self.scheduler.waiting]
         params = [r.request.params for r in states]
-        return not any(p.needs_history or p.logprobs is not None for p in params)
+        if any(p.needs_history or p.logprobs is not None for p in params):
+            return False
+        spec = self._spec
+        if spec is None or len(states) > spec.max_batch:
+            return True
+        return any(p.temperature or p.logit_bias for p in params)
+
+    def _drafts(self, plan: StepPlan) -> list[list[int]] | None:
+        """Prompt-lookup drafts for each decode row, or None where this step decodes as usual: speculation
+        off, prompt chunks to compute, too many rows, a row that is not greedy on raw logits, or no draft."""
+        spec, rows = self._spec, plan.decode
+        if spec is None or plan.prefill or not rows or len(rows) > spec.max_batch:
+            return None
+        if not all(eligible(s.group.request.params, s.num_output) for s in rows):
+            return None
+        budget = self.config.max_num_batched_tokens - len(rows)
+        arrays, out = self._spec_arrays, []
+        arrays.keep({id(s) for s in rows})
+        for s in rows:
+            k = min(spec.num_tokens, s.group.max_tokens - s.num_output - 1, budget)
+            d = propose(arrays.of(id(s), s.token_ids), k, spec.ngram_min, spec.ngram_max) if k > 0 else []
+            d = d[: self._draft_room(s, len(d))]
+            budget -= len(d)
+            out.append(d)
+        return out if any(out) else None
+
+    def _draft_room(self, seq: Sequence, n: int) -> int:
+        """How many of n drafts fit the sequence's blocks, taking free blocks for them if needed (never a
+        preemption: drafts are a bet, not a need)."""
+        allocator = self.allocator
+        while n and len(seq.blocks) * BLOCK_SIZE <= seq.num_computed + n and allocator.num_free:
+            seq.blocks.extend(allocator.allocate(1))
+        return max(0, min(n, len(seq.blocks) * BLOCK_SIZE - seq.num_computed - 1))
+
+    def _speculate(self, rows: list[Sequence], drafts: list[list[int]]) -> list[EngineOutput]:
+        """One pass over each row's last token and its drafts (as a prompt chunk with every position's
+        logits); keep the drafts the model's greedy choice agrees with, then its next token."""
+        lengths = [len(s.token_ids) for s in rows]
+        for s, d in zip(rows, drafts, strict=True):
+            s.token_ids.extend(d)  # the chunk's tokens, read by the runner from num_computed on
+        try:
+            chunks = [(s, 1 + len(d)) for s, d in zip(rows, drafts, strict=True)]
+            logits, _ = self.runner.prefill(chunks, all_positions=True)
+            choices = logits.argmax(-1).tolist()  # the step's one device-to-host read
+        finally:
+            for s, n in zip(rows, lengths, strict=True):
+                del s.token_ids[n:]
+        made, at = [], 0
+        for s, d in zip(rows, drafts, strict=True):
+            toks = accepted(d, choices[at : at + len(d) + 1])
+            at += len(d) + 1
+            s.num_computed += len(toks)  # the fed last token and the accepted drafts are in the cache
+            self.spec_draft_tokens += len(d)
+            self.spec_accepted_tokens += len(toks) - 1
+            made.append(toks)
+        merged: dict[tuple[str, int], EngineOutput] = {}  # one delta per sequence for the step
+        for j in range(max(len(t) for t in made)):
+            now = [(s, t[j]) for s, t in zip(rows, made, strict=True) if len(t) > j]
+            for out in self._update([s for s, _ in now], [tok for _, tok in now], None, None):
+                key = (out.request_id, out.index)
+                merged[key] = merge_outputs(merged[key], out) if key in merged else out
+        return list(merged.values())
 
     def _fork(self, parent: Sequence) -> None:
         """After the prompt of sequence 0 is cached, copy its blocks to the request's other sequences."""

@@ -54,6 +54,10 @@ class EngineConfig:
     # blocks as sequences grow, the newest request preempted and recomputed when they run out (scheduler.py).
     reserve_full_budget: bool = False
     experimental_quant: bool = False  # allow quant formats not (yet) measured faster than bf16 (benchmarks)
+    # Speculative decoding by prompt lookup (`speculative.py`): drafts per sequence and step, 0 off; used
+    # while at most `speculative_max_batch` greedy sequences decode.
+    speculative_tokens: int = 0
+    speculative_max_batch: int = 4
 
     def __post_init__(self) -> None:
         if self.device.split(":")[0] not in ("cpu", "cuda"):
@@ -67,6 +71,11 @@ class EngineConfig:
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise InferforgeError(
                 f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}"
+            )
+        if not 0 <= self.speculative_tokens <= 16 or self.speculative_max_batch < 1:
+            raise InferforgeError(
+                f"speculative_tokens must be in [0, 16] and speculative_max_batch >= 1, got "
+                f"{self.speculative_tokens} and {self.speculative_max_batch}"
             )
         if self.device == "cpu" and self.kv_cache_tokens is None:
             object.__setattr__(self, "kv_cache_tokens", 8192)

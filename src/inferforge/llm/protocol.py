@@ -159,6 +159,8 @@ class EngineStats:
     prefix_cached_tokens_total: int = 0  # prompt tokens taken from the prefix cache instead of computed
     preemptions_total: int = 0  # running requests sent back to wait because the KV cache was full
     recomputed_tokens_total: int = 0  # tokens computed again when preempted requests were readmitted
+    spec_draft_tokens_total: int = 0  # tokens proposed by prompt lookup (speculative decoding)
+    spec_accepted_tokens_total: int = 0  # of those, tokens the model agreed with
 
 
 class EngineClient(Protocol):

@@ -193,8 +193,10 @@ class ModelRunner:
         ahead: list[bool] | None = None,
         carry_rows: torch.Tensor | None = None,
         carry_ids: torch.Tensor | None = None,
+        all_positions: bool = False,
     ) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete.
+        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete (with
+        `all_positions`, for every token of every chunk, in order: speculative verification).
 
         With `decode` rows (and their carried ids, as in `decode`), one eager pass computes them first and
         then the chunks, and the logits start with one row per decoding sequence: a step that ran the decode
@@ -208,7 +210,9 @@ class ModelRunner:
         end = len(decode)
         for seq, n in chunks:
             end += n
-            if seq.num_computed + n >= len(seq.token_ids):
+            if all_positions:
+                rows.extend(range(end - n, end))
+            elif seq.num_computed + n >= len(seq.token_ids):
                 rows.append(end - 1)
                 done.append(seq)
         hidden = None

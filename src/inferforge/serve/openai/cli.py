@@ -96,6 +96,15 @@ def serve_llm(
         "compute it again later (vLLM's policy). --no-preemption reserves prompt + max_tokens per request at "
         "admission: no recompute, but fewer requests fit when max_tokens is large.",
     ),
+    speculative_tokens: int = typer.Option(
+        0,
+        min=0,
+        max=16,
+        help="Speculative decoding by prompt lookup: while at most --speculative-max-batch greedy requests "
+        "decode, draft up to this many tokens a step from their own context and verify them in one pass "
+        "(the tokens are greedy decoding's). 0 is off.",
+    ),
+    speculative_max_batch: int = typer.Option(4, min=1, help="Most decoding requests for speculation."),
     prefix_cache_per_key: bool = typer.Option(
         True,
         help="With --api-key-file: requests share cached prompt blocks only with requests of the same key, "
@@ -169,6 +178,8 @@ def serve_llm(
         "admit_delay_steps": admit_delay_steps,
         "enable_prefix_caching": enable_prefix_caching,
         "reserve_full_budget": not preemption,
+        "speculative_tokens": speculative_tokens,
+        "speculative_max_batch": speculative_max_batch,
         "prefill_graph_tokens": parse_token_buckets(prefill_graph_tokens, "--prefill-graph-tokens"),
     }
     http: dict[str, Any] = {

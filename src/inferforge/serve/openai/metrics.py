@@ -74,6 +74,10 @@ class EngineCollector:
                                   value=s.preemptions_total)  # fmt: skip
         yield CounterMetricFamily(p + "recomputed_tokens", "Tokens computed again after preemptions.",
                                   value=s.recomputed_tokens_total)  # fmt: skip
+        yield CounterMetricFamily(p + "spec_decode_draft_tokens", "Tokens drafted by prompt lookup.",
+                                  value=s.spec_draft_tokens_total)  # fmt: skip
+        yield CounterMetricFamily(p + "spec_decode_accepted_tokens", "Drafted tokens the model agreed with.",
+                                  value=s.spec_accepted_tokens_total)  # fmt: skip
         yield CounterMetricFamily(p + "engine_generated_tokens", "Tokens the engine generated (all workers).",
                                   value=s.generated_tokens_total)  # fmt: skip
 
