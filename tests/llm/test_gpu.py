@@ -151,6 +151,26 @@ def test_preemption_under_cuda_graphs_gives_the_cpu_engine_s_tokens(tiny_dirs: d
     assert preempted >= 1 and cuda == cpu
 
 
+@needs_cuda
+def test_speculative_steps_under_graphs_give_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
+    """fp32 on CUDA: verification passes replay the small prompt-step graphs (16-64 tokens) and keep exactly
+    the drafts greedy decoding would have made; the tokens equal the CPU engine's without speculation."""
+    folder = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"s{i}", p, params) for i, p in enumerate([(100, 200, 300), (5, 6, 7, 5, 6, 7, 5)])]
+
+    def tokens(device: str, spec: int) -> tuple[dict[str, list[int]], int]:
+        config = EngineConfig(device=device, dtype="float32", kv_cache_tokens=2048, max_num_seqs=4,
+                              speculative_tokens=spec)  # fmt: skip
+        eng = LLMEngine(folder, config)
+        res = eng.generate(reqs)
+        got = {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
+        return got, eng.stats().spec_draft_tokens_total
+
+    (cuda, drafted), (cpu, _) = tokens("cuda", 4), tokens("cpu", 0)
+    assert drafted > 0 and cuda == cpu
+
+
 def conditional_logprob_gap(a: dict[str, list], b: dict[str, list]) -> tuple[float, int]:
     """Largest |logprob| difference of the same token after the same history (each request's outputs walked
     while both chose the same tokens; where greedy choices part, what follows is no longer comparable),
