@@ -8,8 +8,10 @@ with its draft and acceptance counts, on two models in one call. Each setting it
    standard library's source) on a copying task from held-out source: 200 tokens, then their first 24
    again; 128 tokens generated. A trained model continues by copying where it learned to, which is what
    prompt lookup drafts.
-2. The 1.2B Llama shape with random weights (it copies nothing): 256 random tokens twice and their first 16
-   (drafts are proposed, and mostly rejected: the cost side), and 512 random tokens (nothing to draft).
+2. The 1.2B Llama shape with random weights (it copies nothing, so its outputs break every n-gram of 2+
+   tokens: nothing is drafted, and the figure is what speculation costs where it finds nothing): 256 random
+   tokens twice and their first 16, and 512 random tokens; then with single tokens looked up as well, so
+   drafts are made and almost all rejected: what a verification pass costs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from train_small_llama import SAVE, corpus, encode, tokenizer, train
 
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
+from inferforge.llm.speculative import SpecConfig
 
 RESULTS: dict = {}
 
@@ -46,13 +49,19 @@ def decode(eng: LLMEngine, prompt: tuple[int, ...], n: int = 128) -> tuple[float
     return (len(toks) - 1) / (time.perf_counter() - first), toks
 
 
-def measure(folder: Path, label: str, prompts: dict[str, list[tuple[int, ...]]], rounds: int) -> None:
+def measure(
+    folder: Path, label: str, prompts: dict[str, list[tuple[int, ...]]], rounds: int, ngram_min: int = 0
+) -> None:
+    """`ngram_min` (1): look up single tokens too, so a model that copies nothing still gets drafts (almost
+    all rejected): what a verification pass costs against a decode step."""
     tokens: dict[tuple[str, int], list[list[int]]] = {}
     for r in range(rounds):
         for spec in (0, 4):
             cfg = EngineConfig(device="cuda", max_num_seqs=4, max_model_len=2048, kv_cache_tokens=16384,
                                speculative_tokens=spec)  # fmt: skip
             eng = LLMEngine(folder, cfg)
+            if spec and ngram_min:
+                eng._spec = SpecConfig(spec, ngram_min=ngram_min)
             decode(eng, prompts[next(iter(prompts))][0], 16)  # warm-up
             for task, plist in prompts.items():
                 d0, a0 = eng.stats().spec_draft_tokens_total, eng.stats().spec_accepted_tokens_total
@@ -105,6 +114,7 @@ def main() -> None:
     rand = [tuple(torch.randint(100, 500, (256,), generator=g).tolist()) for _ in range(4)]
     fresh = [tuple(torch.randint(100, 500, (512,), generator=g).tolist()) for _ in range(4)]
     measure(folder, "1.2B", {"repeated": [r + r + r[:16] for r in rand], "no-repeat": fresh}, a.rounds)
+    measure(folder, "1.2B n>=1", {"no-repeat": fresh}, a.rounds, ngram_min=1)
 
 
 if __name__ == "__main__":
