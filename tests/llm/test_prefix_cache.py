@@ -102,12 +102,17 @@ def test_eviction_under_a_small_cache_keeps_outputs_right(tiny_llama: Path) -> N
     assert eng.stats().prefix_cached_tokens_total > 0 and eng.stats().kv_blocks_used == 0
 
 
-def test_on_by_default_and_n_above_one_computes_its_prompt(tiny_llama: Path) -> None:
+def test_on_by_default_and_n_above_one_shares_the_cached_prompt(tiny_llama: Path) -> None:
     eng = _engine(tiny_llama, True)
-    two = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, n=2)
+    two = SamplingParams(max_tokens=6, temperature=0.9, seed=5, ignore_eos=True, n=2)
     _tokens(eng, [EngineRequest("a", PREFIX, GREEDY)])
     res = eng.generate([EngineRequest("b", (*PREFIX, 5), two)])["b"]
-    assert len(res) == 2 and eng.stats().prefix_cached_tokens_total == 0
+    assert len(res) == 2 and eng.stats().prefix_cached_tokens_total == 32  # two blocks, shared by both
+    alone = _engine(tiny_llama, False).generate([EngineRequest("b", (*PREFIX, 5), two)])["b"]
+    assert [[t for o in s for t in o.new_token_ids] for s in res] == [
+        [t for o in s for t in o.new_token_ids] for s in alone
+    ]
+    assert eng.stats().kv_blocks_used == 0
     default = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=4096))
     _tokens(default, [EngineRequest("a", PREFIX, GREEDY)])
     _tokens(default, [EngineRequest("c", (*PREFIX, 5), GREEDY)])

@@ -477,7 +477,14 @@ class LLMEngine:
         group = parent.group
         n_blocks = blocks_needed(group.prompt_len)
         for child in group.seqs[1:]:
-            copy_blocks(self.model, parent.blocks[:n_blocks], child.blocks[:n_blocks])
+            # blocks taken from the prefix cache are the same blocks in every sequence: nothing to copy
+            pairs = [
+                (s, d)
+                for s, d in zip(parent.blocks[:n_blocks], child.blocks[:n_blocks], strict=True)
+                if s != d
+            ]
+            if pairs:
+                copy_blocks(self.model, [s for s, _ in pairs], [d for _, d in pairs])
             child.num_computed = parent.num_computed
 
     def _sampling_batch(self, rows: list[Sequence]) -> SamplingBatch:

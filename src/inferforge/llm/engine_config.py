@@ -49,7 +49,7 @@ class EngineConfig:
     prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048)
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
-    enable_prefix_caching: bool = True  # reuse KV blocks of earlier prompts with the same start (n = 1)
+    enable_prefix_caching: bool = True  # reuse KV blocks of earlier prompts (and answers) with the same start
     # Reserve prompt + max_tokens of KV blocks per sequence at admission (nothing is ever preempted); off:
     # blocks as sequences grow, the newest request preempted and recomputed when they run out (scheduler.py).
     reserve_full_budget: bool = False

@@ -63,8 +63,8 @@ class SchedulerConfig:
     # once. TGI's router waits the same way (max_waiting_tokens). 0: admit at once. No gain measured on the
     # H100 in interleaved runs, and a TTFT cost under light load (docs/llm-runs.md, H12 / H13): off.
     admit_delay_steps: int = 0
-    # Reuse the KV blocks of earlier prompts that start with the same tokens (whole 16-token blocks; requests
-    # with n = 1): a shared system prompt is computed once, not per request.
+    # Reuse the KV blocks of earlier prompts that start with the same tokens (whole 16-token blocks): a shared
+    # system prompt is computed once, not per request.
     prefix_caching: bool = False
     # Admit every request with blocks for its whole budget (prompt + max_tokens per sequence), so nothing is
     # ever preempted: the policy before preemption existed. Off: blocks as sequences grow (module docstring).
@@ -122,7 +122,7 @@ class RequestState:
     finished_at: float | None = None
     max_tokens: int = 0
     queued_step: int = 0  # the scheduler's step count when it joined the waiting queue
-    # Prefix keys of the full blocks (prefix caching, n = 1): the prompt's, then generated ones as they fill.
+    # Prefix keys of the full blocks (prefix caching): the prompt's, then (n = 1) generated ones as they fill.
     block_keys: list[bytes] | None = None
     reserved: bool = False  # holds blocks for its whole budget from admission on; never preempted
     preemptions: int = 0  # times it was preempted (and its tokens computed again)
@@ -248,11 +248,11 @@ class Scheduler:
             need, spare = blocks_needed(r.prompt_len + r.max_tokens), 0
         else:
             need, spare = blocks_needed(len(seq.token_ids) + 1), self.watermark if self.running else 0
-        reuse = self._cached_prefix(r)
-        if not self.allocator.can_allocate(need * len(r.seqs) - len(reuse) + spare, reuse):
+        reuse = self._cached_prefix(r)  # n > 1: every sequence shares them (full prompt blocks: read only)
+        if not self.allocator.can_allocate((need - len(reuse)) * len(r.seqs) + spare, reuse):
             return False
-        self.allocator.acquire(reuse)
         for s in r.seqs:
+            self.allocator.acquire(reuse)
             s.blocks = reuse + self.allocator.allocate(need - len(reuse))
         r.prefill_len = len(seq.token_ids)
         seq.num_computed = len(reuse) * BLOCK_SIZE
@@ -300,7 +300,7 @@ class Scheduler:
     def _cached_prefix(self, r: RequestState) -> list[int]:
         """The cached blocks this request's prompt starts with (at least its last token is left to compute,
         for its logits)."""
-        if not self.config.prefix_caching or len(r.seqs) != 1:
+        if not self.config.prefix_caching:
             return []
         if r.block_keys is None:
             r.block_keys = prompt_block_keys(r.request.prompt_ids, salt=r.request.cache_salt)
@@ -320,7 +320,9 @@ class Scheduler:
         the host and fed to a launched step), so that a later prompt repeating them, or `seq` readmitted
         after a preemption, reads them from the cache."""
         keys = seq.group.block_keys
-        if keys is None or not CACHE_GENERATED["on"]:
+        if (
+            keys is None or not CACHE_GENERATED["on"] or len(seq.group.seqs) > 1
+        ):  # n > 1: one chain, n answers
             return
         full = min(seq.num_computed, len(seq.token_ids)) // BLOCK_SIZE
         while len(keys) < full:
