@@ -153,8 +153,10 @@ def test_preemption_under_cuda_graphs_gives_the_cpu_engine_s_tokens(tiny_dirs: d
 
 @needs_cuda
 def test_speculative_steps_under_graphs_give_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
-    """fp32 on CUDA: verification passes replay the small prompt-step graphs (16-64 tokens) and keep exactly
-    the drafts greedy decoding would have made; the tokens equal the CPU engine's without speculation."""
+    """fp32 on CUDA: verification steps replay decode graphs whose rows are successive positions of one
+    sequence (the attention reading its first tile after its wait, so each row sees the keys the rows
+    before it wrote) and keep exactly the drafts greedy decoding would have made; the tokens equal the CPU
+    engine's without speculation. With the first tile read before the wait they would not (stale keys)."""
     folder = tiny_dirs["llama"]
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     reqs = [EngineRequest(f"s{i}", p, params) for i, p in enumerate([(100, 200, 300), (5, 6, 7, 5, 6, 7, 5)])]

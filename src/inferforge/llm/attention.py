@@ -7,7 +7,7 @@ in `triton_attn.py`, chosen per engine only after it matched this reference on t
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,6 +24,24 @@ _NO_PLAN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBacke
 
 def _no_plan_backends(device: torch.device) -> contextlib.AbstractContextManager:
     return sdpa_kernel(_NO_PLAN) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# Whether the Triton decode attention reads its first tile of keys and values before `griddepcontrol.wait`
+# (all but the row's own newest token, which the kernel before writes; that one is patched in after the
+# wait). Off inside `late_tile`: rows that are several positions of one sequence (speculative verification)
+# attend to keys that the rows before them write in the same step. Here, not in `triton_attn`, so that code
+# without Triton can switch it.
+EARLY_TILE = {"on": True}
+
+
+@contextlib.contextmanager
+def late_tile() -> Iterator[None]:
+    """Launch (or capture) the decode attention with its first tile read after the wait."""
+    EARLY_TILE["on"] = False
+    try:
+        yield
+    finally:
+        EARLY_TILE["on"] = True
 
 
 @dataclass

@@ -149,14 +149,10 @@ class LLMEngine:
             decode_fn=decode_fn,
             buckets=config.decode_buckets,
             varlen_fn=choice.varlen_fn,
-            prefill_buckets=_useful_buckets(
-                # verification steps of a few tokens each: small buckets, so they do not replay 128 tokens
-                tuple(sorted({16, 32, 64, *config.prefill_graph_tokens}))
-                if config.speculative_tokens and config.prefill_graph_tokens
-                else config.prefill_graph_tokens,
-                config.max_num_batched_tokens,
-            ),
+            prefill_buckets=_useful_buckets(config.prefill_graph_tokens, config.max_num_batched_tokens),
         )
+        if config.speculative_tokens:  # verification steps: decode graphs of several rows a sequence
+            self.runner.capture_verify(config.speculative_max_batch * (1 + config.speculative_tokens))
         if config.quant is not None:  # the decode graphs are captured: their shapes are tuned now
             from inferforge.llm.quant import save_tuned_configs
 
@@ -444,18 +440,23 @@ class LLMEngine:
         return max(0, min(n, len(seq.blocks) * BLOCK_SIZE - seq.num_computed - 1))
 
     def _speculate(self, rows: list[Sequence], drafts: list[list[int]]) -> list[EngineOutput]:
-        """One pass over each row's last token and its drafts (as a prompt chunk with every position's
-        logits); keep the drafts the model's greedy choice agrees with, then its next token."""
-        lengths = [len(s.token_ids) for s in rows]
-        for s, d in zip(rows, drafts, strict=True):
-            s.token_ids.extend(d)  # the chunk's tokens, read by the runner from num_computed on
-        try:
-            chunks = [(s, 1 + len(d)) for s, d in zip(rows, drafts, strict=True)]
-            logits, _ = self.runner.prefill(chunks, all_positions=True)
-            choices = logits.argmax(-1).tolist()  # the step's one device-to-host read
-        finally:
-            for s, n in zip(rows, lengths, strict=True):
-                del s.token_ids[n:]
+        """One pass over each row's last token and its drafts (as decode rows at successive positions,
+        `runner.verify`); keep the drafts the model's greedy choice agrees with, then its next token."""
+        lines = [(s, t, s.num_computed + i) for s, d in zip(rows, drafts, strict=True)
+                 for i, t in enumerate([s.token_ids[-1], *d])]  # fmt: skip
+        if len(lines) <= self.runner.buckets[-1]:
+            logits = self.runner.verify(lines)
+        else:  # more rows than the largest decode bucket: one prompt step with every position's logits
+            lengths = [len(s.token_ids) for s in rows]
+            for s, d in zip(rows, drafts, strict=True):
+                s.token_ids.extend(d)  # the chunk's tokens, read by the runner from num_computed on
+            try:
+                chunks = [(s, 1 + len(d)) for s, d in zip(rows, drafts, strict=True)]
+                logits, _ = self.runner.prefill(chunks, all_positions=True)
+            finally:
+                for s, n in zip(rows, lengths, strict=True):
+                    del s.token_ids[n:]
+        choices = logits.argmax(-1).tolist()  # the step's one device-to-host read
         made, at = [], 0
         for s, d in zip(rows, drafts, strict=True):
             toks = accepted(d, choices[at : at + len(d) + 1])

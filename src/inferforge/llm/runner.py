@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups
+from inferforge.llm.attention import AttnMeta, PrefillSeq, fresh_groups, late_tile
 from inferforge.llm.cuda_graphs import capture_per_bucket
 from inferforge.llm.kv_cache import BLOCK_SIZE, blocks_needed, slot_of
 from inferforge.llm.model import DecoderLM
@@ -74,6 +74,7 @@ class ModelRunner:
         self._turn = 0
         self._dev = torch.zeros(self._width, dtype=torch.long, device=device)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.verify_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.compile_error: str | None = None
         if cuda_graphs and on_gpu:
             self.capture()
@@ -129,6 +130,11 @@ class ModelRunner:
         """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
         copy. `ahead[i]`: row i's newest token is still on the device (sampled by the step in flight), so
         its position moves one further and the caller supplies its id on the device."""
+        pos = [len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0) for i, s in enumerate(seqs)]
+        self._fill_rows(seqs, [s.token_ids[-1] for s in seqs], pos, b)
+
+    def _fill_rows(self, seqs: list[Sequence], ids: list[int], pos: list[int], b: int) -> None:
+        """`_fill` for rows given as (sequence, token, position): a sequence may take several rows."""
         self._turn ^= 1
         host = self._hosts[self._turn]
         n, h = self.buckets[-1], host.numpy()
@@ -136,8 +142,7 @@ class ModelRunner:
         h[3 * n : 4 * n] = 1  # padded rows attend to one (scratch) slot
         bt = h[4 * n :].reshape(n, self.max_blocks)
         k = len(seqs)
-        pos = [len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0) for i, s in enumerate(seqs)]
-        h[:k] = [s.token_ids[-1] for s in seqs]  # a slice at a time: per-element numpy writes cost ~4x
+        h[:k] = ids  # a slice at a time: per-element numpy writes cost ~4x
         h[n : n + k] = pos
         h[2 * n : 2 * n + k] = [slot_of(s.blocks, p) for s, p in zip(seqs, pos, strict=True)]
         h[3 * n : 3 * n + k] = [p + 1 for p in pos]
@@ -176,6 +181,34 @@ class ModelRunner:
         self._fill(seqs, len(seqs), ahead)
         self._carry(carry_rows, carry_ids)
         return self._decode_forward(len(seqs))
+
+    @torch.inference_mode()
+    def verify(self, rows: list[tuple[Sequence, int, int]]) -> torch.Tensor:
+        """Logits [len(rows), vocab] for decode rows given as (sequence, token, position): a sequence's last
+        token and its drafts at successive positions, each attending to the keys the rows before it write
+        in the same step (speculative verification). Runs as a decode step (batch-1 GEMVs for one row,
+        cuBLAS above), replayed from graphs captured with the attention's first tile read after its wait
+        (`attention.late_tile`), or eagerly under it."""
+        b = next((x for x in self.buckets if x >= len(rows)), None)
+        if b is None:
+            raise RuntimeError(f"{len(rows)} verification rows exceed the largest bucket {self.buckets[-1]}")
+        if b in self.verify_graphs:
+            self._fill_rows([s for s, _, _ in rows], [t for _, t, _ in rows], [p for _, _, p in rows], b)
+            graph, out = self.verify_graphs[b]
+            graph.replay()
+            return out[: len(rows)]
+        self._fill_rows([s for s, _, _ in rows], [t for _, t, _ in rows], [p for _, _, p in rows], len(rows))
+        with late_tile():
+            return self._decode_forward(len(rows))
+
+    def capture_verify(self, max_rows: int) -> None:
+        """Graphs of verification steps up to `max_rows` rows (their own pool beside the decode graphs')."""
+        if not self.graphs:  # no decode graphs (CPU, or graphs off): verification runs eagerly too
+            return
+        buckets = [x for x in self.buckets if x < max_rows] + [x for x in self.buckets if x >= max_rows][:1]
+        self._fill([], self.buckets[-1], None)
+        with late_tile():
+            self.verify_graphs = capture_per_bucket(buckets, self._decode_forward)
 
     def _carry(self, rows: torch.Tensor | None, ids: torch.Tensor | None) -> None:
         if ids is None:

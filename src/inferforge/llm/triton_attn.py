@@ -86,9 +86,12 @@ def _paged_decode_kernel(
     SPLIT: tl.constexpr,
     PREFETCH: tl.constexpr,
     PDL: tl.constexpr,
+    EARLY: tl.constexpr = True,
 ):
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
+    if PDL > 0 and not EARLY:  # `attention.late_tile`: any key may have been written by the kernel before
+        tl.extra.cuda.gdc_wait()
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -293,6 +296,7 @@ def _paged_decode_op(
         SPLIT=splits > 1,
         PREFETCH=PREFETCH_TABLE,
         PDL=fused.pdl_on(),
+        EARLY=attention.EARLY_TILE["on"],
         num_warps=WARPS[small],
         **({"num_stages": STAGES[small]} if STAGES[small] else {}),
         **fused.launch_options(),
