@@ -691,3 +691,20 @@ def int4_head_tiles_ab(folder: Path) -> None:
         "gate/up 2x16 ring 4": {w13: (2, 16, 4)},
     }
     _int4_tiles_in_turn(folder, "int4head", variants)
+
+
+def int8_mixed_ab(folder: Path) -> None:
+    """The int8 batch-1 step with one or two of a layer's products left in bf16 (`quant.KEEP_UNQUANTIZED`),
+    bf16 and plain int8 in the same call: which products cost int8 its time beyond their bytes (the o
+    product added 5.0-5.2 us a layer in int8 against 2.5 in bf16 for half the bytes, G8 / H4)."""
+    from inferforge.llm import quant
+
+    RESULTS["int8mixed bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for name, keep in (("all int8", set()), ("o bf16", {"o"}), ("qkv+o bf16", {"qkv", "o"}),
+                       ("down bf16", {"down"}), ("all int8 again", set())):  # fmt: skip
+        quant.KEEP_UNQUANTIZED.clear()
+        quant.KEEP_UNQUANTIZED.update(keep)
+        try:
+            RESULTS[f"int8mixed {name}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
+        finally:
+            quant.KEEP_UNQUANTIZED.clear()

@@ -41,6 +41,7 @@ from ab_sections import (
     int4_tc_wide_ab,
     int4_tiles_ab,
     int4_warps_ab,
+    int8_mixed_ab,
     int8_mode_tiles_ab,
     int8_tiles_ab,
     mlp_chunk_ab,
@@ -168,6 +169,7 @@ def main() -> None:
         ("int4tcoab", lambda: int4_tc_o_ab(folder)),
         ("int4tcwideab", lambda: int4_tc_wide_ab(folder)),
         ("int4normab", lambda: int4_norm_ab(folder)),
+        ("int8mixedab", lambda: int8_mixed_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

@@ -132,6 +132,12 @@ def quantize_linear(linear: nn.Module, fmt: str) -> nn.Module:
     return _split_k_when_narrow(layer, fmt)
 
 
+# Projections left in the model's own dtype ("qkv", "o", "up", "down"): empty in every engine; benchmarks set
+# it to time one product of a quantized step in bf16 beside the others (`bench_decode.py --sections
+# int8mixedab`).
+KEEP_UNQUANTIZED: set[str] = set()
+
+
 def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experimental: bool = False) -> None:
     """Swap every block's q/k/v, o, gate/up and down projections (and the LM head) for quantized ones."""
     allowed = IMPLEMENTED if experimental else OFFERED
@@ -146,11 +152,16 @@ def quantize_model(model: DecoderLM, fmt: str, *, lm_head: bool = True, experime
         )
     if fmt == "fp8" and torch.cuda.get_device_capability(model.embed.weight.device) < (8, 9):
         raise NotApplicable("--quant fp8 needs a GPU with fp8 support (compute capability 8.9+: Ada, Hopper)")
+    keep = KEEP_UNQUANTIZED
     for layer in model.blocks():
-        layer.attn.qkv = quantize_linear(layer.attn.qkv, fmt)
-        layer.attn.o = quantize_linear(layer.attn.o, fmt)
-        layer.mlp.up = quantize_linear(layer.mlp.up, fmt)
-        layer.mlp.down = quantize_linear(layer.mlp.down, fmt)
+        if "qkv" not in keep:
+            layer.attn.qkv = quantize_linear(layer.attn.qkv, fmt)
+        if "o" not in keep:
+            layer.attn.o = quantize_linear(layer.attn.o, fmt)
+        if "up" not in keep:
+            layer.mlp.up = quantize_linear(layer.mlp.up, fmt)
+        if "down" not in keep:
+            layer.mlp.down = quantize_linear(layer.mlp.down, fmt)
     if lm_head:
         weight = model.lm_head.weight
         assert isinstance(weight, torch.Tensor)
