@@ -708,3 +708,23 @@ def int8_mixed_ab(folder: Path) -> None:
             RESULTS[f"int8mixed {name}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
         finally:
             quant.KEEP_UNQUANTIZED.clear()
+
+
+def o_bf16_ab(
+    folder: Path, quants: tuple[str, ...] = ("int8", "fp8", "int4"), reps: tuple[int, ...] = (2, 1, 1)
+) -> None:
+    """Each quantized format's batch-1 step with the o product in bf16 and quantized, in turn (Q10: int8's
+    o added more time than a bf16 o with twice its bytes)."""
+    from inferforge.llm import quant
+
+    RESULTS["obf16 bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    for fmt, n in zip(quants, reps, strict=True):
+        for rep in range(n):
+            for name, keep in (("all", set()), ("o bf16", {"o"})):
+                quant.KEEP_UNQUANTIZED.clear()
+                quant.KEEP_UNQUANTIZED.update(keep)
+                try:
+                    label = f"{fmt} {name} rep{rep}"
+                    RESULTS[f"obf16 {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
+                finally:
+                    quant.KEEP_UNQUANTIZED.clear()

@@ -46,6 +46,7 @@ from ab_sections import (
     int8_tiles_ab,
     mlp_chunk_ab,
     no_attention_ab,
+    o_bf16_ab,
     one_byte_tiles_ab,
     pre_convert_ab,
     quant_gemv,
@@ -170,6 +171,7 @@ def main() -> None:
         ("int4tcwideab", lambda: int4_tc_wide_ab(folder)),
         ("int4normab", lambda: int4_norm_ab(folder)),
         ("int8mixedab", lambda: int8_mixed_ab(folder)),
+        ("obf16ab", lambda: o_bf16_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
