@@ -728,3 +728,23 @@ def o_bf16_ab(
                     RESULTS[f"obf16 {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
                 finally:
                     quant.KEEP_UNQUANTIZED.clear()
+
+
+def int8_o_pre_ab(folder: Path, reps: int = 2) -> None:
+    """The int8 batch-1 step with o's tile made fp16 before its wait (`gemv.INT8_ONE_TILE_RESIDUAL_PRE`) and
+    without, `reps` rounds in turn; o in bf16 and bf16 itself once, for reference (Q10-Q11)."""
+    from inferforge.llm import gemv, quant
+
+    RESULTS["int8opre bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    quant.KEEP_UNQUANTIZED.update({"o"})
+    try:
+        RESULTS["int8opre o bf16"] = engine_numbers(folder, "int8", (1,), note=" [o bf16]")
+    finally:
+        quant.KEEP_UNQUANTIZED.clear()
+    default = gemv.INT8_ONE_TILE_RESIDUAL_PRE["on"]
+    for rep in range(reps):
+        for on in (False, True):
+            gemv.INT8_ONE_TILE_RESIDUAL_PRE["on"] = on
+            name = f"o pre-converted {on} rep{rep}"
+            RESULTS[f"int8opre {name}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
+    gemv.INT8_ONE_TILE_RESIDUAL_PRE["on"] = default

@@ -301,6 +301,11 @@ INT8_TILE_BYTES = 16384
 # 706 / 716 with it, no gain, off (selectable; in modes 5 and 6 `_weights_f16` leaves the tile int8, so it is
 # made float after the wait, still exact).
 PRE_CONVERT = {"fp8": True, "int8": False}
+# int8 products of one K tile with the residual epilogue (o): convert the tile to fp16 before
+# `griddepcontrol.wait` (mode 3, as fp8's `PRE_CONVERT`). Q10-Q11 of 2026-11-24: int8's o took more of the
+# step than a bf16 o with twice its bytes (int8 step 650-652 us, 620-635 with o in bf16), while fp8's o,
+# converted before its wait, showed no such cost (644 against 653 with o in bf16).
+INT8_ONE_TILE_RESIDUAL_PRE = {"on": False}
 # Products of several K tiles (down): issue the next tile's load before this tile's product instead of after
 # it (sm_90 SASS read offline: each tile's loads went out only after the previous tile's last FMA). Batch-1
 # graphs, off / on, twice in turn (H5 of 2026-11-23): int8 669 / 665 and 677 / 656 us, on; bf16 962 / 963 and
@@ -416,6 +421,10 @@ def gemv(
         cfg = TileConfig(max(2, 32768 // (triton.next_power_of_2(k) * elem)), triton.next_power_of_2(k), 4)
     epilogue = STORE if residual is None else RESIDUAL
     w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
+    pre = _pre_convert(weight)
+    one_tile_residual = residual is not None and k <= cfg.block_k
+    if weight.dtype == torch.int8 and one_tile_residual and INT8_ONE_TILE_RESIDUAL_PRE["on"]:
+        w_mode, pre = 3, True  # o: its tile made fp16 before the wait
     cache_args: tuple = (x, x, x, x, x, x, 0)
     heads = kv_heads = d = gap = 1
     rc = rope_cache
@@ -446,7 +455,7 @@ def gemv(
         *cache_args, part, count, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
-        PRE=_pre_convert(weight), EARLY=_early_next_tile(weight),
+        PRE=pre, EARLY=_early_next_tile(weight),
         EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
