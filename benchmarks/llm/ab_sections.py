@@ -730,21 +730,18 @@ def o_bf16_ab(
                     quant.KEEP_UNQUANTIZED.clear()
 
 
-def int8_o_pre_ab(folder: Path, reps: int = 2) -> None:
-    """The int8 batch-1 step with o's tile made fp16 before its wait (`gemv.INT8_ONE_TILE_RESIDUAL_PRE`) and
-    without, `reps` rounds in turn; o in bf16 and bf16 itself once, for reference (Q10-Q11)."""
-    from inferforge.llm import gemv, quant
+def int8_pre_ab(folder: Path, reps: int = 2) -> None:
+    """The int8 batch-1 step with the tiles of o, q/k/v and gate/up made fp16 before their wait
+    (`gemv.INT8_PRE`) in growing sets, `reps` rounds in turn; bf16 once (Q12 measured o alone)."""
+    from inferforge.llm import gemv
 
-    RESULTS["int8opre bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    quant.KEEP_UNQUANTIZED.update({"o"})
-    try:
-        RESULTS["int8opre o bf16"] = engine_numbers(folder, "int8", (1,), note=" [o bf16]")
-    finally:
-        quant.KEEP_UNQUANTIZED.clear()
-    default = gemv.INT8_ONE_TILE_RESIDUAL_PRE["on"]
+    RESULTS["int8pre bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    default = dict(gemv.INT8_PRE)
+    sets = {"none": (), "o": ("o",), "o+qkv": ("o", "qkv"), "o+qkv+gate_up": ("o", "qkv", "gate_up")}
     for rep in range(reps):
-        for on in (False, True):
-            gemv.INT8_ONE_TILE_RESIDUAL_PRE["on"] = on
-            name = f"o pre-converted {on} rep{rep}"
-            RESULTS[f"int8opre {name}"] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
-    gemv.INT8_ONE_TILE_RESIDUAL_PRE["on"] = default
+        for name, on in sets.items():
+            gemv.INT8_PRE.update({p: p in on for p in gemv.INT8_PRE})
+            RESULTS[f"int8pre {name} rep{rep}"] = engine_numbers(
+                folder, "int8", (1,), note=f" [{name} rep{rep}]"
+            )
+    gemv.INT8_PRE.update(default)

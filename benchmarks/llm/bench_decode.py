@@ -43,7 +43,7 @@ from ab_sections import (
     int4_warps_ab,
     int8_mixed_ab,
     int8_mode_tiles_ab,
-    int8_o_pre_ab,
+    int8_pre_ab,
     int8_tiles_ab,
     mlp_chunk_ab,
     no_attention_ab,
@@ -173,7 +173,7 @@ def main() -> None:
         ("int4normab", lambda: int4_norm_ab(folder)),
         ("int8mixedab", lambda: int8_mixed_ab(folder)),
         ("obf16ab", lambda: o_bf16_ab(folder)),
-        ("int8opreab", lambda: int8_o_pre_ab(folder)),
+        ("int8preab", lambda: int8_pre_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

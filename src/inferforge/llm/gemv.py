@@ -301,11 +301,12 @@ INT8_TILE_BYTES = 16384
 # 706 / 716 with it, no gain, off (selectable; in modes 5 and 6 `_weights_f16` leaves the tile int8, so it is
 # made float after the wait, still exact).
 PRE_CONVERT = {"fp8": True, "int8": False}
-# int8 products of one K tile with the residual epilogue (o): convert the tile to fp16 before
-# `griddepcontrol.wait` (mode 3, as fp8's `PRE_CONVERT`). Q10-Q11 of 2026-11-24: int8's o took more of the
-# step than a bf16 o with twice its bytes (int8 step 650-652 us, 620-635 with o in bf16), while fp8's o,
-# converted before its wait, showed no such cost (644 against 653 with o in bf16).
-INT8_ONE_TILE_RESIDUAL_PRE = {"on": False}
+# int8 products of one K tile whose tile is made fp16 before `griddepcontrol.wait` (mode 3, as fp8's
+# `PRE_CONVERT`), by product. Q10-Q11 of 2026-11-24: int8's o took more of the step than a bf16 o with twice
+# its bytes (int8 step 650-652 us, 620-635 with o in bf16), while fp8's o, converted before its wait, showed
+# no such cost (644 against 653 with o in bf16). Q12: o pre-converted 628 / 637 us against 645 / 651, in turn
+# (bf16 958): on.
+INT8_PRE = {"o": True, "qkv": False, "gate_up": False}
 # Products of several K tiles (down): issue the next tile's load before this tile's product instead of after
 # it (sm_90 SASS read offline: each tile's loads went out only after the previous tile's last FMA). Batch-1
 # graphs, off / on, twice in turn (H5 of 2026-11-23): int8 669 / 665 and 677 / 656 us, on; bf16 962 / 963 and
@@ -422,9 +423,18 @@ def gemv(
     epilogue = STORE if residual is None else RESIDUAL
     w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
     pre = _pre_convert(weight)
-    one_tile_residual = residual is not None and k <= cfg.block_k
-    if weight.dtype == torch.int8 and one_tile_residual and INT8_ONE_TILE_RESIDUAL_PRE["on"]:
-        w_mode, pre = 3, True  # o: its tile made fp16 before the wait
+    if weight.dtype == torch.int8 and k <= cfg.block_k:  # one K tile: o, q/k/v, gate/up (`INT8_PRE`)
+        product = (
+            "o"
+            if residual is not None
+            else "qkv"
+            if rope_cache is not None
+            else "gate_up"
+            if silu_pair
+            else ""
+        )
+        if INT8_PRE.get(product, False):
+            w_mode, pre = 3, True  # the tile made fp16 before the wait
     cache_args: tuple = (x, x, x, x, x, x, 0)
     heads = kv_heads = d = gap = 1
     rc = rope_cache
