@@ -373,6 +373,13 @@ def _pre_convert(weight: torch.Tensor) -> bool:
     return PRE_CONVERT["fp8" if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else "int8"]
 
 
+def _product(residual: bool, rope: bool, silu_pair: bool) -> str:
+    """Which product of a layer a one-tile call is, by its epilogue (`INT8_PRE`'s keys; "" for others)."""
+    if residual:
+        return "o"
+    return "qkv" if rope else "gate_up" if silu_pair else ""
+
+
 def _int8_mode(x: torch.Tensor) -> int:
     mode = INT8_MODE["mode"]
     return 5 if mode == 6 and not x.is_cuda else mode
@@ -423,18 +430,9 @@ def gemv(
     epilogue = STORE if residual is None else RESIDUAL
     w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
     pre = _pre_convert(weight)
-    if weight.dtype == torch.int8 and k <= cfg.block_k:  # one K tile: o, q/k/v, gate/up (`INT8_PRE`)
-        product = (
-            "o"
-            if residual is not None
-            else "qkv"
-            if rope_cache is not None
-            else "gate_up"
-            if silu_pair
-            else ""
-        )
-        if INT8_PRE.get(product, False):
-            w_mode, pre = 3, True  # the tile made fp16 before the wait
+    product = _product(residual is not None, rope_cache is not None, silu_pair)
+    if weight.dtype == torch.int8 and k <= cfg.block_k and INT8_PRE.get(product, False):
+        w_mode, pre = 3, True  # one K tile (o, q/k/v, gate/up) made fp16 before the wait
     cache_args: tuple = (x, x, x, x, x, x, 0)
     heads = kv_heads = d = gap = 1
     rc = rope_cache
