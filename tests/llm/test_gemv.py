@@ -223,7 +223,7 @@ def test_split_k_gives_the_whole_row_product(split: int, int8: bool, k: int, mon
         for _ in range(2):
             got = gemv.gemv(x, w, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
             torch.testing.assert_close(got, whole, rtol=1e-5, atol=1e-5)
-            _, counts = gemv._SPLIT_SCRATCH[(torch.device(DEVICE), n, split, 5)]
+            _, counts = gemv._SPLIT_SCRATCH[(x.device, n, split, 5)]  # cuda:0, not "cuda"
             assert counts.tolist() == [0] * 5
     want = gemv_check.gemv_reference(x, w, scale=scale, residual=r)  # type: ignore[arg-type]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
