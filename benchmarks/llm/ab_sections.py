@@ -730,7 +730,7 @@ def o_bf16_ab(
                     quant.KEEP_UNQUANTIZED.clear()
 
 
-def int8_pre_ab(folder: Path, reps: int = 2) -> None:
+def int8_pre_ab(folder: Path, reps: int = 2, only: tuple[str, ...] = ()) -> None:
     """The int8 batch-1 step with the tiles of o, q/k/v and gate/up made fp16 before their wait
     (`gemv.INT8_PRE`) in growing sets, `reps` rounds in turn; bf16 once (Q12 measured o alone)."""
     from inferforge.llm import gemv
@@ -738,6 +738,8 @@ def int8_pre_ab(folder: Path, reps: int = 2) -> None:
     RESULTS["int8pre bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
     default = dict(gemv.INT8_PRE)
     sets = {"none": (), "o": ("o",), "o+qkv": ("o", "qkv"), "o+qkv+gate_up": ("o", "qkv", "gate_up")}
+    if only:
+        sets = {k: v for k, v in {**sets, "o+down": ("o", "down")}.items() if k in only}
     for rep in range(reps):
         for name, on in sets.items():
             gemv.INT8_PRE.update({p: p in on for p in gemv.INT8_PRE})

@@ -174,6 +174,7 @@ def main() -> None:
         ("int8mixedab", lambda: int8_mixed_ab(folder)),
         ("obf16ab", lambda: o_bf16_ab(folder)),
         ("int8preab", lambda: int8_pre_ab(folder)),
+        ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

@@ -306,7 +306,7 @@ PRE_CONVERT = {"fp8": True, "int8": False}
 # its bytes (int8 step 650-652 us, 620-635 with o in bf16), while fp8's o, converted before its wait, showed
 # no such cost (644 against 653 with o in bf16). Q12: o pre-converted 628 / 637 us against 645 / 651, in turn
 # (bf16 958): on.
-INT8_PRE = {"o": True, "qkv": False, "gate_up": False}
+INT8_PRE = {"o": True, "qkv": False, "gate_up": False, "down": False}
 # Products of several K tiles (down): issue the next tile's load before this tile's product instead of after
 # it (sm_90 SASS read offline: each tile's loads went out only after the previous tile's last FMA). Batch-1
 # graphs, off / on, twice in turn (H5 of 2026-11-23): int8 669 / 665 and 677 / 656 us, on; bf16 962 / 963 and
@@ -373,10 +373,10 @@ def _pre_convert(weight: torch.Tensor) -> bool:
     return PRE_CONVERT["fp8" if weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else "int8"]
 
 
-def _product(residual: bool, rope: bool, silu_pair: bool) -> str:
-    """Which product of a layer a one-tile call is, by its epilogue (`INT8_PRE`'s keys; "" for others)."""
+def _product(residual: bool, rope: bool, silu_pair: bool, one_tile: bool) -> str:
+    """Which product of a layer a call is, by its epilogue and tiles (`INT8_PRE`'s keys; "" for others)."""
     if residual:
-        return "o"
+        return "o" if one_tile else "down"
     return "qkv" if rope else "gate_up" if silu_pair else ""
 
 
@@ -430,9 +430,9 @@ def gemv(
     epilogue = STORE if residual is None else RESIDUAL
     w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
     pre = _pre_convert(weight)
-    product = _product(residual is not None, rope_cache is not None, silu_pair)
-    if weight.dtype == torch.int8 and k <= cfg.block_k and INT8_PRE.get(product, False):
-        w_mode, pre = 3, True  # one K tile (o, q/k/v, gate/up) made fp16 before the wait
+    product = _product(residual is not None, rope_cache is not None, silu_pair, k <= cfg.block_k)
+    if weight.dtype == torch.int8 and INT8_PRE.get(product, False):
+        w_mode, pre = 3, True  # the (first) K tile made fp16 before the wait, later ones after it
     cache_args: tuple = (x, x, x, x, x, x, 0)
     heads = kv_heads = d = gap = 1
     rc = rope_cache
