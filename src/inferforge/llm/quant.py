@@ -6,7 +6,8 @@ are slower than bf16 at batch 1 on this project's H100 (docs/llm-engine.md); gem
 weights and serve every batch size above 1, and at batch 1 `gemv.py` / `gemv_int4.py` read the same bytes
 (faster than gemlite's own batch-1 kernels). A format is offered (`OFFERED`) only once measured faster than
 bf16 end to end at batch 1 through the engine: on the H100 (2026-11-23, 1.2B Llama shape, bf16 itself at
-1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph); since then int8 1.46-1.49x (H8, L1, L4) and
+1,039 tok/s, G11) int8 1.35x, fp8 1.46x, int4 1.26x (graph); since then int8 1.46-1.49x (H8, L1, L4),
+1.50-1.54x with o's tile made fp16 before its wait (Q12-Q15 of 2026-11-24), and
 int4 1.35x on the Triton GEMV (L4, L5), 1.56-1.58x with the tensor-core one for its wide products (M4, M6:
 graph 602-613 us against 953-956) and 1.78-1.83x with it on rings for gate/up, down and the LM head (N5-N8:
 519-538 us against 952-959). At batch 64 (G14, engine loop, same run as bf16) fp8 runs at 1.06x bf16
