@@ -420,7 +420,8 @@ class LLMEngine:
             return None
         if not all(eligible(s.group.request.params, s.num_output) for s in rows):
             return None
-        budget = self.config.max_num_batched_tokens - len(rows)
+        # every row of the verification pass must fit the step's tokens and the largest decode bucket
+        budget = min(self.config.max_num_batched_tokens, self.runner.buckets[-1]) - len(rows)
         arrays, out = self._spec_arrays, []
         arrays.keep({id(s) for s in rows})
         for s in rows:
@@ -444,19 +445,7 @@ class LLMEngine:
         `runner.verify`); keep the drafts the model's greedy choice agrees with, then its next token."""
         lines = [(s, t, s.num_computed + i) for s, d in zip(rows, drafts, strict=True)
                  for i, t in enumerate([s.token_ids[-1], *d])]  # fmt: skip
-        if len(lines) <= self.runner.buckets[-1]:
-            logits = self.runner.verify(lines)
-        else:  # more rows than the largest decode bucket: one prompt step with every position's logits
-            lengths = [len(s.token_ids) for s in rows]
-            for s, d in zip(rows, drafts, strict=True):
-                s.token_ids.extend(d)  # the chunk's tokens, read by the runner from num_computed on
-            try:
-                chunks = [(s, 1 + len(d)) for s, d in zip(rows, drafts, strict=True)]
-                logits, _ = self.runner.prefill(chunks, all_positions=True)
-            finally:
-                for s, n in zip(rows, lengths, strict=True):
-                    del s.token_ids[n:]
-        choices = logits.argmax(-1).tolist()  # the step's one device-to-host read
+        choices = self.runner.verify(lines).argmax(-1).tolist()  # the step's one device-to-host read
         made, at = [], 0
         for s, d in zip(rows, drafts, strict=True):
             toks = accepted(d, choices[at : at + len(d) + 1])

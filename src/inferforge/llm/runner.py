@@ -192,12 +192,13 @@ class ModelRunner:
         b = next((x for x in self.buckets if x >= len(rows)), None)
         if b is None:
             raise RuntimeError(f"{len(rows)} verification rows exceed the largest bucket {self.buckets[-1]}")
-        if b in self.verify_graphs:
-            self._fill_rows([s for s, _, _ in rows], [t for _, t, _ in rows], [p for _, _, p in rows], b)
+        graphed = b in self.verify_graphs
+        seqs, ids, pos = [s for s, _, _ in rows], [t for _, t, _ in rows], [p for _, _, p in rows]
+        self._fill_rows(seqs, ids, pos, b if graphed else len(rows))
+        if graphed:
             graph, out = self.verify_graphs[b]
             graph.replay()
             return out[: len(rows)]
-        self._fill_rows([s for s, _, _ in rows], [t for _, t, _ in rows], [p for _, _, p in rows], len(rows))
         with late_tile():
             return self._decode_forward(len(rows))
 
@@ -226,10 +227,8 @@ class ModelRunner:
         ahead: list[bool] | None = None,
         carry_rows: torch.Tensor | None = None,
         carry_ids: torch.Tensor | None = None,
-        all_positions: bool = False,
     ) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete (with
-        `all_positions`, for every token of every chunk, in order: speculative verification).
+        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete.
 
         With `decode` rows (and their carried ids, as in `decode`), one eager pass computes them first and
         then the chunks, and the logits start with one row per decoding sequence: a step that ran the decode
@@ -243,9 +242,7 @@ class ModelRunner:
         end = len(decode)
         for seq, n in chunks:
             end += n
-            if all_positions:
-                rows.extend(range(end - n, end))
-            elif seq.num_computed + n >= len(seq.token_ids):
+            if seq.num_computed + n >= len(seq.token_ids):
                 rows.append(end - 1)
                 done.append(seq)
         hidden = None
