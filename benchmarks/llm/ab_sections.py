@@ -747,3 +747,32 @@ def int8_pre_ab(folder: Path, reps: int = 2, only: tuple[str, ...] = ()) -> None
                 folder, "int8", (1,), note=f" [{name} rep{rep}]"
             )
     gemv.INT8_PRE.update(default)
+
+
+def preload_ab(folder: Path, reps: int = 2) -> None:
+    """The batch-1 step with down's K tiles loaded before its wait (`gemv.PRELOAD_TILES`): int8 1 / 2 / 4
+    tiles and 4 at 8 warps, `reps` rounds in turn; bf16 1 / 2 once each (4 bf16 tiles of 32 KB would take
+    256 registers a thread)."""
+    from inferforge.llm import gemv
+
+    default, tuned = dict(gemv.PRELOAD_TILES), dict(gemv.TUNED)
+    variants = {"int8 pre1": ("int8", 1, 4), "int8 pre2": ("int8", 2, 4), "int8 pre4": ("int8", 4, 4),
+                "int8 pre4 w8": ("int8", 4, 8)}  # fmt: skip
+    try:
+        for name, tiles in (("bf16 pre1", 1), ("bf16 pre2", 2)):
+            gemv.PRELOAD_TILES["bf16"] = tiles
+            RESULTS[f"preload {name}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
+        gemv.PRELOAD_TILES.update(default)
+        for rep in range(reps):
+            for name, (kind, tiles, warps) in variants.items():
+                gemv.PRELOAD_TILES[kind] = tiles
+                gemv.TUNED.clear()
+                gemv.TUNED.update(tuned)
+                if warps != 4:  # down's shape at one byte a weight: 8 rows x 2,048 a tile, as by default
+                    gemv.TUNED[(2048, 8192, 1)] = gemv.TileConfig(8, 2048, warps)
+                label = f"{name} rep{rep}"
+                RESULTS[f"preload {label}"] = engine_numbers(folder, "int8", (1,), note=f" [{label}]")
+    finally:
+        gemv.PRELOAD_TILES.update(default)
+        gemv.TUNED.clear()
+        gemv.TUNED.update(tuned)

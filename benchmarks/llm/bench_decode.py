@@ -50,6 +50,7 @@ from ab_sections import (
     o_bf16_ab,
     one_byte_tiles_ab,
     pre_convert_ab,
+    preload_ab,
     quant_gemv,
     quant_start,
     residual_ab,
@@ -175,6 +176,7 @@ def main() -> None:
         ("obf16ab", lambda: o_bf16_ab(folder)),
         ("int8preab", lambda: int8_pre_ab(folder)),
         ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),
+        ("preloadab", lambda: preload_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
