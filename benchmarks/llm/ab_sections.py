@@ -776,3 +776,36 @@ def preload_ab(folder: Path, reps: int = 2) -> None:
         gemv.PRELOAD_TILES.update(default)
         gemv.TUNED.clear()
         gemv.TUNED.update(tuned)
+
+
+def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
+    """The batch-1 step with later weights fetched into L2 by the products before them
+    (`decode_gemv.L2_PREFETCH`), each setting its own engine, in turn: int8 `reps` rounds, bf16 once (its
+    gate/up is 67 MB, more than the 50 MB L2: fractions cap what one product asks for at ~27 MB)."""
+    from inferforge.llm import decode_gemv
+
+    default = dict(decode_gemv.L2_PREFETCH)
+
+    def policy(**kw: tuple) -> dict:
+        return {**{p: () for p in default}, **kw}
+
+    def variants(gu: float, dn: float) -> dict[str, dict]:
+        return {
+            "none": policy(),
+            "o>gate_up": policy(o=(("gate_up", gu),)),
+            "qkv>gate_up": policy(qkv=(("gate_up", gu),)),
+            "o>gate_up gate_up>down": policy(o=(("gate_up", gu),), gate_up=(("down", dn),)),
+            "o>gate_up down>next_qkv": policy(o=(("gate_up", gu),), down=(("next_qkv", 1.0),)),
+        }
+
+    try:
+        runs = [("int8", variants(1.0, 1.0))] * reps + [(None, variants(0.4, 0.8))]
+        for rep, (fmt, table) in enumerate(runs):
+            for name, plan in table.items():
+                decode_gemv.L2_PREFETCH.clear()
+                decode_gemv.L2_PREFETCH.update(plan)
+                label = f"{fmt or 'bf16'} {name} rep{rep}"
+                RESULTS[f"l2pf {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
+    finally:
+        decode_gemv.L2_PREFETCH.clear()
+        decode_gemv.L2_PREFETCH.update(default)

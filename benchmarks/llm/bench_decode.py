@@ -45,6 +45,7 @@ from ab_sections import (
     int8_mode_tiles_ab,
     int8_pre_ab,
     int8_tiles_ab,
+    l2_prefetch_ab,
     mlp_chunk_ab,
     no_attention_ab,
     o_bf16_ab,
@@ -177,6 +178,7 @@ def main() -> None:
         ("int8preab", lambda: int8_pre_ab(folder)),
         ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),
         ("preloadab", lambda: preload_ab(folder)),
+        ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

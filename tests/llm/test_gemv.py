@@ -273,3 +273,34 @@ def test_tiles_loaded_before_the_wait_give_the_same_product(
         torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)
     want = gemv_check.gemv_reference(x, w, scale=scale, residual=r)  # type: ignore[arg-type]
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_l2_prefetch_leaves_the_product_unchanged() -> None:
+    """Ranges fetched into L2 before the wait (another weight's two halves, as gate/up's) change nothing in
+    the result, twice; unaligned or more than two ranges are refused by name."""
+    g = torch.Generator().manual_seed(7)
+    x, r, w = (torch.randn(*s, generator=g).to(DEVICE) for s in ((1, 256), (1, 40), (40, 256)))
+    other = torch.randn(64, 1000, generator=g).to(DEVICE)
+    plain = gemv.gemv(x, w, residual=r, tiles=gemv.TileConfig(8, 64, 4))
+    half = other.numel() * 2
+    ranges = ((other.data_ptr(), half), (other.data_ptr() + half, half - 16))
+    for _ in range(2):
+        got = gemv.gemv(x, w, residual=r, tiles=gemv.TileConfig(8, 64, 4), prefetch=ranges)
+        torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="16-byte aligned"):
+        gemv.gemv(x, w, prefetch=((other.data_ptr() + 4, 64),))
+    with pytest.raises(ValueError, match="up to two"):
+        gemv.gemv(x, w, prefetch=ranges + ranges[:1])
+
+
+def test_prefetch_plan_gives_each_product_its_targets_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`decode_gemv.L2_PREFETCH` as byte ranges: gate/up by halves (its programs read row j and j + N/2),
+    others from the start, fractions of the bytes rounded down to 16, at most two ranges a product."""
+    up, down, o = (torch.nn.Linear(k, n, bias=False) for n, k in ((64, 32), (32, 32), (32, 32)))
+    policy = {"qkv": (("gate_up", 0.5),), "o": (("down", 1.0),), "gate_up": (), "down": ()}
+    monkeypatch.setattr(decode_gemv, "L2_PREFETCH", policy)
+    plan = decode_gemv.prefetch_plan({"o": o, "gate_up": up, "down": down, "next_qkv": o})
+    start, total = up.weight.data_ptr(), up.weight.numel() * 4
+    assert plan["qkv"] == ((start, total // 4), (start + total // 2, total // 4))
+    assert plan["o"] == ((down.weight.data_ptr(), down.weight.numel() * 4),)
+    assert plan["gate_up"] == () and plan["down"] == ()

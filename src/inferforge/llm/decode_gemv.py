@@ -13,7 +13,15 @@ import torch
 from inferforge.llm import cuda_int4, gemv_int4
 from inferforge.llm.gemv import RopeCache, gemv
 
-__all__ = ["RopeCache", "can_run", "linear", "operands"]
+__all__ = ["L2_PREFETCH", "RopeCache", "can_run", "linear", "operands", "prefetch_plan"]
+
+# Which later weights each batch-1 product of a layer fetches into L2 before its wait (`gemv`'s `prefetch`),
+# by product: (target, fraction of the target's bytes), targets "o", "gate_up", "down" of the same layer and
+# "next_qkv" (the next layer's q/k/v, or the LM head after the last layer). The idea (CUTLASS's "GEMM with L2
+# weight prefetch"): the narrow products and the attention leave DRAM idle for microseconds each, while
+# gate/up and down stream at bandwidth; weights fetched in those gaps are read from L2 later. Not yet
+# measured in the step: nothing by default.
+L2_PREFETCH: dict[str, tuple[tuple[str, float], ...]] = {"qkv": (), "o": (), "gate_up": (), "down": ()}
 
 
 def operands(
@@ -48,12 +56,41 @@ def can_run(module: torch.nn.Module, quantized: bool = True) -> bool:
     return ops is not None and (quantized or (ops[1] is None and isinstance(ops[0], torch.Tensor)))
 
 
+def weight_ranges(module: torch.nn.Module, fraction: float, paired: bool) -> tuple[tuple[int, int], ...]:
+    """The device byte ranges of the first `fraction` of a layer's weight in the order its programs read it:
+    from the start, or from the start of each half for gate/up (`paired`: a program reads gate row j and up
+    row j + N/2). () for int4 layers and weights that are not one dense block."""
+    ops = operands(module)
+    weight = None if ops is None else ops[0]
+    if not isinstance(weight, torch.Tensor) or not weight.is_contiguous() or fraction <= 0:
+        return ()
+    total = weight.numel() * weight.element_size()
+    start = weight.data_ptr()
+    if not paired:
+        return ((start, int(total * min(fraction, 1.0)) // 16 * 16),)
+    half = total // 2
+    n = int(half * min(fraction, 1.0)) // 16 * 16
+    return ((start, n), (start + half, n))
+
+
+def prefetch_plan(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[int, int], ...]]:
+    """`L2_PREFETCH` as byte ranges for one layer's products, given the target layers by name."""
+    plan: dict[str, tuple[tuple[int, int], ...]] = {}
+    for product, targets in L2_PREFETCH.items():
+        ranges: tuple[tuple[int, int], ...] = ()
+        for target, fraction in targets:
+            ranges += weight_ranges(layers[target], fraction, paired=target == "gate_up")
+        plan[product] = ranges[:2]
+    return plan
+
+
 def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tensor:
     """`gemv` (or `gemv_int4.gemv_int4` for int4) with a layer's own weight, scale and bias (`operands`)."""
     ops = operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
+        kw.pop("prefetch", None)  # the int4 kernels take none
         if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`)
             return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]

@@ -144,6 +144,24 @@ def _tile(rows, k0, offs_k, nmask, i: tl.constexpr, K: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
+def _l2_prefetch(START, END, CHUNK, pid):
+    """This program's `CHUNK` bytes of [START, END) (addresses) fetched into L2, a 128th by each thread
+    (Hopper's bulk prefetch: no registers, nothing waits for it; 16-byte aligned sizes and addresses)."""
+    sub = CHUNK // 128
+    at = START + pid.to(tl.int64) * CHUNK + tl.arange(0, 128).to(tl.int64) * sub
+    size = tl.minimum(tl.maximum(END - at, 0), sub).to(tl.int32)
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0;"
+        " @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [at, size],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _wait_for_inputs(PDL: tl.constexpr):
     """With programmatic dependent launch, block until the previous kernel finished (see `fused.pdl_on`)."""
     if PDL > 0:
@@ -177,7 +195,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
                  KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
                  EARLY: tl.constexpr, EARLY_RES: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 PRE_TILES: tl.constexpr = 1):  # fmt: skip
+                 PRE_TILES: tl.constexpr = 1, PF0=0, PF0_END=0, PF1=0, PF1_END=0, PF_CHUNK=0,
+                 PF_RANGES: tl.constexpr = 0):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -197,6 +216,10 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         w2 = _tile(rows, k0, offs_k, nmask, 2, K, BLOCK_K)
     if PRE_TILES > 3:
         w3 = _tile(rows, k0, offs_k, nmask, 3, K, BLOCK_K)
+    if PF_RANGES > 0:  # `prefetch`: later products' weights into L2 while DRAM would idle
+        _l2_prefetch(PF0, PF0_END, PF_CHUNK, tl.program_id(0))
+    if PF_RANGES > 1:
+        _l2_prefetch(PF1, PF1_END, PF_CHUNK, tl.program_id(0))
     # Before the wait: everything no kernel of this step writes (weights, the norm's weight, scales, bias,
     # this step's position and slot and their cos / sin rows, sent before the graph ran).
     if PROLOGUE == 1:
@@ -398,6 +421,21 @@ def _preload_tiles(weight: torch.Tensor, cfg: TileConfig, k: int, split: int) ->
     return max(1, min(PRELOAD_TILES[_weight_kind(weight)], triton.cdiv(k, cfg.block_k) // split, 4))
 
 
+def _prefetch_args(ranges: tuple[tuple[int, int], ...], programs: int, x: torch.Tensor) -> dict:
+    """The kernel's L2 prefetch arguments: each range's bytes in equal chunks a program, a multiple of
+    2 KB (so each thread's 128th is 16-byte aligned). None on devices without Hopper's bulk prefetch."""
+    if len(ranges) > 2 or any(a % 16 or n <= 0 for a, n in ranges):
+        raise ValueError(f"prefetch takes up to two 16-byte aligned ranges, got {ranges}")
+    if not ranges or not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
+        return {}
+    chunk = max(triton.cdiv(n, programs) for _, n in ranges)
+    chunk = triton.cdiv(chunk, 2048) * 2048
+    out: dict = {"PF_CHUNK": chunk, "PF_RANGES": len(ranges)}
+    for i, (start, n) in enumerate(ranges):
+        out[f"PF{i}"], out[f"PF{i}_END"] = start, start + n
+    return out
+
+
 def _pre_convert(weight: torch.Tensor) -> bool:
     if weight.element_size() != 1:
         return False
@@ -442,6 +480,7 @@ def gemv(
     silu_pair: bool = False,
     out_dtype: torch.dtype | None = None,
     tiles: TileConfig | None = None,
+    prefetch: tuple[tuple[int, int], ...] = (),
 ) -> torch.Tensor:
     """y = rmsnorm(x) @ weight.T (* scale) (+ bias), then one epilogue, for one row x [1, K].
 
@@ -450,6 +489,8 @@ def gemv(
     gate/up product, gate rows then up rows) returns SiLU(gate) x up [1, N/2]; otherwise y [1, N]. A uint8
     weight holds int8 values + 128 (`_weights_f32`). With programmatic dependent launch on, `residual` is read
     before the wait (`RESIDUAL_BEFORE_WAIT`): it must not be written by the kernel launched just before.
+    `prefetch`: up to two device byte ranges (start address, length; 16-byte aligned) that the programs
+    fetch into L2 before their wait, split evenly (sm_90 and later; ignored elsewhere).
     """
     n, k = weight.shape
     if x.shape[0] != 1:
@@ -488,6 +529,7 @@ def gemv(
     grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
     split = _split_k(weight, cfg, k, norm_weight is None and epilogue in (STORE, RESIDUAL))
     part, count = _split_scratch(x.device, n, split, grid) if split > 1 else (x, x)
+    pf = _prefetch_args(prefetch, grid * split, x)
     _gemv_kernel[(grid * split,)](
         x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y, n, weight.stride(0), eps,
@@ -496,7 +538,7 @@ def gemv(
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
         PRE=pre, EARLY=_early_next_tile(weight),
         EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split,
-        PRE_TILES=_preload_tiles(weight, cfg, k, split), num_warps=cfg.num_warps,
+        PRE_TILES=_preload_tiles(weight, cfg, k, split), **pf, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y

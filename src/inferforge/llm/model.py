@@ -254,14 +254,18 @@ class DecoderLM(nn.Module):
             return self.logits(self(input_ids, positions, meta))
         eps = self.cfg.norm_eps
         x = self.embed(input_ids)  # the residual stream; each product's epilogue adds into it
-        for layer in self.blocks():
+        blocks = list(self.blocks())
+        for i, layer in enumerate(blocks):
             attn, mlp = layer.attn, layer.mlp
             rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
                               attn.v_cache, attn.num_heads, attn.num_kv_heads)  # fmt: skip
-            q = gv.linear(x, attn.qkv, norm_weight=layer.norm1.weight, eps=eps, rope_cache=rc)
-            x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x)
-            h = gv.linear(x, mlp.up, norm_weight=layer.norm2.weight, eps=eps, silu_pair=True)
-            x = gv.linear(h, mlp.down, residual=x)
+            nxt = blocks[i + 1].attn.qkv if i + 1 < len(blocks) else self.lm_head
+            pf = gv.prefetch_plan({"o": attn.o, "gate_up": mlp.up, "down": mlp.down, "next_qkv": nxt})
+            n1, n2 = layer.norm1.weight, layer.norm2.weight
+            q = gv.linear(x, attn.qkv, norm_weight=n1, eps=eps, rope_cache=rc, prefetch=pf["qkv"])
+            x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x, prefetch=pf["o"])
+            h = gv.linear(x, mlp.up, norm_weight=n2, eps=eps, silu_pair=True, prefetch=pf["gate_up"])
+            x = gv.linear(h, mlp.down, residual=x, prefetch=pf["down"])
         return gv.linear(x, self.lm_head, norm_weight=self.norm.weight, eps=eps, out_dtype=torch.float32)
 
     def gemv_ready(self) -> bool:
