@@ -778,6 +778,25 @@ def preload_ab(folder: Path, reps: int = 2) -> None:
         gemv.TUNED.update(tuned)
 
 
+def l2_prefetch_small_ab(folder: Path, reps: int = 2) -> None:
+    """int8 with o fetching the first 5-20% of gate/up into L2 (R2 of 2026-11-24: the whole of it, 33.5
+    MB, cost 30-34 us a step; these fit the microseconds in which o and the attention leave DRAM idle)."""
+    from inferforge.llm import decode_gemv
+
+    default = dict(decode_gemv.L2_PREFETCH)
+    try:
+        for rep in range(reps):
+            for frac in (0.0, 0.05, 0.1, 0.2):
+                decode_gemv.L2_PREFETCH.update({p: () for p in default})
+                if frac:
+                    decode_gemv.L2_PREFETCH["o"] = (("gate_up", frac),)
+                label = f"int8 o>gate_up {frac} rep{rep}"
+                RESULTS[f"l2pf {label}"] = engine_numbers(folder, "int8", (1,), note=f" [{label}]")
+    finally:
+        decode_gemv.L2_PREFETCH.clear()
+        decode_gemv.L2_PREFETCH.update(default)
+
+
 def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     """The batch-1 step with later weights fetched into L2 by the products before them
     (`decode_gemv.L2_PREFETCH`), each setting its own engine, in turn: int8 `reps` rounds, bf16 once (its
