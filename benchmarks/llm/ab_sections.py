@@ -797,6 +797,37 @@ def l2_prefetch_small_ab(folder: Path, reps: int = 2) -> None:
         decode_gemv.L2_PREFETCH.update(default)
 
 
+def l2_prefetch_more_ab(folder: Path, reps: int = 2) -> None:
+    """After R3 (o fetching 10% of gate/up: 613 us against 625): that with down's second tile loaded before
+    its wait (`gemv.PRELOAD_TILES`), with gate/up fetching 10% of down, with q/k/v fetching o; int8
+    `reps` rounds in turn, then bf16 with o fetching 5% and 10% of its (twice as large) gate/up."""
+    from inferforge.llm import decode_gemv, gemv
+
+    default, preload = dict(decode_gemv.L2_PREFETCH), dict(gemv.PRELOAD_TILES)
+    base = {p: () for p in default} | {"o": (("gate_up", 0.1),)}
+    variants = {
+        "o>gate_up 0.1": (base, 1),
+        "+ preload 2": (base, 2),
+        "+ gate_up>down 0.1": (base | {"gate_up": (("down", 0.1),)}, 1),
+        "+ qkv>o": (base | {"qkv": (("o", 1.0),)}, 1),
+    }
+    runs = [("int8", name, *v) for name, v in variants.items()] * reps
+    runs += [
+        (None, f"o>gate_up {f}", {p: () for p in default} | {"o": (("gate_up", f),)}, 1)
+        for f in (0, 0.05, 0.1)
+    ]
+    try:
+        for i, (fmt, name, plan, tiles) in enumerate(runs):
+            decode_gemv.L2_PREFETCH.update(plan)
+            gemv.PRELOAD_TILES["int8"] = tiles
+            label = f"{fmt or 'bf16'} {name} #{i}"
+            RESULTS[f"l2pf {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
+    finally:
+        decode_gemv.L2_PREFETCH.clear()
+        decode_gemv.L2_PREFETCH.update(default)
+        gemv.PRELOAD_TILES.update(preload)
+
+
 def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     """The batch-1 step with later weights fetched into L2 by the products before them
     (`decode_gemv.L2_PREFETCH`), each setting its own engine, in turn: int8 `reps` rounds, bf16 once (its

@@ -46,6 +46,7 @@ from ab_sections import (
     int8_pre_ab,
     int8_tiles_ab,
     l2_prefetch_ab,
+    l2_prefetch_more_ab,
     l2_prefetch_small_ab,
     mlp_chunk_ab,
     no_attention_ab,
@@ -181,6 +182,7 @@ def main() -> None:
         ("preloadab", lambda: preload_ab(folder)),
         ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),
+        ("l2pfmoreab", lambda: l2_prefetch_more_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
