@@ -354,3 +354,33 @@ def transformers_vocab(folder: Path) -> int:
     import json
 
     return int(json.loads((folder / "config.json").read_text())["vocab_size"])
+
+
+@needs_cuda
+def test_l2_prefetch_leaves_batched_and_single_decoding_unchanged(
+    tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """fp32 on CUDA under decode graphs: with every L2 prefetch on (a side stream's fetches at batches of
+    several rows, the batch-1 GEMVs' own), five requests decoding together and one alone give the tokens of
+    the engine with none."""
+    from inferforge.llm import decode_gemv, fused
+
+    folder = tiny_dirs["llama"]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"p{i}", (5 + i, 17, 99, 3 + i), params) for i in range(5)]
+
+    def tokens() -> dict[str, list[int]]:
+        eng = LLMEngine(
+            folder, EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=8)
+        )
+        assert eng.runner.graphs
+        res = eng.generate(reqs) | eng.generate(reqs[:1])
+        return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
+
+    monkeypatch.setattr(fused, "BATCH_L2_PREFETCH", dict.fromkeys(fused.BATCH_L2_PREFETCH, 0.0))
+    monkeypatch.setattr(decode_gemv, "L2_PREFETCH", dict.fromkeys(decode_gemv.L2_PREFETCH, ()))
+    plain = tokens()
+    monkeypatch.setattr(fused, "BATCH_L2_PREFETCH", dict.fromkeys(fused.BATCH_L2_PREFETCH, 1.0))
+    policy = {"qkv": (("o", 1.0),), "o": (("gate_up", 1.0),), "gate_up": (), "down": (("next_qkv", 1.0),)}
+    monkeypatch.setattr(decode_gemv, "L2_PREFETCH", policy)
+    assert tokens() == plain

@@ -144,24 +144,6 @@ def _tile(rows, k0, offs_k, nmask, i: tl.constexpr, K: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
-def _l2_prefetch(START, END, CHUNK, pid):
-    """This program's `CHUNK` bytes of [START, END) (addresses) fetched into L2, a 128th by each thread
-    (Hopper's bulk prefetch: no registers, nothing waits for it; 16-byte aligned sizes and addresses)."""
-    sub = CHUNK // 128
-    at = START + pid.to(tl.int64) * CHUNK + tl.arange(0, 128).to(tl.int64) * sub
-    size = tl.minimum(tl.maximum(END - at, 0), sub).to(tl.int32)
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0;"
-        " @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-        "=r,l,r",
-        [at, size],
-        dtype=tl.int32,
-        is_pure=False,
-        pack=1,
-    )
-
-
-@triton.jit
 def _wait_for_inputs(PDL: tl.constexpr):
     """With programmatic dependent launch, block until the previous kernel finished (see `fused.pdl_on`)."""
     if PDL > 0:
@@ -217,9 +199,9 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     if PRE_TILES > 3:
         w3 = _tile(rows, k0, offs_k, nmask, 3, K, BLOCK_K)
     if PF_RANGES > 0:  # `prefetch`: later products' weights into L2 while DRAM would idle
-        _l2_prefetch(PF0, PF0_END, PF_CHUNK, tl.program_id(0))
+        fused.l2_prefetch(PF0, PF0_END, PF_CHUNK, tl.program_id(0))
     if PF_RANGES > 1:
-        _l2_prefetch(PF1, PF1_END, PF_CHUNK, tl.program_id(0))
+        fused.l2_prefetch(PF1, PF1_END, PF_CHUNK, tl.program_id(0))
     # Before the wait: everything no kernel of this step writes (weights, the norm's weight, scales, bias,
     # this step's position and slot and their cos / sin rows, sent before the graph ran).
     if PROLOGUE == 1:
