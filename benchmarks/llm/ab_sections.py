@@ -859,39 +859,3 @@ def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     finally:
         decode_gemv.L2_PREFETCH.clear()
         decode_gemv.L2_PREFETCH.update(default)
-
-
-def batch_l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
-    """The bf16 batch-64 decode graph with weights fetched into L2 from a side stream while the small kernels
-    run (`fused.BATCH_L2_PREFETCH`), each setting its own engine, `reps` rounds in turn; then the batch-1
-    step (bf16, int8) with and without o fetching 10% of gate/up (`decode_gemv.L2_PREFETCH`)."""
-    from inferforge.llm import decode_gemv, fused
-
-    default, default1 = dict(fused.BATCH_L2_PREFETCH), dict(decode_gemv.L2_PREFETCH)
-    none = dict.fromkeys(default, 0.0)
-    variants = {
-        "none": none,
-        "o": none | {"o": 1.0},
-        "o+qkv": none | {"o": 1.0, "qkv": 1.0},
-        "o+gate_up.1+down.2": none | {"o": 1.0, "gate_up": 0.1, "down": 0.2},
-        "all": {"qkv": 1.0, "o": 1.0, "gate_up": 0.15, "down": 0.3},
-    }
-    try:
-        for rep in range(reps):
-            for name, plan in variants.items():
-                fused.BATCH_L2_PREFETCH.update(plan)
-                label = f"b64 {name} rep{rep}"
-                RESULTS[f"b64pf {label}"] = engine_numbers(folder, None, (64,), note=f" [{label}]")
-        fused.BATCH_L2_PREFETCH.update(default)
-        for rep in range(reps):
-            for fmt in (None, "int8"):
-                for on in (False, True):
-                    decode_gemv.L2_PREFETCH.update({p: () for p in default1})
-                    if on:
-                        decode_gemv.L2_PREFETCH["o"] = (("gate_up", 0.1),)
-                    label = f"b1 {fmt or 'bf16'} o>gate_up {on} rep{rep}"
-                    RESULTS[f"b1pf {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
-    finally:
-        fused.BATCH_L2_PREFETCH.update(default)
-        decode_gemv.L2_PREFETCH.clear()
-        decode_gemv.L2_PREFETCH.update(default1)

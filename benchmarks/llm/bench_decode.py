@@ -25,7 +25,6 @@ from ab_sections import (
     attn64_tiles_ab,
     batch1_ab,
     batch64_ab,
-    batch_l2_prefetch_ab,
     blas_ab,
     carveout_ab,
     early_next_tile_ab,
@@ -184,7 +183,6 @@ def main() -> None:
         ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),
         ("l2pfmoreab", lambda: l2_prefetch_more_ab(folder)),
-        ("b64pfab", lambda: batch_l2_prefetch_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

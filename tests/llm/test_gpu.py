@@ -357,13 +357,13 @@ def transformers_vocab(folder: Path) -> int:
 
 
 @needs_cuda
-def test_l2_prefetch_leaves_batched_and_single_decoding_unchanged(
+def test_l2_prefetch_leaves_decoding_unchanged(
     tiny_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """fp32 on CUDA under decode graphs: with every L2 prefetch on (a side stream's fetches at batches of
-    several rows, the batch-1 GEMVs' own), five requests decoding together and one alone give the tokens of
-    the engine with none."""
-    from inferforge.llm import decode_gemv, fused
+    """fp32 on CUDA under decode graphs: with the batch-1 GEMVs fetching later weights into L2 (every
+    product fetching one: `decode_gemv.L2_PREFETCH`), a request alone and five together give the tokens
+    of the engine with none."""
+    from inferforge.llm import decode_gemv
 
     folder = tiny_dirs["llama"]
     params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
@@ -373,14 +373,17 @@ def test_l2_prefetch_leaves_batched_and_single_decoding_unchanged(
         eng = LLMEngine(
             folder, EngineConfig(device="cuda", dtype="float32", kv_cache_tokens=2048, max_num_seqs=8)
         )
-        assert eng.runner.graphs
-        res = eng.generate(reqs) | eng.generate(reqs[:1])
+        assert eng.runner.graphs and eng.model.gemv_ops is not None
+        res = eng.generate(reqs[:1]) | {f"{k} batched": v for k, v in eng.generate(reqs).items()}
         return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
 
-    monkeypatch.setattr(fused, "BATCH_L2_PREFETCH", dict.fromkeys(fused.BATCH_L2_PREFETCH, 0.0))
     monkeypatch.setattr(decode_gemv, "L2_PREFETCH", dict.fromkeys(decode_gemv.L2_PREFETCH, ()))
     plain = tokens()
-    monkeypatch.setattr(fused, "BATCH_L2_PREFETCH", dict.fromkeys(fused.BATCH_L2_PREFETCH, 1.0))
-    policy = {"qkv": (("o", 1.0),), "o": (("gate_up", 1.0),), "gate_up": (), "down": (("next_qkv", 1.0),)}
+    policy = {
+        "qkv": (("o", 1.0),),
+        "o": (("gate_up", 1.0),),
+        "gate_up": (("down", 0.5),),
+        "down": (("next_qkv", 1.0),),
+    }
     monkeypatch.setattr(decode_gemv, "L2_PREFETCH", policy)
     assert tokens() == plain

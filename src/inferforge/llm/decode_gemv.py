@@ -18,10 +18,19 @@ __all__ = ["L2_PREFETCH", "RopeCache", "can_run", "linear", "operands", "prefetc
 # Which later weights each batch-1 product of a layer fetches into L2 before its wait (`gemv`'s `prefetch`),
 # by product: (target, fraction of the target's bytes), targets "o", "gate_up", "down" of the same layer and
 # "next_qkv" (the next layer's q/k/v, or the LM head after the last layer). The idea (CUTLASS's "GEMM with L2
-# weight prefetch"): the narrow products and the attention leave DRAM idle for microseconds each, while
-# gate/up and down stream at bandwidth; weights fetched in those gaps are read from L2 later. Not yet
-# measured in the step: nothing by default.
-L2_PREFETCH: dict[str, tuple[tuple[str, float], ...]] = {"qkv": (), "o": (), "gate_up": (), "down": ()}
+# weight prefetch"): the narrow products and the attention leave DRAM idle for a moment, gate/up then reads
+# its first programs' weights from L2. Measured (R2-R5 of 2026-11-24, batch-1 graphs, in turn): o fetching
+# 10% of gate/up, int8 612-618 us against 625-627 in three calls, bf16 945-949 against 954-961 in two; 5%
+# and 20% gained less, the whole of gate/up (33.5 MB) cost 30-34 us, and so did every fetch issued during a
+# product that streams at bandwidth (q/k/v fetching gate/up or o, gate/up fetching down, down fetching the
+# next q/k/v: +10 to +45 us). At batches of 64 the same fetches from a side stream between cuBLAS's products
+# changed nothing (1,603-1,643 us a step either way; removed, in history at 6e3703c).
+L2_PREFETCH: dict[str, tuple[tuple[str, float], ...]] = {
+    "qkv": (),
+    "o": (("gate_up", 0.1),),
+    "gate_up": (),
+    "down": (),
+}
 
 
 def operands(

@@ -63,50 +63,6 @@ def l2_prefetch(START, END, CHUNK, pid):
 
 
 @triton.jit
-def _prefetch_kernel(S0, E0, S1, E1, CHUNK, RANGES: tl.constexpr):
-    pid = tl.program_id(0)
-    l2_prefetch(S0, E0, CHUNK, pid)
-    if RANGES > 1:
-        l2_prefetch(S1, E1, CHUNK, pid)
-
-
-# Weights fetched into L2 during a decode step of more than one row (cuBLAS products with the fused kernels
-# between them; no PDL across cuBLAS, so DRAM idles through the norms, RoPE, the attention's start, SiLU and
-# each launch gap), by target product: the fraction of its bytes fetched from a second stream once the
-# product before it finished ("qkv" at the layer's start, "o" after q/k/v, "gate_up" after o, "down" after
-# gate/up), so the fetch runs beside the small kernels. Not yet measured: nothing by default.
-BATCH_L2_PREFETCH = {"qkv": 0.0, "o": 0.0, "gate_up": 0.0, "down": 0.0}
-PREFETCH_PROGRAMS = 16
-
-
-class L2Prefetcher:
-    """Issues `BATCH_L2_PREFETCH`'s fetches on a side stream forked from the current one (also inside CUDA
-    graph capture: a branch of the graph); `join` before the step's last kernel joins it back."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.stream = torch.cuda.Stream(device)
-        self.forked = False
-
-    def fetch(self, target: str, module: torch.nn.Module) -> None:
-        fraction = BATCH_L2_PREFETCH.get(target, 0.0)
-        weight = getattr(module, "weight", None) if type(module) is torch.nn.Linear else None
-        if fraction <= 0 or not isinstance(weight, torch.Tensor) or not weight.is_contiguous():
-            return
-        n = int(weight.numel() * weight.element_size() * min(fraction, 1.0)) // 16 * 16
-        chunk = triton.cdiv(triton.cdiv(n, PREFETCH_PROGRAMS), 2048) * 2048
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            start = weight.data_ptr()
-            _prefetch_kernel[(PREFETCH_PROGRAMS,)](start, start + n, 0, 0, chunk, RANGES=1, num_warps=4)
-        self.forked = True
-
-    def join(self) -> None:
-        if self.forked:
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.forked = False
-
-
-@triton.jit
 def _add_rmsnorm_kernel(X, R, W, Y, stride_x, stride_r, stride_y, N, eps, HAS_RES: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
     row = tl.program_id(0)

@@ -342,7 +342,9 @@ EARLY_NEXT_TILE = {"int8": True, "fp8": False, "bf16": False}
 # K tiles of a product of several (down) loaded before `griddepcontrol.wait`, up to 4: the rest of its
 # weights in flight while the previous kernel finishes, where one tile leaves three DRAM round trips (each
 # next tile's load issued a tile ahead) after the wait. Costs registers: 4 int8 tiles of 16 KB are 128 a
-# thread at 4 warps. Not yet measured in the step: 1 (the behaviour before) for every format.
+# thread at 4 warps. Measured (R1 of 2026-11-24, batch-1 graphs, in turn): int8 1 tile 628 / 633 us, 2 tiles
+# 625 / 623, 4 tiles 641 / 644, 4 at 8 warps 636 / 637; bf16 1 tile 955, 2 tiles 980; with o's L2 fetch on
+# (R4) int8 2 tiles 615 / 613 against 612 / 613. So down's latency is not its chain of tile loads: 1 (off).
 PRELOAD_TILES = {"int8": 1, "fp8": 1, "bf16": 1}
 
 

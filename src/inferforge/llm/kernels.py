@@ -51,8 +51,6 @@ def choose_kernels(model: DecoderLM, config: EngineConfig, device: torch.device)
         fused.enable_pdl(config.pdl and torch.cuda.get_device_capability(device) >= (9, 0))
         if fused.verified(device, config.torch_dtype):
             model.fused_ops = fused
-            if torch.cuda.get_device_capability(device) >= (9, 0):
-                model.l2_prefetch = fused.L2Prefetcher(device)
         if model.fused_ops is not None and config.gemv_decode and model.gemv_ready():
             gemv_error = _enable_gemv(model, config, device)
     if device.type == "cuda" and config.fp32_logits_mm:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -80,16 +79,12 @@ class Attention(nn.Module):
         return self.decode(q, meta)
 
     def forward_fused(self, x: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      meta: AttnMeta, ops: ModuleType, prefetch: Any = None) -> torch.Tensor:  # fmt: skip
+                      meta: AttnMeta, ops: ModuleType) -> torch.Tensor:  # fmt: skip
         """As `forward`, with RoPE and both cache writes in one kernel (`fused.rope_write_cache`); cos/sin
-        are the whole tables, indexed by `positions` inside the kernel. `prefetch`: a `fused.L2Prefetcher`
-        (decode steps of several rows), told when q/k/v is issued."""
+        are the whole tables, indexed by `positions` inside the kernel."""
         t = x.shape[0]
-        qkv = self.qkv(x)
-        if prefetch is not None:
-            prefetch.fetch("o", self.o)
         q, k, v = ops.rope_write_cache(
-            qkv, cos, sin, positions, meta.slot_mapping, self.k_cache, self.v_cache,
+            self.qkv(x), cos, sin, positions, meta.slot_mapping, self.k_cache, self.v_cache,
             self.num_heads, self.num_kv_heads, self.rope, meta.prefill is not None,
         )  # fmt: skip
         return self.o(self._attend(q, k, v, meta).reshape(t, -1))
@@ -119,13 +114,10 @@ class MLP(nn.Module):
             return self.down(F.silu(gate) * up)
         return self.down(F.gelu(h, approximate="tanh"))
 
-    def forward_fused(self, x: torch.Tensor, ops: ModuleType, prefetch: Any = None) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, ops: ModuleType) -> torch.Tensor:
         n, down = MLP_CHUNK["tokens"], self.down
         if not n or x.shape[0] <= n or type(down) is not nn.Linear or down.bias is not None:
-            h = self.up(x)
-            if prefetch is not None:
-                prefetch.fetch("down", down)
-            return down(ops.silu_mul(h))
+            return down(ops.silu_mul(self.up(x)))
         out = x.new_empty(x.shape[0], down.out_features)
         for s in range(0, x.shape[0], n):
             torch.mm(ops.silu_mul(self.up(x[s : s + n])), down.weight.t(), out=out[s : s + n])
@@ -160,7 +152,6 @@ class DecoderLM(nn.Module):
         self.compiled_block: Callable[..., torch.Tensor] | None = None
         self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
         self.gemv_ops: ModuleType | None = None  # `inferforge.llm.gemv` once verified (batch-1 decode)
-        self.l2_prefetch: Any = None  # a `fused.L2Prefetcher` on Hopper (decode steps of several rows)
         self.fp32_logits_mm = False
 
     def can_fuse(self) -> bool:
@@ -215,18 +206,11 @@ class DecoderLM(nn.Module):
         into the residual (vLLM's pattern), so a layer is 4 matrix products and 5 small kernels."""
         eps = self.cfg.norm_eps
         residual: torch.Tensor | None = None
-        pf = self.l2_prefetch if meta.prefill is None and meta.varlen is None else None
         for layer in self.blocks():
-            if pf is not None:
-                pf.fetch("qkv", layer.attn.qkv)
             h, residual = ops.add_rmsnorm(x, residual, layer.norm1.weight, eps)
-            a = layer.attn.forward_fused(h, positions, self.rope_cos, self.rope_sin, meta, ops, pf)
-            if pf is not None:
-                pf.fetch("gate_up", layer.mlp.up)
+            a = layer.attn.forward_fused(h, positions, self.rope_cos, self.rope_sin, meta, ops)
             h, residual = ops.add_rmsnorm(a, residual, layer.norm2.weight, eps)
-            x = layer.mlp.forward_fused(h, ops, pf)
-        if pf is not None:
-            pf.join()
+            x = layer.mlp.forward_fused(h, ops)
         return ops.add_rmsnorm(x, residual, self.norm.weight, eps)[0]
 
     def compile_decode(self) -> None:
