@@ -859,3 +859,21 @@ def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     finally:
         decode_gemv.L2_PREFETCH.clear()
         decode_gemv.L2_PREFETCH.update(default)
+
+
+def int4_l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
+    """int4's batch-1 step with its o (Triton) fetching 0 / 10% / 20% of gate/up's words and scales into
+    L2 before its wait (`decode_gemv.L2_PREFETCH`; every int4 program reads from K = 0), `reps` rounds in
+    turn."""
+    from inferforge.llm import decode_gemv
+
+    default = dict(decode_gemv.L2_PREFETCH)
+    try:
+        for rep in range(reps):
+            for frac in (0.0, 0.1, 0.2):
+                decode_gemv.L2_PREFETCH["o"] = (("gate_up", frac),) if frac else ()
+                label = f"int4 o>gate_up {frac} rep{rep}"
+                RESULTS[f"l2pf {label}"] = engine_numbers(folder, "int4", (1,), note=f" [{label}]")
+    finally:
+        decode_gemv.L2_PREFETCH.clear()
+        decode_gemv.L2_PREFETCH.update(default)

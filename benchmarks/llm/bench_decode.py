@@ -29,6 +29,7 @@ from ab_sections import (
     carveout_ab,
     early_next_tile_ab,
     int4_head_tiles_ab,
+    int4_l2_prefetch_ab,
     int4_norm_ab,
     int4_recipe_ab,
     int4_tc_ab,
@@ -183,6 +184,7 @@ def main() -> None:
         ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),
         ("l2pfmoreab", lambda: l2_prefetch_more_ab(folder)),
+        ("int4l2pfab", lambda: int4_l2_prefetch_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (

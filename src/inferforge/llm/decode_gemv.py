@@ -68,9 +68,16 @@ def can_run(module: torch.nn.Module, quantized: bool = True) -> bool:
 def weight_ranges(module: torch.nn.Module, fraction: float, paired: bool) -> tuple[tuple[int, int], ...]:
     """The device byte ranges of the first `fraction` of a layer's weight in the order its programs read it:
     from the start, or from the start of each half for gate/up (`paired`: a program reads gate row j and up
-    row j + N/2). () for int4 layers and weights that are not one dense block."""
+    row j + N/2). int4 layers ([K/8, N] words, every program reading from K = 0): the first `fraction` of
+    their words and of their scales. () for weights that are not one dense block."""
     ops = operands(module)
     weight = None if ops is None else ops[0]
+    if isinstance(weight, gemv_int4.Int4Weight) and fraction > 0:  # [K/8, N] words: every program's first K
+        return tuple(
+            (t.data_ptr(), int(t.numel() * t.element_size() * min(fraction, 1.0)) // 16 * 16)
+            for t in (weight.packed, weight.scales)
+            if t.is_contiguous()
+        )
     if not isinstance(weight, torch.Tensor) or not weight.is_contiguous() or fraction <= 0:
         return ()
     total = weight.numel() * weight.element_size()
@@ -88,7 +95,8 @@ def prefetch_plan(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[i
     for product, targets in L2_PREFETCH.items():
         ranges: tuple[tuple[int, int], ...] = ()
         for target, fraction in targets:
-            ranges += weight_ranges(layers[target], fraction, paired=target == "gate_up")
+            got = weight_ranges(layers[target], fraction, paired=target == "gate_up")
+            ranges += tuple(r for r in got if r[1] > 0)
         plan[product] = ranges[:2]
     return plan
 
@@ -99,8 +107,9 @@ def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tens
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
-        kw.pop("prefetch", None)  # the int4 kernels take none
-        if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`)
+        prefetch = kw.pop("prefetch", ())
+        if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`); no prefetch
             return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
+        kw["prefetch"] = prefetch
         return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]

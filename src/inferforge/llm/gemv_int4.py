@@ -36,6 +36,7 @@ from inferforge.llm.gemv import (
     STORE,
     RopeCache,
     TileConfig,
+    _prefetch_args,
     _rope_cache_store,
     _rope_prefetch,
     _rows,
@@ -184,7 +185,8 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
                       PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, TG: tl.constexpr, PAIR_GAP: tl.constexpr,
                       H: tl.constexpr, KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr,
-                      PTX: tl.constexpr, EARLY_RES: tl.constexpr):  # fmt: skip
+                      PTX: tl.constexpr, EARLY_RES: tl.constexpr, PF0=0, PF0_END=0, PF1=0, PF1_END=0,
+                      PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -193,6 +195,10 @@ def _gemv_int4_kernel(X, G, W, S, Z, BIAS, R, Y, N, stride_w, stride_s, stride_z
     nmask = offs_n < N
     r = tl.arange(0, BLOCK_K // 8)
     w, s, z = _load_tile(W, S, Z, 0, offs_n, nmask, stride_w, stride_s, stride_z, K, GROUP, BLOCK_K, TG)
+    if PF_RANGES > 0:  # `gemv.gemv`'s `prefetch`
+        fused.l2_prefetch(PF0, PF0_END, PF_CHUNK, pid)
+    if PF_RANGES > 1:
+        fused.l2_prefetch(PF1, PF1_END, PF_CHUNK, pid)
     # Before the wait: everything no kernel of this step writes (as `gemv._gemv_kernel`).
     if PROLOGUE == 1:
         g = _row_tile(G, r, K // 8)
@@ -260,6 +266,7 @@ def gemv_int4(
     silu_pair: bool = False,
     out_dtype: torch.dtype | None = None,
     tiles: TileConfig | None = None,
+    prefetch: tuple[tuple[int, int], ...] = (),
 ) -> torch.Tensor:
     """`gemv.gemv` (same arguments, results and errors) for an int4 weight; `tiles.block_k` counts weights
     (unpacked) and must be a power of two of at least 8."""
@@ -275,6 +282,7 @@ def gemv_int4(
     y, epilogue, gap, cfg, cache_args, (heads, kv_heads, d) = out
     grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
     w = weight
+    pf = _prefetch_args(prefetch, grid, x)
     _gemv_int4_kernel[(grid,)](
         x, norm_weight if norm_weight is not None else x, w.packed, w.scales, w.zeros,
         bias if bias is not None else x, residual if residual is not None else x, y, n, w.packed.stride(0),
@@ -282,7 +290,7 @@ def gemv_int4(
         PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue, HAS_BIAS=bias is not None,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, TG=max(cfg.block_k // w.group, 1), PAIR_GAP=gap, H=heads,
         KV=kv_heads, D=d, PDL=fused.pdl_on(), PTX=PTX_NIBBLES["on"] and x.is_cuda,
-        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, num_warps=cfg.num_warps,
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, **pf, num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
