@@ -877,3 +877,16 @@ def int4_l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     finally:
         decode_gemv.L2_PREFETCH.clear()
         decode_gemv.L2_PREFETCH.update(default)
+
+
+def load_graph_buckets_ab(folder: Path, reps: int = 3) -> None:
+    """The 64 x (128 + 128) load test (bf16, 8,192 tokens a step) with prompt-step graphs up to 2,048 tokens
+    (the default: its 8,192-token prefill step runs eager) and with 4,096 and 8,192 added, `reps` rounds in
+    turn (K4 of 2026-11-23: 35,327 against 34,818 tok/s in waves, one round, on a slow host)."""
+    from inferforge.llm.engine_config import EngineConfig
+
+    default = EngineConfig.prefill_graph_tokens
+    for rep in range(reps):
+        for name, buckets in (("to 2048", default), ("+4096,8192", (*default, 4096, 8192))):
+            out = load_test(folder, None, 8192, prefill_graph_tokens=buckets)
+            RESULTS[f"loadgraph {name} rep{rep}"] = out

@@ -49,6 +49,7 @@ from ab_sections import (
     l2_prefetch_ab,
     l2_prefetch_more_ab,
     l2_prefetch_small_ab,
+    load_graph_buckets_ab,
     mlp_chunk_ab,
     no_attention_ab,
     o_bf16_ab,
@@ -185,6 +186,7 @@ def main() -> None:
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),
         ("l2pfmoreab", lambda: l2_prefetch_more_ab(folder)),
         ("int4l2pfab", lambda: int4_l2_prefetch_ab(folder)),
+        ("loadgraphab", lambda: load_graph_buckets_ab(folder)),
         ("int4headab", lambda: int4_head_tiles_ab(folder)),
         ("splitdownab", lambda: split_k_ab(folder, tuple(None if q == "bf16" else q for q in quants))),
         (
