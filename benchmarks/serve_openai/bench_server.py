@@ -384,7 +384,7 @@ def main() -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=8192, help="of every engine (serve-llm's)")
     p.add_argument(
         "--prefill-graph-tokens",
-        default="128,256,384,512,768,1024,1536,2048",
+        default="128,256,384,512,768,1024,1536,2048,4096,8192",
         help="of every engine (serve-llm's); none: prompt steps eager",
     )
     p.add_argument(

@@ -45,8 +45,13 @@ class EngineConfig:
     )
     # Token buckets of the CUDA graphs of prompt steps (on CUDA, with the varlen attention kernel once it
     # matched its reference), finer where a step is weight-bound and padding cheap; a step over the largest
-    # bucket, or every step with (), runs eagerly. Past 2,048 graphs gained nothing (J5, docs/llm-runs.md).
-    prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048)
+    # bucket, or every step with (), runs eagerly. Only buckets up to the first that holds
+    # `max_num_batched_tokens` are captured, so 4,096 and 8,192 cost nothing at the default 2,048 tokens a
+    # step. With 8,192 a step, the 64 x (128 + 128) load test ran 35,292-35,409 tok/s with them against
+    # 34,968-35,189 without, three rounds in turn (R9 of 2026-11-24, docs/llm-runs.md; K4 saw the same once).
+    # Buckets over 2,048 take only steps whose chunks each end within 2,048 tokens (J5: long prompts gained
+    # nothing from graphs).
+    prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
     enable_prefix_caching: bool = True  # reuse KV blocks of earlier prompts (and answers) with the same start

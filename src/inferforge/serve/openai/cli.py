@@ -131,9 +131,10 @@ def serve_llm(
         "writes and less server CPU per token, burstier streams; the first token is never held back.",
     ),
     prefill_graph_tokens: str = typer.Option(
-        "128,256,384,512,768,1024,1536,2048",
+        "128,256,384,512,768,1024,1536,2048,4096,8192",
         help="Token buckets of the CUDA graphs of prompt steps, comma-separated, or none. A prompt step up "
-        "to the largest replays one graph instead of ~10 eager kernel launches a layer.",
+        "to the largest replays one graph instead of ~10 eager kernel launches a layer; buckets past "
+        "--max-num-batched-tokens are not captured.",
     ),
     api_server_count: int = typer.Option(
         0,
