@@ -778,47 +778,15 @@ def preload_ab(folder: Path, reps: int = 2) -> None:
         gemv.TUNED.update(tuned)
 
 
-def l2_prefetch_small_ab(folder: Path, reps: int = 2) -> None:
-    """int8 with o fetching the first 5-20% of gate/up into L2 (R2 of 2026-11-24: the whole of it, 33.5
-    MB, cost 30-34 us a step; these fit the microseconds in which o and the attention leave DRAM idle)."""
-    from inferforge.llm import decode_gemv
-
-    default = dict(decode_gemv.L2_PREFETCH)
-    try:
-        for rep in range(reps):
-            for frac in (0.0, 0.05, 0.1, 0.2):
-                decode_gemv.L2_PREFETCH.update({p: () for p in default})
-                if frac:
-                    decode_gemv.L2_PREFETCH["o"] = (("gate_up", frac),)
-                label = f"int8 o>gate_up {frac} rep{rep}"
-                RESULTS[f"l2pf {label}"] = engine_numbers(folder, "int8", (1,), note=f" [{label}]")
-    finally:
-        decode_gemv.L2_PREFETCH.clear()
-        decode_gemv.L2_PREFETCH.update(default)
-
-
-def l2_prefetch_more_ab(folder: Path, reps: int = 2) -> None:
-    """After R3 (o fetching 10% of gate/up: 613 us against 625): that with down's second tile loaded before
-    its wait (`gemv.PRELOAD_TILES`), with gate/up fetching 10% of down, with q/k/v fetching o; int8
-    `reps` rounds in turn, then bf16 with o fetching 5% and 10% of its (twice as large) gate/up."""
+def _prefetch_runs(folder: Path, runs: list[tuple[str | None, str, dict, int]]) -> None:
+    """Each (format, label, `decode_gemv.L2_PREFETCH` entries, int8 `gemv.PRELOAD_TILES`) as its own engine's
+    batch-1 step, in the order given; every product not named fetches nothing."""
     from inferforge.llm import decode_gemv, gemv
 
     default, preload = dict(decode_gemv.L2_PREFETCH), dict(gemv.PRELOAD_TILES)
-    base = {p: () for p in default} | {"o": (("gate_up", 0.1),)}
-    variants = {
-        "o>gate_up 0.1": (base, 1),
-        "+ preload 2": (base, 2),
-        "+ gate_up>down 0.1": (base | {"gate_up": (("down", 0.1),)}, 1),
-        "+ qkv>o": (base | {"qkv": (("o", 1.0),)}, 1),
-    }
-    runs = [("int8", name, *v) for name, v in variants.items()] * reps
-    runs += [
-        (None, f"o>gate_up {f}", {p: () for p in default} | {"o": (("gate_up", f),)}, 1)
-        for f in (0, 0.05, 0.1)
-    ]
     try:
         for i, (fmt, name, plan, tiles) in enumerate(runs):
-            decode_gemv.L2_PREFETCH.update(plan)
+            decode_gemv.L2_PREFETCH.update({p: () for p in default} | plan)
             gemv.PRELOAD_TILES["int8"] = tiles
             label = f"{fmt or 'bf16'} {name} #{i}"
             RESULTS[f"l2pf {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
@@ -828,65 +796,61 @@ def l2_prefetch_more_ab(folder: Path, reps: int = 2) -> None:
         gemv.PRELOAD_TILES.update(preload)
 
 
+def _o_fetches(fraction: float) -> dict:
+    return {"o": (("gate_up", fraction),)} if fraction else {}
+
+
 def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     """The batch-1 step with later weights fetched into L2 by the products before them
-    (`decode_gemv.L2_PREFETCH`), each setting its own engine, in turn: int8 `reps` rounds, bf16 once (its
-    gate/up is 67 MB, more than the 50 MB L2: fractions cap what one product asks for at ~27 MB)."""
-    from inferforge.llm import decode_gemv
+    (`decode_gemv.L2_PREFETCH`), in turn: int8 `reps` rounds, bf16 once (its gate/up is 67 MB, more than the
+    50 MB L2: fractions cap what one product asks for at ~27 MB). R2 of 2026-11-24."""
 
-    default = dict(decode_gemv.L2_PREFETCH)
-
-    def policy(**kw: tuple) -> dict:
-        return {**{p: () for p in default}, **kw}
-
-    def variants(gu: float, dn: float) -> dict[str, dict]:
-        return {
-            "none": policy(),
-            "o>gate_up": policy(o=(("gate_up", gu),)),
-            "qkv>gate_up": policy(qkv=(("gate_up", gu),)),
-            "o>gate_up gate_up>down": policy(o=(("gate_up", gu),), gate_up=(("down", dn),)),
-            "o>gate_up down>next_qkv": policy(o=(("gate_up", gu),), down=(("next_qkv", 1.0),)),
+    def variants(fmt: str | None, gu: float, dn: float) -> list[tuple[str | None, str, dict, int]]:
+        table = {
+            "none": {},
+            "o>gate_up": _o_fetches(gu),
+            "qkv>gate_up": {"qkv": (("gate_up", gu),)},
+            "o>gate_up gate_up>down": _o_fetches(gu) | {"gate_up": (("down", dn),)},
+            "o>gate_up down>next_qkv": _o_fetches(gu) | {"down": (("next_qkv", 1.0),)},
         }
+        return [(fmt, name, plan, 1) for name, plan in table.items()]
 
-    try:
-        runs = [("int8", variants(1.0, 1.0))] * reps + [(None, variants(0.4, 0.8))]
-        for rep, (fmt, table) in enumerate(runs):
-            for name, plan in table.items():
-                decode_gemv.L2_PREFETCH.clear()
-                decode_gemv.L2_PREFETCH.update(plan)
-                label = f"{fmt or 'bf16'} {name} rep{rep}"
-                RESULTS[f"l2pf {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
-    finally:
-        decode_gemv.L2_PREFETCH.clear()
-        decode_gemv.L2_PREFETCH.update(default)
+    _prefetch_runs(folder, variants("int8", 1.0, 1.0) * reps + variants(None, 0.4, 0.8))
+
+
+def l2_prefetch_small_ab(folder: Path, reps: int = 2) -> None:
+    """int8 with o fetching the first 5-20% of gate/up into L2 (R2: the whole of it, 33.5 MB, cost 30-34 us
+    a step; these fit the microseconds in which o and the attention leave DRAM idle). R3."""
+    fracs = (0.0, 0.05, 0.1, 0.2)
+    _prefetch_runs(folder, [("int8", f"o>gate_up {f}", _o_fetches(f), 1) for f in fracs] * reps)
+
+
+def l2_prefetch_more_ab(folder: Path, reps: int = 2) -> None:
+    """After R3 (o fetching 10% of gate/up: 613 us against 625): that with down's second tile loaded before
+    its wait (`gemv.PRELOAD_TILES`), with gate/up fetching 10% of down, with q/k/v fetching o; int8
+    `reps` rounds in turn, then bf16 with o fetching 0 / 5% / 10% of its (twice as large) gate/up. R4."""
+    base = _o_fetches(0.1)
+    runs = [
+        ("int8", "o>gate_up 0.1", base, 1),
+        ("int8", "+ preload 2", base, 2),
+        ("int8", "+ gate_up>down 0.1", base | {"gate_up": (("down", 0.1),)}, 1),
+        ("int8", "+ qkv>o", base | {"qkv": (("o", 1.0),)}, 1),
+    ] * reps
+    _prefetch_runs(folder, runs + [(None, f"o>gate_up {f}", _o_fetches(f), 1) for f in (0, 0.05, 0.1)])
 
 
 def int4_l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     """int4's batch-1 step with its o (Triton) fetching 0 / 10% / 20% of gate/up's words and scales into
-    L2 before its wait (`decode_gemv.L2_PREFETCH`; every int4 program reads from K = 0), `reps` rounds in
-    turn."""
-    from inferforge.llm import decode_gemv
-
-    default = dict(decode_gemv.L2_PREFETCH)
-    try:
-        for rep in range(reps):
-            for frac in (0.0, 0.1, 0.2):
-                decode_gemv.L2_PREFETCH["o"] = (("gate_up", frac),) if frac else ()
-                label = f"int4 o>gate_up {frac} rep{rep}"
-                RESULTS[f"l2pf {label}"] = engine_numbers(folder, "int4", (1,), note=f" [{label}]")
-    finally:
-        decode_gemv.L2_PREFETCH.clear()
-        decode_gemv.L2_PREFETCH.update(default)
+    L2 before its wait (every int4 program reads from K = 0), `reps` rounds in turn. R6."""
+    _prefetch_runs(folder, [("int4", f"o>gate_up {f}", _o_fetches(f), 1) for f in (0.0, 0.1, 0.2)] * reps)
 
 
 def load_graph_buckets_ab(folder: Path, reps: int = 3) -> None:
     """The 64 x (128 + 128) load test (bf16, 8,192 tokens a step) with prompt-step graphs up to 2,048 tokens
     (the default: its 8,192-token prefill step runs eager) and with 4,096 and 8,192 added, `reps` rounds in
-    turn (K4 of 2026-11-23: 35,327 against 34,818 tok/s in waves, one round, on a slow host)."""
-    from inferforge.llm.engine_config import EngineConfig
-
-    default = EngineConfig.prefill_graph_tokens
+    turn (K4 of 2026-11-23: 35,327 against 34,818 tok/s in waves, one round, on a slow host). R9."""
+    to_2048 = (128, 256, 384, 512, 768, 1024, 1536, 2048)
     for rep in range(reps):
-        for name, buckets in (("to 2048", default), ("+4096,8192", (*default, 4096, 8192))):
+        for name, buckets in (("to 2048", to_2048), ("+4096,8192", (*to_2048, 4096, 8192))):
             out = load_test(folder, None, 8192, prefill_graph_tokens=buckets)
             RESULTS[f"loadgraph {name} rep{rep}"] = out
