@@ -749,51 +749,20 @@ def int8_pre_ab(folder: Path, reps: int = 2, only: tuple[str, ...] = ()) -> None
     gemv.INT8_PRE.update(default)
 
 
-def preload_ab(folder: Path, reps: int = 2) -> None:
-    """The batch-1 step with down's K tiles loaded before its wait (`gemv.PRELOAD_TILES`): int8 1 / 2 / 4
-    tiles and 4 at 8 warps, `reps` rounds in turn; bf16 1 / 2 once each (4 bf16 tiles of 32 KB would take
-    256 registers a thread)."""
-    from inferforge.llm import gemv
+def _prefetch_runs(folder: Path, runs: list[tuple[str | None, str, dict]]) -> None:
+    """Each (format, label, `decode_gemv.L2_PREFETCH` entries) as its own engine's batch-1 step, in the
+    order given; every product not named fetches nothing."""
+    from inferforge.llm import decode_gemv
 
-    default, tuned = dict(gemv.PRELOAD_TILES), dict(gemv.TUNED)
-    variants = {"int8 pre1": ("int8", 1, 4), "int8 pre2": ("int8", 2, 4), "int8 pre4": ("int8", 4, 4),
-                "int8 pre4 w8": ("int8", 4, 8)}  # fmt: skip
+    default = dict(decode_gemv.L2_PREFETCH)
     try:
-        for name, tiles in (("bf16 pre1", 1), ("bf16 pre2", 2)):
-            gemv.PRELOAD_TILES["bf16"] = tiles
-            RESULTS[f"preload {name}"] = engine_numbers(folder, None, (1,), note=f" [{name}]")
-        gemv.PRELOAD_TILES.update(default)
-        for rep in range(reps):
-            for name, (kind, tiles, warps) in variants.items():
-                gemv.PRELOAD_TILES[kind] = tiles
-                gemv.TUNED.clear()
-                gemv.TUNED.update(tuned)
-                if warps != 4:  # down's shape at one byte a weight: 8 rows x 2,048 a tile, as by default
-                    gemv.TUNED[(2048, 8192, 1)] = gemv.TileConfig(8, 2048, warps)
-                label = f"{name} rep{rep}"
-                RESULTS[f"preload {label}"] = engine_numbers(folder, "int8", (1,), note=f" [{label}]")
-    finally:
-        gemv.PRELOAD_TILES.update(default)
-        gemv.TUNED.clear()
-        gemv.TUNED.update(tuned)
-
-
-def _prefetch_runs(folder: Path, runs: list[tuple[str | None, str, dict, int]]) -> None:
-    """Each (format, label, `decode_gemv.L2_PREFETCH` entries, int8 `gemv.PRELOAD_TILES`) as its own engine's
-    batch-1 step, in the order given; every product not named fetches nothing."""
-    from inferforge.llm import decode_gemv, gemv
-
-    default, preload = dict(decode_gemv.L2_PREFETCH), dict(gemv.PRELOAD_TILES)
-    try:
-        for i, (fmt, name, plan, tiles) in enumerate(runs):
+        for i, (fmt, name, plan) in enumerate(runs):
             decode_gemv.L2_PREFETCH.update({p: () for p in default} | plan)
-            gemv.PRELOAD_TILES["int8"] = tiles
             label = f"{fmt or 'bf16'} {name} #{i}"
             RESULTS[f"l2pf {label}"] = engine_numbers(folder, fmt, (1,), note=f" [{label}]")
     finally:
         decode_gemv.L2_PREFETCH.clear()
         decode_gemv.L2_PREFETCH.update(default)
-        gemv.PRELOAD_TILES.update(preload)
 
 
 def _o_fetches(fraction: float) -> dict:
@@ -805,7 +774,7 @@ def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     (`decode_gemv.L2_PREFETCH`), in turn: int8 `reps` rounds, bf16 once (its gate/up is 67 MB, more than the
     50 MB L2: fractions cap what one product asks for at ~27 MB). R2 of 2026-11-24."""
 
-    def variants(fmt: str | None, gu: float, dn: float) -> list[tuple[str | None, str, dict, int]]:
+    def variants(fmt: str | None, gu: float, dn: float) -> list[tuple[str | None, str, dict]]:
         table = {
             "none": {},
             "o>gate_up": _o_fetches(gu),
@@ -813,7 +782,7 @@ def l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
             "o>gate_up gate_up>down": _o_fetches(gu) | {"gate_up": (("down", dn),)},
             "o>gate_up down>next_qkv": _o_fetches(gu) | {"down": (("next_qkv", 1.0),)},
         }
-        return [(fmt, name, plan, 1) for name, plan in table.items()]
+        return [(fmt, name, plan) for name, plan in table.items()]
 
     _prefetch_runs(folder, variants("int8", 1.0, 1.0) * reps + variants(None, 0.4, 0.8))
 
@@ -822,27 +791,27 @@ def l2_prefetch_small_ab(folder: Path, reps: int = 2) -> None:
     """int8 with o fetching the first 5-20% of gate/up into L2 (R2: the whole of it, 33.5 MB, cost 30-34 us
     a step; these fit the microseconds in which o and the attention leave DRAM idle). R3."""
     fracs = (0.0, 0.05, 0.1, 0.2)
-    _prefetch_runs(folder, [("int8", f"o>gate_up {f}", _o_fetches(f), 1) for f in fracs] * reps)
+    _prefetch_runs(folder, [("int8", f"o>gate_up {f}", _o_fetches(f)) for f in fracs] * reps)
 
 
 def l2_prefetch_more_ab(folder: Path, reps: int = 2) -> None:
-    """After R3 (o fetching 10% of gate/up: 613 us against 625): that with down's second tile loaded before
-    its wait (`gemv.PRELOAD_TILES`), with gate/up fetching 10% of down, with q/k/v fetching o; int8
-    `reps` rounds in turn, then bf16 with o fetching 0 / 5% / 10% of its (twice as large) gate/up. R4."""
+    """After R3 (o fetching 10% of gate/up: 613 us against 625): that with gate/up fetching 10% of down,
+    with q/k/v fetching o; int8 `reps` rounds in turn, then bf16 with o fetching 0 / 5% / 10% of its (twice
+    as large) gate/up. R4 (8d58293) also ran it with down's second K tile loaded before its wait, a knob
+    since removed."""
     base = _o_fetches(0.1)
     runs = [
-        ("int8", "o>gate_up 0.1", base, 1),
-        ("int8", "+ preload 2", base, 2),
-        ("int8", "+ gate_up>down 0.1", base | {"gate_up": (("down", 0.1),)}, 1),
-        ("int8", "+ qkv>o", base | {"qkv": (("o", 1.0),)}, 1),
+        ("int8", "o>gate_up 0.1", base),
+        ("int8", "+ gate_up>down 0.1", base | {"gate_up": (("down", 0.1),)}),
+        ("int8", "+ qkv>o", base | {"qkv": (("o", 1.0),)}),
     ] * reps
-    _prefetch_runs(folder, runs + [(None, f"o>gate_up {f}", _o_fetches(f), 1) for f in (0, 0.05, 0.1)])
+    _prefetch_runs(folder, runs + [(None, f"o>gate_up {f}", _o_fetches(f)) for f in (0, 0.05, 0.1)])
 
 
 def int4_l2_prefetch_ab(folder: Path, reps: int = 2) -> None:
     """int4's batch-1 step with its o (Triton) fetching 0 / 10% / 20% of gate/up's words and scales into
     L2 before its wait (every int4 program reads from K = 0), `reps` rounds in turn. R6."""
-    _prefetch_runs(folder, [("int4", f"o>gate_up {f}", _o_fetches(f), 1) for f in (0.0, 0.1, 0.2)] * reps)
+    _prefetch_runs(folder, [("int4", f"o>gate_up {f}", _o_fetches(f)) for f in (0.0, 0.1, 0.2)] * reps)
 
 
 def load_graph_buckets_ab(folder: Path, reps: int = 3) -> None:

@@ -248,33 +248,6 @@ def test_split_k_products_of_one_width_and_other_row_blocks_keep_their_own_count
     assert sorted(c.numel() for c in counts) == [4, 8] and all(int(c.abs().sum()) == 0 for c in counts)
 
 
-@pytest.mark.parametrize("preload", [2, 3, 4])
-@pytest.mark.parametrize("int8", [False, True])
-@pytest.mark.parametrize("k", [256, 250, 192])
-def test_tiles_loaded_before_the_wait_give_the_same_product(
-    preload: int, int8: bool, k: int, monkeypatch: pytest.MonkeyPatch
-):
-    """K tiles loaded before the wait (`gemv.PRELOAD_TILES`, capped at the product's own tiles: 3 for
-    K = 192) give the product of one tile at a time, plain and with the residual, ragged N and K."""
-    g = torch.Generator().manual_seed(preload * k)
-    n, tiles = 40, gemv.TileConfig(8, 64, 1)
-    x, r, w = (torch.randn(*s, generator=g).to(DEVICE) for s in ((1, k), (1, n), (n, k)))
-    scale = None
-    if int8:
-        scale = w.abs().amax(1) / 127
-        w = (w / scale[:, None]).round().to(torch.int8)
-    kind = "int8" if int8 else "bf16"
-    for kw in ({}, {"residual": r}):
-        monkeypatch.setitem(gemv.PRELOAD_TILES, kind, 1)
-        one = gemv.gemv(x, w, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
-        monkeypatch.setitem(gemv.PRELOAD_TILES, kind, preload)
-        assert gemv._preload_tiles(w, tiles, k, 1) == min(preload, -(-k // 64))
-        got = gemv.gemv(x, w, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
-        torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)
-    want = gemv_check.gemv_reference(x, w, scale=scale, residual=r)  # type: ignore[arg-type]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-
-
 def test_l2_prefetch_leaves_the_product_unchanged() -> None:
     """Ranges fetched into L2 before the wait (another weight's two halves, as gate/up's) change nothing in
     the result, twice; unaligned or more than two ranges are refused by name."""

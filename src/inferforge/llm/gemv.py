@@ -137,13 +137,6 @@ def _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N: tl.constexpr, D: tl.conste
 
 
 @triton.jit
-def _tile(rows, k0, offs_k, nmask, i: tl.constexpr, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """K tile `i` of this program's rows (from `k0`), zero past K."""
-    kk = i * BLOCK_K + offs_k
-    return tl.load(rows + kk[None, :], mask=nmask[:, None] & (k0 + kk[None, :] < K), other=0.0)
-
-
-@triton.jit
 def _wait_for_inputs(PDL: tl.constexpr):
     """With programmatic dependent launch, block until the previous kernel finished (see `fused.pdl_on`)."""
     if PDL > 0:
@@ -176,9 +169,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
                  KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
-                 EARLY: tl.constexpr, EARLY_RES: tl.constexpr, SPLIT: tl.constexpr = 1,
-                 PRE_TILES: tl.constexpr = 1, PF0=0, PF0_END=0, PF1=0, PF1_END=0, PF_CHUNK=0,
-                 PF_RANGES: tl.constexpr = 0):  # fmt: skip
+                 EARLY: tl.constexpr, EARLY_RES: tl.constexpr, SPLIT: tl.constexpr = 1, PF0=0, PF0_END=0,
+                 PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -192,12 +184,6 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     k0 = share * (TILES * BLOCK_K)
     rows = W + offs_n[:, None].to(tl.int64) * stride_wn + k0
     w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
-    if PRE_TILES > 1:  # `PRELOAD_TILES`: tiles 1-3 of a product of several K tiles also before the wait
-        w1 = _tile(rows, k0, offs_k, nmask, 1, K, BLOCK_K)
-    if PRE_TILES > 2:
-        w2 = _tile(rows, k0, offs_k, nmask, 2, K, BLOCK_K)
-    if PRE_TILES > 3:
-        w3 = _tile(rows, k0, offs_k, nmask, 3, K, BLOCK_K)
     if PF_RANGES > 0:  # `prefetch`: later products' weights into L2 while DRAM would idle
         fused.l2_prefetch(PF0, PF0_END, PF_CHUNK, tl.program_id(0))
     if PF_RANGES > 1:
@@ -231,21 +217,14 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         for i in tl.static_range(0, TILES):
             kk = i * BLOCK_K + offs_k  # from k0 (`rows` starts there)
             nk = kk + BLOCK_K
-            if i + 1 < PRE_TILES:  # loaded before the wait
-                if i == 0:
-                    w_next = w1
-                elif i == 1:
-                    w_next = w2
-                else:
-                    w_next = w3
-            elif EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
+            if EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
                 w_next = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
             xin = tl.load(X + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
             if PRE and i == 0:
                 acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
             else:
                 acc += tl.sum(_weights_f32(w, W_MODE) * xin[None, :], 1)
-            if (EARLY or i + 1 < PRE_TILES) and i + 1 < TILES:
+            if EARLY and i + 1 < TILES:
                 w = w_next
             elif not EARLY:
                 w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
@@ -339,13 +318,9 @@ INT8_PRE = {"o": True, "qkv": False, "gate_up": False, "down": False}
 # 956 / 953, fp8 650 / 672 and 651 / 650, no gain, off. (int4, the same change in `gemv_int4`: 749 / 761 and
 # 744 / 767, not kept.)
 EARLY_NEXT_TILE = {"int8": True, "fp8": False, "bf16": False}
-# K tiles of a product of several (down) loaded before `griddepcontrol.wait`, up to 4: the rest of its
-# weights in flight while the previous kernel finishes, where one tile leaves three DRAM round trips (each
-# next tile's load issued a tile ahead) after the wait. Costs registers: 4 int8 tiles of 16 KB are 128 a
-# thread at 4 warps. Measured (R1 of 2026-11-24, batch-1 graphs, in turn): int8 1 tile 628 / 633 us, 2 tiles
-# 625 / 623, 4 tiles 641 / 644, 4 at 8 warps 636 / 637; bf16 1 tile 955, 2 tiles 980; with o's L2 fetch on
-# (R4) int8 2 tiles 615 / 613 against 612 / 613. So down's latency is not its chain of tile loads: 1 (off).
-PRELOAD_TILES = {"int8": 1, "fp8": 1, "bf16": 1}
+# (Down's other K tiles loaded before the wait as well lost or gained nothing: R1 and R4 of 2026-11-24, int8
+# 1 tile 628 / 633 us, 2 tiles 625 / 623, 4 tiles 641 / 644; bf16 2 tiles 980 against 955. The code is at
+# ecc6b52.)
 
 
 # Read the residual (o's and down's) before `griddepcontrol.wait`. In the decode chain it is never the
@@ -400,14 +375,9 @@ def _early_next_tile(weight: torch.Tensor) -> bool:
     return EARLY_NEXT_TILE[_weight_kind(weight)]
 
 
-def _preload_tiles(weight: torch.Tensor, cfg: TileConfig, k: int, split: int) -> int:
-    """`PRELOAD_TILES` for this product, at most its own tiles (split-K: a program's share)."""
-    return max(1, min(PRELOAD_TILES[_weight_kind(weight)], triton.cdiv(k, cfg.block_k) // split, 4))
-
-
 def _prefetch_args(ranges: tuple[tuple[int, int], ...], programs: int, x: torch.Tensor) -> dict:
     """The kernel's L2 prefetch arguments: each range's bytes in equal chunks a program, a multiple of
-    2 KB (so each thread's 128th is 16-byte aligned). None on devices without Hopper's bulk prefetch."""
+    2 KB (so each thread's 128th is 16-byte aligned); none on devices without Hopper's bulk prefetch."""
     if len(ranges) > 2 or any(a % 16 or n <= 0 for a, n in ranges):
         raise ValueError(f"prefetch takes up to two 16-byte aligned ranges, got {ranges}")
     if not ranges or not x.is_cuda or torch.cuda.get_device_capability(x.device) < (9, 0):
@@ -521,8 +491,8 @@ def gemv(
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
         PRE=pre, EARLY=_early_next_tile(weight),
-        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split,
-        PRE_TILES=_preload_tiles(weight, cfg, k, split), **pf, num_warps=cfg.num_warps,
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split, **pf,
+        num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
