@@ -128,8 +128,10 @@ def test_buckets_past_short_context_take_only_steps_of_short_chunks(tiny_llama: 
         eng.model, eng.device, max_seqs=4, max_blocks=eng.runner.max_blocks, buckets=(8, 16, 32),
         attn_fn=attention.varlen_attention_torch, capture=False, short_context=16,
     )  # fmt: skip
-    assert graphs.bucket_for(20, 3, longest_context=12) == 32  # a burst of short prompts
-    assert graphs.bucket_for(20, 2, longest_context=17) is None  # a chunk ending past 16 tokens: eager
+    assert graphs.bucket_for(32, 4, longest_context=12) == 32  # a burst of short prompts that fills it
+    assert graphs.bucket_for(31, 4, longest_context=12) == 32  # padding within LARGE_BUCKET_PADDING
+    assert graphs.bucket_for(30, 3, longest_context=12) is None  # more padding: compute-bound, eager
+    assert graphs.bucket_for(32, 2, longest_context=17) is None  # a chunk ending past 16 tokens: eager
     assert graphs.bucket_for(12, 1, longest_context=40) == 16  # within short_context: any context
     assert graphs.bucket_for(33, 3, longest_context=12) is None  # over the largest bucket
     assert graphs.bucket_for(8, 5, longest_context=4) is None  # more sequences than the buffers hold
@@ -154,7 +156,7 @@ def test_short_context_rule_steps_equal_the_eager_prompt_path(tiny_dirs: dict[st
     graphs.bucket_for = recorded  # type: ignore[method-assign]
     layout.runner.prefill_graphs = graphs
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    burst = [EngineRequest(f"s{i}", tuple(range(30 + i, 37 + i)), params) for i in range(4)]
+    burst = [EngineRequest(f"s{i}", tuple(range(30 + i, 38 + i)), params) for i in range(4)]  # 32 tokens
     long = EngineRequest("long", tuple(range(100, 140)), params)
     for eng in (eager, layout):
         for r in burst:

@@ -50,7 +50,8 @@ class EngineConfig:
     # step. With 8,192 a step, the 64 x (128 + 128) load test ran 35,292-35,409 tok/s with them against
     # 34,968-35,189 without, three rounds in turn (R9 of 2026-11-24, docs/llm-runs.md; K4 saw the same once).
     # Buckets over 2,048 take only steps whose chunks each end within 2,048 tokens (J5: long prompts gained
-    # nothing from graphs).
+    # nothing from graphs) and that fill them to within 1/32 (`prefill_graphs.LARGE_BUCKET_PADDING`: those
+    # steps are compute-bound, so padding costs what it computes).
     prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)

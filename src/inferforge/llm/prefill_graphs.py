@@ -22,6 +22,12 @@ from inferforge.llm.kv_cache import blocks_needed, slot_of
 from inferforge.llm.model import DecoderLM
 from inferforge.llm.scheduler import Sequence
 
+# The most padding (a share of the bucket) a step may take in a bucket over `short_context` tokens. Such steps
+# are compute-bound and padded tokens are computed like real ones, while the graph saves only the launches:
+# ~1 ms of an 8,192-token step's ~29 ms (R9 of 2026-11-24: first tokens after 28.1 ms against 28.9-29.5).
+# So a 2,100-token step stays eager rather than computing 4,096, and a burst that fills 8,192 replays.
+LARGE_BUCKET_PADDING = 1 / 32
+
 
 class PrefillGraphs:
     """Static buffers sized for the largest bucket, one graph per bucket (captured largest first, sharing a
@@ -92,11 +98,15 @@ class PrefillGraphs:
         only steps whose chunks each end within `short_context` tokens (bursts of short prompts): the varlen
         kernel gives each 16 queries one program that scans every earlier key, so a long prompt ran slower
         through a graph than through the eager path's flash SDPA (J5: 3,072 tokens 16.3 against 15.9 ms,
-        4,000 tokens 22.3 against 20.9)."""
+        4,000 tokens 22.3 against 20.9), and only steps that fill the bucket to within
+        `LARGE_BUCKET_PADDING`."""
         if seqs > self.max_seqs:
             return None
         bucket = next((b for b in self.buckets if b >= tokens), None)
-        if bucket is not None and bucket > self.short_context and longest_context > self.short_context:
+        large = bucket is not None and bucket > self.short_context
+        if large and (
+            longest_context > self.short_context or bucket - tokens > bucket * LARGE_BUCKET_PADDING
+        ):
             return None
         return bucket
 
