@@ -176,3 +176,24 @@ def test_next_turn_reads_the_answer_s_blocks(tiny_llama: Path, overlap: bool, sa
     _tokens(eng, [other_salt])
     assert eng.stats().prefix_cached_tokens_total == before  # another tenant's chain: nothing shared
     assert eng.stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_next_turn_reads_the_blocks_of_any_of_n_answers(tiny_llama: Path, overlap: bool) -> None:
+    """With n = 2 each answer continues the prompt's chain of keys in its own, so a next turn that repeats
+    either answer reads the blocks that answer filled (not only the prompt's), and its tokens are those of an
+    engine without the cache."""
+    cfg = EngineConfig(kv_cache_tokens=4096, max_num_batched_tokens=64, overlap_decode=overlap)
+    eng = LLMEngine(tiny_llama, cfg)
+    two = SamplingParams(max_tokens=30, temperature=0.9, seed=3, ignore_eos=True, n=2)
+    res = eng.generate([EngineRequest("t1", PREFIX[:20], two)])["t1"]
+    answers = [[t for o in s for t in o.new_token_ids] for s in res]
+    assert len(answers) == 2 and answers[0] != answers[1]
+    for i, answer in enumerate(answers):
+        # 20 + 30 tokens, the last never fed back: 49 computed, three full blocks (the first the prompt's)
+        turn2 = EngineRequest(f"t2-{i}", (*PREFIX[:20], *answer, 7, 8, 9), GREEDY)
+        before = eng.stats().prefix_cached_tokens_total
+        got = _tokens(eng, [turn2])[turn2.request_id]
+        assert eng.stats().prefix_cached_tokens_total - before == 48
+        assert got == _tokens(_engine(tiny_llama, False), [turn2])[turn2.request_id]
+    assert eng.stats().kv_blocks_used == 0

@@ -102,6 +102,9 @@ class Sequence:
     finish_reason: FinishReason | None = None
     pending_ids: list[int] = field(default_factory=list)  # produced since the last output
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    # n > 1 with prefix caching: this sequence's chain of block keys, the prompt's full blocks and then its
+    # own generated ones (with n = 1 the request's `block_keys` is the one chain).
+    block_keys: list[bytes] | None = None
 
     @property
     def num_output(self) -> int:
@@ -122,7 +125,8 @@ class RequestState:
     finished_at: float | None = None
     max_tokens: int = 0
     queued_step: int = 0  # the scheduler's step count when it joined the waiting queue
-    # Prefix keys of the full blocks (prefix caching): the prompt's, then (n = 1) generated ones as they fill.
+    # Prefix keys of the full blocks (prefix caching): the prompt's, then (n = 1) generated ones as they fill;
+    # with n > 1 each sequence continues the prompt's keys in its own `Sequence.block_keys`.
     block_keys: list[bytes] | None = None
     reserved: bool = False  # holds blocks for its whole budget from admission on; never preempted
     preemptions: int = 0  # times it was preempted (and its tokens computed again)
@@ -319,10 +323,8 @@ class Scheduler:
         """Key and register the blocks `seq` has filled past its prompt's (each once its every token is on
         the host and fed to a launched step), so that a later prompt repeating them, or `seq` readmitted
         after a preemption, reads them from the cache."""
-        keys = seq.group.block_keys
-        if (
-            keys is None or not CACHE_GENERATED["on"] or len(seq.group.seqs) > 1
-        ):  # n > 1: one chain, n answers
+        keys = self._chain(seq)
+        if keys is None or not CACHE_GENERATED["on"]:
             return
         full = min(seq.num_computed, len(seq.token_ids)) // BLOCK_SIZE
         while len(keys) < full:
@@ -330,6 +332,17 @@ class Scheduler:
             prev = keys[-1] if keys else chain_seed(seq.group.request.cache_salt)
             keys.append(next_block_key(prev, seq.token_ids[j * BLOCK_SIZE : (j + 1) * BLOCK_SIZE]))
             self.allocator.register(seq.blocks[j], keys[j])
+
+    @staticmethod
+    def _chain(seq: Sequence) -> list[bytes] | None:
+        """The block keys `seq` extends: its request's with n = 1; with n > 1 its own, from the prompt's full
+        blocks on (n answers, n chains), so a next turn that repeats any one of them reads its blocks."""
+        group = seq.group
+        if group.block_keys is None or len(group.seqs) == 1:
+            return group.block_keys
+        if seq.block_keys is None:
+            seq.block_keys = group.block_keys[: group.prompt_len // BLOCK_SIZE]
+        return seq.block_keys
 
     def _hold(self, running: int) -> bool:
         """`admit_delay_steps`: keep the waiting prompts out of this step (sequences are decoding)."""
