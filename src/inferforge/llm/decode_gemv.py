@@ -101,15 +101,16 @@ def prefetch_plan(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[i
     return plan
 
 
-def linear(x: torch.Tensor, module: torch.nn.Module, **kw: object) -> torch.Tensor:
-    """`gemv` (or `gemv_int4.gemv_int4` for int4) with a layer's own weight, scale and bias (`operands`)."""
+def linear(
+    x: torch.Tensor, module: torch.nn.Module, prefetch: tuple[tuple[int, int], ...] = (), **kw: object
+) -> torch.Tensor:
+    """`gemv` (or `gemv_int4.gemv_int4` for int4) with a layer's own weight, scale and bias (`operands`);
+    `prefetch` as `gemv`'s (the tensor-core int4 kernel takes none)."""
     ops = operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
     if not isinstance(weight, torch.Tensor):
-        prefetch = kw.pop("prefetch", ())
-        if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`); no prefetch
+        if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`)
             return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
-        kw["prefetch"] = prefetch
-        return gemv_int4.gemv_int4(x, weight, bias=bias, **kw)  # type: ignore[arg-type]
-    return gemv(x, weight, scale=scale, bias=bias, **kw)  # type: ignore[arg-type]
+        return gemv_int4.gemv_int4(x, weight, bias=bias, prefetch=prefetch, **kw)  # type: ignore[arg-type]
+    return gemv(x, weight, scale=scale, bias=bias, prefetch=prefetch, **kw)  # type: ignore[arg-type]

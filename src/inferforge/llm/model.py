@@ -254,7 +254,7 @@ class DecoderLM(nn.Module):
             return self.logits(self(input_ids, positions, meta))
         eps = self.cfg.norm_eps
         x = self.embed(input_ids)  # the residual stream; each product's epilogue adds into it
-        blocks = list(self.blocks())
+        blocks = self.blocks()
         for i, layer in enumerate(blocks):
             attn, mlp = layer.attn, layer.mlp
             rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
