@@ -110,3 +110,74 @@ def test_engine_refusals_map_to_statuses_across_the_process_boundary() -> None:
     assert engine_error(EngineClosedError("closing")).status == 503
     assert engine_error(EngineProcessError("the engine process is gone")).status == 503
     assert engine_error(RuntimeError("device fault")) is None  # a bug or a fault: 500, not the client's
+
+
+SCHEMA = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+
+
+@pytest.mark.parametrize(
+    ("kw", "kind", "spec"),
+    [
+        ({"response_format": {"type": "text"}}, None, None),
+        ({"response_format": {"type": "json_object"}}, "json_object", ""),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": SCHEMA}}},
+            "json_schema",
+            SCHEMA,
+        ),
+        ({"structured_outputs": {"json": SCHEMA}}, "json_schema", SCHEMA),
+        ({"structured_outputs": {"regex": "[0-9]+"}}, "regex", "[0-9]+"),
+        ({"structured_outputs": {"choice": ["yes", "no"]}}, "choice", ["yes", "no"]),
+        ({"structured_outputs": {"grammar": 'start: "a"+'}}, "grammar", 'start: "a"+'),
+        ({"structured_outputs": {"json_object": True}}, "json_object", ""),
+        ({"guided_json": SCHEMA}, "json_schema", SCHEMA),
+        ({"guided_json": '{"type": "string"}'}, "json_schema", {"type": "string"}),
+        ({"guided_choice": ["a", "b"]}, "choice", ["a", "b"]),
+        ({"guided_regex": "a|b"}, "regex", "a|b"),
+    ],
+)
+@pytest.mark.parametrize("route", ["completion", "chat"])
+def test_structured_output_spellings_reach_the_engine(kw: dict, kind: str | None, spec, route: str) -> None:
+    import json
+
+    plan = (plan_chat(chat(**kw), FakeEngine(), LIMITS, "fake") if route == "chat"
+            else plan_completion(completion(**kw), FakeEngine(), LIMITS, "fake"))  # fmt: skip
+    got = plan.requests[0].params.structured
+    if kind is None:
+        assert got is None
+        return
+    assert got is not None and got.kind == kind
+    assert (json.loads(got.spec) if kind in ("json_schema", "choice") else got.spec) == spec
+
+
+@pytest.mark.parametrize(
+    ("kw", "param", "words"),
+    [
+        ({"response_format": {"type": "yaml"}}, "response_format", "not one of"),
+        ({"response_format": {"type": "json_schema"}}, "response_format", "needs"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "frob"}},
+                }
+            },
+            "response_format",
+            "frob",
+        ),
+        ({"structured_outputs": {"regex": "(ab"}}, "structured_outputs", "regex"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {}}, "structured_outputs", "exactly one"),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs", "not supported"),
+        ({"structured_outputs": {"grammar": "start: nowhere"}}, "structured_outputs", "does not compile"),
+        ({"guided_choice": []}, "guided_choice", "non-empty"),
+        ({"guided_json": '{"type": '}, "guided_json", "not valid JSON"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex", "not several"),
+    ],
+)
+def test_bad_structured_outputs_are_400_naming_their_field(kw: dict, param: str, words: str) -> None:
+    for plan, req in ((plan_chat, chat(**kw)), (plan_completion, completion(**kw))):
+        with pytest.raises(APIError) as info:
+            plan(req, FakeEngine(), LIMITS, "fake")
+        assert (info.value.status, info.value.param) == (400, param)
+        assert words in info.value.body()["error"]["message"]

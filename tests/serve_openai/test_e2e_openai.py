@@ -288,6 +288,37 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model: str, engine, re
     assert r.usage.completion_tokens == 6
 
 
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0}},
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def test_structured_outputs_through_the_openai_client(client: openai.OpenAI, model: str) -> None:
+    """The tiny model's weights are random: only the constraint can make its output parse."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    messages = [{"role": "user", "content": "A person, as JSON"}]
+    r = client.chat.completions.create(model=model, messages=messages, max_tokens=60, seed=3,
+                                       response_format=fmt)  # fmt: skip
+    person = json.loads(r.choices[0].message.content)
+    assert set(person) == {"name", "age"} and isinstance(person["age"], int) and len(person["name"]) <= 6
+    assert r.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(model=model, messages=messages, max_tokens=60, seed=3,
+                                                 response_format=fmt, stream=True))  # fmt: skip
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == r.choices[0].message.content
+    colours = ["red", "green", "blue"]
+    c = client.completions.create(model=model, prompt=PROMPT, max_tokens=10, n=3, seed=1,
+                                  extra_body={"structured_outputs": {"choice": colours}})  # fmt: skip
+    assert {ch.text for ch in c.choices} <= set(colours)
+    bad = {"type": "json_schema", "json_schema": {"name": "x"}}  # no schema
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=messages, max_tokens=8, response_format=bad)
+    assert info.value.body["param"] == "response_format"
+
+
 def test_continuous_usage_stats_put_the_counts_in_every_chunk(client: openai.OpenAI, model: str) -> None:
     for route in ("completions", "chat"):
         kw = {"model": model, "max_tokens": 12, "temperature": 0, "stream": True,

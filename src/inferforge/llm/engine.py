@@ -35,6 +35,7 @@ from inferforge.llm.protocol import (
     EngineRequest,
     EngineStats,
     RequestTiming,
+    SamplingParams,
     TokenLogprob,
     merge_outputs,
 )
@@ -42,6 +43,7 @@ from inferforge.llm.runner import ModelRunner
 from inferforge.llm.sampler import PreparedBatch, SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
 from inferforge.llm.speculative import SpecConfig, TokenArrays, accepted, eligible, propose
+from inferforge.llm.structured import GrammarCompiler, consume
 from inferforge.llm.weights import load_model
 
 
@@ -119,6 +121,7 @@ class LLMEngine:
             choice.gemv_error,
         )
         self.tokenizer = Tokenizer(self.folder)
+        self._grammars: GrammarCompiler | None = None  # built at the first structured request
         spec = plan_cache(
             self.model,
             config.torch_dtype,
@@ -191,16 +194,28 @@ class LLMEngine:
             raise InferforgeError(
                 f"request {request.request_id}: logit_bias names token ids outside the vocabulary"
             )
-        state = RequestState(request, time.monotonic(), max_tokens=max_tokens)
         p = request.params
+        matchers = self._matchers(p)
+        state = RequestState(request, time.monotonic(), max_tokens=max_tokens)
         for i in range(p.n):
             gen = None
             if p.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(p.seed + i)
             detok = IncrementalDetokenizer(self.tokenizer, p.stop) if p.detokenize else NO_TEXT
-            state.seqs.append(Sequence(state, i, list(request.prompt_ids), detok, gen))
+            seq = Sequence(state, i, list(request.prompt_ids), detok, gen)
+            seq.matcher = matchers[i] if matchers else None
+            state.seqs.append(seq)
         self.scheduler.add(state)
+
+    def _matchers(self, params: SamplingParams) -> list | None:
+        """One grammar matcher per sequence for a structured request (StructuredOutputError if the
+        constraint does not compile), None for free text."""
+        if params.structured is None:
+            return None
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer.hf, self.model.cfg.vocab_size, self.eos_ids)
+        return self._grammars.matchers(params.structured, params.n)
 
     def abort(self, request_id: str) -> list[EngineOutput]:
         """Drop a queued or running request and free its blocks; returns its final 'abort' outputs."""
@@ -492,7 +507,10 @@ class LLMEngine:
                 list(self.eos_ids | set(p.stop_token_ids)) if s.num_output < p.min_tokens else []
                 for s, p in zip(rows, params, strict=True)
             ]
-        return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned)
+        mask = None
+        if self._grammars is not None and any(s.matcher is not None for s in rows):
+            mask = self._grammars.bitmask([s.matcher for s in rows])
+        return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned, mask)
 
     def _update(
         self,
@@ -525,6 +543,8 @@ class LLMEngine:
             hit_stop = seq.detok.add(tok, check_stop=armed)
             if armed and (hit_stop or tok in params.stop_token_ids or (tok in eos and not params.ignore_eos)):
                 seq.finish_reason = "stop"
+            elif seq.matcher is not None and consume(seq.matcher, tok):
+                seq.finish_reason = "stop"  # the grammar is complete: nothing more may follow
             elif len(seq.token_ids) - group.prompt_len >= group.max_tokens:
                 seq.finish_reason = "length"
             if group.block_keys is not None and len(seq.token_ids) % BLOCK_SIZE < 2:

@@ -12,6 +12,25 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 FinishReason = Literal["stop", "length", "abort"]
+StructuredKind = Literal["json_object", "json_schema", "regex", "choice", "grammar"]
+STRUCTURED_KINDS: tuple[str, ...] = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint every sampled token must keep satisfiable (vLLM's structured outputs): the output is a
+    JSON object (`json_object`), JSON valid under a schema (`json_schema`: the schema as JSON text), a full
+    match of a regular expression (`regex`, Rust regex syntax), one of several strings (`choice`: a JSON list
+    of strings) or a sentence of a Lark grammar (`grammar`). Compiled by `inferforge.llm.structured`."""
+
+    kind: StructuredKind
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_KINDS:
+            raise ValueError(f"structured output kind must be one of {STRUCTURED_KINDS}, got {self.kind!r}")
+        if self.kind != "json_object" and not self.spec:
+            raise ValueError(f"structured output of kind {self.kind!r} needs a non-empty spec")
 
 
 @dataclass(frozen=True)
@@ -40,13 +59,16 @@ class SamplingParams:
     # False: outputs carry token ids only (new_text ""); whoever reads them makes the text (the OpenAI
     # server's workers do, so the engine process spends its one core on steps). Stop strings need it True.
     detokenize: bool = True
+    # Constrained decoding (JSON, regex, choice, grammar); None: free text
+    structured: StructuredOutput | None = None
 
     @property
     def needs_history(self) -> bool:
-        """Penalties and min_tokens read the tokens so far: the newest must be on the host before the next is
-        sampled."""
+        """Penalties, min_tokens and structured output read the tokens so far: the newest must be on the host
+        before the next is sampled (a grammar's next mask depends on every token it consumed)."""
         penalties = self.repetition_penalty != 1.0 or self.output_penalties
-        return penalties or self.min_tokens > 0  # min_tokens: whether to ban stop tokens depends on the count
+        # min_tokens: whether to ban stop tokens depends on the count
+        return penalties or self.min_tokens > 0 or self.structured is not None
 
     @property
     def output_penalties(self) -> bool:

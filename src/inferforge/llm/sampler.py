@@ -1,5 +1,5 @@
-"""Batched sampling on the device: logit bias, repetition, presence and frequency penalties, greedy,
-temperature, min-p, top-k, top-p, per-request seeds.
+"""Batched sampling on the device: logit bias, repetition, presence and frequency penalties, grammar masks
+(structured outputs), greedy, temperature, min-p, top-k, top-p, per-request seeds.
 
 `prepare()` turns the step's per-row parameters into device tensors through pinned memory and asynchronous
 copies, before the forward pass is launched, so sampling itself never waits on the host; the engine reads the
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from inferforge.llm import structured
 from inferforge.llm.protocol import SamplingParams
 
 _NUMPY = {torch.long: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
@@ -45,6 +46,8 @@ class SamplingBatch:
     outputs: list[list[int]] | None = None
     # token ids each row may not sample this step (end-of-sequence and stop tokens before min_tokens)
     banned: list[list[int]] | None = None
+    # structured outputs: each row's allowed tokens as bits (`structured.GrammarCompiler.bitmask`), or None
+    grammar_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not len(self.params) == len(self.generators) == len(self.seen):
@@ -79,6 +82,7 @@ class PreparedBatch:
     bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [E] rows, [E] token ids of logit_bias entries
     bias: torch.Tensor | None = None  # [E] the values added there
     banned_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [F] rows, [F] token ids set to -inf
+    allowed: torch.Tensor | None = None  # [B, V] bool: what each row's grammar allows (structured outputs)
 
 
 def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> PreparedBatch:
@@ -103,6 +107,8 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
     if banned:
         at = to_device([[i for i, _ in banned], [t for _, t in banned]], device, torch.long)
         out.banned_at = (at[0], at[1])
+    if batch.grammar_mask is not None:
+        out.allowed = structured.allowed(to_device(batch.grammar_mask, device, torch.int32), vocab_size)
     if not out.all_greedy:
         out.greedy = to_device(greedy, device, torch.bool)
         out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)
@@ -217,6 +223,8 @@ def sample(logits: torch.Tensor, prep: PreparedBatch) -> SampleResult:
     logits = _apply_output_penalties(_apply_repetition_penalty(logits, prep), prep)
     if prep.banned_at is not None:  # min_tokens: no way to stop yet
         logits = logits.index_put(prep.banned_at, logits.new_tensor(float("-inf")))
+    if prep.allowed is not None:  # structured outputs: last, so no bias or penalty can bring a token back
+        logits = logits.masked_fill(~prep.allowed, float("-inf"))
     ids = argmax_rows(logits) if logits.is_cuda else logits.argmax(dim=-1)
     if not prep.all_greedy:
         assert prep.greedy is not None

@@ -20,6 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -105,6 +106,8 @@ class Sequence:
     # n > 1 with prefix caching: this sequence's chain of block keys, the prompt's full blocks and then its
     # own generated ones (with n = 1 the request's `block_keys` is the one chain).
     block_keys: list[bytes] | None = None
+    # structured outputs: this sequence's llguidance matcher (`structured.GrammarCompiler`); None: free text
+    matcher: Any = None
 
     @property
     def num_output(self) -> int:

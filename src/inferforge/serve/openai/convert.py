@@ -18,6 +18,7 @@ from inferforge.serve.openai.schemas import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from inferforge.serve.openai.structured import structured_output
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def _params(
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logit_bias=logit_bias,
+        structured=structured_output(req),
     )
 
 
@@ -270,8 +272,6 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     _check_unsupported(req, limits)
     if req.tools:
         raise bad_param("tools", "tool calling is not supported by this server; remove tools.")
-    if req.response_format and req.response_format.get("type", "text") != "text":
-        raise bad_param("response_format", "only response_format type 'text' is supported.")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_param("top_logprobs", "top_logprobs needs logprobs set to true.")
     if req.top_logprobs is not None and req.top_logprobs > limits.max_logprobs:

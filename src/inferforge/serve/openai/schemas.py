@@ -47,6 +47,13 @@ class _SamplingFields(_Open):
     ignore_eos: bool = False
     stop_token_ids: list[NonNegInt] | None = None
     cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
+    # structured outputs (`serve/openai/structured.py`): OpenAI's, vLLM's, vLLM's older spellings
+    response_format: dict | None = None
+    structured_outputs: dict | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingFields):
@@ -74,7 +81,6 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
-    response_format: dict | None = None
 
 
 class TokenizeRequest(_Open):
