@@ -129,6 +129,39 @@ def test_sampling_controls_on_cuda_equal_the_cpu_engine(tiny_dirs: dict[str, Pat
 
 
 @needs_cuda
+def test_structured_outputs_under_graphs_give_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
+    """Grammar masks staged while the forward pass runs (overlapped steps, decode graphs), batched with free
+    text: the CUDA engine in fp32 gives the CPU engine's greedy tokens, and the JSON parses."""
+    import json
+
+    from inferforge.llm.protocol import StructuredOutput
+
+    folder, prompt = tiny_dirs["llama"], (5, 17, 99, 3)
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+              "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"]}  # fmt: skip
+    as_json = StructuredOutput("json_schema", json.dumps(schema))
+    as_regex = StructuredOutput("regex", "[a-z]{2,5}=[0-9]{1,3}")
+    reqs = [
+        EngineRequest("s", prompt, SamplingParams(max_tokens=60, temperature=0.0, structured=as_json)),
+        EngineRequest("r", prompt, SamplingParams(max_tokens=20, temperature=0.0, n=2, structured=as_regex)),
+        EngineRequest("p", prompt, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)),
+    ]
+
+    def run(device: str) -> dict[str, list[list[int]]]:
+        config = EngineConfig(device=device, dtype="float32", kv_cache_tokens=2048, max_num_seqs=4)
+        eng = LLMEngine(folder, config)
+        assert device == "cpu" or eng.runner.graphs
+        res = eng.generate(reqs)
+        return {rid: [[t for o in s for t in o.new_token_ids] for s in seqs] for rid, seqs in res.items()}
+
+    cuda, cpu = run("cuda"), run("cpu")
+    assert cuda == cpu
+    from inferforge.llm.detok import Tokenizer
+
+    assert set(json.loads(Tokenizer(folder).decode(cuda["s"][0]))) == {"name", "n"}
+
+
+@needs_cuda
 def test_preemption_under_cuda_graphs_gives_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
     """fp32 on CUDA with decode graphs and prompt-step graphs: requests that outgrow a 6-block cache are
     preempted, recomputed (their generated tokens as part of a prompt step) and still give the tokens of the

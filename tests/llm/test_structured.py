@@ -14,6 +14,7 @@ import torch
 
 from inferforge.errors import InferforgeError
 from inferforge.llm.protocol import EngineRequest, SamplingParams, StructuredOutput
+from inferforge.llm.speculative import eligible
 from inferforge.llm.structured import GrammarCompiler, StructuredOutputError, allowed, check
 
 PERSON = {
@@ -136,6 +137,36 @@ def test_free_text_rows_are_untouched_by_constrained_neighbours(engine) -> None:
     assert together == alone
 
 
+def test_overlapped_steps_give_the_synchronous_engine_s_outputs(tiny_llama: Path) -> None:
+    """With overlap on, a structured row's forward pass is queued before the step in flight is read back,
+    and its mask comes after: the tokens must equal those of an engine that waits every step."""
+    from inferforge.llm.engine import EngineConfig, LLMEngine
+
+    outs = {}
+    for overlap in (True, False):
+        eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=2048, overlap_decode=overlap, device="cpu"))
+        reqs = [_req(eng, f"s{i}", _schema(PERSON), max_tokens=80, seed=i, n=2) for i in range(3)]
+        reqs += [_req(eng, "free", max_tokens=30, temperature=0.0, ignore_eos=True)]
+        got: dict[str, dict[int, list[int]]] = {}
+
+        def collect(outputs, got=got) -> None:
+            for o in outputs:
+                got.setdefault(o.request_id, {}).setdefault(o.index, []).extend(o.new_token_ids)
+
+        eng.add_request(reqs[0])
+        collect(eng.step())  # the first prompt is computed (overlapped: its first tokens are in flight)
+        assert eng._may_overlap() is overlap
+        for r in reqs[1:]:
+            eng.add_request(r)
+        while eng.has_unfinished():
+            collect(eng.step())
+        outs[overlap] = got
+    assert outs[True] == outs[False]
+    for i in range(3):
+        for ids in outs[True][f"s{i}"].values():
+            assert set(json.loads(eng.tokenizer.decode(ids))) == set(PERSON["required"])
+
+
 def test_max_tokens_cuts_the_output_with_length(engine) -> None:
     req = _req(engine, "short", _schema(PERSON), max_tokens=3, seed=0)
     text, ids, reason = _run(engine, [req])["short"][0]
@@ -169,7 +200,9 @@ def test_structured_output_fields_are_validated() -> None:
         StructuredOutput("xml", "<a/>")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="non-empty spec"):
         StructuredOutput("regex", "")
-    assert SamplingParams(structured=StructuredOutput("json_object")).needs_history
+    params = SamplingParams(temperature=0.0, structured=StructuredOutput("json_object"))
+    assert not params.needs_history  # the engine stays overlapped (`test_overlapped_steps_...`)
+    assert not eligible(params, 0)  # but never speculates: drafts are not checked against the grammar
     check(StructuredOutput("json_schema", json.dumps(PERSON)))  # a good one passes
 
 

@@ -12,9 +12,10 @@ Typical use (the async wrapper in `async_engine.py` does this on a background th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from inferforge.errors import InferforgeError, NotApplicable
@@ -43,7 +44,7 @@ from inferforge.llm.runner import ModelRunner
 from inferforge.llm.sampler import PreparedBatch, SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
 from inferforge.llm.speculative import SpecConfig, TokenArrays, accepted, eligible, propose
-from inferforge.llm.structured import GrammarCompiler, consume
+from inferforge.llm.structured import GrammarCompiler, allowed, consume
 from inferforge.llm.weights import load_model
 
 
@@ -311,8 +312,10 @@ class LLMEngine:
             outputs += self._speculate(plan.decode, drafts)
             self.scheduler.free_finished()
             return outputs
-        new = self._launch(plan, flight)
-        if flight is not None:
+        new, early = self._launch(plan, flight)
+        if early is not None:
+            outputs += early
+        elif flight is not None:
             outputs += self._read_back(flight)
         if new is not None:
             if overlap:
@@ -322,8 +325,12 @@ class LLMEngine:
         self.scheduler.free_finished()
         return outputs
 
-    def _launch(self, plan: StepPlan, flight: _InFlight | None) -> _InFlight | None:
-        """Run the plan's forward passes and sampling on the device; nothing here waits for the device."""
+    def _launch(
+        self, plan: StepPlan, flight: _InFlight | None
+    ) -> tuple[_InFlight | None, list[EngineOutput] | None]:
+        """Run the plan's forward passes and sampling on the device. Nothing here waits for the device,
+        except where a row's grammar needs the step in flight: that step is read back (its outputs
+        returned) once this step's forward pass is queued."""
         # Rows to sample are known before the forward pass: stage their parameters now, asynchronously.
         done = [seq for seq, n in plan.prefill if seq.num_computed + n >= len(seq.token_ids)]
         rows = [*plan.decode, *(s for seq in done for s in seq.group.seqs)]
@@ -359,7 +366,14 @@ class LLMEngine:
         for seq in plan.decode:
             seq.num_computed += 1
         if prep is None:
-            return None
+            return None, None
+        early = None
+        if any(s.matcher is not None for s in rows):
+            # The grammars need the newest tokens: read the step in flight back now, while this step's
+            # forward pass runs, then stage the masks (the sampling waits for them, the forward does not).
+            if flight is not None:
+                early = self._read_back(flight)
+            prep = replace(prep, allowed=self._grammar_mask(rows))
         result = sample(torch.cat(parts) if len(parts) > 1 else parts[0], prep)
         self._turn ^= 1
         host = self._host_ids[self._turn][: len(rows)]
@@ -368,7 +382,7 @@ class LLMEngine:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return _InFlight(rows, row_of, prep, result, host, event)
+        return _InFlight(rows, row_of, prep, result, host, event), early
 
     def _carried(
         self, rows: list[Sequence], flight: _InFlight | None
@@ -417,7 +431,11 @@ class LLMEngine:
         if any(p.needs_history or p.logprobs is not None for p in params):
             return False
         spec = self._spec
-        if spec is None or len(states) > spec.max_batch or any(p.temperature or p.logit_bias for p in params):
+        if (
+            spec is None
+            or len(states) > spec.max_batch
+            or any(p.temperature or p.logit_bias or p.structured for p in params)
+        ):
             return True
         # Synchronous steps cost the batch-1 engine ~25% (Q5: 752-779 against 957-996 tok/s): go synchronous
         # only while a lookup in the tokens already on the host finds something to draft.
@@ -507,10 +525,16 @@ class LLMEngine:
                 list(self.eos_ids | set(p.stop_token_ids)) if s.num_output < p.min_tokens else []
                 for s, p in zip(rows, params, strict=True)
             ]
-        mask = None
-        if self._grammars is not None and any(s.matcher is not None for s in rows):
-            mask = self._grammars.bitmask([s.matcher for s in rows])
-        return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned, mask)
+        return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned)
+
+    def _grammar_mask(self, rows: list[Sequence]) -> torch.Tensor:
+        """[rows, vocab] bool on the device: what each row's grammar allows next (rows without a matcher,
+        or already finished, allow everything)."""
+        assert self._grammars is not None
+        bits = self._grammars.bitmask([None if s.finished else s.matcher for s in rows])
+        if bits is None:
+            bits = np.full((len(rows), (self.model.cfg.vocab_size + 31) // 32), -1, dtype=np.int32)
+        return allowed(to_device(bits, self.device, torch.int32), self.model.cfg.vocab_size)
 
     def _update(
         self,

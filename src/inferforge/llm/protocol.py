@@ -64,11 +64,11 @@ class SamplingParams:
 
     @property
     def needs_history(self) -> bool:
-        """Penalties, min_tokens and structured output read the tokens so far: the newest must be on the host
-        before the next is sampled (a grammar's next mask depends on every token it consumed)."""
+        """Penalties and min_tokens read the tokens so far: the newest must be on the host before the next
+        step's sampling parameters are staged. (Structured output needs it before the next sampling only,
+        which the engine reads while that step's forward pass runs: `LLMEngine._launch`.)"""
         penalties = self.repetition_penalty != 1.0 or self.output_penalties
-        # min_tokens: whether to ban stop tokens depends on the count
-        return penalties or self.min_tokens > 0 or self.structured is not None
+        return penalties or self.min_tokens > 0  # min_tokens: whether to ban stop tokens depends on the count
 
     @property
     def output_penalties(self) -> bool:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from inferforge.llm import structured
 from inferforge.llm.protocol import SamplingParams
 
 _NUMPY = {torch.long: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
@@ -46,8 +45,6 @@ class SamplingBatch:
     outputs: list[list[int]] | None = None
     # token ids each row may not sample this step (end-of-sequence and stop tokens before min_tokens)
     banned: list[list[int]] | None = None
-    # structured outputs: each row's allowed tokens as bits (`structured.GrammarCompiler.bitmask`), or None
-    grammar_mask: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if not len(self.params) == len(self.generators) == len(self.seen):
@@ -82,7 +79,9 @@ class PreparedBatch:
     bias_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [E] rows, [E] token ids of logit_bias entries
     bias: torch.Tensor | None = None  # [E] the values added there
     banned_at: tuple[torch.Tensor, torch.Tensor] | None = None  # [F] rows, [F] token ids set to -inf
-    allowed: torch.Tensor | None = None  # [B, V] bool: what each row's grammar allows (structured outputs)
+    # [B, V] bool: what each row's grammar allows (structured outputs), set by the engine just before
+    # sampling (`structured.allowed`), after the newest tokens reached the grammars
+    allowed: torch.Tensor | None = None
 
 
 def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> PreparedBatch:
@@ -107,8 +106,6 @@ def prepare(batch: SamplingBatch, device: torch.device, vocab_size: int) -> Prep
     if banned:
         at = to_device([[i for i, _ in banned], [t for _, t in banned]], device, torch.long)
         out.banned_at = (at[0], at[1])
-    if batch.grammar_mask is not None:
-        out.allowed = structured.allowed(to_device(batch.grammar_mask, device, torch.int32), vocab_size)
     if not out.all_greedy:
         out.greedy = to_device(greedy, device, torch.bool)
         out.temperature = to_device([[p.temperature or 1.0] for p in params], device, torch.float32)

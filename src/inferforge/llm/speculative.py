@@ -49,6 +49,7 @@ def eligible(params: SamplingParams, num_output: int) -> bool:
         and params.logprobs is None
         and not params.logit_bias
         and not params.needs_history
+        and params.structured is None
         and num_output >= params.min_tokens
     )
 
