@@ -39,7 +39,7 @@ from common import free, make_random_1b, write_json
 
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams, StructuredOutput
-from inferforge.llm.structured import GrammarCompiler
+from inferforge.llm.structured import GrammarCompiler, resolve
 
 SCHEMA = {
     "type": "object",
@@ -147,13 +147,13 @@ def mask_cost(eng: LLMEngine, outputs: list[list[int]]) -> dict:
     assert spec is not None
     one = []
     for toks in outputs[:8]:
-        m = comp.matchers(spec, 1)[0]
+        m = resolve(comp.matchers(spec, 1)[0])
         for t in toks:
             a = time.perf_counter()
             comp.bitmask([m])
             one.append((time.perf_counter() - a) * 1e6)
             m.consume_token(t)
-    rows = comp.matchers(spec, 64)
+    rows = [resolve(f) for f in comp.matchers(spec, 64)]
     many = []
     for step in range(min(len(t) for t in outputs[:64])):
         a = time.perf_counter()
@@ -169,15 +169,18 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--batches", default="1,64", help="which batch settings to run")
     a = ap.parse_args()
     folder = make_random_1b(Path(tempfile.gettempdir()) / "if_llama1b_structured")
     vocab = retrain_tokenizer(folder)
     b1 = [("free", 1, 64, True), ("schema", 1, 128, True), ("schema", 1, 128, False)]
     b64 = [("free", 64, 48, True), ("schema", 64, 128, True)]
     rows: list[dict] = []
+    cost: dict = {}
     outputs: dict[str, list[list[int]]] = {}
     for rnd in range(a.rounds):
-        for kind, batch, max_tokens, overlap in b1 + b64:
+        chosen = [s for s in b1 + b64 if str(s[1]) in a.batches.split(",")]
+        for kind, batch, max_tokens, overlap in chosen:
             eng = LLMEngine(folder, EngineConfig(device="cuda", max_num_seqs=64, overlap_decode=overlap))
             res, toks = run(eng, kind, batch, a.reps, max_tokens)
             if kind == "schema" and overlap:

@@ -138,7 +138,8 @@ def test_structured_outputs_under_graphs_give_the_cpu_engine_s_tokens(tiny_dirs:
 
     folder, prompt = tiny_dirs["llama"], (5, 17, 99, 3)
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
-              "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"]}  # fmt: skip
+              "n": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["name", "n"],
+              "additionalProperties": False}  # fmt: skip
     as_json = StructuredOutput("json_schema", json.dumps(schema))
     as_regex = StructuredOutput("regex", "[a-z]{2,5}=[0-9]{1,3}")
     reqs = [

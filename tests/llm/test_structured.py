@@ -15,7 +15,7 @@ import torch
 from inferforge.errors import InferforgeError
 from inferforge.llm.protocol import EngineRequest, SamplingParams, StructuredOutput
 from inferforge.llm.speculative import eligible
-from inferforge.llm.structured import GrammarCompiler, StructuredOutputError, allowed, check
+from inferforge.llm.structured import GrammarCompiler, StructuredOutputError, allowed, check, resolve
 
 PERSON = {
     "type": "object",
@@ -113,12 +113,12 @@ def test_greedy_constrained_tokens_equal_masked_argmax_of_transformers(tiny_llam
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
     compiler = GrammarCompiler(eng.tokenizer.hf, eng.model.cfg.vocab_size, eng.eos_ids)
-    matcher = compiler.matchers(spec, 1)[0]
+    matcher = resolve(compiler.matchers(spec, 1)[0])
     ids, want = list(prompt), []
     with torch.no_grad():
         for _ in range(60):
             logits = hf(torch.tensor([ids])).logits[0, -1].float()
-            ok = allowed(torch.from_numpy(compiler.bitmask([matcher])), logits.shape[0])[0]
+            ok = allowed(compiler.bitmask([matcher]), logits.shape[0])[0]
             tok = int(logits.masked_fill(~ok, float("-inf")).argmax())
             want.append(tok)
             ids.append(tok)

@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from inferforge.errors import InferforgeError, NotApplicable
@@ -44,7 +43,7 @@ from inferforge.llm.runner import ModelRunner
 from inferforge.llm.sampler import PreparedBatch, SampleResult, SamplingBatch, prepare, sample, to_device
 from inferforge.llm.scheduler import RequestState, Scheduler, SchedulerConfig, Sequence, StepPlan
 from inferforge.llm.speculative import SpecConfig, TokenArrays, accepted, eligible, propose
-from inferforge.llm.structured import GrammarCompiler, allowed, consume
+from inferforge.llm.structured import GrammarCompiler, allowed, consume, resolve
 from inferforge.llm.weights import load_model
 
 
@@ -215,7 +214,9 @@ class LLMEngine:
         if params.structured is None:
             return None
         if self._grammars is None:
-            self._grammars = GrammarCompiler(self.tokenizer.hf, self.model.cfg.vocab_size, self.eos_ids)
+            self._grammars = GrammarCompiler(
+                self.tokenizer.hf, self.model.cfg.vocab_size, self.eos_ids, pinned=self.device.type == "cuda"
+            )
         return self._grammars.matchers(params.structured, params.n)
 
     def abort(self, request_id: str) -> list[EngineOutput]:
@@ -531,10 +532,11 @@ class LLMEngine:
         """[rows, vocab] bool on the device: what each row's grammar allows next (rows without a matcher,
         or already finished, allow everything)."""
         assert self._grammars is not None
+        for s in rows:
+            if s.matcher is not None and not s.finished:
+                s.matcher = resolve(s.matcher)
         bits = self._grammars.bitmask([None if s.finished else s.matcher for s in rows])
-        if bits is None:
-            bits = np.full((len(rows), (self.model.cfg.vocab_size + 31) // 32), -1, dtype=np.int32)
-        return allowed(to_device(bits, self.device, torch.int32), self.model.cfg.vocab_size)
+        return allowed(bits.to(self.device, non_blocking=True), self.model.cfg.vocab_size)
 
     def _update(
         self,

@@ -21,9 +21,9 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import numpy as np
 import torch
 
 from inferforge.errors import InferforgeError
@@ -32,8 +32,10 @@ from inferforge.llm.protocol import StructuredOutput
 log = logging.getLogger(__name__)
 
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# Compiled grammars kept per engine (a matcher's deep copy is cheap; compiling a large schema is not)
-GRAMMAR_CACHE_SIZE = 64
+# Grammar texts remembered as checked, per engine
+GRAMMAR_CACHE_SIZE = 256
+# Threads that compile matchers (llguidance releases the GIL while it compiles)
+COMPILE_THREADS = 4
 
 
 class StructuredOutputError(InferforgeError):
@@ -89,16 +91,29 @@ def check(spec: StructuredOutput) -> None:
 
 
 class GrammarCompiler:
-    """One engine's matchers: the tokenizer built once (llguidance reads the fast tokenizer's JSON), compiled
-    grammars cached by text, a deep copy per sequence."""
+    """One engine's matchers.
 
-    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int]) -> None:
+    Each sequence gets a matcher compiled from the grammar text of its own, not a deep copy of a shared one:
+    llguidance's copies share their lazily built lexer states behind one lock, so their masks do not compute
+    in parallel. On the H100 host (16 cores; `probe_grammar_threads.py`, S2 in docs/llm-runs.md), 64 rows of
+    a JSON schema took 4.3-5.9 ms a step as copies at 1-16 threads, and 1.1-1.7 ms as separate matchers at
+    8-16 threads (6.5 at one). A matcher compiles in ~0.9 ms there, with the GIL released: the compiles run
+    on a small thread pool from `add_request` and are waited for only when the sequence is first sampled.
+    A grammar text is checked once, synchronously (~0.4 ms), so a bad one is refused at once.
+    """
+
+    def __init__(self, hf_tokenizer: Any, vocab_size: int, eos_ids: set[int], pinned: bool = False) -> None:
         self._hf = hf_tokenizer
         self.vocab_size = vocab_size
+        self.words = (vocab_size + 31) // 32
         self._eos = sorted(eos_ids)
         self._tokenizer: Any = None
-        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._checked: OrderedDict[str, None] = OrderedDict()  # grammar texts known to compile
         self._executor: Any = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pinned = pinned
+        self._buffers: list[torch.Tensor] = []  # two host mask buffers in turn (see `bitmask`)
+        self._turn = 0
 
     @property
     def tokenizer(self) -> Any:
@@ -112,39 +127,61 @@ class GrammarCompiler:
                 raise StructuredOutputError(f"structured outputs need a fast tokenizer: {exc}") from exc
         return self._tokenizer
 
-    def matchers(self, spec: StructuredOutput, n: int) -> list[Any]:
-        """n matchers in the grammar's start state; StructuredOutputError if it does not compile."""
+    def matchers(self, spec: StructuredOutput, n: int) -> list[Future]:
+        """n matchers in the grammar's start state, compiling in the background (`resolve` waits for one);
+        StructuredOutputError at once if the grammar does not compile."""
         grammar = grammar_of(spec)
-        template = self._cache.get(grammar)
-        if template is None:
-            template = _llguidance().LLMatcher(self.tokenizer, grammar, log_level=0)
-            if template.is_error():
-                raise StructuredOutputError(
-                    f"the {spec.kind} constraint does not compile: {template.get_error().strip()}"
-                )
-            self._cache[grammar] = template
-            if len(self._cache) > GRAMMAR_CACHE_SIZE:
-                self._cache.popitem(last=False)
+        llg = _llguidance()
+        if grammar in self._checked:
+            self._checked.move_to_end(grammar)
         else:
-            self._cache.move_to_end(grammar)
-        return [template.deep_copy() for _ in range(n)]
+            bad, messages = llg.LLMatcher.validate_grammar_with_warnings(grammar, self.tokenizer)
+            if bad:
+                why = messages[0].strip()
+                raise StructuredOutputError(f"the {spec.kind} constraint does not compile: {why}")
+            self._checked[grammar] = None
+            if len(self._checked) > GRAMMAR_CACHE_SIZE:
+                self._checked.popitem(last=False)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar")
+        tokenizer = self.tokenizer
+        return [self._pool.submit(llg.LLMatcher, tokenizer, grammar, log_level=0) for _ in range(n)]
 
-    def bitmask(self, matchers: list[Any]) -> np.ndarray | None:
-        """The allowed next tokens of each row as bits ([rows, ceil(vocab / 32)] int32, bit t % 32 of word
-        t // 32); rows without a matcher allow everything. None when no row has one."""
-        rows = [(m, i) for i, m in enumerate(matchers) if m is not None]
-        if not rows:
-            return None
-        words = (self.vocab_size + 31) // 32
-        mask = np.full((len(matchers), words), -1, dtype=np.int32)
-        if len(rows) == 1:
-            m, i = rows[0]
-            m.unsafe_compute_mask_ptr(mask[i].ctypes.data, words * 4)
-        else:  # several constrained rows: llguidance's thread pool computes them in parallel
+    def bitmask(self, matchers: list[Any]) -> torch.Tensor:
+        """The allowed next tokens of each row as bits ([rows, words] int32 on the host, pinned on CUDA
+        engines; bit t % 32 of word t // 32); rows without a matcher allow everything. The tensor is one of
+        two buffers used in turn: it stays valid until the call after next, by which time the engine has
+        waited for the step whose copy read it."""
+        rows = len(matchers)
+        self._turn ^= 1
+        if len(self._buffers) < 2 or self._buffers[0].shape[0] < rows:
+            size = max(rows, 2 * self._buffers[0].shape[0] if self._buffers else 8)
+            self._buffers = [torch.empty(size, self.words, dtype=torch.int32, pin_memory=self._pinned)
+                             for _ in range(2)]  # fmt: skip
+        out = self._buffers[self._turn][:rows]
+        # numpy's fill, not torch's: a torch fill this size runs on OpenMP threads that then spin and take
+        # the cores llguidance's threads need
+        out.numpy().fill(-1)
+        live = [(m, i) for i, m in enumerate(matchers) if m is not None]
+        if len(live) == 1:
+            m, i = live[0]
+            m.unsafe_compute_mask_ptr(out[i].data_ptr(), self.words * 4)
+        elif live:  # several constrained rows: llguidance's thread pool computes them in parallel
             if self._executor is None:
                 self._executor = _llguidance().LLExecutor()
-            self._executor.unsafe_compute_mask_ptr(rows, mask.ctypes.data, words * 4, len(matchers))
-        return mask
+            self._executor.unsafe_compute_mask_ptr(live, out.data_ptr(), self.words * 4, rows)
+        return out
+
+
+def resolve(matcher: Any) -> Any:
+    """A sequence's matcher, waiting for its compile if it is still a future; a matcher that failed to
+    build (not expected after the grammar's check) raises StructuredOutputError."""
+    if not isinstance(matcher, Future):
+        return matcher
+    m = matcher.result()
+    if m.is_error():
+        raise StructuredOutputError(f"the constraint did not compile: {m.get_error().strip()}")
+    return m
 
 
 def consume(matcher: Any, token: int) -> bool:
