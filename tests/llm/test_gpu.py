@@ -163,6 +163,31 @@ def test_structured_outputs_under_graphs_give_the_cpu_engine_s_tokens(tiny_dirs:
 
 
 @needs_cuda
+def test_prompt_logprobs_under_prompt_step_graphs_equal_the_eager_path(tiny_dirs: dict[str, Path]) -> None:
+    """Prompt logprobs read the prompt step's hidden states, which a prompt-step graph leaves in its own
+    buffer (padded to the bucket): in bf16 they equal the eager prompt path's within 0.1, whole and in
+    16-token chunks."""
+    folder, prompt = tiny_dirs["llama"], tuple(range(5, 45))
+    params = SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3)
+
+    def run(graph_tokens: tuple[int, ...], budget: int) -> list[tuple[int, float, int]]:
+        config = EngineConfig(device="cuda", kv_cache_tokens=4096, max_num_seqs=8,
+                              max_num_batched_tokens=budget, prefill_graph_tokens=graph_tokens)  # fmt: skip
+        eng = LLMEngine(folder, config)
+        assert bool(graph_tokens) == (eng.runner.prefill_graphs is not None), eng.runner.prefill_graph_error
+        lps = eng.generate([EngineRequest("p", prompt, params)])["p"][0][0].prompt_logprobs
+        assert lps is not None and len(lps) == len(prompt) - 1
+        return [(t.token_id, t.logprob, t.top[0][0]) for t in lps]
+
+    for budget in (96, 16):
+        got, want = run((32, 64, 128), budget), run((), budget)
+        assert [g[0] for g in got] == list(prompt[1:])
+        assert max(abs(g[1] - w[1]) for g, w in zip(got, want, strict=True)) < 0.1
+        same_top = sum(g[2] == w[2] for g, w in zip(got, want, strict=True))  # the likeliest alternatives
+        assert same_top >= 0.9 * len(got)
+
+
+@needs_cuda
 def test_preemption_under_cuda_graphs_gives_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
     """fp32 on CUDA with decode graphs and prompt-step graphs: requests that outgrow a 6-block cache are
     preempted, recomputed (their generated tokens as part of a prompt step) and still give the tokens of the

@@ -42,7 +42,6 @@ def chat(**kw: object) -> ChatCompletionRequest:
         ({"logit_bias": {"five": 1.0}}, 400, "logit_bias"),
         ({"logit_bias": {"5": 100.5}}, 400, "logit_bias"),
         ({"logit_bias": {str(i): 1.0 for i in range(301)}}, 400, "logit_bias"),
-        ({"echo": True, "logprobs": 1}, 400, "echo"),
     ],
 )
 def test_bad_completion_requests_name_their_param(kw: dict, status: int, param: str) -> None:
@@ -181,3 +180,14 @@ def test_bad_structured_outputs_are_400_naming_their_field(kw: dict, param: str,
             plan(req, FakeEngine(), LIMITS, "fake")
         assert (info.value.status, info.value.param) == (400, param)
         assert words in info.value.body()["error"]["message"]
+
+
+def test_echo_with_logprobs_asks_the_engine_for_prompt_logprobs() -> None:
+    plan = plan_completion(completion(echo=True, logprobs=2), FakeEngine(), LIMITS, "fake")
+    assert plan.requests[0].params.prompt_logprobs == 2
+    assert plan.first_ids == (plan.requests[0].prompt_ids[0],)
+    for kw in ({"echo": True}, {"logprobs": 2}, {}):
+        assert (
+            plan_completion(completion(**kw), FakeEngine(), LIMITS, "fake").requests[0].params.prompt_logprobs
+            is None
+        )

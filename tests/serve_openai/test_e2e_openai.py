@@ -288,6 +288,30 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model: str, engine, re
     assert r.usage.completion_tokens == 6
 
 
+def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, model: str, engine, reference: dict):
+    """lm-evaluation-harness's loglikelihood request: every prompt token's logprob, the first one null."""
+    from inferforge.llm.protocol import EngineRequest, SamplingParams
+
+    ids = reference["prompt_ids"]
+    params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=2)
+    want = engine.generate([EngineRequest("pl", ids, params)])["pl"][0][0].prompt_logprobs
+    for stream in (False, True):
+        kw = {"model": model, "prompt": PROMPT, "max_tokens": 1, "temperature": 0, "echo": True,
+              "logprobs": 2}  # fmt: skip
+        if stream:
+            chunks = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+            lp, text = chunks[0].choices[0].logprobs, "".join(c.choices[0].text for c in chunks)
+        else:
+            r = client.completions.create(**kw)
+            lp, text = r.choices[0].logprobs, r.choices[0].text
+        assert text.startswith(PROMPT) and len(lp.tokens) == len(ids) + 1
+        assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+        got = lp.token_logprobs[1 : len(ids)]
+        assert got == pytest.approx([t.logprob for t in want], abs=1e-5)
+        assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
+        assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+
+
 PERSON_SCHEMA = {
     "type": "object",
     "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0}},

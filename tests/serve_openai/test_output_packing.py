@@ -32,9 +32,10 @@ def test_middle_deltas_go_compact_and_come_back_equal() -> None:
         _out((10,), 6, logprobs=(TokenLogprob(10, -0.5),)),  # logprobs: whole
         _out((11,), 7, index=1),  # another sequence's middle delta: compact
         _out((12,), 8, finished=True, finish_reason="length", timing=RequestTiming(1.0, 2.0, 3.0, 9.0)),
+        _out((13,), 1, index=2, prompt_logprobs=(TokenLogprob(3, -1.5, ((3, -1.5), (4, -2.0))),)),  # whole
     ]
     rows = pack(outs)
-    assert [len(r) for r in rows] == [13, 4, 4, 13, 13, 4, 13]
+    assert [len(r) for r in rows] == [14, 4, 4, 14, 14, 4, 14, 14]
     back = [o for _, o in _link_with_stream()._unpack(rows)]
     assert back == outs
 

@@ -30,6 +30,7 @@ from inferforge.llm.kv_cache import (
     plan_cache,
 )
 from inferforge.llm.model import DecoderLM
+from inferforge.llm.prompt_logprobs import PromptLogprobs
 from inferforge.llm.protocol import (
     EngineOutput,
     EngineRequest,
@@ -197,6 +198,8 @@ class LLMEngine:
         p = request.params
         matchers = self._matchers(p)
         state = RequestState(request, time.monotonic(), max_tokens=max_tokens)
+        if p.prompt_logprobs is not None:
+            state.prompt_lps = PromptLogprobs(p.prompt_logprobs, request.prompt_ids)
         for i in range(p.n):
             gen = None
             if p.seed is not None:
@@ -352,10 +355,17 @@ class LLMEngine:
             parts.append(self.runner.decode(plan.decode, *carried))
         if plan.prefill:  # with mixed_steps, decode rows ride in the same pass (one read of the weights)
             riders = plan.decode if mixed else []
-            logits, _ = self.runner.prefill(plan.prefill, riders, *(carried if mixed else (None, None, None)))
+            logits, _, hidden = self.runner.prefill(
+                plan.prefill, riders, *(carried if mixed else (None, None, None))
+            )
             d = len(riders)
             if d:
                 parts.append(logits[:d])
+            row = d
+            for seq, n in plan.prefill:  # prompt logprobs from the chunks' hidden states, where asked for
+                if seq.group.prompt_lps is not None:
+                    seq.group.prompt_lps.add_chunk(self.model, hidden[row : row + n], seq.num_computed)
+                row += n
             for seq, n in plan.prefill:
                 seq.num_computed += n
                 self.scheduler.computed(seq, seq.num_computed - n)
@@ -595,6 +605,9 @@ class LLMEngine:
             completion_tokens=seq.num_output,
             timing=RequestTiming(group.arrival, group.scheduled, group.first_token, group.finished_at),
         )
+        if group.prompt_lps is not None and not seq.sent_prompt_lps and group.prompt_lps.complete:
+            out.prompt_logprobs = group.prompt_lps.result()
+            seq.sent_prompt_lps = True
         seq.pending_ids, seq.pending_logprobs = [], []
         return out
 

@@ -61,6 +61,9 @@ class SamplingParams:
     detokenize: bool = True
     # Constrained decoding (JSON, regex, choice, grammar); None: free text
     structured: StructuredOutput | None = None
+    # vLLM's: every prompt token's logprob (and this many alternatives) on each sequence's first output;
+    # None: off. The prompt is then computed whole (no prefix-cache reads).
+    prompt_logprobs: int | None = None
 
     @property
     def needs_history(self) -> bool:
@@ -101,6 +104,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError(f"logprobs must be in [0, 20], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= 20:
+            raise ValueError(f"prompt_logprobs must be in [0, 20], got {self.prompt_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -154,6 +159,8 @@ class EngineOutput:
     prompt_tokens: int
     completion_tokens: int  # total so far for this sequence
     timing: RequestTiming
+    # `SamplingParams.prompt_logprobs`: prompt tokens 1.. with their logprobs, on a sequence's first output
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:
@@ -162,7 +169,8 @@ def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:
     lps = None if then.logprobs is None else (first.logprobs or ()) + then.logprobs
     return EngineOutput(then.request_id, then.index, first.new_token_ids + then.new_token_ids,
                         first.new_text + then.new_text, lps, then.finished, then.finish_reason,
-                        then.prompt_tokens, then.completion_tokens, then.timing)  # fmt: skip
+                        then.prompt_tokens, then.completion_tokens, then.timing,
+                        first.prompt_logprobs or then.prompt_logprobs)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -227,8 +227,9 @@ class ModelRunner:
         ahead: list[bool] | None = None,
         carry_rows: torch.Tensor | None = None,
         carry_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, list[Sequence]]:
-        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete.
+    ) -> tuple[torch.Tensor, list[Sequence], torch.Tensor]:
+        """Compute prompt chunks; returns logits for the sequences whose prompt is now complete, those
+        sequences, and the step's hidden states (decode rows first, then the chunks' tokens in order).
 
         With `decode` rows (and their carried ids, as in `decode`), one eager pass computes them first and
         then the chunks, and the logits start with one row per decoding sequence: a step that ran the decode
@@ -251,8 +252,8 @@ class ModelRunner:
         if hidden is None:
             hidden = self._prefill_eager(chunks, decode, positions, layout, carry_rows, carry_ids)
         if not rows:
-            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done
-        return self.model.logits(hidden[to_device(rows, self.device, torch.long)]), done
+            return hidden.new_empty(0, self.model.cfg.vocab_size, dtype=torch.float32), done, hidden
+        return self.model.logits(hidden[to_device(rows, self.device, torch.long)]), done, hidden
 
     def _prefill_eager(
         self,

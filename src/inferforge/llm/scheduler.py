@@ -108,6 +108,7 @@ class Sequence:
     block_keys: list[bytes] | None = None
     # structured outputs: this sequence's llguidance matcher (`structured.GrammarCompiler`); None: free text
     matcher: Any = None
+    sent_prompt_lps: bool = False  # its first output carried the request's prompt logprobs
 
     @property
     def num_output(self) -> int:
@@ -134,6 +135,7 @@ class RequestState:
     reserved: bool = False  # holds blocks for its whole budget from admission on; never preempted
     preemptions: int = 0  # times it was preempted (and its tokens computed again)
     readmit_step: int = -1  # the scheduler step it was last preempted in: not readmitted within that step
+    prompt_lps: Any = None  # `prompt_logprobs.PromptLogprobs` when the request asked for them
     # The prompt is immutable: its length is read per row per step (a property cost ~3% of a decode step's
     # host work at 64 rows).
     prompt_len: int = field(init=False)
@@ -307,7 +309,7 @@ class Scheduler:
     def _cached_prefix(self, r: RequestState) -> list[int]:
         """The cached blocks this request's prompt starts with (at least its last token is left to compute,
         for its logits)."""
-        if not self.config.prefix_caching:
+        if not self.config.prefix_caching or r.prompt_lps is not None:  # prompt logprobs need every position
             return []
         if r.block_keys is None:
             r.block_keys = prompt_block_keys(r.request.prompt_ids, salt=r.request.cache_salt)

@@ -227,7 +227,7 @@ class OpenAIServer:
             choices, obj = acc.chat(self.text_of, plan.logprobs is not None), "chat.completion"
         else:
             choices, obj = (
-                acc.completion(self.text_of, plan.prompt_texts, plan.logprobs is not None),
+                acc.completion(self.text_of, plan.prompt_texts, plan.logprobs is not None, plan.first_ids),
                 "text_completion",
             )
         payload = envelope(plan.response_id, obj, int(time.time()), self.model_name, choices, tracker.usage())

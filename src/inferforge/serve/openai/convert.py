@@ -7,7 +7,7 @@ context length and vocabulary, and the features this engine lacks (answered 400,
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from inferforge.llm.protocol import EngineClient, EngineRequest, SamplingParams
 from inferforge.serve.openai.errors import APIError, bad_param
@@ -30,6 +30,11 @@ class Plan:
     prompt_texts: tuple[str, ...]  # for `echo`; empty strings otherwise
     n: int
     logprobs: int | None
+
+    @property
+    def first_ids(self) -> tuple[int, ...]:
+        """Each prompt's first token (the echoed prompt's logprobs start with it, unscored)."""
+        return tuple(r.prompt_ids[0] for r in self.requests)
 
 
 def check_model(requested: str, served: str) -> None:
@@ -187,8 +192,6 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
         raise bad_param(
             "logprobs", f"logprobs={req.logprobs} exceeds this server's cap of {limits.max_logprobs}."
         )
-    if req.echo and req.logprobs is not None:
-        raise bad_param("echo", "echo together with logprobs (prompt logprobs) is not supported; drop one.")
     stop = _stops(req.stop, limits)
     bias = _logit_bias(req.logit_bias, engine.vocab_size)
     prompts, texts = _prompt_ids(req, engine)
@@ -204,6 +207,8 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
             req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
         )
         params = _params(req, mt, req.logprobs, stop, bias)
+        if req.echo and req.logprobs is not None:  # the echoed prompt's logprobs too (OpenAI's legacy API)
+            params = replace(params, prompt_logprobs=req.logprobs)
         reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), params, req.cache_salt))
     echo = tuple(t if req.echo else "" for t in texts)
     if req.echo and any(not t for t in texts):

@@ -52,21 +52,21 @@ class EngineProcessError(RuntimeError):
 def pack_full(o: EngineOutput) -> tuple:
     return (o.request_id, o.index, o.new_token_ids, o.new_text, o.logprobs, o.finished, o.finish_reason,
             o.prompt_tokens, o.completion_tokens, o.timing.arrival, o.timing.scheduled, o.timing.first_token,
-            o.timing.finished)  # fmt: skip
+            o.timing.finished, o.prompt_logprobs)  # fmt: skip
 
 
 def pack(outs: list[EngineOutput]) -> list[tuple]:
     """Plain tuples pickle several times faster than dataclasses; this runs between two GPU steps, in the one
     engine process. A sequence's first delta and its last go whole; a delta between them with no text and no
     logprobs goes as (request id, index, token ids, completion tokens), and the link takes the prompt length
-    and timing from the request's first: 4 fields instead of 13 for nearly every output of a decode step."""
+    and timing from the request's first: 4 fields instead of 14 for nearly every output of a decode step."""
     return [pack_full(o) if _whole(o) else (o.request_id, o.index, o.new_token_ids, o.completion_tokens)
             for o in outs]  # fmt: skip
 
 
 def _whole(o: EngineOutput) -> bool:
     first = o.completion_tokens == len(o.new_token_ids)
-    return first or o.finished or bool(o.new_text) or o.logprobs is not None
+    return first or o.finished or bool(o.new_text) or o.logprobs is not None or o.prompt_logprobs is not None
 
 
 @dataclass
@@ -257,8 +257,8 @@ class EngineLink:
                 out = EngineOutput(r[0], r[1], r[2], "", None, False, None, stream.prompt_tokens, r[3],
                                    stream.timing)  # fmt: skip
             else:
-                stream.prompt_tokens, stream.timing = r[7], RequestTiming(*r[9:])
-                out = EngineOutput(*r[:9], stream.timing)  # type: ignore[call-arg]
+                stream.prompt_tokens, stream.timing = r[7], RequestTiming(*r[9:13])
+                out = EngineOutput(*r[:9], stream.timing, r[13])  # type: ignore[call-arg]
             items.append((r[0], out))
         return items
 

@@ -43,6 +43,23 @@ def completion_logprobs(text_of: TokenText, lps: tuple[TokenLogprob, ...], offse
     }, offset
 
 
+def echo_logprobs(text_of: TokenText, first_id: int, prompt: tuple[TokenLogprob, ...]) -> dict:
+    """The prompt's part of the legacy logprobs block (`echo` with `logprobs`): its first token has no
+    logprob and no alternatives (null), as in OpenAI's and vLLM's responses."""
+    first = text_of(first_id)
+    block, _ = completion_logprobs(text_of, prompt, len(first))
+    return {
+        "tokens": [first, *block["tokens"]],
+        "token_logprobs": [None, *block["token_logprobs"]],
+        "top_logprobs": [None, *block["top_logprobs"]],
+        "text_offset": [0, *block["text_offset"]],
+    }
+
+
+def join_logprobs(head: dict, tail: dict) -> dict:
+    return {key: head[key] + tail[key] for key in head}
+
+
 def _entry(tok: str, logprob: float) -> dict[str, Any]:
     return {"token": tok, "logprob": logprob, "bytes": list(tok.encode("utf-8"))}
 
@@ -61,6 +78,7 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
+    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
 
 
 class Accumulator:
@@ -75,14 +93,21 @@ class Accumulator:
         c.text.append(out.new_text)
         if out.logprobs:
             c.logprobs.extend(out.logprobs)
+        if out.prompt_logprobs is not None:
+            c.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             c.finish_reason = out.finish_reason
 
-    def completion(self, text_of: TokenText, echo: tuple[str, ...], want_logprobs: bool) -> list[dict]:
+    def completion(
+        self, text_of: TokenText, echo: tuple[str, ...], want_logprobs: bool, first_ids: tuple[int, ...] = ()
+    ) -> list[dict]:
+        """`first_ids`: each prompt's first token, for the echoed prompt's logprobs."""
         out = []
         for i, c in enumerate(self.choices):
             prefix = echo[i // self.n]
             lp = completion_logprobs(text_of, tuple(c.logprobs), len(prefix))[0] if want_logprobs else None
+            if lp is not None and prefix and c.prompt_logprobs is not None:
+                lp = join_logprobs(echo_logprobs(text_of, first_ids[i // self.n], c.prompt_logprobs), lp)
             text = prefix + "".join(c.text)
             out.append(
                 {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason or "abort"}

@@ -19,7 +19,14 @@ from inferforge.serve.openai.convert import Plan
 from inferforge.serve.openai.engine_io import Tracker
 from inferforge.serve.openai.errors import error_body
 from inferforge.serve.openai.metrics import ITLClock, ServerMetrics
-from inferforge.serve.openai.render import TokenText, chat_logprobs, completion_logprobs, envelope
+from inferforge.serve.openai.render import (
+    TokenText,
+    chat_logprobs,
+    completion_logprobs,
+    echo_logprobs,
+    envelope,
+    join_logprobs,
+)
 
 DONE = b"data: [DONE]\n\n"
 
@@ -159,6 +166,8 @@ def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
                 yield frames.completion(i, text, out.finish_reason)
                 continue
             lp, offsets[i] = completion_logprobs(ctx.text_of, out.logprobs, offsets[i])
+            if out.prompt_logprobs is not None and plan.prompt_texts[idx]:  # echo: the prompt's come first
+                lp = join_logprobs(echo_logprobs(ctx.text_of, plan.first_ids[idx], out.prompt_logprobs), lp)
             choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
             usage = ctx.chunk_usage()
             yield sse(envelope(plan.response_id, "text_completion", ctx.created, ctx.model, [choice], usage))
