@@ -361,11 +361,7 @@ class LLMEngine:
             d = len(riders)
             if d:
                 parts.append(logits[:d])
-            row = d
-            for seq, n in plan.prefill:  # prompt logprobs from the chunks' hidden states, where asked for
-                if seq.group.prompt_lps is not None:
-                    seq.group.prompt_lps.add_chunk(self.model, hidden[row : row + n], seq.num_computed)
-                row += n
+            self._prompt_logprobs(plan.prefill, hidden, d)
             for seq, n in plan.prefill:
                 seq.num_computed += n
                 self.scheduler.computed(seq, seq.num_computed - n)
@@ -537,6 +533,24 @@ class LLMEngine:
                 for s, p in zip(rows, params, strict=True)
             ]
         return SamplingBatch(params, [s.generator for s in rows], seen, outputs, banned)
+
+    def _prompt_logprobs(self, chunks: list[tuple[Sequence, int]], hidden: torch.Tensor, row: int) -> None:
+        """Score the prompt tokens of the chunks whose requests asked for prompt logprobs, from the step's
+        hidden states (`row`: the first chunk's first row); their target tokens go over in one copy."""
+        work, targets = [], []
+        for seq, n in chunks:
+            lps = seq.group.prompt_lps
+            span = lps.span(seq.num_computed, n) if lps is not None else None
+            if span is not None:
+                work.append((seq, row, n, len(targets), span[1] - span[0]))
+                targets.extend(lps.prompt[span[0] + 1 : span[1] + 1])
+            row += n
+        if not work:
+            return
+        dev = to_device(targets, self.device, torch.long)
+        for seq, at, n, t0, count in work:
+            lps = seq.group.prompt_lps
+            lps.add_chunk(self.model, hidden[at : at + n], seq.num_computed, dev[t0 : t0 + count])
 
     def _grammar_mask(self, rows: list[Sequence]) -> torch.Tensor:
         """[rows, vocab] bool on the device: what each row's grammar allows next (rows without a matcher,

@@ -7,7 +7,7 @@ No web framework may be imported here or anywhere under `inferforge.llm`.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -132,6 +132,33 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()  # (token_id, logprob) of the most likely alternatives
 
 
+@dataclass(frozen=True)
+class PromptScores:
+    """Prompt tokens 1.. with their logprobs (`SamplingParams.prompt_logprobs`) in flat columns; iterating
+    or indexing gives `TokenLogprob`s. Flat columns of numbers, because an object per token (or a list per
+    token) cost the one engine process most of a 64 x 512-token scoring batch: 187 ms of 295, much of it in
+    the garbage collector walking the heap as the objects piled up (S14 in docs/llm-runs.md). Numbers are
+    not tracked by the collector, pickle across the server's process boundary quickly, and the HTTP
+    workers build what they render."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    k: int = 0  # alternatives a token
+    top_ids: list[int] = field(default_factory=list)  # token j's alternatives at [j * k, (j + 1) * k)
+    top_logprobs: list[float] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    def __getitem__(self, j: int) -> TokenLogprob:
+        a, b = j * self.k, (j + 1) * self.k
+        alts = tuple(zip(self.top_ids[a:b], self.top_logprobs[a:b], strict=True))
+        return TokenLogprob(self.token_ids[j], self.logprobs[j], alts)
+
+    def __iter__(self) -> Iterator[TokenLogprob]:
+        return (self[j] for j in range(len(self)))
+
+
 # RequestTiming and EngineOutput are made per row per step: plain slotted dataclasses construct in 0.3 us
 # where frozen ones take 0.8 and 1.5 (CPU box), ~115 us of a 64-row decode step's host work. Treat them
 # as read-only all the same.
@@ -160,7 +187,7 @@ class EngineOutput:
     completion_tokens: int  # total so far for this sequence
     timing: RequestTiming
     # `SamplingParams.prompt_logprobs`: prompt tokens 1.. with their logprobs, on a sequence's first output
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: PromptScores | None = None
 
 
 def merge_outputs(first: EngineOutput, then: EngineOutput) -> EngineOutput:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from inferforge.llm.protocol import EngineClient, EngineOutput, TokenLogprob
+from inferforge.llm.protocol import EngineClient, EngineOutput, PromptScores, TokenLogprob
 
 
 class TokenText:
@@ -43,11 +43,11 @@ def completion_logprobs(text_of: TokenText, lps: tuple[TokenLogprob, ...], offse
     }, offset
 
 
-def echo_logprobs(text_of: TokenText, first_id: int, prompt: tuple[TokenLogprob, ...]) -> dict:
+def echo_logprobs(text_of: TokenText, first_id: int, prompt: PromptScores) -> dict:
     """The prompt's part of the legacy logprobs block (`echo` with `logprobs`): its first token has no
     logprob and no alternatives (null), as in OpenAI's and vLLM's responses."""
     first = text_of(first_id)
-    block, _ = completion_logprobs(text_of, prompt, len(first))
+    block, _ = completion_logprobs(text_of, tuple(prompt), len(first))
     return {
         "tokens": [first, *block["tokens"]],
         "token_logprobs": [None, *block["token_logprobs"]],
@@ -78,7 +78,7 @@ class ChoiceState:
     text: list[str] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
-    prompt_logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: PromptScores | None = None
 
 
 class Accumulator:
