@@ -31,8 +31,9 @@ class FakeEngine:
     def decode(self, token_ids: list[int]) -> str:
         return bytes(t - 1 for t in token_ids if t > 0).decode(errors="replace")
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        names = "".join(f"<tool:{t['function']['name']}>" for t in tools or ())
+        return self.encode(names + "".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
     def next_token(self, step: int, seq: int) -> int:
         return ord("a") + (step + seq) % 26 + 1

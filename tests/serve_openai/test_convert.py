@@ -59,7 +59,6 @@ def test_bad_completion_requests_name_their_param(kw: dict, status: int, param: 
         ({"logprobs": True, "top_logprobs": 5}, "top_logprobs"),
         ({"max_completion_tokens": 40}, "max_completion_tokens"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content"),
-        ({"tools": [{"type": "function"}]}, "tools"),
     ],
 )
 def test_bad_chat_requests_name_their_param(kw: dict, param: str) -> None:
@@ -191,3 +190,86 @@ def test_echo_with_logprobs_asks_the_engine_for_prompt_logprobs() -> None:
             plan_completion(completion(**kw), FakeEngine(), LIMITS, "fake").requests[0].params.prompt_logprobs
             is None
         )
+
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [
+    {"type": "function", "function": {"name": "weather", "parameters": WEATHER}},
+    {"type": "function", "function": {"name": "time"}},
+]
+
+
+def test_forced_tool_calls_become_a_constraint_and_the_tools_reach_the_template() -> None:
+    import json
+
+    named = plan_chat(chat(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "weather"}}),
+                      FakeEngine(), LIMITS, "fake")  # fmt: skip
+    spec = named.requests[0].params.structured
+    assert spec is not None and json.loads(spec.spec) == WEATHER
+    assert named.tools is not None and named.tools.named == "weather"
+    assert "<tool:weather><tool:time>" in FakeEngine().decode(list(named.requests[0].prompt_ids))
+    required = plan_chat(chat(tools=TOOLS, tool_choice="required", parallel_tool_calls=False), FakeEngine(),
+                         LIMITS, "fake")  # fmt: skip
+    schema = json.loads(required.requests[0].params.structured.spec)
+    assert schema["type"] == "array" and schema["maxItems"] == 1
+    assert [i["properties"]["name"]["const"] for i in schema["items"]["anyOf"]] == ["weather", "time"]
+    none = plan_chat(chat(tools=TOOLS, tool_choice="none"), FakeEngine(), LIMITS, "fake")
+    assert none.tools is None and none.requests[0].params.structured is None
+
+
+def test_tool_plan_reads_answers_as_openai_tool_calls() -> None:
+    import json
+
+    from inferforge.serve.openai.tools import ToolPlan
+
+    (call,) = ToolPlan("weather").calls('{"city": "Oslo"}')
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {
+        "city": "Oslo"
+    }
+    calls = ToolPlan(None).calls(
+        '[{"name": "time", "parameters": {}}, {"name": "weather", "parameters": {"city": "X"}}]'
+    )
+    assert [c["function"]["name"] for c in calls] == ["time", "weather"]
+    assert ToolPlan("weather").calls('{"city": "Os') is None  # cut by max_tokens: stays text
+
+
+@pytest.mark.parametrize(
+    ("kw", "param", "words"),
+    [
+        ({"tools": TOOLS}, "tool_choice", "auto"),
+        ({"tools": TOOLS, "tool_choice": "auto"}, "tool_choice", "parser"),
+        ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+        (
+            {"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+            "tool_choice",
+            "nope",
+        ),
+        ({"tools": TOOLS, "tool_choice": "sometimes"}, "tool_choice", "tool_choice is"),
+        ({"tools": [{"type": "retrieval"}], "tool_choice": "required"}, "tools[0]", "a tool is"),
+        (
+            {"tools": [{"type": "function", "function": {"name": "a b"}}], "tool_choice": "required"},
+            "tools[0].function.name",
+            "1-64",
+        ),
+        ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "tools[2].function.name", "two tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": []}}],
+                "tool_choice": "required",
+            },
+            "tools[0].function.parameters",
+            "schema",
+        ),
+        (
+            {"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "tool_choice",
+            "not both",
+        ),
+    ],
+)
+def test_bad_tool_requests_are_400_naming_their_field(kw: dict, param: str, words: str) -> None:
+    with pytest.raises(APIError) as info:
+        plan_chat(chat(**kw), FakeEngine(), LIMITS, "fake")
+    assert (info.value.status, info.value.param) == (400, param)
+    assert words in info.value.body()["error"]["message"]

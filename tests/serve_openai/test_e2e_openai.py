@@ -288,6 +288,46 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model: str, engine, re
     assert r.usage.completion_tokens == 6
 
 
+def test_forced_tool_calls_through_the_openai_client(client: openai.OpenAI, model: str) -> None:
+    """Random weights: only the forced constraint makes the calls parse and name the right functions."""
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+               "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+               "required": ["city", "days"], "additionalProperties": False}  # fmt: skip
+    tools = [{"type": "function", "function": {"name": "weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "clock", "parameters": {
+                 "type": "object", "properties": {}, "additionalProperties": False}}}]  # fmt: skip
+    messages = [{"role": "user", "content": "Weather in Oslo for 3 days?"}]
+    named = {"type": "function", "function": {"name": "weather"}}
+    r = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice=named,
+                                       max_tokens=60, seed=1)  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    assert call.function.name == "weather" and set(args) == {"city", "days"} and 1 <= args["days"] <= 7
+    assert r.choices[0].message.content is None and r.choices[0].finish_reason == "stop"
+    r = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice="required",
+                                       parallel_tool_calls=False, max_tokens=60, seed=2)  # fmt: skip
+    (call,) = r.choices[0].message.tool_calls
+    assert call.function.name in {"weather", "clock"} and r.choices[0].finish_reason == "tool_calls"
+    json.loads(call.function.arguments)
+    stream = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice=named,
+                                            max_tokens=60, seed=1, stream=True)  # fmt: skip
+    chunks = list(stream)
+    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert [d.function.name for d in deltas] == ["weather"] and json.loads(
+        deltas[0].function.arguments
+    ) == args
+    # a conversation that carries the call and its answer back renders and runs
+    history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+               {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 3}'}]  # fmt: skip
+    r = client.chat.completions.create(
+        model=model, messages=history, tools=tools, tool_choice="none", max_tokens=4
+    )
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("stop", "length")
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=model, messages=messages, tools=tools, max_tokens=4)  # auto
+    assert info.value.body["param"] == "tool_choice"
+
+
 def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, model: str, engine, reference: dict):
     """lm-evaluation-harness's loglikelihood request: every prompt token's logprob, the first one null."""
     from inferforge.llm.protocol import EngineRequest, SamplingParams

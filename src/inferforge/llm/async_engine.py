@@ -112,8 +112,8 @@ class AsyncLLMEngine:
     def decode(self, token_ids: list[int]) -> str:
         return self.engine.tokenizer.decode(token_ids)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.engine.tokenizer.apply_chat_template(messages)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.engine.tokenizer.apply_chat_template(messages, tools)
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new work, let in-flight requests finish for up to grace_s, abort the rest, stop the

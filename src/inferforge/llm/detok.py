@@ -34,11 +34,12 @@ class Tokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.backend.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Rendered by transformers in its sandboxed Jinja environment; the template brings its own BOS."""
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """Rendered by transformers in its sandboxed Jinja environment; the template brings its own BOS and
+        renders `tools` (OpenAI's function definitions) where it knows how."""
         if not getattr(self.hf, "chat_template", None):
             raise ModelSourceError("this model's tokenizer has no chat template; send a plain prompt instead")
-        text = self.hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.hf.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
         return list(self.hf.encode(text, add_special_tokens=False))
 
 

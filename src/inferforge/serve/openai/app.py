@@ -224,7 +224,7 @@ class OpenAIServer:
             raise err from exc
         self.finish(tracker, plan)
         if chat:
-            choices, obj = acc.chat(self.text_of, plan.logprobs is not None), "chat.completion"
+            choices, obj = acc.chat(self.text_of, plan.logprobs is not None, plan.tools), "chat.completion"
         else:
             choices, obj = (
                 acc.completion(self.text_of, plan.prompt_texts, plan.logprobs is not None, plan.first_ids),

@@ -6,10 +6,12 @@ context length and vocabulary, and the features this engine lacks (answered 400,
 
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
 from dataclasses import dataclass, replace
 
-from inferforge.llm.protocol import EngineClient, EngineRequest, SamplingParams
+from inferforge.llm.protocol import EngineClient, EngineRequest, SamplingParams, StructuredOutput
 from inferforge.serve.openai.errors import APIError, bad_param
 from inferforge.serve.openai.limits import ServerLimits
 from inferforge.serve.openai.schemas import (
@@ -19,6 +21,7 @@ from inferforge.serve.openai.schemas import (
     TokenizeRequest,
 )
 from inferforge.serve.openai.structured import structured_output
+from inferforge.serve.openai.tools import ToolPlan, plan_tools
 
 
 @dataclass(frozen=True)
@@ -30,6 +33,7 @@ class Plan:
     prompt_texts: tuple[str, ...]  # for `echo`; empty strings otherwise
     n: int
     logprobs: int | None
+    tools: ToolPlan | None = None  # chat answers read as tool calls (`tools.py`)
 
     @property
     def first_ids(self) -> tuple[int, ...]:
@@ -141,6 +145,7 @@ def _params(
     logprobs: int | None,
     stop: tuple[str, ...],
     logit_bias: tuple[tuple[int, float], ...] = (),
+    structured: StructuredOutput | None = None,
 ) -> SamplingParams:
     if req.min_tokens > max_tokens:
         raise bad_param(
@@ -163,7 +168,7 @@ def _params(
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logit_bias=logit_bias,
-        structured=structured_output(req),
+        structured=structured or structured_output(req),
     )
 
 
@@ -244,9 +249,11 @@ def detokenize(req: DetokenizeRequest, engine: EngineClient, served: str) -> str
     return engine.decode(list(req.tokens))
 
 
-def _chat_ids(req: ChatCompletionRequest | TokenizeRequest, engine: EngineClient) -> list[int]:
+def _chat_ids(
+    req: ChatCompletionRequest | TokenizeRequest, engine: EngineClient, tools: list[dict] | None = None
+) -> list[int]:
     try:
-        return list(engine.apply_chat_template(_messages(req)))
+        return list(engine.apply_chat_template(_messages(req), tools))
     except APIError:
         raise
     except Exception as exc:  # the template is user-facing code (jinja); its errors are the request's fault
@@ -268,15 +275,33 @@ def _messages(req: ChatCompletionRequest | TokenizeRequest) -> list[dict]:
                 texts.append(part.text)
             content = "".join(texts)
         role = "system" if m.role == "developer" else m.role
-        out.append({"role": role, "content": content or ""})
+        msg: dict = {"role": role, "content": content or ""}
+        if m.tool_calls:
+            msg["tool_calls"] = [_call_for_template(c) for c in m.tool_calls]
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.name is not None:
+            msg["name"] = m.name
+        out.append(msg)
     return out
+
+
+def _call_for_template(call: dict) -> dict:
+    """An assistant turn's tool call as chat templates expect it: arguments as an object (OpenAI sends them
+    as JSON text)."""
+    fn = dict(call.get("function") or {})
+    if isinstance(fn.get("arguments"), str):
+        with contextlib.suppress(ValueError):  # else left as text; the template renders what it is given
+            fn["arguments"] = json.loads(fn["arguments"])
+    return {**call, "function": fn}
 
 
 def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLimits, served: str) -> Plan:
     check_model(req.model, served)
     _check_unsupported(req, limits)
-    if req.tools:
-        raise bad_param("tools", "tool calling is not supported by this server; remove tools.")
+    tools, tool_plan, tool_spec = plan_tools(req)
+    if tool_spec is not None and structured_output(req) is not None:
+        raise bad_param("tool_choice", "give forced tool calls or a structured-output constraint, not both.")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_param("top_logprobs", "top_logprobs needs logprobs set to true.")
     if req.top_logprobs is not None and req.top_logprobs > limits.max_logprobs:
@@ -288,7 +313,7 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
         raise bad_param("max_tokens", "give max_completion_tokens or max_tokens, not both.")
     stop = _stops(req.stop, limits)
     bias = _logit_bias(req.logit_bias, engine.vocab_size)
-    ids = _chat_ids(req, engine)
+    ids = _chat_ids(req, engine, tools)
     _check_prompt(ids, engine, limits, "messages")
     param = "max_tokens" if req.max_tokens is not None else "max_completion_tokens"
     requested = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
@@ -297,8 +322,13 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     rid = f"chatcmpl-{uuid.uuid4().hex}"
     return Plan(
         rid,
-        (EngineRequest(f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop, bias), req.cache_salt),),
+        (
+            EngineRequest(
+                f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop, bias, tool_spec), req.cache_salt
+            ),
+        ),
         ("",),
         req.n,
         logprobs,
+        tool_plan,
     )

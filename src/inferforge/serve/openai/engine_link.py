@@ -195,8 +195,8 @@ class EngineLink:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids)
 
-    def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        return self.tokenizer.apply_chat_template(messages)
+    def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        return self.tokenizer.apply_chat_template(messages, tools)
 
     async def shutdown(self, grace_s: float) -> None:
         """Refuse new work, let in-flight requests run for up to grace_s, then tell the engine this link is

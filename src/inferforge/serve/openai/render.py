@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferforge.llm.protocol import EngineClient, EngineOutput, PromptScores, TokenLogprob
+from inferforge.serve.openai.tools import ToolPlan
 
 
 class TokenText:
@@ -114,7 +115,7 @@ class Accumulator:
             )
         return out
 
-    def chat(self, text_of: TokenText, want_logprobs: bool) -> list[dict]:
+    def chat(self, text_of: TokenText, want_logprobs: bool, tools: ToolPlan | None = None) -> list[dict]:
         out = []
         for i, c in enumerate(self.choices):
             lp = (
@@ -122,10 +123,12 @@ class Accumulator:
                 if want_logprobs
                 else None
             )
-            msg = {"role": "assistant", "content": "".join(c.text), "refusal": None}
-            out.append(
-                {"index": i, "message": msg, "logprobs": lp, "finish_reason": c.finish_reason or "abort"}
-            )
+            text, finish = "".join(c.text), c.finish_reason or "abort"
+            msg: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            calls = tools.calls(text) if tools is not None and c.finish_reason == "stop" else None
+            if calls is not None:  # a forced call that parsed (one cut by max_tokens stays text)
+                msg, finish = {**msg, "content": None, "tool_calls": calls}, tools.finish_reason  # type: ignore[union-attr]
+            out.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
         return out
 
 

@@ -73,6 +73,8 @@ class ChatMessage(_Open):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict] | None = None  # an assistant turn's calls, passed to the chat template
+    tool_call_id: str | None = None  # a tool turn's answer to that call
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -81,6 +83,8 @@ class ChatCompletionRequest(_SamplingFields):
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[dict] | None = None
+    tool_choice: str | dict | None = None  # `serve/openai/tools.py`: "none", "required" or a named function
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(_Open):

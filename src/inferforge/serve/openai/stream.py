@@ -27,6 +27,7 @@ from inferforge.serve.openai.render import (
     envelope,
     join_logprobs,
 )
+from inferforge.serve.openai.tools import ToolPlan
 
 DONE = b"data: [DONE]\n\n"
 
@@ -194,7 +195,13 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
             for i in range(ctx.plan.n)
         ]
         yield sse(envelope(rid, "chat.completion.chunk", created, model, roles, usage))
+        tools, held = ctx.plan.tools, [""] * ctx.plan.n
         async for _, out in _outputs(ctx):
+            if tools is not None:  # a forced tool call goes out whole, once it parses
+                held[out.index] += out.new_text
+                if out.finished:
+                    yield _tool_chunk(ctx, tools, out, held[out.index], frames)
+                continue
             content = out.new_text if out.new_text or not out.finished else None
             if ctx.plan.logprobs is None or out.logprobs is None:
                 yield frames.chat(out.index, content, out.finish_reason)
@@ -207,3 +214,15 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
             yield frames.chat(s, None, "abort")
 
     return _guarded(ctx, body())
+
+
+def _tool_chunk(ctx: StreamCtx, tools: ToolPlan, out: EngineOutput, text: str, frames: _Frames) -> bytes:
+    """A finished choice's tool calls as one delta (OpenAI's stream shape: `tool_calls` with an `index`
+    each); an answer that does not parse (cut by max_tokens) goes out as the text it is."""
+    calls = tools.calls(text) if out.finish_reason == "stop" else None
+    if calls is None:
+        return frames.chat(out.index, text, out.finish_reason)
+    delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
+    choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": tools.finish_reason}
+    return sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice],
+                        ctx.chunk_usage()))  # fmt: skip
