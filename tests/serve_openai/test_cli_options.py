@@ -55,3 +55,12 @@ def test_loadtest_refuses_a_shared_prefix_longer_than_the_prompt() -> None:
     )  # fmt: skip
     assert proc.returncode != 0
     assert "--shared-prefix-len 9 exceeds --prompt-len 8" in proc.stderr
+
+
+def test_a_bad_tool_call_parser_is_refused_naming_the_flag() -> None:
+    from inferforge.errors import InferforgeError
+    from inferforge.serve.openai.cli import _limits
+
+    assert _limits(tool_call_parser="hermes").tool_call_parser == "hermes"
+    with pytest.raises(InferforgeError, match="--tool-call-parser"):
+        _limits(tool_call_parser="mistral")

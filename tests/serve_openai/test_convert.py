@@ -222,16 +222,15 @@ def test_tool_plan_reads_answers_as_openai_tool_calls() -> None:
 
     from inferforge.serve.openai.tools import ToolPlan
 
-    (call,) = ToolPlan("weather").calls('{"city": "Oslo"}')
-    assert call["type"] == "function" and call["id"].startswith("call_")
+    content, (call,) = ToolPlan("weather").answer('{"city": "Oslo"}')
+    assert content is None and call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {
         "city": "Oslo"
     }
-    calls = ToolPlan(None).calls(
-        '[{"name": "time", "parameters": {}}, {"name": "weather", "parameters": {"city": "X"}}]'
-    )
+    required = '[{"name": "time", "parameters": {}}, {"name": "weather", "parameters": {"city": "X"}}]'
+    _, calls = ToolPlan(None).answer(required)
     assert [c["function"]["name"] for c in calls] == ["time", "weather"]
-    assert ToolPlan("weather").calls('{"city": "Os') is None  # cut by max_tokens: stays text
+    assert ToolPlan("weather").answer('{"city": "Os') == ('{"city": "Os', None)  # cut by max_tokens: text
 
 
 @pytest.mark.parametrize(

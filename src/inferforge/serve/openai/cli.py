@@ -117,6 +117,12 @@ def serve_llm(
     max_prompt_tokens: int | None = typer.Option(None, min=1, help="Longest prompt; default: the context."),
     max_body_bytes: int = typer.Option(4 * 1024 * 1024, min=1024, help="Largest request body (413 beyond)."),
     drain_timeout: float = typer.Option(30.0, min=0.0, help="Seconds in-flight requests get after SIGTERM."),
+    tool_call_parser: str | None = typer.Option(
+        None,
+        help="How tool_choice 'auto' reads tool calls from the model's text (as vLLM's flag): hermes "
+        "(<tool_call> JSON blocks: Hermes, Qwen2.5). Without it 'auto' is refused; 'required' and a named "
+        "function work either way.",
+    ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     engine_mode: str = typer.Option(
         "process", help="process: the engine steps in a child process; thread: in this one (shares the GIL)."
@@ -155,6 +161,7 @@ def serve_llm(
         max_logprobs=max_logprobs,
         max_prompt_tokens=max_prompt_tokens,
         max_body_bytes=max_body_bytes,
+        tool_call_parser=tool_call_parser,
     )
     if engine_mode not in ("thread", "process"):
         raise InferforgeError(f"--engine-mode must be thread or process, got {engine_mode!r}")

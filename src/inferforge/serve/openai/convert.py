@@ -299,7 +299,7 @@ def _call_for_template(call: dict) -> dict:
 def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLimits, served: str) -> Plan:
     check_model(req.model, served)
     _check_unsupported(req, limits)
-    tools, tool_plan, tool_spec = plan_tools(req)
+    tools, tool_plan, tool_spec = plan_tools(req, limits.tool_call_parser)
     if tool_spec is not None and structured_output(req) is not None:
         raise bad_param("tool_choice", "give forced tool calls or a structured-output constraint, not both.")
     if req.top_logprobs is not None and not req.logprobs:

@@ -25,6 +25,9 @@ class ServerLimits:
     """Most stop strings per request."""
     max_body_bytes: int = 4 * 1024 * 1024
     """Largest request body; larger bodies get 413."""
+    tool_call_parser: str | None = None
+    """How "auto" tool calls are read from the model's text (`tools.TOOL_CALL_PARSERS`); None: "auto" is
+    refused."""
 
     def __post_init__(self) -> None:
         for name in ("max_tokens_cap", "default_completion_max_tokens", "max_n", "max_prompts", "max_stop"):
@@ -37,6 +40,10 @@ class ServerLimits:
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(
                 f"ServerLimits.max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}"
+            )
+        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes",):
+            raise ValueError(
+                f"ServerLimits.tool_call_parser must be hermes or None, got {self.tool_call_parser!r}"
             )
         if self.max_body_bytes < 1024:
             raise ValueError(f"ServerLimits.max_body_bytes must be >= 1024, got {self.max_body_bytes}")

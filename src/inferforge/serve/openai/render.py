@@ -125,9 +125,10 @@ class Accumulator:
             )
             text, finish = "".join(c.text), c.finish_reason or "abort"
             msg: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
-            calls = tools.calls(text) if tools is not None and c.finish_reason == "stop" else None
-            if calls is not None:  # a forced call that parsed (one cut by max_tokens stays text)
-                msg, finish = {**msg, "content": None, "tool_calls": calls}, tools.finish_reason  # type: ignore[union-attr]
+            if tools is not None and c.finish_reason == "stop":  # a call cut by max_tokens stays text
+                content, calls = tools.answer(text)
+                if calls is not None:
+                    msg, finish = {**msg, "content": content, "tool_calls": calls}, tools.finish_reason
             out.append({"index": i, "message": msg, "logprobs": lp, "finish_reason": finish})
         return out
 

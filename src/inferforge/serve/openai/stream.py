@@ -27,7 +27,7 @@ from inferforge.serve.openai.render import (
     envelope,
     join_logprobs,
 )
-from inferforge.serve.openai.tools import ToolPlan
+from inferforge.serve.openai.tools import AutoToolStream, ToolPlan
 
 DONE = b"data: [DONE]\n\n"
 
@@ -196,7 +196,12 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
         ]
         yield sse(envelope(rid, "chat.completion.chunk", created, model, roles, usage))
         tools, held = ctx.plan.tools, [""] * ctx.plan.n
+        autos = [AutoToolStream() for _ in range(ctx.plan.n)] if tools is not None and tools.auto else None
         async for _, out in _outputs(ctx):
+            if autos is not None:  # "auto": text as it comes, a tool call when the choice ends
+                for chunk in _auto_chunks(ctx, autos[out.index], out, frames):
+                    yield chunk
+                continue
             if tools is not None:  # a forced tool call goes out whole, once it parses
                 held[out.index] += out.new_text
                 if out.finished:
@@ -219,10 +224,27 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
 def _tool_chunk(ctx: StreamCtx, tools: ToolPlan, out: EngineOutput, text: str, frames: _Frames) -> bytes:
     """A finished choice's tool calls as one delta (OpenAI's stream shape: `tool_calls` with an `index`
     each); an answer that does not parse (cut by max_tokens) goes out as the text it is."""
-    calls = tools.calls(text) if out.finish_reason == "stop" else None
+    _, calls = tools.answer(text) if out.finish_reason == "stop" else (text, None)
     if calls is None:
         return frames.chat(out.index, text, out.finish_reason)
     delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
     choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": tools.finish_reason}
     return sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice],
                         ctx.chunk_usage()))  # fmt: skip
+
+
+def _auto_chunks(ctx: StreamCtx, auto: AutoToolStream, out: EngineOutput, frames: _Frames) -> list[bytes]:
+    text = auto.feed(out.new_text)
+    if not out.finished:
+        return [frames.chat(out.index, text, None)] if text else []
+    rest, calls = auto.finish()
+    if calls is None or out.finish_reason != "stop":
+        return [frames.chat(out.index, text + rest, out.finish_reason)]
+    chunks = [frames.chat(out.index, text, None)] if text else []
+    delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
+    choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": "tool_calls"}
+    usage = ctx.chunk_usage()
+    return [
+        *chunks,
+        sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice], usage)),
+    ]

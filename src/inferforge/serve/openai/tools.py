@@ -6,10 +6,12 @@ functions each (one call, or several with `parallel_tool_calls`). Either way the
 model, and comes back as `tool_calls`. The tools are rendered into the prompt by the model's own chat
 template (transformers passes them to it), so the model sees what it may call.
 
-`"auto"` (OpenAI's default when tools are given) would need a parser of the model's own tool-call syntax
-(Hermes tags, Llama 3 JSON, Mistral's `[TOOL_CALLS]`, ...); this server has none, so it answers 400 and says
-which choices work, rather than return text that a client would take for "no tool called". `"none"`
-renders the tools and generates text.
+`"auto"` (OpenAI's default when tools are given) needs a parser of the model's own tool-call syntax.
+With `serve-llm --tool-call-parser hermes` (vLLM's flag and name) the answer is read for Hermes / Qwen2.5
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks, unconstrained; streamed, text goes out as it
+comes and a tool call when the choice ends. Without a parser "auto" is a 400 that says which choices work,
+rather than text that a client would take for "no tool called". `"none"` renders the tools and generates
+text.
 """
 
 from __future__ import annotations
@@ -26,45 +28,111 @@ from inferforge.serve.openai.errors import bad_param
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+TOOL_CALL_PARSERS = ("hermes",)
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+
+
+def _call(name: str, args: Any) -> dict:
+    arguments = args if isinstance(args, str) else json.dumps(args)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": arguments}}  # fmt: skip
+
+
+def hermes_calls(text: str) -> tuple[str | None, list[dict] | None]:
+    """(content, calls) of an answer in the Hermes / Qwen2.5 format: `<tool_call>{"name": ...,
+    "arguments": {...}}</tool_call>` blocks after optional text. Any block that does not parse leaves the
+    whole answer as text (None calls), as vLLM's parser does."""
+    blocks = _HERMES.findall(text)
+    if _OPEN not in text or not blocks:
+        return text, None
+    calls = []
+    for block in blocks:
+        try:
+            obj = json.loads(block)
+            calls.append(_call(obj["name"], obj.get("arguments", {})))
+        except (ValueError, KeyError, TypeError):
+            return text, None
+    return text[: text.index(_OPEN)].strip() or None, calls
+
+
 @dataclass(frozen=True)
 class ToolPlan:
-    """How a chat answer becomes tool calls: one named function's arguments, or a list of calls."""
+    """How a chat answer becomes tool calls: one named function's arguments, a list of calls ("required"),
+    or, with a tool-call parser, whatever calls the model wrote ("auto")."""
 
-    named: str | None  # the function every answer calls; None: "required" (a list of calls)
+    named: str | None  # the function every answer calls; None: "required" or "auto"
+    auto: bool = False  # "auto": the model's own syntax, read by `hermes_calls`
 
-    def calls(self, text: str) -> list[dict] | None:
-        """The answer's tool calls in OpenAI's shape; None when it does not parse (cut by max_tokens)."""
+    def answer(self, text: str) -> tuple[str | None, list[dict] | None]:
+        """(content, tool calls) of a finished answer; calls None when there are none or it does not parse
+        (a forced call cut by max_tokens): then the text is the content."""
+        if self.auto:
+            return hermes_calls(text)
         try:
             value = json.loads(text)
         except ValueError:
-            return None
-        pairs = (
-            [(self.named, value)] if self.named is not None else [(c["name"], c["parameters"]) for c in value]
-        )
-        return [
-            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": name, "arguments": json.dumps(args)}}
-            for name, args in pairs
-        ]  # fmt: skip
+            return text, None
+        if self.named is not None:
+            return None, [_call(self.named, value)]
+        return None, [_call(c["name"], c["parameters"]) for c in value]
 
     @property
     def finish_reason(self) -> str:
         return "stop" if self.named is not None else "tool_calls"  # as OpenAI answers a forced function
 
 
-def plan_tools(req: Any) -> tuple[list[dict] | None, ToolPlan | None, StructuredOutput | None]:
-    """(tools for the chat template, how to read the answer, the constraint to decode under)."""
+class AutoToolStream:
+    """One streamed choice under "auto": text goes out as it comes, except what may be the start of a
+    `<tool_call>` tag (held until it cannot be) and everything from a tag on (held to the end, then sent as
+    tool calls, or as text if it does not parse)."""
+
+    def __init__(self) -> None:
+        self.pending = ""  # text not yet sent
+        self.calling = False  # a tag was seen: the rest is held
+
+    def feed(self, delta: str) -> str:
+        """The part of the text so far that may go out now."""
+        self.pending += delta
+        if self.calling:
+            return ""
+        at = self.pending.find(_OPEN)
+        if at >= 0:
+            out, self.pending, self.calling = self.pending[:at], self.pending[at:], True
+            return out
+        keep = next((k for k in range(len(_OPEN) - 1, 0, -1) if self.pending.endswith(_OPEN[:k])), 0)
+        cut = len(self.pending) - keep
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out
+
+    def finish(self) -> tuple[str, list[dict] | None]:
+        """(text still to send, tool calls) at the end of the choice."""
+        text, self.pending = self.pending, ""
+        if not self.calling:
+            return text, None
+        _, calls = hermes_calls(text)  # text before the tag already went out
+        return ("", calls) if calls is not None else (text, None)
+
+
+def plan_tools(
+    req: Any, parser: str | None = None
+) -> tuple[list[dict] | None, ToolPlan | None, StructuredOutput | None]:
+    """(tools for the chat template, how to read the answer, the constraint to decode under). `parser`: the
+    operator's `--tool-call-parser`, which "auto" needs."""
     choice = req.tool_choice
     if not req.tools:
         if choice not in (None, "none"):
             raise bad_param("tool_choice", "tool_choice needs tools; send tools or drop tool_choice.")
         return None, None, None
     schemas = _functions(req.tools)
+    if (choice is None or choice == "auto") and parser is not None:
+        return list(req.tools), ToolPlan(None, auto=True), None
     if choice is None or choice == "auto":
         raise bad_param(
             "tool_choice",
             "tool_choice 'auto' (the default with tools) needs a parser of this model's own tool-call "
-            "format, which this server does not have; send tool_choice 'required', 'none', or "
+            "format (start the server with --tool-call-parser hermes for Hermes / Qwen2.5 models); send "
+            "tool_choice 'required', 'none', or "
             '{"type": "function", "function": {"name": ...}}.',
         )
     if choice == "none":

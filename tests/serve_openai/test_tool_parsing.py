@@ -1,0 +1,107 @@
+"""Tool calls read from the model's own text ("auto" with `--tool-call-parser hermes`): the parser, the
+stream's hold-back of a possible tag, and both response shapes in process against a fake engine that writes
+a scripted answer (the real engine's forced calls are in test_e2e_openai.py; random weights write no tags)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from inferforge.llm.protocol import EngineOutput, EngineRequest, RequestTiming
+from inferforge.serve.openai.app import create_app
+from inferforge.serve.openai.limits import ServerLimits
+from inferforge.serve.openai.tools import AutoToolStream, hermes_calls
+
+from .fake_engine import FakeEngine
+
+CALL = '<tool_call>\n{"name": "weather", "arguments": {"city": "Oslo"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}]
+
+
+def test_hermes_blocks_become_calls_and_anything_else_stays_text() -> None:
+    content, calls = hermes_calls("Let me look. " + CALL + CALL.replace("Oslo", "Rome"))
+    assert content == "Let me look."
+    assert [json.loads(c["function"]["arguments"])["city"] for c in calls] == ["Oslo", "Rome"]
+    assert all(c["function"]["name"] == "weather" and c["id"].startswith("call_") for c in calls)
+    assert hermes_calls(CALL)[0] is None
+    for text in ("no calls here", "<tool_call>{not json}</tool_call>", '<tool_call>{"name": 1', "a < b"):
+        assert hermes_calls(text) == (text, None)
+
+
+@pytest.mark.parametrize("cut", [1, 3, 7, 11, 40])
+def test_the_stream_holds_back_only_what_may_be_a_tag(cut: int) -> None:
+    text = "x < y, so: " + CALL
+    parts = [text[i : i + cut] for i in range(0, len(text), cut)]
+    auto, sent = AutoToolStream(), ""
+    for part in parts:
+        sent += auto.feed(part)
+        assert "<tool_call>"[:2] not in sent[len("x < y, so: ") :]  # nothing of the tag went out
+    rest, calls = auto.finish()
+    assert sent == "x < y, so: " and rest == "" and calls is not None
+    plain = AutoToolStream()
+    assert plain.feed("a <") == "a " and plain.feed("b") == "<b" and plain.finish() == ("", None)
+    assert AutoToolStream().feed("end <tool_ca") == "end " and AutoToolStream().finish() == ("", None)
+
+
+class ScriptedEngine(FakeEngine):
+    """Writes `script` a character a token, then stops (finish_reason "stop")."""
+
+    max_model_len = 512
+
+    def __init__(self, script: str) -> None:
+        super().__init__()
+        self.script = script
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[EngineOutput]:
+        t0 = time.monotonic()
+        ids = self.encode(self.script)
+        for step, tok in enumerate(ids):
+            last = step == len(ids) - 1
+            timing = RequestTiming(t0, t0, t0, t0 if last else None)
+            reason = "stop" if last else None
+            yield EngineOutput(request.request_id, 0, (tok,), self.decode([tok]), None, last, reason,
+                               len(request.prompt_ids), step + 1, timing)  # fmt: skip
+
+
+def _client(script: str, parser: str | None = "hermes") -> TestClient:
+    limits = ServerLimits(max_tokens_cap=256, tool_call_parser=parser)
+    return TestClient(create_app(ScriptedEngine(script), limits=limits))
+
+
+def test_auto_tool_calls_in_both_response_shapes() -> None:
+    body = {
+        "model": "fake",
+        "messages": [{"role": "user", "content": "w?"}],
+        "tools": TOOLS,
+        "max_tokens": 200,
+    }
+    client = _client("Sure. " + CALL)
+    r = client.post("/v1/chat/completions", json=body).json()
+    (choice,) = r["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] == "Sure."
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {
+        "city": "Oslo"
+    }
+    stream = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(b[6:]) for b in stream.split("\n\n") if b.startswith("data: {")]
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert content == "Sure. " and [tc["function"]["name"] for tc in calls] == ["weather"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    plain = _client("No tool needed.").post("/v1/chat/completions", json=body).json()["choices"][0]
+    assert plain["message"] == {"role": "assistant", "content": "No tool needed.", "refusal": None}
+    assert plain["finish_reason"] == "stop"
+
+
+def test_auto_without_a_parser_is_refused() -> None:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "w?"}], "tools": TOOLS}
+    r = _client("x", parser=None).post("/v1/chat/completions", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    assert "--tool-call-parser hermes" in r.json()["error"]["message"]
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        ServerLimits(tool_call_parser="mistral")
