@@ -272,3 +272,12 @@ def test_bad_tool_requests_are_400_naming_their_field(kw: dict, param: str, word
         plan_chat(chat(**kw), FakeEngine(), LIMITS, "fake")
     assert (info.value.status, info.value.param) == (400, param)
     assert words in info.value.body()["error"]["message"]
+
+
+def test_max_tokens_zero_scores_the_prompt_only_with_echo() -> None:
+    plan = plan_completion(completion(max_tokens=0, echo=True, logprobs=1), FakeEngine(), LIMITS, "fake")
+    assert plan.prompt_only and plan.requests[0].params.max_tokens == 1
+    assert plan.requests[0].params.prompt_logprobs == 1
+    with pytest.raises(APIError) as info:
+        plan_completion(completion(max_tokens=0), FakeEngine(), LIMITS, "fake")
+    assert info.value.param == "max_tokens" and "echo" in info.value.body()["error"]["message"]

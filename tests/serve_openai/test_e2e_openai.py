@@ -350,6 +350,16 @@ def test_echo_with_logprobs_scores_the_prompt(client: openai.OpenAI, model: str,
         assert got == pytest.approx([t.logprob for t in want], abs=1e-5)
         assert all(len(top) <= 2 for top in lp.top_logprobs[1:])
         assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # max_tokens 0: the prompt and its logprobs only (OpenAI's legacy scoring form)
+    kw = {"model": model, "prompt": PROMPT, "max_tokens": 0, "echo": True, "logprobs": 1}
+    r = client.completions.create(**kw)
+    (choice,) = r.choices
+    assert choice.text == PROMPT and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert len(choice.logprobs.tokens) == len(ids) and choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [t.logprob for t in want], abs=1e-5
+    )
+    (chunk,) = [c for c in client.completions.create(stream=True, **kw) if c.choices]
+    assert chunk.choices[0].text == PROMPT and len(chunk.choices[0].logprobs.tokens) == len(ids)
 
 
 PERSON_SCHEMA = {

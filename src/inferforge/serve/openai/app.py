@@ -187,7 +187,7 @@ class OpenAIServer:
         """`options.include_usage` adds a last chunk with the usage; with `continuous_usage_stats` too
         (vLLM's extension), every chunk carries the usage so far."""
         include_usage = bool(options and options.include_usage)
-        tracker = Tracker(plan.n)
+        tracker = Tracker(plan.n, plan.prompt_only)
         route = request.url.path
         self.inflight.update(r.request_id for r in plan.requests)
         try:
@@ -227,7 +227,13 @@ class OpenAIServer:
             choices, obj = acc.chat(self.text_of, plan.logprobs is not None, plan.tools), "chat.completion"
         else:
             choices, obj = (
-                acc.completion(self.text_of, plan.prompt_texts, plan.logprobs is not None, plan.first_ids),
+                acc.completion(
+                    self.text_of,
+                    plan.prompt_texts,
+                    plan.logprobs is not None,
+                    plan.first_ids,
+                    plan.prompt_only,
+                ),
                 "text_completion",
             )
         payload = envelope(plan.response_id, obj, int(time.time()), self.model_name, choices, tracker.usage())

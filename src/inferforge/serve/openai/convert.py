@@ -34,6 +34,7 @@ class Plan:
     n: int
     logprobs: int | None
     tools: ToolPlan | None = None  # chat answers read as tool calls (`tools.py`)
+    prompt_only: bool = False  # max_tokens 0 with echo: the answer is the prompt (and its logprobs)
 
     @property
     def first_ids(self) -> tuple[int, ...]:
@@ -193,6 +194,12 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
         raise bad_param("best_of", "best_of other than n is not supported; leave it unset.")
     if req.suffix:
         raise bad_param("suffix", "suffix (insertion) is not supported by this engine; remove it.")
+    prompt_only = req.max_tokens == 0
+    if prompt_only and not req.echo:
+        raise bad_param(
+            "max_tokens",
+            "max_tokens=0 only scores the prompt: it needs echo=true (and logprobs for its logprobs).",
+        )
     if req.logprobs is not None and req.logprobs > limits.max_logprobs:
         raise bad_param(
             "logprobs", f"logprobs={req.logprobs} exceeds this server's cap of {limits.max_logprobs}."
@@ -208,9 +215,13 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
     reqs = []
     for i, ids in enumerate(prompts):
         _check_prompt(ids, engine, limits, "prompt")
-        mt = _max_tokens(
-            req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
-        )
+        mt = (
+            1
+            if prompt_only
+            else _max_tokens(
+                req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
+            )
+        )  # prompt only: one token is computed (the engine makes at least one) and not returned
         params = _params(req, mt, req.logprobs, stop, bias)
         if req.echo and req.logprobs is not None:  # the echoed prompt's logprobs too (OpenAI's legacy API)
             params = replace(params, prompt_logprobs=req.logprobs)
@@ -218,7 +229,7 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
     echo = tuple(t if req.echo else "" for t in texts)
     if req.echo and any(not t for t in texts):
         echo = tuple(engine.decode(list(r.prompt_ids)) for r in reqs)
-    return Plan(rid, tuple(reqs), echo, req.n, req.logprobs)
+    return Plan(rid, tuple(reqs), echo, req.n, req.logprobs, prompt_only=prompt_only)
 
 
 def tokenize(req: TokenizeRequest, engine: EngineClient, served: str) -> list[int]:

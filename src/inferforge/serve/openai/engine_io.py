@@ -22,6 +22,7 @@ class Tracker:
     """Per-HTTP-request bookkeeping: which sequences finished, token counts, the latest engine timing."""
 
     n: int
+    prompt_only: bool = False  # max_tokens 0 with echo: the token computed is not the answer's, nor counted
     prompt_tokens: dict[int, int] = field(default_factory=dict)
     completion_tokens: dict[tuple[int, int], int] = field(default_factory=dict)
     timings: dict[int, RequestTiming] = field(default_factory=dict)
@@ -39,7 +40,7 @@ class Tracker:
 
     def usage(self) -> dict[str, int]:
         p = sum(self.prompt_tokens.values())
-        c = sum(self.completion_tokens.values())
+        c = 0 if self.prompt_only else sum(self.completion_tokens.values())
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def prompt_done(self, prompt_idx: int) -> bool:

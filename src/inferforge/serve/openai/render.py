@@ -100,19 +100,25 @@ class Accumulator:
             c.finish_reason = out.finish_reason
 
     def completion(
-        self, text_of: TokenText, echo: tuple[str, ...], want_logprobs: bool, first_ids: tuple[int, ...] = ()
+        self,
+        text_of: TokenText,
+        echo: tuple[str, ...],
+        want_logprobs: bool,
+        first_ids: tuple[int, ...] = (),
+        prompt_only: bool = False,
     ) -> list[dict]:
-        """`first_ids`: each prompt's first token, for the echoed prompt's logprobs."""
+        """`first_ids`: each prompt's first token, for the echoed prompt's logprobs. `prompt_only`
+        (max_tokens 0): the choice is the echoed prompt alone, `finish_reason` "length"."""
         out = []
         for i, c in enumerate(self.choices):
             prefix = echo[i // self.n]
-            lp = completion_logprobs(text_of, tuple(c.logprobs), len(prefix))[0] if want_logprobs else None
+            generated = () if prompt_only else tuple(c.logprobs)
+            lp = completion_logprobs(text_of, generated, len(prefix))[0] if want_logprobs else None
             if lp is not None and prefix and c.prompt_logprobs is not None:
                 lp = join_logprobs(echo_logprobs(text_of, first_ids[i // self.n], c.prompt_logprobs), lp)
-            text = prefix + "".join(c.text)
-            out.append(
-                {"index": i, "text": text, "logprobs": lp, "finish_reason": c.finish_reason or "abort"}
-            )
+            text = prefix + ("" if prompt_only else "".join(c.text))
+            finish = "length" if prompt_only and c.finish_reason != "abort" else c.finish_reason or "abort"
+            out.append({"index": i, "text": text, "logprobs": lp, "finish_reason": finish})
         return out
 
     def chat(self, text_of: TokenText, want_logprobs: bool, tools: ToolPlan | None = None) -> list[dict]:

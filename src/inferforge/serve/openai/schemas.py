@@ -58,6 +58,8 @@ class _SamplingFields(_Open):
 
 class CompletionRequest(_SamplingFields):
     prompt: PromptType
+    # 0 with echo: score the prompt only (OpenAI's legacy form; `convert.plan_completion`)
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     echo: bool = False
     best_of: Annotated[int, Field(ge=1)] | None = None

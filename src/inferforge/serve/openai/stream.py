@@ -160,6 +160,11 @@ def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
         async for idx, out in _outputs(ctx):
             i = idx * n + out.index
             text = out.new_text
+            if plan.prompt_only:  # max_tokens 0: the prompt (and its logprobs) once, nothing generated
+                if i not in offsets:
+                    offsets[i] = 0
+                    yield _prompt_only_chunk(ctx, idx, i, out)
+                continue
             if i not in offsets:
                 text = plan.prompt_texts[idx] + text
                 offsets[i] = len(plan.prompt_texts[idx])
@@ -248,3 +253,15 @@ def _auto_chunks(ctx: StreamCtx, auto: AutoToolStream, out: EngineOutput, frames
         *chunks,
         sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice], usage)),
     ]
+
+
+def _prompt_only_chunk(ctx: StreamCtx, idx: int, i: int, out: EngineOutput) -> bytes:
+    plan = ctx.plan
+    lp = None
+    if plan.logprobs is not None and out.prompt_logprobs is not None:
+        lp = echo_logprobs(ctx.text_of, plan.first_ids[idx], out.prompt_logprobs)
+    finish = "abort" if out.finish_reason == "abort" else "length"
+    choice = {"index": i, "text": plan.prompt_texts[idx], "logprobs": lp, "finish_reason": finish}
+    return sse(
+        envelope(plan.response_id, "text_completion", ctx.created, ctx.model, [choice], ctx.chunk_usage())
+    )
