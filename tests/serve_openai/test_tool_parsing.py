@@ -105,3 +105,54 @@ def test_auto_without_a_parser_is_refused() -> None:
     assert "--tool-call-parser hermes" in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="tool_call_parser"):
         ServerLimits(tool_call_parser="mistral")
+
+
+LLAMA_CALL = '{"name": "weather", "parameters": {"city": "Oslo"}}'
+
+
+def test_llama3_json_answers_become_calls_only_when_wholly_calls() -> None:
+    from inferforge.serve.openai.tools import llama3_json_calls
+
+    for text in (
+        LLAMA_CALL,
+        " <|python_tag|>" + LLAMA_CALL,
+        LLAMA_CALL + "; " + LLAMA_CALL.replace("Oslo", "Rome"),
+    ):
+        content, calls = llama3_json_calls(text)
+        assert content is None and calls and calls[0]["function"]["name"] == "weather"
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+    assert len(llama3_json_calls(LLAMA_CALL + ";" + LLAMA_CALL)[1]) == 2
+    for text in ("It is sunny.", '{"city": "Oslo"}', LLAMA_CALL + " and then some", '{"name": "w", "param'):
+        assert llama3_json_calls(text) == (text, None)
+
+
+@pytest.mark.parametrize("cut", [1, 4, 9, 100])
+def test_llama3_json_stream_holds_a_call_and_passes_text(cut: int) -> None:
+    def run(text: str) -> tuple[str, list | None]:
+        auto, sent = AutoToolStream("llama3_json"), ""
+        for i in range(0, len(text), cut):
+            sent += auto.feed(text[i : i + cut])
+        rest, calls = auto.finish()
+        return sent + rest, calls
+
+    sent, calls = run("  " + LLAMA_CALL)
+    assert sent == "" and [c["function"]["name"] for c in calls] == ["weather"]
+    assert run("Sunny, 3 degrees. {not a call}") == ("Sunny, 3 degrees. {not a call}", None)
+    assert run('{"unfinished": ') == ('{"unfinished": ', None)  # held, then given back as text
+
+
+def test_llama3_json_auto_through_the_app() -> None:
+    body = {
+        "model": "fake",
+        "messages": [{"role": "user", "content": "w?"}],
+        "tools": TOOLS,
+        "max_tokens": 200,
+    }
+    client = _client(LLAMA_CALL, parser="llama3_json")
+    (choice,) = client.post("/v1/chat/completions", json=body).json()["choices"]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    assert choice["message"]["tool_calls"][0]["function"]["name"] == "weather"
+    text = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+    chunks = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
+    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
+    assert [tc["function"]["name"] for tc in calls] == ["weather"]

@@ -41,7 +41,7 @@ class ServerLimits:
             raise ValueError(
                 f"ServerLimits.max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}"
             )
-        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes",):
+        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "llama3_json"):
             raise ValueError(
                 f"ServerLimits.tool_call_parser must be hermes or None, got {self.tool_call_parser!r}"
             )

@@ -201,7 +201,9 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
         ]
         yield sse(envelope(rid, "chat.completion.chunk", created, model, roles, usage))
         tools, held = ctx.plan.tools, [""] * ctx.plan.n
-        autos = [AutoToolStream() for _ in range(ctx.plan.n)] if tools is not None and tools.auto else None
+        autos = None
+        if tools is not None and tools.parser is not None:
+            autos = [AutoToolStream(tools.parser) for _ in range(ctx.plan.n)]
         async for _, out in _outputs(ctx):
             if autos is not None:  # "auto": text as it comes, a tool call when the choice ends
                 for chunk in _auto_chunks(ctx, autos[out.index], out, frames):

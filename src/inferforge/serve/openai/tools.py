@@ -7,9 +7,10 @@ model, and comes back as `tool_calls`. The tools are rendered into the prompt by
 template (transformers passes them to it), so the model sees what it may call.
 
 `"auto"` (OpenAI's default when tools are given) needs a parser of the model's own tool-call syntax.
-With `serve-llm --tool-call-parser hermes` (vLLM's flag and name) the answer is read for Hermes / Qwen2.5
-`<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks, unconstrained; streamed, text goes out as it
-comes and a tool call when the choice ends. Without a parser "auto" is a 400 that says which choices work,
+With `serve-llm --tool-call-parser hermes` (vLLM's flag and names) the answer is read for Hermes / Qwen2.5
+`<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks, with `llama3_json` for Llama 3.1-3.3's
+`{"name": ..., "parameters": ...}` answers, unconstrained; streamed, text goes out as it comes and the tool
+calls when the choice ends. Without a parser "auto" is a 400 that says which choices work,
 rather than text that a client would take for "no tool called". `"none"` renders the tools and generates
 text.
 """
@@ -28,8 +29,8 @@ from inferforge.serve.openai.errors import bad_param
 _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
-TOOL_CALL_PARSERS = ("hermes",)
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
+_PY_TAG = "<|python_tag|>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
@@ -56,19 +57,50 @@ def hermes_calls(text: str) -> tuple[str | None, list[dict] | None]:
     return text[: text.index(_OPEN)].strip() or None, calls
 
 
+def llama3_json_calls(text: str) -> tuple[str | None, list[dict] | None]:
+    """(content, calls) of an answer in Llama 3.1-3.3's JSON format: the whole answer is one or more
+    `{"name": ..., "parameters": {...}}` objects (";"-separated), after an optional `<|python_tag|>`. An
+    answer that is not wholly such objects is text."""
+    body = text.strip()
+    if body.startswith(_PY_TAG):
+        body = body[len(_PY_TAG) :].lstrip()
+    if not body.startswith("{"):
+        return text, None
+    decoder, calls, at = json.JSONDecoder(), [], 0
+    while at < len(body):
+        try:
+            obj, at = decoder.raw_decode(body, at)
+        except ValueError:
+            return text, None
+        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+            return text, None
+        calls.append(_call(obj["name"], obj.get("parameters", obj.get("arguments", {}))))
+        while at < len(body) and body[at] in " \t\n;":
+            at += 1
+    return None, calls
+
+
+# `--tool-call-parser` names (vLLM's) and how each reads a finished answer
+TOOL_CALL_PARSERS = {"hermes": hermes_calls, "llama3_json": llama3_json_calls}
+
+
 @dataclass(frozen=True)
 class ToolPlan:
     """How a chat answer becomes tool calls: one named function's arguments, a list of calls ("required"),
     or, with a tool-call parser, whatever calls the model wrote ("auto")."""
 
     named: str | None  # the function every answer calls; None: "required" or "auto"
-    auto: bool = False  # "auto": the model's own syntax, read by `hermes_calls`
+    parser: str | None = None  # "auto": the model's own syntax, read by this `TOOL_CALL_PARSERS` entry
+
+    @property
+    def auto(self) -> bool:
+        return self.parser is not None
 
     def answer(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(content, tool calls) of a finished answer; calls None when there are none or it does not parse
         (a forced call cut by max_tokens): then the text is the content."""
-        if self.auto:
-            return hermes_calls(text)
+        if self.parser is not None:
+            return TOOL_CALL_PARSERS[self.parser](text)
         try:
             value = json.loads(text)
         except ValueError:
@@ -83,19 +115,24 @@ class ToolPlan:
 
 
 class AutoToolStream:
-    """One streamed choice under "auto": text goes out as it comes, except what may be the start of a
-    `<tool_call>` tag (held until it cannot be) and everything from a tag on (held to the end, then sent as
-    tool calls, or as text if it does not parse)."""
+    """One streamed choice under "auto": text goes out as it comes, except what may be the start of a tool
+    call (held until it cannot be) and everything from one on (held to the end, then sent as tool calls, or
+    as text if it does not parse). Hermes calls may start anywhere (`<tool_call>`); Llama 3's only at the
+    answer's start (`{` or `<|python_tag|>`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, parser: str = "hermes") -> None:
+        self.parser = parser
         self.pending = ""  # text not yet sent
-        self.calling = False  # a tag was seen: the rest is held
+        self.calling = False  # a call has started: the rest is held
+        self.plain = False  # (llama3_json) the answer started as text: no call can follow
 
     def feed(self, delta: str) -> str:
         """The part of the text so far that may go out now."""
         self.pending += delta
         if self.calling:
             return ""
+        if self.parser == "llama3_json":
+            return self._feed_json()
         at = self.pending.find(_OPEN)
         if at >= 0:
             out, self.pending, self.calling = self.pending[:at], self.pending[at:], True
@@ -105,12 +142,24 @@ class AutoToolStream:
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
 
+    def _feed_json(self) -> str:
+        head = self.pending.lstrip()
+        if not self.plain:
+            if head.startswith(("{", _PY_TAG)):
+                self.calling = True
+                return ""
+            if not head or _PY_TAG.startswith(head):  # may still become a call
+                return ""
+            self.plain = True
+        out, self.pending = self.pending, ""
+        return out
+
     def finish(self) -> tuple[str, list[dict] | None]:
         """(text still to send, tool calls) at the end of the choice."""
         text, self.pending = self.pending, ""
         if not self.calling:
             return text, None
-        _, calls = hermes_calls(text)  # text before the tag already went out
+        _, calls = TOOL_CALL_PARSERS[self.parser](text)  # text before a Hermes tag already went out
         return ("", calls) if calls is not None else (text, None)
 
 
@@ -126,12 +175,12 @@ def plan_tools(
         return None, None, None
     schemas = _functions(req.tools)
     if (choice is None or choice == "auto") and parser is not None:
-        return list(req.tools), ToolPlan(None, auto=True), None
+        return list(req.tools), ToolPlan(None, parser=parser), None
     if choice is None or choice == "auto":
         raise bad_param(
             "tool_choice",
             "tool_choice 'auto' (the default with tools) needs a parser of this model's own tool-call "
-            "format (start the server with --tool-call-parser hermes for Hermes / Qwen2.5 models); send "
+            "format (start the server with --tool-call-parser hermes or llama3_json); send "
             "tool_choice 'required', 'none', or "
             '{"type": "function", "function": {"name": ...}}.',
         )
