@@ -143,3 +143,32 @@ def test_a_readmitted_request_reads_its_own_cached_blocks(tiny_llama: Path, engi
 def _tokens(eng: LLMEngine, reqs: list[EngineRequest]) -> dict[str, list[int]]:
     res = eng.generate(reqs)
     return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_preempted_structured_requests_keep_their_grammar_state(
+    tiny_llama: Path, engine: LLMEngine, overlap: bool
+) -> None:
+    """A preempted request computes its prompt and output again, but its grammar has already consumed the
+    output: its next tokens must follow on as if it had never left (the same as alone, and valid JSON)."""
+    import json
+
+    from inferforge.llm.protocol import StructuredOutput
+
+    digits = {"type": "integer", "minimum": 0, "maximum": 9}
+    array = {"type": "array", "items": digits, "minItems": 12, "maxItems": 12}
+    schema = {"type": "object", "properties": {"a": array}, "required": ["a"], "additionalProperties": False}
+    spec = StructuredOutput("json_schema", json.dumps(schema))
+    params = SamplingParams(max_tokens=60, temperature=0.0, structured=spec)
+    small = _small(tiny_llama, overlap_decode=overlap)
+    reqs = [EngineRequest(f"s{i}", tuple(engine.tokenizer.encode(p)), params) for i, p in enumerate(PROMPTS)]
+    for r in reqs:
+        small.add_request(r)
+    got: dict[str, list[int]] = {r.request_id: [] for r in reqs}
+    reasons: dict[str, str | None] = {}
+    _drain(small, got, reasons)
+    assert small.stats().preemptions_total >= 1
+    assert got == {r.request_id: _alone(engine, r) for r in reqs}
+    for ids in got.values():
+        assert len(json.loads(engine.tokenizer.decode(ids))["a"]) == 12
+    assert set(reasons.values()) == {"stop"}
