@@ -288,6 +288,26 @@ def test_logit_bias_forces_a_token(client: openai.OpenAI, model: str, engine, re
     assert r.usage.completion_tokens == 6
 
 
+def test_the_sdk_parse_helper_gets_its_pydantic_object(client: openai.OpenAI, model: str) -> None:
+    """`client.chat.completions.parse(response_format=<pydantic model>)` sends a strict JSON schema with
+    `$defs` and `$ref`; the answer must validate as that model."""
+    import pydantic
+
+    class Pet(pydantic.BaseModel):
+        kind: str = pydantic.Field(max_length=5)
+        legs: int = pydantic.Field(ge=0, le=8)
+
+    class Owner(pydantic.BaseModel):
+        name: str = pydantic.Field(max_length=6)
+        pets: list[Pet] = pydantic.Field(max_length=2)
+
+    messages = [{"role": "user", "content": "An owner and pets, as JSON"}]
+    r = client.chat.completions.parse(model=model, messages=messages, response_format=Owner, max_tokens=120,
+                                      seed=5)  # fmt: skip
+    owner = r.choices[0].message.parsed
+    assert isinstance(owner, Owner) and all(isinstance(p, Pet) for p in owner.pets)
+
+
 def test_forced_tool_calls_through_the_openai_client(client: openai.OpenAI, model: str) -> None:
     """Random weights: only the forced constraint makes the calls parse and name the right functions."""
     weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
