@@ -95,7 +95,7 @@ class GrammarCompiler:
 
     Each sequence gets a matcher compiled from the grammar text of its own, not a deep copy of a shared one:
     llguidance's copies share their lazily built lexer states behind one lock, so their masks do not compute
-    in parallel. On the H100 host (16 cores; `probe_grammar_threads.py`, S2 in docs/llm-runs.md), 64 rows of
+    in parallel. On the H100 host (16 cores; `probe_grammar_threads.py`, S3 in docs/llm-runs.md), 64 rows of
     a JSON schema took 4.3-5.9 ms a step as copies at 1-16 threads, and 1.1-1.7 ms as separate matchers at
     8-16 threads (6.5 at one). A matcher compiles in ~0.9 ms there, with the GIL released: the compiles run
     on a small thread pool from `add_request` and are waited for only when the sequence is first sampled.
