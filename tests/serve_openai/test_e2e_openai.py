@@ -424,7 +424,10 @@ def test_continuous_usage_stats_put_the_counts_in_every_chunk(client: openai.Ope
             chunks = list(client.completions.create(prompt=PROMPT, **kw))
         counts = [c.usage.completion_tokens for c in chunks]
         assert all(c.usage is not None and c.usage.prompt_tokens > 0 for c in chunks)
-        assert counts == sorted(counts) and counts[-1] == 12 and counts[0] <= 1
+        # the chat stream's first chunk is the role, before any token; a completion's first carries the
+        # first token, or several where a slow reader's deltas were merged (`merge_outputs`; a loaded CI box)
+        first_ok = counts[0] == 0 if route == "chat" else 1 <= counts[0] < 12
+        assert counts == sorted(counts) and counts[-1] == 12 and first_ok
         assert all(c.usage.total_tokens == c.usage.prompt_tokens + c.usage.completion_tokens for c in chunks)
 
 
