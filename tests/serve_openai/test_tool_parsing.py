@@ -67,18 +67,16 @@ class ScriptedEngine(FakeEngine):
                                len(request.prompt_ids), step + 1, timing)  # fmt: skip
 
 
+BODY = {"model": "fake", "messages": [{"role": "user", "content": "w?"}], "tools": TOOLS, "max_tokens": 200}
+
+
 def _client(script: str, parser: str | None = "hermes") -> TestClient:
     limits = ServerLimits(max_tokens_cap=256, tool_call_parser=parser)
     return TestClient(create_app(ScriptedEngine(script), limits=limits))
 
 
 def test_auto_tool_calls_in_both_response_shapes() -> None:
-    body = {
-        "model": "fake",
-        "messages": [{"role": "user", "content": "w?"}],
-        "tools": TOOLS,
-        "max_tokens": 200,
-    }
+    body = BODY
     client = _client("Sure. " + CALL)
     r = client.post("/v1/chat/completions", json=body).json()
     (choice,) = r["choices"]
@@ -142,12 +140,7 @@ def test_llama3_json_stream_holds_a_call_and_passes_text(cut: int) -> None:
 
 
 def test_llama3_json_auto_through_the_app() -> None:
-    body = {
-        "model": "fake",
-        "messages": [{"role": "user", "content": "w?"}],
-        "tools": TOOLS,
-        "max_tokens": 200,
-    }
+    body = BODY
     client = _client(LLAMA_CALL, parser="llama3_json")
     (choice,) = client.post("/v1/chat/completions", json=body).json()["choices"]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None

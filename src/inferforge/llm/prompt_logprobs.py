@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 import torch
 
 from inferforge.llm.protocol import PromptScores
-from inferforge.llm.sampler import to_device
 
 ROWS_PER_SLICE = 256
 
@@ -46,16 +45,14 @@ class PromptLogprobs:
         return (lo, hi) if hi > lo else None
 
     def add_chunk(
-        self, model: torch.nn.Module, hidden: torch.Tensor, start: int, targets: torch.Tensor | None = None
+        self, model: torch.nn.Module, hidden: torch.Tensor, start: int, targets: torch.Tensor
     ) -> None:
         """`hidden`: the chunk's rows, positions start, start + 1, ...; `targets`: the prompt tokens its
-        `span` scores, already on the device (the engine sends a step's in one copy), or None."""
+        `span` scores, already on the device (the engine sends a step's in one copy)."""
         span = self.span(start, hidden.shape[0])
         if span is None:
             return
         lo, hi = span
-        if targets is None:
-            targets = to_device(self.prompt[lo + 1 : hi + 1], hidden.device, torch.long)
         rows = hidden[lo - start : hi - start]
         for a in range(0, rows.shape[0], ROWS_PER_SLICE):
             # log_softmax is one fused kernel (a read and a write); logsumexp was five passes, 0.31 ms a

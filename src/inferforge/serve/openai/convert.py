@@ -148,6 +148,8 @@ def _params(
     logit_bias: tuple[tuple[int, float], ...] = (),
     structured: StructuredOutput | None = None,
 ) -> SamplingParams:
+    """`structured`: the request's constraint, made once per request by the caller (`structured_output`
+    compiles it)."""
     if req.min_tokens > max_tokens:
         raise bad_param(
             "min_tokens", f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}; lower it."
@@ -169,7 +171,7 @@ def _params(
         presence_penalty=req.presence_penalty,
         frequency_penalty=req.frequency_penalty,
         logit_bias=logit_bias,
-        structured=structured or structured_output(req),
+        structured=structured,
     )
 
 
@@ -206,6 +208,7 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
         )
     stop = _stops(req.stop, limits)
     bias = _logit_bias(req.logit_bias, engine.vocab_size)
+    structured = structured_output(req)
     prompts, texts = _prompt_ids(req, engine)
     if len(prompts) > limits.max_prompts:
         raise bad_param(
@@ -222,7 +225,7 @@ def plan_completion(req: CompletionRequest, engine: EngineClient, limits: Server
                 req.max_tokens, limits.default_completion_max_tokens, len(ids), engine, limits, "max_tokens"
             )
         )  # prompt only: one token is computed (the engine makes at least one) and not returned
-        params = _params(req, mt, req.logprobs, stop, bias)
+        params = _params(req, mt, req.logprobs, stop, bias, structured)
         if req.echo and req.logprobs is not None:  # the echoed prompt's logprobs too (OpenAI's legacy API)
             params = replace(params, prompt_logprobs=req.logprobs)
         reqs.append(EngineRequest(f"{rid}-{i}", tuple(ids), params, req.cache_salt))
@@ -311,7 +314,8 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     check_model(req.model, served)
     _check_unsupported(req, limits)
     tools, tool_plan, tool_spec = plan_tools(req, limits.tool_call_parser)
-    if tool_spec is not None and structured_output(req) is not None:
+    structured = structured_output(req)
+    if tool_spec is not None and structured is not None:
         raise bad_param("tool_choice", "give forced tool calls or a structured-output constraint, not both.")
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_param("top_logprobs", "top_logprobs needs logprobs set to true.")
@@ -335,7 +339,10 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
         rid,
         (
             EngineRequest(
-                f"{rid}-0", tuple(ids), _params(req, mt, logprobs, stop, bias, tool_spec), req.cache_salt
+                f"{rid}-0",
+                tuple(ids),
+                _params(req, mt, logprobs, stop, bias, tool_spec or structured),
+                req.cache_salt,
             ),
         ),
         ("",),

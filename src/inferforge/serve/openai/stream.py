@@ -229,13 +229,18 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
 
 
 def _tool_chunk(ctx: StreamCtx, tools: ToolPlan, out: EngineOutput, text: str, frames: _Frames) -> bytes:
-    """A finished choice's tool calls as one delta (OpenAI's stream shape: `tool_calls` with an `index`
-    each); an answer that does not parse (cut by max_tokens) goes out as the text it is."""
+    """A finished choice's forced tool calls (`_calls_chunk`); an answer that does not parse (cut by
+    max_tokens) goes out as the text it is."""
     _, calls = tools.answer(text) if out.finish_reason == "stop" else (text, None)
     if calls is None:
         return frames.chat(out.index, text, out.finish_reason)
+    return _calls_chunk(ctx, out.index, calls, tools.finish_reason)
+
+
+def _calls_chunk(ctx: StreamCtx, index: int, calls: list[dict], finish: str) -> bytes:
+    """A choice's tool calls as one delta (OpenAI's stream shape: `tool_calls` with an `index` each)."""
     delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
-    choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": tools.finish_reason}
+    choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     return sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice],
                         ctx.chunk_usage()))  # fmt: skip
 
@@ -248,13 +253,7 @@ def _auto_chunks(ctx: StreamCtx, auto: AutoToolStream, out: EngineOutput, frames
     if calls is None or out.finish_reason != "stop":
         return [frames.chat(out.index, text + rest, out.finish_reason)]
     chunks = [frames.chat(out.index, text, None)] if text else []
-    delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
-    choice = {"index": out.index, "delta": delta, "logprobs": None, "finish_reason": "tool_calls"}
-    usage = ctx.chunk_usage()
-    return [
-        *chunks,
-        sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice], usage)),
-    ]
+    return [*chunks, _calls_chunk(ctx, out.index, calls, "tool_calls")]
 
 
 def _prompt_only_chunk(ctx: StreamCtx, idx: int, i: int, out: EngineOutput) -> bytes:

@@ -92,10 +92,6 @@ class ToolPlan:
     named: str | None  # the function every answer calls; None: "required" or "auto"
     parser: str | None = None  # "auto": the model's own syntax, read by this `TOOL_CALL_PARSERS` entry
 
-    @property
-    def auto(self) -> bool:
-        return self.parser is not None
-
     def answer(self, text: str) -> tuple[str | None, list[dict] | None]:
         """(content, tool calls) of a finished answer; calls None when there are none or it does not parse
         (a forced call cut by max_tokens): then the text is the content."""
