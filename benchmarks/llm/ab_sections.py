@@ -823,3 +823,48 @@ def load_graph_buckets_ab(folder: Path, reps: int = 3) -> None:
         for name, buckets in (("to 2048", to_2048), ("+4096,8192", (*to_2048, 4096, 8192))):
             out = load_test(folder, None, 8192, prefill_graph_tokens=buckets)
             RESULTS[f"loadgraph {name} rep{rep}"] = out
+
+
+def int8_dp_ab(folder: Path, reps: int = 2) -> None:
+    """The int8 batch-1 step with its products converting each weight to fp32 (`gemv.INT8_MODE` 6) and by
+    integer dot products (7: `_gemv_dp_kernel`, dp2a), `reps` rounds in turn, bf16 first; then a kernel
+    timeline of each mode, the time each product adds by its place in the layer (mean of 16 layers)."""
+    from profiles import graph_profile
+
+    from inferforge.llm import gemv
+
+    default = gemv.INT8_MODE["mode"]
+    RESULTS["int8dp bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
+    try:
+        for rep in range(reps):
+            for mode in (6, 7):
+                gemv.INT8_MODE["mode"] = mode
+                RESULTS[f"int8dp mode{mode} rep{rep}"] = engine_numbers(
+                    folder, "int8", (1,), note=f" [mode {mode} rep{rep}]"
+                )
+        for mode in (6, 7):
+            gemv.INT8_MODE["mode"] = mode
+            graph_profile(folder, 1, "int8")
+            prof = RESULTS.pop("graph_profile_b1int8")
+            places = _adds_by_place(prof["timeline"])
+            RESULTS[f"int8dp timeline mode{mode}"] = prof | {"by_place": places}
+            row(f"int8 mode {mode}: us added by place", str(places))
+    finally:
+        gemv.INT8_MODE["mode"] = default
+
+
+def _adds_by_place(timeline: list[tuple[float, float, str]], per_layer: int = 5) -> dict[str, float]:
+    """Mean time each of a layer's kernels adds past the previous kernel's end, from the first GEMV on
+    (q/k/v, attention, o, gate/up, down), and the LM head's."""
+    first = next(i for i, (_, _, name) in enumerate(timeline) if "gemv" in name)
+    places = ("qkv", "attention", "o", "gate_up", "down")
+    sums = dict.fromkeys(places, 0.0)
+    prev_end = timeline[first - 1][1] if first else timeline[0][0]
+    layer_kernels = timeline[first:-1]
+    for i, (start, end, _) in enumerate(layer_kernels):
+        sums[places[i % per_layer]] += max(0.0, end - max(prev_end, start))
+        prev_end = max(prev_end, end)
+    layers = len(layer_kernels) // per_layer
+    out = {p: round(v / layers, 2) for p, v in sums.items()}
+    out["lm_head"] = round(max(0.0, timeline[-1][1] - prev_end), 1)
+    return out

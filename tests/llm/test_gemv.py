@@ -277,3 +277,76 @@ def test_prefetch_plan_gives_each_product_its_targets_ranges(monkeypatch: pytest
     assert plan["qkv"] == ((start, total // 4), (start + total // 2, total // 4))
     assert plan["o"] == ((down.weight.data_ptr(), down.weight.numel() * 4),)
     assert plan["gate_up"] == () and plan["down"] == ()
+
+
+def _int8_case(n: int, k: int, seed: int, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int16).to(DEVICE, torch.int8)
+    scale = (torch.rand(n, generator=g) / 100).to(DEVICE)
+    x, r, nw, b = (torch.randn(*s, generator=g).to(DEVICE, dtype) for s in ((1, k), (1, n), (k,), (n,)))
+    return q, scale, x, r, nw, b
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "k", "tiles"), [(40, 256, gemv.TileConfig(8, 128, 1)), (24, 300, None)])
+def test_int8_integer_dot_products_match_the_float_conversion(
+    n: int, k: int, tiles: gemv.TileConfig | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Mode 7 (`_gemv_dp_kernel`: activations as 16-bit integers, dp2a on a GPU) gives mode 5/6's results
+    for every prologue and epilogue, K in several tiles and a ragged K: fp32 outputs to within fp32
+    summation from bf16 activations (held exactly), below fp16's own rounding from fp16 ones (11 significant
+    bits: those more than 3 binades under their group's largest are rounded); 16-bit outputs to within one
+    rounding."""
+    q, scale, x, r, nw, b = _int8_case(n, k, n + k, dtype)
+    cases = [
+        {"out_dtype": torch.float32},
+        {"norm_weight": nw, "eps": 1e-5, "out_dtype": torch.float32},
+        {"bias": b, "residual": r},
+        {"norm_weight": nw, "eps": 1e-5, "silu_pair": True},
+    ]
+    for kw in cases:
+        monkeypatch.setitem(gemv.INT8_MODE, "mode", 6)
+        want = gemv.gemv(x, q, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
+        monkeypatch.setitem(gemv.INT8_MODE, "mode", 7)
+        got = gemv.gemv(x, q, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
+        assert got.dtype == want.dtype and got.shape == want.shape, kw
+        tol = 1e-2 if got.dtype != torch.float32 else 1e-5 if dtype == torch.bfloat16 else 2.0**-12
+        bound = tol * want.float().abs().max().item()
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=bound)
+
+
+def test_int8_integer_dot_products_hold_activations_across_binades(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Activations from 2^-30 to 2^8 in one row, some groups of four mixing the extremes: the error of mode
+    7 stays below 2^-14 of each group's largest activation times the weights' magnitudes."""
+    monkeypatch.setitem(gemv.INT8_MODE, "mode", 7)
+    g = torch.Generator().manual_seed(9)
+    k = 512
+    x = torch.exp2(torch.randint(-30, 9, (1, k), generator=g).float()) * torch.randn(1, k, generator=g).sign()
+    x = x.to(torch.bfloat16)
+    q = torch.randint(-128, 128, (16, k), generator=g, dtype=torch.int16).to(torch.int8)
+    want = x.double() @ q.double().T
+    got = gemv.gemv(x.to(DEVICE), q.to(DEVICE), out_dtype=torch.float32).double().cpu()
+    group_max = x.float().abs().view(k // 4, 4).amax(1).repeat_interleave(4).double()
+    bound = (q.double().abs() * group_max).sum(1) * 2.0**-14 + want.abs()[0] * 1e-6
+    assert ((got - want).abs()[0] <= bound).all()
+    assert (got - want).abs().max() > 0  # the tiny activations are rounded: the test can see an error
+
+
+def test_int8_integer_dot_products_rotate_and_cache_as_the_float_conversion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The q/k/v product's RoPE and cache-write epilogue in mode 7 writes what mode 5/6 writes (bf16)."""
+    heads, kv_heads, w, x, _, nw, cos, sin, (kc, vc) = _rope_case(torch.bfloat16)
+    q8 = (w.float() * 20).round().clamp(-128, 127).to(torch.int8)
+    scale = torch.full((w.shape[0],), 0.05, device=DEVICE)
+    pos, slot = torch.tensor([37], device=DEVICE), torch.tensor([21], device=DEVICE)
+    outs = []
+    for mode in (6, 7):
+        monkeypatch.setitem(gemv.INT8_MODE, "mode", mode)
+        k2, v2 = kc.clone(), vc.clone()
+        rc = gemv.RopeCache(cos, sin, pos, slot, k2, v2, heads, kv_heads)
+        q = gemv.gemv(x, q8, scale=scale, norm_weight=nw, eps=1e-5, rope_cache=rc)
+        outs.append((q.float(), k2.float(), v2.float()))
+    for want, got in zip(*outs, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+    assert not torch.equal(outs[1][1], kc.float())  # the slot was written
