@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import free
+from common import cuda_time, free
 from engine_bench import RESULTS, bench_engine, row
 
 from inferforge.llm.engine import LLMEngine
@@ -96,6 +96,7 @@ def graph_profile(folder: Path, batch: int = 1, quant: str | None = None) -> Non
     for _ in range(200):
         eng.step()
     graph = eng.runner.graphs[batch][0]
+    replay_us = cuda_time(graph.replay, iters=50) * 1e6  # the same engine's replay, outside the profiler
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
@@ -121,7 +122,11 @@ def graph_profile(folder: Path, batch: int = 1, quant: str | None = None) -> Non
     span = step[-1][1] - step[0][0]
     key = f"graph_profile_b{batch}{quant or ''}"
     RESULTS[key] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary, "timeline": timeline}
-    row(f"batch-{batch} {quant or 'bf16'} graph: kernels per step, span (us)", f"{per_step}, {span:.0f}")
+    RESULTS[key]["replay_us"] = replay_us
+    row(
+        f"batch-{batch} {quant or 'bf16'} graph: kernels per step, span, replay (us)",
+        f"{per_step}, {span:.0f}, {replay_us:.0f}",
+    )
     for key, d in sorted(summary.items(), key=lambda kv: -kv[1]["adds_us"])[:12]:
         row(f"  {key[:50]}", f"n={d['count']} busy {d['busy_us']:.0f} us, adds {d['adds_us']:.0f} us")
     del eng

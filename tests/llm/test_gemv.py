@@ -287,16 +287,23 @@ def _int8_case(n: int, k: int, seed: int, dtype: torch.dtype) -> tuple[torch.Ten
     return q, scale, x, r, nw, b
 
 
+@pytest.mark.parametrize("vector_x", [False, True])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("n", "k", "tiles"), [(40, 256, gemv.TileConfig(8, 128, 1)), (24, 300, None)])
 def test_int8_integer_dot_products_match_the_float_conversion(
-    n: int, k: int, tiles: gemv.TileConfig | None, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+    n: int,
+    k: int,
+    tiles: gemv.TileConfig | None,
+    dtype: torch.dtype,
+    vector_x: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Mode 7 (`_gemv_dp_kernel`: activations as 16-bit integers, dp2a on a GPU) gives mode 5/6's results
     for every prologue and epilogue, K in several tiles and a ragged K: fp32 outputs to within fp32
     summation from bf16 activations (held exactly), below fp16's own rounding from fp16 ones (11 significant
     bits: those more than 3 binades under their group's largest are rounded); 16-bit outputs to within one
     rounding."""
+    monkeypatch.setitem(gemv.INT8_DP, "vector_x", vector_x)
     q, scale, x, r, nw, b = _int8_case(n, k, n + k, dtype)
     cases = [
         {"out_dtype": torch.float32},

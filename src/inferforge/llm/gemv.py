@@ -276,13 +276,21 @@ def _rope_cache_store(acc, head, j, c1, c2, s1, s2, slot, Q_OUT, KC, VC, stride_
 # its group's largest is represented exactly (bf16 holds 8 significant bits); smaller ones are rounded to
 # 2^-14 of the group's largest magnitude, far below the bf16 rounding of the product's output.
 @triton.jit
-def _quads(P, offs_w, K, act_ty: tl.constexpr):
-    """Elements 4i, 4i + 1, 4i + 2, 4i + 3 of a row as four fp32 vectors (each word's four weights)."""
-    at = offs_w * 4
-    x0 = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
-    x1 = tl.load(P + at + 1, mask=at + 1 < K, other=0.0).to(tl.float32)
-    x2 = tl.load(P + at + 2, mask=at + 2 < K, other=0.0).to(tl.float32)
-    x3 = tl.load(P + at + 3, mask=at + 3 < K, other=0.0).to(tl.float32)
+def _quads(P, offs_w, K, VEC: tl.constexpr):
+    """Elements 4i, 4i + 1, 4i + 2, 4i + 3 of a row as four fp32 vectors (each word's four weights): four
+    strided loads, or (`VEC`) one [words, 4] load split in registers."""
+    if VEC:
+        at = offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
+        x = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # elements (0, 2) and (1, 3)
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+    else:
+        at = offs_w * 4
+        x0 = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
+        x1 = tl.load(P + at + 1, mask=at + 1 < K, other=0.0).to(tl.float32)
+        x2 = tl.load(P + at + 2, mask=at + 2 < K, other=0.0).to(tl.float32)
+        x3 = tl.load(P + at + 3, mask=at + 3 < K, other=0.0).to(tl.float32)
     return x0, x1, x2, x3
 
 
@@ -325,8 +333,8 @@ def _gemv_dp_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS
                     K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
                     KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                    EARLY_RES: tl.constexpr, ASM: tl.constexpr, PF0=0, PF0_END=0, PF1=0, PF1_END=0,
-                    PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
+                    EARLY_RES: tl.constexpr, ASM: tl.constexpr, VEC: tl.constexpr, PF0=0, PF0_END=0,
+                    PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
     """`_gemv_kernel` for int8 weights read as int32 words (`W`, `stride_wn` in words), `_dot4` products."""
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
@@ -345,7 +353,7 @@ def _gemv_dp_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS
         fused.l2_prefetch(PF1, PF1_END, PF_CHUNK, tl.program_id(0))
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:
-        g0, g1, g2, g3 = _quads(G, offs_w, K, act_ty)
+        g0, g1, g2, g3 = _quads(G, offs_w, K, VEC)
     scale = tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
@@ -355,7 +363,7 @@ def _gemv_dp_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS
         res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
     _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     if PROLOGUE == 1:  # RMSNorm over the whole row (one tile), rounded as `_gemv_kernel` rounds it
-        x0, x1, x2, x3 = _quads(X, offs_w, K, act_ty)
+        x0, x1, x2, x3 = _quads(X, offs_w, K, VEC)
         inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, 0) / K + eps)
         x0 = ((x0 * inv).to(act_ty).to(tl.float32) * g0).to(act_ty).to(tl.float32)
         x1 = ((x1 * inv).to(act_ty).to(tl.float32) * g1).to(act_ty).to(tl.float32)
@@ -369,7 +377,7 @@ def _gemv_dp_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS
             nw = (i + 1) * KW + offs_w
             if EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
                 w_next = tl.load(rows + nw[None, :], mask=nmask[:, None] & (nw[None, :] < K // 4), other=0)
-            x0, x1, x2, x3 = _quads(X + i * BLOCK_K, offs_w, K - i * BLOCK_K, act_ty)
+            x0, x1, x2, x3 = _quads(X + i * BLOCK_K, offs_w, K - i * BLOCK_K, VEC)
             lo, hi, s = _fixed16(x0, x1, x2, x3)
             acc += tl.sum(_dot4(w, lo, hi, ASM).to(tl.float32) * s[None, :], 1)
             if i + 1 < TILES:
@@ -420,6 +428,8 @@ TUNED: dict[tuple[int, int, int], TileConfig] = {}
 # its default tiles and 716 / 713 at 8 rows (H3 of 2026-11-23, in turn): 6 it is. The interpreter runs no
 # PTX and takes 5 (the same arithmetic) for 6.
 INT8_MODE = {"mode": 6}
+# Mode 7 (`_gemv_dp_kernel`) by product ("head": the LM head), and how it reads the activation row.
+INT8_DP = {"qkv": True, "o": True, "gate_up": True, "down": True, "head": True, "vector_x": False}
 # int8 weight tiles of 16 KB (8 rows of K = 2048; 8 x 2048 for down) instead of 32 KB: half the conversion
 # work per program after its wait (see `INT8_MODE` for the measurement). fp8 gained nothing from them (H4: 657
 # / 663 us against 653 / 661) and keeps `default_tiles`.
@@ -603,7 +613,7 @@ def gemv(
     w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
     pre = _pre_convert(weight)
     product = _product(residual is not None, rope_cache is not None, silu_pair, k <= cfg.block_k)
-    dp = w_mode == 7 and _dp_words(weight) is not None
+    dp = w_mode == 7 and INT8_DP.get(product or "head", False) and _dp_words(weight) is not None
     if weight.dtype == torch.int8 and INT8_PRE.get(product, False) and not dp:
         w_mode, pre = 3, True  # the (first) K tile made fp16 before the wait, later ones after it
     cache_args: tuple = (x, x, x, x, x, x, 0)
@@ -640,7 +650,8 @@ def gemv(
             *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
             HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PAIR_GAP=gap, H=heads,
             KV=kv_heads, D=d, PDL=fused.pdl_on(), EARLY=_early_next_tile(weight),
-            EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, ASM=x.is_cuda, **pf,
+            EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, ASM=x.is_cuda,
+            VEC=INT8_DP["vector_x"], **pf,
             num_warps=cfg.num_warps, **fused.launch_options(),
         )  # fmt: skip
         return y
