@@ -825,24 +825,31 @@ def load_graph_buckets_ab(folder: Path, reps: int = 3) -> None:
             RESULTS[f"loadgraph {name} rep{rep}"] = out
 
 
-def int8_dp_ab(folder: Path, reps: int = 2) -> None:
+def int8_dp_ab(folder: Path, reps: int = 2, names: tuple[str, ...] = (), timelines: bool = True) -> None:
     """The int8 batch-1 step with its products converting each weight to fp32 (`gemv.INT8_MODE` 6) and by
     integer dot products (7: `_gemv_dp_kernel`, dp2a) with the activations read by four strided loads or one
     vector load, and 7 on all products but down; `reps` rounds in turn, bf16 first. Then a kernel timeline of
     mode 6 and of 7 (vector loads), the time each product adds by its place in the layer (mean of 16
     layers), with the same engine's graph replay. T1 (strided loads, all products): 654 / 643 us against 613
-    / 611."""
+    / 611. T2: strided 641 / 640, vector 647 / 645, down in mode 6 652 / 659, against 613 / 612; the
+    profiled spans equal (601), the same engines' replays 605 and 624. `names`: a subset, as int8dpsubab."""
     from profiles import graph_profile
 
     from inferforge.llm import gemv
 
     default_mode, default_dp = gemv.INT8_MODE["mode"], dict(gemv.INT8_DP)
+    only = {p: False for p in ("qkv", "o", "gate_up", "down", "head")}
     variants = {
         "mode6": (6, {}),
         "mode7 strided": (7, {}),
         "mode7 vector": (7, {"vector_x": True}),
         "mode7 vector, down 6": (7, {"vector_x": True, "down": False}),
+        "mode7 gate_up+head": (7, only | {"gate_up": True, "head": True}),
+        "mode7 qkv+gate_up+head": (7, only | {"qkv": True, "gate_up": True, "head": True}),
+        "mode7 o": (7, only | {"o": True}),
     }
+    if names:
+        variants = {k: v for k, v in variants.items() if k in names}
     RESULTS["int8dp bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
     try:
         for rep in range(reps):
@@ -852,7 +859,7 @@ def int8_dp_ab(folder: Path, reps: int = 2) -> None:
                 RESULTS[f"int8dp {name} rep{rep}"] = engine_numbers(
                     folder, "int8", (1,), note=f" [{name} rep{rep}]"
                 )
-        for name in ("mode6", "mode7 vector"):
+        for name in ("mode6", "mode7 vector") if timelines else ():
             mode, dp = variants[name]
             gemv.INT8_MODE["mode"] = mode
             gemv.INT8_DP.update(default_dp | dp)

@@ -181,6 +181,12 @@ def main() -> None:
         ("obf16ab", lambda: o_bf16_ab(folder)),
         ("int8preab", lambda: int8_pre_ab(folder)),
         ("int8dpab", lambda: int8_dp_ab(folder)),
+        (
+            "int8dpsubab",
+            lambda: int8_dp_ab(
+                folder, 2, ("mode6", "mode7 gate_up+head", "mode7 qkv+gate_up+head", "mode7 o"), False
+            ),
+        ),
         ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),
         ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),

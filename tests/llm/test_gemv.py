@@ -302,7 +302,8 @@ def test_int8_integer_dot_products_match_the_float_conversion(
     for every prologue and epilogue, K in several tiles and a ragged K: fp32 outputs to within fp32
     summation from bf16 activations (held exactly), below fp16's own rounding from fp16 ones (11 significant
     bits: those more than 3 binades under their group's largest are rounded); 16-bit outputs to within one
-    rounding."""
+    rounding. After the norm, within a flipped rounding of a normalised input (T2 on the H100: 2e-4 of the
+    largest output, the sum of squares taken in another order)."""
     monkeypatch.setitem(gemv.INT8_DP, "vector_x", vector_x)
     q, scale, x, r, nw, b = _int8_case(n, k, n + k, dtype)
     cases = [
@@ -318,6 +319,8 @@ def test_int8_integer_dot_products_match_the_float_conversion(
         got = gemv.gemv(x, q, scale=scale, tiles=tiles, **kw)  # type: ignore[arg-type]
         assert got.dtype == want.dtype and got.shape == want.shape, kw
         tol = 1e-2 if got.dtype != torch.float32 else 1e-5 if dtype == torch.bfloat16 else 2.0**-12
+        if "norm_weight" in kw:  # the norm's sum of squares, in another order, may round an input differently
+            tol = max(tol, 2e-3)
         bound = tol * want.float().abs().max().item()
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=bound)
 
