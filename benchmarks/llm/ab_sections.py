@@ -831,8 +831,9 @@ def int8_dp_ab(folder: Path, reps: int = 2, names: tuple[str, ...] = (), timelin
     vector load, and 7 on all products but down; `reps` rounds in turn, bf16 first. Then a kernel timeline of
     mode 6 and of 7 (vector loads), the time each product adds by its place in the layer (mean of 16
     layers), with the same engine's graph replay. T1 (strided loads, all products): 654 / 643 us against 613
-    / 611. T2: strided 641 / 640, vector 647 / 645, down in mode 6 652 / 659, against 613 / 612; the
-    profiled spans equal (601), the same engines' replays 605 and 624. `names`: a subset, as int8dpsubab."""
+    / 611. T2: strided 641 / 640, vector 647 / 645, against 613 / 612; the profiled spans equal (601), the
+    same engines' replays 605 and 624. In T2's "down 6" and T3's subsets the products left out ran the
+    generic int8 conversion, not mode 6 (fixed since). `names`: a subset, as int8dpsubab."""
     from profiles import graph_profile
 
     from inferforge.llm import gemv
@@ -847,6 +848,9 @@ def int8_dp_ab(folder: Path, reps: int = 2, names: tuple[str, ...] = (), timelin
         "mode7 gate_up+head": (7, only | {"gate_up": True, "head": True}),
         "mode7 qkv+gate_up+head": (7, only | {"qkv": True, "gate_up": True, "head": True}),
         "mode7 o": (7, only | {"o": True}),
+        "mode7 all but down": (7, {"down": False}),
+        "mode7 vector2": (7, {"vector_x": 2}),
+        "mode7 gate_up+head vector2": (7, only | {"gate_up": True, "head": True, "vector_x": 2}),
     }
     if names:
         variants = {k: v for k, v in variants.items() if k in names}

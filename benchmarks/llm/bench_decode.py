@@ -184,7 +184,10 @@ def main() -> None:
         (
             "int8dpsubab",
             lambda: int8_dp_ab(
-                folder, 2, ("mode6", "mode7 gate_up+head", "mode7 qkv+gate_up+head", "mode7 o"), False
+                folder,
+                2,
+                ("mode6", "mode7 gate_up+head", "mode7 all but down", "mode7 o", "mode7 vector2"),
+                False,
             ),
         ),
         ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),

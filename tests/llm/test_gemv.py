@@ -287,7 +287,7 @@ def _int8_case(n: int, k: int, seed: int, dtype: torch.dtype) -> tuple[torch.Ten
     return q, scale, x, r, nw, b
 
 
-@pytest.mark.parametrize("vector_x", [False, True])
+@pytest.mark.parametrize("vector_x", [False, True, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("n", "k", "tiles"), [(40, 256, gemv.TileConfig(8, 128, 1)), (24, 300, None)])
 def test_int8_integer_dot_products_match_the_float_conversion(
@@ -295,7 +295,7 @@ def test_int8_integer_dot_products_match_the_float_conversion(
     k: int,
     tiles: gemv.TileConfig | None,
     dtype: torch.dtype,
-    vector_x: bool,
+    vector_x: bool | int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Mode 7 (`_gemv_dp_kernel`: activations as 16-bit integers, dp2a on a GPU) gives mode 5/6's results

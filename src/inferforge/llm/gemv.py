@@ -279,7 +279,13 @@ def _rope_cache_store(acc, head, j, c1, c2, s1, s2, slot, Q_OUT, KC, VC, stride_
 def _quads(P, offs_w, K, VEC: tl.constexpr):
     """Elements 4i, 4i + 1, 4i + 2, 4i + 3 of a row as four fp32 vectors (each word's four weights): four
     strided loads, or (`VEC`) one [words, 4] load split in registers."""
-    if VEC:
+    if VEC == 2:
+        at = tl.arange(0, 4 * offs_w.shape[0])
+        x = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
+        even, odd = tl.split(tl.reshape(x, [offs_w.shape[0], 2, 2]))  # elements (0, 2) and (1, 3)
+        x0, x2 = tl.split(even)
+        x1, x3 = tl.split(odd)
+    elif VEC:
         at = offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
         x = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
         even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # elements (0, 2) and (1, 3)
@@ -614,6 +620,8 @@ def gemv(
     pre = _pre_convert(weight)
     product = _product(residual is not None, rope_cache is not None, silu_pair, k <= cfg.block_k)
     dp = w_mode == 7 and INT8_DP.get(product or "head", False) and _dp_words(weight) is not None
+    if w_mode == 7 and not dp:
+        w_mode = 6 if x.is_cuda else 5  # the products left to `_gemv_kernel` convert as mode 6 does
     if weight.dtype == torch.int8 and INT8_PRE.get(product, False) and not dp:
         w_mode, pre = 3, True  # the (first) K tile made fp16 before the wait, later ones after it
     cache_args: tuple = (x, x, x, x, x, x, 0)
