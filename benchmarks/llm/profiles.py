@@ -123,6 +123,9 @@ def graph_profile(folder: Path, batch: int = 1, quant: str | None = None) -> Non
     key = f"graph_profile_b{batch}{quant or ''}"
     RESULTS[key] = {"kernels_per_step": per_step, "step_us": span, "by_kernel": summary, "timeline": timeline}
     RESULTS[key]["replay_us"] = replay_us
+    if batch == 1 and per_step > 2:
+        RESULTS[key]["by_place"] = places = adds_by_place(timeline)
+        row("  us added by place in the layer", str(places))
     row(
         f"batch-{batch} {quant or 'bf16'} graph: kernels per step, span, replay (us)",
         f"{per_step}, {span:.0f}, {replay_us:.0f}",
@@ -149,3 +152,22 @@ def int4_ring_overlap_profile(folder: Path) -> None:
         graph_profile(folder, 1, "int4")
         RESULTS[f"int4_overlap_{name}"] = RESULTS.pop("graph_profile_b1int4")
     cuda_int4.TUNED.update(saved)
+
+
+def adds_by_place(timeline: list[tuple[float, float, str]], per_layer: int = 5) -> dict[str, float]:
+    """Mean time each of a layer's kernels adds past the previous kernel's end, from the first GEMV on
+    (q/k/v, attention, o, gate/up, down), and the LM head's."""
+    first = next((i for i, (_, _, name) in enumerate(timeline) if "gemv" in name), None)
+    if first is None:  # not the batch-1 GEMV chain
+        return {}
+    places = ("qkv", "attention", "o", "gate_up", "down")
+    sums = dict.fromkeys(places, 0.0)
+    prev_end = timeline[first - 1][1] if first else timeline[0][0]
+    layer_kernels = timeline[first:-1]
+    for i, (start, end, _) in enumerate(layer_kernels):
+        sums[places[i % per_layer]] += max(0.0, end - max(prev_end, start))
+        prev_end = max(prev_end, end)
+    layers = len(layer_kernels) // per_layer
+    out = {p: round(v / layers, 2) for p, v in sums.items()}
+    out["lm_head"] = round(max(0.0, timeline[-1][1] - prev_end), 1)
+    return out

@@ -266,143 +266,6 @@ def _rope_cache_store(acc, head, j, c1, c2, s1, s2, slot, Q_OUT, KC, VC, stride_
         tl.store(dst + D // 2 + j, x2.to(VC.dtype.element_ty))
 
 
-# int8 products by integer dot products (`INT8_MODE` 7): the weights stay bytes, the activation row becomes
-# 16-bit integers, each group of four sharing a power-of-two scale, and PTX's dp2a multiplies two of them by
-# two weight bytes and adds into an int32: two instructions for four weights, where converting each weight
-# to a float and a fused multiply-add take ~5.4 (mode 6). At batch 1 the work a program does after
-# `griddepcontrol.wait` is on the step's critical path, and int8's conversions are ~5x bf16's arithmetic per
-# byte. The scale is 2^(13 - e), e the group's largest exponent, so |q| <= 2^14, every product of a group is
-# exact in int32 and in its fp32 conversion (4 x 128 x 2^14 < 2^24), and an activation within 6 binades of
-# its group's largest is represented exactly (bf16 holds 8 significant bits); smaller ones are rounded to
-# 2^-14 of the group's largest magnitude, far below the bf16 rounding of the product's output.
-@triton.jit
-def _quads(P, offs_w, K, VEC: tl.constexpr):
-    """Elements 4i, 4i + 1, 4i + 2, 4i + 3 of a row as four fp32 vectors (each word's four weights): four
-    strided loads, or (`VEC`) one [words, 4] load split in registers."""
-    if VEC == 2:
-        at = tl.arange(0, 4 * offs_w.shape[0])
-        x = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
-        even, odd = tl.split(tl.reshape(x, [offs_w.shape[0], 2, 2]))  # elements (0, 2) and (1, 3)
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
-    elif VEC:
-        at = offs_w[:, None] * 4 + tl.arange(0, 4)[None, :]
-        x = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
-        even, odd = tl.split(tl.reshape(x, [x.shape[0], 2, 2]))  # elements (0, 2) and (1, 3)
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
-    else:
-        at = offs_w * 4
-        x0 = tl.load(P + at, mask=at < K, other=0.0).to(tl.float32)
-        x1 = tl.load(P + at + 1, mask=at + 1 < K, other=0.0).to(tl.float32)
-        x2 = tl.load(P + at + 2, mask=at + 2 < K, other=0.0).to(tl.float32)
-        x3 = tl.load(P + at + 3, mask=at + 3 < K, other=0.0).to(tl.float32)
-    return x0, x1, x2, x3
-
-
-@triton.jit
-def _fixed16(x0, x1, x2, x3):
-    """Four fp32 vectors as two words of int16 pairs (q0 | q1 << 16, q2 | q3 << 16) and the fp32 scale
-    2^(e - 140) of each group of four, e its largest magnitude's biased exponent (at least 14)."""
-    m = tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3)))
-    e = tl.maximum((m.to(tl.int32, bitcast=True) >> 23) & 0xFF, 14)
-    inv = ((267 - e) << 23).to(tl.float32, bitcast=True)
-    q0 = tl.floor(x0 * inv + 0.5).to(tl.int32)
-    q1 = tl.floor(x1 * inv + 0.5).to(tl.int32)
-    q2 = tl.floor(x2 * inv + 0.5).to(tl.int32)
-    q3 = tl.floor(x3 * inv + 0.5).to(tl.int32)
-    lo = (q0 & 0xFFFF) | (q1 << 16)
-    hi = (q2 & 0xFFFF) | (q3 << 16)
-    return lo, hi, ((e - 13) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _dot4(w, lo, hi, ASM: tl.constexpr):
-    """Each weight word's four int8 values times the four activations of its group, summed in int32: PTX's
-    dp2a on a GPU, the same integer arithmetic in Triton's operations elsewhere (the interpreter)."""
-    if ASM:
-        return tl.inline_asm_elementwise(
-            "{ .reg .s32 t; mov.b32 t, 0; dp2a.lo.s32.s32 t, $1, $3, t; dp2a.hi.s32.s32 $0, $2, $3, t; }",
-            "=r,r,r,r",
-            [lo, hi, w],
-            dtype=tl.int32,
-            is_pure=True,
-            pack=1,
-        )
-    else:
-        prod = ((w << 24) >> 24) * ((lo << 16) >> 16) + ((w << 16) >> 24) * (lo >> 16)
-        return prod + ((w << 8) >> 24) * ((hi << 16) >> 16) + (w >> 24) * (hi >> 16)
-
-
-@triton.jit
-def _gemv_dp_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
-                    K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
-                    KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr,
-                    EARLY_RES: tl.constexpr, ASM: tl.constexpr, VEC: tl.constexpr, PF0=0, PF0_END=0,
-                    PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
-    """`_gemv_kernel` for int8 weights read as int32 words (`W`, `stride_wn` in words), `_dot4` products."""
-    if PDL == 2:  # `fused.pdl_on`
-        tl.extra.cuda.gdc_launch_dependents()
-    pid = tl.program_id(0)
-    HALF: tl.constexpr = BLOCK_N // 2
-    KW: tl.constexpr = BLOCK_K // 4  # weight words a tile row
-    TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
-    offs_n, j0, head = _rows(pid, BLOCK_N, EPILOGUE, PAIR_GAP, D)
-    nmask = offs_n < N
-    offs_w = tl.arange(0, KW)
-    rows = W + offs_n[:, None].to(tl.int64) * stride_wn
-    w = tl.load(rows + offs_w[None, :], mask=nmask[:, None] & (offs_w[None, :] < K // 4), other=0)
-    if PF_RANGES > 0:  # `prefetch`, as `_gemv_kernel`
-        fused.l2_prefetch(PF0, PF0_END, PF_CHUNK, tl.program_id(0))
-    if PF_RANGES > 1:
-        fused.l2_prefetch(PF1, PF1_END, PF_CHUNK, tl.program_id(0))
-    act_ty = X.dtype.element_ty
-    if PROLOGUE == 1:
-        g0, g1, g2, g3 = _quads(G, offs_w, K, VEC)
-    scale = tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(BIAS + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    if EPILOGUE == 2:
-        j, slot, c1, c2, s1, s2 = _rope_prefetch(pid, POS, SLOT, COS, SIN, BLOCK_N, D)
-    if EPILOGUE == 1 and EARLY_RES:  # `RESIDUAL_BEFORE_WAIT`
-        res = tl.load(R + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
-    if PROLOGUE == 1:  # RMSNorm over the whole row (one tile), rounded as `_gemv_kernel` rounds it
-        x0, x1, x2, x3 = _quads(X, offs_w, K, VEC)
-        inv = tl.rsqrt(tl.sum(x0 * x0 + x1 * x1 + x2 * x2 + x3 * x3, 0) / K + eps)
-        x0 = ((x0 * inv).to(act_ty).to(tl.float32) * g0).to(act_ty).to(tl.float32)
-        x1 = ((x1 * inv).to(act_ty).to(tl.float32) * g1).to(act_ty).to(tl.float32)
-        x2 = ((x2 * inv).to(act_ty).to(tl.float32) * g2).to(act_ty).to(tl.float32)
-        x3 = ((x3 * inv).to(act_ty).to(tl.float32) * g3).to(act_ty).to(tl.float32)
-        lo, hi, s = _fixed16(x0, x1, x2, x3)
-        acc = tl.sum(_dot4(w, lo, hi, ASM).to(tl.float32) * s[None, :], 1)
-    else:
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for i in tl.static_range(0, TILES):
-            nw = (i + 1) * KW + offs_w
-            if EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
-                w_next = tl.load(rows + nw[None, :], mask=nmask[:, None] & (nw[None, :] < K // 4), other=0)
-            x0, x1, x2, x3 = _quads(X + i * BLOCK_K, offs_w, K - i * BLOCK_K, VEC)
-            lo, hi, s = _fixed16(x0, x1, x2, x3)
-            acc += tl.sum(_dot4(w, lo, hi, ASM).to(tl.float32) * s[None, :], 1)
-            if i + 1 < TILES:
-                if EARLY:
-                    w = w_next
-                else:
-                    w = tl.load(rows + nw[None, :], mask=nmask[:, None] & (nw[None, :] < K // 4), other=0)
-    acc = acc * scale
-    if HAS_BIAS:
-        acc = acc + bias
-    if EPILOGUE == 2:
-        _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
-                          stride_c_slot, HALF, H, KV, D)  # fmt: skip
-    elif EPILOGUE == 1 and EARLY_RES:
-        _store_residual(acc, res, Y, offs_n, nmask, act_ty)
-    else:
-        _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
-
-
 @dataclass(frozen=True)
 class TileConfig:
     block_n: int
@@ -434,8 +297,6 @@ TUNED: dict[tuple[int, int, int], TileConfig] = {}
 # its default tiles and 716 / 713 at 8 rows (H3 of 2026-11-23, in turn): 6 it is. The interpreter runs no
 # PTX and takes 5 (the same arithmetic) for 6.
 INT8_MODE = {"mode": 6}
-# Mode 7 (`_gemv_dp_kernel`) by product ("head": the LM head), and how it reads the activation row.
-INT8_DP = {"qkv": True, "o": True, "gate_up": True, "down": True, "head": True, "vector_x": False}
 # int8 weight tiles of 16 KB (8 rows of K = 2048; 8 x 2048 for down) instead of 32 KB: half the conversion
 # work per program after its wait (see `INT8_MODE` for the measurement). fp8 gained nothing from them (H4: 657
 # / 663 us against 653 / 661) and keeps `default_tiles`.
@@ -542,31 +403,8 @@ def _product(residual: bool, rope: bool, silu_pair: bool, one_tile: bool) -> str
     return "qkv" if rope else "gate_up" if silu_pair else ""
 
 
-def _dp_words(weight: torch.Tensor) -> torch.Tensor | None:
-    """An int8 [N, K] weight as int32 words [N, K / 4] for `_gemv_dp_kernel`; None where its rows are not
-    whole aligned words."""
-    if weight.dtype != torch.int8 or weight.stride(1) != 1 or weight.shape[1] % 4 or weight.stride(0) % 4:
-        return None
-    if weight.data_ptr() % 4:
-        return None
-    return weight.view(torch.int32)
-
-
-_ONES: dict[tuple[torch.device, int], torch.Tensor] = {}
-
-
-def _ones(n: int, x: torch.Tensor) -> torch.Tensor:
-    """A unit scale for int8 products called without one (tests)."""
-    key = (x.device, n)
-    if key not in _ONES:
-        _ONES[key] = torch.ones(n, dtype=torch.float32, device=x.device)
-    return _ONES[key]
-
-
 def _int8_mode(x: torch.Tensor) -> int:
     mode = INT8_MODE["mode"]
-    if mode == 7 and x.dtype not in (torch.bfloat16, torch.float16):
-        mode = 6  # 16-bit integers hold a 16-bit float's activations exactly (`_fixed16`), not fp32's
     return 5 if mode == 6 and not x.is_cuda else mode
 
 
@@ -619,10 +457,7 @@ def gemv(
     w_mode = 1 if weight.dtype == torch.uint8 else _int8_mode(x) if weight.dtype == torch.int8 else 0
     pre = _pre_convert(weight)
     product = _product(residual is not None, rope_cache is not None, silu_pair, k <= cfg.block_k)
-    dp = w_mode == 7 and INT8_DP.get(product or "head", False) and _dp_words(weight) is not None
-    if w_mode == 7 and not dp:
-        w_mode = 6 if x.is_cuda else 5  # the products left to `_gemv_kernel` convert as mode 6 does
-    if weight.dtype == torch.int8 and INT8_PRE.get(product, False) and not dp:
+    if weight.dtype == torch.int8 and INT8_PRE.get(product, False):
         w_mode, pre = 3, True  # the (first) K tile made fp16 before the wait, later ones after it
     cache_args: tuple = (x, x, x, x, x, x, 0)
     heads = kv_heads = d = gap = 1
@@ -649,20 +484,6 @@ def gemv(
     split = _split_k(weight, cfg, k, norm_weight is None and epilogue in (STORE, RESIDUAL))
     part, count = _split_scratch(x.device, n, split, grid) if split > 1 else (x, x)
     pf = _prefetch_args(prefetch, grid * split, x)
-    if dp and split == 1:
-        words = _dp_words(weight)
-        unit = scale if scale is not None else _ones(n, x)
-        _gemv_dp_kernel[(grid,)](
-            x, norm_weight if norm_weight is not None else x, words, unit, bias if bias is not None else x,
-            residual if residual is not None else x, y, n, words.stride(0), eps,
-            *cache_args, K=k, PROLOGUE=PLAIN if norm_weight is None else NORM, EPILOGUE=epilogue,
-            HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PAIR_GAP=gap, H=heads,
-            KV=kv_heads, D=d, PDL=fused.pdl_on(), EARLY=_early_next_tile(weight),
-            EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, ASM=x.is_cuda,
-            VEC=INT8_DP["vector_x"], **pf,
-            num_warps=cfg.num_warps, **fused.launch_options(),
-        )  # fmt: skip
-        return y
     _gemv_kernel[(grid * split,)](
         x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
         bias if bias is not None else x, residual if residual is not None else x, y, n, weight.stride(0), eps,
