@@ -331,11 +331,23 @@ def test_forced_tool_calls_through_the_openai_client(client: openai.OpenAI, mode
     json.loads(call.function.arguments)
     stream = client.chat.completions.create(model=model, messages=messages, tools=tools, tool_choice=named,
                                             max_tokens=60, seed=1, stream=True)  # fmt: skip
-    chunks = list(stream)
-    deltas = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert [d.function.name for d in deltas] == ["weather"] and json.loads(
-        deltas[0].function.arguments
-    ) == args
+    deltas = [tc for c in stream if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    assert deltas[0].function.name == "weather" and all(d.function.name is None for d in deltas[1:])
+    assert len(deltas) > 2 and json.loads("".join(d.function.arguments or "" for d in deltas)) == args
+    # the client's own accumulation of the streamed pieces (its stream helper) gives the same call
+    kw = {
+        "tools": tools,
+        "tool_choice": "required",
+        "parallel_tool_calls": False,
+        "max_tokens": 60,
+        "seed": 2,
+    }
+    with client.chat.completions.stream(model=model, messages=messages, **kw) as helper:
+        final = helper.get_final_completion()
+    (streamed,) = final.choices[0].message.tool_calls
+    assert streamed.function.name == call.function.name  # the arguments as written: the same values
+    assert json.loads(streamed.function.arguments) == json.loads(call.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
     # a conversation that carries the call and its answer back renders and runs
     history = [*messages, {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
                {"role": "tool", "tool_call_id": call.id, "content": '{"temp": 3}'}]  # fmt: skip

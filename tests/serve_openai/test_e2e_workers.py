@@ -135,10 +135,12 @@ def test_stream_interval_sends_the_first_token_then_every_interval(server: Serve
             texts[c.index] = texts.get(c.index, "") + c.text
         for i in range(n):
             assert texts[i] == whole.choices[0].text
-            assert sum(sizes[i]) == 23
-            assert sizes[i][0] == 1  # the first token is never held back
+            assert sum(sizes[i]) == 23, sizes[i]
+            # the first token is never held back for the interval (a slow reader may still get a few merged:
+            # the link merges consecutive deltas by design, as 8f11fc2 found under load)
+            assert sizes[i][0] < INTERVAL, sizes[i]
             assert all(k >= INTERVAL for k in sizes[i][1:-1]), sizes[i]
-            assert len(sizes[i]) <= 2 + 22 // INTERVAL
+            assert len(sizes[i]) <= 2 + 22 // INTERVAL, sizes[i]
 
 
 def test_metrics_sum_over_the_workers(server: ServerProc, model: str) -> None:

@@ -14,7 +14,8 @@ from fastapi.testclient import TestClient
 from inferforge.llm.protocol import EngineOutput, EngineRequest, RequestTiming
 from inferforge.serve.openai.app import create_app
 from inferforge.serve.openai.limits import ServerLimits
-from inferforge.serve.openai.tools import AutoToolStream, hermes_calls
+from inferforge.serve.openai.tool_stream import PartialCall, ToolCallStream, partial_calls
+from inferforge.serve.openai.tools import AutoToolStream, ToolPlan, hermes_calls
 
 from .fake_engine import FakeEngine
 
@@ -67,6 +68,25 @@ class ScriptedEngine(FakeEngine):
                                len(request.prompt_ids), step + 1, timing)  # fmt: skip
 
 
+def _stream(client: TestClient, body: dict) -> list[dict]:
+    text = client.post("/v1/chat/completions", json={**body, "stream": True}).text
+    return [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
+
+
+def accumulate_tool_calls(chunks: list[dict], choice: int = 0) -> list[dict]:
+    """A choice's streamed tool calls put together as OpenAI's client does: by `index`, the id and name
+    from a call's first delta, its arguments concatenated."""
+    calls: dict[int, dict] = {}
+    for c in chunks:
+        for ch in c["choices"]:
+            for tc in ch["delta"].get("tool_calls") or [] if ch["index"] == choice else []:
+                call = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": ""})
+                call["id"] = call["id"] or tc.get("id")
+                call["name"] = call["name"] or tc["function"].get("name")
+                call["arguments"] += tc["function"].get("arguments") or ""
+    return [calls[k] for k in sorted(calls)]
+
+
 BODY = {"model": "fake", "messages": [{"role": "user", "content": "w?"}], "tools": TOOLS, "max_tokens": 200}
 
 
@@ -85,11 +105,14 @@ def test_auto_tool_calls_in_both_response_shapes() -> None:
     assert call["function"]["name"] == "weather" and json.loads(call["function"]["arguments"]) == {
         "city": "Oslo"
     }
-    stream = client.post("/v1/chat/completions", json={**body, "stream": True}).text
-    chunks = [json.loads(b[6:]) for b in stream.split("\n\n") if b.startswith("data: {")]
+    chunks = _stream(client, body)
     content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
-    assert content == "Sure. " and [tc["function"]["name"] for tc in calls] == ["weather"]
+    (streamed,) = accumulate_tool_calls(chunks)
+    assert content == "Sure. " and streamed["name"] == "weather" and streamed["id"].startswith("call_")
+    assert json.loads(streamed["arguments"]) == {"city": "Oslo"}
+    assert (
+        sum(1 for c in chunks if c["choices"] and c["choices"][0]["delta"].get("tool_calls")) > 3
+    )  # piecewise
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
     plain = _client("No tool needed.").post("/v1/chat/completions", json=body).json()["choices"][0]
     assert plain["message"] == {"role": "assistant", "content": "No tool needed.", "refusal": None}
@@ -145,7 +168,68 @@ def test_llama3_json_auto_through_the_app() -> None:
     (choice,) = client.post("/v1/chat/completions", json=body).json()["choices"]
     assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
     assert choice["message"]["tool_calls"][0]["function"]["name"] == "weather"
-    text = client.post("/v1/chat/completions", json={**body, "stream": True}).text
-    chunks = [json.loads(b[6:]) for b in text.split("\n\n") if b.startswith("data: {")]
-    calls = [tc for c in chunks if c["choices"] for tc in c["choices"][0]["delta"].get("tool_calls") or []]
-    assert [tc["function"]["name"] for tc in calls] == ["weather"]
+    (streamed,) = accumulate_tool_calls(_stream(client, body))
+    assert streamed["name"] == "weather" and json.loads(streamed["arguments"]) == {"city": "Oslo"}
+
+
+REQUIRED = '[{"name": "weather", "parameters": {"city": "Oslo, \\"NO\\"", "days": [1, {"a": "}]"}]}}, ' + (
+    '{"name": "clock", "parameters": {}}]'
+)
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5, 13, 1000])
+@pytest.mark.parametrize(
+    ("plan", "text"),
+    [
+        (ToolPlan("weather"), '{"city": "Oslo", "days": 3}'),
+        (ToolPlan(None), REQUIRED),
+        (ToolPlan(None, parser="hermes"), "Sure. " + CALL + "\n" + CALL.replace("Oslo", "Rome")),
+        (ToolPlan(None, parser="llama3_json"), "<|python_tag|>" + LLAMA_CALL + "; " + LLAMA_CALL),
+    ],
+)
+def test_streamed_calls_put_together_equal_the_whole_answer(plan: ToolPlan, text: str, cut: int) -> None:
+    """Fed in pieces of every size, a stream's deltas rebuild exactly the calls that the unstreamed answer
+    gives (names, and arguments that parse to the same values), each call's name in its first delta, and the
+    content before the calls."""
+    stream, content, deltas = ToolCallStream(plan), "", []
+    for i in range(0, len(text), cut):
+        sent, got = stream.feed(text[i : i + cut])
+        content, deltas = content + sent, deltas + got
+    rest, got = stream.finish()
+    content, deltas = content + rest, deltas + got
+    want_content, want = plan.answer(text)
+    chunks = [{"choices": [{"index": 0, "delta": {"tool_calls": [d]}}]} for d in deltas]
+    calls = accumulate_tool_calls(chunks)
+    assert [c["name"] for c in calls] == [w["function"]["name"] for w in want]
+    assert [json.loads(c["arguments"]) for c in calls] == [
+        json.loads(w["function"]["arguments"]) for w in want
+    ]
+    assert all("name" in d["function"] for d in deltas if "id" in d) and len({c["id"] for c in calls}) == len(
+        calls
+    )
+    assert content.strip() == (want_content or "")
+
+
+def test_a_call_streams_its_arguments_before_they_are_complete() -> None:
+    stream = ToolCallStream(ToolPlan(None, parser="hermes"))
+    assert stream.feed('<tool_call>{"na') == ("", [])
+    _, (first,) = stream.feed('me": "weather", "arguments": {"city": "Os')
+    assert first["function"] == {"name": "weather", "arguments": '{"city": "Os'}
+    assert first["type"] == "function"
+    _, (more,) = stream.feed('lo"}}</tool_call>')
+    assert more == {"index": 0, "function": {"arguments": 'lo"}'}}
+
+
+def test_partial_calls_read_strings_and_nesting_as_json_does() -> None:
+    (call,) = partial_calls('{"arguments": {"k": "a \\" } {"}, "name": "f"}')
+    assert call.name == "f" and call.args_done and json.loads(call.args) == {"k": 'a " } {'}
+    (call,) = partial_calls('{"name": "f", "arguments": "{\\"x\\": 1}"}')
+    assert call.args == '{"x": 1}'  # arguments given as a JSON string: the string's text
+    assert partial_calls('{"name": "f') == [PartialCall()] and partial_calls("no calls") == []
+
+
+def test_an_auto_answer_that_names_no_call_ends_as_text() -> None:
+    stream = ToolCallStream(ToolPlan(None, parser="hermes"))
+    sent, deltas = stream.feed("Hi <tool_call>{broken")
+    rest, more = stream.finish()
+    assert (sent + rest, deltas + more, stream.started) == ("Hi <tool_call>{broken", [], False)

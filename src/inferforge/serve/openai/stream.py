@@ -27,7 +27,7 @@ from inferforge.serve.openai.render import (
     envelope,
     join_logprobs,
 )
-from inferforge.serve.openai.tools import AutoToolStream, ToolPlan
+from inferforge.serve.openai.tool_stream import ToolCallStream
 
 DONE = b"data: [DONE]\n\n"
 
@@ -200,19 +200,12 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
             for i in range(ctx.plan.n)
         ]
         yield sse(envelope(rid, "chat.completion.chunk", created, model, roles, usage))
-        tools, held = ctx.plan.tools, [""] * ctx.plan.n
-        autos = None
-        if tools is not None and tools.parser is not None:
-            autos = [AutoToolStream(tools.parser) for _ in range(ctx.plan.n)]
+        tools = ctx.plan.tools
+        calls = [ToolCallStream(tools) for _ in range(ctx.plan.n)] if tools is not None else None
         async for _, out in _outputs(ctx):
-            if autos is not None:  # "auto": text as it comes, a tool call when the choice ends
-                for chunk in _auto_chunks(ctx, autos[out.index], out, frames):
+            if calls is not None:  # tool calls as they are written (`tool_stream`)
+                for chunk in _tool_chunks(ctx, calls[out.index], out, frames):
                     yield chunk
-                continue
-            if tools is not None:  # a forced tool call goes out whole, once it parses
-                held[out.index] += out.new_text
-                if out.finished:
-                    yield _tool_chunk(ctx, tools, out, held[out.index], frames)
                 continue
             content = out.new_text if out.new_text or not out.finished else None
             if ctx.plan.logprobs is None or out.logprobs is None:
@@ -228,32 +221,32 @@ def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
     return _guarded(ctx, body())
 
 
-def _tool_chunk(ctx: StreamCtx, tools: ToolPlan, out: EngineOutput, text: str, frames: _Frames) -> bytes:
-    """A finished choice's forced tool calls (`_calls_chunk`); an answer that does not parse (cut by
-    max_tokens) goes out as the text it is."""
-    _, calls = tools.answer(text) if out.finish_reason == "stop" else (text, None)
-    if calls is None:
-        return frames.chat(out.index, text, out.finish_reason)
-    return _calls_chunk(ctx, out.index, calls, tools.finish_reason)
+def _tool_chunks(ctx: StreamCtx, calls: ToolCallStream, out: EngineOutput, frames: _Frames) -> list[bytes]:
+    """A delta's content and tool-call deltas; at the end of the choice its finish: the plan's ("stop" for a
+    named function, "tool_calls" otherwise) once a call started and the model stopped, the engine's
+    ("length", "abort") if it did not stop; an answer that started no call ends as the text it is."""
+    content, deltas = calls.feed(out.new_text)
+    chunks = [frames.chat(out.index, content, None)] if content else []
+    if deltas:
+        chunks.append(_calls_chunk(ctx, out.index, deltas, None))
+    if not out.finished:
+        return chunks
+    rest, deltas = calls.finish()
+    if deltas:
+        chunks.append(_calls_chunk(ctx, out.index, deltas, None))
+    if not calls.started:
+        return [*chunks, frames.chat(out.index, rest, out.finish_reason)]
+    finish = calls.plan.finish_reason if out.finish_reason == "stop" else out.finish_reason
+    return [*chunks, _calls_chunk(ctx, out.index, [], finish)]
 
 
-def _calls_chunk(ctx: StreamCtx, index: int, calls: list[dict], finish: str) -> bytes:
-    """A choice's tool calls as one delta (OpenAI's stream shape: `tool_calls` with an `index` each)."""
-    delta = {"tool_calls": [{"index": j, **call} for j, call in enumerate(calls)]}
+def _calls_chunk(ctx: StreamCtx, index: int, deltas: list[dict], finish: str | None) -> bytes:
+    """Tool-call deltas of one choice (OpenAI's stream shape: `tool_calls`, each with its call's `index`);
+    none: the choice's finish alone."""
+    delta = {"tool_calls": deltas} if deltas else {}
     choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
     return sse(envelope(ctx.plan.response_id, "chat.completion.chunk", ctx.created, ctx.model, [choice],
                         ctx.chunk_usage()))  # fmt: skip
-
-
-def _auto_chunks(ctx: StreamCtx, auto: AutoToolStream, out: EngineOutput, frames: _Frames) -> list[bytes]:
-    text = auto.feed(out.new_text)
-    if not out.finished:
-        return [frames.chat(out.index, text, None)] if text else []
-    rest, calls = auto.finish()
-    if calls is None or out.finish_reason != "stop":
-        return [frames.chat(out.index, text + rest, out.finish_reason)]
-    chunks = [frames.chat(out.index, text, None)] if text else []
-    return [*chunks, _calls_chunk(ctx, out.index, calls, "tool_calls")]
 
 
 def _prompt_only_chunk(ctx: StreamCtx, idx: int, i: int, out: EngineOutput) -> bytes:

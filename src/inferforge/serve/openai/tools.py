@@ -10,7 +10,7 @@ template (transformers passes them to it), so the model sees what it may call.
 With `serve-llm --tool-call-parser hermes` (vLLM's flag and names) the answer is read for Hermes / Qwen2.5
 `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks, with `llama3_json` for Llama 3.1-3.3's
 `{"name": ..., "parameters": ...}` answers, unconstrained; streamed, text goes out as it comes and the tool
-calls when the choice ends. Without a parser "auto" is a 400 that says which choices work,
+calls as they are written (`tool_stream`). Without a parser "auto" is a 400 that says which choices work,
 rather than text that a client would take for "no tool called". `"none"` renders the tools and generates
 text.
 """
@@ -34,10 +34,13 @@ _PY_TAG = "<|python_tag|>"
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 
 
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def _call(name: str, args: Any) -> dict:
-    arguments = args if isinstance(args, str) else json.dumps(args)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": arguments}}  # fmt: skip
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)  # as vLLM
+    return {"id": new_call_id(), "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def hermes_calls(text: str) -> tuple[str | None, list[dict] | None]:
