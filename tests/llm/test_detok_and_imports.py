@@ -46,3 +46,23 @@ def test_byte_level_fast_path_streams_exactly_what_decode_returns(tiny_llama: Pa
             streamed += piece
         streamed += detok.pop(final=True)
         assert streamed == tok.decode(ids)
+
+
+def test_special_tokens_are_skipped_unless_the_request_keeps_them(tiny_llama: Path) -> None:
+    """`skip_special_tokens=False` (vLLM's parameter) keeps a special token's text, streamed as `decode`
+    gives it, on the byte-level table and on the tokenizer's own path alike."""
+    tok = Tokenizer(tiny_llama)
+    special = sorted(tok.special_bytes)[0]
+    name = tok.special_bytes[special].decode()
+    ids = [*tok.encode("alpha "), special, *tok.encode(" beta")]
+    for table in (tok.byte_table, None):
+        tok.byte_table = table
+        for skip in (True, False):
+            detok = IncrementalDetokenizer(tok, skip_special_tokens=skip)
+            streamed = ""
+            for t in ids:
+                detok.add(t)
+                streamed += detok.pop(final=False)
+            streamed += detok.pop(final=True)
+            assert streamed == tok.decode(ids, skip_special_tokens=skip)
+            assert (name in streamed) is not skip

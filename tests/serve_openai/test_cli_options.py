@@ -61,6 +61,6 @@ def test_a_bad_tool_call_parser_is_refused_naming_the_flag() -> None:
     from inferforge.errors import InferforgeError
     from inferforge.serve.openai.cli import _limits
 
-    assert _limits(tool_call_parser="hermes").tool_call_parser == "hermes"
+    assert _limits(tool_call_parser="mistral").tool_call_parser == "mistral"
     with pytest.raises(InferforgeError, match="--tool-call-parser"):
-        _limits(tool_call_parser="mistral")
+        _limits(tool_call_parser="pythonic")

@@ -125,7 +125,7 @@ def test_auto_without_a_parser_is_refused() -> None:
     assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
     assert "--tool-call-parser hermes" in r.json()["error"]["message"]
     with pytest.raises(ValueError, match="tool_call_parser"):
-        ServerLimits(tool_call_parser="mistral")
+        ServerLimits(tool_call_parser="pythonic")
 
 
 LLAMA_CALL = '{"name": "weather", "parameters": {"city": "Oslo"}}'
@@ -172,6 +172,45 @@ def test_llama3_json_auto_through_the_app() -> None:
     assert streamed["name"] == "weather" and json.loads(streamed["arguments"]) == {"city": "Oslo"}
 
 
+MISTRAL_LIST = (
+    '[TOOL_CALLS][{"name": "weather", "arguments": {"city": "Oslo"}}, {"name": "clock", "arguments": {}}]'
+)
+MISTRAL_ARGS = '[TOOL_CALLS]weather[ARGS]{"city": "Oslo"}[TOOL_CALLS]clock[ARGS]{}'
+
+
+def test_mistral_answers_in_both_tokenizer_generations() -> None:
+    from inferforge.serve.openai.tools import mistral_calls
+
+    for text in ("Sure. " + MISTRAL_LIST, MISTRAL_ARGS):
+        content, calls = mistral_calls(text)
+        assert [c["function"]["name"] for c in calls] == ["weather", "clock"]
+        assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Oslo"}
+        assert content == ("Sure." if text.startswith("Sure") else None)
+    for text in ("no calls", "[TOOL_CALLS][]", '[TOOL_CALLS][{"name": 1', "[TOOL_CALLS]w[ARGS]{oops"):
+        assert mistral_calls(text) == (text, None)
+
+
+def test_the_mistral_parser_keeps_special_tokens_in_the_request() -> None:
+    """[TOOL_CALLS] is a control token, skipped by default: with this parser and tools the engine request
+    keeps special tokens' text (vLLM's parser does the same); other requests keep the client's choice."""
+    from inferforge.serve.openai.convert import plan_chat
+    from inferforge.serve.openai.schemas import ChatCompletionRequest
+
+    engine = ScriptedEngine("x")
+    for parser, tools, asked, kept in (
+        ("mistral", TOOLS, True, True),
+        ("mistral", None, True, False),
+        ("hermes", TOOLS, True, False),
+        (None, None, False, True),
+    ):
+        body = {**BODY, "tools": tools, "skip_special_tokens": asked}
+        if tools is None:
+            body.pop("tools")
+        limits = ServerLimits(max_tokens_cap=256, tool_call_parser=parser)
+        plan = plan_chat(ChatCompletionRequest(**body), engine, limits, "fake")
+        assert plan.requests[0].params.skip_special_tokens is not kept, (parser, tools, asked)
+
+
 REQUIRED = '[{"name": "weather", "parameters": {"city": "Oslo, \\"NO\\"", "days": [1, {"a": "}]"}]}}, ' + (
     '{"name": "clock", "parameters": {}}]'
 )
@@ -185,6 +224,8 @@ REQUIRED = '[{"name": "weather", "parameters": {"city": "Oslo, \\"NO\\"", "days"
         (ToolPlan(None), REQUIRED),
         (ToolPlan(None, parser="hermes"), "Sure. " + CALL + "\n" + CALL.replace("Oslo", "Rome")),
         (ToolPlan(None, parser="llama3_json"), "<|python_tag|>" + LLAMA_CALL + "; " + LLAMA_CALL),
+        (ToolPlan(None, parser="mistral"), "Sure. " + MISTRAL_LIST),
+        (ToolPlan(None, parser="mistral"), MISTRAL_ARGS),
     ],
 )
 def test_streamed_calls_put_together_equal_the_whole_answer(plan: ToolPlan, text: str, cut: int) -> None:

@@ -27,12 +27,14 @@ class Tokenizer:
         self.backend = self.hf.backend_tokenizer
         self.eos_token_id: int | None = self.hf.eos_token_id
         self.byte_table = _byte_table(self.hf)
+        # the text of special tokens, which `byte_table` holds as b"" (skipped, the default)
+        self.special_bytes = {i: self.hf.convert_ids_to_tokens(i).encode() for i in self.hf.all_special_ids}
 
     def encode(self, text: str) -> list[int]:
         return list(self.hf.encode(text))
 
-    def decode(self, ids: list[int]) -> str:
-        return self.backend.decode(ids, skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         """Rendered by transformers in its sandboxed Jinja environment; the template brings its own BOS and
@@ -90,8 +92,10 @@ def _byte_table(hf: Any) -> list[bytes] | None:
 class IncrementalDetokenizer:
     """Output text of one sequence, grown a token at a time, with `pop()` giving only text safe to emit."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...] = ()) -> None:
-        self.tokenizer, self.stop = tokenizer, stop
+    def __init__(
+        self, tokenizer: Tokenizer, stop: tuple[str, ...] = (), skip_special_tokens: bool = True
+    ) -> None:
+        self.tokenizer, self.stop, self.skip_special = tokenizer, stop, skip_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self.emitted = 0
@@ -108,10 +112,13 @@ class IncrementalDetokenizer:
         if table is not None:
             start = len(self.text)
             piece = table[token_id] if 0 <= token_id < len(table) else b""
+            if not piece and not self.skip_special:
+                piece = self.tokenizer.special_bytes.get(token_id, b"")
             self.text += self._utf8.decode(piece)
             return check_stop and len(self.text) > start and self._cut_at_stop(start)
-        prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset])
-        full = self.tokenizer.decode(self.ids[self._prefix_offset :])
+        skip = self.skip_special
+        prefix = self.tokenizer.decode(self.ids[self._prefix_offset : self._read_offset], skip)
+        full = self.tokenizer.decode(self.ids[self._prefix_offset :], skip)
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return False  # an incomplete character; wait for the next byte
         start = len(self.text)

@@ -205,7 +205,11 @@ class LLMEngine:
             if p.seed is not None:
                 gen = torch.Generator(device=self.device)
                 gen.manual_seed(p.seed + i)
-            detok = IncrementalDetokenizer(self.tokenizer, p.stop) if p.detokenize else NO_TEXT
+            detok = (
+                IncrementalDetokenizer(self.tokenizer, p.stop, p.skip_special_tokens)
+                if p.detokenize
+                else NO_TEXT
+            )
             seq = Sequence(state, i, list(request.prompt_ids), detok, gen)
             seq.matcher = matchers[i] if matchers else None
             state.seqs.append(seq)

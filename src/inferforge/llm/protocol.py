@@ -64,6 +64,9 @@ class SamplingParams:
     # vLLM's: every prompt token's logprob (and this many alternatives) on each sequence's first output;
     # None: off. The prompt is then computed whole (no prefix-cache reads).
     prompt_logprobs: int | None = None
+    # vLLM's: False keeps special tokens' text in the output (a parser of a tool-call syntax written with
+    # control tokens, Mistral's `[TOOL_CALLS]`, needs to see them)
+    skip_special_tokens: bool = True
 
     @property
     def needs_history(self) -> bool:

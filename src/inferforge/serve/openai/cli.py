@@ -120,8 +120,9 @@ def serve_llm(
     tool_call_parser: str | None = typer.Option(
         None,
         help="How tool_choice 'auto' reads tool calls from the model's text (as vLLM's flag): hermes "
-        '(<tool_call> JSON blocks: Hermes, Qwen2.5) or llama3_json ({"name", "parameters"} objects: '
-        "Llama 3.1-3.3). Without it 'auto' is refused; 'required' and a named function work either way.",
+        '(<tool_call> JSON blocks: Hermes, Qwen2.5), llama3_json ({"name", "parameters"} objects: '
+        "Llama 3.1-3.3) or mistral ([TOOL_CALLS] and a JSON list, or name[ARGS]{...}: Mistral). Without it "
+        "'auto' is refused; 'required' and a named function work either way.",
     ),
     log_level: str = typer.Option("info", help="uvicorn log level."),
     engine_mode: str = typer.Option(

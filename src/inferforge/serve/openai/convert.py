@@ -21,7 +21,7 @@ from inferforge.serve.openai.schemas import (
     TokenizeRequest,
 )
 from inferforge.serve.openai.structured import structured_output
-from inferforge.serve.openai.tools import ToolPlan, plan_tools
+from inferforge.serve.openai.tools import SPECIAL_TOKEN_PARSERS, ToolPlan, plan_tools
 
 
 @dataclass(frozen=True)
@@ -147,9 +147,11 @@ def _params(
     stop: tuple[str, ...],
     logit_bias: tuple[tuple[int, float], ...] = (),
     structured: StructuredOutput | None = None,
+    keep_special: bool = False,
 ) -> SamplingParams:
     """`structured`: the request's constraint, made once per request by the caller (`structured_output`
-    compiles it)."""
+    compiles it). `keep_special`: special tokens' text stays in the output whatever the request says (a
+    tool-call parser reads them)."""
     if req.min_tokens > max_tokens:
         raise bad_param(
             "min_tokens", f"min_tokens={req.min_tokens} exceeds max_tokens={max_tokens}; lower it."
@@ -172,6 +174,7 @@ def _params(
         frequency_penalty=req.frequency_penalty,
         logit_bias=logit_bias,
         structured=structured,
+        skip_special_tokens=req.skip_special_tokens and not keep_special,
     )
 
 
@@ -341,7 +344,15 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
             EngineRequest(
                 f"{rid}-0",
                 tuple(ids),
-                _params(req, mt, logprobs, stop, bias, tool_spec or structured),
+                _params(
+                    req,
+                    mt,
+                    logprobs,
+                    stop,
+                    bias,
+                    tool_spec or structured,
+                    tool_plan is not None and tool_plan.parser in SPECIAL_TOKEN_PARSERS,
+                ),
                 req.cache_salt,
             ),
         ),

@@ -291,7 +291,7 @@ def _texts_here(request: EngineRequest, tokenizer: Any) -> list[IncrementalDetok
     p = request.params
     if not p.detokenize:
         return None
-    return [IncrementalDetokenizer(tokenizer, p.stop) for _ in range(p.n)]
+    return [IncrementalDetokenizer(tokenizer, p.stop, p.skip_special_tokens) for _ in range(p.n)]
 
 
 def _add_text(out: EngineOutput, detok: IncrementalDetokenizer, min_tokens: int) -> bool:

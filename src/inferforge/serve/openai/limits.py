@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# `serve-llm --tool-call-parser` names (vLLM's); `tools.TOOL_CALL_PARSERS` reads each
+TOOL_CALL_PARSER_NAMES = ("hermes", "llama3_json", "mistral")
+
 
 @dataclass(frozen=True)
 class ServerLimits:
@@ -41,9 +44,10 @@ class ServerLimits:
             raise ValueError(
                 f"ServerLimits.max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}"
             )
-        if self.tool_call_parser is not None and self.tool_call_parser not in ("hermes", "llama3_json"):
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSER_NAMES:
             raise ValueError(
-                f"ServerLimits.tool_call_parser must be hermes or None, got {self.tool_call_parser!r}"
+                f"ServerLimits.tool_call_parser must be one of {', '.join(TOOL_CALL_PARSER_NAMES)} or None, "
+                f"got {self.tool_call_parser!r}"
             )
         if self.max_body_bytes < 1024:
             raise ValueError(f"ServerLimits.max_body_bytes must be >= 1024, got {self.max_body_bytes}")

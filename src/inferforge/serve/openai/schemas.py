@@ -45,6 +45,7 @@ class _SamplingFields(_Open):
     min_tokens: NonNegInt = 0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
     ignore_eos: bool = False
+    skip_special_tokens: bool = True
     stop_token_ids: list[NonNegInt] | None = None
     cache_salt: Annotated[str, Field(min_length=1, max_length=1024)] | None = None
     # structured outputs (`serve/openai/structured.py`): OpenAI's, vLLM's, vLLM's older spellings

@@ -15,7 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from inferforge.serve.openai.tools import _OPEN, _PY_TAG, AutoToolStream, ToolPlan, new_call_id
+from inferforge.serve.openai.tools import (
+    _ARGS,
+    _MISTRAL,
+    _OPEN,
+    _PY_TAG,
+    AutoToolStream,
+    ToolPlan,
+    new_call_id,
+)
 
 _ARG_KEYS = ("arguments", "parameters")
 _CLOSE = "</tool_call>"
@@ -105,6 +113,34 @@ def _hermes_bodies(held: str) -> str:
     return "\n".join(parts)
 
 
+def _mistral_calls(held: str) -> list[PartialCall]:
+    """Mistral's calls in `held` (text from the first `[TOOL_CALLS]` on): `name[ARGS]{...}` per call, or
+    one JSON list of call objects."""
+    parts = held.split(_MISTRAL)[1:]
+    if not any(_ARGS in p for p in parts):
+        return partial_calls(parts[0] if parts else "", call_depth=2)
+    calls = []
+    for part in parts:
+        name, found, args = part.partition(_ARGS)
+        if not found:
+            break  # the name may not be complete yet
+        calls.append(PartialCall(name.strip(), *_json_prefix(args)))
+    return calls
+
+
+def _json_prefix(text: str) -> tuple[str, bool]:
+    """(the JSON value at the start of `text` as far as it is written, whether it is complete): a complete
+    value ends where it ends; an incomplete one keeps back a tail that may be the start of the next call's
+    tag (text fed in pieces smaller than the tag's token)."""
+    body = text.lstrip()
+    try:
+        _, end = json.JSONDecoder().raw_decode(body)
+        return body[:end], True
+    except ValueError:
+        keep = next((k for k in range(len(_MISTRAL) - 1, 0, -1) if body.endswith(_MISTRAL[:k])), 0)
+        return body[: len(body) - keep], False
+
+
 class ToolCallStream:
     """One streamed choice under a tool plan: `feed` each text delta, then `finish`. Each returns (content to
     send, tool-call deltas in OpenAI's stream shape)."""
@@ -130,6 +166,8 @@ class ToolCallStream:
         held = self.auto.pending
         if self.plan.parser == "hermes":
             return partial_calls(_hermes_bodies(held))
+        if self.plan.parser == "mistral":
+            return _mistral_calls(held)
         body = held.lstrip()
         return partial_calls(body[len(_PY_TAG) :] if body.startswith(_PY_TAG) else body)
 

@@ -9,10 +9,10 @@ template (transformers passes them to it), so the model sees what it may call.
 `"auto"` (OpenAI's default when tools are given) needs a parser of the model's own tool-call syntax.
 With `serve-llm --tool-call-parser hermes` (vLLM's flag and names) the answer is read for Hermes / Qwen2.5
 `<tool_call>{"name": ..., "arguments": ...}</tool_call>` blocks, with `llama3_json` for Llama 3.1-3.3's
-`{"name": ..., "parameters": ...}` answers, unconstrained; streamed, text goes out as it comes and the tool
-calls as they are written (`tool_stream`). Without a parser "auto" is a 400 that says which choices work,
-rather than text that a client would take for "no tool called". `"none"` renders the tools and generates
-text.
+`{"name": ..., "parameters": ...}` answers, with `mistral` for Mistral's `[TOOL_CALLS]`, unconstrained;
+streamed, text goes out as it comes and the tool calls as they are written (`tool_stream`). Without a
+parser "auto" is a 400 that says which choices work, rather than text that a client would take for "no tool
+called". `"none"` renders the tools and generates text.
 """
 
 from __future__ import annotations
@@ -83,8 +83,37 @@ def llama3_json_calls(text: str) -> tuple[str | None, list[dict] | None]:
     return None, calls
 
 
+_MISTRAL, _ARGS = "[TOOL_CALLS]", "[ARGS]"
+
+
+def mistral_calls(text: str) -> tuple[str | None, list[dict] | None]:
+    """(content, calls) of a Mistral answer: text, then `[TOOL_CALLS]` and a JSON list of `{"name": ...,
+    "arguments": {...}}` (v0.3 tokenizers), or `[TOOL_CALLS]name[ARGS]{...}` per call (tokenizers v11 and
+    later). `[TOOL_CALLS]` is a control token: the server keeps special tokens' text for this parser. An
+    answer whose calls do not all parse is text."""
+    if _MISTRAL not in text:
+        return text, None
+    content, _, rest = text.partition(_MISTRAL)
+    calls = []
+    try:
+        if _ARGS in rest:
+            for part in text.split(_MISTRAL)[1:]:
+                name, _, args = part.partition(_ARGS)
+                calls.append(_call(name.strip(), json.loads(args)))
+        else:
+            for obj in json.loads(rest):
+                calls.append(_call(obj["name"], obj.get("arguments", {})))
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return text, None
+    if not calls:
+        return text, None
+    return content.strip() or None, calls
+
+
 # `--tool-call-parser` names (vLLM's) and how each reads a finished answer
-TOOL_CALL_PARSERS = {"hermes": hermes_calls, "llama3_json": llama3_json_calls}
+TOOL_CALL_PARSERS = {"hermes": hermes_calls, "llama3_json": llama3_json_calls, "mistral": mistral_calls}
+# parsers of a syntax written with control tokens: their requests keep special tokens' text
+SPECIAL_TOKEN_PARSERS = ("mistral",)
 
 
 @dataclass(frozen=True)
@@ -116,14 +145,15 @@ class ToolPlan:
 class AutoToolStream:
     """One streamed choice under "auto": text goes out as it comes, except what may be the start of a tool
     call (held until it cannot be) and everything from one on (held to the end, then sent as tool calls, or
-    as text if it does not parse). Hermes calls may start anywhere (`<tool_call>`); Llama 3's only at the
-    answer's start (`{` or `<|python_tag|>`)."""
+    as text if it does not parse). Hermes and Mistral calls may start anywhere (`<tool_call>`,
+    `[TOOL_CALLS]`); Llama 3's only at the answer's start (`{` or `<|python_tag|>`)."""
 
     def __init__(self, parser: str = "hermes") -> None:
         self.parser = parser
         self.pending = ""  # text not yet sent
         self.calling = False  # a call has started: the rest is held
         self.plain = False  # (llama3_json) the answer started as text: no call can follow
+        self.tag = _MISTRAL if parser == "mistral" else _OPEN  # where a call may start, anywhere in the text
 
     def feed(self, delta: str) -> str:
         """The part of the text so far that may go out now."""
@@ -132,11 +162,12 @@ class AutoToolStream:
             return ""
         if self.parser == "llama3_json":
             return self._feed_json()
-        at = self.pending.find(_OPEN)
+        tag = self.tag
+        at = self.pending.find(tag)
         if at >= 0:
             out, self.pending, self.calling = self.pending[:at], self.pending[at:], True
             return out
-        keep = next((k for k in range(len(_OPEN) - 1, 0, -1) if self.pending.endswith(_OPEN[:k])), 0)
+        keep = next((k for k in range(len(tag) - 1, 0, -1) if self.pending.endswith(tag[:k])), 0)
         cut = len(self.pending) - keep
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out
