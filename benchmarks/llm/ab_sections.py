@@ -823,3 +823,19 @@ def load_graph_buckets_ab(folder: Path, reps: int = 3) -> None:
         for name, buckets in (("to 2048", to_2048), ("+4096,8192", (*to_2048, 4096, 8192))):
             out = load_test(folder, None, 8192, prefill_graph_tokens=buckets)
             RESULTS[f"loadgraph {name} rep{rep}"] = out
+
+
+def argmax_ab(folder: Path, reps: int = 2) -> None:
+    """Greedy's argmax in one Triton launch (`sampler.ONE_LAUNCH_ARGMAX`, on) against the five torch
+    launches, bf16 and int8, batch 1 by the engine loop (the graph is the same), `reps` rounds in turn."""
+    from inferforge.llm import sampler
+
+    try:
+        for rep in range(reps):
+            for quant in (None, "int8"):
+                for on in (False, True):
+                    sampler.ONE_LAUNCH_ARGMAX["on"] = on
+                    name = f"argmax {quant or 'bf16'} {'one launch' if on else 'torch'} rep{rep}"
+                    RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
+    finally:
+        sampler.ONE_LAUNCH_ARGMAX["on"] = True

@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import bench_parts
 from ab_sections import (
+    argmax_ab,
     attn64_ab,
     attn64_tiles_ab,
     batch1_ab,
@@ -179,6 +180,7 @@ def main() -> None:
         ("int8mixedab", lambda: int8_mixed_ab(folder)),
         ("obf16ab", lambda: o_bf16_ab(folder)),
         ("int8preab", lambda: int8_pre_ab(folder)),
+        ("argmaxab", lambda: argmax_ab(folder)),
         ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),
         ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),

@@ -5,9 +5,11 @@
 The bf16 loop makes ~1,031 tok/s (970 us a token) where the graph alone replays in ~946 us: ~24 us a step
 go to what runs outside the graph (the inputs' host-to-device copy, the carried token, the sampler, the
 token's copy back) and to the gaps between them. One greedy batch-1 request decodes; `torch.profiler`
-records every kernel and copy of `--steps` steps; a step is cut at each graph's first kernel (the
-embedding). Printed and written (loop_gap_probe.json under $OUT): the mean step period, the graph's span,
-each outside operation's mean time, and the device's idle time between consecutive operations, by the pair.
+records every kernel and copy of `--steps` steps; a step runs from one token's copy back to the next (the
+graph: the 82 kernels ending with the LM head). Printed and written (loop_gap_probe.json under $OUT): the
+mean step period, the graph's span, each outside operation's mean time, and the device's idle time between
+consecutive operations, by the pair. `--argmax torch` times the sampler's five-launch argmax (T5) instead
+of the one-launch kernel (`sampler.ONE_LAUNCH_ARGMAX`).
 """
 
 from __future__ import annotations
@@ -52,23 +54,25 @@ def probe(quant: str | None, steps: int) -> dict:
             eng.step()
         torch.cuda.synchronize()
     events = _events(prof)
-    first = events[0][2]  # the embedding: each graph's first kernel
-    starts = [i for i, e in enumerate(events) if e[2] == first]
+    ends = [i for i, e in enumerate(events) if e[2].startswith("Memcpy DtoH")]  # a step's token read back
     periods, spans, outside, gaps = [], [], {}, {}
-    for a, b in itertools.pairwise(starts[1:]):  # the first step may hold the profiler's start
-        step = events[a:b]
-        graph = step[:GRAPH_KERNELS]  # the 1.2B batch-1 chain: embedding, 16 x 5 kernels, the LM head
-        periods.append(events[b][0] - events[a][0])
+    for a, b in itertools.pairwise(ends[1:]):  # the first step may hold the profiler's start
+        step = events[a + 1 : b + 1]
+        last = max(i for i, e in enumerate(step) if "gemv" in e[2])  # the LM head ends the graph
+        lo = last + 1 - GRAPH_KERNELS  # the 1.2B batch-1 chain: embedding, 16 x 5 kernels, the LM head
+        graph, rest = step[lo : last + 1], step[:lo] + step[last + 1 :]
+        periods.append(events[b][1] - events[a][1])
         spans.append(graph[-1][1] - graph[0][0])
-        for e in step[GRAPH_KERNELS:]:
+        for e in rest:
             outside.setdefault(e[2][:50], []).append(e[1] - e[0])
-        tail = [graph[-1], *step[GRAPH_KERNELS:], events[b]]
-        for x, y in itertools.pairwise(tail):
-            gaps.setdefault(f"{x[2][:30]} -> {y[2][:30]}", []).append(max(0.0, y[0] - x[1]))
+        ops = [events[a], *step[:lo], graph[0], graph[-1], *step[last + 1 :]]
+        for x, y in itertools.pairwise(ops):
+            if x is not graph[0]:
+                gaps.setdefault(f"{x[2][:30]} -> {y[2][:30]}", []).append(max(0.0, y[0] - x[1]))
     res = {
         "quant": quant or "bf16",
         "steps_profiled": len(periods),
-        "operations_a_step": round(statistics.mean(b - a for a, b in itertools.pairwise(starts))),
+        "operations_a_step": round(statistics.mean(b - a for a, b in itertools.pairwise(ends))),
         "period_us": statistics.median(periods),
         "graph_span_us": statistics.median(spans),
         "outside_us": {k: round(statistics.mean(v), 2) for k, v in outside.items()},
@@ -86,8 +90,13 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quant", default=None)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--argmax", choices=["one", "torch"], default="one")
     a = ap.parse_args()
-    write_json("loop_gap_probe.json", probe(a.quant, a.steps))
+    from inferforge.llm import sampler
+
+    sampler.ONE_LAUNCH_ARGMAX["on"] = a.argmax == "one"
+    res = probe(a.quant, a.steps) | {"argmax": a.argmax}
+    write_json(f"loop_gap_probe-{res['quant']}-{a.argmax}.json", res)
 
 
 if __name__ == "__main__":

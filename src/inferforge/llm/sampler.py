@@ -195,12 +195,20 @@ def _random_choice(logits: torch.Tensor, prep: PreparedBatch) -> torch.Tensor:
     return order.gather(1, choice[:, None]).squeeze(1)
 
 
+# Greedy's argmax in one Triton launch on CUDA (`argmax.py`); off: the five torch launches below.
+ONE_LAUNCH_ARGMAX = {"on": True}
+
+
 def argmax_rows(x: torch.Tensor, chunks: int = 64) -> torch.Tensor:
     """argmax over the last dim, ties to the first index like `torch.argmax`, in two passes when there are
     few rows: one row of a 128k vocabulary is a single-block reduction on the GPU (27 us on the H100 at
     batch 1, profiled), while 64 chunks reduce in parallel and a second pass picks the first chunk holding the
-    maximum."""
+    maximum. On CUDA both passes are one launch (`argmax.argmax_last`; five here)."""
     rows, width = x.shape
+    if x.is_cuda and ONE_LAUNCH_ARGMAX["on"] and x.stride(-1) == 1:
+        from inferforge.llm.argmax import argmax_last
+
+        return argmax_last(x)
     if rows * chunks > 4096 or width < 16 * chunks:
         return x.argmax(dim=-1)
     size = -(-width // chunks)
