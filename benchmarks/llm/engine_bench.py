@@ -15,9 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Clock, cuda_time, free
 
+from inferforge.heap import refreeze
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
-from inferforge.serve.heap import refreeze
 
 T0 = time.perf_counter()
 RESULTS: dict = {}  # bench_decode.main adds the device and torch version

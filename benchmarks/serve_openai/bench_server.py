@@ -115,9 +115,9 @@ def sync_waves(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
     import torch
 
+    from inferforge.heap import refreeze
     from inferforge.llm.engine import EngineConfig, LLMEngine
     from inferforge.llm.protocol import EngineRequest, SamplingParams
-    from inferforge.serve.heap import refreeze
 
     eng = LLMEngine(Path(a.model_dir), EngineConfig(**engine_flags(a)))
     refreeze()
@@ -167,7 +167,7 @@ def engine_mode(a: argparse.Namespace) -> None:
 
     sync, sync_loops = sync_waves(a) if a.waves else ([], [])
     eng = AsyncLLMEngine.from_pretrained(a.model_dir, **engine_flags(a))
-    from inferforge.serve.heap import refreeze
+    from inferforge.heap import refreeze
 
     refreeze()  # as the server's engine process does once loaded: the same engine on both sides
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from inferforge.errors import InferforgeError, NotApplicable
+from inferforge.heap import refreeze
 from inferforge.llm.detok import NO_TEXT, IncrementalDetokenizer, Tokenizer
 from inferforge.llm.engine_config import EngineConfig
 from inferforge.llm.kernels import choose_kernels
@@ -178,6 +179,8 @@ class LLMEngine:
         )
         self._spec_arrays = TokenArrays()
         self.spec_draft_tokens = self.spec_accepted_tokens = 0
+        if config.freeze_gc_heap:
+            refreeze()
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, config: EngineConfig | None = None) -> LLMEngine:

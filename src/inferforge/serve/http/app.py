@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import inferforge
+from inferforge.heap import refreeze
 from inferforge.serve.engine import (
     Engine,
     InvalidRequest,
@@ -26,7 +27,6 @@ from inferforge.serve.engine import (
     ServeError,
     ShuttingDown,
 )
-from inferforge.serve.heap import refreeze
 from inferforge.serve.http import errors
 from inferforge.serve.http.infer import V2App
 from inferforge.serve.metrics import ServeMetrics

@@ -16,8 +16,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferforge.errors import InferforgeError
+from inferforge.heap import refreeze
 from inferforge.llm.protocol import EngineClient, EngineOutput, EngineStats
-from inferforge.serve.heap import refreeze
 from inferforge.serve.openai.convert import Plan, detokenize, plan_chat, plan_completion, tokenize
 from inferforge.serve.openai.engine_io import Tracker, run_requests
 from inferforge.serve.openai.errors import APIError, error_body

@@ -23,8 +23,8 @@ from multiprocessing.connection import Listener, wait
 from pathlib import Path
 from typing import Any
 
+from inferforge.heap import refreeze
 from inferforge.llm.protocol import EngineOutput, EngineStats
-from inferforge.serve.heap import refreeze
 from inferforge.serve.openai.engine_link import (
     EngineClosedError,
     EngineLink,

@@ -1,4 +1,5 @@
-"""The cyclic garbage collector and a long-lived serving process."""
+"""The cyclic garbage collector and long-lived processes: the servers, and the LLM engine once loaded
+(`EngineConfig.freeze_gc_heap`)."""
 
 from __future__ import annotations
 
