@@ -65,9 +65,10 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None, split: i
         BLOCK_K=cfg.block_k, W_MODE=gemv.INT8_MODE["mode"] if int8 else 0,
         PAIR_GAP=32 if epilogue == 2 else n // 2, H=32, KV=8, D=64, PDL=1, PRE=False,
         EARLY=gemv.EARLY_NEXT_TILE["int8" if int8 else "bf16"], EARLY_RES=True,
-        SPLIT=split if name in ("down", "o") and (k // cfg.block_k) % split == 0 else 1,
+        SPLIT=split if name in ("down", "o") and (k // cfg.block_k) % split == 0 else 1, PF_RANGES=0,
     )  # fmt: skip
     sig = {**_signature("*i8" if int8 else "*bf16"), **dict.fromkeys(consts, "constexpr")}
+    sig.update(PF0="i64", PF0_END="i64", PF1="i64", PF1_END="i64", PF_CHUNK="i32")  # `prefetch`, unused
     return _compile(gemv._gemv_kernel, sig, consts, cfg, name, consts["SPLIT"])
 
 
