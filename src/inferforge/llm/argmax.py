@@ -16,7 +16,7 @@ import triton.language as tl
 
 CHUNK = 2048  # a row's elements a program
 _BIG = 2**31 - 1
-_SCRATCH: dict[tuple[torch.device, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_SCRATCH: dict[tuple[torch.device, int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 @triton.jit
@@ -45,7 +45,10 @@ def _argmax_kernel(X, VALS, IDX, CNT, OUT, width, stride, CHUNK: tl.constexpr, C
 
 
 def _scratch(device: torch.device, rows: int, chunks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    key = (device, rows, chunks)
+    """Partials and arrival counters per (device, stream, shape): calls on one stream run one after another,
+    so they can share them; two streams (two engines' threads) get their own."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device, stream, rows, chunks)
     if key not in _SCRATCH:
         vals = torch.empty(rows * chunks, dtype=torch.float32, device=device)
         idx = torch.empty(rows * chunks, dtype=torch.int32, device=device)
@@ -54,9 +57,7 @@ def _scratch(device: torch.device, rows: int, chunks: int) -> tuple[torch.Tensor
 
 
 def argmax_last(x: torch.Tensor) -> torch.Tensor:
-    """torch.argmax(x, dim=-1) of a 2-D float tensor whose rows are contiguous: int64 [rows]. The arrival
-    counters are shared by calls of one shape on a device, so calls on one device must not run concurrently
-    (the engine samples on one stream)."""
+    """torch.argmax(x, dim=-1) of a 2-D float tensor whose rows are contiguous: int64 [rows]."""
     rows, width = x.shape
     if x.stride(-1) != 1 or width >= _BIG:
         raise ValueError(f"argmax_last needs contiguous rows of under 2^31 elements, got {tuple(x.shape)}")
