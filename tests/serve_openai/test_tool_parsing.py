@@ -274,3 +274,9 @@ def test_an_auto_answer_that_names_no_call_ends_as_text() -> None:
     sent, deltas = stream.feed("Hi <tool_call>{broken")
     rest, more = stream.finish()
     assert (sent + rest, deltas + more, stream.started) == ("Hi <tool_call>{broken", [], False)
+
+
+def test_a_required_answer_cut_before_its_first_name_ends_as_its_text() -> None:
+    stream = ToolCallStream(ToolPlan(None))
+    assert stream.feed('[{"name": "wea') == ("", [])
+    assert stream.finish() == ('[{"name": "wea', []) and not stream.started

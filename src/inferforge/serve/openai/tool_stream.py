@@ -199,9 +199,11 @@ class ToolCallStream:
         return content, self._deltas()
 
     def finish(self) -> tuple[str, list[dict]]:
-        """What is left: an "auto" answer that started no call gives its held text back as content."""
+        """What is left. An answer that started no call gives its text back as content, as unstreamed: an
+        "auto" answer its held text, a "required" one cut before its first name the text it has."""
         deltas = self._deltas()
-        if self.auto is not None and not self.started:
-            rest, _ = self.auto.finish()
-            return rest, []
-        return "", deltas
+        if self.started:
+            return "", deltas
+        if self.auto is not None:
+            return self.auto.finish()[0], []
+        return self.text, []
