@@ -15,7 +15,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from common import Clock, cuda_time, free
 
-from inferforge.heap import refreeze
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
 
@@ -110,7 +109,6 @@ def load_test(folder: Path, quant: str | None, batched_tokens: int = 2048, **kno
     eng = bench_engine(folder, quant, **config)
     g = torch.Generator().manual_seed(0)
     out = {}
-    refreeze()  # as the server's engine process does once loaded (a full collection stalled a step ~0.1 s)
     for rep in range(2):  # the first round warms up prefill shapes
         params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
         for i in range(64):

@@ -115,12 +115,10 @@ def sync_waves(a: argparse.Namespace) -> tuple[list[dict], list[dict]]:
 
     import torch
 
-    from inferforge.heap import refreeze
     from inferforge.llm.engine import EngineConfig, LLMEngine
     from inferforge.llm.protocol import EngineRequest, SamplingParams
 
-    eng = LLMEngine(Path(a.model_dir), EngineConfig(**engine_flags(a)))
-    refreeze()
+    eng = LLMEngine(Path(a.model_dir), EngineConfig(**engine_flags(a)))  # its heap frozen once loaded
     params = SamplingParams(max_tokens=a.gen, temperature=0.0, ignore_eos=True)
     out = []
     for w in range(a.waves + 1):
@@ -166,10 +164,7 @@ def engine_mode(a: argparse.Namespace) -> None:
     from inferforge.llm.async_engine import AsyncLLMEngine
 
     sync, sync_loops = sync_waves(a) if a.waves else ([], [])
-    eng = AsyncLLMEngine.from_pretrained(a.model_dir, **engine_flags(a))
-    from inferforge.heap import refreeze
-
-    refreeze()  # as the server's engine process does once loaded: the same engine on both sides
+    eng = AsyncLLMEngine.from_pretrained(a.model_dir, **engine_flags(a))  # its heap frozen once loaded
 
     async def main() -> dict:
         res: dict = {"sync_waves": sync, "sync_closed_loop": sync_loops}

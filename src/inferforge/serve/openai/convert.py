@@ -338,26 +338,7 @@ def plan_chat(req: ChatCompletionRequest, engine: EngineClient, limits: ServerLi
     mt = _max_tokens(requested, limits.max_tokens_cap, len(ids), engine, limits, param)
     logprobs = (req.top_logprobs or 0) if req.logprobs else None
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    return Plan(
-        rid,
-        (
-            EngineRequest(
-                f"{rid}-0",
-                tuple(ids),
-                _params(
-                    req,
-                    mt,
-                    logprobs,
-                    stop,
-                    bias,
-                    tool_spec or structured,
-                    tool_plan is not None and tool_plan.parser in SPECIAL_TOKEN_PARSERS,
-                ),
-                req.cache_salt,
-            ),
-        ),
-        ("",),
-        req.n,
-        logprobs,
-        tool_plan,
-    )
+    keep_special = tool_plan is not None and tool_plan.parser in SPECIAL_TOKEN_PARSERS
+    params = _params(req, mt, logprobs, stop, bias, tool_spec or structured, keep_special)
+    request = EngineRequest(f"{rid}-0", tuple(ids), params, req.cache_salt)
+    return Plan(rid, (request,), ("",), req.n, logprobs, tool_plan)

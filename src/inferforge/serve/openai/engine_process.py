@@ -23,7 +23,6 @@ from multiprocessing.connection import Listener, wait
 from pathlib import Path
 from typing import Any
 
-from inferforge.heap import refreeze
 from inferforge.llm.protocol import EngineOutput, EngineStats
 from inferforge.serve.openai.engine_link import (
     EngineClosedError,
@@ -247,9 +246,9 @@ def _child_main(conn: Any, folder: str, config: dict[str, Any], listen: tuple[st
     except Exception as exc:
         conn.send(("error", type(exc).__name__, str(exc)))
         return
-    # Frameworks, model and graphs stay alive for the process's life: out of the collector's full scans, each
-    # of which walked ~400k objects (151 ms on the CPU box) and stalled a step when it came.
-    refreeze()
+    # Frameworks, model and graphs stay alive for the process's life: the engine has frozen them out of the
+    # collector's full scans (`EngineConfig.freeze_gc_heap`), each of which walked ~400k objects (151 ms on
+    # the CPU box) and stalled a step when it came.
     print(f"inferforge engine process {os.getpid()}: {eng.kernel_summary()}", file=sys.stderr, flush=True)
     hello = ("ready", eng.max_model_len, eng.model.cfg.vocab_size, eng.stats())
     conn.send(hello)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from inferforge.serve.openai.tools import (
     _ARGS,
+    _CLOSE,
     _MISTRAL,
     _OPEN,
     _PY_TAG,
@@ -26,7 +27,6 @@ from inferforge.serve.openai.tools import (
 )
 
 _ARG_KEYS = ("arguments", "parameters")
-_CLOSE = "</tool_call>"
 
 
 @dataclass
