@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inferforge.errors import InferforgeError
@@ -58,28 +58,73 @@ def engine_error(exc: BaseException) -> APIError | None:
     return None
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        msg = await request.receive()
-        if msg["type"] == "http.disconnect":
-            return
+class DisconnectWatch:
+    """Cancel the current task when the client disconnects: one plain task reading `receive`.
+
+    Why not `asyncio.wait` on two tasks, or Starlette's `StreamingResponse`: on uvicorn (ASGI 2.3) the latter
+    runs every stream in an anyio task group with a second task, and cancelling its scope formats the task's
+    repr; per request that framework work is most of an HTTP worker's CPU, and a wave of requests reaches
+    the engine only as fast as the workers get through it. `stop()` before the task moves on."""
+
+    def __init__(self, receive: Any) -> None:
+        self.left = False
+        self._task = asyncio.current_task()
+        self._active = True
+        self._watcher = asyncio.get_running_loop().create_task(self._listen(receive))
+
+    async def _listen(self, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if self._active and self._task is not None:
+            self.left = True
+            self._task.cancel()
+
+    def stop(self) -> None:
+        self._active = False
+        self._watcher.cancel()
+        if self.left and self._task is not None:
+            self._task.uncancel()  # the cancellation was ours and has been handled
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work` unless the client leaves first; then cancel it (its cleanup aborts the engine request)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    watch = DisconnectWatch(request.receive)
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            return task.result()
-        raise ClientGone()
+        return await work
+    except asyncio.CancelledError:
+        if watch.left:
+            raise ClientGone() from None
+        raise
     finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
+        watch.stop()
+
+
+class SSEResponse(Response):
+    """A server-sent event stream that ends, closing its body (which aborts the engine request), when the
+    client disconnects (`DisconnectWatch`)."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+        self.body_iterator = body
+        self.status_code = 200
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        watch = DisconnectWatch(receive)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.body_iterator:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not watch.left:
+                raise
+        finally:
+            watch.stop()
             with anyio.CancelScope(shield=True):
-                await asyncio.gather(task, return_exceptions=True)
+                await self.body_iterator.aclose()
 
 
 def timing_headers(tracker: Tracker) -> dict[str, str]:
@@ -210,7 +255,7 @@ class OpenAIServer:
                 body = chat_stream(ctx) if chat else completion_stream(ctx)
                 self.metrics.requests.labels(route, "200").inc()
                 headers = {**SSE_HEADERS, **timing_headers(tracker)}
-                return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+                return SSEResponse(body, headers)
             acc = await until_disconnect(request, self._collect(plan, tracker))
         except ClientGone:
             self.finish(tracker, plan)

@@ -99,7 +99,7 @@ async def _every(
         yield idx, out
 
 
-async def _guarded(ctx: StreamCtx, body: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _guarded(ctx: StreamCtx, body: AsyncIterator[bytes]) -> AsyncGenerator[bytes, None]:
     """Frame the route's chunks: errors mid-stream become an error event; always close the engine side."""
     try:
         async for chunk in body:
@@ -152,7 +152,7 @@ class _Frames:
         return (self.head + body + self._tail()).encode()
 
 
-def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
+def completion_stream(ctx: StreamCtx) -> AsyncGenerator[bytes, None]:
     async def body() -> AsyncIterator[bytes]:
         n, plan = ctx.plan.n, ctx.plan
         offsets: dict[int, int] = {}
@@ -183,7 +183,7 @@ def completion_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
     return _guarded(ctx, body())
 
 
-def chat_stream(ctx: StreamCtx) -> AsyncIterator[bytes]:
+def chat_stream(ctx: StreamCtx) -> AsyncGenerator[bytes, None]:
     async def body() -> AsyncIterator[bytes]:
         usage = ctx.chunk_usage()
         if isinstance(usage, dict):  # the role chunk comes before any token
