@@ -63,8 +63,9 @@ class DisconnectWatch:
 
     Why not `asyncio.wait` on two tasks, or Starlette's `StreamingResponse`: on uvicorn (ASGI 2.3) the latter
     runs every stream in an anyio task group with a second task, and cancelling its scope formats the task's
-    repr; per request that framework work is most of an HTTP worker's CPU, and a wave of requests reaches
-    the engine only as fast as the workers get through it. `stop()` before the task moves on."""
+    repr: about a third of an HTTP worker's busy time per streamed request on the CPU box (py-spy), and a
+    wave of requests reaches the engine only as fast as the workers get through them. `stop()` it before the
+    task moves on."""
 
     def __init__(self, receive: Any) -> None:
         self.left = False
