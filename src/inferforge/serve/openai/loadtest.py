@@ -50,6 +50,8 @@ class Sample:
     itl: list[float] = field(default_factory=list)
     tokens: int = 0
     error: str = ""
+    ended_at: float = 0.0
+    """Unix time of the answer's last line: when the client had all of it (not counting its own teardown)."""
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
@@ -114,7 +116,7 @@ async def _one(client: Any, cfg: LoadTestConfig, model: str, row: dict[str, Any]
                 else:
                     s.itl.append(now - last)
                 last = now
-    s.ok = True
+    s.ok, s.ended_at = True, time.time()
     return s
 
 
