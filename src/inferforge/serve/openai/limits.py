@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# `serve-llm --tool-call-parser` names (vLLM's); `tools.TOOL_CALL_PARSERS` reads each
-TOOL_CALL_PARSER_NAMES = ("hermes", "llama3_json", "mistral")
+from inferforge.serve.openai.tools import TOOL_CALL_PARSERS
 
 
 @dataclass(frozen=True)
@@ -44,9 +43,9 @@ class ServerLimits:
             raise ValueError(
                 f"ServerLimits.max_prompt_tokens must be >= 1 or None, got {self.max_prompt_tokens}"
             )
-        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSER_NAMES:
+        if self.tool_call_parser is not None and self.tool_call_parser not in TOOL_CALL_PARSERS:
             raise ValueError(
-                f"ServerLimits.tool_call_parser must be one of {', '.join(TOOL_CALL_PARSER_NAMES)} or None, "
+                f"ServerLimits.tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)} or None, "
                 f"got {self.tool_call_parser!r}"
             )
         if self.max_body_bytes < 1024:
