@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,11 @@ def client_proc(args: tuple[str, int, int, int, list[tuple[int, ...]], float]) -
     }
 
 
-def _client_init() -> None:
+def _client_init(nice: int = 0, cpus: set[int] | None = None) -> None:
+    if nice:
+        os.nice(nice)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
     import httpx  # noqa: F401
 
     import inferforge.serve.openai.loadtest  # noqa: F401
@@ -309,8 +314,9 @@ def server_ttft(url: str, rows: list[tuple[int, ...]], model: str) -> tuple[list
 
 
 def start_server(
-    a: argparse.Namespace, log: Path, mode: str, switch_ms: float, workers: int = 1, interval: int = 1
+    a: argparse.Namespace, log: Path, v: Variant, cpus: set[int] | None = None
 ) -> tuple[subprocess.Popen, str]:
+    """serve-llm in a child process (on `cpus` only, with its own children, when given)."""
     import socket
 
     import httpx
@@ -337,22 +343,24 @@ def start_server(
         "--max-tokens-cap",
         "4096",
         "--switch-interval-ms",
-        str(switch_ms),
+        str(v.switch_ms),
         "--engine-mode",
-        mode,
+        v.mode,
         "--admit-delay-steps",
         str(a.admit_delay_steps),
         "--max-num-batched-tokens",
         str(a.max_num_batched_tokens),
         "--api-server-count",
-        str(workers),
+        str(v.workers),
         "--stream-interval",
-        str(interval),
+        str(v.interval),
         "--prefill-graph-tokens",
         a.prefill_graph_tokens,
         "--enable-prefix-caching" if a.prefix_caching else "--no-enable-prefix-caching",
+        "--align-prompt-steps" if v.align else "--no-align-prompt-steps",
     ] + (["--max-model-len", str(a.max_model_len)] if a.max_model_len else [])
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    pin = (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=pin)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
@@ -408,7 +416,8 @@ def main() -> None:
     p.add_argument(
         "--variants",
         default="process:5",
-        help="server runs: engine mode:switch ms[:HTTP workers (--api-server-count)[:stream interval]], ...",
+        help="server runs: engine mode:switch ms[:HTTP workers (--api-server-count)[:stream interval"
+        "[:clients: shared|nice|split[:noalign] (Variant)]]], ...",
     )
     p.add_argument("--admit-delay-steps", type=int, default=0, help="admit_delay_steps of both engines")
     p.add_argument(
@@ -422,7 +431,7 @@ def main() -> None:
         help="cProfile the engine process (INFERFORGE_ENGINE_PROFILE), print where its time goes; slows it",
     )
     a = p.parse_args()
-    a.variants = [_variant(v) for v in str(a.variants).split(",")]
+    a.variants = [Variant.parse(v) for v in str(a.variants).split(",")]
     if a.mode == "engine":
         engine_mode(a)
         return
@@ -459,52 +468,88 @@ def main() -> None:
     res["engine"] = json.loads(eng_json.read_text())
     res["model_build_and_engine_s"] = time.perf_counter() - t_start
     phase(f"engine peer done: {[round(r['tokens_per_s']) for r in res['engine']['throughput']]} tok/s")
-    for k, (mode, switch_ms, workers, interval) in enumerate(a.variants):
+    for k, variant in enumerate(a.variants):
         if k and time.perf_counter() - T0 > a.budget_s:
-            phase(f"skipping server variant {mode}:{switch_ms}:{workers}:{interval}: past --budget-s")
+            phase(f"skipping server variant {variant}: past --budget-s")
             continue
-        key = f"server_{mode}_{switch_ms}" + (f"_{workers}w" if workers > 1 else "")
-        key += f"_si{interval}" if interval > 1 else ""
-        res[key] = server_run(a, out, mode, switch_ms, k == 0, workers, interval)
+        key = f"server_{variant.key}"
+        key += f"_run{k}" if key in res else ""  # a variant repeated in one call, for its spread
+        res[key] = server_run(a, out, variant, k == 0, run=k)
         (out / "bench_server_partial.json").write_text(json.dumps(res, indent=2, default=str))
     report(res, Path(a.json) if a.json else out / "bench_server.json")
 
 
-def _variant(text: str) -> tuple[str, float, int, int]:
-    parts = text.split(":")
-    workers = int(parts[2]) if len(parts) > 2 else 1
-    return parts[0], float(parts[1]), workers, int(parts[3]) if len(parts) > 3 else 1
+CLIENT_POLICIES = ("shared", "nice", "split")
 
 
-def server_run(
-    a: argparse.Namespace,
-    out: Path,
-    mode: str,
-    switch_ms: float,
-    measure_ttft: bool,
-    workers: int = 1,
-    interval: int = 1,
-) -> dict:
+@dataclass(frozen=True)
+class Variant:
+    """One server run. `clients` is where the load generator's processes run beside the server on this host:
+    `shared` (anywhere, at the server's priority), `nice` (at nice 19, so the server's processes win every
+    contended core), `split` (the server on the first half of this process's CPUs, the clients on the other
+    half: as if the clients were on another machine with half the cores). `align=False` (the word `noalign`
+    after the client policy) runs serve-llm with --no-align-prompt-steps."""
+
+    mode: str
+    switch_ms: float
+    workers: int = 1
+    interval: int = 1
+    clients: str = "shared"
+    align: bool = True
+
+    @classmethod
+    def parse(cls, text: str) -> Variant:
+        parts = text.split(":")
+        v = cls(
+            parts[0],
+            float(parts[1]),
+            int(parts[2]) if len(parts) > 2 else 1,
+            int(parts[3]) if len(parts) > 3 else 1,
+            parts[4] if len(parts) > 4 else "shared",
+            "noalign" not in parts[5:],
+        )
+        if v.clients not in CLIENT_POLICIES:
+            raise SystemExit(f"--variants: client policy {v.clients!r} is not one of {CLIENT_POLICIES}")
+        return v
+
+    @property
+    def key(self) -> str:
+        key = f"{self.mode}_{self.switch_ms}" + (f"_{self.workers}w" if self.workers > 1 else "")
+        key += f"_si{self.interval}" if self.interval > 1 else ""
+        key += f"_clients-{self.clients}" if self.clients != "shared" else ""
+        return key + ("" if self.align else "_noalign")
+
+    def cpu_halves(self) -> tuple[set[int], set[int]] | None:
+        """(server CPUs, client CPUs) for `split`; None otherwise."""
+        if self.clients != "split":
+            return None
+        cpus = sorted(os.sched_getaffinity(0))
+        half = len(cpus) // 2
+        return set(cpus[:half]), set(cpus[half:])
+
+
+def server_run(a: argparse.Namespace, out: Path, v: Variant, measure_ttft: bool, run: int = 0) -> dict:
     import httpx
 
-    res: dict[str, Any] = {"engine_mode": mode, "switch_interval_ms": switch_ms, "api_server_count": workers,
-                           "stream_interval": interval}  # fmt: skip
-    tag = (
-        f"{mode}_{switch_ms}"
-        + (f"_{workers}w" if workers > 1 else "")
-        + (f"_si{interval}" if interval > 1 else "")
-    )
+    res: dict[str, Any] = {"engine_mode": v.mode, "switch_interval_ms": v.switch_ms,
+                           "api_server_count": v.workers, "stream_interval": v.interval,
+                           "clients": v.clients, "align_prompt_steps": v.align}  # fmt: skip
+    tag = f"{v.key}_run{run}"
+    halves = v.cpu_halves()
+    if halves:
+        res["server_cpus"], res["client_cpus"] = sorted(halves[0]), sorted(halves[1])
     prof = out / f"engine_{tag}.prof"
     if a.profile_engine:
         os.environ["INFERFORGE_ENGINE_PROFILE"] = str(prof)
     if a.trace_engine:
         os.environ["INFERFORGE_ENGINE_TRACE"] = str(out / f"engine_trace_{tag}.jsonl")
-    proc, url = start_server(a, out / f"server_{tag}.log", mode, switch_ms, workers, interval)
+    proc, url = start_server(a, out / f"server_{tag}.log", v, halves[0] if halves else None)
     phase(f"server up ({_tag(res)})")
     try:
         model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
         warm = argparse.Namespace(**{**vars(a), "requests": a.concurrency, "gen": 16})
-        with mp.get_context("spawn").Pool(a.client_procs, initializer=_client_init) as pool:
+        init = (19 if v.clients == "nice" else 0, halves[1] if halves else None)
+        with mp.get_context("spawn").Pool(a.client_procs, initializer=_client_init, initargs=init) as pool:
             server_throughput(url, warm, 1, pool)
             for r in range(a.warmup_reps):
                 server_throughput(url, a, 5 + r, pool)
@@ -545,7 +590,9 @@ def print_profile(path: Path) -> None:
 def _tag(run: dict) -> str:
     workers, interval = run.get("api_server_count", 1), run.get("stream_interval", 1)
     tag = f"{run['engine_mode']}, switch {run['switch_interval_ms']} ms, {workers} HTTP worker(s)"
-    return tag + (f", stream interval {interval}" if interval > 1 else "")
+    tag += f", stream interval {interval}" if interval > 1 else ""
+    tag += f", clients {run['clients']}" if run.get("clients", "shared") != "shared" else ""
+    return tag + ("" if run.get("align_prompt_steps", True) else ", prompt steps not aligned")
 
 
 def report(res: dict, path: Path) -> None:

@@ -1,6 +1,8 @@
 """Where a server run's time went, from `bench_server.py --trace-engine`'s engine trace and its JSON.
 
-    python benchmarks/serve_openai/trace_summary.py bench_server.json engine_trace_process_5.0.jsonl.gz
+    python benchmarks/serve_openai/trace_summary.py bench_server.json engine_trace_process_5.0.jsonl.gz [key]
+
+`key` names the server run in the JSON (e.g. server_process_5.0_4w_clients-split); the first one by default.
 
 Per wave: when requests reached the engine (ms after the common start) and what each prompt step cost; per
 closed loop: prompt and decode steps and the share of the wall clock the engine spent stepping.
@@ -28,7 +30,8 @@ def window(rows: list[list[float]], run: dict) -> list[list[float]]:
 def main() -> None:
     res = json.loads(Path(sys.argv[1]).read_text())
     rows = load_trace(Path(sys.argv[2]))
-    server = next(v for k, v in res.items() if k.startswith("server_process_"))
+    key = sys.argv[3] if len(sys.argv) > 3 else next(k for k in res if k.startswith("server_process_"))
+    server = res[key]
     # row: start (Unix s), requests added, step s, outputs, first tokens, running, waiting
     for w in server.get("waves", []):
         steps = window(rows, w)
