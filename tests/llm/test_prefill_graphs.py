@@ -164,3 +164,82 @@ def test_short_context_rule_steps_equal_the_eager_prompt_path(tiny_dirs: dict[st
     want, got = _run(eager, [long], 1), _run(layout, [long], 1)
     assert got == want and len(got) == 5
     assert 32 in used and None in used
+
+
+def _layout_graphs(eng: LLMEngine, buckets: tuple[int, ...], short_context: int) -> PrefillGraphs:
+    return PrefillGraphs(
+        eng.model, eng.device, max_seqs=eng.config.max_num_seqs, max_blocks=eng.runner.max_blocks,
+        buckets=buckets, attn_fn=attention.varlen_attention_torch, capture=False, short_context=short_context,
+    )  # fmt: skip
+
+
+def test_graph_tokens_cut_a_step_to_the_largest_bucket_below(tiny_llama: Path) -> None:
+    eng = LLMEngine(tiny_llama, EngineConfig(kv_cache_tokens=1024, max_num_seqs=4))
+    graphs = _layout_graphs(eng, (8, 16, 32), short_context=16)
+    assert graphs.graph_tokens(32, 4, longest_context=12) == 32  # fits: unchanged
+    assert graphs.graph_tokens(31, 4, longest_context=12) == 31  # within the padding rule: unchanged
+    assert graphs.graph_tokens(30, 3, longest_context=12) == 16  # fits no bucket: the largest below
+    assert graphs.graph_tokens(40, 3, longest_context=12) == 32  # over the largest bucket
+    assert graphs.graph_tokens(30, 2, longest_context=17) == 30  # a long prompt's chunk: eager, uncut
+    assert graphs.graph_tokens(8, 5, longest_context=4) == 8  # more sequences than the graphs hold
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_aligned_prompt_steps_all_take_a_bucket_and_equal_the_eager_path(
+    tiny_dirs: dict[str, Path], align: bool
+) -> None:
+    """Bursts of three 9-10-token prompts (28-30 tokens: no bucket of 8, 16, 32 within the padding rule)
+    are cut to 16-token steps, which leaves a request admitted with no chunk in its first step; every step
+    then takes a bucket, and every sequence's tokens equal those of the eager engine. Without the cut the
+    bursts run eagerly."""
+    config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=6, max_num_batched_tokens=32,
+                          align_prompt_steps=align)  # fmt: skip
+    eager, layout = LLMEngine(tiny_dirs["llama"], config), LLMEngine(tiny_dirs["llama"], config)
+    graphs = _layout_graphs(layout, (8, 16, 32), short_context=16)
+    took_graph: list[bool] = []  # per prompt step
+    run = graphs.run
+
+    def recorded(*args, **kwargs):
+        hidden = run(*args, **kwargs)
+        took_graph.append(hidden is not None)
+        return hidden
+
+    graphs.run = recorded  # type: ignore[method-assign]
+    layout.runner.prefill_graphs = graphs
+    layout.fit_prompt_steps_to_graphs()
+    waiting_in_running: list[int] = []  # per step: admitted requests left out of the step's chunks
+    schedule = layout.scheduler.schedule
+
+    def watched():
+        plan = schedule()
+        planned = {id(seq.group) for seq, _ in plan.prefill}
+        waiting_in_running.append(
+            sum(1 for r in layout.scheduler.running if not r.prefilled and id(r) not in planned)
+        )
+        return plan
+
+    layout.scheduler.schedule = watched  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    reqs = [EngineRequest(f"b{i}", tuple(range(30 + 3 * i, 39 + 3 * i + i % 2)), params) for i in range(6)]
+    out = {}
+    for eng in (layout, eager):
+        got: dict[str, list[int]] = {}
+        for burst in (reqs[:3], reqs[3:]):
+            for r in burst:
+                eng.add_request(r)
+            for _ in range(3):
+                for o in eng.step():
+                    got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        while eng.has_unfinished():
+            for o in eng.step():
+                got.setdefault(o.request_id, []).extend(o.new_token_ids)
+        out[eng is layout] = got
+    assert out[True] == out[False]
+    assert all(len(v) == 5 for v in out[True].values())
+    if align:
+        assert layout.scheduler.step_tokens is not None
+        assert took_graph and all(took_graph)
+        assert max(waiting_in_running) >= 1
+    else:
+        assert layout.scheduler.step_tokens is None
+        assert not all(took_graph)

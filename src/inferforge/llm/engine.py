@@ -156,6 +156,7 @@ class LLMEngine:
             varlen_fn=choice.varlen_fn,
             prefill_buckets=_useful_buckets(config.prefill_graph_tokens, config.max_num_batched_tokens),
         )
+        self.fit_prompt_steps_to_graphs()
         if config.speculative_tokens:  # verification steps: decode graphs of several rows a sequence
             self.runner.capture_verify(config.speculative_max_batch * (1 + config.speculative_tokens))
         if config.quant is not None:  # the decode graphs are captured: their shapes are tuned now
@@ -292,6 +293,13 @@ class LLMEngine:
         )
 
     # ---- the loop --------------------------------------------------------------------------------
+    def fit_prompt_steps_to_graphs(self) -> None:
+        """With graphs of prompt steps (and `align_prompt_steps`), the scheduler cuts a step that fits no
+        bucket to one that does (`PrefillGraphs.graph_tokens`); called again if the runner's graphs change."""
+        graphs, cfg = self.runner.prefill_graphs, self.config
+        aligned = graphs is not None and cfg.align_prompt_steps and cfg.mixed_steps
+        self.scheduler.step_tokens = graphs.graph_tokens if graphs is not None and aligned else None
+
     def step(self) -> list[EngineOutput]:
         """Schedule and launch one step, then read back the step before it.
 

@@ -53,6 +53,10 @@ class EngineConfig:
     # nothing from graphs) and that fill them to within 1/32 (`prefill_graphs.LARGE_BUCKET_PADDING`: those
     # steps are compute-bound, so padding costs what it computes).
     prefill_graph_tokens: tuple[int, ...] = (128, 256, 384, 512, 768, 1024, 1536, 2048, 4096, 8192)
+    # Cut a prompt step that fits no graph bucket down to the largest bucket below it (the rest of its prompt
+    # chunks wait a step) instead of running it eagerly (`PrefillGraphs.graph_tokens`); a chunk that ends past
+    # 2,048 tokens (a long prompt) is never cut.
+    align_prompt_steps: bool = True
     overlap_decode: bool = True  # launch the next decode step before reading this one back (see step())
     admit_delay_steps: int = 0  # hold arrivals up to this many steps while others decode (SchedulerConfig)
     enable_prefix_caching: bool = True  # reuse KV blocks of earlier prompts (and answers) with the same start

@@ -110,6 +110,23 @@ class PrefillGraphs:
             return None
         return bucket
 
+    def graph_tokens(self, tokens: int, seqs: int, longest_context: int = 0) -> int:
+        """How many of a prompt step's `tokens` to compute so that it replays from a graph: all of them where
+        they fit a bucket, else the largest bucket below them; the scheduler leaves the rest of the prompt
+        chunks to the next step (`Scheduler.step_tokens`). Why: an eager prompt step costs ~12 ms of host
+        time whatever its size, and a server's arrivals, spread over a few milliseconds, made steps of
+        2,200-5,800 tokens that fit no bucket within `LARGE_BUCKET_PADDING`: they took 18-35 ms where the
+        device needs ~3.4 us a token (T17 of 2026-11-24, docs/llm-runs.md). Cut, the last request of such a
+        wave had its first token 10-15 ms sooner in the engine, and the server's waves rose from 0.79-0.82 to
+        0.89-0.91 of the engine loop (T18). Unchanged where cutting gains no graph: a chunk ending past
+        `short_context` (long prompts run eagerly anyway) or more sequences than the graphs hold."""
+        if self.bucket_for(tokens, seqs, longest_context) is not None:
+            return tokens
+        if seqs > self.max_seqs or longest_context > self.short_context:
+            return tokens
+        below = [b for b in self.buckets if b < tokens]
+        return below[-1] if below else tokens
+
     @torch.inference_mode()
     def run(
         self,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,6 +175,9 @@ class Scheduler:
         self.preemptions_total = 0
         self.recomputed_tokens_total = 0  # tokens computed again after preemptions
         self.watermark = max(1, int(allocator.num_blocks * config.kv_watermark))
+        # (step tokens, sequences, longest context) -> how many tokens to compute: the engine sets it to
+        # its prompt-step graphs' `PrefillGraphs.graph_tokens` so a step fits a graph; None: every chunk fits
+        self.step_tokens: Callable[[int, int, int], int] | None = None
 
     def check(self, request: EngineRequest) -> int:
         """Refuse what can never run; returns the effective max_tokens."""
@@ -244,7 +248,28 @@ class Scheduler:
             chunk = min(r.prefill_len - seq.num_computed, budget)
             prefill.append((seq, chunk))
             budget -= chunk
+        if self.step_tokens is not None and prefill:
+            self._fit_step(len(decode), prefill)
         return StepPlan(decode, prefill)
+
+    def _fit_step(self, decode_rows: int, prefill: list[tuple[Sequence, int]]) -> None:
+        """Cut the step's last prompt chunks to the tokens `step_tokens` allows. A request whose chunk is cut
+        to nothing stays admitted, with its blocks, and computes its prompt from the next step on, before
+        any new admission, as a chunk that hit the token budget does."""
+        total = decode_rows + sum(n for _, n in prefill)
+        longest = max(seq.num_computed + n for seq, n in prefill)
+        assert self.step_tokens is not None
+        keep = self.step_tokens(total, decode_rows + len(prefill), longest)
+        excess = total - keep
+        if excess <= 0 or keep <= decode_rows:
+            return
+        while excess > 0:
+            seq, n = prefill[-1]
+            if n > excess:
+                prefill[-1] = (seq, n - excess)
+                return
+            prefill.pop()
+            excess -= n
 
     def _decoding(self) -> list[Sequence]:
         return [s for r in self.running if r.prefilled for s in r.seqs if s.finish_reason is None]

@@ -143,6 +143,11 @@ def serve_llm(
         "to the largest replays one graph instead of ~10 eager kernel launches a layer; buckets past "
         "--max-num-batched-tokens are not captured.",
     ),
+    align_prompt_steps: bool = typer.Option(
+        True,
+        help="Cut a prompt step that fits no graph bucket to the largest bucket below it (the rest of its "
+        "prompts wait a step) rather than running it eagerly; long prompts are never cut.",
+    ),
     api_server_count: int = typer.Option(
         0,
         min=0,
@@ -190,6 +195,7 @@ def serve_llm(
         "speculative_tokens": speculative_tokens,
         "speculative_max_batch": speculative_max_batch,
         "prefill_graph_tokens": parse_token_buckets(prefill_graph_tokens, "--prefill-graph-tokens"),
+        "align_prompt_steps": align_prompt_steps,
     }
     http: dict[str, Any] = {
         "host": host,
