@@ -278,6 +278,46 @@ def test_prompt_step_graphs_equal_the_eager_prompt_path(tiny_dirs: dict[str, Pat
 
 
 @needs_cuda
+def test_prompt_steps_cut_to_a_graph_equal_the_eager_prompt_path(tiny_dirs: dict[str, Path]) -> None:
+    """bf16: bursts of 20 prompts of 150 tokens (3,000 tokens: no bucket of 2,048 or 4,096 within the padding
+    rule) are cut to 2,048-token graph steps (`align_prompt_steps`); every prompt step replays a graph, and
+    the logprobs (top 5 too) equal the eager path's within 0.1 wherever both saw the same history."""
+    base = dict(device="cuda", kv_cache_tokens=16384, max_num_seqs=48, max_num_batched_tokens=4096)
+    graphs = LLMEngine(tiny_dirs["llama"], EngineConfig(**base, prefill_graph_tokens=(128, 512, 2048, 4096)))
+    eager = LLMEngine(tiny_dirs["llama"], EngineConfig(**base, prefill_graph_tokens=()))
+    pg = graphs.runner.prefill_graphs
+    assert pg is not None and graphs.scheduler.step_tokens is not None, graphs.runner.prefill_graph_error
+    took_graph: list[bool] = []
+    run_graph = pg.run
+
+    def recorded(*args, **kwargs):
+        hidden = run_graph(*args, **kwargs)
+        took_graph.append(hidden is not None)
+        return hidden
+
+    pg.run = recorded  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
+    reqs = [EngineRequest(f"r{i}", tuple(range(10 + i, 160 + i)), params) for i in range(40)]
+
+    def run(eng: LLMEngine) -> dict[str, list]:
+        out: dict[str, list] = {r.request_id: [] for r in reqs}
+        for burst in (reqs[:20], reqs[20:]):
+            for r in burst:
+                eng.add_request(r)
+            for _ in range(2):
+                for o in eng.step():
+                    out[o.request_id] += o.logprobs or []
+        while eng.has_unfinished():
+            for o in eng.step():
+                out[o.request_id] += o.logprobs or []
+        return out
+
+    gap, compared = conditional_logprob_gap(run(graphs), run(eager))
+    assert compared >= 40 * 4 and gap < 0.1, (gap, compared)
+    assert len(took_graph) >= 3 and all(took_graph), took_graph
+
+
+@needs_cuda
 @pytest.mark.parametrize("split", [2, 4])
 def test_split_k_gemv_on_the_device_is_exact_and_repeatable(
     split: int, monkeypatch: pytest.MonkeyPatch
