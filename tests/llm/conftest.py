@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,3 +55,18 @@ def greedy_without_and_with_gemv(eng) -> tuple[list[int], list[int]]:
     eng.model.gemv_ops = decode_gemv
     assert eng.model.gemv_ready()
     return want, run()
+
+
+def record_graph_steps(graphs: Any) -> list[bool]:
+    """Wrap a `PrefillGraphs`' `run`: the list gets, per prompt step, whether it took the graphs' layout (a
+    replay on the GPU) or fell back to the eager path."""
+    took: list[bool] = []
+    run = graphs.run
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        hidden = run(*args, **kwargs)
+        took.append(hidden is not None)
+        return hidden
+
+    graphs.run = recorded
+    return took

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.llm.conftest import record_graph_steps
 
 from inferforge.llm.engine import EngineConfig, LLMEngine
 from inferforge.llm.protocol import EngineRequest, SamplingParams
@@ -287,15 +288,7 @@ def test_prompt_steps_cut_to_a_graph_equal_the_eager_prompt_path(tiny_dirs: dict
     eager = LLMEngine(tiny_dirs["llama"], EngineConfig(**base, prefill_graph_tokens=()))
     pg = graphs.runner.prefill_graphs
     assert pg is not None and graphs.scheduler.step_tokens is not None, graphs.runner.prefill_graph_error
-    took_graph: list[bool] = []
-    run_graph = pg.run
-
-    def recorded(*args, **kwargs):
-        hidden = run_graph(*args, **kwargs)
-        took_graph.append(hidden is not None)
-        return hidden
-
-    pg.run = recorded  # type: ignore[method-assign]
+    took_graph = record_graph_steps(pg)  # per prompt step
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=5)
     reqs = [EngineRequest(f"r{i}", tuple(range(10 + i, 160 + i)), params) for i in range(40)]
 

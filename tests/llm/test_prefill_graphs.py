@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.llm.conftest import record_graph_steps
 
 from inferforge.llm import attention
 from inferforge.llm.engine import EngineConfig, LLMEngine, _useful_buckets
@@ -62,24 +63,15 @@ def _run(eng: LLMEngine, reqs: list[EngineRequest], arrive_every: int) -> dict[s
     return out
 
 
-def _with_layout(eng: LLMEngine) -> dict[str, int]:
-    """Give `eng` prompt steps through PrefillGraphs' layout (8- and 16-token buckets, no capture); returns
-    a counter of the steps that took it."""
+def _with_layout(eng: LLMEngine) -> list[bool]:
+    """Give `eng` prompt steps through PrefillGraphs' layout (8- and 16-token buckets, no capture); returns,
+    per prompt step, whether it took the layout."""
     graphs = PrefillGraphs(
         eng.model, eng.device, max_seqs=eng.config.max_num_seqs, max_blocks=eng.runner.max_blocks,
         buckets=(8, 16), attn_fn=attention.varlen_attention_torch, capture=False,
     )  # fmt: skip
-    calls = {"graph": 0}
-    run = graphs.run
-
-    def counted(*args, **kwargs):
-        hidden = run(*args, **kwargs)
-        calls["graph"] += hidden is not None
-        return hidden
-
-    graphs.run = counted  # type: ignore[method-assign]
     eng.runner.prefill_graphs = graphs
-    return calls
+    return record_graph_steps(graphs)
 
 
 def test_prefix_cache_hits_and_n_forks_through_the_layout(tiny_dirs: dict[str, Path]) -> None:
@@ -96,7 +88,7 @@ def test_prefix_cache_hits_and_n_forks_through_the_layout(tiny_dirs: dict[str, P
         EngineRequest("n2", tuple(range(9, 20)), SamplingParams(max_tokens=6, n=2, seed=3, ignore_eos=True))
     )
     assert _run(layout, reqs, 3) == _run(eager, reqs, 3)
-    assert calls["graph"] >= 3 and layout.scheduler.cached_tokens_total > 0
+    assert sum(calls) >= 3 and layout.scheduler.cached_tokens_total > 0
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
@@ -109,7 +101,7 @@ def test_graph_layout_steps_equal_the_eager_prompt_path(tiny_dirs: dict[str, Pat
     params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     reqs = [EngineRequest(f"r{i}", tuple(range(20 + 5 * i, 23 + 11 * i)), params) for i in range(6)]
     assert _run(layout, reqs, 2) == _run(eager, reqs, 2)
-    assert calls["graph"] >= 3
+    assert sum(calls) >= 3
     assert layout.stats().kv_blocks_used == 0
 
 
@@ -196,15 +188,7 @@ def test_aligned_prompt_steps_all_take_a_bucket_and_equal_the_eager_path(
                           align_prompt_steps=align)  # fmt: skip
     eager, layout = LLMEngine(tiny_dirs["llama"], config), LLMEngine(tiny_dirs["llama"], config)
     graphs = _layout_graphs(layout, (8, 16, 32), short_context=16)
-    took_graph: list[bool] = []  # per prompt step
-    run = graphs.run
-
-    def recorded(*args, **kwargs):
-        hidden = run(*args, **kwargs)
-        took_graph.append(hidden is not None)
-        return hidden
-
-    graphs.run = recorded  # type: ignore[method-assign]
+    took_graph = record_graph_steps(graphs)  # per prompt step
     layout.runner.prefill_graphs = graphs
     layout.fit_prompt_steps_to_graphs()
     waiting_in_running: list[int] = []  # per step: admitted requests left out of the step's chunks
