@@ -533,7 +533,7 @@ def server_run(a: argparse.Namespace, out: Path, v: Variant, measure_ttft: bool,
 
     res: dict[str, Any] = {"engine_mode": v.mode, "switch_interval_ms": v.switch_ms,
                            "api_server_count": v.workers, "stream_interval": v.interval,
-                           "clients": v.clients, "align_prompt_steps": v.align}  # fmt: skip
+                           "clients": v.clients, "align_prompt_steps": v.align, "run": run}  # fmt: skip
     tag = f"{v.key}_run{run}"
     halves = v.cpu_halves()
     if halves:
@@ -592,7 +592,8 @@ def _tag(run: dict) -> str:
     tag = f"{run['engine_mode']}, switch {run['switch_interval_ms']} ms, {workers} HTTP worker(s)"
     tag += f", stream interval {interval}" if interval > 1 else ""
     tag += f", clients {run['clients']}" if run.get("clients", "shared") != "shared" else ""
-    return tag + ("" if run.get("align_prompt_steps", True) else ", prompt steps not aligned")
+    tag += "" if run.get("align_prompt_steps", True) else ", prompt steps not aligned"
+    return tag + (f", run {run['run']}" if "run" in run else "")  # a variant may repeat in one call
 
 
 def report(res: dict, path: Path) -> None:
