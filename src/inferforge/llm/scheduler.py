@@ -249,27 +249,8 @@ class Scheduler:
             prefill.append((seq, chunk))
             budget -= chunk
         if self.step_tokens is not None and prefill:
-            self._fit_step(len(decode), prefill)
+            _fit_step(self.step_tokens, len(decode), prefill)
         return StepPlan(decode, prefill)
-
-    def _fit_step(self, decode_rows: int, prefill: list[tuple[Sequence, int]]) -> None:
-        """Cut the step's last prompt chunks to the tokens `step_tokens` allows. A request whose chunk is cut
-        to nothing stays admitted, with its blocks, and computes its prompt from the next step on, before
-        any new admission, as a chunk that hit the token budget does."""
-        total = decode_rows + sum(n for _, n in prefill)
-        longest = max(seq.num_computed + n for seq, n in prefill)
-        assert self.step_tokens is not None
-        keep = self.step_tokens(total, decode_rows + len(prefill), longest)
-        excess = total - keep
-        if excess <= 0 or keep <= decode_rows:
-            return
-        while excess > 0:
-            seq, n = prefill[-1]
-            if n > excess:
-                prefill[-1] = (seq, n - excess)
-                return
-            prefill.pop()
-            excess -= n
 
     def _decoding(self) -> list[Sequence]:
         return [s for r in self.running if r.prefilled for s in r.seqs if s.finish_reason is None]
@@ -406,3 +387,24 @@ class Scheduler:
                     self.allocator.free(s.blocks)
                 return r
         return None
+
+
+def _fit_step(
+    step_tokens: Callable[[int, int, int], int], decode_rows: int, prefill: list[tuple[Sequence, int]]
+) -> None:
+    """Cut the step's last prompt chunks to the tokens `step_tokens` allows. A request whose chunk is cut to
+    nothing stays admitted, with its blocks, and computes its prompt from the next step on, before any new
+    admission, as a chunk that hit the token budget does."""
+    total = decode_rows + sum(n for _, n in prefill)
+    longest = max(seq.num_computed + n for seq, n in prefill)
+    keep = step_tokens(total, decode_rows + len(prefill), longest)
+    excess = total - keep
+    if excess <= 0 or keep <= decode_rows:
+        return
+    while excess > 0:
+        seq, n = prefill[-1]
+        if n > excess:
+            prefill[-1] = (seq, n - excess)
+            return
+        prefill.pop()
+        excess -= n
