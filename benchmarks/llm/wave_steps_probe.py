@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,14 +48,19 @@ def _timed_step(eng: LLMEngine) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def wave(eng: LLMEngine, split: tuple[int, ...], tag: str, gen: torch.Generator) -> list[dict]:
+def _add(eng: LLMEngine, piece: int, tag: str, first: int, gen: torch.Generator) -> int:
+    """`piece` requests (128 random tokens, 128 to generate) numbered from `first`; returns the next."""
     params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
+    for n in range(first, first + piece):
+        ids = tuple(torch.randint(100, 30000, (128,), generator=gen).tolist())
+        eng.add_request(EngineRequest(f"{tag}-{n}", ids, params))
+    return first + piece
+
+
+def wave(eng: LLMEngine, split: tuple[int, ...], tag: str, gen: torch.Generator) -> list[dict]:
     steps, n = [], 0
     for piece in split:
-        for _ in range(piece):
-            ids = tuple(torch.randint(100, 30000, (128,), generator=gen).tolist())
-            eng.add_request(EngineRequest(f"{tag}-{n}", ids, params))
-            n += 1
+        n = _add(eng, piece, tag, n, gen)
         decoding = sum(1 for r in eng.scheduler.running if r.prefilled)
         steps.append({"added": piece, "decode_rows": decoding, "ms": round(_timed_step(eng), 2)})
     while any(not r.prefilled for r in eng.scheduler.running) or eng.scheduler.waiting:
@@ -68,7 +74,6 @@ def wave(eng: LLMEngine, split: tuple[int, ...], tag: str, gen: torch.Generator)
 
 def wave_unsynced(eng: LLMEngine, split: tuple[int, ...], tag: str, gen: torch.Generator) -> dict:
     """One piece a step, nothing synchronized: ms to the last request's first token and to the wave's end."""
-    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True)
     seen: set[str] = set()
     n, total = 0, sum(split)
     torch.cuda.synchronize()
@@ -76,10 +81,7 @@ def wave_unsynced(eng: LLMEngine, split: tuple[int, ...], tag: str, gen: torch.G
     first_all = None
     pieces = list(split)
     while pieces or eng.has_unfinished():
-        for _ in range(pieces.pop(0) if pieces else 0):
-            ids = tuple(torch.randint(100, 30000, (128,), generator=gen).tolist())
-            eng.add_request(EngineRequest(f"{tag}-{n}", ids, params))
-            n += 1
+        n = _add(eng, pieces.pop(0) if pieces else 0, tag, n, gen)
         seen.update(o.request_id for o in eng.step() if o.new_token_ids)
         if first_all is None and len(seen) == total:
             first_all = (time.perf_counter() - t0) * 1e3
@@ -93,13 +95,13 @@ def main() -> None:
                           max_num_batched_tokens=8192)  # fmt: skip
     eng = LLMEngine(folder, config)
     gen = torch.Generator().manual_seed(0)
-    graphs = eng.runner.prefill_graphs
-    assert graphs is not None, eng.runner.prefill_graph_error
+    assert eng.runner.prefill_graphs is not None, eng.runner.prefill_graph_error
     out: dict = {}
     for rnd in range(2):
         for name, split in SPLITS.items():
             for aligned in (False, True):
-                eng.scheduler.step_tokens = graphs.graph_tokens if aligned else None
+                eng.config = replace(eng.config, align_prompt_steps=aligned)
+                eng.fit_prompt_steps_to_graphs()
                 tag = f"{rnd}-{name}-{aligned}"
                 res = {"steps": wave(eng, split, tag, gen), **wave_unsynced(eng, split, tag + "u", gen)}
                 if rnd:
