@@ -839,22 +839,3 @@ def argmax_ab(folder: Path, reps: int = 2) -> None:
                     RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
     finally:
         sampler.ONE_LAUNCH_ARGMAX["on"] = True
-
-
-def fused_mlp_ab(folder: Path, reps: int = 2) -> None:
-    """The batch-1 step with each layer's gate/up and down as two launches and in one (`gemv_mlp.FUSED_MLP`,
-    both `DOWN_LAYOUT`s), int8 and bf16, `reps` rounds in turn. U1-U2 of 2026-11-24."""
-    from inferforge.llm import gemv_mlp
-
-    default, layout = dict(gemv_mlp.FUSED_MLP), gemv_mlp.DOWN_LAYOUT["layout"]
-    try:
-        for rep in range(reps):
-            for quant in ("int8", None):
-                for setting in ("two", "split", "rows"):
-                    gemv_mlp.FUSED_MLP.update({k: setting != "two" for k in default})
-                    gemv_mlp.DOWN_LAYOUT["layout"] = layout if setting == "two" else setting
-                    name = f"fusedmlp {quant or 'bf16'} {setting} rep{rep}"
-                    RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
-    finally:
-        gemv_mlp.FUSED_MLP.update(default)
-        gemv_mlp.DOWN_LAYOUT["layout"] = layout

@@ -8,25 +8,12 @@ the kernels so none imports another's dispatch.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from inferforge.llm import cuda_int4, gemv_int4, gemv_mlp
+from inferforge.llm import cuda_int4, gemv_int4
 from inferforge.llm.gemv import RopeCache, gemv
 
-__all__ = [
-    "L2_PREFETCH",
-    "RopeCache",
-    "can_run",
-    "fused_mlp_checked",
-    "linear",
-    "mlp",
-    "operands",
-    "prefetch_plan",
-]
-
-logger = logging.getLogger(__name__)
+__all__ = ["L2_PREFETCH", "RopeCache", "can_run", "linear", "operands", "prefetch_plan"]
 
 # Which later weights each batch-1 product of a layer fetches into L2 before its wait (`gemv`'s `prefetch`),
 # by product: (target, fraction of the target's bytes), targets "o", "gate_up", "down" of the same layer and
@@ -127,64 +114,3 @@ def linear(
             return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
         return gemv_int4.gemv_int4(x, weight, bias=bias, prefetch=prefetch, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, prefetch=prefetch, **kw)  # type: ignore[arg-type]
-
-
-def _fused_mlp_operands(x: torch.Tensor, up: torch.nn.Module, down: torch.nn.Module) -> tuple | None:
-    """(gate/up weight, down weight, their scales) where `gemv_mlp` can run the pair and `FUSED_MLP` has it
-    on for the weights' kind; None otherwise."""
-    a, b = operands(up), operands(down)
-    if a is None or b is None or a[2] is not None or b[2] is not None:
-        return None
-    if not isinstance(a[0], torch.Tensor) or not isinstance(b[0], torch.Tensor):
-        return None
-    kind = "int8" if a[0].dtype == torch.int8 else "bf16"
-    if not gemv_mlp.FUSED_MLP.get(kind, False) or not gemv_mlp.supported(x, a[0], b[0]):
-        return None
-    return a[0], b[0], a[1], b[1]
-
-
-def mlp(
-    x: torch.Tensor,
-    up: torch.nn.Module,
-    down: torch.nn.Module,
-    *,
-    norm_weight: torch.Tensor,
-    eps: float,
-    fused: bool = False,
-    prefetch: tuple[tuple[int, int], ...] = (),
-    prefetch_down: tuple[tuple[int, int], ...] = (),
-) -> torch.Tensor:
-    """A layer's MLP with its residual add: `gemv_mlp.mlp` in one launch where `fused` (the model's
-    checked choice, `fused_mlp_checked`) and the operands allow it and nothing is to be prefetched; else the
-    gate/up and down products as two `linear` calls."""
-    ops = _fused_mlp_operands(x, up, down) if fused and not prefetch and not prefetch_down else None
-    if ops is not None:
-        w_gu, w_down, s_gu, s_down = ops
-        return gemv_mlp.mlp(
-            x, w_gu, w_down, norm_weight=norm_weight, eps=eps, scale_gu=s_gu, scale_down=s_down
-        )
-    h = linear(x, up, norm_weight=norm_weight, eps=eps, silu_pair=True, prefetch=prefetch)
-    return linear(h, down, residual=x, prefetch=prefetch_down)
-
-
-def fused_mlp_checked(
-    up: torch.nn.Module, down: torch.nn.Module, norm_weight: torch.Tensor, eps: float, dtype: torch.dtype
-) -> bool:
-    """Whether the fused MLP is on for these layers and gives the two-call chain's output on the live device,
-    for two random rows, each run twice (the counters must be back at zero for the second)."""
-    weight = operands(up)
-    if weight is None or not isinstance(weight[0], torch.Tensor):
-        return False
-    gen = torch.Generator(device="cpu").manual_seed(2)
-    for _ in range(2):
-        x = torch.randn(1, weight[0].shape[1], generator=gen).to(weight[0].device, dtype)
-        if _fused_mlp_operands(x, up, down) is None:
-            return False
-        want = mlp(x, up, down, norm_weight=norm_weight, eps=eps)
-        for _ in range(2):
-            got = mlp(x, up, down, norm_weight=norm_weight, eps=eps, fused=True)
-            err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
-            if not err <= 1e-2:
-                logger.warning("fused MLP not used: %.3g from the two-call chain", err)
-                return False
-    return True

@@ -79,7 +79,4 @@ def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -
     except RuntimeError as exc:  # keep the layers' own kernels; say why
         return str(exc)
     model.gemv_ops = decode_gemv
-    model.fused_mlp = decode_gemv.fused_mlp_checked(
-        layer.mlp.up, layer.mlp.down, layer.norm2.weight, model.cfg.norm_eps, config.torch_dtype
-    )
     return None

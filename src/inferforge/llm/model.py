@@ -152,7 +152,6 @@ class DecoderLM(nn.Module):
         self.compiled_block: Callable[..., torch.Tensor] | None = None
         self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
         self.gemv_ops: ModuleType | None = None  # `inferforge.llm.gemv` once verified (batch-1 decode)
-        self.fused_mlp = False  # `gemv_mlp` for each layer's MLP in that step, once checked (`kernels.py`)
         self.fp32_logits_mm = False
 
     def can_fuse(self) -> bool:
@@ -265,8 +264,8 @@ class DecoderLM(nn.Module):
             n1, n2 = layer.norm1.weight, layer.norm2.weight
             q = gv.linear(x, attn.qkv, norm_weight=n1, eps=eps, rope_cache=rc, prefetch=pf["qkv"])
             x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x, prefetch=pf["o"])
-            x = gv.mlp(x, mlp.up, mlp.down, norm_weight=n2, eps=eps, fused=self.fused_mlp,
-                       prefetch=pf["gate_up"], prefetch_down=pf["down"])  # fmt: skip
+            h = gv.linear(x, mlp.up, norm_weight=n2, eps=eps, silu_pair=True, prefetch=pf["gate_up"])
+            x = gv.linear(h, mlp.down, residual=x, prefetch=pf["down"])
         return gv.linear(x, self.lm_head, norm_weight=self.norm.weight, eps=eps, out_dtype=torch.float32)
 
     def gemv_ready(self) -> bool:
