@@ -839,3 +839,20 @@ def argmax_ab(folder: Path, reps: int = 2) -> None:
                     RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
     finally:
         sampler.ONE_LAUNCH_ARGMAX["on"] = True
+
+
+def deferred_down_ab(folder: Path, reps: int = 2) -> None:
+    """The batch-1 step with down adding its residual itself (0) and leaving 4 or 2 partial sums to the next
+    product's prologue (`gemv.DEFER_DOWN_SUM`), int8 and bf16, `reps` rounds in turn. U3 of 2026-11-24."""
+    from inferforge.llm import gemv
+
+    default = dict(gemv.DEFER_DOWN_SUM)
+    try:
+        for rep in range(reps):
+            for quant in ("int8", None):
+                for splits in (0, 4, 2):
+                    gemv.DEFER_DOWN_SUM[quant or "bf16"] = splits
+                    name = f"deferdown {quant or 'bf16'} splits {splits} rep{rep}"
+                    RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
+    finally:
+        gemv.DEFER_DOWN_SUM.update(default)
