@@ -839,37 +839,3 @@ def argmax_ab(folder: Path, reps: int = 2) -> None:
                     RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
     finally:
         sampler.ONE_LAUNCH_ARGMAX["on"] = True
-
-
-def deferred_down_ab(folder: Path, reps: int = 2) -> None:
-    """The batch-1 step with down adding its residual itself (0) and leaving 4 or 2 partial sums to the next
-    product's prologue (`gemv.DEFER_DOWN_SUM`), int8 and bf16, `reps` rounds in turn. U3 of 2026-11-24."""
-    from inferforge.llm import gemv
-
-    default = dict(gemv.DEFER_DOWN_SUM)
-    try:
-        for rep in range(reps):
-            for quant in ("int8", None):
-                for splits in (0, 4, 2):
-                    gemv.DEFER_DOWN_SUM[quant or "bf16"] = splits
-                    name = f"deferdown {quant or 'bf16'} splits {splits} rep{rep}"
-                    RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
-    finally:
-        gemv.DEFER_DOWN_SUM.update(default)
-
-
-def deferred_down_profile(folder: Path) -> None:
-    """Kernel timelines of the int8 batch-1 graph with down adding its residual (0) and leaving 4 partials
-    (`gemv.DEFER_DOWN_SUM`): what each kernel of a layer adds to the step (U4 of 2026-11-24)."""
-    from profiles import graph_profile
-
-    from inferforge.llm import gemv
-
-    default = dict(gemv.DEFER_DOWN_SUM)
-    try:
-        for splits in (0, 4, 0, 4):
-            gemv.DEFER_DOWN_SUM["int8"] = splits
-            graph_profile(folder, 1, "int8")
-            RESULTS[f"deferdownprof splits {splits} #{len(RESULTS)}"] = RESULTS.pop("graph_profile_b1int8")
-    finally:
-        gemv.DEFER_DOWN_SUM.update(default)

@@ -82,10 +82,10 @@ def engine_numbers(
         "compiled": eng.model.compiled_block is not None,
         "gemv": eng.model.gemv_ops is not None,
         "gemv_error": eng.gemv_error,
-        "down_splits": eng.model.down_splits,
     }
-    gemv_note = f"gemv {out['gemv']} {eng.gemv_error or ''}, down splits {out['down_splits']}"
-    row(f"engine {label} fused kernels", f"{out['fused_kernels']} ({gemv_note})")
+    row(
+        f"engine {label} fused kernels", f"{out['fused_kernels']} (gemv {out['gemv']} {eng.gemv_error or ''})"
+    )
     decode_rate(eng, 1, new_tokens=32)  # warm-up
     for b in batches:
         out[f"decode_tok_s_b{b}"] = rate = decode_rate(eng, b)

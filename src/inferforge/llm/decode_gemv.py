@@ -8,34 +8,12 @@ the kernels so none imports another's dispatch.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
 from inferforge.llm import cuda_int4, gemv_int4
-from inferforge.llm.gemv import (
-    DEFER_DOWN_SUM,
-    DeferredSum,
-    RopeCache,
-    _weight_kind,
-    gemv,
-    gemv_partials,
-    tiles_for,
-)
+from inferforge.llm.gemv import RopeCache, gemv
 
-logger = logging.getLogger(__name__)
-
-__all__ = [
-    "L2_PREFETCH",
-    "DeferredSum",
-    "RopeCache",
-    "can_run",
-    "deferred_down_splits",
-    "linear",
-    "operands",
-    "partials",
-    "prefetch_plan",
-]
+__all__ = ["L2_PREFETCH", "RopeCache", "can_run", "linear", "operands", "prefetch_plan"]
 
 # Which later weights each batch-1 product of a layer fetches into L2 before its wait (`gemv`'s `prefetch`),
 # by product: (target, fraction of the target's bytes), targets "o", "gate_up", "down" of the same layer and
@@ -124,68 +102,15 @@ def prefetch_plan(layers: dict[str, torch.nn.Module]) -> dict[str, tuple[tuple[i
 
 
 def linear(
-    x: torch.Tensor,
-    module: torch.nn.Module,
-    prefetch: tuple[tuple[int, int], ...] = (),
-    deferred: DeferredSum | None = None,
-    **kw: object,
+    x: torch.Tensor, module: torch.nn.Module, prefetch: tuple[tuple[int, int], ...] = (), **kw: object
 ) -> torch.Tensor:
     """`gemv` (or `gemv_int4.gemv_int4` for int4) with a layer's own weight, scale and bias (`operands`);
-    `prefetch` as `gemv`'s (the tensor-core int4 kernel takes none); `deferred` as `gemv`'s (8-bit and
-    float layers only: `deferred_down_splits` says where)."""
+    `prefetch` as `gemv`'s (the tensor-core int4 kernel takes none)."""
     ops = operands(module)
     assert ops is not None, f"gemv cannot run {type(module).__name__}"
     weight, scale, bias = ops
-    if deferred is not None:
-        assert isinstance(weight, torch.Tensor), "a deferred sum goes to gemv.py's products only"
-        kw["deferred"] = deferred
     if not isinstance(weight, torch.Tensor):
         if cuda_int4.usable(weight, x, bias, kw):  # its measured winners (`cuda_int4.choice`)
             return cuda_int4.gemv_int4_tc(x, weight, **kw)  # type: ignore[arg-type]
         return gemv_int4.gemv_int4(x, weight, bias=bias, prefetch=prefetch, **kw)  # type: ignore[arg-type]
     return gemv(x, weight, scale=scale, bias=bias, prefetch=prefetch, **kw)  # type: ignore[arg-type]
-
-
-def partials(x: torch.Tensor, module: torch.nn.Module, *, residual: torch.Tensor, splits: int) -> DeferredSum:
-    """`gemv.gemv_partials` with a layer's own weight and scale: the layer's output plus `residual`, left
-    for the next product's norm prologue to sum."""
-    ops = operands(module)
-    assert ops is not None and isinstance(ops[0], torch.Tensor) and ops[2] is None, "no gemv_partials for it"
-    return gemv_partials(x, ops[0], residual=residual, splits=splits, scale=ops[1])
-
-
-def deferred_down_splits(
-    downs: list[torch.nn.Module],
-    readers: list[torch.nn.Module],
-    check: tuple[torch.nn.Module, torch.Tensor, float],
-) -> int:
-    """How many partial sums each down product leaves for the next product (`DEFER_DOWN_SUM` for the
-    weights' kind), or 0: where a down or a reader of its output (the next q/k/v, the LM head) does not run
-    through `gemv.py`, where a down has a bias or its K tiles do not divide evenly, or where the deferred
-    sum, read by `check` (a norm-prologue layer, its norm weight, eps) on the live device, is off by more than
-    1e-2 of the residual product's."""
-    ops = [operands(m) for m in downs + readers]
-    if any(o is None or not isinstance(o[0], torch.Tensor) for o in ops):
-        return 0
-    if any(o[2] is not None for o in ops[: len(downs)]):  # type: ignore[index]
-        return 0
-    weight = ops[0][0]  # type: ignore[index]
-    splits = DEFER_DOWN_SUM.get(_weight_kind(weight), 0)
-    n, k = weight.shape
-    tiles = -(-k // tiles_for(n, k, weight.element_size(), int8=weight.dtype == torch.int8).block_k)
-    if splits <= 0 or tiles % splits:
-        return 0
-    reader, norm_weight, eps = check
-    gen = torch.Generator(device="cpu").manual_seed(3)
-    h = torch.randn(1, k, generator=gen).to(weight.device, norm_weight.dtype)
-    x = torch.randn(1, n, generator=gen).to(weight.device, norm_weight.dtype)
-    kw: dict = {"norm_weight": norm_weight, "eps": eps}
-    want = linear(linear(h, downs[0], residual=x), reader, **kw).float()
-    for _ in range(2):
-        d = partials(h, downs[0], residual=x, splits=splits)
-        got = linear(d.out, reader, deferred=d, **kw).float()
-        err = ((got - want).abs().max() / want.abs().max()).item()
-        if not err <= 1e-2:
-            logger.warning("down's deferred sum not used: %.3g from the residual product", err)
-            return 0
-    return splits

@@ -31,7 +31,7 @@ import triton.language as tl
 from inferforge.llm import fused
 
 PLAIN, NORM = 0, 1  # prologues
-STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR, PARTIALS = 0, 1, 2, 3, 4  # epilogues
+STORE, RESIDUAL, ROPE_CACHE, SILU_PAIR = 0, 1, 2, 3  # epilogues
 
 
 @triton.jit
@@ -92,7 +92,7 @@ def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.const
     else:  # SiLU pairs: gate row j with up row j + N/2
         j0 = pid * HALF
     idx = tl.arange(0, BLOCK_N)
-    if EPILOGUE == 2 or EPILOGUE == 3:
+    if EPILOGUE >= 2:  # noqa: SIM108 (Triton: a constexpr branch)
         offs_n = j0 + (idx // HALF) * PAIR_GAP + idx % HALF
     else:
         offs_n = pid * BLOCK_N + idx
@@ -164,39 +164,13 @@ def _split_sum(acc, PART, CNT, block, share, offs_n, nmask, N, SPLIT: tl.constex
 
 
 @triton.jit
-def _deferred_operands(XS, XR, offs_k, K: tl.constexpr, HAS_XS: tl.constexpr):
-    """The deferred product's per-row scale (1 without one) and the residual it adds, both read before the
-    wait: neither is written by the kernel just before."""
-    xs = tl.full([offs_k.shape[0]], 1.0, tl.float32)
-    if HAS_XS:
-        xs = tl.load(XS + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    return xs, tl.load(XR + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _deferred_input(XP, xs, xr, X, offs_k, K: tl.constexpr, SPLITS: tl.constexpr):
-    """x = residual + scale * (sum of the previous product's partials, in order), rounded as that product's
-    residual epilogue rounds it (`_store_residual`); program 0 stores it to X, where later kernels read the
-    residual stream."""
-    act_ty = X.dtype.element_ty
-    acc = tl.zeros([offs_k.shape[0]], tl.float32)
-    for s in tl.static_range(0, SPLITS):
-        acc += tl.load(XP + s * K + offs_k, mask=offs_k < K, other=0.0)
-    xf = ((acc * xs).to(act_ty).to(tl.float32) + xr).to(act_ty)
-    if tl.program_id(0) == 0:
-        tl.store(X + offs_k, xf, mask=offs_k < K)
-    return xf.to(tl.float32)
-
-
-@triton.jit
 def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, SLOT, KC, VC, stride_c_slot,
                  PART, CNT, K: tl.constexpr, PROLOGUE: tl.constexpr, EPILOGUE: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
                  KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
                  EARLY: tl.constexpr, EARLY_RES: tl.constexpr, SPLIT: tl.constexpr = 1, PF0=0, PF0_END=0,
-                 PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0, XP=0, XS=0, XR=0,
-                 DEFERRED: tl.constexpr = 0, HAS_XS: tl.constexpr = False):  # fmt: skip
+                 PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -218,8 +192,6 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     # this step's position and slot and their cos / sin rows, sent before the graph ran).
     if PROLOGUE == 1:
         g = tl.load(G + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
-    if DEFERRED > 0:  # the producer's scale (weights) and its residual (written three kernels earlier)
-        xs, xr = _deferred_operands(XS, XR, offs_k, K, HAS_XS)
     if HAS_SCALE:
         scale = tl.load(SCALE + offs_n, mask=nmask, other=0.0).to(tl.float32)
     if HAS_BIAS:
@@ -233,10 +205,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     _wait_for_inputs(PDL)  # everything below may read the previous kernel's output
     act_ty = X.dtype.element_ty
     if PROLOGUE == 1:  # RMSNorm over the whole row (the wrapper makes BLOCK_K >= K), transformers' rounding
-        if DEFERRED > 0:  # x is the previous product's partials, summed here (`DeferredSum`)
-            xf = _deferred_input(XP, xs, xr, X, offs_k, K, DEFERRED)
-        else:
-            xf = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
+        xf = tl.load(X + offs_k, mask=offs_k < K, other=0.0).to(tl.float32)
         inv = tl.rsqrt(tl.sum(xf * xf, 0) / K + eps)
         xin = ((xf * inv).to(act_ty).to(tl.float32) * g).to(act_ty).to(tl.float32)
         if PRE:
@@ -259,23 +228,20 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                 w = w_next
             elif not EARLY:
                 w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
-    if EPILOGUE == 4:  # this program's partial, unscaled: the next product's prologue sums them
-        tl.store(Y + share * N + offs_n, acc, mask=nmask)
+    if SPLIT > 1:
+        acc, last = _split_sum(acc, PART, CNT, pid, share, offs_n, nmask, N, SPLIT)
+        nmask = nmask & last  # only the last program of the row block stores
+    if HAS_SCALE:
+        acc = acc * scale
+    if HAS_BIAS:
+        acc = acc + bias
+    if EPILOGUE == 2:
+        _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
+                          stride_c_slot, HALF, H, KV, D)  # fmt: skip
+    elif EPILOGUE == 1 and EARLY_RES:
+        _store_residual(acc, res, Y, offs_n, nmask, act_ty)
     else:
-        if SPLIT > 1:
-            acc, last = _split_sum(acc, PART, CNT, pid, share, offs_n, nmask, N, SPLIT)
-            nmask = nmask & last  # only the last program of the row block stores
-        if HAS_SCALE:
-            acc = acc * scale
-        if HAS_BIAS:
-            acc = acc + bias
-        if EPILOGUE == 2:
-            _rope_cache_store(acc.to(act_ty).to(tl.float32), head, j, c1, c2, s1, s2, slot, Y, KC, VC,
-                              stride_c_slot, HALF, H, KV, D)  # fmt: skip
-        elif EPILOGUE == 1 and EARLY_RES:
-            _store_residual(acc, res, Y, offs_n, nmask, act_ty)
-        else:
-            _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
+        _store(acc, X, R, Y, offs_n, nmask, j0, N, EPILOGUE, HALF)
 
 
 @triton.jit
@@ -319,19 +285,6 @@ class RopeCache:
     v_cache: torch.Tensor
     heads: int
     kv_heads: int
-
-
-@dataclass
-class DeferredSum:
-    """A residual product left unsummed (`gemv_partials`): its partials [S, N] in fp32, one row per share of
-    its K tiles in K order, its per-row scale (None for float weights), the residual it adds, and `out`, where
-    the next product's program 0 writes the sum: the residual stream from then on. The next product with a
-    norm prologue (`gemv(deferred=...)`) sums the partials while it reads its input."""
-
-    parts: torch.Tensor
-    scale: torch.Tensor | None
-    residual: torch.Tensor
-    out: torch.Tensor
 
 
 # Tiles measured faster alone (bench_gemv.py) ran slower inside the decode step on the H100 (run 3 of
@@ -388,10 +341,6 @@ RESIDUAL_BEFORE_WAIT = {"on": True}
 # in turn): int8 648 / 648 us at 1, 655 / 656 at 2, 674 / 671 at 4; bf16 965 / 955, 987 / 984, 1,003 / 1,014.
 # 1 (off) for every format.
 SPLIT_K = {"int8": 1, "fp8": 1, "bf16": 1}
-# The down product left as partial sums that the next product's norm prologue adds up (`gemv_partials`,
-# `DeferredSum`), by weight kind: how many programs share a row block's K tiles (0: off, down adds its
-# residual itself). Measured in the decode step: U3 of 2026-11-24.
-DEFER_DOWN_SUM = {"int8": 0, "fp8": 0, "bf16": 0}
 # (device, N, split, row blocks) -> (partials [split, N] fp32, arrival counts per row block int32, zeroed
 # once; the kernel puts them back to zero). Shared by the layers of a step: the decode chain finishes one
 # product's kernel before the next same-shaped product starts (see `RESIDUAL_BEFORE_WAIT`).
@@ -486,8 +435,6 @@ def gemv(
     out_dtype: torch.dtype | None = None,
     tiles: TileConfig | None = None,
     prefetch: tuple[tuple[int, int], ...] = (),
-    deferred: DeferredSum | None = None,
-    partials: int = 0,
 ) -> torch.Tensor:
     """y = rmsnorm(x) @ weight.T (* scale) (+ bias), then one epilogue, for one row x [1, K].
 
@@ -497,15 +444,11 @@ def gemv(
     weight holds int8 values + 128 (`_weights_f32`). With programmatic dependent launch on, `residual` is read
     before the wait (`RESIDUAL_BEFORE_WAIT`): it must not be written by the kernel launched just before.
     `prefetch`: up to two device byte ranges (start address, length; 16-byte aligned) that the programs
-    fetch into L2 before their wait, split evenly (sm_90 and later; ignored elsewhere). `deferred` (with
-    `norm_weight`): x is `deferred.out`, written here from the previous product's partials. `partials` is
-    `gemv_partials`' own.
+    fetch into L2 before their wait, split evenly (sm_90 and later; ignored elsewhere).
     """
     n, k = weight.shape
     if x.shape[0] != 1:
         raise ValueError(f"gemv takes one row, got {x.shape[0]}")
-    if deferred is not None and (norm_weight is None or x is not deferred.out):
-        raise ValueError("deferred takes a norm prologue and x = deferred.out")
     elem = weight.element_size()
     cfg = tiles or tiles_for(n, k, elem, int8=weight.dtype in (torch.int8, torch.uint8))
     if norm_weight is not None and cfg.block_k < k:
@@ -535,14 +478,11 @@ def gemv(
         epilogue, gap = SILU_PAIR, n // 2
         cfg = TileConfig(max(2, cfg.block_n), cfg.block_k, cfg.num_warps)
         y = torch.empty(1, n // 2, dtype=x.dtype, device=x.device)
-    elif partials:
-        epilogue = PARTIALS
-        y = torch.empty(partials, n, dtype=torch.float32, device=x.device)
     else:
         y = torch.empty(1, n, dtype=out_dtype or x.dtype, device=x.device)
     grid = triton.cdiv(n // 2, cfg.block_n // 2) if silu_pair else triton.cdiv(n, cfg.block_n)
-    split = partials or _split_k(weight, cfg, k, norm_weight is None and epilogue in (STORE, RESIDUAL))
-    part, count = _split_scratch(x.device, n, split, grid) if split > 1 and not partials else (x, x)
+    split = _split_k(weight, cfg, k, norm_weight is None and epilogue in (STORE, RESIDUAL))
+    part, count = _split_scratch(x.device, n, split, grid) if split > 1 else (x, x)
     pf = _prefetch_args(prefetch, grid * split, x)
     _gemv_kernel[(grid * split,)](
         x, norm_weight if norm_weight is not None else x, weight, scale if scale is not None else x,
@@ -552,43 +492,7 @@ def gemv(
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
         PRE=pre, EARLY=_early_next_tile(weight),
         EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split, **pf,
-        **_deferred_args(deferred), num_warps=cfg.num_warps,
+        num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
     return y
-
-
-def _deferred_args(d: DeferredSum | None) -> dict:
-    if d is None:
-        return {}
-    has_xs = d.scale is not None
-    return {"XP": d.parts, "XS": d.scale if has_xs else d.parts, "XR": d.residual,
-            "DEFERRED": d.parts.shape[0], "HAS_XS": has_xs}  # fmt: skip
-
-
-def gemv_partials(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    *,
-    residual: torch.Tensor,
-    splits: int,
-    scale: torch.Tensor | None = None,
-    tiles: TileConfig | None = None,
-) -> DeferredSum:
-    """residual + (x @ weight.T) * scale, left as `splits` partial sums for the next product to add up
-    (`gemv(deferred=...)`): each row block's K tiles are shared by `splits` programs that store their
-    partials and finish, with no arrival count and no residual epilogue. Why: down (K = 8,192) runs as many
-    short programs, gate/up's shape (2.73 TB/s against down's 1.77 in int8, H4), and the reduction rides in
-    a prologue that reads its input after a wait the step takes anyway. Split-K with the last program summing
-    (L1) and counters inside one launch (U1-U2) cost more than they saved; neither is here. With `splits`
-    equal to the number of K tiles the sum is the residual product's, bit for bit."""
-    n, k = weight.shape
-    cfg = tiles or tiles_for(n, k, weight.element_size(), int8=weight.dtype in (torch.int8, torch.uint8))
-    tiles_k = triton.cdiv(k, cfg.block_k)
-    if splits < 1 or tiles_k % splits or residual.shape != (1, n):
-        raise ValueError(
-            f"gemv_partials: {splits} splits of {tiles_k} K tiles, residual {tuple(residual.shape)}"
-        )
-    parts = gemv(x, weight, tiles=cfg, partials=splits)
-    out = torch.empty(1, n, dtype=residual.dtype, device=residual.device)
-    return DeferredSum(parts, scale, residual, out)

@@ -79,10 +79,4 @@ def _enable_gemv(model: DecoderLM, config: EngineConfig, device: torch.device) -
     except RuntimeError as exc:  # keep the layers' own kernels; say why
         return str(exc)
     model.gemv_ops = decode_gemv
-    blocks = model.blocks()
-    model.down_splits = decode_gemv.deferred_down_splits(
-        [b.mlp.down for b in blocks],
-        [b.attn.qkv for b in blocks] + [model.lm_head],
-        (layer.mlp.up, layer.norm2.weight, model.cfg.norm_eps),
-    )
     return None

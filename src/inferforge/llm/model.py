@@ -152,9 +152,6 @@ class DecoderLM(nn.Module):
         self.compiled_block: Callable[..., torch.Tensor] | None = None
         self.fused_ops: ModuleType | None = None  # `inferforge.llm.fused` once verified on the device
         self.gemv_ops: ModuleType | None = None  # `inferforge.llm.gemv` once verified (batch-1 decode)
-        self.down_splits = (
-            0  # down's partial sums left to the next product there, once checked (`kernels.py`)
-        )
         self.fp32_logits_mm = False
 
     def can_fuse(self) -> bool:
@@ -258,7 +255,6 @@ class DecoderLM(nn.Module):
         eps = self.cfg.norm_eps
         x = self.embed(input_ids)  # the residual stream; each product's epilogue adds into it
         blocks = self.blocks()
-        pending = None  # down's partials, summed by the next product's prologue (`down_splits`)
         for i, layer in enumerate(blocks):
             attn, mlp = layer.attn, layer.mlp
             rc = gv.RopeCache(self.rope_cos, self.rope_sin, positions, meta.slot_mapping, attn.k_cache,
@@ -266,19 +262,11 @@ class DecoderLM(nn.Module):
             nxt = blocks[i + 1].attn.qkv if i + 1 < len(blocks) else self.lm_head
             pf = gv.prefetch_plan({"o": attn.o, "gate_up": mlp.up, "down": mlp.down, "next_qkv": nxt})
             n1, n2 = layer.norm1.weight, layer.norm2.weight
-            x = x if pending is None else pending.out  # written by the q/k/v product below
-            q = gv.linear(
-                x, attn.qkv, norm_weight=n1, eps=eps, rope_cache=rc, prefetch=pf["qkv"], deferred=pending
-            )
+            q = gv.linear(x, attn.qkv, norm_weight=n1, eps=eps, rope_cache=rc, prefetch=pf["qkv"])
             x = gv.linear(attn.decode(q, meta).reshape(1, -1), attn.o, residual=x, prefetch=pf["o"])
             h = gv.linear(x, mlp.up, norm_weight=n2, eps=eps, silu_pair=True, prefetch=pf["gate_up"])
-            if self.down_splits:
-                pending = gv.partials(h, mlp.down, residual=x, splits=self.down_splits)
-            else:
-                x = gv.linear(h, mlp.down, residual=x, prefetch=pf["down"])
-        x = x if pending is None else pending.out
-        return gv.linear(x, self.lm_head, norm_weight=self.norm.weight, eps=eps, out_dtype=torch.float32,
-                         deferred=pending)  # fmt: skip
+            x = gv.linear(h, mlp.down, residual=x, prefetch=pf["down"])
+        return gv.linear(x, self.lm_head, norm_weight=self.norm.weight, eps=eps, out_dtype=torch.float32)
 
     def gemv_ready(self) -> bool:
         """Every product of the decode step can run through `gemv` (float layers, or gemlite's int8 / fp8
