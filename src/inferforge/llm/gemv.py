@@ -92,7 +92,7 @@ def _rows(pid, BLOCK_N: tl.constexpr, EPILOGUE: tl.constexpr, PAIR_GAP: tl.const
     else:  # SiLU pairs: gate row j with up row j + N/2
         j0 = pid * HALF
     idx = tl.arange(0, BLOCK_N)
-    if EPILOGUE >= 2:  # noqa: SIM108 (Triton: a constexpr branch)
+    if EPILOGUE == 2 or EPILOGUE == 3:  # the paired epilogues, ROPE_CACHE and SILU_PAIR
         offs_n = j0 + (idx // HALF) * PAIR_GAP + idx % HALF
     else:
         offs_n = pid * BLOCK_N + idx
