@@ -839,20 +839,3 @@ def argmax_ab(folder: Path, reps: int = 2) -> None:
                     RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
     finally:
         sampler.ONE_LAUNCH_ARGMAX["on"] = True
-
-
-def load_contig_ab(folder: Path, reps: int = 3) -> None:
-    """int8 weight loads of 8 elements (`gemv.LOAD_CONTIG`, the tile in the x row's own layout, no shared
-    memory round trip after the wait) against Triton's 16-byte loads, batch 1, `reps` rounds in turn; bf16
-    first, once, as the ratio's peer."""
-    from inferforge.llm import gemv
-
-    RESULTS["contig bf16"] = engine_numbers(folder, None, (1,), note=" [bf16]")
-    try:
-        for rep in range(reps):
-            for contig in (0, 8):
-                gemv.LOAD_CONTIG["int8"] = contig
-                name = f"contig int8 {'8 elements' if contig else '16 bytes'} rep{rep}"
-                RESULTS[name] = engine_numbers(folder, "int8", (1,), note=f" [{name}]")
-    finally:
-        gemv.LOAD_CONTIG["int8"] = 0

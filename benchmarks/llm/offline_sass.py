@@ -38,7 +38,6 @@ PRODUCTS = {
     "down": ((2048, 8192), 0, 1),
     "lm_head": ((128256, 2048), 1, 0),
 }
-CONTIG = int(os.environ.get("W_CONTIG", "0"))
 _POINTERS = ("X", "G", "W", "SCALE", "BIAS", "R", "Y", "COS", "SIN", "POS", "SLOT", "KC", "VC")
 
 
@@ -66,7 +65,6 @@ def compile_product(name: str, fmt: str, tiles: gemv.TileConfig | None, split: i
         BLOCK_K=cfg.block_k, W_MODE=gemv.INT8_MODE["mode"] if int8 else 0,
         PAIR_GAP=32 if epilogue == 2 else n // 2, H=32, KV=8, D=64, PDL=1, PRE=False,
         EARLY=gemv.EARLY_NEXT_TILE["int8" if int8 else "bf16"], EARLY_RES=True,
-        W_CONTIG=CONTIG if int8 else 0,
         SPLIT=split if name in ("down", "o") and (k // cfg.block_k) % split == 0 else 1, PF_RANGES=0,
     )  # fmt: skip
     sig = {**_signature("*i8" if int8 else "*bf16"), **dict.fromkeys(consts, "constexpr")}

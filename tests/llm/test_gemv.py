@@ -131,35 +131,6 @@ def test_int8_conversions_agree(mode: int, pre: bool, monkeypatch: pytest.Monkey
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("contig", [4, 8])
-def test_narrow_weight_loads_give_the_same_product(contig: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`LOAD_CONTIG` changes only how wide the weight loads are: the same bytes, summed in the same order,
-    bit for bit, for one tile with the norm prologue, several K tiles with the residual (also with the next
-    tile loaded early and the first one pre-converted, as int8's down and o run), and uint8."""
-    g = torch.Generator().manual_seed(contig)
-    q = torch.randint(-128, 128, (24, 384), generator=g, dtype=torch.int16).to(DEVICE, torch.int8)
-    scale, x = torch.rand(24, generator=g).to(DEVICE) / 100, torch.randn(1, 384, generator=g).to(DEVICE)
-    nw, r = torch.randn(384, generator=g).to(DEVICE), torch.randn(1, 24, generator=g).to(DEVICE)
-    biased = (q.to(torch.int16) + 128).to(torch.uint8)
-    calls = [
-        (q, {"norm_weight": nw, "tiles": gemv.TileConfig(8, 512, 1)}),
-        (q, {"residual": r, "tiles": gemv.TileConfig(8, 128, 1)}),
-        (biased, {"residual": r, "tiles": gemv.TileConfig(8, 128, 1)}),
-    ]
-    for early in (False, True):
-        monkeypatch.setitem(gemv.EARLY_NEXT_TILE, "int8", early)
-        monkeypatch.setitem(gemv.PRE_CONVERT, "int8", early)
-        for w, kw in calls:
-            monkeypatch.setitem(gemv.LOAD_CONTIG, "int8", 0)
-            want = gemv.gemv(x, w, scale=scale, **kw)  # type: ignore[arg-type]
-            monkeypatch.setitem(gemv.LOAD_CONTIG, "int8", contig)
-            got = gemv.gemv(x, w, scale=scale, **kw)  # type: ignore[arg-type]
-            assert torch.equal(got, want), (early, kw.keys())
-            plain = {key: v for key, v in kw.items() if key != "tiles"}
-            ref = gemv_check.gemv_reference(x, w, scale=scale, **plain)  # type: ignore[arg-type]
-            torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.skipif(DEVICE == "cpu", reason="fp8 weights in a Triton kernel need a GPU")
 @pytest.mark.parametrize("pre", [False, True])
 def test_fp8_weights_rebuilt_before_or_after_the_wait_agree(pre: bool, monkeypatch: pytest.MonkeyPatch):

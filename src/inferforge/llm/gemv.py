@@ -170,8 +170,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
                  BLOCK_K: tl.constexpr, W_MODE: tl.constexpr, PAIR_GAP: tl.constexpr, H: tl.constexpr,
                  KV: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr,
                  EARLY: tl.constexpr, EARLY_RES: tl.constexpr, SPLIT: tl.constexpr = 1, PF0=0, PF0_END=0,
-                 PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0,
-                 W_CONTIG: tl.constexpr = 0):  # fmt: skip
+                 PF1=0, PF1_END=0, PF_CHUNK=0, PF_RANGES: tl.constexpr = 0):  # fmt: skip
     if PDL == 2:  # `fused.pdl_on`
         tl.extra.cuda.gdc_launch_dependents()
     pid = tl.program_id(0)
@@ -184,10 +183,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
     TILES: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K // SPLIT  # this program's tiles
     k0 = share * (TILES * BLOCK_K)
     rows = W + offs_n[:, None].to(tl.int64) * stride_wn + k0
-    offs_w = offs_k  # the weight loads' offsets: the same values, loads of W_CONTIG elements if set
-    if W_CONTIG > 0:  # `INT8_LOAD_CONTIG`: the tile then takes the x row's own register layout
-        offs_w = (offs_k // W_CONTIG) * W_CONTIG + offs_k % W_CONTIG
-    w = tl.load(rows + offs_w[None, :], mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
+    w = tl.load(rows + offs_k[None, :], mask=nmask[:, None] & (k0 + offs_k[None, :] < K), other=0.0)
     if PF_RANGES > 0:  # `prefetch`: later products' weights into L2 while DRAM would idle
         fused.l2_prefetch(PF0, PF0_END, PF_CHUNK, tl.program_id(0))
     if PF_RANGES > 1:
@@ -221,9 +217,8 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
         for i in tl.static_range(0, TILES):
             kk = i * BLOCK_K + offs_k  # from k0 (`rows` starts there)
             nk = kk + BLOCK_K
-            nw = (i + 1) * BLOCK_K + offs_w
             if EARLY and i + 1 < TILES:  # the next tile's load goes out before this tile's product
-                w_next = tl.load(rows + nw[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
+                w_next = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
             xin = tl.load(X + k0 + kk, mask=k0 + kk < K, other=0.0).to(tl.float32)
             if PRE and i == 0:
                 acc += tl.sum(w.to(tl.float32) * xin[None, :], 1)
@@ -232,7 +227,7 @@ def _gemv_kernel(X, G, W, SCALE, BIAS, R, Y, N, stride_wn, eps, COS, SIN, POS, S
             if EARLY and i + 1 < TILES:
                 w = w_next
             elif not EARLY:
-                w = tl.load(rows + nw[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
+                w = tl.load(rows + nk[None, :], mask=nmask[:, None] & (k0 + nk[None, :] < K), other=0.0)
     if SPLIT > 1:
         acc, last = _split_sum(acc, PART, CNT, pid, share, offs_n, nmask, N, SPLIT)
         nmask = nmask & last  # only the last program of the row block stores
@@ -323,12 +318,6 @@ INT8_PRE = {"o": True, "qkv": False, "gate_up": False, "down": False}
 # 956 / 953, fp8 650 / 672 and 651 / 650, no gain, off. (int4, the same change in `gemv_int4`: 749 / 761 and
 # 744 / 767, not kept.)
 EARLY_NEXT_TILE = {"int8": True, "fp8": False, "bf16": False}
-# Weight loads of this many elements (0: as wide as Triton makes them, 16 bytes). A 1-byte tile loaded 16
-# bytes at a time holds 16 elements of K a thread, the x row (bf16, 16 bytes = 8 elements) 8, so every
-# 1-byte product moved x through shared memory after its wait (STS, BAR, LDS: 4 KB of shared memory in the
-# offline SASS, 128 B in bf16's). With 8-element loads the tile takes x's own layout and the round trip
-# is gone (`benchmarks/llm/offline_sass.py`, W_CONTIG=8). Off until measured in the step.
-LOAD_CONTIG = {"int8": 0, "fp8": 0, "bf16": 0}
 # (Down's other K tiles loaded before the wait as well lost or gained nothing: R1 and R4 of 2026-11-24, int8
 # 1 tile 628 / 633 us, 2 tiles 625 / 623, 4 tiles 641 / 644; bf16 2 tiles 980 against 955. The code is at
 # ecc6b52.)
@@ -502,8 +491,7 @@ def gemv(
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         W_MODE=w_mode, PAIR_GAP=gap, H=heads, KV=kv_heads, D=d, PDL=fused.pdl_on(),
         PRE=pre, EARLY=_early_next_tile(weight),
-        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split,
-        W_CONTIG=LOAD_CONTIG[_weight_kind(weight)], **pf,
+        EARLY_RES=RESIDUAL_BEFORE_WAIT["on"] and fused.pdl_on() != 2, SPLIT=split, **pf,
         num_warps=cfg.num_warps,
         **fused.launch_options(),
     )  # fmt: skip
