@@ -839,30 +839,3 @@ def argmax_ab(folder: Path, reps: int = 2) -> None:
                     RESULTS[name] = engine_numbers(folder, quant, (1,), note=f" [{name}]")
     finally:
         sampler.ONE_LAUNCH_ARGMAX["on"] = True
-
-
-def stage_ab(folder: Path, reps: int = 4) -> None:
-    """The batch-1 engine loop with the decode inputs and carried token sent by `llm/stage.py`'s kernel
-    (`runner.STAGE_KERNEL`) against the copy-engine copies, bf16 and int8: one engine per format, the
-    setting switched between loops (the graphs are the same), `reps` rounds in turn."""
-    import gc
-
-    from inferforge.llm import runner
-
-    try:
-        for quant in (None, "int8"):
-            eng = bench_engine(folder, quant, decode_buckets=(1,))
-            decode_rate(eng, 1, new_tokens=64)  # warm-up
-            gc.collect()
-            gc.freeze()  # as serve-llm does: no full collection of the loaded heap mid-loop (T8)
-            for rep in range(reps):
-                for on in (False, True):
-                    runner.STAGE_KERNEL["on"] = on
-                    name = f"stage {quant or 'bf16'} {'kernel' if on else 'copies'} rep{rep}"
-                    RESULTS[name] = rate = decode_rate(eng, 1, new_tokens=900)
-                    row(f"{name} (tokens/s)", f"{rate:,.0f}")
-            gc.unfreeze()
-            del eng
-            free()
-    finally:
-        runner.STAGE_KERNEL["on"] = False

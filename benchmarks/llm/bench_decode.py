@@ -64,7 +64,6 @@ from ab_sections import (
     split_ab,
     split_k_ab,
     splitk_ab,
-    stage_ab,
 )
 from checks import check_mixed_steps, check_tiny
 from common import make_random_1b, write_json
@@ -182,7 +181,6 @@ def main() -> None:
         ("obf16ab", lambda: o_bf16_ab(folder)),
         ("int8preab", lambda: int8_pre_ab(folder)),
         ("argmaxab", lambda: argmax_ab(folder)),
-        ("stageab", lambda: stage_ab(folder)),
         ("int8predownab", lambda: int8_pre_ab(folder, only=("o", "o+down"))),
         ("l2pfab", lambda: l2_prefetch_ab(folder)),
         ("l2pfsmallab", lambda: l2_prefetch_small_ab(folder)),

@@ -212,35 +212,6 @@ def test_preemption_under_cuda_graphs_gives_the_cpu_engine_s_tokens(tiny_dirs: d
 
 
 @needs_cuda
-@pytest.mark.parametrize("on", [False, True])
-def test_inputs_staged_by_the_kernel_give_the_cpu_engine_s_tokens(
-    tiny_dirs: dict[str, Path], on: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """fp32 on CUDA with decode graphs, the inputs sent by `llm/stage.py`'s kernel (carried tokens
-    included) or by the copies: requests that join and leave between steps (rows whose carried tokens
-    need a row map take the copies) and a long steady stretch give the CPU engine's tokens either way."""
-    from inferforge.llm import runner
-
-    monkeypatch.setitem(runner.STAGE_KERNEL, "on", on)
-    folder = tiny_dirs["llama"]
-    reqs = [
-        EngineRequest(f"r{i}", (5 + i, 17, 99, 3 + i), SamplingParams(max_tokens=n, temperature=0.0,
-                                                                      ignore_eos=True))
-        for i, n in enumerate((40, 9, 23, 3))
-    ]  # fmt: skip
-
-    def tokens(device: str) -> dict[str, list[int]]:
-        config = EngineConfig(device=device, dtype="float32", kv_cache_tokens=2048, max_num_seqs=4,
-                              max_num_batched_tokens=16)  # fmt: skip
-        eng = LLMEngine(folder, config)
-        assert device == "cpu" or eng.runner.graphs
-        res = eng.generate(reqs)
-        return {rid: [t for o in seqs[0] for t in o.new_token_ids] for rid, seqs in res.items()}
-
-    assert tokens("cuda") == tokens("cpu")
-
-
-@needs_cuda
 def test_speculative_steps_under_graphs_give_the_cpu_engine_s_tokens(tiny_dirs: dict[str, Path]) -> None:
     """fp32 on CUDA: verification steps replay decode graphs whose rows are successive positions of one
     sequence (the attention reading its first tile after its wait, so each row sees the keys the rows

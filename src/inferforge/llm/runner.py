@@ -21,10 +21,6 @@ from inferforge.llm.prefill_graphs import PrefillGraphs
 from inferforge.llm.sampler import to_device
 from inferforge.llm.scheduler import Sequence
 
-# Decode inputs and carried tokens sent by one kernel reading the pinned buffer in place (`llm/stage.py`)
-# instead of a host-to-device copy and a device copy. Off until measured in the engine loop.
-STAGE_KERNEL = {"on": False}
-
 
 def buckets_up_to(n: int) -> list[int]:
     out = [1]
@@ -130,17 +126,14 @@ class ModelRunner:
         self._fill([], self.buckets[-1], None)
         self.graphs.update(capture_per_bucket(self.buckets, self._decode_forward))
 
-    def _fill(self, seqs: list[Sequence], b: int, ahead: list[bool] | None, send: bool = True) -> int:
+    def _fill(self, seqs: list[Sequence], b: int, ahead: list[bool] | None) -> None:
         """Write the decode inputs into the pinned buffer (pad rows point at block 0) and send it in one
-        copy (`send`; else the caller sends the returned length with `_send`). `ahead[i]`: row i's newest
-        token is still on the device (sampled by the step in flight), so its position moves one further and
-        the caller supplies its id on the device."""
+        copy. `ahead[i]`: row i's newest token is still on the device (sampled by the step in flight), so
+        its position moves one further and the caller supplies its id on the device."""
         pos = [len(s.token_ids) - 1 + (1 if ahead and ahead[i] else 0) for i, s in enumerate(seqs)]
-        return self._fill_rows(seqs, [s.token_ids[-1] for s in seqs], pos, b, send)
+        self._fill_rows(seqs, [s.token_ids[-1] for s in seqs], pos, b)
 
-    def _fill_rows(
-        self, seqs: list[Sequence], ids: list[int], pos: list[int], b: int, send: bool = True
-    ) -> int:
+    def _fill_rows(self, seqs: list[Sequence], ids: list[int], pos: list[int], b: int) -> None:
         """`_fill` for rows given as (sequence, token, position): a sequence may take several rows."""
         self._turn ^= 1
         host = self._hosts[self._turn]
@@ -164,22 +157,7 @@ class ModelRunner:
                 written[i] = list(blocks)
         # Only the bucket's table rows: the whole buffer is 64 x max_blocks longs, 4 MB at a 131,072 context.
         end = 4 * n + b * self.max_blocks
-        if send:
-            self._dev[:end].copy_(host[:end], non_blocking=True)
-        return end
-
-    def _send(self, end: int, carry_rows: torch.Tensor | None, carry_ids: torch.Tensor | None) -> None:
-        """The filled buffer's first `end` elements to the device, then the carried ids over their rows: one
-        small kernel reading the pinned buffer in place where it can (`STAGE_KERNEL`, `llm/stage.py`), else
-        an asynchronous copy and a device copy."""
-        if STAGE_KERNEL["on"] and self.device.type == "cuda" and carry_rows is None:
-            from inferforge.llm import stage
-
-            if stage.fits(end):
-                stage.stage(self._hosts[self._turn], self._dev, end, carry_ids)
-                return
-        self._dev[:end].copy_(self._hosts[self._turn][:end], non_blocking=True)
-        self._carry(carry_rows, carry_ids)
+        self._dev[:end].copy_(host[:end], non_blocking=True)
 
     @torch.inference_mode()
     def decode(
@@ -195,11 +173,13 @@ class ModelRunner:
         if b is None:
             raise RuntimeError(f"{len(seqs)} decoding sequences exceed the largest bucket {self.buckets[-1]}")
         if b in self.graphs:
-            self._send(self._fill(seqs, b, ahead, send=False), carry_rows, carry_ids)
+            self._fill(seqs, b, ahead)
+            self._carry(carry_rows, carry_ids)
             graph, out = self.graphs[b]
             graph.replay()
             return out[: len(seqs)]
-        self._send(self._fill(seqs, len(seqs), ahead, send=False), carry_rows, carry_ids)
+        self._fill(seqs, len(seqs), ahead)
+        self._carry(carry_rows, carry_ids)
         return self._decode_forward(len(seqs))
 
     @torch.inference_mode()
