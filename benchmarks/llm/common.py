@@ -83,20 +83,23 @@ def capture_graph(calls: list) -> torch.cuda.CUDAGraph:  # type: ignore[type-arg
     return graph
 
 
+def replays_us(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """us per replay: `reps` replays back to back between two events (no sync between them)."""
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(reps):
+        graph.replay()
+    b.record()
+    b.synchronize()
+    return a.elapsed_time(b) * 1e3 / reps
+
+
 def graph_us(calls: list, reps: int = 20) -> float:  # type: ignore[type-arg]
     """us per call: the calls captured in one graph, replayed `reps` times between events."""
     graph = capture_graph(calls)
     graph.replay()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(reps):
-            graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / (reps * len(calls)))
+    times = [replays_us(graph, reps) / len(calls) for _ in range(5)]
     del graph
     return sorted(times)[2]
 

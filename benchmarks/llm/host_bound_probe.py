@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import make_random_1b, write_json
+from common import make_random_1b, replays_us, write_json
 from engine_bench import bench_engine
 
 from inferforge.llm.protocol import EngineRequest, SamplingParams
@@ -28,13 +28,7 @@ from inferforge.llm.protocol import EngineRequest, SamplingParams
 def back_to_back_us(graph: torch.cuda.CUDAGraph, n: int = 100) -> float:
     for _ in range(5):
         graph.replay()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(n):
-        graph.replay()
-    b.record()
-    b.synchronize()
-    return a.elapsed_time(b) * 1e3 / n
+    return replays_us(graph, n)
 
 
 def loop_split(eng, steps: int) -> dict:
