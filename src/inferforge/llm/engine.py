@@ -297,8 +297,8 @@ class LLMEngine:
         """With graphs of prompt steps (and `align_prompt_steps`), the scheduler cuts a step that fits no
         bucket to one that does (`PrefillGraphs.graph_tokens`); called again if the runner's graphs change."""
         graphs, cfg = self.runner.prefill_graphs, self.config
-        aligned = graphs is not None and cfg.align_prompt_steps and cfg.mixed_steps
-        self.scheduler.step_tokens = graphs.graph_tokens if aligned and graphs is not None else None
+        aligned = cfg.align_prompt_steps and cfg.mixed_steps
+        self.scheduler.step_tokens = graphs.graph_tokens if graphs is not None and aligned else None
 
     def step(self) -> list[EngineOutput]:
         """Schedule and launch one step, then read back the step before it.
